@@ -1,0 +1,383 @@
+"""Explicit collectives as graph nodes, each with its gradient dual.
+
+This is the only module that creates communication. Every collective is a
+`torch.library.custom_op` in the `fxpar` namespace whose implementation calls
+torch's functional collectives (`_c10d_functional.*` followed by
+`wait_tensor`) on the process group named in its arguments, and whose
+registered autograd formula is the dual from DESIGN.md:
+
+    forward (mesh dim m)      op                      backward
+    Partial   -> Replicate    all_reduce              identity
+    Shard(d)  -> Replicate    all_gather(d)           local slice
+    Replicate -> Shard(d)     shard (local slice)     all_gather(d)
+    Partial   -> Shard(d)     reduce_scatter(d)       all_gather(d)
+    Shard(a)  -> Shard(b)     all_to_all(a -> b)      all_to_all(b -> a)
+    Replicate, consumed by    grad_all_reduce         all_reduce
+      a non-Replicate op      (identity)
+
+The graph is the same on every rank of a group: a rank's own index comes from
+its process group at run time, never from a constant baked into the graph.
+
+Importing `torch.distributed._functional_collectives` marks `wait_tensor`
+side-effecting for dead-code elimination; fxpar's own ops are registered the
+same way with `torch.fx.node.has_side_effect`, so DCE never drops a collective
+whose result happens to be unused on some path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives  # noqa: F401  (marks wait_tensor side-effecting)
+import torch.fx as fx
+from torch import Tensor
+from torch.distributed.tensor.placement_types import Partial, Placement, Replicate, Shard
+
+from fxpar.errors import ShardingError
+
+__all__ = [
+    "COLLECTIVE_OPS",
+    "CommRecord",
+    "count_comms",
+    "transition_op",
+    "transition_cost",
+    "insert_transition",
+    "insert_grad_all_reduce",
+]
+
+_c10d = torch.ops._c10d_functional
+
+
+# --------------------------------------------------------------------------- instrumentation
+
+
+@dataclasses.dataclass(frozen=True)
+class CommRecord:
+    """One collective as it ran: op name, mesh dim, bytes each rank sent in."""
+
+    op: str
+    mesh_dim: str
+    nbytes: int
+    direction: str  # 'forward' or 'backward'
+
+
+_counters: list[list[CommRecord]] = []
+
+
+@contextlib.contextmanager
+def count_comms() -> Iterator[list[CommRecord]]:
+    """Records every fxpar collective run inside the block (forward and backward)."""
+    records: list[CommRecord] = []
+    _counters.append(records)
+    try:
+        yield records
+    finally:
+        _counters.remove(records)
+
+
+def _record(op: str, mesh_dim: str, t: Tensor, direction: str) -> None:
+    if _counters:
+        rec = CommRecord(op, mesh_dim, t.numel() * t.element_size(), direction)
+        for records in _counters:
+            records.append(rec)
+
+
+# --------------------------------------------------------------------------- eager kernels
+
+
+def _group_rank(group_name: str) -> int:
+    group = torch.distributed.distributed_c10d._resolve_process_group(group_name)
+    return group.rank()
+
+
+def _all_reduce(x: Tensor, group_name: str) -> Tensor:
+    return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "sum", group_name))
+
+
+def _all_gather(x: Tensor, dim: int, n: int, group_name: str) -> Tensor:
+    out = _c10d.wait_tensor(_c10d.all_gather_into_tensor(x.contiguous(), n, group_name))
+    if dim == 0:
+        return out
+    return torch.cat(out.chunk(n, dim=0), dim=dim)
+
+
+def _local_chunk(x: Tensor, dim: int, n: int, group_name: str, what: str) -> Tensor:
+    if x.size(dim) % n:
+        raise ShardingError(
+            f"{what}: dim {dim} of size {x.size(dim)} does not divide by the mesh dim size {n} at run time; "
+            "use inputs whose size along that dim is a multiple of it"
+        )
+    return x.chunk(n, dim=dim)[_group_rank(group_name)].contiguous()
+
+
+def _reduce_scatter(x: Tensor, dim: int, n: int, group_name: str) -> Tensor:
+    if x.size(dim) % n:
+        raise ShardingError(
+            f"reduce_scatter: dim {dim} of size {x.size(dim)} does not divide by the mesh dim size {n} at run time"
+        )
+    if dim != 0:
+        x = torch.cat(x.chunk(n, dim=dim), dim=0)
+    return _c10d.wait_tensor(_c10d.reduce_scatter_tensor(x.contiguous(), "sum", n, group_name))
+
+
+def _all_to_all(x: Tensor, src_dim: int, dst_dim: int, n: int, group_name: str) -> Tensor:
+    # Split the local tensor along dst_dim, exchange, and concatenate the received pieces along src_dim.
+    pieces = torch.cat([c.contiguous() for c in x.chunk(n, dim=dst_dim)], dim=0)
+    splits = [pieces.size(0) // n] * n
+    out = _c10d.wait_tensor(_c10d.all_to_all_single(pieces, splits, splits, group_name))
+    return torch.cat(out.chunk(n, dim=0), dim=src_dim)
+
+
+# --------------------------------------------------------------------------- custom ops and duals
+
+
+@torch.library.custom_op("fxpar::all_reduce", mutates_args=())
+def all_reduce(x: Tensor, group_name: str, mesh_dim: str) -> Tensor:
+    """Partial -> Replicate: sum over the group. Backward: identity."""
+    _record("all_reduce", mesh_dim, x, "forward")
+    return _all_reduce(x, group_name)
+
+
+@all_reduce.register_fake
+def _(x, group_name, mesh_dim):
+    return torch.empty_like(x)
+
+
+def _all_reduce_bwd(ctx, grad):
+    return grad, None, None
+
+
+all_reduce.register_autograd(_all_reduce_bwd)
+
+
+@torch.library.custom_op("fxpar::grad_all_reduce", mutates_args=())
+def grad_all_reduce(x: Tensor, group_name: str, mesh_dim: str) -> Tensor:
+    """Identity forward (Megatron's f); its backward all-reduces the partial gradient."""
+    return x.clone()
+
+
+@grad_all_reduce.register_fake
+def _(x, group_name, mesh_dim):
+    return torch.empty_like(x)
+
+
+def _grad_all_reduce_bwd(ctx, grad):
+    _record("all_reduce", ctx.mesh_dim, grad, "backward")
+    return _all_reduce(grad, ctx.group_name), None, None
+
+
+def _save_group(ctx, inputs, output):
+    ctx.group_name, ctx.mesh_dim = inputs[-2], inputs[-1]
+
+
+grad_all_reduce.register_autograd(_grad_all_reduce_bwd, setup_context=_save_group)
+
+
+@torch.library.custom_op("fxpar::all_gather", mutates_args=())
+def all_gather(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str) -> Tensor:
+    """Shard(dim) -> Replicate. Backward: this rank's slice of the gradient."""
+    _record("all_gather", mesh_dim, x, "forward")
+    return _all_gather(x, dim, group_size, group_name)
+
+
+@all_gather.register_fake
+def _(x, dim, group_size, group_name, mesh_dim):
+    shape = list(x.shape)
+    shape[dim] = shape[dim] * group_size
+    return x.new_empty(shape)
+
+
+def _save_shard_args(ctx, inputs, output):
+    ctx.dim, ctx.group_size, ctx.group_name, ctx.mesh_dim = inputs[1:5]
+
+
+def _all_gather_bwd(ctx, grad):
+    return _local_chunk(grad, ctx.dim, ctx.group_size, ctx.group_name, "all_gather backward"), None, None, None, None
+
+
+all_gather.register_autograd(_all_gather_bwd, setup_context=_save_shard_args)
+
+
+@torch.library.custom_op("fxpar::shard", mutates_args=())
+def shard(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str) -> Tensor:
+    """Replicate -> Shard(dim): keep this rank's chunk, no communication. Backward: all_gather."""
+    return _local_chunk(x, dim, group_size, group_name, f"shard along mesh dim '{mesh_dim}'")
+
+
+@shard.register_fake
+def _(x, dim, group_size, group_name, mesh_dim):
+    shape = list(x.shape)
+    shape[dim] = shape[dim] // group_size
+    return x.new_empty(shape)
+
+
+def _shard_bwd(ctx, grad):
+    _record("all_gather", ctx.mesh_dim, grad, "backward")
+    return _all_gather(grad, ctx.dim, ctx.group_size, ctx.group_name), None, None, None, None
+
+
+shard.register_autograd(_shard_bwd, setup_context=_save_shard_args)
+
+
+@torch.library.custom_op("fxpar::reduce_scatter", mutates_args=())
+def reduce_scatter(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str) -> Tensor:
+    """Partial -> Shard(dim). Backward: all_gather(dim)."""
+    _record("reduce_scatter", mesh_dim, x, "forward")
+    return _reduce_scatter(x, dim, group_size, group_name)
+
+
+@reduce_scatter.register_fake
+def _(x, dim, group_size, group_name, mesh_dim):
+    shape = list(x.shape)
+    shape[dim] = shape[dim] // group_size
+    return x.new_empty(shape)
+
+
+def _reduce_scatter_bwd(ctx, grad):
+    _record("all_gather", ctx.mesh_dim, grad, "backward")
+    return _all_gather(grad, ctx.dim, ctx.group_size, ctx.group_name), None, None, None, None
+
+
+reduce_scatter.register_autograd(_reduce_scatter_bwd, setup_context=_save_shard_args)
+
+
+@torch.library.custom_op("fxpar::all_to_all", mutates_args=())
+def all_to_all(x: Tensor, src_dim: int, dst_dim: int, group_size: int, group_name: str, mesh_dim: str) -> Tensor:
+    """Shard(src_dim) -> Shard(dst_dim). Backward: all_to_all(dst_dim -> src_dim)."""
+    _record("all_to_all", mesh_dim, x, "forward")
+    return _all_to_all(x, src_dim, dst_dim, group_size, group_name)
+
+
+@all_to_all.register_fake
+def _(x, src_dim, dst_dim, group_size, group_name, mesh_dim):
+    shape = list(x.shape)
+    shape[src_dim] = shape[src_dim] * group_size
+    shape[dst_dim] = shape[dst_dim] // group_size
+    return x.new_empty(shape)
+
+
+def _save_a2a_args(ctx, inputs, output):
+    ctx.src_dim, ctx.dst_dim, ctx.group_size, ctx.group_name, ctx.mesh_dim = inputs[1:6]
+
+
+def _all_to_all_bwd(ctx, grad):
+    _record("all_to_all", ctx.mesh_dim, grad, "backward")
+    return _all_to_all(grad, ctx.dst_dim, ctx.src_dim, ctx.group_size, ctx.group_name), None, None, None, None, None
+
+
+all_to_all.register_autograd(_all_to_all_bwd, setup_context=_save_a2a_args)
+
+
+COLLECTIVE_OPS = {
+    torch.ops.fxpar.all_reduce.default: "all_reduce",
+    torch.ops.fxpar.all_gather.default: "all_gather",
+    torch.ops.fxpar.shard.default: "shard",
+    torch.ops.fxpar.reduce_scatter.default: "reduce_scatter",
+    torch.ops.fxpar.all_to_all.default: "all_to_all",
+    torch.ops.fxpar.grad_all_reduce.default: "grad_all_reduce",
+}
+"""Every fxpar communication op, by the name explain() prints."""
+
+# What each op communicates, forward and backward, for explain() and the static checker.
+BACKWARD_OF = {
+    "all_reduce": None,
+    "all_gather": None,
+    "shard": "all_gather",
+    "reduce_scatter": "all_gather",
+    "all_to_all": "all_to_all",
+    "grad_all_reduce": "all_reduce",
+}
+
+for _op in COLLECTIVE_OPS:
+    torch.fx.node.has_side_effect(_op)
+
+
+# --------------------------------------------------------------------------- transitions
+
+
+def transition_op(src: Placement, dst: Placement) -> str | None:
+    """The op that moves a tensor from `src` to `dst` on one mesh dim (None: nothing to do).
+
+    Raises:
+        ShardingError: for transitions no rule may ask for (into Partial).
+    """
+    if src == dst:
+        return None
+    if isinstance(dst, Replicate):
+        return "all_reduce" if isinstance(src, Partial) else "all_gather"
+    if isinstance(dst, Shard):
+        if isinstance(src, Replicate):
+            return "shard"
+        if isinstance(src, Partial):
+            return "reduce_scatter"
+        return "all_to_all"
+    raise ShardingError(f"no transition from {src} to {dst}: a Partial value can only come from an op's rule")
+
+
+# Ring algorithms: all_reduce moves 2(n-1)/n of the tensor per rank, gathers and scatters (n-1)/n,
+# all_to_all (n-1)/n of the local shard.
+_FORWARD_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
+                   "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n / n,
+                   "shard": lambda n: 0.0, "grad_all_reduce": lambda n: 0.0}
+
+
+def op_cost(op: str, n: int, nbytes: float, *, with_backward: bool) -> float:
+    """Bytes per rank that `op` on a global tensor of `nbytes` moves, forward (+ backward)."""
+    cost = _FORWARD_FACTOR[op](n) * nbytes
+    if with_backward and BACKWARD_OF[op]:
+        cost += _FORWARD_FACTOR[BACKWARD_OF[op]](n) * nbytes
+    return cost
+
+
+def transition_cost(src: Placement, dst: Placement, n: int, nbytes: float, *, with_backward: bool) -> float:
+    """The cost of one transition; infinite where no transition exists."""
+    try:
+        op = transition_op(src, dst)
+    except ShardingError:
+        return float("inf")
+    return 0.0 if op is None else op_cost(op, n, nbytes, with_backward=with_backward)
+
+
+def _make_node(graph: fx.Graph, op: str, x: fx.Node, args: tuple, name: str) -> fx.Node:
+    target = getattr(torch.ops.fxpar, op).default
+    return graph.create_node("call_function", target, (x, *args), name=name)
+
+
+def insert_transition(
+    graph: fx.Graph,
+    x: fx.Node,
+    src: Placement,
+    dst: Placement,
+    *,
+    mesh_dim: int,
+    mesh_dim_name: str,
+    group_size: int,
+    group_name: str,
+    label: str,
+) -> fx.Node | None:
+    """Inserts the node that moves `x` from `src` to `dst` (at the graph's insert point)."""
+    op = transition_op(src, dst)
+    if op is None:
+        return None
+    if op == "all_reduce":
+        return _make_node(graph, op, x, (group_name, mesh_dim_name), f"allreduce_{label}")
+    if op == "all_to_all":
+        return _make_node(graph, op, x, (src.dim, dst.dim, group_size, group_name, mesh_dim_name), f"alltoall_{label}")
+    dim = src.dim if op == "all_gather" else dst.dim
+    prefix = {"all_gather": "allgather", "shard": "shard", "reduce_scatter": "reducescatter"}[op]
+    return _make_node(graph, op, x, (dim, group_size, group_name, mesh_dim_name), f"{prefix}_{label}")
+
+
+def insert_grad_all_reduce(graph: fx.Graph, x: fx.Node, *, mesh_dim_name: str, group_name: str, label: str) -> fx.Node:
+    """Inserts Megatron's f: identity forward, all-reduce of the gradient backward."""
+    return _make_node(graph, "grad_all_reduce", x, (group_name, mesh_dim_name), f"gradallreduce_{label}")
+
+
+def collective_args(node: fx.Node) -> dict:
+    """The named arguments of an fxpar collective node."""
+    schema = node.target._schema
+    return {a.name: v for a, v in zip(schema.arguments, node.args)}

@@ -1,0 +1,146 @@
+"""explain(): a ParallelModule described for people.
+
+Sections: the plan per module (styles and parameter placements), every
+collective (op, mesh dim, group size, module, payload bytes per step forward
+and of its backward dual, at the example inputs' sizes), parameter memory per
+rank, and every fallback. Payload bytes are the bytes of the tensor each rank
+puts into the collective; for ring algorithms on n ranks the traffic per rank
+is 2(n-1)/n of that for all_reduce and (n-1)/n for gathers and scatters.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from fxpar.collectives import BACKWARD_OF, COLLECTIVE_OPS, collective_args
+from fxpar.spec import TensorSpec, get_info, placements_str
+
+__all__ = ["CollectiveInfo", "collectives", "param_memory", "explain"]
+
+
+@dataclass(frozen=True)
+class CollectiveInfo:
+    """One collective node of a rewritten graph, as explain() reports it."""
+
+    node: str
+    op: str
+    mesh_dim: str
+    group_size: int
+    module: str
+    forward_bytes: int
+    backward_op: str | None
+    backward_bytes: int
+
+
+def _payload(op: str, spec: TensorSpec, n: int) -> int:
+    """Bytes each rank puts into `op` whose *output* has `spec`."""
+    local = spec.nbytes(local=True)
+    if op == "all_gather":
+        return local // n
+    if op == "reduce_scatter":
+        return local * n
+    return local
+
+
+def collectives(gm: fx.GraphModule, mesh) -> list[CollectiveInfo]:
+    """Every fxpar collective in graph order, with bytes per step at the example sizes."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in COLLECTIVE_OPS:
+            continue
+        op = COLLECTIVE_OPS[node.target]
+        args = collective_args(node)
+        info = get_info(node)
+        n = mesh.size(args["mesh_dim"])
+        spec = info.spec
+        fwd = 0 if op in ("shard", "grad_all_reduce") else _payload(op, spec, n or 1)
+        bwd_op = BACKWARD_OF[op]
+        # The backward op carries the gradient of this node's output (for shard / reduce_scatter:
+        # the gathered gradient's local input is this node's local output).
+        bwd = spec.nbytes(local=True) if bwd_op else 0
+        out.append(CollectiveInfo(node.name, op, args["mesh_dim"], n, info.module_fqn, fwd, bwd_op, bwd))
+    return out
+
+
+def param_memory(gm: fx.GraphModule) -> tuple[int, int]:
+    """(full bytes of all parameters, bytes this rank holds), tied tensors counted once."""
+    full = local = 0
+    seen = set()
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or id(node) in seen:
+            continue
+        info = get_info(node)
+        if info is None or not isinstance(info.spec, TensorSpec) or info.role != "param":
+            continue
+        seen.add(id(node))
+        full += info.spec.nbytes()
+        local += info.spec.nbytes(local=True)
+    return full, local
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def explain(pm) -> str:
+    """The report behind `ParallelModule.explain()`."""
+    gm = pm.graph_module
+    mesh = pm.mesh_info
+    lines = [f"fxpar plan for {gm.meta['fxpar'].model_class} on mesh {mesh}"]
+
+    lines.append("")
+    lines.append("Parameters (module: style; tensor placements local shape):")
+    by_module: dict[str, list[str]] = defaultdict(list)
+    styles: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        info = get_info(node)
+        if node.op == "get_attr" and info is not None and isinstance(info.spec, TensorSpec) and node.users:
+            name = str(node.target).rpartition(".")[2]
+            by_module[info.module_fqn].append(
+                f"{name} {placements_str(info.spec.placements)} {list(info.spec.local_shape)}")
+            styles[info.module_fqn] = info.extra.get("style", "replicate (default)")
+    for module in sorted(by_module):
+        lines.append(f"  {module or '<root>'}: {styles[module]}; " + ", ".join(by_module[module]))
+
+    colls = collectives(gm, mesh)
+    lines.append("")
+    lines.append(f"Collectives ({len(colls)} nodes; bytes are each rank's payload per step at the example sizes):")
+    fwd_total = bwd_total = 0
+    for c in colls:
+        fwd = f"fwd {c.op}({c.mesh_dim}, n={c.group_size}) {_fmt_bytes(c.forward_bytes)}" if c.forward_bytes \
+            else f"fwd {c.op} (no communication)"
+        bwd = f"bwd {c.backward_op} {_fmt_bytes(c.backward_bytes)}" if c.backward_op else "bwd none"
+        lines.append(f"  %{c.node} [{c.module or '<root>'}]: {fwd}; {bwd}")
+        fwd_total += c.forward_bytes
+        bwd_total += c.backward_bytes
+    counts = defaultdict(int)
+    for c in colls:
+        if c.forward_bytes:
+            counts[f"fwd {c.op}"] += 1
+        if c.backward_op:
+            counts[f"bwd {c.backward_op}"] += 1
+    lines.append(f"  total: forward {_fmt_bytes(fwd_total)}, backward {_fmt_bytes(bwd_total)}; "
+                 + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+
+    full, local = param_memory(gm)
+    lines.append("")
+    ratio = local / full if full else 1.0
+    lines.append(f"Parameter memory per rank: {_fmt_bytes(local)} of {_fmt_bytes(full)} total ({ratio:.3f} of the model)")
+
+    fallbacks = [(n, get_info(n)) for n in gm.graph.nodes if get_info(n) is not None and get_info(n).fallback]
+    lines.append("")
+    lines.append(f"Fallbacks (ops without a sharding rule, run replicated): {len(fallbacks)}")
+    for n, info in fallbacks:
+        lines.append(f"  %{n.name} {n.target} in '{info.module_fqn or '<root>'}'")
+
+    if pm.history:
+        lines.append("")
+        lines.append("Passes: " + ", ".join(f"{r.name} {r.seconds * 1e3:.1f} ms" for r in pm.history))
+    return "\n".join(lines)

@@ -1,0 +1,86 @@
+"""Matrix products: linear, mm, addmm.
+
+For y = x @ W^T (+ b) with x (..., K), W (N, K), the exact strategies on one
+mesh dim are Megatron's:
+
+    x          W      b        y
+    R          S(0)   S(0)     S(-1)     column parallel
+    S(-1)      S(1)   none     P         row parallel (a bias is added after the reduce)
+    S(k<last)  R      R        S(k)      batch / sequence sharded (data parallel)
+    P          R      none     P         linear in x
+    R          R      R        R
+
+Row parallel with a bias has no local rule (the bias would be added n times);
+the `split_linear_bias` pass turns those into linear + add first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fxpar.rules import P, R, OpInfo, S, Strategy, register
+
+aten = torch.ops.aten
+
+
+@register(aten.linear.default)
+def linear(op: OpInfo, cur) -> list[Strategy]:
+    x_val = op.in_vals[0]
+    has_bias = len(op.in_vals) == 3
+    last_in, last_out = x_val.ndim - 1, op.out_val.ndim - 1
+    cx, cw = cur[0], cur[1]
+    out: list[Strategy] = []
+
+    def strat(x, w, b, y):
+        return Strategy((x, w, b) if has_bias else (x, w), y)
+
+    if cw is not None and cw.is_shard(0):
+        out.append(strat(R, S(0), S(0), S(last_out)))
+    if not has_bias and (cw is not None and cw.is_shard(1) or cx is not None and cx.is_shard(last_in)):
+        out.append(strat(S(last_in), S(1), None, P))
+    if cx is not None and cx.is_shard() and cx.dim < last_in:
+        out.append(strat(S(cx.dim), R, R, S(cx.dim)))
+    if cx is not None and cx.is_partial() and not has_bias:
+        out.append(strat(P, R, None, P))
+    out.append(strat(R, R, R, R))
+    return out
+
+
+@register(aten.mm.default)
+def mm(op: OpInfo, cur) -> list[Strategy]:
+    ca, cb = cur
+    out: list[Strategy] = []
+    if cb is not None and cb.is_shard(1):
+        out.append(Strategy((R, S(1)), S(1)))
+    if (ca is not None and ca.is_shard(1)) or (cb is not None and cb.is_shard(0)):
+        out.append(Strategy((S(1), S(0)), P))
+    if ca is not None and ca.is_shard(0):
+        out.append(Strategy((S(0), R), S(0)))
+    if ca is not None and ca.is_partial():
+        out.append(Strategy((P, R), P))
+    if cb is not None and cb.is_partial():
+        out.append(Strategy((R, P), P))
+    out.append(Strategy((R, R), R))
+    return out
+
+
+@register(aten.addmm.default)
+def addmm(op: OpInfo, cur) -> list[Strategy]:
+    bias_val = op.in_vals[0]
+    _, ca, cb = cur
+
+    def bias_for(d: int):
+        # bias broadcasts against (M, N): sharded along d only if it has that dim at full size.
+        offset = 2 - bias_val.ndim
+        j = d - offset
+        if j < 0 or (bias_val.shape[j] == 1 and op.out_val.shape[d] != 1):
+            return R
+        return S(j)
+
+    out: list[Strategy] = []
+    if cb is not None and cb.is_shard(1):
+        out.append(Strategy((bias_for(1), R, S(1)), S(1)))
+    if ca is not None and ca.is_shard(0):
+        out.append(Strategy((bias_for(0), S(0), R), S(0)))
+    out.append(Strategy((R, R, R), R))
+    return out

@@ -1,0 +1,75 @@
+"""Reductions: sum and mean over dims, and softmax-like ops along a dim.
+
+Summing over a sharded dim leaves each rank a partial sum (Partial); dims not
+reduced keep their sharding (shifted when keepdim is False). A mean over a
+sharded dim is not a plain partial sum of local means unless scaled, so it
+gathers first. Softmax and norms along a dim need that dim whole.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fxpar.rules import P, R, OpInfo, S, Strategy, norm_dim, register
+
+aten = torch.ops.aten
+
+
+def _reduced_dims(op: OpInfo) -> list[int]:
+    ndim = op.in_vals[0].ndim
+    dims = op.arg(1, "dim", None)
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        return list(range(ndim))
+    if isinstance(dims, int):
+        dims = [dims]
+    return sorted(norm_dim(d, ndim) for d in dims)
+
+
+def _keepdim(op: OpInfo) -> bool:
+    return bool(op.arg(2, "keepdim", False))
+
+
+def _reduce(op: OpInfo, cur, *, sum_like: bool) -> list[Strategy]:
+    c = cur[0]
+    reduced = _reduced_dims(op)
+    keep = _keepdim(op) or op.out_val.ndim == op.in_vals[0].ndim
+    out: list[Strategy] = []
+    if c is not None and c.is_shard():
+        if c.dim in reduced:
+            if sum_like:
+                out.append(Strategy((S(c.dim),), P))
+        else:
+            shift = 0 if keep else sum(1 for r in reduced if r < c.dim)
+            out.append(Strategy((S(c.dim),), S(c.dim - shift)))
+    if c is not None and c.is_partial():
+        out.append(Strategy((P,), P))
+    out.append(Strategy((R,), R))
+    return out
+
+
+@register(aten.sum.dim_IntList, aten.sum.default)
+def sum_(op: OpInfo, cur) -> list[Strategy]:
+    return _reduce(op, cur, sum_like=True)
+
+
+@register(aten.mean.dim, aten.mean.default)
+def mean(op: OpInfo, cur) -> list[Strategy]:
+    return _reduce(op, cur, sum_like=False)
+
+
+@register(aten.amax.default, aten.amin.default)
+def amax(op: OpInfo, cur) -> list[Strategy]:
+    # max of a Partial is not the max of the sum: only shard-following strategies.
+    strategies = _reduce(op, cur, sum_like=False)
+    return [s for s in strategies if not (s.inputs[0].is_partial())]
+
+
+@register(aten._softmax.default, aten._log_softmax.default, aten.softmax.int, aten.log_softmax.int)
+def softmax(op: OpInfo, cur) -> list[Strategy]:
+    c = cur[0]
+    dim = norm_dim(op.args[1], op.in_vals[0].ndim)
+    out: list[Strategy] = []
+    if c is not None and c.is_shard() and c.dim != dim:
+        out.append(Strategy((S(c.dim),), S(c.dim)))
+    out.append(Strategy((R,), R))
+    return out

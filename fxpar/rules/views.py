@@ -1,0 +1,173 @@
+"""View-like ops: view / reshape, transpose / permute, unsqueeze / squeeze, expand.
+
+A view keeps a sharded input dim d sharded when the output has a dim e that
+starts at the same flat offset (prod(in[:d]) == prod(out[:e])) and either
+merges d with the dims after it (d is the outermost of the merged group) or
+splits d with out[e] divisible by the mesh size; the local chunk is then the
+same contiguous block of memory on both sides. Anything else must gather first.
+
+Exported graphs hold global sizes in shape arguments (`view(x, [2, 8, 4, 16])`);
+`localize_shape_arg` rewrites the sharded entries to local sizes.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from fxpar.rules import P, R, OpInfo, S, Strategy, norm_dim, register
+from fxpar.spec import TensorSpec
+
+aten = torch.ops.aten
+
+
+def _eq(a: Any, b: Any) -> bool:
+    return bool(statically_known_true(a == b)) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) else a == b
+
+
+def _prod(xs) -> Any:
+    out = 1
+    for x in xs:
+        out = out * x
+    return out
+
+
+def view_dim(in_shape, out_shape, d: int, n: int) -> int | None:
+    """The output dim that a Shard(d) input maps to through a view, or None."""
+    pre = _prod(in_shape[:d])
+    for e in range(len(out_shape)):
+        if _eq(out_shape[e], 1) and not _eq(in_shape[d], 1):
+            continue
+        if not _eq(_prod(out_shape[:e]), pre):
+            continue
+        # merge: out[e] == in[d] * in[d+1] * ... * in[k]
+        acc = in_shape[d]
+        for k in range(d, len(in_shape)):
+            if k > d:
+                acc = acc * in_shape[k]
+            if _eq(out_shape[e], acc):
+                return e
+        # split: in[d] == out[e] * out[e+1] * ... and out[e] divisible by n
+        acc = out_shape[e]
+        for k in range(e, len(out_shape)):
+            if k > e:
+                acc = acc * out_shape[k]
+            if _eq(in_shape[d], acc):
+                divisible = statically_known_true(out_shape[e] % n == 0) if isinstance(out_shape[e], torch.SymInt) \
+                    else out_shape[e] % n == 0
+                return e if divisible else None
+        return None
+    return None
+
+
+def localize_shape_arg(node: fx.Node, spec: TensorSpec, mesh_sizes) -> None:
+    """Rewrites a view / expand shape argument (args[1]) to this rank's local sizes."""
+    shape = list(node.args[1])
+    divisor = [1] * len(shape)
+    for p, n in zip(spec.placements, mesh_sizes):
+        if p.is_shard():
+            divisor[p.dim] *= n
+    changed = False
+    for e, div in enumerate(divisor):
+        if div == 1 or (isinstance(shape[e], int) and shape[e] == -1):
+            continue
+        if isinstance(shape[e], fx.Node):
+            with node.graph.inserting_before(node):
+                shape[e] = node.graph.call_function(operator.floordiv, (shape[e], div))
+        else:
+            shape[e] = shape[e] // div
+        changed = True
+    if changed:
+        node.args = (node.args[0], shape, *node.args[2:])
+
+
+def _localize_view(node: fx.Node, spec: TensorSpec, mesh_sizes) -> None:
+    localize_shape_arg(node, spec, mesh_sizes)
+
+
+@register(aten.view.default, aten.reshape.default, aten._unsafe_view.default, localize=_localize_view)
+def view(op: OpInfo, cur) -> list[Strategy]:
+    (c,) = cur[:1]
+    out: list[Strategy] = []
+    if c is not None and c.is_shard():
+        e = view_dim(tuple(op.in_vals[0].shape), tuple(op.out_val.shape), c.dim, op.mesh_size)
+        if e is not None:
+            out.append(Strategy((S(c.dim),), S(e)))
+    if c is not None and c.is_partial():
+        out.append(Strategy((P,), P))
+    out.append(Strategy((R,), R))
+    return out
+
+
+def _permuted(op: OpInfo, cur, perm: list[int]) -> list[Strategy]:
+    """perm[out_dim] = in_dim."""
+    c = cur[0]
+    out: list[Strategy] = []
+    if c is not None and c.is_shard():
+        out.append(Strategy((S(c.dim),), S(perm.index(c.dim))))
+    if c is not None and c.is_partial():
+        out.append(Strategy((P,), P))
+    out.append(Strategy((R,), R))
+    return out
+
+
+@register(aten.transpose.int)
+def transpose(op: OpInfo, cur) -> list[Strategy]:
+    ndim = op.in_vals[0].ndim
+    d0, d1 = norm_dim(op.args[1], ndim), norm_dim(op.args[2], ndim)
+    perm = list(range(ndim))
+    perm[d0], perm[d1] = perm[d1], perm[d0]
+    return _permuted(op, cur, perm)
+
+
+@register(aten.t.default)
+def t(op: OpInfo, cur) -> list[Strategy]:
+    return _permuted(op, cur, list(reversed(range(op.in_vals[0].ndim))))
+
+
+@register(aten.permute.default)
+def permute(op: OpInfo, cur) -> list[Strategy]:
+    ndim = op.in_vals[0].ndim
+    return _permuted(op, cur, [norm_dim(d, ndim) for d in op.args[1]])
+
+
+@register(aten.unsqueeze.default)
+def unsqueeze(op: OpInfo, cur) -> list[Strategy]:
+    d = norm_dim(op.args[1], op.out_val.ndim)
+    perm = [i for i in range(op.in_vals[0].ndim)]
+    perm.insert(d, -1)
+    return _permuted(op, cur, perm)
+
+
+@register(aten.squeeze.dim, aten.squeeze.dims)
+def squeeze(op: OpInfo, cur) -> list[Strategy]:
+    in_val = op.in_vals[0]
+    dims = op.args[1] if isinstance(op.args[1], (list, tuple)) else [op.args[1]]
+    dims = {norm_dim(d, in_val.ndim) for d in dims if _eq(in_val.shape[norm_dim(d, in_val.ndim)], 1)}
+    perm = [i for i in range(in_val.ndim) if i not in dims]
+    c = cur[0]
+    if c is not None and c.is_shard() and c.dim in dims:
+        return [Strategy((R,), R)]
+    return _permuted(op, cur, perm)
+
+
+def _localize_expand(node: fx.Node, spec: TensorSpec, mesh_sizes) -> None:
+    localize_shape_arg(node, spec, mesh_sizes)
+
+
+@register(aten.expand.default, localize=_localize_expand)
+def expand(op: OpInfo, cur) -> list[Strategy]:
+    in_val, out_val = op.in_vals[0], op.out_val
+    offset = out_val.ndim - in_val.ndim
+    c = cur[0]
+    out: list[Strategy] = []
+    if c is not None and c.is_shard() and _eq(in_val.shape[c.dim], out_val.shape[c.dim + offset]):
+        out.append(Strategy((S(c.dim),), S(c.dim + offset)))
+    if c is not None and c.is_partial():
+        out.append(Strategy((P,), P))
+    out.append(Strategy((R,), R))
+    return out

@@ -1,0 +1,180 @@
+"""propagate_sharding: choose a placement for every value, op by op.
+
+Requires: param_placements, canonical. Provides: specs.
+
+Walks the graph in order. Inputs are Replicate (every rank passes the full
+inputs); parameters carry the plan's placements. For each op and each mesh
+dim, the op's rule lists exact strategies given the inputs' current
+placements; the cheapest wins, where the price of a strategy is
+
+    sum over inputs i of  bytes moved to bring input i to its required placement,
+                          forward and backward (the duals in fxpar.collectives)
+    + for each Replicate input of an op whose output is not Replicate:
+                          the backward all-reduce of its partial gradient
+
+and ties go to the rule's earlier strategy. An op without a rule runs on
+Replicate inputs (the always-correct fallback, marked for explain()). Every
+output of the graph must be Replicate.
+
+After:   meta["fxpar"] = NodeInfo(spec=TensorSpec(placements, shape, local_shape, dtype),
+                                  input_placements=<what the chosen strategy needs>)
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+from torch.distributed.tensor.placement_types import Placement, Replicate, Shard
+
+from fxpar.collectives import op_cost, transition_cost
+from fxpar.errors import ShardingError, module_fqn_of, node_context
+from fxpar.mesh import MeshInfo
+from fxpar.pass_manager import PassContext, PassResult, fx_pass
+from fxpar.rules import OpInfo, Strategy, all_replicate, lookup, tensor_args
+from fxpar.spec import NodeInfo, TensorSpec, divides, get_info, make_spec, set_info, size_hint
+
+from fxpar.passes._graph import is_tensor
+
+
+def _bytes(val, placements, mesh: MeshInfo, skip: int) -> float:
+    """Bytes of the part of a tensor that mesh dim `skip` sees (other dims' shards divided out)."""
+    numel = 1
+    for s in val.shape:
+        numel *= size_hint(s)
+    for m, p in enumerate(placements):
+        if m != skip and p is not None and p.is_shard():
+            numel /= mesh.sizes[m]
+    return numel * val.dtype.itemsize
+
+
+def _feasible(strategy: Strategy, op: OpInfo, n: int) -> bool:
+    """False if a required shard does not divide (statically known)."""
+    vals = list(op.in_vals)
+    places = list(strategy.inputs)
+    outs = op.out_val if isinstance(op.out_val, (tuple, list)) else (op.out_val,)
+    out_places = strategy.output if isinstance(strategy.output, tuple) else (strategy.output,)
+    for v, p in [*zip(vals, places), *zip(outs, out_places)]:
+        if isinstance(p, Shard) and isinstance(v, torch.Tensor):
+            if p.dim >= v.ndim or divides(v.shape[p.dim], n) is False:
+                return False
+    return True
+
+
+def _out_is_replicate(output) -> bool:
+    outs = output if isinstance(output, tuple) else (output,)
+    return all(o is None or o.is_replicate() for o in outs)
+
+
+# Gathering a sharded parameter would undo the plan (memory and compute per rank grow by n);
+# strategies that need it lose to any other, and win only over the replicated fallback.
+_UNSHARD_PARAM_PENALTY = 1e18
+
+
+def _price(strategy: Strategy, cur: list, vals: list, mesh: MeshInfo, m: int, cur_all: list,
+           is_param: list[bool]) -> float:
+    n = mesh.sizes[m]
+    cost = 0.0
+    out_r = _out_is_replicate(strategy.output)
+    for i, (req, have) in enumerate(zip(strategy.inputs, cur)):
+        if req is None or have is None:
+            continue
+        grad = vals[i].dtype.is_floating_point
+        nbytes = _bytes(vals[i], cur_all[i], mesh, m)
+        cost += transition_cost(have, req, n, nbytes, with_backward=grad)
+        if is_param[i] and have.is_shard() and req != have:
+            cost += _UNSHARD_PARAM_PENALTY
+        if grad and req.is_replicate() and have.is_replicate() and not out_r:
+            cost += op_cost("grad_all_reduce", n, nbytes, with_backward=True)
+    return cost
+
+
+def _choose(node: fx.Node, in_nodes: list[fx.Node], mesh: MeshInfo) -> tuple[list[Strategy], bool]:
+    """One strategy per mesh dim, and whether the fallback was taken."""
+    rule = lookup(node.target)
+    vals = [a.meta["val"] for a in in_nodes]
+    cur_all = [list(get_info(a).spec.placements) for a in in_nodes]
+    is_param = [get_info(a).role == "param" for a in in_nodes]
+    chosen = []
+    for m in range(mesh.ndim):
+        op = OpInfo(node, tuple(vals), node.meta["val"], mesh.sizes[m])
+        if rule is None:
+            chosen.append(all_replicate(op))
+            continue
+        cur = [c[m] for c in cur_all]
+        options = [s for s in rule(op, tuple(cur)) if _feasible(s, op, mesh.sizes[m])]
+        if not options:
+            options = [all_replicate(op)]
+        best = min(options, key=lambda s: _price(s, cur, vals, mesh, m, cur_all, is_param))
+        chosen.append(best)
+        # Later mesh dims see this dim's inputs as already redistributed.
+        for i, req in enumerate(best.inputs):
+            if req is not None:
+                cur_all[i][m] = req
+    return chosen, rule is None
+
+
+def _specs(val, per_dim_outputs: list, mesh: MeshInfo):
+    if isinstance(val, (tuple, list)):
+        return tuple(
+            make_spec(v, tuple(o[k] for o in per_dim_outputs), mesh.sizes) if isinstance(v, torch.Tensor) else None
+            for k, v in enumerate(val)
+        )
+    return make_spec(val, tuple(per_dim_outputs), mesh.sizes)
+
+
+def _annotate_call(node: fx.Node, mesh: MeshInfo) -> None:
+    in_nodes = tensor_args(node)
+    missing = [a for a in in_nodes if get_spec_or_none(a) is None]
+    if missing:
+        raise ShardingError(f"{node_context(node)}: input %{missing[0].name} has no placement; "
+                            "run annotate_parameters and propagate_sharding on the whole graph")
+    chosen, fallback = _choose(node, in_nodes, mesh)
+    inputs = tuple(tuple(s.inputs[i] for s in chosen) for i in range(len(in_nodes)))
+    outputs = [s.output for s in chosen]
+    if isinstance(node.meta["val"], (tuple, list)):
+        outputs = [o if isinstance(o, tuple) else tuple(o for _ in node.meta["val"]) for o in outputs]
+    spec = _specs(node.meta["val"], outputs, mesh)
+    note = None
+    if fallback:
+        note = f"no sharding rule for {node.target}: runs on replicated inputs"
+    set_info(node, NodeInfo(spec=spec, input_placements=inputs, module_fqn=module_fqn_of(node),
+                            fallback=fallback, origin="propagate_sharding", note=note))
+
+
+def get_spec_or_none(node: fx.Node):
+    info = get_info(node)
+    return info.spec if info else None
+
+
+@fx_pass(requires=("param_placements", "canonical"), provides=("specs",))
+def propagate_sharding(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    mesh = ctx.mesh
+    replicate = tuple(Replicate() for _ in mesh.names)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if is_tensor(node):
+                set_info(node, NodeInfo(spec=make_spec(node.meta["val"], replicate, mesh.sizes), role="input",
+                                        origin="propagate_sharding"))
+        elif node.op == "get_attr":
+            if is_tensor(node) and get_info(node) is None:
+                set_info(node, NodeInfo(spec=make_spec(node.meta["val"], replicate, mesh.sizes), role="param",
+                                        param_fqn=str(node.target), origin="propagate_sharding"))
+        elif node.op == "call_function":
+            val = node.meta.get("val")
+            if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+                parent = get_info(node.args[0])
+                if parent is not None and isinstance(parent.spec, tuple):
+                    set_info(node, NodeInfo(spec=parent.spec[node.args[1]], module_fqn=module_fqn_of(node),
+                                            role="view", origin="propagate_sharding"))
+                continue
+            tensors = isinstance(val, torch.Tensor) or (
+                isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val))
+            if tensors:
+                _annotate_call(node, mesh)
+        elif node.op == "output":
+            outs = tensor_args(node)
+            set_info(node, NodeInfo(input_placements=tuple(replicate for _ in outs), role="output",
+                                    origin="propagate_sharding"))
+    return PassResult(gm, True)

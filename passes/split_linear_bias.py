@@ -1,0 +1,44 @@
+"""split_linear_bias: add a row-parallel linear's bias after the reduction.
+
+Requires: param_placements. Provides: canonical.
+
+A row-parallel linear produces Partial sums; adding the (replicated) bias on
+every rank would add it tp times (DESIGN.md pitfall). Splitting the bias into
+its own add lets propagation put the all-reduce between the two, exactly where
+Megatron adds it.
+
+Before:  %y = aten.linear(%h, %down_weight, %down_bias)        # weight Shard(1)
+After:   %y0 = aten.linear(%h, %down_weight)
+         %y  = aten.add.Tensor(%y0, %down_bias)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from fxpar.pass_manager import PassContext, PassResult, fx_pass
+from fxpar.spec import get_spec
+
+aten = torch.ops.aten
+
+
+@fx_pass(requires=("param_placements",), provides=("canonical",))
+def split_linear_bias(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    modified = False
+    for node in list(gm.graph.nodes):
+        if node.target != aten.linear.default or len(node.args) < 3 or node.args[2] is None:
+            continue
+        w_spec = get_spec(node.args[1]) if isinstance(node.args[1], fx.Node) else None
+        if w_spec is None or not any(p.is_shard(1) for p in w_spec.placements):
+            continue
+        x, w, b = node.args[:3]
+        with gm.graph.inserting_before(node):
+            mm = gm.graph.call_function(aten.linear.default, (x, w))
+            mm.meta.update({k: v for k, v in node.meta.items() if k != "fxpar"})
+        node.target = aten.add.Tensor
+        node.args = (mm, b)
+        modified = True
+    if modified:
+        gm.recompile()
+    return PassResult(gm, modified)
