@@ -34,7 +34,7 @@ def split_linear_bias(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         x, w, b = node.args[:3]
         with gm.graph.inserting_before(node):
-            mm = gm.graph.call_function(aten.linear.default, (x, w))
+            mm = gm.graph.create_node("call_function", aten.linear.default, (x, w), name=f"{node.name}_nobias")
             mm.meta.update({k: v for k, v in node.meta.items() if k != "fxpar"})
         node.target = aten.add.Tensor
         node.args = (mm, b)

@@ -3,10 +3,12 @@
 Start method: ``forkserver``, with ``torch.distributed`` preloaded in the server.  Measured
 on a 2-core CPU box, 4 ranks up to a finished ``init_process_group`` + ``all_reduce``:
 fork 0.1 s; forkserver 1.1 s for the first pool of the interpreter (starting the server,
-which imports torch once), then 0.04 s per pool or restart; spawn 2.8 s every time.  ``fork`` is not safe: once the parent has run a
-multi-threaded torch op (libgomp OpenMP pool), a forked child that uses more than one
-thread hangs forever -- and a pytest session has usually run torch ops before it asks
-for a pool.  The forkserver never runs torch ops, so its children start clean.
+which imports torch once), then 0.04 s per pool or restart; spawn 2.8 s every time.
+``fork`` is not safe: once the parent has run a multi-threaded torch op (libgomp OpenMP
+pool), a forked child that uses more than one thread hangs forever -- and a pytest session
+has usually run torch ops before it asks for a pool.  The forkserver never runs torch ops,
+so its children start clean.  As with ``spawn``, a script that starts ranks needs an
+``if __name__ == "__main__":`` guard (the server imports the main module once).
 """
 
 from __future__ import annotations
@@ -61,7 +63,9 @@ class RankError(AssertionError):
 
 def _exc_info(exc: BaseException) -> tuple[str, str, str]:
     cls = type(exc)
-    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    name = cls.__qualname__
+    if cls.__module__ != "builtins":
+        name = f"{cls.__module__}.{name}"
     return name, str(exc), "".join(traceback.format_exception(exc))
 
 
@@ -101,8 +105,9 @@ def _worker_main(rank: int, world_size: int, backend: str, store_path: str,
 
     try:
         set_timeout(timeout)
-        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout),
-                                store=dist.FileStore(store_path, world_size))
+        store = dist.FileStore(store_path, world_size)
+        dist.init_process_group(backend, rank=rank, world_size=world_size, store=store,
+                                timeout=timedelta(seconds=timeout))
         reply(("ready",))
     except BaseException as exc:
         reply(("err", *_exc_info(exc)))
@@ -156,6 +161,8 @@ class RankPool:
         threads_per_rank: ``torch.set_num_threads`` in each rank.
 
     A failed or timed-out run kills the ranks; the next :meth:`run` starts fresh ones.
+    Process groups a run creates (DeviceMesh dimensions, ``new_group``) are destroyed when
+    the next run starts, so build meshes inside ``fn``; the default group persists.
     """
 
     def __init__(self, world_size: int, *, backend: str = "gloo", timeout: float = 60.0,
@@ -199,7 +206,8 @@ class RankPool:
             conn.close()
         self._procs, self._conns = [], []
 
-    def run(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None, **kwargs: Any) -> list:
+    def run(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None,
+            **kwargs: Any) -> list:
         """Runs ``fn(*args, **kwargs)`` on every rank.
 
         Args:
@@ -226,7 +234,8 @@ class RankPool:
                 conn.send_bytes(payload)
             except OSError:
                 pass  # a dead rank shows up as EOF below
-        return self._collect(f"run({getattr(fn, '__qualname__', fn)})", timeout + DEADLINE_GRACE, timeout)
+        what = f"run({getattr(fn, '__qualname__', fn)})"
+        return self._collect(what, timeout + DEADLINE_GRACE, timeout)
 
     def _collect(self, what: str, budget: float, timeout: float) -> list:
         """Waits for one message per rank; on any failure kills the ranks and raises."""
@@ -268,11 +277,12 @@ class RankPool:
         lines = [f"{what} on {self.world_size} ranks failed:"]
         lines += [f"  rank {r}: {name}: {text}" for r, (name, text, _) in sorted(failures.items())]
         if missing:
-            why = "after another rank failed" if failures else f"(timed out after {budget:.0f}s: timeout {timeout}s + grace)"
-            lines.append(f"  ranks {missing} did not answer {why}; killed")
-        if failures:
-            rank, (_, _, tb) = min(failures.items())
-            lines.append(f"\nRemote traceback of rank {rank}:\n{tb}")
+            why = (f"within {FAILURE_GRACE:g}s after another rank failed" if failures
+                   else f"-- timed out after {budget:g}s (timeout {timeout:g}s + grace)")
+            lines.append(f"  ranks {missing} did not answer {why}")
+        if failures:  # dicts keep arrival order: the first to fail is usually the cause
+            rank, (_, _, tb) = next(iter(failures.items()))
+            lines.append(f"\nRemote traceback of rank {rank} (the first to fail):\n{tb}")
         lines.append("The ranks were killed; the next run() starts fresh ones.")
         raise RankError("\n".join(lines), sorted(failures), missing)
 

@@ -50,7 +50,9 @@ def _exit_on_rank1() -> int:
     return dist.get_rank()
 
 
-def _mesh_all_reduce(shape: tuple[int, ...], names: tuple[str, ...], over: str) -> tuple[list[int], torch.Tensor]:
+def _mesh_all_reduce(
+    shape: tuple[int, ...], names: tuple[str, ...], over: str
+) -> tuple[list[int], torch.Tensor]:
     mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
     t = torch.tensor([float(dist.get_rank())])
     dist.all_reduce(t, group=mesh.get_group(over))
