@@ -1,3 +1,5 @@
-from fxpar.testing.dist import RankError, RankPool, run_ranks
+"""Testing utilities: a multi-rank gloo harness (and, later, hypothesis strategies)."""
 
-__all__ = ["RankError", "RankPool", "run_ranks"]
+from fxpar.testing.dist import RankError, RankPool, rank_pool, run_ranks
+
+__all__ = ["RankError", "RankPool", "rank_pool", "run_ranks"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing as mp
+import multiprocessing.forkserver
 import os
 import pickle
 import signal
@@ -75,26 +76,39 @@ def _to_cpu(obj: Any) -> Any:
     return tree_map(lambda x: x.detach().cpu().clone() if type(x) in plain else x, obj)
 
 
+def _die_with_driver() -> None:
+    """Makes this rank die with the driver even while it is busy in a run (Linux only).
+
+    Every forkserver child inherits the write end of the server's "driver alive" pipe, which
+    keeps the server alive after the driver dies.  Closing it lets the server exit with the
+    driver, and PR_SET_PDEATHSIG then kills this rank with the server.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        server = mp.forkserver._forkserver
+        if server._forkserver_alive_fd is not None:
+            os.close(server._forkserver_alive_fd)
+            server._forkserver_alive_fd = None
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 == PR_SET_PDEATHSIG
+    except (AttributeError, OSError):
+        logger.debug("rank may outlive a killed driver", exc_info=True)
+
+
+def _set_timeout(seconds: float) -> None:
+    """Collective timeout of the default group and of every group created from now on."""
+    c10d.default_pg_timeout = timedelta(seconds=seconds)  # new_group / DeviceMesh default
+    if dist.is_initialized():
+        c10d._set_pg_timeout(timedelta(seconds=seconds))
+
+
 def _worker_main(rank: int, world_size: int, backend: str, store_path: str,
                  timeout: float, threads: int, conn: Connection) -> None:
     """Rank process body: join the process group, then serve runs until told to stop."""
-    if sys.platform.startswith("linux"):  # die with the forkserver, i.e. with the driver
-        try:
-            import ctypes
-            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
+    _die_with_driver()
     torch.set_num_threads(threads)
-    current = None
-
-    def set_timeout(seconds: float) -> None:
-        nonlocal current
-        if seconds != current:
-            current = seconds
-            # Default group now, and every group created later (DeviceMesh dims, new_group).
-            c10d.default_pg_timeout = timedelta(seconds=seconds)
-            if dist.is_initialized():
-                c10d._set_pg_timeout(timedelta(seconds=seconds))
 
     def reply(msg: tuple) -> None:
         try:
@@ -104,7 +118,7 @@ def _worker_main(rank: int, world_size: int, backend: str, store_path: str,
         conn.send_bytes(data)
 
     try:
-        set_timeout(timeout)
+        _set_timeout(timeout)
         store = dist.FileStore(store_path, world_size)
         dist.init_process_group(backend, rank=rank, world_size=world_size, store=store,
                                 timeout=timedelta(seconds=timeout))
@@ -123,7 +137,7 @@ def _worker_main(rank: int, world_size: int, backend: str, store_path: str,
         try:
             sys_path, run_timeout, payload = pickle.loads(data)
             sys.path[:] = sys_path
-            set_timeout(run_timeout)
+            _set_timeout(run_timeout)
             fn, args, kwargs = pickle.loads(payload)
             msg = ("ok", _to_cpu(fn(*args, **kwargs)))
         except BaseException as exc:
