@@ -108,7 +108,7 @@ def register(*ops: Any, localize: LocalizeFn | None = None) -> Callable[[RuleFn]
 
 def _load_rule_modules() -> None:
     # The rule families register themselves on import.
-    from fxpar.rules import matmul, pointwise, reductions, views  # noqa: F401
+    from fxpar.rules import matmul, norms, pointwise, reductions, views  # noqa: F401
 
 
 def lookup(target: Any) -> RuleFn | None:
