@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives  # noqa: F401  (marks wait_tensor side-effecting)
 import torch.fx as fx
 from torch import Tensor
-from torch.distributed.tensor.placement_types import Partial, Placement, Replicate, Shard
+from torch.distributed.tensor.placement_types import Partial, Placement, Replicate, Shard, _StridedShard
 
 from fxpar.errors import ShardingError
 
@@ -98,20 +98,29 @@ def _all_reduce(x: Tensor, group_name: str) -> Tensor:
     return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "sum", group_name))
 
 
-def _all_gather(x: Tensor, dim: int, n: int, group_name: str) -> Tensor:
+def _all_gather(x: Tensor, dim: int, n: int, group_name: str, split_factor: int = 1) -> Tensor:
     out = _c10d.wait_tensor(_c10d.all_gather_into_tensor(x.contiguous(), n, group_name))
-    if dim == 0:
-        return out
-    return torch.cat(out.chunk(n, dim=0), dim=dim)
+    if dim != 0:
+        out = torch.cat(out.chunk(n, dim=0), dim=dim)
+    if split_factor > 1:
+        # gathered as rank-major [r0s0, r0s1, .., r1s0, ..]; the full tensor is section-major
+        k = split_factor
+        pieces = out.chunk(n * k, dim=dim)
+        out = torch.cat([pieces[r * k + s] for s in range(k) for r in range(n)], dim=dim)
+    return out
 
 
-def _local_chunk(x: Tensor, dim: int, n: int, group_name: str, what: str) -> Tensor:
-    if x.size(dim) % n:
+def _local_chunk(x: Tensor, dim: int, n: int, group_name: str, what: str, split_factor: int = 1) -> Tensor:
+    if x.size(dim) % (n * split_factor):
         raise ShardingError(
-            f"{what}: dim {dim} of size {x.size(dim)} does not divide by the mesh dim size {n} at run time; "
+            f"{what}: dim {dim} of size {x.size(dim)} does not divide by the mesh dim size {n}"
+            f"{f' x {split_factor} sections' if split_factor > 1 else ''} at run time; "
             "use inputs whose size along that dim is a multiple of it"
         )
-    return x.chunk(n, dim=dim)[_group_rank(group_name)].contiguous()
+    r = _group_rank(group_name)
+    if split_factor > 1:
+        return torch.cat([sec.chunk(n, dim=dim)[r] for sec in x.chunk(split_factor, dim=dim)], dim=dim)
+    return x.chunk(n, dim=dim)[r].contiguous()
 
 
 def _reduce_scatter(x: Tensor, dim: int, n: int, group_name: str) -> Tensor:
@@ -178,14 +187,14 @@ grad_all_reduce.register_autograd(_grad_all_reduce_bwd, setup_context=_save_grou
 
 
 @torch.library.custom_op("fxpar::all_gather", mutates_args=())
-def all_gather(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str) -> Tensor:
-    """Shard(dim) -> Replicate. Backward: this rank's slice of the gradient."""
+def all_gather(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str, split_factor: int = 1) -> Tensor:
+    """Shard(dim) -> Replicate (section-wise for a strided shard). Backward: this rank's slice."""
     _record("all_gather", mesh_dim, x, "forward")
-    return _all_gather(x, dim, group_size, group_name)
+    return _all_gather(x, dim, group_size, group_name, split_factor)
 
 
 @all_gather.register_fake
-def _(x, dim, group_size, group_name, mesh_dim):
+def _(x, dim, group_size, group_name, mesh_dim, split_factor=1):
     shape = list(x.shape)
     shape[dim] = shape[dim] * group_size
     return x.new_empty(shape)
@@ -193,23 +202,25 @@ def _(x, dim, group_size, group_name, mesh_dim):
 
 def _save_shard_args(ctx, inputs, output):
     ctx.dim, ctx.group_size, ctx.group_name, ctx.mesh_dim = inputs[1:5]
+    ctx.split_factor = inputs[5] if len(inputs) > 5 else 1
 
 
 def _all_gather_bwd(ctx, grad):
-    return _local_chunk(grad, ctx.dim, ctx.group_size, ctx.group_name, "all_gather backward"), None, None, None, None
+    local = _local_chunk(grad, ctx.dim, ctx.group_size, ctx.group_name, "all_gather backward", ctx.split_factor)
+    return local, None, None, None, None, None
 
 
 all_gather.register_autograd(_all_gather_bwd, setup_context=_save_shard_args)
 
 
 @torch.library.custom_op("fxpar::shard", mutates_args=())
-def shard(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str) -> Tensor:
+def shard(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str, split_factor: int = 1) -> Tensor:
     """Replicate -> Shard(dim): keep this rank's chunk, no communication. Backward: all_gather."""
-    return _local_chunk(x, dim, group_size, group_name, f"shard along mesh dim '{mesh_dim}'")
+    return _local_chunk(x, dim, group_size, group_name, f"shard along mesh dim '{mesh_dim}'", split_factor)
 
 
 @shard.register_fake
-def _(x, dim, group_size, group_name, mesh_dim):
+def _(x, dim, group_size, group_name, mesh_dim, split_factor=1):
     shape = list(x.shape)
     shape[dim] = shape[dim] // group_size
     return x.new_empty(shape)
@@ -217,7 +228,7 @@ def _(x, dim, group_size, group_name, mesh_dim):
 
 def _shard_bwd(ctx, grad):
     _record("all_gather", ctx.mesh_dim, grad, "backward")
-    return _all_gather(grad, ctx.dim, ctx.group_size, ctx.group_name), None, None, None, None
+    return _all_gather(grad, ctx.dim, ctx.group_size, ctx.group_name, ctx.split_factor), None, None, None, None, None
 
 
 shard.register_autograd(_shard_bwd, setup_context=_save_shard_args)
@@ -307,9 +318,12 @@ def transition_op(src: Placement, dst: Placement) -> str | None:
     """
     if src == dst:
         return None
+    if isinstance(src, _StridedShard) and not isinstance(dst, Replicate) or isinstance(dst, _StridedShard) \
+            and not isinstance(src, Replicate):
+        raise ShardingError(f"no transition from {src} to {dst}: a strided shard only gathers or is cut from a replica")
     if isinstance(dst, Replicate):
         return "all_reduce" if isinstance(src, Partial) else "all_gather"
-    if isinstance(dst, Shard):
+    if isinstance(dst, (Shard, _StridedShard)):
         if isinstance(src, Replicate):
             return "shard"
         if isinstance(src, Partial):
@@ -367,9 +381,13 @@ def insert_transition(
         return _make_node(graph, op, x, (group_name, mesh_dim_name), f"allreduce_{label}")
     if op == "all_to_all":
         return _make_node(graph, op, x, (src.dim, dst.dim, group_size, group_name, mesh_dim_name), f"alltoall_{label}")
-    dim = src.dim if op == "all_gather" else dst.dim
+    strided = src if op == "all_gather" else dst
+    dim = strided.dim
     prefix = {"all_gather": "allgather", "shard": "shard", "reduce_scatter": "reducescatter"}[op]
-    return _make_node(graph, op, x, (dim, group_size, group_name, mesh_dim_name), f"{prefix}_{label}")
+    args = (dim, group_size, group_name, mesh_dim_name)
+    if isinstance(strided, _StridedShard):
+        args = (*args, strided.split_factor)
+    return _make_node(graph, op, x, args, f"{prefix}_{label}")
 
 
 def insert_grad_all_reduce(graph: fx.Graph, x: fx.Node, *, mesh_dim_name: str, group_name: str, label: str) -> fx.Node:

@@ -99,14 +99,15 @@ class ParallelModule(nn.Module):
         return out
 
     def _gather(self, local: torch.Tensor, spec: TensorSpec | None) -> torch.Tensor:
-        if spec is None or spec.is_replicated:
+        if spec is None or all(p.is_replicate() for p in spec.placements):
             return local.detach().clone()
         full = local.detach()
         # Shards were cut in mesh order; undo them innermost first.
         for m in reversed(range(self.mesh_info.ndim)):
             p = spec.placements[m]
-            if p.is_shard():
-                full = _all_gather(full, p.dim, self.mesh_info.sizes[m], self.mesh_info.group_name(m))
+            if not p.is_replicate():
+                full = _all_gather(full, p.dim, self.mesh_info.sizes[m], self.mesh_info.group_name(m),
+                                   getattr(p, "split_factor", 1))
         return full
 
     def _full(self, grads: bool) -> dict[str, torch.Tensor]:

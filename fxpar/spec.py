@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
-from torch.distributed.tensor.placement_types import Partial, Placement, Replicate, Shard
+from torch.distributed.tensor.placement_types import Partial, Placement, Replicate, Shard, _StridedShard
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 __all__ = [
@@ -164,6 +164,8 @@ def placements_str(placements: Sequence[Placement]) -> str:
     def one(p: Placement) -> str:
         if isinstance(p, Shard):
             return f"S({p.dim})"
+        if isinstance(p, _StridedShard):
+            return f"S({p.dim}, x{p.split_factor})"
         if isinstance(p, Partial):
             return "P"
         return "R"
@@ -176,6 +178,6 @@ def make_spec(val: Any, placements: tuple[Placement, ...], mesh_sizes: Sequence[
     shape = tuple(val.shape)
     local = list(shape)
     for p, n in zip(placements, mesh_sizes):
-        if isinstance(p, Shard):
+        if isinstance(p, (Shard, _StridedShard)):
             local[p.dim] = local_size(local[p.dim], n)
     return TensorSpec(tuple(placements), shape, tuple(local), val.dtype)

@@ -33,6 +33,8 @@ from fxpar.pass_manager import PassContext, PassResult, fx_pass
 from fxpar.rules import replace_tensor_args, tensor_args
 from fxpar.spec import NodeInfo, get_info, make_spec, set_info
 
+from fxpar.passes._graph import differentiable
+
 
 def _group(mesh: MeshInfo, m: int) -> str:
     # Dry runs have no process groups; their graphs are for reading, not running.
@@ -100,6 +102,7 @@ class _Inserter:
 def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     mesh = ctx.mesh
     ins = _Inserter(gm.graph, mesh)
+    needs_grad = differentiable(gm)
     modified = False
     for node in list(gm.graph.nodes):
         info = get_info(node)
@@ -109,7 +112,7 @@ def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         new_args = []
         for a, need in zip(args, info.input_placements):
             b = ins.redistribute(a, tuple(need), node)
-            if node.op != "output" and a.meta["val"].dtype.is_floating_point:
+            if node.op != "output" and a in needs_grad:
                 for m in range(mesh.ndim):
                     if need[m].is_replicate() and any(not p.is_replicate() for p in _out_placements(info, m)):
                         b = ins.grad_all_reduce(b, m, node)

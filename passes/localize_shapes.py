@@ -51,9 +51,9 @@ def localize_shapes(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         localize = lookup_localize(node.target)
         info = get_info(node)
-        if localize is not None and info is not None and isinstance(info.spec, TensorSpec):
+        if localize is not None and info is not None and info.spec is not None:
             before = (node.args, node.kwargs)
-            localize(node, info.spec, sizes)
+            localize(node, info, ctx.mesh)
             modified |= before != (node.args, node.kwargs)
     if modified:
         gm.recompile()

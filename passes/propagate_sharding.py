@@ -11,6 +11,10 @@ placements; the cheapest wins, where the price of a strategy is
                           forward and backward (the duals in fxpar.collectives)
     + for each Replicate input of an op whose output is not Replicate:
                           the backward all-reduce of its partial gradient
+    + if the output is Replicate although an input arrives sharded:
+                          2 (n-1)/n x output bytes (redundant compute, and the
+                          reshard that usually follows)
+    + 1e18 for gathering a sharded parameter (the plan is binding)
 
 and ties go to the rule's earlier strategy. An op without a rule runs on
 Replicate inputs (the always-correct fallback, marked for explain()). Every
@@ -35,7 +39,7 @@ from fxpar.pass_manager import PassContext, PassResult, fx_pass
 from fxpar.rules import OpInfo, Strategy, all_replicate, lookup, tensor_args
 from fxpar.spec import NodeInfo, TensorSpec, divides, get_info, make_spec, set_info, size_hint
 
-from fxpar.passes._graph import is_tensor
+from fxpar.passes._graph import differentiable, is_tensor
 
 
 def _bytes(val, placements, mesh: MeshInfo, skip: int) -> float:
@@ -67,35 +71,45 @@ def _out_is_replicate(output) -> bool:
     return all(o is None or o.is_replicate() for o in outs)
 
 
+# Running an op replicated on inputs that arrive sharded repeats its work on every rank, and its
+# replicated output usually has to be cut again downstream; price that at twice the output's share.
+_REDUNDANT_COMPUTE_WEIGHT = 2.0
+
 # Gathering a sharded parameter would undo the plan (memory and compute per rank grow by n);
 # strategies that need it lose to any other, and win only over the replicated fallback.
 _UNSHARD_PARAM_PENALTY = 1e18
 
 
-def _price(strategy: Strategy, cur: list, vals: list, mesh: MeshInfo, m: int, cur_all: list,
-           is_param: list[bool]) -> float:
+def _price(strategy: Strategy, cur: list, vals: list, out_val, mesh: MeshInfo, m: int, cur_all: list,
+           is_param: list[bool], grads: list[bool]) -> float:
     n = mesh.sizes[m]
     cost = 0.0
     out_r = _out_is_replicate(strategy.output)
     for i, (req, have) in enumerate(zip(strategy.inputs, cur)):
         if req is None or have is None:
             continue
-        grad = vals[i].dtype.is_floating_point
+        grad = grads[i]
         nbytes = _bytes(vals[i], cur_all[i], mesh, m)
         cost += transition_cost(have, req, n, nbytes, with_backward=grad)
         if is_param[i] and have.is_shard() and req != have:
             cost += _UNSHARD_PARAM_PENALTY
         if grad and req.is_replicate() and have.is_replicate() and not out_r:
             cost += op_cost("grad_all_reduce", n, nbytes, with_backward=True)
+    if out_r and any(h is not None and not h.is_replicate() and not h.is_partial() for h in cur):
+        outs = out_val if isinstance(out_val, (tuple, list)) else (out_val,)
+        out_bytes = sum(_bytes(v, [None] * mesh.ndim, mesh, m) for v in outs if isinstance(v, torch.Tensor))
+        cost += _REDUNDANT_COMPUTE_WEIGHT * (n - 1) / n * out_bytes
     return cost
 
 
-def _choose(node: fx.Node, in_nodes: list[fx.Node], mesh: MeshInfo) -> tuple[list[Strategy], bool]:
+def _choose(node: fx.Node, in_nodes: list[fx.Node], mesh: MeshInfo,
+            needs_grad: set[fx.Node]) -> tuple[list[Strategy], bool]:
     """One strategy per mesh dim, and whether the fallback was taken."""
     rule = lookup(node.target)
     vals = [a.meta["val"] for a in in_nodes]
     cur_all = [list(get_info(a).spec.placements) for a in in_nodes]
     is_param = [get_info(a).role == "param" for a in in_nodes]
+    grads = [a in needs_grad for a in in_nodes]
     chosen = []
     for m in range(mesh.ndim):
         op = OpInfo(node, tuple(vals), node.meta["val"], mesh.sizes[m])
@@ -106,7 +120,7 @@ def _choose(node: fx.Node, in_nodes: list[fx.Node], mesh: MeshInfo) -> tuple[lis
         options = [s for s in rule(op, tuple(cur)) if _feasible(s, op, mesh.sizes[m])]
         if not options:
             options = [all_replicate(op)]
-        best = min(options, key=lambda s: _price(s, cur, vals, mesh, m, cur_all, is_param))
+        best = min(options, key=lambda s: _price(s, cur, vals, node.meta["val"], mesh, m, cur_all, is_param, grads))
         chosen.append(best)
         # Later mesh dims see this dim's inputs as already redistributed.
         for i, req in enumerate(best.inputs):
@@ -124,13 +138,13 @@ def _specs(val, per_dim_outputs: list, mesh: MeshInfo):
     return make_spec(val, tuple(per_dim_outputs), mesh.sizes)
 
 
-def _annotate_call(node: fx.Node, mesh: MeshInfo) -> None:
+def _annotate_call(node: fx.Node, mesh: MeshInfo, needs_grad: set[fx.Node]) -> None:
     in_nodes = tensor_args(node)
     missing = [a for a in in_nodes if get_spec_or_none(a) is None]
     if missing:
         raise ShardingError(f"{node_context(node)}: input %{missing[0].name} has no placement; "
                             "run annotate_parameters and propagate_sharding on the whole graph")
-    chosen, fallback = _choose(node, in_nodes, mesh)
+    chosen, fallback = _choose(node, in_nodes, mesh, needs_grad)
     inputs = tuple(tuple(s.inputs[i] for s in chosen) for i in range(len(in_nodes)))
     outputs = [s.output for s in chosen]
     if isinstance(node.meta["val"], (tuple, list)):
@@ -152,6 +166,7 @@ def get_spec_or_none(node: fx.Node):
 def propagate_sharding(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     mesh = ctx.mesh
     replicate = tuple(Replicate() for _ in mesh.names)
+    needs_grad = differentiable(gm)
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             if is_tensor(node):
@@ -172,7 +187,7 @@ def propagate_sharding(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             tensors = isinstance(val, torch.Tensor) or (
                 isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val))
             if tensors:
-                _annotate_call(node, mesh)
+                _annotate_call(node, mesh, needs_grad)
         elif node.op == "output":
             outs = tensor_args(node)
             set_info(node, NodeInfo(input_placements=tuple(replicate for _ in outs), role="output",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from fxpar.pass_manager import PassContext, PassResult, fx_pass
 from fxpar.spec import get_spec
@@ -32,6 +33,9 @@ def local_chunk(t: torch.Tensor, placements, sizes, coordinate) -> torch.Tensor:
     for p, n, c in zip(placements, sizes, coordinate):
         if p.is_shard():
             t = t.chunk(n, dim=p.dim)[c]
+        elif isinstance(p, _StridedShard):
+            # section by section: chunk c of each of the split_factor sections
+            t = torch.cat([sec.chunk(n, dim=p.dim)[c] for sec in t.chunk(p.split_factor, dim=p.dim)], dim=p.dim)
     return t
 
 
@@ -41,17 +45,25 @@ def shard_parameters(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if mesh.coordinate is None:
         return PassResult(gm, False)
     modified = False
+    # Tied weights: every FQN naming the same tensor must name the new shard too.
+    aliases: dict[int, list[str]] = {}
+    for fqn, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        aliases.setdefault(id(t), []).append(fqn)
     for node in param_nodes(gm):
         spec = get_spec(node)
-        if spec is None or spec.is_replicated:
+        if spec is None or all(p.is_replicate() for p in spec.placements):
             continue
         mod_name, _, name = str(node.target).rpartition(".")
         owner = gm.get_submodule(mod_name)
         full = getattr(owner, name)
         local = local_chunk(full.detach(), spec.placements, mesh.sizes, mesh.coordinate).contiguous().clone()
-        if isinstance(full, nn.Parameter):
-            setattr(owner, name, nn.Parameter(local, requires_grad=full.requires_grad))
-        else:
-            owner.register_buffer(name, local)
+        new = nn.Parameter(local, requires_grad=full.requires_grad) if isinstance(full, nn.Parameter) else local
+        for fqn in aliases.get(id(full), [str(node.target)]):
+            mod_name, _, attr = fqn.rpartition(".")
+            mod = gm.get_submodule(mod_name)
+            if isinstance(new, nn.Parameter):
+                setattr(mod, attr, new)
+            else:
+                mod.register_buffer(attr, new)
         modified = True
     return PassResult(gm, modified)

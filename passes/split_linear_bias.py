@@ -8,8 +8,9 @@ its own add lets propagation put the all-reduce between the two, exactly where
 Megatron adds it.
 
 Before:  %y = aten.linear(%h, %down_weight, %down_bias)        # weight Shard(1)
-After:   %y0 = aten.linear(%h, %down_weight)
-         %y  = aten.add.Tensor(%y0, %down_bias)
+After:   %y_nobias = aten.linear(%h, %down_weight)
+         %y  = aten.add.Tensor(%y_nobias, %down_bias)
+(and likewise addmm(bias, x, w) with w Shard(0) -> add(mm(x, w), bias): HF's Conv1D)
 """
 
 from __future__ import annotations
@@ -27,14 +28,19 @@ aten = torch.ops.aten
 def split_linear_bias(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     modified = False
     for node in list(gm.graph.nodes):
-        if node.target != aten.linear.default or len(node.args) < 3 or node.args[2] is None:
+        if node.target == aten.linear.default and len(node.args) >= 3 and node.args[2] is not None:
+            x, w, b = node.args[:3]
+            target, args, reduced_dim = aten.linear.default, (x, w), 1
+        elif node.target == aten.addmm.default and not node.kwargs:  # Conv1D: addmm(bias, x, w[in, out])
+            b, x, w = node.args[:3]
+            target, args, reduced_dim = aten.mm.default, (x, w), 0
+        else:
             continue
-        w_spec = get_spec(node.args[1]) if isinstance(node.args[1], fx.Node) else None
-        if w_spec is None or not any(p.is_shard(1) for p in w_spec.placements):
+        w_spec = get_spec(w) if isinstance(w, fx.Node) else None
+        if w_spec is None or not any(p.is_shard(reduced_dim) for p in w_spec.placements):
             continue
-        x, w, b = node.args[:3]
         with gm.graph.inserting_before(node):
-            mm = gm.graph.create_node("call_function", aten.linear.default, (x, w), name=f"{node.name}_nobias")
+            mm = gm.graph.create_node("call_function", target, args, name=f"{node.name}_nobias")
             mm.meta.update({k: v for k, v in node.meta.items() if k != "fxpar"})
         node.target = aten.add.Tensor
         node.args = (mm, b)

@@ -85,7 +85,8 @@ class OpInfo:
 
 Placements = tuple[Placement | None, ...]
 RuleFn = Callable[[OpInfo, Placements], list[Strategy]]
-LocalizeFn = Callable[[fx.Node, Any], None]
+LocalizeFn = Callable[[fx.Node, Any, Any], None]
+"""localize(node, info: NodeInfo, mesh: MeshInfo): rewrite node's non-tensor args for local shapes."""
 
 _RULES: dict[Any, RuleFn] = {}
 _LOCALIZERS: dict[Any, LocalizeFn] = {}
@@ -108,7 +109,7 @@ def register(*ops: Any, localize: LocalizeFn | None = None) -> Callable[[RuleFn]
 
 def _load_rule_modules() -> None:
     # The rule families register themselves on import.
-    from fxpar.rules import matmul, norms, pointwise, reductions, views  # noqa: F401
+    from fxpar.rules import attention, embedding, indexing, matmul, norms, pointwise, reductions, views  # noqa: F401
 
 
 def lookup(target: Any) -> RuleFn | None:

@@ -17,6 +17,7 @@ the `split_linear_bias` pass turns those into linear + add first.
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from fxpar.rules import P, R, OpInfo, S, Strategy, register
 
@@ -36,6 +37,9 @@ def linear(op: OpInfo, cur) -> list[Strategy]:
 
     if cw is not None and cw.is_shard(0):
         out.append(strat(R, S(0), S(0), S(last_out)))
+    if isinstance(cw, _StridedShard) and cw.dim == 0:  # fused projection, sharded section by section
+        k = cw.split_factor
+        out.append(strat(R, cw, _StridedShard(0, split_factor=k), _StridedShard(last_out, split_factor=k)))
     if not has_bias and (cw is not None and cw.is_shard(1) or cx is not None and cx.is_shard(last_in)):
         out.append(strat(S(last_in), S(1), None, P))
     if cx is not None and cx.is_shard() and cx.dim < last_in:
@@ -80,6 +84,9 @@ def addmm(op: OpInfo, cur) -> list[Strategy]:
     out: list[Strategy] = []
     if cb is not None and cb.is_shard(1):
         out.append(Strategy((bias_for(1), R, S(1)), S(1)))
+    if isinstance(cb, _StridedShard) and cb.dim == 1 and bias_val.ndim == 1:  # fused Conv1D (GPT-2 c_attn)
+        k = cb.split_factor
+        out.append(Strategy((_StridedShard(0, split_factor=k), R, cb), _StridedShard(1, split_factor=k)))
     if ca is not None and ca.is_shard(0):
         out.append(Strategy((bias_for(0), S(0), R), S(0)))
     out.append(Strategy((R, R, R), R))

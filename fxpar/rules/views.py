@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.distributed.tensor.placement_types import _StridedShard
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxpar.rules import P, R, OpInfo, S, Strategy, norm_dim, register
@@ -69,7 +70,7 @@ def localize_shape_arg(node: fx.Node, spec: TensorSpec, mesh_sizes) -> None:
     shape = list(node.args[1])
     divisor = [1] * len(shape)
     for p, n in zip(spec.placements, mesh_sizes):
-        if p.is_shard():
+        if p.is_shard() or isinstance(p, _StridedShard):
             divisor[p.dim] *= n
     changed = False
     for e, div in enumerate(divisor):
@@ -85,8 +86,8 @@ def localize_shape_arg(node: fx.Node, spec: TensorSpec, mesh_sizes) -> None:
         node.args = (node.args[0], shape, *node.args[2:])
 
 
-def _localize_view(node: fx.Node, spec: TensorSpec, mesh_sizes) -> None:
-    localize_shape_arg(node, spec, mesh_sizes)
+def _localize_view(node: fx.Node, info, mesh) -> None:
+    localize_shape_arg(node, info.spec, mesh.sizes)
 
 
 @register(aten.view.default, aten.reshape.default, aten._unsafe_view.default, localize=_localize_view)
@@ -97,6 +98,12 @@ def view(op: OpInfo, cur) -> list[Strategy]:
         e = view_dim(tuple(op.in_vals[0].shape), tuple(op.out_val.shape), c.dim, op.mesh_size)
         if e is not None:
             out.append(Strategy((S(c.dim),), S(e)))
+    if isinstance(c, _StridedShard):
+        # a strided shard survives only a view that keeps its dim whole (same size, same offset)
+        in_shape, out_shape = tuple(op.in_vals[0].shape), tuple(op.out_val.shape)
+        e = view_dim(in_shape, out_shape, c.dim, op.mesh_size)
+        if e is not None and _eq(in_shape[c.dim], out_shape[e]):
+            out.append(Strategy((c,), _StridedShard(e, split_factor=c.split_factor)))
     if c is not None and c.is_partial():
         out.append(Strategy((P,), P))
     out.append(Strategy((R,), R))
@@ -155,8 +162,8 @@ def squeeze(op: OpInfo, cur) -> list[Strategy]:
     return _permuted(op, cur, perm)
 
 
-def _localize_expand(node: fx.Node, spec: TensorSpec, mesh_sizes) -> None:
-    localize_shape_arg(node, spec, mesh_sizes)
+def _localize_expand(node: fx.Node, info, mesh) -> None:
+    localize_shape_arg(node, info.spec, mesh.sizes)
 
 
 @register(aten.expand.default, localize=_localize_expand)

@@ -1,0 +1,89 @@
+"""Attention: scaled_dot_product_attention and the batched matmuls of eager attention.
+
+q, k, v are (B, H, T, D). Heads are independent, so sharding the heads dim on
+all three (and on the mask where it has a heads dim) computes each rank's
+heads exactly; so does sharding the batch. Grouped-query attention keeps
+KVH / n kv heads per rank, so the kv-to-q head ratio is unchanged.
+
+    bmm (b, m, k) x (b, k, n):  S(0) S(0) -> S(0);  S(1) R -> S(1);  R S(2) -> S(2);  S(2) S(1) -> P
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from fxpar.rules import P, R, OpInfo, S, Strategy, register
+
+aten = torch.ops.aten
+
+
+def _mask_placement(mask, out, d: int):
+    """The mask's placement when the output is sharded on dim d (R where it broadcasts)."""
+    offset = out.ndim - mask.ndim
+    j = d - offset
+    if j < 0 or statically_known_true(mask.shape[j] == 1):
+        return R
+    return S(j)
+
+
+@register(aten.scaled_dot_product_attention.default)
+def sdpa(op: OpInfo, cur) -> list[Strategy]:
+    q = op.in_vals[0]
+    n_tensors = len(op.in_vals)
+    out: list[Strategy] = []
+    for d in (1, 0):  # heads first: tensor parallel; then batch: data parallel
+        if any(c is not None and c.is_shard(d) for c in cur[:3]):
+            ins = [S(d), S(d), S(d)]
+            if n_tensors > 3:
+                ins.append(_mask_placement(op.in_vals[3], q, d))
+            out.append(Strategy(tuple(ins), S(d)))
+    out.append(Strategy(tuple(R for _ in cur), R))
+    return out
+
+
+@register(aten.bmm.default)
+def bmm(op: OpInfo, cur) -> list[Strategy]:
+    ca, cb = cur
+    out: list[Strategy] = []
+    if (ca is not None and ca.is_shard(0)) or (cb is not None and cb.is_shard(0)):
+        out.append(Strategy((S(0), S(0)), S(0)))
+    if ca is not None and ca.is_shard(1):
+        out.append(Strategy((S(1), R), S(1)))
+    if cb is not None and cb.is_shard(2):
+        out.append(Strategy((R, S(2)), S(2)))
+    if (ca is not None and ca.is_shard(2)) or (cb is not None and cb.is_shard(1)):
+        out.append(Strategy((S(2), S(1)), P))
+    if ca is not None and ca.is_partial():
+        out.append(Strategy((P, R), P))
+    if cb is not None and cb.is_partial():
+        out.append(Strategy((R, P), P))
+    out.append(Strategy((R, R), R))
+    return out
+
+
+@register(aten.matmul.default)
+def matmul(op: OpInfo, cur) -> list[Strategy]:
+    """Batched matmul with broadcasting batch dims: (..., m, k) x (..., k, n)."""
+    a, b = op.in_vals
+    nd = op.out_val.ndim
+    out: list[Strategy] = []
+    ca, cb = cur
+    if a.ndim == nd and b.ndim == nd:
+        for d in range(nd - 2):  # batch-like dims (heads, batch): shard both
+            if (ca is not None and ca.is_shard(d)) or (cb is not None and cb.is_shard(d)):
+                pa = S(d) if not statically_known_true(a.shape[d] == 1) else R
+                pb = S(d) if not statically_known_true(b.shape[d] == 1) else R
+                out.append(Strategy((pa, pb), S(d)))
+        if ca is not None and ca.is_shard(nd - 2):
+            out.append(Strategy((S(nd - 2), R), S(nd - 2)))
+        if cb is not None and cb.is_shard(nd - 1):
+            out.append(Strategy((R, S(nd - 1)), S(nd - 1)))
+        if (ca is not None and ca.is_shard(nd - 1)) or (cb is not None and cb.is_shard(nd - 2)):
+            out.append(Strategy((S(nd - 1), S(nd - 2)), P))
+    if ca is not None and ca.is_partial():
+        out.append(Strategy((P, R), P))
+    if cb is not None and cb.is_partial():
+        out.append(Strategy((R, P), P))
+    out.append(Strategy((R, R), R))
+    return out
