@@ -120,7 +120,7 @@ def _local_chunk(x: Tensor, dim: int, n: int, group_name: str, what: str, split_
     r = _group_rank(group_name)
     if split_factor > 1:
         return torch.cat([sec.chunk(n, dim=dim)[r] for sec in x.chunk(split_factor, dim=dim)], dim=dim)
-    return x.chunk(n, dim=dim)[r].contiguous()
+    return x.chunk(n, dim=dim)[r].clone(memory_format=torch.contiguous_format)  # never alias the input
 
 
 def _reduce_scatter(x: Tensor, dim: int, n: int, group_name: str) -> Tensor:

@@ -95,3 +95,9 @@ def embedding(op: OpInfo, cur) -> list[Strategy]:
         out.append(Strategy((R, S(ci.dim)), S(ci.dim)))
     out.append(Strategy((R, R), R))
     return out
+
+
+@register(torch.ops.fxpar.vocab_parallel_embedding.default)
+def vocab_parallel(op: OpInfo, cur) -> list[Strategy]:
+    """The localized form of a vocab-parallel lookup: only its own layout is exact."""
+    return [Strategy((S(0), R), P)]

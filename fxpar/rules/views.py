@@ -178,3 +178,23 @@ def expand(op: OpInfo, cur) -> list[Strategy]:
         out.append(Strategy((P,), P))
     out.append(Strategy((R,), R))
     return out
+
+
+@register(aten.flatten.using_ints, aten.unflatten.int)
+def flatten(op: OpInfo, cur) -> list[Strategy]:
+    """flatten / unflatten are views: the same dim mapping as view, no shape argument to localize."""
+    return view(op, cur)
+
+
+@register(aten.view_as_complex.default, aten.view_as_real.default)
+def complex_view(op: OpInfo, cur) -> list[Strategy]:
+    """(..., 2) real <-> (...) complex: every dim but the pair dim keeps its index."""
+    c = cur[0]
+    pair_dim = op.in_vals[0].ndim - 1 if op.node.target == aten.view_as_complex.default else None
+    out: list[Strategy] = []
+    if c is not None and c.is_shard() and c.dim != pair_dim:
+        out.append(Strategy((S(c.dim),), S(c.dim)))
+    if c is not None and c.is_partial():
+        out.append(Strategy((P,), P))
+    out.append(Strategy((R,), R))
+    return out
