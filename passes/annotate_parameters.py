@@ -80,13 +80,15 @@ def _placement_for(node: fx.Node, style: TPStyle, module: str, fused: int = 0) -
     return p
 
 
-def _auto_styles(gm: fx.GraphModule, taken: set[str], tp: int) -> tuple[dict[str, TPStyle], dict[str, int]]:
+def _auto_styles(gm: fx.GraphModule, taken: set[str], tp: int
+                 ) -> tuple[dict[str, TPStyle], dict[str, int], dict[str, str]]:
     """Megatron pairs and the lm_head found in the graph, for modules the plan does not name.
 
-    Returns (module -> style, module -> fused sections).
+    Returns (module -> style, module -> fused sections, module -> why it stays replicated).
     """
     styles: dict[str, TPStyle] = {}
     fused: dict[str, int] = {}
+    notes: dict[str, str] = {}
 
     def module_of(proj: fx.Node) -> str | None:
         w = proj_weight(proj)
@@ -95,17 +97,28 @@ def _auto_styles(gm: fx.GraphModule, taken: set[str], tp: int) -> tuple[dict[str
     for pair in find_pairs(gm):
         sink_mod = module_of(pair.sink)
         in_features = proj_weight(pair.sink).meta["val"].shape[1 if pair.sink.target == aten.linear.default else 0]
-        if sink_mod is None or sink_mod in taken or divides(in_features, tp) is not True:
+        if sink_mod is None or sink_mod in taken:
+            continue
+        if divides(in_features, tp) is not True:
+            why = f"its {in_features} input features do not divide by tp={tp}"
+            notes.update({m: why for m in [sink_mod, *map(module_of, pair.heads)] if m})
             continue
         heads = []
         for h in pair.heads:
             mod = module_of(h)
             k = pair.fused.get(h, 1)
-            ok = mod is not None and mod not in taken and divides(proj_out_features(h), tp * k) is True
-            ok = ok and all(divides(c, tp) is True for c in heads_of(h, pair.region))
-            if ok:
+            if mod is None or mod in taken:
+                continue
+            bad_heads = [c for c in heads_of(h, pair.region) if divides(c, tp) is not True]
+            if divides(proj_out_features(h), tp * k) is not True:
+                notes[mod] = f"{proj_out_features(h)} output features do not divide by tp={tp}" + \
+                    (f" x {k} sections" if k > 1 else "")
+            elif bad_heads:
+                notes[mod] = f"{bad_heads[0]} heads do not divide by tp={tp}"
+            else:
                 heads.append((mod, k))
         if not heads:
+            notes.setdefault(sink_mod, "its column-parallel partners could not be sharded")
             continue
         for mod, k in heads:
             styles[mod] = TPStyle("colwise")
@@ -118,7 +131,7 @@ def _auto_styles(gm: fx.GraphModule, taken: set[str], tp: int) -> tuple[dict[str
             mod = module_of(node)
             if mod and mod not in taken and mod not in styles and divides(proj_out_features(node), tp) is True:
                 styles[mod] = TPStyle("colwise")
-    return styles, fused
+    return styles, fused, notes
 
 
 def _feeds_output(node: fx.Node) -> bool:
@@ -146,8 +159,9 @@ def annotate_parameters(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                         "name a mesh dim 'tp' or drop the tp part of the plan")
     tp_dim = mesh.names.index("tp") if mesh.has("tp") else None
     fused: dict[str, int] = {}
+    notes: dict[str, str] = {}
     if ctx.plan.auto_tp and tp_dim is not None:
-        auto, fused = _auto_styles(gm, set(styles), mesh.sizes[tp_dim])
+        auto, fused, notes = _auto_styles(gm, set(styles), mesh.sizes[tp_dim])
         styles = {**auto, **styles}
     for node in param_nodes(gm):
         fqn = str(node.target)
@@ -170,6 +184,8 @@ def annotate_parameters(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         extra = {"style": str(style)} if style is not None else {}
         if fused.get(module, 0) > 1:
             extra["style"] += f" (fused x{fused[module]})"
+        if style is None and module in notes:
+            extra["style"] = f"replicate (not sharded: {notes[module]})"
         set_info(node, NodeInfo(spec=spec, module_fqn=module, role="param", param_fqn=fqn,
                                 origin="annotate_parameters", extra=extra))
     return PassResult(gm, True)

@@ -74,6 +74,18 @@ class Flattening(nn.Module):
         return y.view(b, t, d)
 
 
+class NoRuleOp(nn.Module):
+    """An MLP with an op fxpar has no sharding rule for in the middle (the replicated fallback)."""
+
+    def __init__(self, dim: int = 16, hidden: int = 32) -> None:
+        super().__init__()
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.logcumsumexp(self.up(x), dim=-1))
+
+
 def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((out - target) ** 2).mean()
 

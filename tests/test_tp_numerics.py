@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import fxpar
 from fxpar.testing import rank_pool
-from models import Chain, Flattening, GatedMLP, MLPStack, mse
+from models import Chain, Flattening, GatedMLP, MLPStack, NoRuleOp, mse
 
 MEGATRON = {"layers.*.up": "colwise", "layers.*.down": "rowwise"}
 
@@ -25,6 +25,7 @@ CASES = {
     "all_colwise": (lambda: Chain([16, 32, 16]), {"layers.*": "colwise"}, (4, 16)),
     "gated_auto": (lambda: nn.Sequential(GatedMLP(16, 32), GatedMLP(16, 32)), None, (2, 3, 16)),
     "views_auto": (lambda: Flattening(16, 32), None, (2, 3, 16)),
+    "op_without_rule": (lambda: NoRuleOp(16, 32), {"up": "colwise", "down": "rowwise"}, (4, 16)),
 }
 
 
