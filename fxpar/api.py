@@ -1,7 +1,12 @@
 """The public entry points: parallelize, default_passes, check.
 
     capture -> annotate_parameters -> split_linear_bias -> propagate_sharding
-            -> insert_collectives -> localize_shapes -> shard_parameters -> run
+            -> insert_collectives -> localize_shapes -> shard_parameters -> split_stages -> run
+
+A mesh with a `pp` dim (size > 1) or a plan with `pp` runs as a pipeline: the
+passes see the mesh without its pp dim (placements are per stage), the last
+pass cuts this rank's graph into stages, and `fxpar.pipeline.PipelineModule`
+runs them with torch's pipeline schedules.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import torch.nn as nn
 
 from fxpar.capture import capture
 from fxpar.errors import PlanError
-from fxpar.invariants import check_graph
+from fxpar.invariants import check_module, check_ranks
 from fxpar.mesh import MeshInfo
 from fxpar.pass_manager import PassContext, PassManager
 from fxpar.plan import Plan, as_plan
@@ -20,7 +25,7 @@ from fxpar.runtime import ParallelModule
 
 __all__ = ["parallelize", "default_passes", "check"]
 
-_SUPPORTED_DIMS = ("tp",)
+_SUPPORTED_DIMS = ("tp", "pp", "dp", "fsdp")
 
 
 def default_passes(plan: Plan | None = None) -> list:
@@ -28,12 +33,15 @@ def default_passes(plan: Plan | None = None) -> list:
     from fxpar import passes as P
 
     return [
+        P.shard_inputs,
         P.annotate_parameters,
+        P.apply_fsdp,
         P.split_linear_bias,
         P.propagate_sharding,
         P.insert_collectives,
         P.localize_shapes,
         P.shard_parameters,
+        P.split_stages,  # a no-op without a pipeline
     ]
 
 
@@ -48,7 +56,7 @@ def _check_mesh(mesh_info: MeshInfo, plan: Plan) -> None:
 
 def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), example_kwargs: dict | None = None,
                 plan: Plan | dict | None = None, passes: list | None = None,
-                input_layout: str = "full", check: bool | None = None,
+                input_layout: str = "full", reshard_after_forward: bool = True, check: bool | None = None,
                 dump_dir: str | None = None) -> ParallelModule:
     """Compiles `model` for this rank of `mesh`.
 
@@ -61,7 +69,11 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
         plan: a fxpar.Plan, a {module glob: style} dict (the tp part), or None
             to plan automatically.
         passes: the pass list (default: fxpar.default_passes()).
-        input_layout: 'full' (every rank passes the same full inputs).
+        input_layout: 'full' (every rank passes the same full inputs and gets the full outputs) or
+            'local' (each rank passes its own slice of the batch on the dp / fsdp dims, and gets its
+            slice of the outputs back).
+        reshard_after_forward: with fsdp, free gathered parameters after the forward and gather
+            them again in the backward (lower memory, one more all-gather per parameter).
         check: run invariant checks after every pass (default: on; FXPAR_CHECK=0 turns off).
         dump_dir: write the graph after every pass into this folder.
 
@@ -71,25 +83,58 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
     Raises:
         CaptureError, PlanError, ShardingError: naming the module and the fix.
     """
-    if input_layout != "full":
-        raise PlanError(f"input_layout={input_layout!r}: only 'full' is supported until data parallelism lands")
+    if input_layout not in ("full", "local"):
+        raise PlanError(f"input_layout={input_layout!r}: use 'full' (every rank passes the same full inputs) "
+                        "or 'local' (each rank passes its own batch shard)")
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     mesh_info = MeshInfo.from_device_mesh(mesh)
     plan = as_plan(plan)
     _check_mesh(mesh_info, plan)
+    from fxpar.pipeline import PipelineModule, split_pp_mesh
+
+    # A pipeline compiles each stage for the mesh without its pp dim.
+    pipelined = (mesh_info.size("pp") > 1 or plan.pp is not None or plan.schedule is not None)
+    spmd_mesh, spmd_info, pp_info = split_pp_mesh(mesh, mesh_info) if pipelined else (mesh, mesh_info, None)
+    if pipelined and input_layout != "full":
+        raise PlanError(f"input_layout={input_layout!r}: a pipeline takes the same full inputs on every rank "
+                        "(input_layout='full')")
     gm = capture(model, example_inputs, example_kwargs)
-    ctx = PassContext(mesh=mesh_info, plan=plan, device_mesh=mesh, options={"input_layout": input_layout})
+    options = {"input_layout": input_layout, "pp": pp_info}
+    ctx = PassContext(mesh=spmd_info, plan=plan, device_mesh=spmd_mesh, options=options)
     manager = PassManager(passes if passes is not None else default_passes(plan), check=check, dump_dir=dump_dir)
     gm = manager.run(gm, ctx)
+    if pipelined:
+        return PipelineModule(gm, mesh=mesh, mesh_info=spmd_info, plan=plan, history=manager.history,
+                              pp_dim=mesh_info.names.index("pp") if mesh_info.has("pp") else None,
+                              example_args=example_inputs, example_kwargs=example_kwargs)
     return ParallelModule(gm, mesh=mesh, mesh_info=mesh_info, plan=plan, history=manager.history,
-                          example_args=example_inputs, example_kwargs=example_kwargs)
+                          example_args=example_inputs, example_kwargs=example_kwargs, input_layout=input_layout,
+                          reshard_after_forward=reshard_after_forward)
 
 
-def check(pm: ParallelModule) -> None:
+def check(pm: ParallelModule, *, ranks: list | None = None) -> None:
     """Static checks on a ParallelModule's graph, without running collectives.
+
+    On this rank: placements on every edge consistent with each op's rule (no
+    Partial value reaches a non-linear op), local shapes consistent with global
+    shapes and placements (the graph is run on FakeTensors of local shapes),
+    every collective the right transition with its backward dual, every
+    replicated input of a sharded op behind grad_all_reduce, parameter shards
+    of the right shape. See `fxpar.invariants` for the full list.
+
+    Args:
+        pm: this rank's ParallelModule.
+        ranks: every rank's ParallelModule of the same mesh, in rank order, when
+            one process holds them all (`fxpar.testing.SimWorld`): then the
+            collective order of every group and parameter ownership are checked
+            across ranks too. (Across processes the same check runs at the
+            first forward, by fingerprint: `fxpar.fingerprint`.)
 
     Raises:
         GraphInvariantError: naming the first node that breaks an invariant.
     """
-    check_graph(pm.graph_module, pm.mesh_info, frozenset({"specs", "collectives"}))
+    if ranks is not None:
+        check_ranks(list(ranks))
+        return
+    check_module(pm)

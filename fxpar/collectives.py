@@ -14,6 +14,9 @@ registered autograd formula is the dual from DESIGN.md:
     Shard(a)  -> Shard(b)     all_to_all(a -> b)      all_to_all(b -> a)
     Replicate, consumed by    grad_all_reduce         all_reduce
       a non-Replicate op      (identity)
+    FSDP parameter Shard(0)   fsdp_all_gather         reduce_scatter
+      -> Replicate, used on   (all_gather then the
+      batch-sharded data      f above, fused)
 
 The graph is the same on every rank of a group: a rank's own index comes from
 its process group at run time, never from a constant baked into the graph.
@@ -283,6 +286,103 @@ def _all_to_all_bwd(ctx, grad):
 all_to_all.register_autograd(_all_to_all_bwd, setup_context=_save_a2a_args)
 
 
+@torch.library.custom_op("fxpar::fsdp_all_gather", mutates_args=())
+def fsdp_all_gather(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str) -> Tensor:
+    """A parameter's FSDP shard -> the full parameter. Backward: reduce_scatter of its gradient.
+
+    The fused form of all_gather followed by grad_all_reduce: the gathered parameter is used on
+    batch-sharded activations, so its gradient is partial on every rank; summing and keeping this
+    rank's slice is one reduce_scatter.
+    """
+    _record("all_gather", mesh_dim, x, "forward")
+    out = _all_gather(x, dim, group_size, group_name)
+    _note_gathered(out, x, (dim, group_size, group_name, mesh_dim))
+    return out
+
+
+@fsdp_all_gather.register_fake
+def _(x, dim, group_size, group_name, mesh_dim):
+    shape = list(x.shape)
+    shape[dim] = shape[dim] * group_size
+    return x.new_empty(shape)
+
+
+def _fsdp_all_gather_bwd(ctx, grad):
+    _record("reduce_scatter", ctx.mesh_dim, grad, "backward")
+    return _reduce_scatter(grad, ctx.dim, ctx.group_size, ctx.group_name), None, None, None, None
+
+
+fsdp_all_gather.register_autograd(_fsdp_all_gather_bwd, setup_context=_save_shard_args)
+
+
+# Gathered FSDP parameters alive right now, for the runtime's memory accounting and for re-gathering
+# in the backward instead of keeping them (reshard_after_forward):
+# id(full) -> (weakref(full), shard, (dim, group_size, group_name, mesh_dim)).
+_gathered: dict[int, tuple] = {}
+
+
+_peak = [0]
+
+
+def _note_gathered(full: Tensor, shard: Tensor, args: tuple) -> None:
+    import weakref
+
+    key = id(full)
+    _gathered[key] = (weakref.ref(full, lambda _: _gathered.pop(key, None)), shard, args)
+    _peak[0] = max(_peak[0], gathered_param_bytes())
+
+
+class _Regather:
+    """What autograd keeps of a gathered FSDP parameter instead of the parameter itself."""
+
+    def __init__(self, shard: Tensor, args: tuple) -> None:
+        self.shard, self.args = shard, args
+
+    def __call__(self) -> Tensor:
+        dim, n, group_name, mesh_dim = self.args
+        _record("all_gather", mesh_dim, self.shard, "backward")
+        full = _all_gather(self.shard, dim, n, group_name)
+        _note_gathered(full, self.shard, self.args)
+        return full
+
+
+def pack_gathered(t: Tensor):
+    """saved_tensors_hooks pack: a gathered FSDP parameter (or a view of it, e.g. linear's w.t())
+    is saved as its shard and re-gathered in the backward."""
+    base = t._base if t._base is not None else t
+    entry = _gathered.get(id(base))
+    if entry is not None and entry[0]() is base:
+        view = (t.size(), t.stride(), t.storage_offset()) if base is not t else None
+        return _Regather(entry[1], entry[2]), view
+    return t
+
+
+def unpack_gathered(x):
+    if isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], _Regather):
+        full = x[0]()
+        return full if x[1] is None else full.as_strided(*x[1])
+    return x
+
+
+def reset_peak_gathered_bytes() -> None:
+    _peak[0] = gathered_param_bytes()
+
+
+def peak_gathered_bytes() -> int:
+    """The most bytes of gathered FSDP parameters alive at once since the last reset."""
+    return _peak[0]
+
+
+def gathered_param_bytes() -> int:
+    """Bytes of FSDP-gathered parameters alive now (in this process)."""
+    total = 0
+    for ref, *_ in list(_gathered.values()):
+        t = ref()
+        if t is not None:
+            total += t.numel() * t.element_size()
+    return total
+
+
 COLLECTIVE_OPS = {
     torch.ops.fxpar.all_reduce.default: "all_reduce",
     torch.ops.fxpar.all_gather.default: "all_gather",
@@ -290,6 +390,7 @@ COLLECTIVE_OPS = {
     torch.ops.fxpar.reduce_scatter.default: "reduce_scatter",
     torch.ops.fxpar.all_to_all.default: "all_to_all",
     torch.ops.fxpar.grad_all_reduce.default: "grad_all_reduce",
+    torch.ops.fxpar.fsdp_all_gather.default: "fsdp_all_gather",
 }
 """Every fxpar communication op, by the name explain() prints."""
 
@@ -301,6 +402,7 @@ BACKWARD_OF = {
     "reduce_scatter": "all_gather",
     "all_to_all": "all_to_all",
     "grad_all_reduce": "all_reduce",
+    "fsdp_all_gather": "reduce_scatter",
 }
 
 for _op in COLLECTIVE_OPS:
@@ -336,7 +438,8 @@ def transition_op(src: Placement, dst: Placement) -> str | None:
 # all_to_all (n-1)/n of the local shard.
 _FORWARD_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
                    "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n / n,
-                   "shard": lambda n: 0.0, "grad_all_reduce": lambda n: 0.0}
+                   "shard": lambda n: 0.0, "grad_all_reduce": lambda n: 0.0,
+                   "fsdp_all_gather": lambda n: (n - 1) / n}
 
 
 def op_cost(op: str, n: int, nbytes: float, *, with_backward: bool) -> float:
@@ -393,6 +496,13 @@ def insert_transition(
 def insert_grad_all_reduce(graph: fx.Graph, x: fx.Node, *, mesh_dim_name: str, group_name: str, label: str) -> fx.Node:
     """Inserts Megatron's f: identity forward, all-reduce of the gradient backward."""
     return _make_node(graph, "grad_all_reduce", x, (group_name, mesh_dim_name), f"gradallreduce_{label}")
+
+
+def insert_fsdp_all_gather(graph: fx.Graph, param: fx.Node, *, dim: int, mesh_dim_name: str, group_size: int,
+                           group_name: str) -> fx.Node:
+    """Inserts the gather of an FSDP-sharded parameter (reduce-scatter of its gradient backward)."""
+    return _make_node(graph, "fsdp_all_gather", param, (dim, group_size, group_name, mesh_dim_name),
+                      f"fsdpgather_{param.name}")
 
 
 def collective_args(node: fx.Node) -> dict:

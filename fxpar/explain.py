@@ -3,7 +3,8 @@
 Sections: the plan per module (styles and parameter placements), every
 collective (op, mesh dim, group size, module, payload bytes per step forward
 and of its backward dual, at the example inputs' sizes), parameter memory per
-rank, and every fallback. Payload bytes are the bytes of the tensor each rank
+rank, every fallback, and for pipelines the stages (`fxpar.pipeline.explain_stages`).
+A pipelined module reports the stages this rank runs. Payload bytes are the bytes of the tensor each rank
 puts into the collective; for ring algorithms on n ranks the traffic per rank
 is 2(n-1)/n of that for all_reduce and (n-1)/n for gathers and scatters.
 """
@@ -81,6 +82,37 @@ def param_memory(gm: fx.GraphModule) -> tuple[int, int]:
     return full, local
 
 
+def _graphs(pm) -> list[fx.GraphModule]:
+    """The graphs this rank runs: its pipeline stages, or its one graph."""
+    stages = getattr(pm, "stage_modules", None)
+    return list(stages) if stages else [pm.graph_module]
+
+
+def _model_memory(pm) -> tuple[int, int]:
+    """(full bytes of the model's parameters, bytes this rank holds), each tensor counted once."""
+    from fxpar.pipeline import stage_info
+
+    split = stage_info(pm.graph_module)
+    if split is None:
+        return param_memory(pm.graph_module)
+    local_stages = set(split.local_stages)
+    full = local = 0
+    seen_full: set[str] = set()
+    seen_local: set[str] = set()
+    for k in range(split.num_stages):
+        for node in pm.graph_module.get_submodule(f"stage_{k}").graph.nodes:
+            info = get_info(node)
+            if node.op != "get_attr" or info is None or not isinstance(info.spec, TensorSpec) or info.role != "param":
+                continue
+            if node.target not in seen_full:
+                seen_full.add(node.target)
+                full += info.spec.nbytes()
+            if k in local_stages and node.target not in seen_local:
+                seen_local.add(node.target)
+                local += info.spec.nbytes(local=True)
+    return full, local
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -92,6 +124,7 @@ def _fmt_bytes(n: float) -> str:
 def explain(pm) -> str:
     """The report behind `ParallelModule.explain()`."""
     gm = pm.graph_module
+    graphs = _graphs(pm)
     mesh = pm.mesh_info
     lines = [f"fxpar plan for {gm.meta['fxpar'].model_class} on mesh {mesh}"]
 
@@ -99,7 +132,7 @@ def explain(pm) -> str:
     lines.append("Parameters (module: style; tensor placements local shape):")
     by_module: dict[str, list[str]] = defaultdict(list)
     styles: dict[str, str] = {}
-    for node in gm.graph.nodes:
+    for node in (n for g in graphs for n in g.graph.nodes):
         info = get_info(node)
         if node.op == "get_attr" and info is not None and isinstance(info.spec, TensorSpec) and node.users:
             name = str(node.target).rpartition(".")[2]
@@ -109,7 +142,7 @@ def explain(pm) -> str:
     for module in sorted(by_module):
         lines.append(f"  {module or '<root>'}: {styles[module]}; " + ", ".join(by_module[module]))
 
-    colls = collectives(gm, mesh)
+    colls = [c for g in graphs for c in collectives(g, mesh)]
     lines.append("")
     lines.append(f"Collectives ({len(colls)} nodes; bytes are each rank's payload per step at the example sizes):")
     fwd_total = bwd_total = 0
@@ -129,16 +162,24 @@ def explain(pm) -> str:
     lines.append(f"  total: forward {_fmt_bytes(fwd_total)}, backward {_fmt_bytes(bwd_total)}; "
                  + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
 
-    full, local = param_memory(gm)
+    full, local = _model_memory(pm)
     lines.append("")
     ratio = local / full if full else 1.0
     lines.append(f"Parameter memory per rank: {_fmt_bytes(local)} of {_fmt_bytes(full)} total ({ratio:.3f} of the model)")
 
-    fallbacks = [(n, get_info(n)) for n in gm.graph.nodes if get_info(n) is not None and get_info(n).fallback]
+    fallbacks = [(n, get_info(n)) for g in graphs for n in g.graph.nodes
+                 if get_info(n) is not None and get_info(n).fallback]
     lines.append("")
     lines.append(f"Fallbacks (ops without a sharding rule, run replicated): {len(fallbacks)}")
     for n, info in fallbacks:
         lines.append(f"  %{n.name} {n.target} in '{info.module_fqn or '<root>'}'")
+
+    from fxpar.pipeline import explain_stages, pipeline_order_of, stage_info
+
+    split = stage_info(gm)
+    if split is not None:
+        lines.append("")
+        lines.extend(explain_stages(split, pipeline_order=pipeline_order_of(pm)))
 
     if pm.history:
         lines.append("")

@@ -17,9 +17,14 @@ from typing import Any, Iterable, Mapping
 
 from fxpar.errors import PlanError
 
-__all__ = ["TPStyle", "Plan", "as_plan", "TP_STYLES"]
+__all__ = ["TPStyle", "Plan", "as_plan", "TP_STYLES", "PP_SCHEDULES"]
 
 TP_STYLES = ("colwise", "rowwise", "replicate")
+
+# Pipeline schedules by name; fxpar.pipeline maps each to torch.distributed.pipelining's class.
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv", "dualpipev")
+_SCHEDULE_ALIASES = {"interleaved": "interleaved_1f1b", "zb-v": "zbv", "zbvzerobubble": "zbv",
+                     "dualpipe_v": "dualpipev"}
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,36 @@ class TPStyle:
         return self.kind
 
 
+def _pp(value: Any) -> int | tuple[str, ...] | None:
+    """Validates the pp field: a stage count or module FQNs to cut before."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or (isinstance(value, int) and value < 1):
+        raise PlanError(f"pp={value!r}: a stage count is a positive int")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, Iterable):
+        cuts = tuple(value)
+        if not cuts or not all(isinstance(c, str) and c for c in cuts):
+            raise PlanError(f"pp={value!r}: cut points are module FQNs (non-empty strings), e.g. ['layers.4']")
+        dup = sorted({c for c in cuts if cuts.count(c) > 1})
+        if dup:
+            raise PlanError(f"pp cut points {dup} are given more than once; list each module once")
+        return cuts
+    raise PlanError(f"pp={value!r}: give a stage count (int) or a list of module FQNs to cut before")
+
+
+def _schedule(value: Any) -> str | None:
+    if value is None:
+        return None
+    name = _SCHEDULE_ALIASES.get(str(value).lower(), str(value).lower())
+    if name not in PP_SCHEDULES:
+        raise PlanError(f"schedule={value!r} is not a pipeline schedule fxpar runs; use one of {PP_SCHEDULES}")
+    return name
+
+
 def _style(value: Any, key: str) -> TPStyle:
     if isinstance(value, TPStyle):
         return value
@@ -57,17 +92,26 @@ class Plan:
 
     Attributes:
         tp: (glob, style) pairs in priority order (later wins).
-        pp: pipeline cut points (module FQNs) or a stage count; None for no pipeline.
+        pp: pipeline cut points (module FQNs, a stage starts at each) or a total
+            stage count (balanced automatically); None: one stage per rank (times
+            the schedule's stages per rank) on the mesh's 'pp' dim, balanced
+            automatically.
+        schedule: pipeline schedule, one of PP_SCHEDULES (None: '1f1b', or
+            'interleaved_1f1b' when there are more stages than pp ranks).
+        microbatches: microbatches per step (None: the number of stages).
         dp: 'dp' or 'fsdp' for data parallelism over the mesh dim of that name.
         auto_tp: plan tensor parallelism automatically for modules no tp key names.
     """
 
     tp: tuple[tuple[str, TPStyle], ...] = ()
-    pp: Any = None
+    pp: int | tuple[str, ...] | None = None
+    schedule: str | None = None
+    microbatches: int | None = None
     dp: str | None = None
     auto_tp: bool = False
 
     def __init__(self, tp: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None, *, pp: Any = None,
+                 schedule: str | None = None, microbatches: int | None = None,
                  dp: str | None = None, auto_tp: bool = False) -> None:
         items = list(tp.items()) if isinstance(tp, Mapping) else list(tp or ())
         pairs = []
@@ -77,8 +121,13 @@ class Plan:
             pairs.append((key, _style(value, key)))
         if dp not in (None, "dp", "fsdp"):
             raise PlanError(f"dp={dp!r}: use 'dp' or 'fsdp' (the name of the data-parallel mesh dim)")
+        if microbatches is not None and (isinstance(microbatches, bool) or not isinstance(microbatches, int)
+                                         or microbatches < 1):
+            raise PlanError(f"microbatches={microbatches!r}: use a positive int that divides the batch")
         object.__setattr__(self, "tp", tuple(pairs))
-        object.__setattr__(self, "pp", pp)
+        object.__setattr__(self, "pp", _pp(pp))
+        object.__setattr__(self, "schedule", _schedule(schedule))
+        object.__setattr__(self, "microbatches", microbatches)
         object.__setattr__(self, "dp", dp)
         object.__setattr__(self, "auto_tp", auto_tp)
 
@@ -101,7 +150,9 @@ class Plan:
         return out
 
     def to_dict(self) -> dict:
-        return {"tp": {k: str(s) for k, s in self.tp}, "pp": self.pp, "dp": self.dp, "auto_tp": self.auto_tp}
+        pp = list(self.pp) if isinstance(self.pp, tuple) else self.pp
+        return {"tp": {k: str(s) for k, s in self.tp}, "pp": pp, "schedule": self.schedule,
+                "microbatches": self.microbatches, "dp": self.dp, "auto_tp": self.auto_tp}
 
 
 def as_plan(plan: Plan | Mapping[str, Any] | None) -> Plan:

@@ -15,10 +15,13 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxpar.capture import CaptureInfo
-from fxpar.collectives import _all_gather
+from torch.distributed.tensor.placement_types import Shard
+from torch.utils import _pytree as pytree
+
+from fxpar.collectives import _all_gather, pack_gathered, unpack_gathered
 from fxpar.errors import PlanError
 from fxpar.mesh import MeshInfo
-from fxpar.spec import TensorSpec, get_spec
+from fxpar.spec import TensorSpec, get_info, get_spec, shard_order
 
 __all__ = ["ParallelModule"]
 
@@ -39,7 +42,8 @@ class ParallelModule(nn.Module):
     """
 
     def __init__(self, graph_module: fx.GraphModule, *, mesh: Any, mesh_info: MeshInfo, plan: Any,
-                 history: list, example_args: tuple = (), example_kwargs: dict | None = None) -> None:
+                 history: list, example_args: tuple = (), example_kwargs: dict | None = None,
+                 input_layout: str = "full", reshard_after_forward: bool = True) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.mesh = mesh
@@ -47,11 +51,70 @@ class ParallelModule(nn.Module):
         self.plan = plan
         self.history = history
         self._example = (example_args, example_kwargs or {})
+        self._fingerprint_checked = False
+        self.input_layout = input_layout
+        self.reshard_after_forward = reshard_after_forward
 
     # ------------------------------------------------------------------ running
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def _run_graph(self, args: tuple, kwargs: dict) -> Any:
+        """This rank's graph on its inputs: outputs batch-sharded where the graph left them so."""
+        if not self._fingerprint_checked:
+            # Ranks whose graphs would issue different collectives fail here, naming the first one.
+            from fxpar.fingerprint import exchange
+
+            exchange(self.graph_module, self.mesh_info)
+            self._fingerprint_checked = True
+        if self.reshard_after_forward and torch.is_grad_enabled():
+            # Gathered FSDP parameters are not kept for the backward: it gathers them again.
+            with torch.autograd.graph.saved_tensors_hooks(pack_gathered, unpack_gathered):
+                return self.graph_module(*args, **kwargs)
         return self.graph_module(*args, **kwargs)
+
+    def _data_dims(self) -> list[int]:
+        info = self.mesh_info
+        return [m for m, name in enumerate(info.names) if name in ("dp", "fsdp") and info.sizes[m] > 1]
+
+    def _output_placements(self) -> list[tuple]:
+        out = next(n for n in self.graph_module.graph.nodes if n.op == "output")
+        info = get_info(out)
+        return list(info.input_placements) if info is not None and info.input_placements else []
+
+    def _gather_outputs(self, output: Any) -> Any:
+        """Gathers batch-sharded outputs along the batch dim over the data-parallel dims."""
+        data = self._data_dims()
+        if not data or self.input_layout == "local":
+            return output
+        leaves, spec = pytree.tree_flatten(output)
+        placements = iter(self._output_placements())
+        for i, leaf in enumerate(leaves):
+            if not isinstance(leaf, torch.Tensor):
+                continue
+            places = next(placements, None)
+            if places is None:
+                continue
+            for m in reversed(data):  # cut dp then fsdp: gather fsdp first
+                if places[m] == Shard(0):
+                    leaf = torch.ops.fxpar.all_gather(leaf, 0, self.mesh_info.sizes[m],
+                                                      self.mesh_info.group_name(m), self.mesh_info.names[m])
+            leaves[i] = leaf
+        return pytree.tree_unflatten(leaves, spec)
+
+    def _local_batch(self, value: Any) -> Any:
+        """This rank's slice of a full batch (the target), as shard_inputs slices the inputs."""
+        info = self.mesh_info
+
+        def cut(t):
+            if not isinstance(t, torch.Tensor) or t.ndim == 0:
+                return t
+            for m in self._data_dims():
+                t = t.chunk(info.sizes[m], dim=0)[info.coordinate[m]]
+            return t
+
+        return pytree.tree_map(cut, value)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._gather_outputs(self._run_graph(args, kwargs))
 
     def step(self, *inputs: Any, target: Any, loss_fn: Callable, loss_reduction: str = "mean",
              **kwargs: Any) -> torch.Tensor:
@@ -69,10 +132,27 @@ class ParallelModule(nn.Module):
         """
         if loss_reduction not in ("mean", "sum"):
             raise PlanError(f"loss_reduction={loss_reduction!r}: use 'mean' or 'sum'")
-        output = self(*inputs, **kwargs)
-        loss = loss_fn(output, target)
-        loss.backward()
-        return loss.detach()
+        data = self._data_dims()
+        sharded = data and all(any(p[m] == Shard(0) for m in data) for p in self._output_placements())
+        if not sharded:
+            # Outputs are whole on every rank: the loss is the global loss already.
+            loss = loss_fn(self(*inputs, **kwargs), target)
+            loss.backward()
+            return loss.detach()
+        # Data parallel: the loss of this rank's batch shard; the gradient all-reduces in the graph sum
+        # the shards, so a mean over equal shards is scaled by 1/shards here.
+        output = self._run_graph(inputs, kwargs)
+        local_target = target if self.input_layout == "local" else self._local_batch(target)
+        local = loss_fn(output, local_target)
+        shards = 1
+        for m in data:
+            shards *= self.mesh_info.sizes[m]
+        scale = 1.0 / shards if loss_reduction == "mean" else 1.0
+        (local * scale).backward()
+        total = local.detach() * scale
+        for m in data:
+            total = torch.ops.fxpar.all_reduce(total, self.mesh_info.group_name(m), self.mesh_info.names[m])
+        return total
 
     # ------------------------------------------------------------------ introspection
 
@@ -102,8 +182,8 @@ class ParallelModule(nn.Module):
         if spec is None or all(p.is_replicate() for p in spec.placements):
             return local.detach().clone()
         full = local.detach()
-        # Shards were cut in mesh order; undo them innermost first.
-        for m in reversed(range(self.mesh_info.ndim)):
+        # Shards were cut in shard_order (fsdp last); undo them in reverse.
+        for m in reversed(shard_order(self.mesh_info.names)):
             p = spec.placements[m]
             if not p.is_replicate():
                 full = _all_gather(full, p.dim, self.mesh_info.sizes[m], self.mesh_info.group_name(m),

@@ -173,6 +173,12 @@ def placements_str(placements: Sequence[Placement]) -> str:
     return "[" + ", ".join(one(p) for p in placements) + "]"
 
 
+def shard_order(names: Sequence[str]) -> list[int]:
+    """Mesh dims in the order parameters are cut: fsdp last, so gathering over fsdp yields the
+    tensor-parallel shard (FSDP2 + TP's 'right-to-left' sharding)."""
+    return sorted(range(len(names)), key=lambda m: names[m] == "fsdp")
+
+
 def make_spec(val: Any, placements: tuple[Placement, ...], mesh_sizes: Sequence[int]) -> TensorSpec:
     """A spec for a FakeTensor `val` laid out as `placements`; no divisibility check."""
     shape = tuple(val.shape)

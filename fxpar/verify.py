@@ -1,29 +1,62 @@
-"""verify(): is a ParallelModule numerically the original model?
+"""verify(): is a ParallelModule numerically the original model, and if not, where does it go wrong?
 
-Runs the original (a private deep copy, so the user's gradients are left
-alone) and the parallel module on the same inputs, and compares outputs and,
-given a loss, the loss and every parameter gradient by original FQN.
+Runs the original (a private deep copy, so the user's model is left alone)
+and the parallel module on the same inputs and compares, by name:
 
-Tolerances come from the dtype: float64 compares to 1e-10 relative (the
-design's bar; a wrong collective is off by O(1)), float32 and lower use
-torch.testing's defaults for that dtype. `atol` is scaled by the largest
-magnitude of the reference tensor so tiny gradients next to large ones do not
-fail on rounding alone.
+    param <fqn>          every parameter and buffer, gathered, before anything runs
+    output[i]            every output
+    loss                 with target and loss_fn
+    grad <fqn>           every parameter gradient, by original FQN
+    grad input[i]        the gradient of every floating-point input
+    param <fqn> (step)   with `optimizer`, every parameter after one step
+
+Tolerances come from the dtype and the reduction fan-in. A parallel program
+sums the same products in another order (local partial sums, then an
+all-reduce), so it differs from the original by rounding, which grows with
+the number F of terms in the largest reduction: a forward contraction (the
+`in_features` of a linear, the reduced size of a sum) or a weight gradient's
+sum over the batch. With u the dtype's unit roundoff:
+
+    rtol = max(base_rtol(dtype), 8 u sqrt(F))        (default_tolerances)
+    atol = max(base_atol(dtype), 8 u sqrt(F)) x max |reference|
+
+`base` is 1e-10 relative for float64 (DESIGN.md's bar; a wrong collective is
+off by O(1)) and torch.testing's defaults for lower precisions. `atol` is
+scaled by the reference's largest magnitude so that tiny entries next to
+large ones (cancellation) do not fail on rounding alone. `fan_in(gm)`
+computes F from the rewritten graph.
+
+`bisect=True` then looks for the first node of the rewritten graph whose
+value differs from the same value in the original: the original is captured
+again and both graphs run node by node; every node of the rewritten graph
+whose name the original also has (collectives stand for the value they
+redistribute) is gathered to its full value by its placements and compared.
+If every forward value agrees but gradients do not, the same comparison runs
+over gradients, from the outputs back. Every rank issues the same gathers in
+the same order, so bisect runs on real and simulated process groups alike.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
+from torch.fx._pytree import tree_flatten_spec
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import _disable_current_modes
 
-from fxpar.errors import FxparError
+from fxpar.errors import FxparError, _user_frame
+from fxpar.spec import TensorSpec, get_info, placements_str, size_hint
 
-__all__ = ["TensorReport", "VerifyReport", "verify", "default_tolerances"]
+__all__ = ["TensorReport", "VerifyReport", "BisectResult", "verify", "default_tolerances", "fan_in"]
+
+_CAPTURE_LOCK = threading.Lock()
 
 _DEFAULT_TOL = {
     torch.float64: (1e-10, 1e-12),
@@ -33,14 +66,60 @@ _DEFAULT_TOL = {
 }
 
 
-def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:
-    """(rtol, atol) for a dtype."""
-    return _DEFAULT_TOL.get(dtype, (0.0, 0.0))
+def default_tolerances(dtype: torch.dtype, fan_in: int = 1) -> tuple[float, float]:
+    """(rtol, atol) for a dtype and the largest reduction fan-in F (see the module docstring).
+
+    `atol` is relative to the reference's largest magnitude.
+    """
+    base_rtol, base_atol = _DEFAULT_TOL.get(dtype, (0.0, 0.0))
+    if not dtype.is_floating_point:
+        return base_rtol, base_atol
+    rounding = 8 * torch.finfo(dtype).eps / 2 * math.sqrt(max(fan_in, 1))
+    return max(base_rtol, rounding), max(base_atol, rounding)
+
+
+def _numel(shape) -> int:
+    return math.prod(size_hint(s) for s in shape)
+
+
+def fan_in(gm: fx.GraphModule) -> int:
+    """The largest number of terms any reduction of `gm` sums (forward or weight gradient).
+
+    Counts linear / matmul contractions (K), the batch a weight gradient sums
+    over (numel / K of the activation), and sum / mean reductions.
+    """
+    aten = torch.ops.aten
+    best = 1
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        vals = [a.meta.get("val") for a in node.all_input_nodes]
+        x = vals[0] if vals else None
+        if not isinstance(x, torch.Tensor) or x.ndim == 0:
+            continue
+        if node.target in (aten.linear.default, aten.matmul.default, aten.mm.default, aten.bmm.default,
+                           aten.addmm.default):
+            a = vals[1] if node.target == aten.addmm.default else x
+            k = size_hint(a.shape[-1])
+            best = max(best, k, _numel(a.shape) // max(k, 1))
+        elif node.target in (aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default):
+            out = node.meta.get("val")
+            if isinstance(out, torch.Tensor):
+                best = max(best, _numel(x.shape) // max(_numel(out.shape), 1))
+    return best
 
 
 @dataclass(frozen=True)
 class TensorReport:
-    """How far one tensor of the parallel run is from the original's."""
+    """How far one tensor of the parallel run is from the original's.
+
+    Attributes:
+        name: what was compared ('output[0]', 'grad layers.0.up.weight', ...).
+        max_abs: the largest absolute difference.
+        max_rel: max_abs over the reference's largest magnitude.
+        ok: within tolerance.
+        detail: why it failed (missing, shape) or where it is worst.
+    """
 
     name: str
     max_abs: float
@@ -50,29 +129,101 @@ class TensorReport:
 
 
 @dataclass(frozen=True)
+class BisectResult:
+    """The first node of the rewritten graph whose value (or gradient) differs from the original's.
+
+    Attributes:
+        node: its name in the rewritten graph (None: nothing diverged).
+        direction: 'forward' (its value differs) or 'backward' (the gradient
+            reaching it differs: the fault is in the backward of one of `users`).
+        target: its op.
+        placements: its placements, e.g. '[S(1)]' (for 'backward', the
+            gradient's placements as compared).
+        local_shape, shape: its local and global shapes.
+        origin: the pass that produced or last rewrote it (`meta["fxpar"].origin`).
+        module: the user module it belongs to.
+        source: the user's source line, where known.
+        max_abs, max_rel: how far it is off.
+        inputs: its inputs with their placements (all of which still agree).
+        users: the nodes that consume it.
+        compared: how many values were compared.
+    """
+
+    node: str | None
+    direction: str = "forward"
+    target: str = ""
+    placements: str = ""
+    local_shape: tuple = ()
+    shape: tuple = ()
+    origin: str | None = None
+    module: str = ""
+    source: str | None = None
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    inputs: tuple[str, ...] = ()
+    users: tuple[str, ...] = ()
+    compared: int = 0
+
+    def __str__(self) -> str:
+        if self.node is None:
+            return f"bisect: no node diverges ({self.compared} values compared)"
+        what = "value" if self.direction == "forward" else "gradient"
+        where = f" ({self.source})" if self.source else ""
+        lines = [f"bisect: first diverging {what}: %{self.node} = {self.target}{where} in module "
+                 f"'{self.module or '<root>'}', placements {self.placements}, local {list(self.local_shape)} of "
+                 f"{list(self.shape)}, produced by pass {self.origin or 'capture'}; max abs {self.max_abs:.3e}, "
+                 f"max rel {self.max_rel:.3e}"]
+        if self.inputs:
+            lines.append(f"  its inputs agree: {', '.join(self.inputs)}")
+        if self.direction == "backward" and self.users:
+            lines.append(f"  the gradient comes from the backward of: {', '.join(self.users)}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
 class VerifyReport:
-    """The result of verify(): every compared tensor, worst first."""
+    """The result of verify(): every compared tensor, and the bisection if asked for.
+
+    Attributes:
+        tensors: every comparison, in the order made.
+        bisect: with `bisect=True`, where the rewritten graph first diverges.
+        fan_in: the reduction fan-in the default tolerances were derived from.
+    """
 
     tensors: tuple[TensorReport, ...] = field(default_factory=tuple)
+    bisect: BisectResult | None = None
+    fan_in: int = 1
 
     @property
     def ok(self) -> bool:
         return all(t.ok for t in self.tensors)
 
     @property
+    def failed(self) -> tuple[TensorReport, ...]:
+        return tuple(t for t in self.tensors if not t.ok)
+
+    @property
     def worst(self) -> tuple[TensorReport, ...]:
         """Failing tensors first, then by relative error; at most five."""
         return tuple(sorted(self.tensors, key=lambda t: (t.ok, -t.max_rel))[:5])
 
+    def __getitem__(self, name: str) -> TensorReport:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
     def __str__(self) -> str:
-        status = "OK" if self.ok else "MISMATCH"
+        status = "OK" if self.ok else f"MISMATCH ({len(self.failed)} of {len(self.tensors)} differ)"
         head = f"verify: {status}, {len(self.tensors)} tensors compared"
         rows = [f"  {'ok ' if t.ok else 'BAD'} {t.name}: max abs {t.max_abs:.3e}, max rel {t.max_rel:.3e}"
                 f"{' ' + t.detail if t.detail else ''}" for t in self.worst]
-        return "\n".join([head, *rows])
+        tail = [str(self.bisect)] if self.bisect is not None else []
+        return "\n".join([head, *rows, *tail])
 
 
-def _compare(name: str, got: Any, want: Any, rtol: float | None, atol: float | None) -> TensorReport:
+def _compare(name: str, got: Any, want: Any, rtol: float | None, atol: float | None,
+             fan: int = 1) -> TensorReport:
     if got is None or want is None:
         ok = got is None and want is None
         return TensorReport(name, 0.0 if ok else float("inf"), 0.0 if ok else float("inf"), ok,
@@ -83,58 +234,341 @@ def _compare(name: str, got: Any, want: Any, rtol: float | None, atol: float | N
     if tuple(got.shape) != tuple(want.shape):
         return TensorReport(name, float("inf"), float("inf"), False,
                             f"shape {tuple(got.shape)} != {tuple(want.shape)}")
-    d_rtol, d_atol = default_tolerances(want.dtype)
+    d_rtol, d_atol = default_tolerances(want.dtype, fan)
     rtol = d_rtol if rtol is None else rtol
     atol = d_atol if atol is None else atol
     g, w = got.detach().to(torch.float64), want.detach().to(torch.float64)
+    if not w.is_floating_point() and not w.is_complex():
+        g, w = g.double(), w.double()
     diff = (g - w).abs()
-    max_abs = float(diff.max()) if diff.numel() else 0.0
-    scale = float(w.abs().max()) if w.numel() else 0.0
+    if diff.numel() == 0:
+        return TensorReport(name, 0.0, 0.0, True)
+    diff = torch.where(torch.isnan(g) & torch.isnan(w), torch.zeros_like(diff), diff.nan_to_num(float("inf")))
+    max_abs = float(diff.max())
+    scale = float(w.abs().nan_to_num(0.0).max())
     max_rel = max_abs / scale if scale > 0 else max_abs
-    ok = bool(torch.all(diff <= atol * max(scale, 1.0) + rtol * w.abs())) if diff.numel() else True
-    return TensorReport(name, max_abs, max_rel, ok)
+    ok = bool(torch.all(diff <= atol * max(scale, 1.0) + rtol * w.abs()))
+    detail = ""
+    if not ok:
+        flat = int(diff.argmax())
+        idx = list(torch.unravel_index(torch.tensor(flat), diff.shape)) if diff.ndim else []
+        at = "[" + ", ".join(str(int(i)) for i in idx) + "]"
+        detail = f"worst at {at}: {float(g.reshape(-1)[flat]):.6g} vs {float(w.reshape(-1)[flat]):.6g}"
+        ratio = _ratio(g, w)
+        if ratio is not None:
+            detail += f" (parallel = {ratio:.6g} x original throughout)"
+    return TensorReport(name, max_abs, max_rel, ok, detail)
+
+
+def _ratio(g: torch.Tensor, w: torch.Tensor) -> float | None:
+    """The constant c with g == c * w, if there is one (a scaled gradient), else None."""
+    mask = w.abs() > 1e-6 * float(w.abs().max())
+    if int(mask.sum()) < 2:
+        return None
+    r = g[mask] / w[mask]
+    c = float(r.median())
+    if c == 0 or abs(c - 1) < 1e-3 or not torch.allclose(r, torch.full_like(r, c), rtol=1e-4, atol=0):
+        return None
+    return c
+
+
+def _graph_modules(pm) -> list[fx.GraphModule]:
+    stages = getattr(pm, "stage_modules", None)
+    if stages:
+        return [getattr(s, "graph_module", s) for s in stages]
+    gm = getattr(pm, "graph_module", None)
+    return [gm] if gm is not None else []
+
+
+def _grad_inputs(inputs: tuple) -> tuple:
+    """Copies of the inputs, floating-point tensors requiring grad."""
+    return tuple(x.detach().clone().requires_grad_() if isinstance(x, torch.Tensor) and x.is_floating_point()
+                 else x for x in inputs)
 
 
 def verify(model: nn.Module, pm: nn.Module, *inputs: Any, target: Any = None, loss_fn: Callable | None = None,
            rtol: float | None = None, atol: float | None = None, strict: bool = False,
-           loss_reduction: str = "mean", **kwargs: Any) -> VerifyReport:
-    """Runs `model` and `pm` on the same inputs and compares outputs, loss and gradients.
+           loss_reduction: str = "mean", optimizer: Callable | None = None, bisect: bool = False,
+           **kwargs: Any) -> VerifyReport:
+    """Runs `model` and `pm` on the same inputs and compares parameters, outputs, loss and gradients.
+
+    Every rank must call it with the same arguments (it gathers sharded
+    values with collectives).
 
     Args:
         model: the original model (not modified: a deep copy runs).
         pm: the ParallelModule from fxpar.parallelize.
         inputs: full inputs, the same on every rank.
-        target, loss_fn: with both, one training step is compared (loss and every gradient).
-        rtol, atol: override the dtype's tolerances.
+        target, loss_fn: with both, one training step is compared: the loss,
+            every parameter gradient by original FQN and every input gradient.
+        rtol, atol: override the derived tolerances (atol relative to the
+            reference's largest magnitude).
         strict: raise FxparError when anything differs.
+        loss_reduction: passed to `pm.step`.
+        optimizer: `params -> torch.optim.Optimizer`, e.g.
+            `lambda ps: torch.optim.AdamW(ps, lr=1e-3)`: also take one step on
+            both and compare every parameter after it (pm's parameters are
+            restored afterwards).
+        bisect: also find the first node of the rewritten graph whose value or
+            gradient diverges (`report.bisect`).
         kwargs: keyword inputs for both models.
 
     Returns:
-        A VerifyReport; `report.ok`, `report.worst`.
+        A VerifyReport; `report.ok`, `report.worst`, `report.bisect`.
+
+    Raises:
+        FxparError: with `strict=True`, when anything differs.
     """
     ref = copy.deepcopy(model)
+    fan = max([fan_in(gm) for gm in _graph_modules(pm)] or [1])
     reports: list[TensorReport] = []
+
+    def compare(name: str, got: Any, want: Any) -> None:
+        reports.append(_compare(name, got, want, rtol, atol, fan))
+
+    full_fn = getattr(pm, "full_state_dict", None)
+    if full_fn is not None:
+        got_state = full_fn()
+        for fqn, t in ref.state_dict(keep_vars=True).items():
+            if fqn in got_state:
+                compare(f"param {fqn}", got_state[fqn], t.detach())
+
     with torch.no_grad():
         want_out = ref(*inputs, **kwargs)
         got_out = pm(*inputs, **kwargs)
-    for i, (g, w) in enumerate(zip(pytree.tree_leaves(got_out), pytree.tree_leaves(want_out))):
-        reports.append(_compare(f"output[{i}]", g, w, rtol, atol))
+    got_leaves, want_leaves = pytree.tree_leaves(got_out), pytree.tree_leaves(want_out)
+    if len(got_leaves) != len(want_leaves):
+        reports.append(TensorReport("outputs", float("inf"), float("inf"), False,
+                                    f"{len(got_leaves)} outputs != {len(want_leaves)}"))
+    for i, (g, w) in enumerate(zip(got_leaves, want_leaves)):
+        compare(f"output[{i}]", g, w)
 
     if loss_fn is not None:
         ref.zero_grad(set_to_none=True)
         pm.zero_grad(set_to_none=True)
-        want_loss = loss_fn(ref(*inputs, **kwargs), target)
+        ref_in, pm_in = _grad_inputs(inputs), _grad_inputs(inputs)
+        want_loss = loss_fn(ref(*ref_in, **kwargs), target)
         want_loss.backward()
-        got_loss = pm.step(*inputs, target=target, loss_fn=loss_fn, loss_reduction=loss_reduction, **kwargs)
-        reports.append(_compare("loss", got_loss, want_loss.detach(), rtol, atol))
+        got_loss = pm.step(*pm_in, target=target, loss_fn=loss_fn, loss_reduction=loss_reduction, **kwargs)
+        compare("loss", got_loss, want_loss.detach())
         got_grads = pm.full_grads()
         for fqn, p in ref.named_parameters(remove_duplicate=False):
-            if not p.requires_grad:
-                continue
-            reports.append(_compare(f"grad {fqn}", got_grads.get(fqn), p.grad, rtol, atol))
+            if p.requires_grad:
+                compare(f"grad {fqn}", got_grads.get(fqn), p.grad)
+        for i, (a, b) in enumerate(zip(pm_in, ref_in)):
+            if isinstance(b, torch.Tensor) and b.requires_grad:
+                compare(f"grad input[{i}]", a.grad, b.grad)
+        if optimizer is not None and full_fn is not None:
+            saved = [p.detach().clone() for p in pm.parameters()]
+            optimizer(list(ref.parameters())).step()
+            optimizer(list(pm.parameters())).step()
+            after = full_fn()
+            with torch.no_grad():
+                for p, s in zip(pm.parameters(), saved):
+                    p.copy_(s)
+            for fqn, p in ref.named_parameters(remove_duplicate=False):
+                compare(f"param {fqn} (step)", after.get(fqn), p.detach())
         pm.zero_grad(set_to_none=True)
 
-    report = VerifyReport(tuple(reports))
+    found = None
+    if bisect:
+        found = _bisect(model, pm, inputs, kwargs, target, loss_fn, loss_reduction, rtol, atol, fan)
+    report = VerifyReport(tuple(reports), found, fan)
     if strict and not report.ok:
         raise FxparError(str(report))
     return report
+
+
+# --------------------------------------------------------------------------- bisect
+
+
+class _Recorder(fx.Interpreter):
+    """Runs a graph and keeps every node's value (retaining gradients when asked)."""
+
+    def __init__(self, gm: fx.GraphModule, *, grads: bool) -> None:
+        super().__init__(gm, garbage_collect_values=False)
+        self.grads = grads
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            if self.grads and out.requires_grad and not out.is_leaf:
+                out.retain_grad()
+            self.values[n.name] = out
+        return out
+
+    def run_module(self, args: tuple, kwargs: dict) -> Any:
+        in_spec, out_spec = getattr(self.module, "_in_spec", None), getattr(self.module, "_out_spec", None)
+        if in_spec is None or out_spec is None:
+            return self.run(*args, **kwargs)
+        # As the exported module's own forward does: flatten (args, kwargs), unflatten the outputs.
+        flat = tree_flatten_spec((list(args), dict(kwargs)), in_spec)
+        out = self.run(*flat, enable_io_processing=False)
+        return pytree.tree_unflatten(list(out), out_spec)
+
+
+def _logical(node: fx.Node) -> fx.Node:
+    """The value a node stands for: a collective redistributes its input's value."""
+    from fxpar.collectives import COLLECTIVE_OPS
+
+    while node.op == "call_function" and node.target in COLLECTIVE_OPS:
+        node = node.args[0]
+    return node
+
+
+def _gather_full(local: torch.Tensor, placements, mesh) -> list[torch.Tensor]:
+    """Every replica's full value of a local tensor with `placements` (one per replica along R dims)."""
+    from fxpar.collectives import _all_gather, _all_reduce
+
+    full = local.detach().contiguous()
+    for m in reversed(range(mesh.ndim)):
+        p = placements[m]
+        n, group = mesh.sizes[m], mesh.group_name(m)
+        if n == 1:
+            continue
+        if p.is_partial():
+            full = _all_reduce(full, group)
+        elif not p.is_replicate():
+            full = _all_gather(full, p.dim, n, group, getattr(p, "split_factor", 1))
+    copies = [full]
+    for m in range(mesh.ndim):
+        if placements[m].is_replicate() and mesh.sizes[m] > 1:
+            # Replicas must agree: compare every rank's copy, not only this one.
+            gathered = _all_gather(torch.stack(copies), 0, mesh.sizes[m], mesh.group_name(m))
+            copies = list(gathered.unbind(0))
+    return copies
+
+
+def _grad_placements(node: fx.Node, spec: TensorSpec, mesh) -> tuple | None:
+    """How the gradient of a node's value lies on the mesh (None: a mixture no placement describes)."""
+    from torch.distributed.tensor.placement_types import Partial, Replicate
+
+    from fxpar.collectives import COLLECTIVE_OPS
+
+    out = []
+    for m, p in enumerate(spec.placements):
+        if p.is_partial():
+            out.append(Replicate())  # the gradient of a sum flows to every term whole
+        elif not p.is_replicate():
+            out.append(p)
+        else:
+            kinds = set()
+            for u in node.users:
+                info = get_info(u)
+                if u.op == "output" or info is None:
+                    kinds.add("R")
+                    continue
+                if u.op == "call_function" and u.target in COLLECTIVE_OPS:
+                    kinds.add("R")  # grad_all_reduce and shard make their input's gradient whole
+                    continue
+                specs = info.spec if isinstance(info.spec, tuple) else (info.spec,)
+                sharded = any(isinstance(s, TensorSpec) and not s.placements[m].is_replicate() for s in specs)
+                kinds.add("P" if sharded else "R")
+            if len(kinds) > 1:
+                return None
+            out.append(Partial() if kinds == {"P"} else Replicate())
+    return tuple(out)
+
+
+def _node_target(node: fx.Node) -> str:
+    t = node.target
+    if node.op != "call_function":
+        return f"{node.op} {t}"
+    s = str(t)
+    return s.replace("torch.ops.", "", 1) if s.startswith("torch.ops.") else getattr(t, "__name__", s)
+
+
+def _result(node: fx.Node, direction: str, placements, report: TensorReport, compared: int,
+            spec: TensorSpec) -> BisectResult:
+    info = get_info(node)
+    ins = []
+    for a in node.all_input_nodes:
+        a_info = get_info(a)
+        a_spec = a_info.spec if a_info is not None and isinstance(a_info.spec, TensorSpec) else None
+        ins.append(f"%{a.name} {placements_str(a_spec.placements)}" if a_spec else f"%{a.name}")
+    origin = info.origin if info is not None else None
+    if node.op == "get_attr" and any(not p.is_replicate() for p in spec.placements):
+        origin = "annotate_parameters (placements) / shard_parameters (local tensor)"
+    return BisectResult(
+        node=node.name, direction=direction, target=_node_target(node), placements=placements_str(placements),
+        local_shape=tuple(size_hint(s) for s in spec.local_shape), shape=tuple(size_hint(s) for s in spec.shape),
+        origin=origin, module=info.module_fqn if info is not None else "", source=_user_frame(node),
+        max_abs=report.max_abs, max_rel=report.max_rel, inputs=tuple(ins),
+        users=tuple(f"%{u.name} ({_node_target(u)})" for u in node.users), compared=compared)
+
+
+def _bisect(model: nn.Module, pm: nn.Module, inputs: tuple, kwargs: dict, target: Any, loss_fn: Callable | None,
+            loss_reduction: str, rtol: float | None, atol: float | None, fan: int) -> BisectResult:
+    from fxpar.capture import capture
+
+    gms = _graph_modules(pm)
+    if len(gms) != 1:
+        raise FxparError("verify(bisect=True) does not support pipelined ParallelModules yet; bisect one stage's "
+                         "module at a time")
+    gm, mesh = gms[0], pm.mesh_info
+    # torch.export keeps some tracing state per process, not per thread: one capture at a time, and
+    # outside any dispatch mode of the caller (the simulator runs ranks as threads under one).
+    with _CAPTURE_LOCK, _disable_current_modes():
+        ref_gm = capture(copy.deepcopy(model), tuple(inputs), dict(kwargs) or None)
+    grads = loss_fn is not None
+    with torch.enable_grad() if grads else torch.no_grad():
+        ref_run, par_run = _Recorder(ref_gm, grads=grads), _Recorder(gm, grads=grads)
+        ref_in, par_in = (_grad_inputs(inputs), _grad_inputs(inputs)) if grads else (inputs, inputs)
+        ref_out = ref_run.run_module(ref_in, kwargs)
+        par_out = par_run.run_module(par_in, kwargs)
+        if grads:
+            loss_fn(ref_out, target).backward()
+            loss_fn(par_out, target).backward()
+
+    def tol_compare(name, copies, want) -> TensorReport:
+        worst = None
+        for c in copies:
+            r = _compare(name, c, want, rtol, atol, fan)
+            if worst is None or (not r.ok and worst.ok) or (r.ok == worst.ok and r.max_rel > worst.max_rel):
+                worst = r
+        return worst
+
+    compared = 0
+    first: BisectResult | None = None
+    nodes = [n for n in gm.graph.nodes if n.op in ("placeholder", "get_attr", "call_function")]
+    for node in nodes:
+        info = get_info(node)
+        spec = info.spec if info is not None else None
+        if not isinstance(spec, TensorSpec) or node.name not in par_run.values:
+            continue
+        want = ref_run.values.get(_logical(node).name)
+        if not isinstance(want, torch.Tensor):
+            continue
+        # Every rank gathers the same nodes in the same order (no early exit), so collectives match.
+        rep = tol_compare(node.name, _gather_full(par_run.values[node.name], spec.placements, mesh), want)
+        compared += 1
+        if not rep.ok and first is None:
+            first = _result(node, "forward", spec.placements, rep, 0, spec)
+    if first is None and grads:
+        for node in reversed(nodes):
+            info = get_info(node)
+            spec = info.spec if info is not None else None
+            ref_val = ref_run.values.get(node.name)
+            got_val = par_run.values.get(node.name)
+            if not isinstance(spec, TensorSpec) or not isinstance(ref_val, torch.Tensor) or got_val is None:
+                continue
+            gp = _grad_placements(node, spec, mesh)
+            if gp is None:
+                continue
+            have, want = got_val.grad, ref_val.grad
+            if (have is None) != (want is None):
+                # Decided the same way on every rank: whether a gradient reached the node is structural.
+                if first is None:
+                    rep = TensorReport(node.name, float("inf"), float("inf"), False, "gradient missing on one side")
+                    first = _result(node, "backward", gp, rep, 0, spec)
+                continue
+            if have is None:
+                continue
+            rep = tol_compare(f"grad {node.name}", _gather_full(have, gp, mesh), want)
+            compared += 1
+            if not rep.ok and first is None:
+                first = _result(node, "backward", gp, rep, 0, spec)
+    if first is None:
+        return BisectResult(None, compared=compared)
+    return BisectResult(**{**first.__dict__, "compared": compared})

@@ -1,22 +1,29 @@
 """fxpar's pass library, importable as `fxpar.passes`.
 
 One public pass per module, named like the module. The default pipeline, in
-data-flow order: annotate_parameters -> split_linear_bias ->
-propagate_sharding -> insert_collectives -> localize_shapes -> shard_parameters.
+data-flow order: shard_inputs -> annotate_parameters -> apply_fsdp ->
+split_linear_bias -> propagate_sharding -> insert_collectives ->
+localize_shapes -> shard_parameters -> split_stages.
 """
 
 from fxpar.passes.annotate_parameters import annotate_parameters
+from fxpar.passes.apply_fsdp import apply_fsdp
 from fxpar.passes.insert_collectives import insert_collectives
 from fxpar.passes.localize_shapes import localize_shapes
 from fxpar.passes.propagate_sharding import propagate_sharding
+from fxpar.passes.shard_inputs import shard_inputs
 from fxpar.passes.shard_parameters import shard_parameters
 from fxpar.passes.split_linear_bias import split_linear_bias
+from fxpar.passes.split_stages import split_stages
 
 __all__ = [
+    "shard_inputs",
     "annotate_parameters",
+    "apply_fsdp",
     "split_linear_bias",
     "propagate_sharding",
     "insert_collectives",
     "localize_shapes",
     "shard_parameters",
+    "split_stages",
 ]

@@ -36,6 +36,9 @@ from fxpar.spec import NodeInfo, get_info, make_spec, set_info
 from fxpar.passes._graph import differentiable
 
 
+_FSDP_GATHER = torch.ops.fxpar.fsdp_all_gather.default
+
+
 def _group(mesh: MeshInfo, m: int) -> str:
     # Dry runs have no process groups; their graphs are for reading, not running.
     return mesh.group_names[m] if mesh.group_names else f"dryrun:{mesh.names[m]}"
@@ -88,6 +91,29 @@ class _Inserter:
         self.cache[key] = cur
         return cur
 
+    def full_gradient_gather(self, a: fx.Node, consumer: fx.Node, info: NodeInfo) -> fx.Node:
+        """An FSDP-gathered parameter used by an op that runs replicated on fsdp gets a plain all_gather.
+
+        fsdp_all_gather's backward reduce-scatters (sums) the gradient, right for uses on
+        batch-sharded data (partial gradients); a replicated use already yields the full gradient
+        on every rank, which summing would multiply by the fsdp size.
+        """
+        if a.target is not _FSDP_GATHER or consumer.op == "output":
+            return a
+        f = self.mesh.names.index("fsdp")
+        if any(not p.is_replicate() for p in _out_placements(info, f)):
+            return a
+        key = (a, "plain")
+        if key not in self.cache:
+            shard = a.args[0]
+            with self.graph.inserting_before(consumer):
+                new = insert_transition(
+                    self.graph, shard, get_info(shard).spec.placements[f], get_info(a).spec.placements[f],
+                    mesh_dim=f, mesh_dim_name="fsdp", group_size=self.mesh.sizes[f],
+                    group_name=_group(self.mesh, f), label=shard.name)
+            self.cache[key] = self._new(new, shard, tuple(get_info(a).spec.placements), consumer, "param")
+        return self.cache[key]
+
     def grad_all_reduce(self, x: fx.Node, m: int, consumer: fx.Node) -> fx.Node:
         key = (x, "f", m)
         if key not in self.cache:
@@ -111,9 +137,12 @@ def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         args = tensor_args(node)
         new_args = []
         for a, need in zip(args, info.input_placements):
+            a = ins.full_gradient_gather(a, node, info)
             b = ins.redistribute(a, tuple(need), node)
             if node.op != "output" and a in needs_grad:
                 for m in range(mesh.ndim):
+                    if a.target is _FSDP_GATHER and mesh.names[m] == "fsdp":
+                        continue  # its backward reduce-scatters the partial gradient already
                     if need[m].is_replicate() and any(not p.is_replicate() for p in _out_placements(info, m)):
                         b = ins.grad_all_reduce(b, m, node)
             new_args.append(b)

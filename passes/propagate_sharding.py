@@ -2,8 +2,8 @@
 
 Requires: param_placements, canonical. Provides: specs.
 
-Walks the graph in order. Inputs are Replicate (every rank passes the full
-inputs); parameters carry the plan's placements. For each op and each mesh
+Walks the graph in order. Inputs carry the placements `shard_inputs` gave them
+(batch-sharded on dp / fsdp, else Replicate); parameters carry the plan's. For each op and each mesh
 dim, the op's rule lists exact strategies given the inputs' current
 placements; the cheapest wins, where the price of a strategy is
 
@@ -18,7 +18,8 @@ placements; the cheapest wins, where the price of a strategy is
 
 and ties go to the rule's earlier strategy. An op without a rule runs on
 Replicate inputs (the always-correct fallback, marked for explain()). Every
-output of the graph must be Replicate.
+output of the graph must be Replicate, except a batch-sharded output on the
+data-parallel dims (the runtime gathers it, or computes the loss per shard).
 
 After:   meta["fxpar"] = NodeInfo(spec=TensorSpec(placements, shape, local_shape, dtype),
                                   input_placements=<what the chosen strategy needs>)
@@ -32,7 +33,7 @@ import torch
 import torch.fx as fx
 from torch.distributed.tensor.placement_types import Placement, Replicate, Shard
 
-from fxpar.collectives import op_cost, transition_cost
+from fxpar.collectives import COLLECTIVE_OPS, op_cost, transition_cost
 from fxpar.errors import ShardingError, module_fqn_of, node_context
 from fxpar.mesh import MeshInfo
 from fxpar.pass_manager import PassContext, PassResult, fx_pass
@@ -40,6 +41,7 @@ from fxpar.rules import OpInfo, Strategy, all_replicate, lookup, tensor_args
 from fxpar.spec import NodeInfo, TensorSpec, divides, get_info, make_spec, set_info, size_hint
 
 from fxpar.passes._graph import differentiable, is_tensor
+from fxpar.passes.shard_inputs import DATA_DIMS
 
 
 def _bytes(val, placements, mesh: MeshInfo, skip: int) -> float:
@@ -93,7 +95,9 @@ def _price(strategy: Strategy, cur: list, vals: list, out_val, mesh: MeshInfo, m
         cost += transition_cost(have, req, n, nbytes, with_backward=grad)
         if is_param[i] and have.is_shard() and req != have:
             cost += _UNSHARD_PARAM_PENALTY
-        if grad and req.is_replicate() and have.is_replicate() and not out_r:
+        # A parameter's gradient all-reduce on a data-parallel dim is paid once whatever its uses.
+        data_param = is_param[i] and mesh.names[m] in DATA_DIMS
+        if grad and req.is_replicate() and have.is_replicate() and not out_r and not data_param:
             cost += op_cost("grad_all_reduce", n, nbytes, with_backward=True)
     if out_r and any(h is not None and not h.is_replicate() and not h.is_partial() for h in cur):
         outs = out_val if isinstance(out_val, (tuple, list)) else (out_val,)
@@ -162,14 +166,14 @@ def get_spec_or_none(node: fx.Node):
     return info.spec if info else None
 
 
-@fx_pass(requires=("param_placements", "canonical"), provides=("specs",))
+@fx_pass(requires=("param_placements", "canonical", "input_placements"), provides=("specs",))
 def propagate_sharding(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     mesh = ctx.mesh
     replicate = tuple(Replicate() for _ in mesh.names)
     needs_grad = differentiable(gm)
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            if is_tensor(node):
+            if is_tensor(node) and get_info(node) is None:
                 set_info(node, NodeInfo(spec=make_spec(node.meta["val"], replicate, mesh.sizes), role="input",
                                         origin="propagate_sharding"))
         elif node.op == "get_attr":
@@ -178,6 +182,8 @@ def propagate_sharding(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                                         param_fqn=str(node.target), origin="propagate_sharding"))
         elif node.op == "call_function":
             val = node.meta.get("val")
+            if node.target in COLLECTIVE_OPS and get_info(node) is not None:
+                continue  # placed by an earlier pass (shard_inputs, apply_fsdp)
             if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
                 parent = get_info(node.args[0])
                 if parent is not None and isinstance(parent.spec, tuple):
@@ -189,7 +195,13 @@ def propagate_sharding(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             if tensors:
                 _annotate_call(node, mesh, needs_grad)
         elif node.op == "output":
-            outs = tensor_args(node)
-            set_info(node, NodeInfo(input_placements=tuple(replicate for _ in outs), role="output",
-                                    origin="propagate_sharding"))
+            # Outputs are Replicate, except that a batch-sharded output stays sharded on the
+            # data-parallel dims: the runtime gathers it for pm(...) and computes the loss per shard in step().
+            needs = []
+            for out in tensor_args(node):
+                have = get_info(out).spec.placements
+                needs.append(tuple(
+                    have[m] if mesh.names[m] in DATA_DIMS and have[m] == Shard(0) else Replicate()
+                    for m in range(mesh.ndim)))
+            set_info(node, NodeInfo(input_placements=tuple(needs), role="output", origin="propagate_sharding"))
     return PassResult(gm, True)

@@ -23,14 +23,16 @@ import torch.nn as nn
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from fxpar.pass_manager import PassContext, PassResult, fx_pass
-from fxpar.spec import get_spec
+from fxpar.spec import get_spec, shard_order
 
 from fxpar.passes._graph import param_nodes
 
 
-def local_chunk(t: torch.Tensor, placements, sizes, coordinate) -> torch.Tensor:
-    """This rank's chunk of a full tensor."""
-    for p, n, c in zip(placements, sizes, coordinate):
+def local_chunk(t: torch.Tensor, placements, sizes, coordinate, names=None) -> torch.Tensor:
+    """This rank's chunk of a full tensor, cut in `shard_order` (fsdp last)."""
+    order = shard_order(names) if names is not None else range(len(placements))
+    for m in order:
+        p, n, c = placements[m], sizes[m], coordinate[m]
         if p.is_shard():
             t = t.chunk(n, dim=p.dim)[c]
         elif isinstance(p, _StridedShard):
@@ -56,7 +58,8 @@ def shard_parameters(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         mod_name, _, name = str(node.target).rpartition(".")
         owner = gm.get_submodule(mod_name)
         full = getattr(owner, name)
-        local = local_chunk(full.detach(), spec.placements, mesh.sizes, mesh.coordinate).contiguous().clone()
+        local = local_chunk(full.detach(), spec.placements, mesh.sizes, mesh.coordinate, mesh.names)
+        local = local.contiguous().clone()
         new = nn.Parameter(local, requires_grad=full.requires_grad) if isinstance(full, nn.Parameter) else local
         for fqn in aliases.get(id(full), [str(node.target)]):
             mod_name, _, attr = fqn.rpartition(".")

@@ -49,12 +49,13 @@ def test_history_and_dump(tmp_path):
     manager = PassManager(fxpar.default_passes(), dump_dir=str(tmp_path))
     manager.run(gm, _ctx())
     names = [r.name for r in manager.history]
-    assert names == ["annotate_parameters", "split_linear_bias", "propagate_sharding", "insert_collectives",
-                     "localize_shapes", "shard_parameters"]
+    assert names == [p.name for p in fxpar.default_passes()]
+    assert names.index("annotate_parameters") < names.index("propagate_sharding") < names.index("insert_collectives")
     assert all(r.seconds >= 0 and r.code for r in manager.history)
     dumped = sorted(p.name for p in tmp_path.iterdir())
-    assert dumped[0] == "00_annotate_parameters.py" and len(dumped) == 6
-    assert "fxpar.all_reduce" in (tmp_path / "03_insert_collectives.py").read_text()
+    assert dumped[0] == f"00_{names[0]}.py" and len(dumped) == len(names)
+    i = names.index("insert_collectives")
+    assert "fxpar.all_reduce" in (tmp_path / f"{i:02d}_insert_collectives.py").read_text()
 
 
 def test_invariant_check_after_each_pass_names_the_pass_and_node():
@@ -90,7 +91,8 @@ def test_missing_spec_is_caught():
 
     gm = fxpar.capture(MLPStack(depth=1), (torch.randn(2, 16),))
     with pytest.raises(fxpar.GraphInvariantError, match="tensor value without a placement spec"):
-        PassManager([*fxpar.default_passes()[:3], add_unannotated]).run(gm, _ctx())
+        upto = [p.name for p in fxpar.default_passes()].index("propagate_sharding") + 1
+        PassManager([*fxpar.default_passes()[:upto], add_unannotated]).run(gm, _ctx())
 
 
 def test_custom_pass_in_the_pipeline_keeps_a_module_replicated(make_fake_mesh):

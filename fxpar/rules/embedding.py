@@ -99,5 +99,13 @@ def embedding(op: OpInfo, cur) -> list[Strategy]:
 
 @register(torch.ops.fxpar.vocab_parallel_embedding.default)
 def vocab_parallel(op: OpInfo, cur) -> list[Strategy]:
-    """The localized form of a vocab-parallel lookup: only its own layout is exact."""
-    return [Strategy((S(0), R), P)]
+    """The localized form of a vocab-parallel lookup: vocab-sharded on its mesh dim, and on the
+    others like any lookup (batch-sharded ids, or replicated)."""
+    cw, ci = cur
+    out = []
+    if cw is not None and cw.is_shard(0):
+        out.append(Strategy((S(0), R), P))
+    if ci is not None and ci.is_shard():
+        out.append(Strategy((R, S(ci.dim)), S(ci.dim)))
+    out.append(Strategy((R, R), R))
+    return out

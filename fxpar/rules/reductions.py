@@ -73,3 +73,30 @@ def softmax(op: OpInfo, cur) -> list[Strategy]:
         out.append(Strategy((S(c.dim),), S(c.dim)))
     out.append(Strategy((R,), R))
     return out
+
+
+@register(aten.cross_entropy_loss.default)
+def cross_entropy(op: OpInfo, cur) -> list[Strategy]:
+    """Loss over (N, C) logits: rows are independent, so a batch shard gives per-row losses
+    ('none'), or partial sums ('sum'); a 'mean' (over non-ignored rows) needs every row."""
+    reduction = op.arg(3, "reduction", 1)  # 0 none, 1 mean, 2 sum
+    cl, ct = cur[0], cur[1]
+    n_extra = len(cur) - 2
+    out: list[Strategy] = []
+    if cl is not None and cl.is_shard(0) and op.in_vals[0].ndim >= 2 and reduction in (0, 2):
+        out.append(Strategy((S(0), S(0), *(R for _ in range(n_extra))), S(0) if reduction == 0 else P))
+    out.append(Strategy(tuple(R for _ in cur), R))
+    return out
+
+
+@register(aten.pad.default, aten.constant_pad_nd.default)
+def pad(op: OpInfo, cur) -> list[Strategy]:
+    """Padding touches the last len(pad) / 2 dims; the others keep their sharding."""
+    x = op.in_vals[0]
+    n_padded = len(op.args[1]) // 2
+    c = cur[0]
+    out: list[Strategy] = []
+    if c is not None and c.is_shard() and c.dim < x.ndim - n_padded:
+        out.append(Strategy((S(c.dim),), S(c.dim)))
+    out.append(Strategy((R,), R))
+    return out

@@ -21,7 +21,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxpar.rules import P, R, OpInfo, S, Strategy, norm_dim, register
-from fxpar.spec import TensorSpec
+from fxpar.spec import TensorSpec, divides
 
 aten = torch.ops.aten
 
@@ -58,9 +58,9 @@ def view_dim(in_shape, out_shape, d: int, n: int) -> int | None:
             if k > e:
                 acc = acc * out_shape[k]
             if _eq(in_shape[d], acc):
-                divisible = statically_known_true(out_shape[e] % n == 0) if isinstance(out_shape[e], torch.SymInt) \
-                    else out_shape[e] % n == 0
-                return e if divisible else None
+                # A symbolic size that may or may not divide (the batch) is allowed: the input's own
+                # shard already guards it at run time, and a view of a wrong size fails loudly.
+                return e if divides(out_shape[e], n) is not False else None
         return None
     return None
 

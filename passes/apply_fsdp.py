@@ -1,0 +1,71 @@
+"""apply_fsdp: shard parameters along the `fsdp` mesh dim and gather them where used.
+
+Requires: param_placements. Provides: fsdp_params.
+
+Each parameter whose dim 0 (after any tensor-parallel split) divides by the
+fsdp size is stored as Shard(0) on `fsdp`; a `fsdp_all_gather` node right
+after its get_attr rebuilds the full (tensor-parallel local) parameter for its
+users, and its backward reduce-scatters the gradient: the design's
+all_gather + grad_all_reduce pair, fused. Parameters that do not divide stay
+Replicate on fsdp (their gradient is all-reduced like data parallel's) and
+explain() says so.
+
+Before:  %w = get_attr[target=up.weight]                  # [R] on fsdp
+         %linear = aten.linear(%x, %w)
+After:   %w = get_attr[target=up.weight]                  # [S(0)] on fsdp: 1/fsdp of the rows
+         %fsdpgather_w = fxpar.fsdp_all_gather(%w, 0, 2, '1', 'fsdp')   # [R]
+         %linear = aten.linear(%x, %fsdpgather_w)
+
+Shards are cut tensor-parallel first and fsdp second (`shard_parameters`), so
+gathering over fsdp yields exactly this rank's tensor-parallel shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch.fx as fx
+from torch.distributed.tensor.placement_types import Replicate, Shard
+
+from fxpar.collectives import insert_fsdp_all_gather
+from fxpar.pass_manager import PassContext, PassResult, fx_pass
+from fxpar.spec import NodeInfo, divides, get_info, make_spec, set_info, update_info
+
+from fxpar.passes._graph import param_nodes
+
+
+@fx_pass(requires=("param_placements",), provides=("fsdp_params",))
+def apply_fsdp(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    mesh = ctx.mesh
+    if not mesh.has("fsdp") or mesh.size("fsdp") == 1:
+        return PassResult(gm, False)
+    f = mesh.index("fsdp")
+    n = mesh.sizes[f]
+    group = mesh.group_names[f] if mesh.group_names else "dryrun:fsdp"
+    for node in param_nodes(gm):
+        info = get_info(node)
+        if info is None or not node.users or not node.meta["val"].requires_grad:
+            continue
+        spec = info.spec
+        if len(spec.local_shape) == 0 or divides(spec.local_shape[0], n) is not True \
+                or any(not p.is_replicate() and not p.is_shard() for p in spec.placements):
+            extra = dict(info.extra)
+            extra["fsdp"] = f"not sharded on fsdp: dim 0 of local size {tuple(spec.local_shape)[:1]} " \
+                            f"does not divide by fsdp={n}"
+            update_info(node, extra=extra)
+            continue
+        sharded = list(spec.placements)
+        sharded[f] = Shard(0)
+        set_info(node, dataclasses.replace(info, spec=make_spec(node.meta["val"], tuple(sharded), mesh.sizes)))
+        users = list(node.users)
+        with gm.graph.inserting_after(node):
+            gathered = insert_fsdp_all_gather(gm.graph, node, dim=0, mesh_dim_name="fsdp", group_size=n,
+                                              group_name=group)
+        gathered.meta["val"] = node.meta["val"]
+        # role "param": downstream it is the parameter (its tp shard must not be gathered either)
+        set_info(gathered, NodeInfo(spec=spec, module_fqn=info.module_fqn, role="param", param_fqn=info.param_fqn,
+                                    origin="apply_fsdp"))
+        for u in users:
+            u.replace_input_with(node, gathered)
+    gm.recompile()
+    return PassResult(gm, True)
