@@ -21,6 +21,7 @@ from fxpar.mesh import MeshInfo
 from fxpar.pass_manager import Pass, PassContext, PassManager, PassResult, fx_pass
 from fxpar.plan import Plan, TPStyle
 from fxpar.runtime import ParallelModule
+from fxpar.training import clip_grad_norm_, grad_norm
 from fxpar.verify import VerifyReport, verify
 
 __all__ = [
@@ -30,6 +31,8 @@ __all__ = [
     "capture",
     "default_passes",
     "count_comms",
+    "clip_grad_norm_",
+    "grad_norm",
     "ParallelModule",
     "Plan",
     "TPStyle",

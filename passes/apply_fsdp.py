@@ -13,7 +13,8 @@ explain() says so.
 Before:  %w = get_attr[target=up.weight]                  # [R] on fsdp
          %linear = aten.linear(%x, %w)
 After:   %w = get_attr[target=up.weight]                  # [S(0)] on fsdp: 1/fsdp of the rows
-         %fsdpgather_w = fxpar.fsdp_all_gather(%w, 0, 2, '1', 'fsdp')   # [R]
+         ...
+         %fsdpgather_w = fxpar.fsdp_all_gather(%w, 0, 2, '1', 'fsdp')   # [R], just before its first use
          %linear = aten.linear(%x, %fsdpgather_w)
 
 Shards are cut tensor-parallel first and fsdp second (`shard_parameters`), so
@@ -42,23 +43,31 @@ def apply_fsdp(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     f = mesh.index("fsdp")
     n = mesh.sizes[f]
     group = mesh.group_names[f] if mesh.group_names else "dryrun:fsdp"
+    order = None
     for node in param_nodes(gm):
         info = get_info(node)
         if info is None or not node.users or not node.meta["val"].requires_grad:
             continue
         spec = info.spec
+        # dim 0 must divide, and carry no strided (fused-section) shard, whose gather would reorder it
         if len(spec.local_shape) == 0 or divides(spec.local_shape[0], n) is not True \
-                or any(not p.is_replicate() and not p.is_shard() for p in spec.placements):
+                or any(not p.is_replicate() and not p.is_shard() and p.dim == 0 for p in spec.placements):
             extra = dict(info.extra)
-            extra["fsdp"] = f"not sharded on fsdp: dim 0 of local size {tuple(spec.local_shape)[:1]} " \
-                            f"does not divide by fsdp={n}"
+            why = f"not sharded on fsdp: dim 0 of local size {tuple(spec.local_shape)[:1]} does not divide by " \
+                  f"fsdp={n}" if divides(spec.local_shape[0] if spec.local_shape else 1, n) is not True \
+                else "not sharded on fsdp: dim 0 carries fused sections"
+            extra["fsdp"] = why
+            extra["style"] = f"{extra.get('style', 'replicate (default)')}; {why}"
             update_info(node, extra=extra)
             continue
         sharded = list(spec.placements)
         sharded[f] = Shard(0)
         set_info(node, dataclasses.replace(info, spec=make_spec(node.meta["val"], tuple(sharded), mesh.sizes)))
         users = list(node.users)
-        with gm.graph.inserting_after(node):
+        # Gather right before the first use, so a gathered parameter lives only as long as its layer.
+        order = {n: i for i, n in enumerate(gm.graph.nodes)} if order is None else order
+        first = min(users, key=order.__getitem__)
+        with gm.graph.inserting_before(first):
             gathered = insert_fsdp_all_gather(gm.graph, node, dim=0, mesh_dim_name="fsdp", group_size=n,
                                               group_name=group)
         gathered.meta["val"] = node.meta["val"]
