@@ -40,6 +40,7 @@ def default_passes(plan: Plan | None = None) -> list:
         P.propagate_sharding,
         P.insert_collectives,
         P.localize_shapes,
+        P.bucket_grad_sync,
         P.shard_parameters,
         P.split_stages,  # a no-op without a pipeline
     ]

@@ -54,6 +54,7 @@ class ParallelModule(nn.Module):
         self._fingerprint_checked = False
         self.input_layout = input_layout
         self.reshard_after_forward = reshard_after_forward
+        self._grad_sync = self._hook_grad_sync()
 
     # ------------------------------------------------------------------ running
 
@@ -70,6 +71,20 @@ class ParallelModule(nn.Module):
             with torch.autograd.graph.saved_tensors_hooks(pack_gathered, unpack_gathered):
                 return self.graph_module(*args, **kwargs)
         return self.graph_module(*args, **kwargs)
+
+    def _hook_grad_sync(self):
+        """Bucketed asynchronous gradient all-reduces for the parameters bucket_grad_sync marked."""
+        from fxpar.grad_sync import GradSync
+
+        gm = self.graph_module
+        marked = []
+        for node in gm.graph.nodes:
+            info = get_info(node)
+            sync = info.extra.get("grad_sync") if info is not None and node.op == "get_attr" else None
+            if sync:
+                mod, _, name = str(node.target).rpartition(".")
+                marked.append((getattr(gm.get_submodule(mod), name), sync["dims"], sync["bucket"]))
+        return GradSync(marked, self.mesh_info) if marked else None
 
     def _data_dims(self) -> list[int]:
         info = self.mesh_info

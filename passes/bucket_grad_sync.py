@@ -1,0 +1,72 @@
+"""bucket_grad_sync: data-parallel gradient all-reduces as asynchronous buckets.
+
+Requires: collectives. Provides: grad_buckets.
+
+After insert_collectives, a parameter replicated on a data-parallel dim and
+used on batch-sharded activations passes through `grad_all_reduce` (its
+gradient is partial on each rank). Issued one by one in the backward, those
+all-reduces are many small, blocking calls. This pass removes the
+`grad_all_reduce` nodes that sit directly on parameters and records, on each
+parameter's node, the gradient synchronisation it needs and its bucket: buckets
+of about `bucket_bytes` (default 25 MB, `options["bucket_bytes"]`) in reverse
+order of first use, which is the order the backward produces gradients. The
+runtime (`fxpar.grad_sync`) all-reduces a bucket asynchronously as soon as all
+its gradients are accumulated, and waits for all of them at the end of the
+backward, so communication overlaps the rest of the backward.
+
+Before:  %gradallreduce_w = fxpar.grad_all_reduce(%w, '1', 'dp')
+         %linear = aten.linear(%x, %gradallreduce_w)
+After:   %linear = aten.linear(%x, %w)          # meta["fxpar"].extra["grad_sync"] = {"dims": ("dp",), "bucket": 0}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx as fx
+
+from fxpar.collectives import collective_args
+from fxpar.pass_manager import PassContext, PassResult, fx_pass
+from fxpar.spec import get_info, set_info
+
+DATA_DIMS = ("dp", "fsdp")
+DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
+_F = torch.ops.fxpar.grad_all_reduce.default
+
+
+@fx_pass(requires=("collectives",), provides=("grad_buckets",))
+def bucket_grad_sync(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    cap = int(ctx.options.get("bucket_bytes", DEFAULT_BUCKET_BYTES))
+    synced: dict[fx.Node, list[str]] = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not _F:
+            continue
+        dim = collective_args(node)["mesh_dim"]
+        # f may sit on top of other f's (a tp one, say) on the way from the parameter
+        param = node.args[0]
+        while param.op == "call_function" and param.target is _F:
+            param = param.args[0]
+        if dim not in DATA_DIMS or param.op != "get_attr":
+            continue
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        if dim not in synced.setdefault(param, []):
+            synced[param].append(dim)
+    if not synced:
+        return PassResult(gm, False)
+    # The backward produces gradients roughly in reverse order of first use.
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    first_use = {p: min(order[u] for u in p.users) for p in synced}
+    bucket, filled = 0, 0
+    for p in sorted(synced, key=lambda p: -first_use[p]):
+        nbytes = get_info(p).spec.nbytes(local=True)
+        if filled and filled + nbytes > cap:
+            bucket, filled = bucket + 1, 0
+        filled += nbytes
+        info = get_info(p)
+        extra = dict(info.extra)
+        extra["grad_sync"] = {"dims": tuple(sorted(synced[p])), "bucket": bucket}
+        set_info(p, dataclasses.replace(info, extra=extra))
+    gm.recompile()
+    return PassResult(gm, True)
