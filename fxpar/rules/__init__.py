@@ -109,7 +109,8 @@ def register(*ops: Any, localize: LocalizeFn | None = None) -> Callable[[RuleFn]
 
 def _load_rule_modules() -> None:
     # The rule families register themselves on import.
-    from fxpar.rules import attention, embedding, indexing, matmul, norms, pointwise, reductions, views  # noqa: F401
+    from fxpar.rules import (  # noqa: F401
+        attention, dropout, embedding, indexing, matmul, norms, pointwise, reductions, views)
 
 
 def lookup(target: Any) -> RuleFn | None:

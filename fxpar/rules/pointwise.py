@@ -38,7 +38,7 @@ _NONLINEAR_UNARY = [
 _LINEAR_UNARY = [
     aten.neg.default, aten.clone.default, aten._to_copy.default, aten.alias.default, aten.detach.default,
     aten.contiguous.default, aten.mul.Scalar, aten.div.Scalar, aten.to.dtype, aten.type_as.default,
-    aten.dropout.default, aten.native_dropout.default, aten.lift_fresh_copy.default, aten.positive.default,
+    aten.native_dropout.default, aten.lift_fresh_copy.default, aten.positive.default,
 ]
 _NONLINEAR_BINARY = [
     aten.maximum.default, aten.minimum.default, aten.pow.Tensor_Tensor, aten.eq.Tensor, aten.ne.Tensor,
