@@ -1,0 +1,39 @@
+"""CUDA paths: the same compiled programs on GPU tensors (skipped on machines without CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import fxpar
+from fxpar.testing import run_ranks
+from models import MLPStack, mse
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; the CPU suite covers the logic"),
+]
+
+
+def _run(device_type: str) -> dict:
+    torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
+    mesh = torch.distributed.device_mesh.init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("tp",))
+    torch.manual_seed(0)
+    model = MLPStack(dim=32, hidden=64, depth=2).cuda()
+    x, target = torch.randn(4, 32, device="cuda"), torch.randn(4, 32, device="cuda")
+    pm = fxpar.parallelize(model, mesh, example_inputs=(x,))
+    report = fxpar.verify(model, pm, x, target=target, loss_fn=mse)
+    return {"ok": report.ok, "report": str(report), "device": str(next(pm.parameters()).device)}
+
+
+def test_tensor_parallel_on_nccl_world_size_1():
+    (r,) = run_ranks(_run, 1, "cuda", backend="nccl")
+    assert r["ok"], r["report"]
+    assert r["device"].startswith("cuda")
+
+
+def test_tensor_parallel_on_gloo_with_cuda_tensors():
+    results = run_ranks(_run, 2, "cuda", backend="gloo")
+    for r in results:
+        assert r["ok"], r["report"]
