@@ -11,7 +11,7 @@ runs them with torch's pipeline schedules.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch.nn as nn
 
@@ -23,7 +23,7 @@ from fxpar.pass_manager import PassContext, PassManager
 from fxpar.plan import Plan, as_plan
 from fxpar.runtime import ParallelModule
 
-__all__ = ["parallelize", "default_passes", "check"]
+__all__ = ["parallelize", "compile_model", "default_passes", "check"]
 
 _SUPPORTED_DIMS = ("tp", "pp", "dp", "fsdp")
 
@@ -75,7 +75,8 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
             slice of the outputs back).
         reshard_after_forward: with fsdp, free gathered parameters after the forward and gather
             them again in the backward (lower memory, one more all-gather per parameter).
-        check: run invariant checks after every pass (default: on; FXPAR_CHECK=0 turns off).
+        check: run fxpar's invariant checks after every pass (default: off, or FXPAR_CHECK=1; the
+            test suite turns them on). `fxpar.check(pm)` runs them on demand.
         dump_dir: write the graph after every pass into this folder.
 
     Returns:
@@ -87,20 +88,51 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
     if input_layout not in ("full", "local"):
         raise PlanError(f"input_layout={input_layout!r}: use 'full' (every rank passes the same full inputs) "
                         "or 'local' (each rank passes its own batch shard)")
+    return compile_model(model, mesh, MeshInfo.from_device_mesh(mesh), example_inputs=example_inputs,
+                         example_kwargs=example_kwargs, plan=plan, passes=passes, input_layout=input_layout,
+                         reshard_after_forward=reshard_after_forward, check=check, dump_dir=dump_dir)
+
+
+def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_inputs: tuple = (),
+                  example_kwargs: dict | None = None, plan: Plan | dict | None = None, passes: list | None = None,
+                  input_layout: str = "full", reshard_after_forward: bool = True, check: bool | None = None,
+                  dump_dir: str | None = None, split_pp: Callable | None = None,
+                  progress: Callable[[str], None] | None = None) -> ParallelModule:
+    """The compile path `parallelize` and dry runs (`fxpar.dryrun.plan`) share: capture, passes, module.
+
+    A dry run passes `mesh=None` and a `MeshInfo` built from sizes, so it
+    runs exactly the passes parallelize runs; collectives are inserted on
+    'dryrun:<dim>' groups and never run.
+
+    Args:
+        mesh: the torch DeviceMesh, or None for a dry run.
+        mesh_info: the mesh as passes see it (with its pp dim, if any).
+        split_pp: `(mesh, mesh_info) -> (spmd mesh, spmd MeshInfo, PipelineMeshInfo)` for a
+            pipelined mesh (default: `fxpar.pipeline.split_pp_mesh`, which needs a DeviceMesh).
+        progress: called with 'capture', then 'passes', as each long step starts.
+        The others: as `parallelize`.
+    """
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    mesh_info = MeshInfo.from_device_mesh(mesh)
     plan = as_plan(plan)
     _check_mesh(mesh_info, plan)
     from fxpar.pipeline import PipelineModule, split_pp_mesh
+    from fxpar.plan_io import MODEL_KEY, ModelFingerprint, check_plan_fits
 
+    check_plan_fits(plan, model, mesh_info)  # a saved plan: the same model structure and mesh
     # A pipeline compiles each stage for the mesh without its pp dim.
     pipelined = (mesh_info.size("pp") > 1 or plan.pp is not None or plan.schedule is not None)
-    spmd_mesh, spmd_info, pp_info = split_pp_mesh(mesh, mesh_info) if pipelined else (mesh, mesh_info, None)
+    spmd_mesh, spmd_info, pp_info = (split_pp or split_pp_mesh)(mesh, mesh_info) if pipelined \
+        else (mesh, mesh_info, None)
     if pipelined and input_layout != "full":
         raise PlanError(f"input_layout={input_layout!r}: a pipeline takes the same full inputs on every rank "
                         "(input_layout='full')")
+    if progress is not None:
+        progress("capture")
     gm = capture(model, example_inputs, example_kwargs)
+    gm.meta[MODEL_KEY] = ModelFingerprint.of(model)  # what a saved plan is checked against
+    if progress is not None:
+        progress("passes")
     options = {"input_layout": input_layout, "pp": pp_info}
     ctx = PassContext(mesh=spmd_info, plan=plan, device_mesh=spmd_mesh, options=options)
     manager = PassManager(passes if passes is not None else default_passes(plan), check=check, dump_dir=dump_dir)

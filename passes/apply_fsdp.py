@@ -76,5 +76,4 @@ def apply_fsdp(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                                     origin="apply_fsdp"))
         for u in users:
             u.replace_input_with(node, gathered)
-    gm.recompile()
     return PassResult(gm, True)

@@ -68,5 +68,4 @@ def bucket_grad_sync(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         extra = dict(info.extra)
         extra["grad_sync"] = {"dims": tuple(sorted(synced[p])), "bucket": bucket}
         set_info(p, dataclasses.replace(info, extra=extra))
-    gm.recompile()
     return PassResult(gm, True)

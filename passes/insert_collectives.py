@@ -149,6 +149,4 @@ def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if any(x is not y for x, y in zip(args, new_args)):
             replace_tensor_args(node, new_args)
             modified = True
-    if modified:
-        gm.recompile()
     return PassResult(gm, modified)

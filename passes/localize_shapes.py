@@ -55,6 +55,4 @@ def localize_shapes(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             before = (node.args, node.kwargs)
             localize(node, info, ctx.mesh)
             modified |= before != (node.args, node.kwargs)
-    if modified:
-        gm.recompile()
     return PassResult(gm, modified)

@@ -82,6 +82,4 @@ def shard_inputs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         for u in users:
             u.replace_input_with(node, cur)
         modified = True
-    if modified:
-        gm.recompile()
     return PassResult(gm, modified)

@@ -45,6 +45,4 @@ def split_linear_bias(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         node.target = aten.add.Tensor
         node.args = (mm, b)
         modified = True
-    if modified:
-        gm.recompile()
     return PassResult(gm, modified)

@@ -107,8 +107,15 @@ def register(*ops: Any, localize: LocalizeFn | None = None) -> Callable[[RuleFn]
     return deco
 
 
+_loaded = False
+
+
 def _load_rule_modules() -> None:
-    # The rule families register themselves on import.
+    # The rule families register themselves on import (once).
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
     from fxpar.rules import (  # noqa: F401
         attention, dropout, embedding, indexing, matmul, norms, pointwise, reductions, views)
 
@@ -131,10 +138,24 @@ def _is_tensor_node(a: Any) -> bool:
     return isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)
 
 
+def _flat(x: Any, out: list) -> None:
+    # pytree's order for args/kwargs (lists, tuples, dict values), without its generality's cost
+    if isinstance(x, (list, tuple)):
+        for y in x:
+            _flat(y, out)
+    elif isinstance(x, dict):
+        for y in x.values():
+            _flat(y, out)
+    elif _is_tensor_node(x):
+        out.append(x)
+
+
 def tensor_args(node: fx.Node) -> list[fx.Node]:
     """The tensor-valued node arguments of `node`, positionally (args, then kwargs)."""
-    leaves, _ = pytree.tree_flatten((node.args, node.kwargs))
-    return [a for a in leaves if _is_tensor_node(a)]
+    out: list[fx.Node] = []
+    _flat(node.args, out)
+    _flat(node.kwargs, out)
+    return out
 
 
 def replace_tensor_args(node: fx.Node, new: Sequence[fx.Node]) -> None:

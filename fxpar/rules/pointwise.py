@@ -48,8 +48,18 @@ _NONLINEAR_BINARY = [
 ]
 
 
+_DIM_MAP_CACHE: dict[tuple, dict[int, int]] = {}
+
+
 def _dim_map(in_val, out_val) -> dict[int, int]:
     """Input dim -> output dim under right-aligned broadcasting; broadcast dims are left out."""
+    key = (tuple(map(str, in_val.shape)), tuple(map(str, out_val.shape)))
+    if key not in _DIM_MAP_CACHE:
+        _DIM_MAP_CACHE[key] = _compute_dim_map(in_val, out_val)
+    return _DIM_MAP_CACHE[key]
+
+
+def _compute_dim_map(in_val, out_val) -> dict[int, int]:
     offset = out_val.ndim - in_val.ndim
     out = {}
     for j in range(in_val.ndim):

@@ -37,8 +37,19 @@ def _prod(xs) -> Any:
     return out
 
 
+_VIEW_DIM_CACHE: dict[tuple, int | None] = {}
+
+
 def view_dim(in_shape, out_shape, d: int, n: int) -> int | None:
     """The output dim that a Shard(d) input maps to through a view, or None."""
+    # Symbolic arithmetic is the cost here; identical blocks repeat identical shapes.
+    key = (tuple(map(str, in_shape)), tuple(map(str, out_shape)), d, n)
+    if key not in _VIEW_DIM_CACHE:
+        _VIEW_DIM_CACHE[key] = _view_dim(in_shape, out_shape, d, n)
+    return _VIEW_DIM_CACHE[key]
+
+
+def _view_dim(in_shape, out_shape, d: int, n: int) -> int | None:
     pre = _prod(in_shape[:d])
     for e in range(len(out_shape)):
         if _eq(out_shape[e], 1) and not _eq(in_shape[d], 1):
