@@ -11,13 +11,16 @@ is 2(n-1)/n of that for all_reduce and (n-1)/n for gathers and scatters.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 
+import sympy
+import torch
 import torch.fx as fx
 
 from fxpar.collectives import BACKWARD_OF, COLLECTIVE_OPS, collective_args
-from fxpar.spec import TensorSpec, get_info, placements_str
+from fxpar.spec import SIZE_BINDINGS, TensorSpec, get_info, placements_str
 
 __all__ = ["CollectiveInfo", "collectives", "param_memory", "explain"]
 
@@ -58,7 +61,8 @@ def collectives(gm: fx.GraphModule, mesh) -> list[CollectiveInfo]:
         n = mesh.size(args["mesh_dim"])
         spec = info.spec
         fwd = 0 if op in ("shard", "grad_all_reduce") else _payload(op, spec, n or 1)
-        bwd_op = BACKWARD_OF[op]
+        # integer values (ids, masks) carry no gradient: their duals never run
+        bwd_op = BACKWARD_OF[op] if spec.dtype.is_floating_point else None
         # The backward op carries the gradient of this node's output (for shard / reduce_scatter:
         # the gathered gradient's local input is this node's local output).
         bwd = spec.nbytes(local=True) if bwd_op else 0
@@ -121,8 +125,54 @@ def _fmt_bytes(n: float) -> str:
     return f"{n} B"
 
 
-def explain(pm) -> str:
-    """The report behind `ParallelModule.explain()`."""
+def _bindings(gm: fx.GraphModule, args: tuple, kwargs: dict) -> dict:
+    """Symbol -> size, from the shapes of inputs given to explain() (placeholders in pytree order)."""
+    from torch.utils import _pytree as pytree
+
+    leaves = pytree.tree_leaves((args, kwargs))
+    out = {}
+    for node, value in zip((n for n in gm.graph.nodes if n.op == "placeholder"), leaves):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and isinstance(value, torch.Tensor):
+            for s, v in zip(val.shape, value.shape):
+                if isinstance(s, torch.SymInt) and s.node.expr.is_symbol:
+                    out[s.node.expr] = sympy.Integer(int(v))
+    return out
+
+
+_BLOCK = re.compile(r"^(.*?\.\d+)(\.|$)")
+
+
+def _per_block(colls: list[CollectiveInfo]) -> list[str]:
+    """Collectives grouped by repeated block (the module FQN up to its first index: layers.3, h.11)."""
+    blocks: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    order: list[str] = []
+    for c in colls:
+        match = _BLOCK.match(c.module or "")
+        block = match.group(1) if match else (c.module or "<root>")
+        if block not in blocks:
+            order.append(block)
+        if c.forward_bytes:
+            blocks[block][f"fwd {c.op}"][0] += 1
+            blocks[block][f"fwd {c.op}"][1] += c.forward_bytes
+        if c.backward_op:
+            blocks[block][f"bwd {c.backward_op}"][0] += 1
+            blocks[block][f"bwd {c.backward_op}"][1] += c.backward_bytes
+    lines = []
+    for block in order:
+        parts = [f"{k} x{n} {_fmt_bytes(b)}" for k, (n, b) in sorted(blocks[block].items())]
+        lines.append(f"  {block}: " + ("; ".join(parts) if parts else "none"))
+    return lines
+
+
+def explain(pm, *inputs, **kwargs) -> str:
+    """The report behind `ParallelModule.explain()`; with inputs, bytes are for their sizes."""
+    if inputs or kwargs:
+        token = SIZE_BINDINGS.set(_bindings(pm.graph_module, inputs, kwargs))
+        try:
+            return explain(pm)
+        finally:
+            SIZE_BINDINGS.reset(token)
     gm = pm.graph_module
     graphs = _graphs(pm)
     mesh = pm.mesh_info
@@ -161,6 +211,9 @@ def explain(pm) -> str:
             counts[f"bwd {c.backward_op}"] += 1
     lines.append(f"  total: forward {_fmt_bytes(fwd_total)}, backward {_fmt_bytes(bwd_total)}; "
                  + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    lines.append("")
+    lines.append("Collectives per block (count and payload per step):")
+    lines.extend(_per_block(colls))
 
     full, local = _model_memory(pm)
     lines.append("")

@@ -37,7 +37,9 @@ class ParallelModule(nn.Module):
         graph_module: this rank's rewritten GraphModule.
         mesh: the torch DeviceMesh (None for dry runs).
         mesh_info: the mesh as passes saw it.
-        plan: the validated plan.
+        plan: the resolved plan (`fxpar.plan_io.ResolvedPlan`): every module's style as the passes
+            chose it, the mesh and the pipeline settings; save it with `fxpar.save_plan`.
+        requested_plan: the plan as given to parallelize (validated).
         history: the pass manager's records (name, seconds, ...).
     """
 
@@ -48,7 +50,7 @@ class ParallelModule(nn.Module):
         self.graph_module = graph_module
         self.mesh = mesh
         self.mesh_info = mesh_info
-        self.plan = plan
+        self.requested_plan = plan
         self.history = history
         self._example = (example_args, example_kwargs or {})
         self._fingerprint_checked = False
@@ -171,11 +173,22 @@ class ParallelModule(nn.Module):
 
     # ------------------------------------------------------------------ introspection
 
-    def explain(self) -> str:
-        """The plan per module, every collective with bytes per step, memory per rank, fallbacks."""
+    def explain(self, *inputs: Any, **kwargs: Any) -> str:
+        """The plan per module, every collective with bytes per step, memory per rank, fallbacks.
+
+        Bytes are for the example inputs' sizes, or for the sizes of `inputs` if given
+        (another batch size or sequence length: the graph is symbolic in them).
+        """
         from fxpar.explain import explain
 
-        return explain(self)
+        return explain(self, *inputs, **kwargs)
+
+    @property
+    def plan(self):
+        """The resolved plan; reusable as `parallelize(..., plan=pm.plan)` on the same model and mesh."""
+        from fxpar.plan_io import resolve_plan
+
+        return resolve_plan(self)
 
     @property
     def capture_info(self) -> CaptureInfo:

@@ -12,6 +12,7 @@ dim divide it in mesh order).
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -131,9 +132,18 @@ def get_spec(node: fx.Node) -> TensorSpec | None:
     return spec if isinstance(spec, TensorSpec) else None
 
 
+# Symbol -> size bindings that override the example sizes (explain() for other batch / sequence sizes).
+SIZE_BINDINGS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fxpar_size_bindings", default=None)
+
+
 def size_hint(s: Any) -> int:
-    """An int for a size that may be symbolic (its example value)."""
+    """An int for a size that may be symbolic: its example value, or its value under SIZE_BINDINGS."""
     if isinstance(s, torch.SymInt):
+        bindings = SIZE_BINDINGS.get()
+        if bindings:
+            value = s.node.expr.xreplace(bindings)
+            if isinstance(value, int) or value.is_number:
+                return int(value)
         return int(s.node.hint) if s.node.hint is not None else int(s.node.shape_env.size_hint(s.node.expr))
     return int(s)
 
