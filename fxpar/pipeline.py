@@ -22,12 +22,20 @@ divides gradients accumulated before the step too. fxpar runs them with
 `scale_grads=False` and scales each microbatch's loss instead (1/M for
 `loss_reduction="mean"`, 1 for "sum"), so `.grad` accumulates exactly as
 `loss.backward()` does on the unsplit model.
+
+Limits: inputs, targets and outputs are split and merged along dim 0; `pm(...)`
+is inference (no autograd through it: train with `step`); pipelines do not
+combine with dp / fsdp yet. Stages learn their microbatch shapes at their
+first run (torch's dynamic metadata inference, which runs later stages on
+uninitialized tensors), so a new input shape builds new stages, and an
+integer tensor crossing a cut that a later stage indexes with would fail at
+that first run (GPT-2 and Llama compute positions and masks in stage 0 and
+send floats and booleans).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -244,14 +252,14 @@ def resolve_stages(plan: Plan, pp: PipelineMeshInfo | None) -> tuple[ScheduleSpe
     spec = SCHEDULES[name]
     if num_stages is None:
         num_stages = (pp_size or 1) * (spec.stages_per_rank or 2)
-    if pp_size is None:  # dry run: as many ranks as the schedule wants
-        pp_size = num_stages // (spec.stages_per_rank or 2) if num_stages % (spec.stages_per_rank or 2) == 0 \
-            else num_stages
+    if pp_size is None:  # dry run without a pp dim: as many ranks as the schedule wants
+        per = spec.stages_per_rank or 2
+        pp_size = num_stages // per if num_stages % per == 0 else num_stages
     where = f"pp={plan.pp!r}" if plan.pp is not None else "the mesh's pp dim"
     if num_stages % pp_size:
+        cuts = " (n cut points make n + 1 stages)" if isinstance(plan.pp, tuple) else ""
         raise ScheduleError(f"{where} gives {num_stages} stages, which do not divide over {pp_size} pp ranks; "
-                            f"use a multiple of {pp_size} stages ({len(plan.pp) if isinstance(plan.pp, tuple) else ''}"
-                            f"{' cut points give that many + 1' if isinstance(plan.pp, tuple) else ''})".replace("()", ""))
+                            f"use a multiple of {pp_size} stages{cuts}")
     per_rank = num_stages // pp_size
     if spec.stages_per_rank is not None and per_rank != spec.stages_per_rank:
         fix = (f"use {spec.stages_per_rank * pp_size} stages" if spec.stages_per_rank != 1 else
@@ -719,6 +727,28 @@ class PipelineModule(ParallelModule):
             p.grad = delta if prev is None else prev + delta
 
     # ------------------------------------------------------------------ parameters and introspection
+
+    @property
+    def pp_group(self) -> Any:
+        """The process group of this rank's pipeline (its coordinates on every other mesh dim)."""
+        return self._pp_group
+
+    def counted_parameters(self) -> list[nn.Parameter]:
+        """This rank's parameters, a tied weight only on the first rank that holds it.
+
+        Sums over the pp group (a global gradient norm) count each weight once
+        with these; `parameters()` yields every copy, for optimizers.
+        """
+        ranks = stage_ranks(self.split.schedule, self.split.num_stages, self.split.pp_size)
+        coordinate = self.split.coordinate
+        skip = {fqn for fqn, stages in self.split.tied if min(ranks[s] for s in stages) != coordinate}
+        out, seen = [], set()
+        for gm in self.stage_modules:
+            for fqn, p in gm.named_parameters():
+                if fqn not in skip and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
 
     def _param_specs(self) -> dict[int, TensorSpec]:
         out = {}

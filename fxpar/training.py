@@ -33,17 +33,22 @@ def grad_norm(pm, norm_type: float = 2.0) -> torch.Tensor:
 
     specs = pm._param_specs()
     mesh = pm.mesh_info
+    # A pipeline: this rank holds some stages; a tied weight counts on its first owner only, and the
+    # stages' sums add up over the pipeline group.
+    pp_group = getattr(pm, "pp_group", None)
+    params = pm.counted_parameters() if hasattr(pm, "counted_parameters") else list(pm.parameters())
     if norm_type == math.inf:
         local = torch.zeros((), dtype=torch.float64)
-        for p in pm.parameters():
+        for p in params:
             if p.grad is not None:
                 local = torch.maximum(local, p.grad.detach().abs().max().to(torch.float64))
-        for m in range(mesh.ndim):  # max over every group is the max over the mesh
-            group = torch.distributed.distributed_c10d._resolve_process_group(mesh.group_name(m))
+        groups = [torch.distributed.distributed_c10d._resolve_process_group(mesh.group_name(m))
+                  for m in range(mesh.ndim)]
+        for group in [*groups, *([pp_group] if pp_group is not None else [])]:
             torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.MAX, group=group)
         return local
     buckets: dict[tuple[int, ...], torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
-    for p in pm.parameters():
+    for p in params:
         if p.grad is None:
             continue
         dims = _sharded_dims(specs.get(id(p)))
@@ -54,6 +59,10 @@ def grad_norm(pm, norm_type: float = 2.0) -> torch.Tensor:
         for m in dims:
             value = _all_reduce(value.reshape(1), mesh.group_name(m)).reshape(())
         total = total + value
+    if pp_group is not None:
+        total = total.reshape(1)
+        torch.distributed.all_reduce(total, group=pp_group)
+        total = total.reshape(())
     return total.pow(1.0 / norm_type)
 
 

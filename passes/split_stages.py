@@ -37,14 +37,14 @@ contiguous (`aten.contiguous`, a no-op when they already are) because
 point-to-point sends need dense buffers; the parent's outputs are the input
 graph's outputs. Node meta (`val`, `meta["fxpar"]`, module stacks) is kept.
 
-Before (one graph):
-    %add_7 = aten.add.Tensor(%dropout_2, %add_4)          # transformer.h.0
-    %layer_norm_2 = aten.layer_norm(%add_7, ...)           # transformer.h.1
+Before (one graph; GPT-2 with 4 blocks, 2 stages):
+    %add_11 = aten.add.Tensor(%add_8, %dropout_4)          # transformer.h.1
+    %layer_norm_4 = aten.layer_norm(%add_11, ...)           # transformer.h.2
 After (the parent; stage_0 and stage_1 are GraphModules):
     %stage_0 = call_module[stage_0](%input_ids)
-    %add_7 = getitem(%stage_0, 0)
-    %expand_2 = getitem(%stage_0, 1)                       # the attention mask
-    %stage_1 = call_module[stage_1](%add_7, %expand_2)
+    %expand_2 = getitem(%stage_0, 0)                        # the attention mask
+    %add_11 = getitem(%stage_0, 1)                          # the residual stream
+    %stage_1 = call_module[stage_1](%expand_2, %add_11)
     %linear = getitem(%stage_1, 0)
     return (linear,)
 
@@ -66,6 +66,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fxpar.collectives import COLLECTIVE_OPS
 from fxpar.errors import PlanError, ScheduleError, module_fqn_of
 from fxpar.pass_manager import PassContext, PassResult, fx_pass
 from fxpar.pipeline import (
@@ -177,8 +178,8 @@ def _crossings(seq: list[fx.Node], pos: dict[fx.Node, int], placeholders: list[f
     return cross, partial_at
 
 
-def _blocks(fqns: list[str]) -> tuple[dict[str, tuple[int, int]], list[list[str]]]:
-    """Blocks (first, last position) and the lists they form, in graph order.
+def _blocks(fqns: list[str], weight: list[bool]) -> tuple[dict[str, tuple[int, int]], list[list[str]]]:
+    """Blocks (first, last position of their delimiting nodes, `weight`) and their lists, in graph order.
 
     Blocks are the children of layer lists (module FQNs ending in an index)
     with at least two children; a model without lists uses its top-level
@@ -186,7 +187,7 @@ def _blocks(fqns: list[str]) -> tuple[dict[str, tuple[int, int]], list[list[str]
     """
     span: dict[str, tuple[int, int]] = {}
     for i, f in enumerate(fqns):
-        b = _block_of(f) if f else None
+        b = _block_of(f) if f and weight[i] else None
         if b is not None:
             first, _ = span.get(b, (i, i))
             span[b] = (first, i)
@@ -197,7 +198,7 @@ def _blocks(fqns: list[str]) -> tuple[dict[str, tuple[int, int]], list[list[str]
     if not groups:
         span = {}
         for i, f in enumerate(fqns):
-            if f:
+            if f and weight[i]:
                 top = f.split(".")[0]
                 first, _ = span.get(top, (i, i))
                 span[top] = (first, i)
@@ -206,9 +207,26 @@ def _blocks(fqns: list[str]) -> tuple[dict[str, tuple[int, int]], list[list[str]
     return {b: s for b, s in span.items() if b in kept}, groups
 
 
+def _past_partial(p: int, partial_at: set[int], limit: int) -> int:
+    """The first cut position at or after p where no Partial value crosses (sums are reduced before a send)."""
+    while p in partial_at and p < limit:
+        p += 1
+    return p
+
+
+def _delimits(node: fx.Node) -> bool:
+    """Whether a node marks where its module's ops are: not a collective or a value-less assert.
+
+    A collective reducing the previous block's output, or a shape assert, may
+    sit between two blocks whatever module it names.
+    """
+    return node.target not in COLLECTIVE_OPS and node.meta.get("val") is not None
+
+
 def _auto_cuts(seq: list[fx.Node], fqns: list[str], times: list[float], cross: list[float],
                partial_at: set[int], num_stages: int) -> list[int]:
-    span, groups = _blocks(fqns)
+    weight = [_delimits(n) for n in seq]
+    span, groups = _blocks(fqns, weight)
     if num_stages > len(span):
         names = [g[0].rpartition(".")[0] or "<root>" for g in groups]
         raise ScheduleError(
@@ -219,13 +237,14 @@ def _auto_cuts(seq: list[fx.Node], fqns: list[str], times: list[float], cross: l
     n = len(seq)
     candidates = set()
     for bs in groups:
-        candidates.update(span[b][0] for b in bs)
-        candidates.add(span[bs[-1]][1] + 1)
-    # A cut must not split a block: no block may have nodes on both sides.
+        for b in bs:
+            candidates.add(_past_partial(span[b][0], partial_at, span[b][1]))
+        candidates.add(_past_partial(span[bs[-1]][1] + 1, partial_at, n))
+    # A cut must not split a block: no block may have computing nodes on both sides.
     straddled = set()
     for first, last in span.values():
         straddled.update(range(first + 1, last + 1))
-    candidates = sorted(p for p in candidates if 0 < p < n and p not in straddled and p not in partial_at)
+    candidates = sorted(p for p in candidates if 0 < p < n and p not in partial_at and p not in straddled)
     bounds = [0, *candidates, n]
     units = [sum(times[a:b]) for a, b in zip(bounds, bounds[1:])]
     cut_bytes = [0.0, *(cross[p] for p in candidates), 0.0]
@@ -237,9 +256,10 @@ def _auto_cuts(seq: list[fx.Node], fqns: list[str], times: list[float], cross: l
     return [bounds[j] for j in chosen]
 
 
-def _user_cuts(gm: fx.GraphModule, seq: list[fx.Node], fqns: list[str], cuts: tuple[str, ...],
-               partial_at: set[int]) -> dict[int, str]:
+def _user_cuts(gm: fx.GraphModule, seq: list[fx.Node], fqns: list[str],
+               cuts: tuple[str, ...], partial_at: set[int]) -> dict[int, str]:
     """Position -> cut point name for the plan's cut points (a stage starts at each module's first node)."""
+    weight = [_delimits(n) for n in seq]
     known = [f for f in module_fqns(gm) if not f.startswith("_")]
     positions: dict[int, str] = {}
     for cut in cuts:
@@ -247,19 +267,20 @@ def _user_cuts(gm: fx.GraphModule, seq: list[fx.Node], fqns: list[str], cuts: tu
             near = difflib.get_close_matches(cut, known, n=5, cutoff=0.4)
             hint = f"; nearest module FQNs: {near}" if near else f"; module FQNs look like {known[:5]}"
             raise PlanError(f"pipeline cut point {cut!r} names no module of the model{hint}")
-        p = next((i for i, f in enumerate(fqns) if f == cut or f.startswith(cut + ".")), None)
+        mine = [i for i, f in enumerate(fqns) if f == cut or f.startswith(cut + ".")]
+        # A stage starts at the module's first delimiting node (shape asserts may come before it).
+        p = next((i for i in mine if weight[i]), mine[0] if mine else None)
         if p is None:
             raise PlanError(f"pipeline cut point {cut!r} names a module that runs no op in the captured graph; "
                             "cut before a module that forward calls")
         # Partial sums must be reduced before they leave a stage: cut after the reducing collective.
-        while p in partial_at and p < len(seq) - 1:
-            p += 1
+        p = _past_partial(p, partial_at, len(seq) - 1)
         if p in positions:
             raise PlanError(f"pipeline cut points {positions[p]!r} and {cut!r} start at the same node; give one")
         positions[p] = cut
     ordered = sorted(positions)
     for k, (a, b) in enumerate(zip([0, *ordered], [*ordered, len(seq)])):
-        if not any(fqns[a:b]):
+        if not any(f and w for f, w in zip(fqns[a:b], weight[a:b])):
             at = f"before {positions[b]!r}" if b in positions else "at the end"
             raise PlanError(f"pipeline stage {k} ({at}) would run no module's ops; remove or move the cut point "
                             f"{positions.get(b, positions.get(a))!r}")
@@ -318,27 +339,32 @@ def _sym_expr(node: fx.Node) -> Any:
     return val.node.expr if isinstance(val, torch.SymInt) else None
 
 
+def _local_size(node: fx.Node, dim: int) -> str:
+    """The size of dim `dim` this rank holds of a tensor node, as text (its spec's local shape)."""
+    info = get_info(node)
+    if info is not None and isinstance(info.spec, TensorSpec):
+        return str(info.spec.local_shape[dim])
+    return str(node.meta["val"].shape[dim])
+
+
 def _substitute_sizes(stage: _Stage, live: list[fx.Node]) -> list[fx.Node]:
-    """Reads symbolic sizes off tensors the stage receives anyway; returns tensors it must receive besides."""
+    """Reads symbolic sizes off tensors the stage receives anyway; returns tensors it must receive besides.
+
+    `sym_size(x, d)` may read dim j of a received tensor y instead when both
+    the global size (the graph's symbol) and the local size (what the read
+    returns at run time on a sharded dim) are the same.
+    """
     extra: list[fx.Node] = []
     for r in stage.remat:
         deps = stage.remat_deps.get(r, [])
         if not deps:
             continue
-        expr = _sym_expr(r) if r.target == aten.sym_size.int else None
         found = None
-        if expr is not None:
-            for y in live:
-                val = y.meta.get("val")
-                info = get_info(y)
-                spec = info.spec if info is not None and isinstance(info.spec, TensorSpec) else None
-                for j, s in enumerate(val.shape):
-                    local_ok = spec is None or str(spec.local_shape[j]) == str(s)
-                    if isinstance(s, torch.SymInt) and local_ok and s.node.expr == expr:
-                        found = (y, j)
-                        break
-                if found:
-                    break
+        if r.target == aten.sym_size.int and _sym_expr(r) is not None:
+            want, want_local = _sym_expr(r), _local_size(r.args[0], r.args[1])
+            found = next(((y, j) for y in live for j, size in enumerate(y.meta["val"].shape)
+                          if isinstance(size, torch.SymInt) and size.node.expr == want
+                          and _local_size(y, j) == want_local), None)
         if found:
             stage.substitute[r] = found
         else:
