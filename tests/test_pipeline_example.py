@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 pytest.importorskip("transformers")
 
 
+@pytest.mark.slow  # torchrun start-up; CI's slow run covers it
 def test_pipeline_gpt2_example_under_torchrun():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(ROOT / "examples/pipeline_gpt2.py"), "--pp", "2", "--layers", "2", "--steps", "2",
