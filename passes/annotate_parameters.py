@@ -169,7 +169,7 @@ def annotate_parameters(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         style = styles.get(module)
         placements = [Replicate() for _ in mesh.names]
         if style is not None and tp_dim is not None:
-            p = _placement_for(node, style, module, fused.get(module, 0))
+            p = _placement_for(node, style, module, fused.get(module, getattr(style, "sections", 0)))
             if isinstance(p, (Shard, _StridedShard)):
                 size = node.meta["val"].shape[p.dim]
                 n = mesh.sizes[tp_dim]

@@ -21,3 +21,48 @@ def test_gpt2_demo_verifies():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "VERIFIED" in out.stdout and "Fallbacks (ops without a sharding rule, run replicated): 0" in out.stdout
+
+
+import pytest  # noqa: E402  (for the slow mark below)
+
+
+def test_custom_pass_example_verifies():
+    out = subprocess.run([sys.executable, str(ROOT / "examples/custom_pass.py"), "--tp", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "with keep_replicated: {'blocks.0.norm': 'replicate', 'blocks.0.up': 'replicate'" in out.stdout
+    assert "pm.plan reproduces the graph without the pass: True" in out.stdout
+    assert "VERIFIED" in out.stdout
+
+
+@pytest.mark.slow
+def test_gpt2_dryrun_example_round_trips_its_plan(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "examples/gpt2_dryrun.py"), "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "= 256 ranks" in out.stdout and "PLAN ROUND-TRIP OK" in out.stdout
+    assert {p.name for p in tmp_path.iterdir()} == {"gpt2.plan.json", "memory.png", "schedule.png", "graph.svg"}
+
+
+def test_custom_pass_unit_test_from_the_guide():
+    """docs/custom_passes.md, section 5: the pass drops the pinned block's collectives, and pm.plan records it."""
+    import importlib.util
+
+    from fxpar.collectives import COLLECTIVE_OPS
+
+    import fxpar
+
+    spec = importlib.util.spec_from_file_location("custom_pass_example", ROOT / "examples/custom_pass.py")
+    example = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = example  # dataclasses look their module up there
+    spec.loader.exec_module(example)
+    model, (x,) = example.build()
+    before = fxpar.plan(model, {"tp": 2}, example_inputs=(x,))
+    after = fxpar.plan(model, {"tp": 2}, example_inputs=(x,), passes=example.passes_with_pin())
+    count = lambda r: sum(n.target in COLLECTIVE_OPS for n in r.graph_module.graph.nodes)  # noqa: E731
+    assert count(after) < count(before)
+    assert str(after.plan.styles["blocks.0.up"]) == "replicate"
+    with pytest.raises(fxpar.PlanError, match=r"\[keep_replicated\] 'blocks.9.\*' matches no module"):
+        fxpar.plan(model, {"tp": 2}, example_inputs=(x,), passes=[*fxpar.default_passes()[:2],
+                                                                  example.KeepReplicated(("blocks.9.*",)),
+                                                                  *fxpar.default_passes()[2:]])
