@@ -26,7 +26,7 @@ import dataclasses
 import torch
 import torch.fx as fx
 
-from fxpar.collectives import collective_args
+from fxpar.collectives import COLLECTIVE_OPS, collective_args
 from fxpar.pass_manager import PassContext, PassResult, fx_pass
 from fxpar.spec import get_info, set_info
 
@@ -38,21 +38,31 @@ _F = torch.ops.fxpar.grad_all_reduce.default
 @fx_pass(requires=("collectives",), provides=("grad_buckets",))
 def bucket_grad_sync(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     cap = int(ctx.options.get("bucket_bytes", DEFAULT_BUCKET_BYTES))
-    synced: dict[fx.Node, list[str]] = {}
-    for node in list(gm.graph.nodes):
+    # Group every data-parallel f by the parameter it leads to (through any collectives) and dim.
+    groups: dict[tuple[fx.Node, str], list[tuple[fx.Node, bool]]] = {}
+    for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not _F:
             continue
         dim = collective_args(node)["mesh_dim"]
-        # f may sit on top of other f's (a tp one, say) on the way from the parameter
-        param = node.args[0]
-        while param.op == "call_function" and param.target is _F:
-            param = param.args[0]
-        if dim not in DATA_DIMS or param.op != "get_attr":
+        if dim not in DATA_DIMS:
             continue
-        node.replace_all_uses_with(node.args[0])
-        gm.graph.erase_node(node)
-        if dim not in synced.setdefault(param, []):
-            synced[param].append(dim)
+        base, only_f = node.args[0], True
+        while base.op == "call_function" and base.target in COLLECTIVE_OPS:
+            only_f = only_f and base.target is _F
+            base = base.args[0]
+        if base.op == "get_attr":
+            groups.setdefault((base, dim), []).append((node, only_f))
+    # A parameter is synced by the runtime on a dim only if every f of it on that dim sits directly on
+    # it: an f behind another collective (a local slice for a tensor-parallel use of a tied weight)
+    # reduces its own contribution already, and the runtime would sum that part a second time.
+    synced: dict[fx.Node, list[str]] = {}
+    for (param, dim), fs in groups.items():
+        if not all(only_f for _, only_f in fs):
+            continue
+        for node, _ in fs:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+        synced.setdefault(param, []).append(dim)
     if not synced:
         return PassResult(gm, False)
     # The backward produces gradients roughly in reverse order of first use.
