@@ -27,18 +27,26 @@ import gc
 import math
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor.debug import CommDebugMode
-from torch.distributed.tensor.debug._comm_mode import c10d_collective_ops
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.models import ring_bytes
 
+# CommDebugMode's module tracker hooks every module, including the `_guards_fn` submodule of exported
+# graphs (which returns None) and graphs whose inputs need no gradient: torch warns once per such module
+# and rank. Nothing is wrong.
+warnings.filterwarnings("ignore", message="For backward hooks to be called")
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
 __all__ = [
     "Variant",
+    "Phases",
     "interleave",
     "aggregate",
     "pair_stats",
@@ -89,7 +97,7 @@ def interleave(variants: list[Variant], *, warmup: int, iters: int) -> dict[str,
                 v.run()
                 t1, c1 = time.perf_counter(), time.process_time()
                 out[v.name].append((t1 - t0, c1 - c0))
-            gc.collect()
+            gc.collect(1)  # young generations only: a full collection costs ~0.5 s with torch loaded
     finally:
         gc.enable()
     return out
@@ -130,6 +138,19 @@ def pair_stats(times: dict[str, dict[str, list[float]]], a: str, b: str) -> dict
         out[f"{kind}_p90"] = percentile(ratios, 90)
     out["n"] = len(times[a]["wall"])
     return out
+
+
+class Phases:
+    """Wall seconds of a section's phases on this rank (`mark(name)` closes the phase named)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._t
+        self._t = now
 
 
 # --------------------------------------------------------------------------- communication bytes
@@ -219,12 +240,31 @@ class CommBytesMode(CommDebugMode):
 
     Collectives issued in a backward pass (inside the autograd engine) are
     marked 'backward'. Use like CommDebugMode: `with CommBytesMode() as m: ...`.
+
+    Args:
+        track_modules: enter CommDebugMode's module tracker (per-module counts).
+            Off around `fxpar.parallelize`: the tracker's hooks put an
+            `aten.view_as` at every module boundary of a graph torch.export
+            captures under it, and fxpar's automatic plan then shards nothing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, track_modules: bool = True) -> None:
         super().__init__()
         self.records: list[CommRecordB] = []
         self._fxpar = _fxpar_ops()
+        self._track_modules = track_modules
+
+    def __enter__(self):
+        if self._track_modules:
+            return super().__enter__()
+        self.comm_counts.clear()
+        TorchDispatchMode.__enter__(self)
+        return self
+
+    def __exit__(self, *args):
+        if self._track_modules:
+            return super().__exit__(*args)
+        return TorchDispatchMode.__exit__(self, *args)
 
     def _note(self, op: str, payload: int, n: int) -> None:
         direction = "backward" if torch._C._current_graph_task_id() != -1 else "forward"
@@ -234,6 +274,8 @@ class CommBytesMode(CommDebugMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from torch.distributed.tensor import DTensor
 
+        if isinstance(func, torch._ops.HigherOrderOperator) and not self._track_modules:
+            return func(*args, **(kwargs or {}))
         if not isinstance(func, torch._ops.HigherOrderOperator) and not any(t == DTensor for t in types):
             packet = func._overloadpacket
             spec = _FUNCOL.get(packet) or _C10D.get(packet)
@@ -247,7 +289,11 @@ class CommBytesMode(CommDebugMode):
                 n = args[2] if op in ("all_gather", "reduce_scatter") else (
                     args[3] if op == "all_to_all" else _group_size(args[1]))
                 self._note(op, _nbytes(args[0]), int(n))
-        return super().__torch_dispatch__(func, types, args, kwargs)
+        if self._track_modules:
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        if any(t == DTensor for t in types):
+            return NotImplemented  # let DTensor lower itself to plain collectives, which come back here
+        return func(*args, **(kwargs or {}))
 
 
 def summarize_comms(records: Iterable[Any]) -> dict[str, Any]:

@@ -32,6 +32,8 @@ __all__ = [
     "cross_entropy",
     "torch_tp_plan",
     "megatron_tp_bytes",
+    "live_grad_bytes",
+    "ring_bytes",
     "StageSlice",
 ]
 
@@ -262,7 +264,9 @@ def torch_tp_plan(model: nn.Module, mesh, *, style: str) -> nn.Module:
         style: 'megatron' -- the plan fxpar chooses automatically, written by
             hand: q/k/v and MLP-in colwise, attention and MLP out rowwise, the
             output projection colwise gathered to full logits, a tied token
-            embedding vocab-parallel (rowwise) and replicated otherwise;
+            embedding vocab-parallel (rowwise) and replicated otherwise, and
+            each attention / MLP input prepared as one replicated DTensor (one
+            backward all-reduce per module);
             'torchtitan' -- torchtitan's Llama plan (sequence parallel norms,
             rowwise embedding into sequence shards, colwise output gathered to
             full logits, i.e. loss_parallel off). Llama only.
@@ -284,6 +288,13 @@ def torch_tp_plan(model: nn.Module, mesh, *, style: str) -> nn.Module:
             "lm_head": ColwiseParallel(output_layouts=Replicate()),
         }
         for i in range(len(model.h)):
+            # PrepareModuleInput makes the block input one DTensor shared by q, k and v (and by the MLP's one
+            # colwise layer), so their partial input gradients add up first and are all-reduced once per
+            # module, as Megatron's "f" does; without it every colwise layer all-reduces its own.
+            plan |= {f"h.{i}.attn": PrepareModuleInput(input_layouts=(Replicate(),),
+                                                       desired_input_layouts=(Replicate(),)),
+                     f"h.{i}.mlp": PrepareModuleInput(input_layouts=(Replicate(),),
+                                                      desired_input_layouts=(Replicate(),))}
             plan |= {f"h.{i}.attn.q_proj": ColwiseParallel(), f"h.{i}.attn.k_proj": ColwiseParallel(),
                      f"h.{i}.attn.v_proj": ColwiseParallel(), f"h.{i}.attn.c_proj": RowwiseParallel(),
                      f"h.{i}.mlp.c_fc": ColwiseParallel(), f"h.{i}.mlp.c_proj": RowwiseParallel()}
@@ -294,6 +305,10 @@ def torch_tp_plan(model: nn.Module, mesh, *, style: str) -> nn.Module:
     if style == "megatron":
         plan = {"output": ColwiseParallel(output_layouts=Replicate())}
         for i in model.layers:
+            plan |= {f"layers.{i}.attention": PrepareModuleInput(input_layouts=(Replicate(), None),
+                                                                 desired_input_layouts=(Replicate(), None)),
+                     f"layers.{i}.feed_forward": PrepareModuleInput(input_layouts=(Replicate(),),
+                                                                    desired_input_layouts=(Replicate(),))}
             plan |= {f"layers.{i}.attention.wq": ColwiseParallel(), f"layers.{i}.attention.wk": ColwiseParallel(),
                      f"layers.{i}.attention.wv": ColwiseParallel(), f"layers.{i}.attention.wo": RowwiseParallel(),
                      f"layers.{i}.feed_forward.w1": ColwiseParallel(),
@@ -348,6 +363,18 @@ def megatron_tp_bytes(cfg: ModelConfig, tp: int, *, backward: bool, elt: int = 4
     tied = 1 if cfg.kind == "gpt2" else 0
     n_ar = 2 * cfg.layers + tied + (2 * cfg.layers + 1 if backward else 0)
     return {"all_reduce": n_ar * act, "all_gather": logits_shard, "count": n_ar + 1}
+
+
+def live_grad_bytes(cfg: ModelConfig, param_bytes: int, elt: int = 4) -> int:
+    """Bytes of parameter gradient that can be nonzero in one step: the least a data-parallel step must reduce.
+
+    A learned position table (GPT-2's wpe, max_seq rows) gets gradient only in
+    the rows of the positions used (seq of them); every other parameter's
+    gradient is dense.
+    """
+    if cfg.kind == "gpt2":
+        return param_bytes - (cfg.max_seq - cfg.seq) * cfg.dim * elt
+    return param_bytes
 
 
 def ring_bytes(op: str, payload: int, n: int) -> float:
@@ -407,3 +434,61 @@ class StageSlice(nn.Module):
         for block in self.blocks:
             x = block(x, freqs_cis)
         return self.output(self.norm(x)) if self.last else x
+
+
+# --------------------------------------------------------------------------- sleeping stages
+
+
+@torch.library.custom_op("fxbench::sleep", mutates_args=())
+def sleep(x: torch.Tensor, seconds: float) -> torch.Tensor:
+    """Identity that sleeps `seconds` (forward) and twice that in its backward: a stage with a known cost."""
+    import time
+
+    time.sleep(seconds)
+    return x.clone()
+
+
+@sleep.register_fake
+def _(x, seconds):
+    return torch.empty_like(x)
+
+
+def _sleep_setup(ctx, inputs, output):
+    ctx.seconds = inputs[1]
+
+
+def _sleep_backward(ctx, grad):
+    import time
+
+    time.sleep(2 * ctx.seconds)
+    return grad, None
+
+
+sleep.register_autograd(_sleep_backward, setup_context=_sleep_setup)
+
+
+class SleepBlock(nn.Module):
+    """A tiny linear (so the stage has parameters and a backward) followed by a fixed sleep."""
+
+    def __init__(self, dim: int, seconds: float) -> None:
+        super().__init__()
+        self.lin = nn.Linear(dim, dim)
+        self.seconds = seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.fxbench.sleep(self.lin(x), self.seconds)
+
+
+class SleepNet(nn.Module):
+    """`blocks` SleepBlocks in a row: pipeline stages whose forward takes t_f and backward 2 t_f, CPU-free."""
+
+    def __init__(self, blocks: int, dim: int, seconds: float) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[SleepBlock(dim, seconds) for _ in range(blocks)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return ((out - target) ** 2).mean()

@@ -16,9 +16,12 @@ the passes so far provide (`check_graph(gm, mesh, provided)`):
                   transition between its input's and its output's placements;
                   every communication is an fxpar collective with its backward
                   dual (no raw c10d ops); every Replicate input of an op whose
-                  output is not Replicate on a mesh dim comes through
-                  grad_all_reduce on that dim (DESIGN.md's last duality row: its
-                  gradient is partial on each rank)
+                  output is not Replicate on a mesh dim comes through a
+                  reducing dual on that dim (grad_all_reduce, fsdp_all_gather,
+                  or the runtime's bucketed gradient sync of a parameter:
+                  DESIGN.md's last duality row, its gradient is partial on each
+                  rank), and no partial gradient is reduced twice or a full one
+                  summed again (a gradient scaled by the mesh size)
     local_shapes  the graph runs on local shapes: executed with FakeTensors of
                   each input's and parameter's local shape, every node produces
                   exactly the local shape its spec says (run once per compile,
@@ -26,12 +29,15 @@ the passes so far provide (`check_graph(gm, mesh, provided)`):
     local_params  every parameter and buffer tensor the GraphModule holds has
                   its spec's local shape (ranks with a coordinate only)
 
+Pipelines (`check_pipeline`, from any one rank): the split parent calls its
+stages in stage order, each stage sits on the pp rank torch's schedule runs
+it on, and, given every rank's transfers (`check_p2p`, `pipeline_p2p`),
+every send meets its receive without a deadlock.
+
 Across the ranks of a mesh (`check_ranks(pms)`, e.g. from the simulator):
 every group's members issue the same collectives (op, mesh dim, local shape,
 dtype, and which node) in the same order; every parameter has the same
-placements on all its holders and each shard position of it has an owner;
-and, for pipelines, every send meets its recv under the schedule
-(`check_p2p`).
+placements on all its holders and each shard position of it has an owner.
 """
 
 from __future__ import annotations
@@ -44,8 +50,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
-from torch.distributed.tensor.placement_types import Partial, Placement, Replicate, Shard, _StridedShard
-from torch.utils import _pytree as pytree
+from torch.distributed.tensor.placement_types import Placement, Shard, _StridedShard
 
 from fxpar.collectives import BACKWARD_OF, COLLECTIVE_OPS, collective_args, transition_op
 from fxpar.errors import FxparError, GraphInvariantError, ScheduleError, node_context
@@ -390,20 +395,46 @@ def _may_need_grad(gm: fx.GraphModule) -> set[fx.Node]:
 _REDUCING_DUALS = frozenset({"grad_all_reduce", "fsdp_all_gather"})
 
 
+def _runtime_synced(node: fx.Node) -> tuple[str, ...]:
+    """Mesh dims on which the runtime all-reduces this parameter's gradient after the backward.
+
+    (`bucket_grad_sync` moves data-parallel grad_all_reduce nodes off parameters
+    into `meta["fxpar"].extra["grad_sync"]`; the runtime syncs them in buckets.)
+    """
+    info = get_info(node) if node.op == "get_attr" else None
+    sync = info.extra.get("grad_sync") if info is not None else None
+    return tuple(sync.get("dims", ())) if isinstance(sync, dict) else ()
+
+
 def _reduced_on(node: fx.Node, dim: str) -> bool:
     """Whether `node`'s value reached this use through a reducing dual on mesh dim `dim`.
 
     Collectives on other mesh dims are walked through (their backward commutes
-    with a sum over `dim`); one on `dim` that does not reduce ends the walk.
+    with a sum over `dim`); one on `dim` that does not reduce ends the walk. A
+    parameter whose gradient the runtime syncs on `dim` counts as reduced.
     """
     while _is_collective(node):
         if collective_args(node)["mesh_dim"] == dim:
             return COLLECTIVE_OPS[node.target] in _REDUCING_DUALS
         node = node.args[0]
-    return False
+    return dim in _runtime_synced(node)
 
 
-def _check_grad_duals(gm: fx.GraphModule, mesh: MeshInfo) -> None:
+def _source(node: fx.Node) -> fx.Node:
+    """The value behind a chain of collectives."""
+    while _is_collective(node):
+        node = node.args[0]
+    return node
+
+
+def _only_feeds_output(node: fx.Node) -> bool:
+    """A stage's copy of a value on its way out (contiguous / clone feeding only the output)."""
+    return node.op == "call_function" and bool(node.users) and all(
+        u.op == "output" or _only_feeds_output(u) for u in node.users) and node.target in (
+        torch.ops.aten.contiguous.default, torch.ops.aten.clone.default, torch.ops.aten.alias.default)
+
+
+def _check_grad_duals(gm: fx.GraphModule, mesh: MeshInfo, boundary: frozenset[str] | None = None) -> None:
     """Partial gradients are reduced exactly once: where they arise, and only there.
 
     A Replicate input of an op whose output is not Replicate on mesh dim m gets
@@ -411,6 +442,12 @@ def _check_grad_duals(gm: fx.GraphModule, mesh: MeshInfo) -> None:
     reducing dual on m (grad_all_reduce, or fsdp_all_gather whose backward
     reduce-scatters). Conversely a reducing dual feeding an op whose output is
     Replicate on m would sum full gradients m times over.
+
+    In a pipeline stage (`boundary` given: the names of placeholders fed by
+    other stages) gradients cross the stage edges as they are: a value
+    received from another stage may get its dual there, and one sent on may
+    be used sharded there, so those two ends are not judged here (the
+    unsplit graph was checked before split_stages cut it).
     """
     grads = _may_need_grad(gm)
     for node in gm.graph.nodes:
@@ -427,6 +464,8 @@ def _check_grad_duals(gm: fx.GraphModule, mesh: MeshInfo) -> None:
                     continue
                 if _reduced_on(a, mesh.names[m]):
                     continue
+                if boundary is not None and _source(a).op == "placeholder" and _source(a).name in boundary:
+                    continue
                 out = ", ".join(placements_str(s.placements) for s in _specs_of(info) if s is not None)
                 raise GraphInvariantError(
                     f"{node_context(node)}: consumes %{a.name} as Replicate on mesh dim {mesh.names[m]!r} but its "
@@ -434,10 +473,13 @@ def _check_grad_duals(gm: fx.GraphModule, mesh: MeshInfo) -> None:
                     f"come through fxpar.grad_all_reduce on {mesh.names[m]!r} (identity forward, all-reduce "
                     "backward: the missing dual in the backward). Insert it with "
                     "fxpar.collectives.insert_grad_all_reduce")
+    reducers = []
     for node in gm.graph.nodes:
-        if not _is_collective(node) or COLLECTIVE_OPS[node.target] not in _REDUCING_DUALS:
-            continue
-        dim = collective_args(node)["mesh_dim"]
+        if _is_collective(node) and COLLECTIVE_OPS[node.target] in _REDUCING_DUALS:
+            reducers.append((node, collective_args(node)["mesh_dim"], COLLECTIVE_OPS[node.target]))
+        for dim in _runtime_synced(node):
+            reducers.append((node, dim, "the runtime's gradient sync"))
+    for node, dim, op in reducers:
         m = mesh.names.index(dim) if dim in mesh.names else None
         if m is None:
             continue  # _check_collectives reports it
@@ -447,10 +489,19 @@ def _check_grad_duals(gm: fx.GraphModule, mesh: MeshInfo) -> None:
             if _is_collective(u):
                 if collective_args(u)["mesh_dim"] != dim:
                     frontier.extend(u.users)
+                elif COLLECTIVE_OPS[u.target] in _REDUCING_DUALS:
+                    raise GraphInvariantError(
+                        f"{node_context(u)}: the gradient of %{node.name} is reduced twice on mesh dim {dim!r}: by "
+                        f"{op} at %{node.name} and again by {COLLECTIVE_OPS[u.target]} at %{u.name} downstream of "
+                        f"it (a gradient scaled by {mesh.sizes[m]} on the elements this use touches). Reduce each "
+                        "use's partial gradient exactly once")
                 continue
             u_info = get_info(u)
+            if boundary is not None and u.op == "output":
+                continue  # sent to the next stage, whose use decides
+            if boundary is not None and _only_feeds_output(u):
+                continue
             if u.op == "output" or (u_info is not None and _specs_of(u_info) and _outputs_replicate(u_info, m)):
-                op = COLLECTIVE_OPS[node.target]
                 raise GraphInvariantError(
                     f"{node_context(node)}: {op} on mesh dim {dim!r} feeds %{u.name}, whose output is Replicate on "
                     f"{dim!r}: that use already gives every rank the full gradient, and {op}'s backward sums it "
@@ -597,13 +648,16 @@ def _fetch(gm: fx.GraphModule, target: str):
 # --------------------------------------------------------------------------- entry points
 
 
-def check_graph(gm: fx.GraphModule, mesh: MeshInfo, provided: frozenset[str]) -> None:
+def check_graph(gm: fx.GraphModule, mesh: MeshInfo, provided: frozenset[str], *,
+                boundary: frozenset[str] | None = None) -> None:
     """Checks the invariants of what `provided` says the passes so far have established.
 
     Args:
         gm: a graph module being compiled (or compiled).
         mesh: the mesh it is compiled for.
         provided: the facts provided so far (see the module docstring).
+        boundary: for one stage of a pipeline, the names of its placeholders
+            fed by other stages (None: a whole graph).
 
     Raises:
         GraphInvariantError: naming the first node that breaks an invariant, its
@@ -616,7 +670,7 @@ def check_graph(gm: fx.GraphModule, mesh: MeshInfo, provided: frozenset[str]) ->
         _check_outputs(gm, mesh)
         _check_collectives(gm, mesh)
         _check_rules(gm, mesh)
-        _check_grad_duals(gm, mesh)
+        _check_grad_duals(gm, mesh, boundary)
     if "local_shapes" in provided and "local_params" not in provided:
         # Once per compile, right after shapes are localized (it is the costliest check);
         # check_module runs it again on the finished graph.
@@ -630,6 +684,22 @@ def _graph_modules(pm) -> list[fx.GraphModule]:
     if stages:
         return [getattr(s, "graph_module", s) for s in stages]
     return [pm.graph_module]
+
+
+def _stage_boundaries(pm) -> dict[int, frozenset[str]]:
+    """For a pipelined module: id(stage module) -> names of its placeholders fed by other stages."""
+    if getattr(pm, "stage_modules", None) is None:
+        return {}
+    parent = pm.graph_module
+    out = {}
+    for call in parent.graph.nodes:
+        if call.op != "call_module" or not str(call.target).startswith("stage_"):
+            continue
+        stage = parent.get_submodule(str(call.target))
+        holders = [n for n in stage.graph.nodes if n.op == "placeholder"]
+        fed = {h.name for h, a in zip(holders, call.args) if not (isinstance(a, fx.Node) and a.op == "placeholder")}
+        out[id(stage)] = frozenset(fed)
+    return out
 
 
 def _local_signature(gm: fx.GraphModule, mesh: MeshInfo) -> tuple:
@@ -694,8 +764,9 @@ def check_module(pm, *, _seen: set | None = None) -> None:
         ScheduleError: for a pipeline whose stages or transfers do not fit together.
     """
     check_pipeline(pm)
+    boundaries = _stage_boundaries(pm)
     for gm in _graph_modules(pm):
-        check_graph(gm, pm.mesh_info, ALL_FACTS)
+        check_graph(gm, pm.mesh_info, ALL_FACTS, boundary=boundaries.get(id(gm)))
         if _seen is not None:
             # Ranks whose graphs differ only in group names and parameter values share one local run.
             key = _local_signature(gm, pm.mesh_info)

@@ -21,7 +21,10 @@ sum over the batch. With u the dtype's unit roundoff:
     atol = max(base_atol(dtype), 8 u sqrt(F)) x max |reference|
 
 `base` is 1e-10 relative for float64 (DESIGN.md's bar; a wrong collective is
-off by O(1)) and torch.testing's defaults for lower precisions. `atol` is
+off by O(1)) and torch.testing's defaults for lower precisions. The dtype is
+the working precision: the least precise dtype any value of the graph is
+computed in (`working_dtype`; a float64 model with a complex64 rotary table
+computes at float32 precision in part), if that is below the tensor's own. `atol` is
 scaled by the reference's largest magnitude so that tiny entries next to
 large ones (cancellation) do not fail on rounding alone. `fan_in(gm)`
 computes F from the rewritten graph.
@@ -54,7 +57,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from fxpar.errors import FxparError, _user_frame
 from fxpar.spec import TensorSpec, get_info, placements_str, size_hint
 
-__all__ = ["TensorReport", "VerifyReport", "BisectResult", "verify", "default_tolerances", "fan_in"]
+__all__ = ["TensorReport", "VerifyReport", "BisectResult", "verify", "default_tolerances", "fan_in", "working_dtype"]
 
 _CAPTURE_LOCK = threading.Lock()
 
@@ -76,6 +79,28 @@ def default_tolerances(dtype: torch.dtype, fan_in: int = 1) -> tuple[float, floa
         return base_rtol, base_atol
     rounding = 8 * torch.finfo(dtype).eps / 2 * math.sqrt(max(fan_in, 1))
     return max(base_rtol, rounding), max(base_atol, rounding)
+
+
+_COMPLEX_PART = {torch.complex32: torch.float16, torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
+def working_dtype(gm: fx.GraphModule) -> torch.dtype | None:
+    """The least precise floating-point (or complex) dtype any value of `gm` is computed in.
+
+    A float64 model that keeps a complex64 buffer (rotary tables) computes
+    part of its values at float32 precision; its float64 outputs can only be
+    held to float32's tolerances.
+    """
+    worst = None
+    for node in gm.graph.nodes:
+        vals = node.meta.get("val")
+        for v in vals if isinstance(vals, (tuple, list)) else (vals,):
+            if not isinstance(v, torch.Tensor):
+                continue
+            dt = _COMPLEX_PART.get(v.dtype, v.dtype)
+            if dt.is_floating_point and (worst is None or torch.finfo(dt).eps > torch.finfo(worst).eps):
+                worst = dt
+    return worst
 
 
 def _numel(shape) -> int:
@@ -223,7 +248,7 @@ class VerifyReport:
 
 
 def _compare(name: str, got: Any, want: Any, rtol: float | None, atol: float | None,
-             fan: int = 1) -> TensorReport:
+             fan: int = 1, working: torch.dtype | None = None) -> TensorReport:
     if got is None or want is None:
         ok = got is None and want is None
         return TensorReport(name, 0.0 if ok else float("inf"), 0.0 if ok else float("inf"), ok,
@@ -234,12 +259,15 @@ def _compare(name: str, got: Any, want: Any, rtol: float | None, atol: float | N
     if tuple(got.shape) != tuple(want.shape):
         return TensorReport(name, float("inf"), float("inf"), False,
                             f"shape {tuple(got.shape)} != {tuple(want.shape)}")
-    d_rtol, d_atol = default_tolerances(want.dtype, fan)
+    if want.is_complex():  # compare real and imaginary parts, at the real dtype's tolerance
+        got, want = torch.view_as_real(got.detach().resolve_conj()), torch.view_as_real(want.detach().resolve_conj())
+    dtype = want.dtype
+    if working is not None and dtype.is_floating_point and torch.finfo(working).eps > torch.finfo(dtype).eps:
+        dtype = working  # computed at lower precision than it is stored in
+    d_rtol, d_atol = default_tolerances(dtype, fan)
     rtol = d_rtol if rtol is None else rtol
     atol = d_atol if atol is None else atol
     g, w = got.detach().to(torch.float64), want.detach().to(torch.float64)
-    if not w.is_floating_point() and not w.is_complex():
-        g, w = g.double(), w.double()
     diff = (g - w).abs()
     if diff.numel() == 0:
         return TensorReport(name, 0.0, 0.0, True)
@@ -320,11 +348,16 @@ def verify(model: nn.Module, pm: nn.Module, *inputs: Any, target: Any = None, lo
         FxparError: with `strict=True`, when anything differs.
     """
     ref = copy.deepcopy(model)
-    fan = max([fan_in(gm) for gm in _graph_modules(pm)] or [1])
+    gms = _graph_modules(pm)
+    fan = max([fan_in(gm) for gm in gms] or [1])
+    working = None
+    for dt in (working_dtype(gm) for gm in gms):
+        if dt is not None and (working is None or torch.finfo(dt).eps > torch.finfo(working).eps):
+            working = dt
     reports: list[TensorReport] = []
 
     def compare(name: str, got: Any, want: Any) -> None:
-        reports.append(_compare(name, got, want, rtol, atol, fan))
+        reports.append(_compare(name, got, want, rtol, atol, fan, working))
 
     full_fn = getattr(pm, "full_state_dict", None)
     if full_fn is not None:
@@ -372,7 +405,7 @@ def verify(model: nn.Module, pm: nn.Module, *inputs: Any, target: Any = None, lo
 
     found = None
     if bisect:
-        found = _bisect(model, pm, inputs, kwargs, target, loss_fn, loss_reduction, rtol, atol, fan)
+        found = _bisect(model, pm, inputs, kwargs, target, loss_fn, loss_reduction, rtol, atol, fan, working)
     report = VerifyReport(tuple(reports), found, fan)
     if strict and not report.ok:
         raise FxparError(str(report))
@@ -406,6 +439,29 @@ class _Recorder(fx.Interpreter):
         flat = tree_flatten_spec((list(args), dict(kwargs)), in_spec)
         out = self.run(*flat, enable_io_processing=False)
         return pytree.tree_unflatten(list(out), out_spec)
+
+
+def _whole_outputs(gm: fx.GraphModule, mesh, out: Any) -> Any:
+    """The graph's outputs gathered where it leaves them sharded (batch-sharded data parallel), differentiably.
+
+    As the runtime's forward does; the gather's dual slices the gradient back, so
+    a loss on the whole outputs backpropagates exactly as the original's.
+    """
+    node = next(n for n in gm.graph.nodes if n.op == "output")
+    info = get_info(node)
+    placements = list(info.input_placements) if info is not None and info.input_placements else []
+    leaves, spec = pytree.tree_flatten(out)
+    it = iter(placements)
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        places = next(it, None)
+        for m in reversed(range(mesh.ndim)) if places is not None else ():
+            p = places[m]
+            if p is not None and not p.is_replicate() and not p.is_partial() and mesh.sizes[m] > 1:
+                leaf = torch.ops.fxpar.all_gather(leaf, p.dim, mesh.sizes[m], mesh.group_name(m), mesh.names[m])
+        leaves[i] = leaf
+    return pytree.tree_unflatten(leaves, spec)
 
 
 def _logical(node: fx.Node) -> fx.Node:
@@ -446,9 +502,14 @@ def _grad_placements(node: fx.Node, spec: TensorSpec, mesh) -> tuple | None:
 
     from fxpar.collectives import COLLECTIVE_OPS
 
+    from fxpar.invariants import _runtime_synced
+
+    synced = _runtime_synced(node)
     out = []
     for m, p in enumerate(spec.placements):
-        if p.is_partial():
+        if mesh.names[m] in synced:
+            out.append(Replicate())  # the runtime all-reduced this parameter's gradient after the backward
+        elif p.is_partial():
             out.append(Replicate())  # the gradient of a sum flows to every term whole
         elif not p.is_replicate():
             out.append(p)
@@ -476,7 +537,9 @@ def _node_target(node: fx.Node) -> str:
     if node.op != "call_function":
         return f"{node.op} {t}"
     s = str(t)
-    return s.replace("torch.ops.", "", 1) if s.startswith("torch.ops.") else getattr(t, "__name__", s)
+    if hasattr(t, "_schema"):  # an OpOverload prints as 'aten.mul.Tensor'
+        return s.replace("torch.ops.", "", 1)
+    return getattr(t, "__name__", s)
 
 
 def _result(node: fx.Node, direction: str, placements, report: TensorReport, compared: int,
@@ -495,11 +558,13 @@ def _result(node: fx.Node, direction: str, placements, report: TensorReport, com
         local_shape=tuple(size_hint(s) for s in spec.local_shape), shape=tuple(size_hint(s) for s in spec.shape),
         origin=origin, module=info.module_fqn if info is not None else "", source=_user_frame(node),
         max_abs=report.max_abs, max_rel=report.max_rel, inputs=tuple(ins),
-        users=tuple(f"%{u.name} ({_node_target(u)})" for u in node.users), compared=compared)
+        users=tuple(f"%{u.name} ({_node_target(u)})" for u in node.users
+                    if not (u.op == "call_module" and str(u.target).startswith("_guards"))), compared=compared)
 
 
 def _bisect(model: nn.Module, pm: nn.Module, inputs: tuple, kwargs: dict, target: Any, loss_fn: Callable | None,
-            loss_reduction: str, rtol: float | None, atol: float | None, fan: int) -> BisectResult:
+            loss_reduction: str, rtol: float | None, atol: float | None, fan: int,
+            working: torch.dtype | None) -> BisectResult:
     from fxpar.capture import capture
 
     gms = _graph_modules(pm)
@@ -516,7 +581,7 @@ def _bisect(model: nn.Module, pm: nn.Module, inputs: tuple, kwargs: dict, target
         ref_run, par_run = _Recorder(ref_gm, grads=grads), _Recorder(gm, grads=grads)
         ref_in, par_in = (_grad_inputs(inputs), _grad_inputs(inputs)) if grads else (inputs, inputs)
         ref_out = ref_run.run_module(ref_in, kwargs)
-        par_out = par_run.run_module(par_in, kwargs)
+        par_out = _whole_outputs(gm, mesh, par_run.run_module(par_in, kwargs))
         if grads:
             loss_fn(ref_out, target).backward()
             loss_fn(par_out, target).backward()
@@ -524,14 +589,15 @@ def _bisect(model: nn.Module, pm: nn.Module, inputs: tuple, kwargs: dict, target
     def tol_compare(name, copies, want) -> TensorReport:
         worst = None
         for c in copies:
-            r = _compare(name, c, want, rtol, atol, fan)
+            r = _compare(name, c, want, rtol, atol, fan, working)
             if worst is None or (not r.ok and worst.ok) or (r.ok == worst.ok and r.max_rel > worst.max_rel):
                 worst = r
         return worst
 
     compared = 0
     first: BisectResult | None = None
-    nodes = [n for n in gm.graph.nodes if n.op in ("placeholder", "get_attr", "call_function")]
+    # Unused get_attr nodes keep no maintained spec (a tied weight's other name): skip them.
+    nodes = [n for n in gm.graph.nodes if n.op in ("placeholder", "call_function") or n.op == "get_attr" and n.users]
     for node in nodes:
         info = get_info(node)
         spec = info.spec if info is not None else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import gc
 
 import pytest
 import torch
@@ -78,10 +79,17 @@ def _mlp_step(names, layout: str) -> dict:
     rank = dist.get_rank()
     local = (x.chunk(n)[rank], target.chunk(n)[rank]) if layout == "local" else (x, target)
     pm = fxpar.parallelize(model, mesh, example_inputs=(local[0],), input_layout=layout)
-    reset_peak_gathered_bytes()
-    with fxpar.count_comms() as comms:
-        loss = pm.step(local[0], target=local[1], loss_fn=mse)
-    peak = peak_gathered_bytes()
+    # The garbage collector's timing depends on what ran before in this rank process; the gathered
+    # parameters are freed by reference counting, so measure with it paused.
+    gc.collect()
+    gc.disable()
+    try:
+        reset_peak_gathered_bytes()
+        with fxpar.count_comms() as comms:
+            loss = pm.step(local[0], target=local[1], loss_fn=mse)
+        peak = peak_gathered_bytes()
+    finally:
+        gc.enable()
     ref = copy.deepcopy(model)
     ref_loss = mse(ref(x), target)
     ref_loss.backward()

@@ -8,10 +8,12 @@
         check_case(case, passes=my_passes())     # every rank simulated in this process
 
 A case is plain data (picklable, printable, shrinkable): a mesh
-(`{"tp": 4}`), a `ModelSpec` drawn from a grammar of blocks, a plan
-(automatic, explicit styles per module, or both), the batch shape and a seed.
-`build_model(spec)` turns a spec into an `nn.Module` whose module FQNs are
-the ones plans name (`blocks.0.up`, `blocks.1.attn.q`, `embed`, `head`).
+(`(("dp", 2), ("tp", 2))`), a `ModelSpec` drawn from a grammar of blocks, a
+plan (automatic, explicit styles per module, or both; pipeline cut points on
+a pp mesh), the batch shape and a seed. `build_model(spec)` turns a spec into
+an `nn.Module` whose module FQNs are the ones plans name (`blocks.0.up`,
+`blocks.1.q`, `embed`, `head`). `check_case` runs a case on the simulator;
+pp meshes need real ranks (tests/test_property_gloo.py runs them there).
 
     model  := [embedding] block+ [head]
     block  := mlp | gated_mlp | linear | norm | attention | parallel_mlps
@@ -20,10 +22,10 @@ the ones plans name (`blocks.0.up`, `blocks.1.attn.q`, `embed`, `head`).
 
 What is drawn follows what fxpar supports, so the suite grows as features
 land: mesh dims are drawn only from `fxpar.api._SUPPORTED_DIMS` (1-D to 3-D
-meshes once dp, fsdp or pp are supported), and a block kind is drawn only if
-the ops it lowers to have sharding rules (`capabilities()`, which reads
-`fxpar.rules.has_rule`). A test can pin the capability set with
-`cases(capabilities=...)`.
+meshes), minus pairs not supported together yet (`_NOT_TOGETHER`: pp with
+dp or fsdp), and a block kind is drawn only if the ops it lowers to have
+sharding rules (`capabilities()`, which reads `fxpar.rules.has_rule`). A test
+can pin the capability set with `cases(capabilities=...)`.
 
 A plan that asks to shard a dimension the mesh does not divide must raise
 the documented error (`ShardingError: ... does not divide by tp=N`);
@@ -56,6 +58,7 @@ __all__ = [
     "build_model",
     "make_inputs",
     "check_case",
+    "CaseResult",
     "GrammarModel",
 ]
 
@@ -184,6 +187,7 @@ class Case:
         auto: with an explicit plan, plan the rest automatically too.
         batch: the input's leading dims ((B,) or (B, T)).
         seed: seeds the model's weights and the inputs.
+        pp_cuts: for a pp mesh, the blocks stages start at (one stage per pp rank).
     """
 
     mesh: tuple[tuple[str, int], ...]
@@ -192,6 +196,7 @@ class Case:
     auto: bool = False
     batch: tuple[int, ...] = (2, 3)
     seed: int = 0
+    pp_cuts: tuple[int, ...] = ()
 
     @property
     def mesh_dict(self) -> dict[str, int]:
@@ -201,9 +206,10 @@ class Case:
         """The plan as `fxpar.parallelize` takes it."""
         import fxpar
 
+        pp = [f"blocks.{i}" for i in self.pp_cuts] or None
         if self.plan is None:
-            return None
-        return fxpar.Plan(tp=dict(self.plan), auto_tp=self.auto)
+            return fxpar.Plan(pp=pp, auto_tp=True) if pp else None
+        return fxpar.Plan(tp=dict(self.plan), pp=pp, auto_tp=self.auto)
 
     @property
     def expected_error(self) -> str | None:
@@ -226,12 +232,16 @@ class Case:
         return None
 
 
-MeshSpec = tuple  # ((name, size), ...): hashable and ordered
+MeshSpec = tuple
+"""A mesh as drawn: ((name, size), ...), hashable and in mesh order."""
 
 
 # --------------------------------------------------------------------------- strategies
 
 _MESH_ORDER = ("dp", "fsdp", "pp", "tp")
+
+# Mesh dims fxpar supports one by one but not yet together (parallelize raises PlanError for them).
+_NOT_TOGETHER = frozenset({("dp", "pp"), ("fsdp", "pp")})
 
 
 @st.composite
@@ -249,7 +259,12 @@ def meshes(draw, *, caps: frozenset[str] | None = None, dims: Sequence[str] | No
     if not dims:
         raise ValueError("no mesh dim to draw: capabilities() has no 'mesh:<dim>' among the dims asked for")
     chosen = draw(st.lists(st.sampled_from(dims), min_size=1, max_size=min(max_dims, len(dims)), unique=True))
+    if "tp" in dims and "tp" not in chosen and len(chosen) < max_dims and draw(st.booleans()):
+        chosen.append("tp")  # tensor parallelism has the most to get wrong: draw it in about 3 of 4 meshes
     chosen = [d for d in _MESH_ORDER if d in chosen]
+    for a, b in _NOT_TOGETHER:
+        if a in chosen and b in chosen:
+            chosen.remove(b)
     out, world = [], 1
     for d in chosen:
         options = [s for s in sizes if world * s <= max_world]
@@ -270,7 +285,7 @@ def blocks(draw, dim: int, *, caps: frozenset[str]) -> BlockSpec:
     """One block for width `dim`, of a kind `caps` allows."""
     kinds = [k for k in ("mlp", "gated_mlp", "linear", "layer_norm", "rms_norm", "parallel_mlps") if k in caps]
     if "attention" in caps or "eager_attention" in caps:
-        kinds.append("attention")
+        kinds += ["attention", "attention"]  # the richest block: drawn twice as often
     kind = draw(st.sampled_from(kinds))
     residual = draw(st.booleans())
     if kind in ("mlp", "gated_mlp", "parallel_mlps"):
@@ -290,11 +305,11 @@ def blocks(draw, dim: int, *, caps: frozenset[str]) -> BlockSpec:
 
 
 @st.composite
-def model_specs(draw, *, caps: frozenset[str] | None = None, max_blocks: int = 3) -> ModelSpec:
+def model_specs(draw, *, caps: frozenset[str] | None = None, max_blocks: int = 3, min_blocks: int = 1) -> ModelSpec:
     """A model from the grammar, using only block kinds `caps` allows."""
     caps = capabilities() if caps is None else caps
     dim = draw(st.sampled_from(_WIDTHS))
-    bs = tuple(draw(st.lists(blocks(dim, caps=caps), min_size=1, max_size=max_blocks)))
+    bs = tuple(draw(st.lists(blocks(dim, caps=caps), min_size=min_blocks, max_size=max(max_blocks, min_blocks))))
     vocab = head = 0
     tied = False
     if "embedding" in caps and draw(st.booleans()):
@@ -329,11 +344,11 @@ def plans(draw, spec: ModelSpec, mesh: dict[str, int] | None = None
 def batch_shapes(spec: ModelSpec, mesh: dict[str, int] | None = None):
     """The inputs' leading dims: (B, T) for sequence models, else (B,), (B, T) or (B, T, S).
 
-    With a dp or fsdp mesh dim, the batch is drawn divisible by it (non-divisible
-    batches are the data-parallel work's to define).
+    With dp, fsdp or pp mesh dims, the batch is drawn divisible by their product
+    (data-parallel shards; a pipeline's default microbatches, one per stage).
     """
     mesh = mesh or {}
-    step = math.prod(mesh.get(d, 1) for d in ("dp", "fsdp"))
+    step = math.prod(mesh.get(d, 1) for d in ("dp", "fsdp", "pp"))
     b = st.sampled_from([step * k for k in (1, 2, 3)])
     t = st.sampled_from((1, 3, 4))
     if spec.needs_sequence:
@@ -354,11 +369,16 @@ def cases(draw, *, capabilities: frozenset[str] | None = None, mesh_dims: Sequen
     """
     caps = globals()["capabilities"]() if capabilities is None else capabilities
     mesh = draw(meshes(caps=caps, dims=mesh_dims, max_world=max_world))
-    spec = draw(model_specs(caps=caps, max_blocks=max_blocks))
+    stages = dict(mesh).get("pp", 1)
+    spec = draw(model_specs(caps=caps, max_blocks=max_blocks, min_blocks=stages))
     plan, auto = draw(plans(spec, dict(mesh)))
     batch = draw(batch_shapes(spec, dict(mesh)))
     seed = draw(st.integers(0, 2**16))
-    return Case(mesh, spec, plan, auto, batch, seed)
+    cuts = ()
+    if stages > 1:  # one stage per pp rank, starting at these blocks
+        cuts = tuple(sorted(draw(st.lists(st.integers(1, len(spec.blocks) - 1), min_size=stages - 1,
+                                          max_size=stages - 1, unique=True))))
+    return Case(mesh, spec, plan, auto, batch, seed, cuts)
 
 
 # --------------------------------------------------------------------------- models
