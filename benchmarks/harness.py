@@ -28,7 +28,7 @@ import math
 import statistics
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -51,7 +51,7 @@ __all__ = [
     "aggregate",
     "pair_stats",
     "CommBytesMode",
-    "CommRecordB",
+    "CollectiveRecord",
     "summarize_comms",
     "fxpar_comms",
     "tensor_bytes",
@@ -157,7 +157,7 @@ class Phases:
 
 
 @dataclass(frozen=True)
-class CommRecordB:
+class CollectiveRecord:
     """One collective as a rank issued it."""
 
     op: str  # all_reduce, all_gather, reduce_scatter, all_to_all, broadcast, scatter, send, recv
@@ -250,7 +250,7 @@ class CommBytesMode(CommDebugMode):
 
     def __init__(self, *, track_modules: bool = True) -> None:
         super().__init__()
-        self.records: list[CommRecordB] = []
+        self.records: list[CollectiveRecord] = []
         self._fxpar = _fxpar_ops()
         self._track_modules = track_modules
 
@@ -269,7 +269,7 @@ class CommBytesMode(CommDebugMode):
     def _note(self, op: str, payload: int, n: int) -> None:
         direction = "backward" if torch._C._current_graph_task_id() != -1 else "forward"
         sent = 0.0 if op == "recv" else ring_bytes(op, payload, n)
-        self.records.append(CommRecordB(op, payload, sent, n, direction))
+        self.records.append(CollectiveRecord(op, payload, sent, n, direction))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from torch.distributed.tensor import DTensor
@@ -297,7 +297,7 @@ class CommBytesMode(CommDebugMode):
 
 
 def summarize_comms(records: Iterable[Any]) -> dict[str, Any]:
-    """Totals of a list of CommRecordB: count, payload and sent bytes, by direction and op."""
+    """Totals of a list of CollectiveRecord: count, payload and sent bytes, by direction and op."""
     records = list(records)
     out: dict[str, Any] = {"count": 0, "payload": 0, "sent": 0.0, "by_op": {}}
     for r in records:
@@ -314,9 +314,9 @@ def summarize_comms(records: Iterable[Any]) -> dict[str, Any]:
     return out
 
 
-def fxpar_comms(records: Iterable[Any], n: int) -> list[CommRecordB]:
-    """fxpar's own counter's records (fxpar.count_comms) as CommRecordB, all on groups of n ranks."""
-    return [CommRecordB(r.op, r.nbytes, ring_bytes(r.op, r.nbytes, n), n, r.direction) for r in records]
+def fxpar_comms(records: Iterable[Any], n: int) -> list[CollectiveRecord]:
+    """fxpar's own counter's records (fxpar.count_comms) as CollectiveRecord, all on groups of n ranks."""
+    return [CollectiveRecord(r.op, r.nbytes, ring_bytes(r.op, r.nbytes, n), n, r.direction) for r in records]
 
 
 # --------------------------------------------------------------------------- memory from the tensors
@@ -345,7 +345,3 @@ def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
 def optimizer_bytes(opt: torch.optim.Optimizer) -> int:
     """Bytes of an optimizer's state tensors (Adam: exp_avg and exp_avg_sq; the step counters)."""
     return tensor_bytes(v for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor))
-
-
-def record_dict(r: Any) -> dict:
-    return asdict(r)

@@ -156,7 +156,7 @@ def notes(res: dict) -> list[str]:
                 largest = ", ".join(f"{name} {_b(b)}" for name, b in fx.get("replicated_largest", []))
                 best = min(v["params"] for v in m["memory"].values())
                 out.append(f"TP {m['kind']} memory: {_b(fx['replicated'])} of fxpar's {_b(fx['params'])} per rank stay "
-                           f"replicated ({largest or 'see results.json'}), against total / {n} = "
+                           f"replicated{f' ({largest})' if largest else ''}, against total / {n} = "
                            f"{_b(m['model_bytes'] / n)}; the smallest plan measured holds {_b(best)} per rank.")
             for side, mem in m["memory"].items():
                 if mem["grads"] > 1.01 * mem["params"]:
@@ -455,8 +455,9 @@ def write_markdown(res: dict, path: Path) -> None:
     if res.get("compile"):
         out += _compile_lines(res["compile"])
     out += _memory_lines(res)
-    if res.get("notes"):
-        out += ["## Notes", ""] + [f"- {n}" for n in res["notes"]] + [""]
+    observed = notes(res)
+    if observed:
+        out += ["## Notes", ""] + [f"- {n}" for n in observed] + [""]
     out += ["## Reproduce", "", "```bash", "pip install -e '.[test,bench]'",
             "python -m benchmarks                                # everything: about 10-15 min on 2 idle cores",
             "python -m benchmarks --sections compile --update    # re-measure one section, keep the others",
@@ -564,6 +565,7 @@ def write_plot(res: dict, path: Path) -> bool:
         ax.plot(nodes, [n * 50e-6 for n in nodes], "r:", label="target 50 ms / 1,000 nodes")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("graph nodes")
         ax.set_ylabel("seconds")
         ax.legend(fontsize=7)

@@ -4,6 +4,7 @@
     python -m benchmarks --quick         # tiny sizes, seconds (the smoke test); writes to a temporary folder
     python benchmarks/run.py --sections tp,compile --out /tmp/bench
     python -m benchmarks --sections compile --update   # re-measure one section, keep the others
+    python -m benchmarks --report-only                 # rewrite RESULTS.md / results.png from results.json
 
 Sections (each a module here): tp (1), pp (2), dp (3), compile (4); memory
 (5) is assembled from what tp and dp measured. Ranks are one pool of 4 gloo
