@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import fxpar
-from fxpar.collectives import peak_gathered_bytes, reset_peak_gathered_bytes
+from fxpar.collectives import gathered_param_bytes, peak_gathered_bytes, reset_peak_gathered_bytes
 from fxpar.testing import rank_pool
 from models import MLPStack, mse
 
@@ -85,9 +85,10 @@ def _mlp_step(names, layout: str) -> dict:
     gc.disable()
     try:
         reset_peak_gathered_bytes()
+        baseline = gathered_param_bytes()  # anything an earlier test in this rank process left alive
         with fxpar.count_comms() as comms:
             loss = pm.step(local[0], target=local[1], loss_fn=mse)
-        peak = peak_gathered_bytes()
+        peak = peak_gathered_bytes() - baseline
     finally:
         gc.enable()
     ref = copy.deepcopy(model)
