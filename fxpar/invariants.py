@@ -31,8 +31,11 @@ the passes so far provide (`check_graph(gm, mesh, provided)`):
 
 Pipelines (`check_pipeline`, from any one rank): the split parent calls its
 stages in stage order, each stage sits on the pp rank torch's schedule runs
-it on, and, given every rank's transfers (`check_p2p`, `pipeline_p2p`),
-every send meets its receive without a deadlock.
+it on, every activation crossing a cut has the same placements and local
+shape on both sides (and the final outputs are whole), and, given every
+rank's transfers (`check_p2p`, `pipeline_p2p`), every send meets its receive
+without a deadlock. Gradients cross cuts as they are, so the dual checks
+leave a stage's received inputs and sent outputs to the unsplit graph's check.
 
 Across the ranks of a mesh (`check_ranks(pms)`, e.g. from the simulator):
 every group's members issue the same collectives (op, mesh dim, local shape,
@@ -256,7 +259,11 @@ def _check_outputs(gm: fx.GraphModule, mesh: MeshInfo) -> None:
     out = next((n for n in gm.graph.nodes if n.op == "output"), None)
     if out is None:
         return
-    for a in tensor_args(out):
+    _check_outputs_of(tensor_args(out), mesh)
+
+
+def _check_outputs_of(values: Sequence[fx.Node], mesh: MeshInfo) -> None:
+    for a in values:
         info = get_info(a)
         spec = info.spec if info is not None else None
         # A batch-sharded output may stay sharded on the data-parallel dims (the runtime gathers it).
@@ -667,7 +674,8 @@ def check_graph(gm: fx.GraphModule, mesh: MeshInfo, provided: frozenset[str], *,
         _check_specs(gm, mesh)
     if "collectives" in provided:
         _check_edges(gm, mesh)
-        _check_outputs(gm, mesh)
+        if boundary is None:  # a stage's outputs go to the next stage: check_pipeline matches them
+            _check_outputs(gm, mesh)
         _check_collectives(gm, mesh)
         _check_rules(gm, mesh)
         _check_grad_duals(gm, mesh, boundary)
@@ -751,9 +759,52 @@ def check_pipeline(pm) -> None:
                     f"stage {st.index} ({st.first_module}..{st.last_module}) is assigned to pp rank {st.rank}, but "
                     f"torch's '{split.schedule}' schedule runs it on pp rank {placed.get(st.index)}: the ranks would "
                     "send activations to a stage that is not there (deadlock)")
+    _check_stage_edges(pm)
     p2p = getattr(pm, "p2p_schedule", None)
     if callable(p2p):
         check_p2p(p2p())
+
+
+def _stage_value(stage: fx.GraphModule, index: int) -> fx.Node | None:
+    """The node a stage returns at flat output position `index`."""
+    out = next((n for n in stage.graph.nodes if n.op == "output"), None)
+    if out is None:
+        return None
+    flat = [a for a in (out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],))]
+    return flat[index] if index < len(flat) and isinstance(flat[index], fx.Node) else None
+
+
+def _check_stage_edges(pm) -> None:
+    """Every activation crossing a cut has the same placements and local shape on both sides."""
+    parent = pm.graph_module
+    mesh = pm.mesh_info
+    for call in parent.graph.nodes:
+        if call.op != "call_module" or not str(call.target).startswith("stage_"):
+            continue
+        consumer = parent.get_submodule(str(call.target))
+        holders = [n for n in consumer.graph.nodes if n.op == "placeholder"]
+        for holder, arg in zip(holders, call.args):
+            if not (isinstance(arg, fx.Node) and arg.target is operator.getitem
+                    and arg.args[0].op == "call_module"):
+                continue
+            producer = parent.get_submodule(str(arg.args[0].target))
+            sent = _stage_value(producer, arg.args[1])
+            a, b = (get_info(sent) if sent is not None else None), get_info(holder)
+            if a is None or b is None or not isinstance(a.spec, TensorSpec) or not isinstance(b.spec, TensorSpec):
+                continue
+            if tuple(a.spec.placements) != tuple(b.spec.placements) or \
+                    not _same_shape(a.spec.local_shape, b.spec.local_shape):
+                raise ScheduleError(
+                    f"{arg.args[0].target} sends %{sent.name} as {placements_str(a.spec.placements)} local "
+                    f"{list(a.spec.local_shape)} but {call.target} receives it as %{holder.name} "
+                    f"{placements_str(b.spec.placements)} local {list(b.spec.local_shape)}: the stages disagree on "
+                    "an activation crossing the cut")
+    out = next((n for n in parent.graph.nodes if n.op == "output"), None)
+    for arg in (out.all_input_nodes if out is not None else ()):
+        if arg.target is operator.getitem and arg.args[0].op == "call_module":
+            sent = _stage_value(parent.get_submodule(str(arg.args[0].target)), arg.args[1])
+            if sent is not None:
+                _check_outputs_of([sent], mesh)
 
 
 def check_module(pm, *, _seen: set | None = None) -> None:

@@ -174,3 +174,22 @@ def test_p2p_matching_accepts_blocking_pairs_in_a_consistent_order_and_reports_o
     orphan = {0: [P2POp("send", 1, ("act", 0), t, blocking=False)], 1: []}
     with pytest.raises(fxpar.ScheduleError, match=r"rank 0 sends \('act', 0\) to rank 1, which never receives it"):
         check_p2p(orphan)
+
+
+def test_pipeline_stages_must_agree_on_the_activations_crossing_a_cut(make_fake_mesh):
+    if "pp" not in fxpar.api._SUPPORTED_DIMS:
+        pytest.skip("pp meshes are not supported yet")
+    mesh = make_fake_mesh((2, 2), ("pp", "tp"))
+    pm = fxpar.parallelize(MLPStack(depth=2), mesh, example_inputs=(torch.randn(4, 16),), plan=MEGATRON)
+    fxpar.check(pm)
+    stage1 = pm.graph_module.get_submodule("stage_1")
+    holder = next(n for n in stage1.graph.nodes if n.op == "placeholder")
+    info = get_info(holder)
+    from torch.distributed.tensor.placement_types import Shard
+
+    spec = dataclasses.replace(info.spec, placements=(Shard(1),),
+                               local_shape=(info.spec.shape[0], info.spec.shape[1] // 2))
+    set_info(holder, dataclasses.replace(info, spec=spec))
+    with pytest.raises(fxpar.ScheduleError, match=r"stage_0 sends %\w+ as \[R\] local \[\w+, 16\] but stage_1 "
+                                                  r"receives it as %\w+ \[S\(1\)\] local \[\w+, 8\]"):
+        fxpar.check(pm)
