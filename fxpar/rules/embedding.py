@@ -20,6 +20,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 
+from fxpar.errors import ShardingError
 from fxpar.rules import P, R, OpInfo, S, Strategy, register
 
 aten = torch.ops.aten
@@ -73,7 +74,9 @@ def _localize_embedding(node: fx.Node, info, mesh) -> None:
     if not dims:
         return
     if len(dims) > 1:
-        raise NotImplementedError("vocab-parallel embedding over more than one mesh dim")
+        raise ShardingError(f"embedding %{node.name}: its weight is vocab-sharded on {len(dims)} mesh dims; "
+                            "fxpar shards a vocabulary over one mesh dim: pin the embedding to 'replicate' on the "
+                            "others")
     m = dims[0]
     group = mesh.group_names[m] if mesh.group_names else f"dryrun:{mesh.names[m]}"
     padding_idx = node.args[2] if len(node.args) > 2 else node.kwargs.get("padding_idx", -1)
