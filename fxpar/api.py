@@ -140,7 +140,8 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
     if pipelined:
         return PipelineModule(gm, mesh=mesh, mesh_info=spmd_info, plan=plan, history=manager.history,
                               pp_dim=mesh_info.names.index("pp") if mesh_info.has("pp") else None,
-                              example_args=example_inputs, example_kwargs=example_kwargs)
+                              example_args=example_inputs, example_kwargs=example_kwargs,
+                              reshard_after_forward=reshard_after_forward)
     return ParallelModule(gm, mesh=mesh, mesh_info=mesh_info, plan=plan, history=manager.history,
                           example_args=example_inputs, example_kwargs=example_kwargs, input_layout=input_layout,
                           reshard_after_forward=reshard_after_forward)

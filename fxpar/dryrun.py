@@ -115,15 +115,6 @@ def _split_pp_dry(mesh: Any, mesh_info: MeshInfo):
     return None, info, PipelineMeshInfo(mesh_info.sizes[d], None)
 
 
-def _unsupported_notes(mesh_info: MeshInfo) -> list[str]:
-    """What parallelize refuses today on this mesh, though the passes plan it (shown, not raised)."""
-    data = [n for n, s in zip(mesh_info.names, mesh_info.sizes) if n in ("dp", "fsdp") and s > 1]
-    if mesh_info.size("pp") > 1 and data:
-        return [f"parallelize() does not run pipelines with data parallelism ({', '.join(data)}) yet "
-                "(fxpar.pipeline.split_pp_mesh refuses it); this is the plan the passes make for it"]
-    return []
-
-
 # --------------------------------------------------------------------------- the report
 
 
@@ -306,7 +297,7 @@ def plan(model: nn.Module, mesh_shape: Any, *, example_inputs: tuple = (), examp
     for (name, t0), (_, t1) in zip(marks, marks[1:]):
         seconds[name] = t1 - t0
     seconds["total"] = time.perf_counter() - start
-    return DryRunReport(module, mesh_info, seconds, tuple(_unsupported_notes(mesh_info)))
+    return DryRunReport(module, mesh_info, seconds, ())
 
 
 # --------------------------------------------------------------------------- memory

@@ -16,6 +16,15 @@ stage GraphModules and records a `PipelineSplitInfo` in
   parameter bytes per stage, activation bytes crossing each cut, and the
   schedule's bubble fraction from a simulation of torch's own schedule IR.
 
+Data parallelism (dp / fsdp mesh dims beside pp): every rank passes the full
+batch; stage 0 keeps this rank's rows of each microbatch (shard_inputs' `shard`
+nodes), the last stage's loss sees the matching rows of the target, and each
+microbatch loss on each data shard is scaled by 1 / (microbatches x shards) for
+a mean. Gradients of data-replicated parameters are summed over the data dims
+once per step, after the schedule (one flat all-reduce per bucket and dim):
+hooks per backward would reduce them once per microbatch. FSDP parameters are
+gathered and their gradients reduce-scattered per microbatch, in the graph.
+
 Gradient scaling: torch's schedules divide gradients by the number of
 microbatches when `scale_grads=True`, which is right only for mean losses and
 divides gradients accumulated before the step too. fxpar runs them with
@@ -24,8 +33,7 @@ divides gradients accumulated before the step too. fxpar runs them with
 `loss.backward()` does on the unsplit model.
 
 Limits: inputs, targets and outputs are split and merged along dim 0; `pm(...)`
-is inference (no autograd through it: train with `step`); pipelines do not
-combine with dp / fsdp yet. Stages learn their microbatch shapes at their
+is inference (no autograd through it: train with `step`). Stages learn their microbatch shapes at their
 first run (torch's dynamic metadata inference, which runs later stages on
 uninitialized tensors), so a new input shape builds new stages, and an
 integer tensor crossing a cut that a later stage indexes with would fail at
@@ -53,10 +61,13 @@ from torch.distributed.pipelining import (
     ScheduleLoopedBFS,
     ScheduleZBVZeroBubble,
 )
+from torch.distributed.distributed_c10d import _resolve_process_group
 from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
+from torch.distributed.tensor.placement_types import Shard
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils import _pytree as pytree
 
+from fxpar.collectives import _record
 from fxpar.errors import PlanError, ScheduleError
 from fxpar.mesh import MeshInfo
 from fxpar.plan import Plan
@@ -298,10 +309,6 @@ def split_pp_mesh(mesh: Any, mesh_info: MeshInfo) -> tuple[Any, MeshInfo, Pipeli
     if not mesh_info.has("pp"):
         raise PlanError(f"the plan asks for a pipeline (pp, schedule) but the mesh {mesh_info} has no 'pp' dim; "
                         "add one to mesh_dim_names (size 1 runs every stage on each rank)")
-    data = [n for n, size in zip(mesh_info.names, mesh_info.sizes) if n in ("dp", "fsdp") and size > 1]
-    if data:
-        raise PlanError(f"mesh {mesh_info}: pipelines with data parallelism ({data}) are not supported yet; "
-                        "use a mesh with pp and tp only, or size 1 on the data-parallel dims")
     d = mesh_info.index("pp")
     others = tuple(n for n in mesh_info.names if n != "pp")
     if others:
@@ -445,16 +452,17 @@ class _Loss:
     """The loss torch's schedule calls on the last stage: the user's loss on the model's output structure,
     scaled so that the summed microbatch losses are the global loss."""
 
-    def __init__(self, out_spec, loss_fn: Callable, scale: float) -> None:
+    def __init__(self, out_spec, loss_fn: Callable, scale: float, cut: Callable | None = None) -> None:
         self.out_spec = out_spec
         self.loss_fn = loss_fn
         self.scale = scale
+        self.cut = cut  # this rank's rows of a microbatch's target, when the data dims split the batch
 
     def __call__(self, output: Any, target: Any) -> torch.Tensor:
         flat = [output] if isinstance(output, torch.Tensor) else list(output)
         out = pytree.tree_unflatten(flat, self.out_spec) if self.out_spec is not None else \
             (flat[0] if len(flat) == 1 else tuple(flat))
-        loss = self.loss_fn(out, target)
+        loss = self.loss_fn(out, self.cut(target) if self.cut is not None else target)
         return loss * self.scale if self.scale != 1.0 else loss
 
 
@@ -476,13 +484,14 @@ class PipelineModule(ParallelModule):
 
     def __init__(self, graph_module: fx.GraphModule, *, mesh: Any, mesh_info: MeshInfo, plan: Any,
                  history: list, pp_dim: int, example_args: tuple = (),
-                 example_kwargs: dict | None = None) -> None:
+                 example_kwargs: dict | None = None, reshard_after_forward: bool = True) -> None:
         split = stage_info(graph_module)
         if split is None:
             raise ScheduleError("the mesh has a pp dim but no pass split the graph into stages; keep "
                                 "fxpar.passes.split_stages in the pass list (see fxpar.default_passes())")
         super().__init__(graph_module, mesh=mesh, mesh_info=mesh_info, plan=plan, history=history,
-                         example_args=example_args, example_kwargs=example_kwargs)
+                         example_args=example_args, example_kwargs=example_kwargs,
+                         reshard_after_forward=reshard_after_forward)
         # The parent holds other ranks' stages as stand-ins: keep it out of parameters().
         del self._modules["graph_module"]
         object.__setattr__(self, "graph_module", graph_module)
@@ -495,6 +504,12 @@ class PipelineModule(ParallelModule):
         self._schedules: dict[tuple, Any] = {}
         self._tied_groups = self._make_tied_groups()
         self._device = self._pick_device()
+        self._data_synced = self._data_synced_params()
+
+    def _hook_grad_sync(self):
+        # A pipeline runs one backward per microbatch: per-backward hooks would all-reduce every
+        # gradient once per microbatch. `_sync_data_grads` reduces the step's sum once instead.
+        return None
 
     # ------------------------------------------------------------------ set-up
 
@@ -504,6 +519,22 @@ class PipelineModule(ParallelModule):
         if self.mesh is not None and self.mesh.device_type == "cuda":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
+
+    def _data_synced_params(self) -> list[tuple[nn.Parameter, tuple[str, ...], int]]:
+        """This rank's parameters whose gradients the data-parallel dims sum (marked by bucket_grad_sync),
+        with their dims and bucket, each once."""
+        out, seen = [], set()
+        for gm in self.stage_modules:
+            for node in gm.graph.nodes:
+                info = get_info(node) if node.op == "get_attr" else None
+                sync = info.extra.get("grad_sync") if info is not None else None
+                if not sync:
+                    continue
+                t = _attr(gm, node.target)
+                if isinstance(t, nn.Parameter) and id(t) not in seen:
+                    seen.add(id(t))
+                    out.append((t, tuple(sync["dims"]), int(sync["bucket"])))
+        return out
 
     def _pp_ranks_table(self) -> torch.Tensor:
         """Global ranks as a (others, pp) table: row = every other mesh coordinate, column = pp coordinate."""
@@ -588,14 +619,26 @@ class PipelineModule(ParallelModule):
                                     "inputs into microbatches along dim 0, so pass tensors only")
         return flat
 
+    def _data_shards(self) -> int:
+        n = 1
+        for m in self._data_dims():
+            n *= self.mesh_info.sizes[m]
+        return n
+
     def _check_batch(self, flat: list[torch.Tensor], target: Any = None) -> None:
         m = self.split.microbatches
+        shards = self._data_shards()
         for i, x in enumerate(flat):
             if x.ndim == 0 or x.shape[0] % m:
                 size = "a scalar" if x.ndim == 0 else f"batch size {x.shape[0]}"
                 raise ScheduleError(f"input {i} has {size}, which does not split into {m} equal microbatches "
                                     f"along dim 0; pass a batch that is a multiple of {m} or set "
                                     f"Plan(microbatches=...) to a divisor of it")
+            if shards > 1 and x.shape[0] % (m * shards):
+                dims = " x ".join(f"{self.mesh_info.names[d]}={self.mesh_info.sizes[d]}" for d in self._data_dims())
+                raise ScheduleError(f"input {i} has batch size {x.shape[0]}: {m} microbatches of "
+                                    f"{x.shape[0] // m} rows do not divide over the data-parallel ranks ({dims}); "
+                                    f"use a batch that is a multiple of microbatches x data ranks = {m * shards}")
         for t in pytree.tree_leaves(target):
             if isinstance(t, torch.Tensor) and (t.ndim == 0 or t.shape[0] % m):
                 raise ScheduleError(f"the target has batch size {t.shape[0] if t.ndim else 'none (a scalar)'}, "
@@ -628,15 +671,73 @@ class PipelineModule(ParallelModule):
         """The forward-only pipeline; every rank returns the full outputs."""
         flat = self._flat_inputs(args, kwargs)
         self._check_batch(flat)
+        self._check_fingerprint()
         sched = self._schedule("forward", None, tuple(tuple(x.shape) for x in flat))
         with torch.no_grad():
             out = sched.step(*flat) if self._is_first() else sched.step()
         values = None
         if self._is_last():
             values = [out] if isinstance(out, torch.Tensor) else list(out)
-        values = self._broadcast_from_last(values)
+        values = self._gather_microbatched(self._broadcast_from_last(values))
         return pytree.tree_unflatten(values, self._out_spec) if self._out_spec is not None else \
             (values[0] if len(values) == 1 else tuple(values))
+
+    def _check_fingerprint(self) -> None:
+        """Compares each local stage's collective schedule within its groups, once (see fxpar.fingerprint)."""
+        if self._fingerprint_checked:
+            return
+        from fxpar.fingerprint import exchange
+
+        for gm in self.stage_modules:  # the same stages on every rank of a tp / dp / fsdp group
+            exchange(gm, self.mesh_info)
+        self._fingerprint_checked = True
+
+    def _gather_microbatched(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Full outputs from this rank's rows of every microbatch, gathered over the data-parallel dims.
+
+        The schedule concatenates the last stage's microbatch outputs, so a rank
+        holds [its rows of microbatch 0, its rows of microbatch 1, ...]: gathered
+        over the data ranks that is (rank, microbatch, row), reordered here to
+        (microbatch, rank, row), the rows of the full batch.
+        """
+        data = self._data_dims()
+        if not data:
+            return values
+        placements = self._output_placements()
+        out = []
+        for i, v in enumerate(values):
+            places = placements[i] if i < len(placements) else None
+            dims = [d for d in data if places is not None and places[d] == Shard(0)]
+            shards = 1
+            for d in reversed(dims):  # cut dp then fsdp: gather fsdp first
+                v = torch.ops.fxpar.all_gather(v.contiguous(), 0, self.mesh_info.sizes[d],
+                                               self.mesh_info.group_name(d), self.mesh_info.names[d])
+                shards *= self.mesh_info.sizes[d]
+            if shards > 1:
+                rest = tuple(v.shape[1:])
+                v = v.reshape(shards, self.split.microbatches, -1, *rest).transpose(0, 1).reshape(-1, *rest)
+            out.append(v)
+        return out
+
+    def _sync_data_grads(self, stashed: dict[int, torch.Tensor | None]) -> None:
+        """Sums this step's gradients over the data-parallel dims, one flat all-reduce per bucket and dim,
+        then adds back the gradients accumulated before the step (`stashed`)."""
+        buckets: dict[tuple[int, tuple[str, ...]], list[nn.Parameter]] = {}
+        for p, dims, bucket in self._data_synced:
+            buckets.setdefault((bucket, dims), []).append(p)
+        for (_, dims), params in sorted(buckets.items(), key=lambda kv: kv[0]):
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+            for name in dims:
+                _record("all_reduce", name, flat, "backward")
+                dist.all_reduce(flat, group=_resolve_process_group(self.mesh_info.group_name(self.mesh_info.index(name))))
+            offset = 0
+            for p in params:
+                p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+                offset += p.numel()
+        for p, _, _ in self._data_synced:
+            prev = stashed.get(id(p))
+            if prev is not None:
+                p.grad = prev.add_(p.grad)
 
     def step(self, *inputs: Any, target: Any, loss_fn: Callable, loss_reduction: str = "mean",
              **kwargs: Any) -> torch.Tensor:
@@ -663,21 +764,50 @@ class PipelineModule(ParallelModule):
             raise PlanError(f"loss_reduction={loss_reduction!r}: use 'mean' or 'sum'")
         flat = self._flat_inputs(inputs, kwargs)
         self._check_batch(flat, target)
-        scale = 1.0 / self.split.microbatches if loss_reduction == "mean" else 1.0
-        loss_wrapper = _Loss(self._out_spec, loss_fn, scale)
+        self._check_fingerprint()
+        data = self._data_dims()
+        if data and not all(any(p[m] == Shard(0) for m in data) for p in self._output_placements()):
+            raise PlanError(f"the model's outputs do not keep the batch dim split over the data-parallel dims "
+                            f"{[self.mesh_info.names[m] for m in data]}, so a pipeline cannot compute the loss per "
+                            "data shard; return per-example outputs (logits, not a reduced loss) from the model")
+        # Every microbatch's loss on every data shard is a part of the global loss: the parts add up to it.
+        shards = self._data_shards()
+        scale = 1.0 / (self.split.microbatches * shards) if loss_reduction == "mean" else 1.0
+        loss_wrapper = _Loss(self._out_spec, loss_fn, scale, cut=self._local_batch if data else None)
         sched = self._schedule("train", loss_wrapper, tuple(tuple(x.shape) for x in flat))
         # The schedule keeps its loss object; point it at this call's loss function.
         sched._loss_fn.loss_fn = loss_fn
+        # The data-parallel sums reduce this step's gradients only: earlier ones (accumulation) wait aside.
+        stashed = {}
+        for p, _, _ in self._data_synced:
+            stashed[id(p)], p.grad = p.grad, None
         tied_before = self._tied_grads_before()
         inputs_before = [x.grad.detach().clone() if x.grad is not None else None for x in flat]
         losses: list[torch.Tensor] = []
         first = flat if self._is_first() else ()
-        sched.step(*first, target=target if self._is_last() else None, losses=losses,
-                   return_outputs=False)
+        with self._reshard_context():
+            sched.step(*first, target=target if self._is_last() else None, losses=losses,
+                       return_outputs=False)
         self._sum_tied_grads(tied_before)
+        self._sync_data_grads(stashed)
         self._share_input_grads(flat, inputs_before)
-        total = [torch.stack([x.detach() for x in losses]).sum()] if self._is_last() else None
+        total = None
+        if self._is_last():
+            total = torch.stack([x.detach() for x in losses]).sum()
+            for m in data:  # the last stage's ranks of each data group hold the other shards' parts
+                total = torch.ops.fxpar.all_reduce(total, self.mesh_info.group_name(m), self.mesh_info.names[m])
+            total = [total]
         return self._broadcast_from_last(total)[0]
+
+    def _reshard_context(self):
+        """Saves gathered FSDP parameters as their shards for the backward (reshard_after_forward)."""
+        import contextlib
+
+        from fxpar.collectives import pack_gathered, unpack_gathered
+
+        if self.reshard_after_forward and self.mesh_info.size("fsdp") > 1:
+            return torch.autograd.graph.saved_tensors_hooks(pack_gathered, unpack_gathered)
+        return contextlib.nullcontext()
 
     def _share_input_grads(self, flat: list[torch.Tensor], before: list[torch.Tensor | None]) -> None:
         """Gives every rank the gradients of inputs that require them, as the first stage computed them."""

@@ -108,12 +108,12 @@ def test_pipeline_dry_run_memory_per_pp_rank_and_timeline():
     assert "bubble fraction 0.333" in text  # 1f1b, p = m = 2: (p-1)/(m+p-1)
 
 
-def test_data_parallel_pipelines_are_planned_with_a_note():
+def test_data_parallel_pipelines_are_planned():
     with torch.device("meta"):
         model = MLPStack(depth=4)
     report = fxpar.plan(model, "dp=2,pp=2,tp=2", example_inputs=(torch.empty(8, 4, 32, device="meta"),))
-    assert report.world_size == 8 and report.notes
-    assert "does not run pipelines with data parallelism" in report.explain()
+    assert report.world_size == 8 and not report.notes
+    assert [m.ranks for m in report.memory()] == [4, 4]  # dp x tp ranks at each pp coordinate
 
 
 def _split(schedule: str, pp: int, stages: int, m: int) -> PipelineSplitInfo:
