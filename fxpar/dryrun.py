@@ -25,6 +25,12 @@ coordinate hold the same shapes):
     optimizer   O = 2 x 4 bytes x local elements of the trainable parameters
                     (AdamW's exp_avg and exp_avg_sq in float32; `optimizer_bytes_per_element`)
     total       P + G + O + buffers; activations and FSDP's gathered parameters in flight are not counted
+
+and, beside the total, a peak activation estimate A: the local bytes of every
+floating-point value a compute node produces in the forward (an upper bound
+on what autograd saves), per stage at the example batch; with a pipeline a
+stage holds 1/M of that per microbatch in flight: M with GPipe, min(M, S - s)
+for stage s of S with 1F1B, and M (the bound) for the other schedules.
 """
 
 from __future__ import annotations
@@ -127,6 +133,7 @@ class RankMemory:
         ranks: how many ranks hold this much (the other mesh dims).
         stages: the pipeline stages they run.
         parameters, gradients, optimizer, buffers: bytes (see the module docstring).
+        activations: peak activation estimate in bytes (see `activation_bytes`); not in `total`.
     """
 
     pp_rank: int | None
@@ -136,6 +143,7 @@ class RankMemory:
     gradients: int
     optimizer: int
     buffers: int
+    activations: int = 0
 
     @property
     def total(self) -> int:
@@ -230,11 +238,7 @@ class DryRunReport:
             # explain() counts every stage as local in a dry run; per pp rank figures follow below.
             body = "\n".join(line.replace("Parameter memory per rank:", "Parameter memory of all stages:", 1)
                              for line in body.splitlines())
-        tail = [""] + memory_lines(self.memory())
-        sync = grad_sync_lines(self.module)
-        if sync:
-            tail += [""] + sync
-        tail += schedule_lines(self.module)
+        tail = schedule_lines(self.module)  # memory per rank and gradient sync are in explain()
         return "\n".join(head + ["", body] + tail)
 
     def __str__(self) -> str:
@@ -363,8 +367,44 @@ def memory_per_rank(pm, mesh: MeshInfo | None = None, *,
                 if t.requires_grad:
                     grads += local
                     opt += local // info.spec.dtype.itemsize * optimizer_bytes_per_element
-        out.append(RankMemory(pp_rank, others, stages, params, grads, opt, buffers))
+        out.append(RankMemory(pp_rank, others, stages, params, grads, opt, buffers,
+                              _peak_activations(pm, stages, graphs)))
     return out
+
+
+_VIEWS = {"view", "reshape", "_unsafe_view", "expand", "permute", "transpose", "t", "unsqueeze", "squeeze",
+          "slice", "select", "alias", "detach", "split", "chunk", "unbind", "as_strided", "view_as"}
+
+
+def activation_bytes(gm: fx.GraphModule) -> int:
+    """Local bytes of the floating-point values the compute nodes of `gm` produce (views excluded)."""
+    total = 0
+    for node in gm.graph.nodes:
+        info = get_info(node)
+        if node.op != "call_function" or info is None or info.role != "compute":
+            continue
+        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        if name in _VIEWS:
+            continue
+        specs = info.spec if isinstance(info.spec, tuple) else (info.spec,)
+        for spec in specs:
+            if isinstance(spec, TensorSpec) and spec.dtype.is_floating_point:
+                total += spec.nbytes(local=True)
+    return total
+
+
+def _peak_activations(pm, stages: tuple[int, ...], graphs: list[fx.GraphModule]) -> int:
+    from fxpar.pipeline import stage_info
+
+    split = stage_info(pm.graph_module)
+    if split is None:
+        return sum(activation_bytes(g) for g in graphs)
+    m, s = split.microbatches, split.num_stages
+    total = 0
+    for k, g in zip(stages, graphs):
+        in_flight = min(m, s - k) if split.schedule == "1f1b" else m
+        total += activation_bytes(g) * in_flight // m
+    return total
 
 
 def _fmt(n: float) -> str:
@@ -378,12 +418,14 @@ def _fmt(n: float) -> str:
 def memory_lines(memory: list[RankMemory]) -> list[str]:
     """The 'memory per rank' section of a dry run's explain()."""
     lines = ["Memory per rank (parameters, gradients, optimizer state assuming AdamW: 2 float32 values per "
-             "trainable parameter element; activations and FSDP's gathered parameters in flight not counted):"]
+             "trainable parameter element; FSDP's gathered parameters in flight not counted; activations: every "
+             "forward value of the compute nodes, microbatches in flight per the schedule, not in the total):"]
     for m in memory:
         stages = f", stages {list(m.stages)}" if m.stages else ""
         lines.append(f"  {m.label} ({m.ranks} rank{'s' if m.ranks > 1 else ''}{stages}): parameters {_fmt(m.parameters)}, gradients "
                      f"{_fmt(m.gradients)}, optimizer {_fmt(m.optimizer)}"
-                     + (f", buffers {_fmt(m.buffers)}" if m.buffers else "") + f"; total {_fmt(m.total)}")
+                     + (f", buffers {_fmt(m.buffers)}" if m.buffers else "") + f"; total {_fmt(m.total)}"
+                     + f"; peak activations ~{_fmt(m.activations)}")
     if len(memory) > 1:
         worst = max(memory, key=lambda m: m.total)
         lines.append(f"  most loaded: {worst.label}, {_fmt(worst.total)}")
@@ -408,7 +450,11 @@ def grad_sync_lines(pm) -> list[str]:
         return []
     total = sum(buckets.values())
     dims = sorted({d for _, ds in buckets for d in ds})
-    return [f"Data-parallel gradient all-reduce (bucketed, asynchronous in the backward; all stages): "
+    from fxpar.pipeline import stage_info
+
+    when = ("once per step after the pipeline schedule" if stage_info(pm.graph_module) is not None
+            else "asynchronous in the backward")
+    return [f"Data-parallel gradient all-reduce (bucketed, {when}; all stages): "
             f"{len(buckets)} bucket{'s' if len(buckets) > 1 else ''}, {_fmt(total)} per step over {', '.join(dims)}"]
 
 

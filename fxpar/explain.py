@@ -215,10 +215,14 @@ def explain(pm, *inputs, **kwargs) -> str:
     lines.append("Collectives per block (count and payload per step):")
     lines.extend(_per_block(colls))
 
+    from fxpar.dryrun import grad_sync_lines, memory_lines, memory_per_rank
+
     full, local = _model_memory(pm)
     lines.append("")
     ratio = local / full if full else 1.0
     lines.append(f"Parameter memory per rank: {_fmt_bytes(local)} of {_fmt_bytes(full)} total ({ratio:.3f} of the model)")
+    lines.extend(memory_lines(memory_per_rank(pm)))
+    lines.extend(grad_sync_lines(pm))
 
     fallbacks = [(n, get_info(n)) for g in graphs for n in g.graph.nodes
                  if get_info(n) is not None and get_info(n).fallback]

@@ -103,8 +103,13 @@ def _mlp_step(names, schedule: str, stages: int, reshard: bool) -> dict:
     mine = {id(p): p for p in pm.parameters()}  # this rank's stages, each tensor once
     local = sum(p.numel() * p.element_size() for p in mine.values())
     weights = sum(p.numel() * p.element_size() for p in mine.values() if p.ndim == 2)
+    from fxpar.dryrun import memory_per_rank
+
+    memory = {m.pp_rank: m for m in memory_per_rank(pm)}[pm.split.coordinate]
+    grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in mine.values())
     return {"loss_err": abs(loss.item() - ref_loss.item()) / ref_loss.item(), "grad_err": grad_err,
-            "volume": volume, "local": local, "weights": weights, "rank": dist.get_rank()}
+            "volume": volume, "local": local, "weights": weights, "rank": dist.get_rank(), "memory": memory,
+            "grad_bytes": grad_bytes, "explain": pm.explain()}
 
 
 @pytest.mark.parametrize("schedule,stages", [("gpipe", 2), ("1f1b", 2), ("interleaved_1f1b", 4), ("zbv", 4)])
@@ -114,6 +119,10 @@ def test_dp_pipeline_all_reduces_every_gradient_byte_once(schedule, stages):
         # this rank's stages' gradients, all-reduced over dp once per step (not once per microbatch)
         assert r["volume"]["backward all_reduce dp"] == r["local"], r
         assert not any(k.endswith("fsdp") for k in r["volume"]), r
+        # explain()'s memory per rank is what the tensors hold
+        assert r["memory"].parameters == r["local"] and r["memory"].gradients == r["grad_bytes"], r["memory"]
+        assert r["memory"].optimizer == r["local"]  # explain assumes AdamW's 2 float32 states: 8 B per element
+        assert r["memory"].activations > 0 and "peak activations" in r["explain"], r["explain"]
 
 
 @pytest.mark.parametrize("reshard", [True, False], ids=["reshard", "keep"])
