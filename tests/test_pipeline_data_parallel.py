@@ -29,36 +29,69 @@ def ce(out, target):
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1))
 
 
-def _train_gpt2(shape, names, steps: int, plan_kwargs: dict) -> dict:
-    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", shape, mesh_dim_names=names)
+def _gpt2_and_batches(steps: int):
     torch.manual_seed(0)
     T = transformers
     model = T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=128, n_positions=64,
-                                           use_cache=False, bos_token_id=0, eos_token_id=0)).eval().double()
-    ref = copy.deepcopy(model)
+                                           use_cache=False, bos_token_id=0, eos_token_id=0)).eval()
     data = [(torch.randint(0, 128, (8, 8)), torch.randint(0, 128, (8, 8))) for _ in range(2)]
-    batches = [data[i % 2] for i in range(steps)]  # two batches, revisited: the loss must fall
-    pm = fxpar.parallelize(model, mesh, example_inputs=(data[0][0],), plan=fxpar.Plan(auto_tp=True, **plan_kwargs))
-    logits_err = (pm(data[0][0]).logits - ref(data[0][0]).logits).abs().max().item()
-    opt = torch.optim.AdamW(pm.parameters(), lr=1e-2)
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-    losses, ref_losses, norms, ref_norms = [], [], [], []
+    return model, [data[i % 2] for i in range(steps)]  # two batches, revisited: the loss must fall
+
+
+def _train(step, params, batches) -> tuple[list[float], list[float]]:
+    """AdamW with clipping to 1.0; `step(ids, target)` runs forward and backward and returns the loss."""
+    params = list(params)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    losses, norms = [], []
     for ids, target in batches:
         opt.zero_grad()
-        losses.append(pm.step(ids, target=target, loss_fn=ce).item())
-        norms.append(fxpar.clip_grad_norm_(pm, 1.0).item())
+        losses.append(step(ids, target))
+        norms.append(step.clip())
         opt.step()
-        ref_opt.zero_grad()
-        loss = ce(ref(ids), target)
+    return losses, norms
+
+
+class _PlainStep:
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, ids, target) -> float:
+        loss = ce(self.model(ids), target)
         loss.backward()
-        ref_losses.append(loss.item())
-        ref_norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0).item())
-        ref_opt.step()
-    full = pm.full_state_dict()
-    drift = max(((full[k] - v).abs().max() / v.abs().max().clamp_min(1e-30)).item()
-                for k, v in ref.named_parameters())
-    return {"losses": losses, "ref_losses": ref_losses, "norms": norms, "ref_norms": ref_norms, "drift": drift,
-            "logits_err": logits_err}
+        return loss.item()
+
+    def clip(self) -> float:
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0).item()
+
+
+class _FxparStep:
+    def __init__(self, pm):
+        self.pm = pm
+
+    def __call__(self, ids, target) -> float:
+        return self.pm.step(ids, target=target, loss_fn=ce).item()
+
+    def clip(self) -> float:
+        return fxpar.clip_grad_norm_(self.pm, 1.0).item()
+
+
+def _drift(state: dict, ref) -> float:
+    return max(((state[k].double() - v.double()).abs().max() / v.abs().max().clamp_min(1e-30)).item()
+               for k, v in ref.named_parameters())
+
+
+def _train_gpt2(shape, names, steps: int, plan_kwargs: dict, dtype=torch.float64, ref_dtype=None) -> dict:
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", shape, mesh_dim_names=names)
+    model, batches = _gpt2_and_batches(steps)
+    model = model.to(dtype)
+    ref = copy.deepcopy(model).to(ref_dtype or dtype)
+    pm = fxpar.parallelize(model, mesh, example_inputs=(batches[0][0],), plan=fxpar.Plan(auto_tp=True, **plan_kwargs))
+    ids = batches[0][0]
+    logits_err = (pm(ids).logits.double() - ref(ids).logits.double()).abs().max().item()
+    losses, norms = _train(_FxparStep(pm), pm.parameters(), batches)
+    ref_losses, ref_norms = _train(_PlainStep(ref), ref.parameters(), batches)
+    return {"losses": losses, "ref_losses": ref_losses, "norms": norms, "ref_norms": ref_norms,
+            "drift": _drift(pm.full_state_dict(), ref), "logits_err": logits_err}
 
 
 @pytest.mark.parametrize("shape,names,steps,plan_kwargs", [
@@ -78,6 +111,31 @@ def test_gpt2_trains_20_steps_like_one_process(shape, names, steps, plan_kwargs)
             assert abs(got - want) <= 1e-9 * abs(want), (rank, r["norms"], r["ref_norms"])
         assert r["drift"] <= 1e-9, f"rank {rank}: parameters drift {r['drift']:.2e} after {steps} AdamW steps"
     assert results[0]["losses"][-1] < results[0]["losses"][0]  # it does train
+
+
+def test_gpt2_trains_in_float32_as_close_as_one_process():
+    """float32 against a float64 run of the unsplit model: as close as one process in float32 gets.
+
+    Rounding differs with how sums are split (tp partial sums, dp shards, microbatches) and AdamW
+    amplifies it where gradients are near zero, so elementwise closeness after 20 steps says little;
+    the honest bound is the one float32 itself reaches on one process.
+    """
+    steps = 20
+    parallel = rank_pool(8).run(_train_gpt2, (2, 2, 2), ("dp", "pp", "tp"), steps,
+                                {"schedule": "1f1b", "microbatches": 2}, torch.float32, torch.float64, timeout=600)
+    model, batches = _gpt2_and_batches(steps)
+    ref = copy.deepcopy(model).double()
+    losses, norms = _train(_PlainStep(model), model.parameters(), batches)
+    ref_losses, ref_norms = _train(_PlainStep(ref), ref.parameters(), batches)
+    rel = lambda got, want: max(abs(a - b) / abs(b) for a, b in zip(got, want))  # noqa: E731
+    base = {"losses": rel(losses, ref_losses), "norms": rel(norms, ref_norms),
+            "drift": _drift(dict(model.named_parameters()), ref)}
+    for rank, r in enumerate(parallel):
+        assert r["logits_err"] < 1e-5, r["logits_err"]  # one forward: assert_close's float32 default
+        got = {"losses": rel(r["losses"], r["ref_losses"]), "norms": rel(r["norms"], r["ref_norms"]),
+               "drift": r["drift"]}
+        for key in got:
+            assert got[key] <= 4 * base[key] + 1e-6, (rank, key, got, base)
 
 
 def _mlp_step(names, schedule: str, stages: int, reshard: bool) -> dict:
