@@ -155,7 +155,12 @@ def check(pm: ParallelModule, *, ranks: list | None = None) -> None:
     shapes and placements (the graph is run on FakeTensors of local shapes),
     every collective the right transition with its backward dual, every
     replicated input of a sharded op behind grad_all_reduce, parameter shards
-    of the right shape. See `fxpar.invariants` for the full list.
+    of the right shape. For a PipelineModule (any rank's, or a dry run's),
+    also its stages: called in order, placed where torch's schedule runs them,
+    agreeing on every cut, and every pp rank's sends and recvs under the
+    chosen schedule, derived from torch's schedule IR and simulated, pairing
+    up with the same tensors and without a deadlock (`fxpar.p2p_check`). See
+    `fxpar.invariants` for the full list.
 
     Args:
         pm: this rank's ParallelModule.
@@ -166,7 +171,11 @@ def check(pm: ParallelModule, *, ranks: list | None = None) -> None:
             first forward, by fingerprint: `fxpar.fingerprint`.)
 
     Raises:
-        GraphInvariantError: naming the first node that breaks an invariant.
+        GraphInvariantError: naming the first node that breaks an invariant, or a
+            pipeline's first send or recv that does not meet its partner (the pp
+            ranks, the op on each side, the likely fix).
+        ScheduleError: pipeline stages called out of order, placed on another pp
+            rank than the schedule's, or disagreeing on a cut's placements.
     """
     if ranks is not None:
         check_ranks(list(ranks))

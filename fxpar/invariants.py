@@ -32,10 +32,11 @@ the passes so far provide (`check_graph(gm, mesh, provided)`):
 Pipelines (`check_pipeline`, from any one rank): the split parent calls its
 stages in stage order, each stage sits on the pp rank torch's schedule runs
 it on, every activation crossing a cut has the same placements and local
-shape on both sides (and the final outputs are whole), and, given every
-rank's transfers (`check_p2p`, `pipeline_p2p`), every send meets its receive
-without a deadlock. Gradients cross cuts as they are, so the dual checks
-leave a stage's received inputs and sent outputs to the unsplit graph's check.
+shape on both sides (and the final outputs are whole), and every pp rank's
+sends and recvs, derived from torch's schedule IR, pair up with the same
+tensors and without a deadlock (`fxpar.p2p_check`). Gradients cross cuts as
+they are, so the dual checks leave a stage's received inputs and sent
+outputs to the unsplit graph's check.
 
 Across the ranks of a mesh (`check_ranks(pms)`, e.g. from the simulator):
 every group's members issue the same collectives (op, mesh dim, local shape,
@@ -48,8 +49,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
-from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -66,10 +66,7 @@ __all__ = [
     "check_graph",
     "check_module",
     "check_ranks",
-    "check_p2p",
     "check_pipeline",
-    "pipeline_p2p",
-    "P2POp",
     "local_fake_run",
 ]
 
@@ -727,12 +724,14 @@ def check_pipeline(pm) -> None:
     """Static checks of a pipelined module's stage structure (from any one rank).
 
     The split parent calls stage_0 .. stage_{S-1} in stage order, each stage
-    runs on the pp coordinate torch's schedule places it on, and, where the
-    module exposes `p2p_schedule()` (every pp rank's sends and recvs in issue
-    order, as `P2POp`s), every transfer meets its partner (`check_p2p`).
+    runs on the pp coordinate torch's schedule places it on, the stages agree
+    on each activation crossing a cut, and every pp rank's sends and recvs
+    under the schedule pair up without a deadlock (`fxpar.p2p_check.check_p2p`).
 
     Raises:
-        ScheduleError: naming the stage or transfer at fault.
+        ScheduleError: naming the stage at fault (order, placement, a cut's placements).
+        GraphInvariantError: naming the pp ranks and the first transfer that does not
+            meet its partner, or the deadlock.
     """
     split = getattr(pm, "split", None)
     if split is None:
@@ -760,9 +759,9 @@ def check_pipeline(pm) -> None:
                     f"torch's '{split.schedule}' schedule runs it on pp rank {placed.get(st.index)}: the ranks would "
                     "send activations to a stage that is not there (deadlock)")
     _check_stage_edges(pm)
-    p2p = getattr(pm, "p2p_schedule", None)
-    if callable(p2p):
-        check_p2p(p2p())
+    from fxpar.p2p_check import check_p2p
+
+    check_p2p(pm)
 
 
 def _stage_value(stage: fx.GraphModule, index: int) -> fx.Node | None:
@@ -811,8 +810,9 @@ def check_module(pm, *, _seen: set | None = None) -> None:
     """Every single-rank check on a ParallelModule (what `fxpar.check(pm)` runs).
 
     Raises:
-        GraphInvariantError: naming the first node that breaks an invariant.
-        ScheduleError: for a pipeline whose stages or transfers do not fit together.
+        GraphInvariantError: naming the first node that breaks an invariant, or a
+            pipeline's first send or recv that does not meet its partner.
+        ScheduleError: for a pipeline whose stages do not fit together.
     """
     check_pipeline(pm)
     boundaries = _stage_boundaries(pm)
@@ -836,13 +836,12 @@ def check_ranks(pms: Sequence) -> None:
     Runs `check_module` on each, then: every group's members issue the same
     collectives in the same order; every parameter has the same placements
     on every rank that holds it and each of its shard positions has an
-    owner; pipelines' point-to-point schedules match (`check_p2p`, where
-    the ParallelModules expose `p2p_schedule()`).
+    owner. (A pipeline's sends and recvs are checked by `check_module`: every
+    rank sees every stage.)
 
     Raises:
         GraphInvariantError: naming the first differing collective, with every
             member's version of it, or the parameter and ranks at fault.
-        ScheduleError: a send or recv that never meets its partner.
     """
     from fxpar.fingerprint import collective_schedule, first_difference
 
@@ -923,154 +922,3 @@ def _grid(sizes: Sequence[int]) -> Iterable[tuple[int, ...]]:
     for i in range(sizes[0]):
         for rest in _grid(sizes[1:]):
             yield (i, *rest)
-
-
-# --------------------------------------------------------------------------- pipelines
-
-
-@dataclass(frozen=True)
-class P2POp:
-    """One point-to-point transfer of a rank's pipeline schedule, in issue order.
-
-    Attributes:
-        kind: 'send' or 'recv'.
-        peer: the global rank on the other side.
-        key: what is transferred, the same on both sides, e.g.
-            ('activation', stage, microbatch) or ('grad', stage, microbatch).
-        shape: the local shape of the tensor.
-        dtype: its dtype.
-        blocking: a blocking send waits for its recv (as gloo does for large
-            tensors); a non-blocking one is posted and completes later.
-    """
-
-    kind: str
-    peer: int
-    key: tuple
-    shape: tuple[int, ...] = ()
-    dtype: Any = None
-    blocking: bool = True
-
-    def __str__(self) -> str:
-        arrow = "->" if self.kind == "send" else "<-"
-        return f"{self.kind} {arrow} rank {self.peer} {self.key} {list(self.shape)} {self.dtype}"
-
-
-def check_p2p(schedules: Mapping[int, Sequence[P2POp]]) -> None:
-    """Checks that every rank's sends and recvs pair up and cannot deadlock.
-
-    Simulates the schedules: a rank runs its ops in order; a recv (and a
-    blocking send) waits until its partner reaches the matching op (same
-    pair of ranks, same key). Non-blocking sends are posted and matched
-    whenever the receiver gets there.
-
-    Args:
-        schedules: each rank's transfers in issue order.
-
-    Raises:
-        ScheduleError: a transfer whose partner differs in shape or dtype, one
-            that has no partner at all, or a deadlock, naming each stuck rank's
-            next transfer.
-    """
-    pc = {r: 0 for r in schedules}
-    posted: dict[tuple, list[P2POp]] = {}  # (src, dst, key) -> non-blocking sends not yet received
-
-    def partner(r: int, op: P2POp) -> tuple[int, P2POp] | None:
-        q = op.peer
-        if q not in schedules:
-            raise ScheduleError(f"rank {r}'s {op} names rank {q}, which has no schedule")
-        if pc[q] >= len(schedules[q]):
-            return None
-        other = schedules[q][pc[q]]
-        want = "recv" if op.kind == "send" else "send"
-        if other.kind == want and other.peer == r and other.key == op.key:
-            return q, other
-        return None
-
-    def same(a: P2POp, b: P2POp, r: int) -> None:
-        if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
-            raise ScheduleError(f"rank {r} and rank {a.peer} transfer {a.key} with different tensors: "
-                                f"{list(a.shape)} {a.dtype} vs {list(b.shape)} {b.dtype}")
-
-    progress = True
-    while progress:
-        progress = False
-        for r, ops in schedules.items():
-            while pc[r] < len(ops):
-                op = ops[pc[r]]
-                if op.kind == "send" and not op.blocking:
-                    posted.setdefault((r, op.peer, op.key), []).append(op)
-                    pc[r] += 1
-                    progress = True
-                    continue
-                if op.kind == "recv":
-                    queue = posted.get((op.peer, r, op.key))
-                    if queue:
-                        same(op, queue.pop(0), r)
-                        pc[r] += 1
-                        progress = True
-                        continue
-                found = partner(r, op)
-                if found is None:
-                    break
-                q, other = found
-                same(op, other, r)
-                pc[r] += 1
-                pc[q] += 1
-                progress = True
-    stuck = {r: schedules[r][pc[r]] for r in schedules if pc[r] < len(schedules[r])}
-    leftover = [(k, ops) for k, ops in posted.items() if ops]
-    if stuck:
-        lines = [f"  rank {r}: step {pc[r]}: {op}" for r, op in sorted(stuck.items())]
-        raise ScheduleError("pipeline schedule deadlocks: no rank can make progress; each stuck rank's next "
-                            "transfer:\n" + "\n".join(lines)
-                            + "\nsend/recv pairs must appear in an order both ranks reach (stage order and "
-                              "microbatch order must agree between neighbours)")
-    if leftover:
-        (src, dst, key), ops = leftover[0]
-        raise ScheduleError(f"rank {src} sends {key} to rank {dst}, which never receives it")
-
-
-def pipeline_p2p(order: Mapping[int, Sequence], stage_to_rank: Mapping[int, int], num_stages: int,
-                 *, shapes: Mapping[int, tuple] | None = None, dtype: Any = None) -> dict[int, list[P2POp]]:
-    """The transfers a pipeline schedule implies, per pp rank, from its compute actions.
-
-    Before F(s, i) a rank receives stage s-1's activation of microbatch i (s > 0)
-    and after it sends its own to stage s+1 (s < S-1); before a backward
-    B(s, i) / I(s, i) it receives the gradient from stage s+1 and after it
-    sends one to stage s-1. Sends are posted (non-blocking, as torch's
-    schedules post them), receives wait.
-
-    Args:
-        order: per pp rank, torch's schedule IR (`_Action`s with stage_index,
-            computation_type, microbatch_index; None for idle steps).
-        stage_to_rank: the pp rank each stage runs on.
-        num_stages: S.
-        shapes: the activation shape leaving each stage (optional).
-        dtype: the activations' dtype (optional).
-
-    Returns:
-        Per pp rank, its transfers in issue order (feed to `check_p2p`).
-    """
-    out: dict[int, list[P2POp]] = {r: [] for r in order}
-    shapes = shapes or {}
-    for r, actions in order.items():
-        for a in actions:
-            if a is None:
-                continue
-            parts = list(getattr(a, "sub_actions", None) or [a])
-            for p in parts:
-                kind = p.computation_type.value if hasattr(p.computation_type, "value") else str(p.computation_type)
-                s, i = p.stage_index, p.microbatch_index
-                if kind == "F":
-                    if s > 0:
-                        out[r].append(P2POp("recv", stage_to_rank[s - 1], ("act", s - 1, i), shapes.get(s - 1, ()), dtype))
-                    if s < num_stages - 1:
-                        out[r].append(P2POp("send", stage_to_rank[s + 1], ("act", s, i), shapes.get(s, ()), dtype,
-                                            blocking=False))
-                elif kind in ("B", "I"):
-                    if s < num_stages - 1:
-                        out[r].append(P2POp("recv", stage_to_rank[s + 1], ("grad", s + 1, i), shapes.get(s, ()), dtype))
-                    if s > 0:
-                        out[r].append(P2POp("send", stage_to_rank[s - 1], ("grad", s, i), shapes.get(s - 1, ()), dtype,
-                                            blocking=False))
-    return out

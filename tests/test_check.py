@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import fxpar
-from fxpar.invariants import P2POp, check_graph, check_p2p, local_fake_run
+from fxpar.invariants import check_graph, local_fake_run
 from fxpar.spec import get_info, set_info
 from fxpar.testing.simulate import SimWorld
 from fxpar.testing.strategies import BlockSpec, Case, ModelSpec, build_model, make_inputs
@@ -162,23 +162,7 @@ def test_check_graph_keeps_its_signature_for_the_pass_manager():
     assert local_fake_run(pms[0].graph_module) is True
 
 
-def test_p2p_matching_accepts_blocking_pairs_in_a_consistent_order_and_reports_orphans():
-    t = (4, 8)
-    ok = {0: [P2POp("send", 1, ("act", 0), t), P2POp("recv", 1, ("grad", 0), t)],
-          1: [P2POp("recv", 0, ("act", 0), t), P2POp("send", 0, ("grad", 0), t)]}
-    check_p2p(ok)
-    crossed = {0: [P2POp("recv", 1, ("grad", 0), t), P2POp("send", 1, ("act", 0), t)],
-               1: [P2POp("recv", 0, ("act", 0), t), P2POp("send", 0, ("grad", 0), t)]}
-    with pytest.raises(fxpar.ScheduleError, match="deadlocks"):
-        check_p2p(crossed)
-    orphan = {0: [P2POp("send", 1, ("act", 0), t, blocking=False)], 1: []}
-    with pytest.raises(fxpar.ScheduleError, match=r"rank 0 sends \('act', 0\) to rank 1, which never receives it"):
-        check_p2p(orphan)
-
-
 def test_pipeline_stages_must_agree_on_the_activations_crossing_a_cut(make_fake_mesh):
-    if "pp" not in fxpar.api._SUPPORTED_DIMS:
-        pytest.skip("pp meshes are not supported yet")
     mesh = make_fake_mesh((2, 2), ("pp", "tp"))
     pm = fxpar.parallelize(MLPStack(depth=2), mesh, example_inputs=(torch.randn(4, 16),), plan=MEGATRON)
     fxpar.check(pm)
