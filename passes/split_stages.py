@@ -23,7 +23,9 @@ activations between layers) land where dataflow puts them. Values a later
 stage needs are passed through the stages in between (the schedules only
 connect neighbours). Symbolic sizes (`sym_size`, shape arithmetic) are not
 sent: each stage recomputes them, from a tensor it already receives when one
-has that size. Parameters are owned: each stage GraphModule holds exactly the
+has that size; nor are tensors computed from buffers, constants and sizes
+alone (rotary tables, causal masks, position ids: `_input_free`), which each
+stage that uses them recomputes, so cuts carry only the activations. Parameters are owned: each stage GraphModule holds exactly the
 parameters its nodes use, under their original FQNs; a weight used by several
 stages (tied embedding and lm_head) is held by each, and
 `fxpar.pipeline.PipelineModule` sums its gradients over the owners. Stages not
@@ -306,14 +308,62 @@ class _Stage:
         self.outputs: list[Any] = []
 
 
-def _collect(stage: _Stage, uses: list[fx.Node]) -> None:
-    """Direct tensor inputs, parameters and symbolic values to recompute for a stage's nodes."""
+_SCALAR_VALUES = (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)
+
+
+def _seeded(target: Any) -> bool:
+    return torch.Tag.nondeterministic_seeded in getattr(target, "tags", ())
+
+
+def _input_free(gm: fx.GraphModule) -> set[fx.Node]:
+    """Tensors computed from buffers, constants and sizes only: no input value, no parameter, no randomness.
+
+    A later stage recomputes them (rotary tables, causal masks, position ids)
+    instead of receiving them: fewer bytes over every cut, and nothing to send
+    back in the backward (they need no gradient). Higher-order ops (a rotary
+    table under `torch.no_grad`) count when their subgraph draws no random numbers.
+    """
+    free: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        val = n.meta.get("val")
+        if n.op == "get_attr":
+            obj = _attr_obj(gm, n.target)
+            if isinstance(obj, torch.Tensor) and not obj.requires_grad:
+                free.add(n)
+            elif isinstance(obj, fx.GraphModule) and not any(_seeded(m.target) for m in obj.graph.nodes):
+                free.add(n)  # a higher-order op's subgraph
+            continue
+        values = val if isinstance(val, (tuple, list)) else (val,)
+        if n.op != "call_function" or not values \
+                or not all(isinstance(v, torch.Tensor) and not v.requires_grad for v in values) \
+                or n.target in COLLECTIVE_OPS or _seeded(n.target):
+            continue
+        ok = True
+        for a in n.all_input_nodes:
+            a_val = a.meta.get("val")
+            if a in free or (a.op != "placeholder" and isinstance(a_val, _SCALAR_VALUES)):
+                continue
+            ok = False
+            break
+        if ok:
+            free.add(n)
+    return free
+
+
+def _collect(stage: _Stage, uses: list[fx.Node], input_free: set[fx.Node] = frozenset()) -> None:
+    """Direct tensor inputs, parameters and values to recompute (sizes; tensors in `input_free`)."""
 
     def visit(a: fx.Node, remat_owner: fx.Node | None) -> None:
         if a.op == "get_attr":
             stage.attrs[a] = None
         elif a in stage.defined:
             return
+        elif a in input_free:
+            if a in stage.remat:
+                return
+            stage.remat[a] = None
+            for b in a.all_input_nodes:
+                visit(b, a)
         elif _is_tensor(a):
             if remat_owner is None:
                 stage.direct[a] = None
@@ -524,8 +574,9 @@ def split_stages(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if len(out_flat) != len(torch.utils._pytree.tree_leaves(out_tree)):
         raise ScheduleError("the model returns non-tensor values besides tensors; a pipelined model's outputs "
                             "must all be tensors (return None-free outputs)")
+    input_free = _input_free(gm)
     for k, st in enumerate(stages):
-        _collect(st, st.nodes + ([output] if k == num_stages - 1 else []))
+        _collect(st, st.nodes + ([output] if k == num_stages - 1 else []), input_free)
 
     # ---- what flows between stages, from the last stage back
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
