@@ -502,6 +502,7 @@ class PipelineModule(ParallelModule):
         self._flatten = _flattener(graph_module)
         self._out_spec = _out_spec(graph_module)
         self._schedules: dict[tuple, Any] = {}
+        self._broadcast_meta: dict[tuple, list] = {}
         self._tied_groups = self._make_tied_groups()
         self._device = self._pick_device()
         self._data_synced = self._data_synced_params()
@@ -655,12 +656,19 @@ class PipelineModule(ParallelModule):
         """The pp coordinate of the last stage."""
         return self.split.stages[-1].rank
 
-    def _broadcast_from_last(self, values: list[torch.Tensor] | None) -> list[torch.Tensor]:
-        """The last stage's tensors on every rank of this pp group (shapes first, then the data)."""
-        meta = [[(tuple(v.shape), v.dtype) for v in values] if values is not None else None]
-        dist.broadcast_object_list(meta, group_src=self._last_rank(), group=self._pp_group, device=self._device)
+    def _broadcast_from_last(self, values: list[torch.Tensor] | None, key: tuple) -> list[torch.Tensor]:
+        """The last stage's tensors on every rank of this pp group (shapes first, then the data).
+
+        Shapes and dtypes are exchanged once per `key` (the input shapes): a pickled object
+        broadcast costs milliseconds, the tensors themselves far less.
+        """
+        meta = self._broadcast_meta.get(key)
+        if meta is None:
+            box = [[(tuple(v.shape), v.dtype) for v in values] if values is not None else None]
+            dist.broadcast_object_list(box, group_src=self._last_rank(), group=self._pp_group, device=self._device)
+            meta = self._broadcast_meta[key] = box[0]
         out = []
-        for i, (shape, dtype) in enumerate(meta[0]):
+        for i, (shape, dtype) in enumerate(meta):
             t = values[i].detach().contiguous() if values is not None else \
                 torch.empty(shape, dtype=dtype, device=self._device)
             dist.broadcast(t, group_src=self._last_rank(), group=self._pp_group)
@@ -678,7 +686,8 @@ class PipelineModule(ParallelModule):
         values = None
         if self._is_last():
             values = [out] if isinstance(out, torch.Tensor) else list(out)
-        values = self._gather_microbatched(self._broadcast_from_last(values))
+        shapes = tuple(tuple(x.shape) for x in flat)
+        values = self._gather_microbatched(self._broadcast_from_last(values, ("forward", shapes)))
         return pytree.tree_unflatten(values, self._out_spec) if self._out_spec is not None else \
             (values[0] if len(values) == 1 else tuple(values))
 
@@ -797,7 +806,7 @@ class PipelineModule(ParallelModule):
             for m in data:  # the last stage's ranks of each data group hold the other shards' parts
                 total = torch.ops.fxpar.all_reduce(total, self.mesh_info.group_name(m), self.mesh_info.names[m])
             total = [total]
-        return self._broadcast_from_last(total)[0]
+        return self._broadcast_from_last(total, ("train", tuple(tuple(x.shape) for x in flat)))[0]
 
     def _reshard_context(self):
         """Saves gathered FSDP parameters as their shards for the backward (reshard_after_forward)."""
