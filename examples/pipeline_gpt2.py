@@ -1,4 +1,5 @@
-"""Demo: GPT-2 (transformers, a small config) pipelined over `pp` ranks, tensor parallel over `tp`.
+"""Demo: GPT-2 (transformers, a small config) pipelined over `pp` ranks, tensor parallel over `tp`,
+optionally data parallel (`dp`) or fully sharded (`fsdp`) on top: a 3-D mesh.
 
 fxpar captures the model, plans tensor parallelism automatically, cuts the
 rewritten graph into pipeline stages balanced by its cost model, and trains it
@@ -10,6 +11,8 @@ On one machine (CPU, gloo; ranks are started for you):
 
     python examples/pipeline_gpt2.py                          # pp=2
     python examples/pipeline_gpt2.py --pp 2 --tp 2 --schedule interleaved_1f1b
+    python examples/pipeline_gpt2.py --dp 2 --pp 2 --tp 2          # 8 ranks: dp x pp x tp
+    python examples/pipeline_gpt2.py --fsdp 2 --pp 2               # fsdp x pp
 
 Under torchrun, the same script on one or several nodes (NCCL on GPUs, gloo on CPU):
 
@@ -40,19 +43,27 @@ def cross_entropy(out, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
 
 
-def demo(pp: int, tp: int, schedule: str, microbatches: int, steps: int, layers: int) -> dict:
+def mesh_dims(dp: int, fsdp: int, pp: int, tp: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """The mesh: data dims (where > 1) outermost, then pp, then tp (innermost: the fastest links)."""
+    dims = [(n, s) for n, s in (("dp", dp), ("fsdp", fsdp)) if s > 1] + [("pp", pp), ("tp", tp)]
+    return tuple(s for _, s in dims), tuple(n for n, _ in dims)
+
+
+def demo(pp: int, tp: int, schedule: str, microbatches: int, steps: int, layers: int, dp: int = 1,
+         fsdp: int = 1) -> dict:
     import transformers
 
     device = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count())))
-    mesh = init_device_mesh(device, (pp, tp), mesh_dim_names=("pp", "tp"))
+    shape, names = mesh_dims(dp, fsdp, pp, tp)
+    mesh = init_device_mesh(device, shape, mesh_dim_names=names)
     torch.manual_seed(0)  # the same model and data on every rank
     config = transformers.GPT2Config(n_layer=layers, n_embd=64, n_head=4, vocab_size=256, n_positions=64,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
                                      bos_token_id=0, eos_token_id=0)
     model = transformers.GPT2LMHeadModel(config).to(device).eval()
-    batch = 4 * microbatches
+    batch = 4 * microbatches * dp * fsdp  # every data rank gets 4 rows of each microbatch
     tokens = torch.randint(0, 256, (batch, 16), device=device)
     labels = torch.randint(0, 256, (batch, 16), device=device)
 
@@ -108,26 +119,29 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pp", type=int, default=2, help="pipeline ranks (default 2)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage (default 1)")
+    parser.add_argument("--dp", type=int, default=1, help="data-parallel replicas of the pipeline (default 1)")
+    parser.add_argument("--fsdp", type=int, default=1, help="fully sharded data-parallel ranks (default 1)")
     parser.add_argument("--schedule", default="1f1b", help="gpipe, 1f1b, interleaved_1f1b, zbv, dualpipev, ...")
     parser.add_argument("--microbatches", type=int, default=4, help="microbatches per step (default 4)")
     parser.add_argument("--layers", type=int, default=4, help="GPT-2 blocks (default 4)")
     parser.add_argument("--steps", type=int, default=5, help="SGD steps to compare (default 5)")
     args = parser.parse_args()
-    body = (args.pp, args.tp, args.schedule, args.microbatches, args.steps, args.layers)
+    body = (args.pp, args.tp, args.schedule, args.microbatches, args.steps, args.layers, args.dp, args.fsdp)
+    world = args.dp * args.fsdp * args.pp * args.tp
 
     if "RANK" in os.environ:  # under torchrun: this process is one rank
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
-        if dist.get_world_size() != args.pp * args.tp:
-            raise SystemExit(f"torchrun started {dist.get_world_size()} ranks but --pp {args.pp} x --tp {args.tp} "
-                             f"needs {args.pp * args.tp}")
+        if dist.get_world_size() != world:
+            raise SystemExit(f"torchrun started {dist.get_world_size()} ranks but --dp {args.dp} x --fsdp "
+                             f"{args.fsdp} x --pp {args.pp} x --tp {args.tp} needs {world}")
         result = demo(*body)
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, result)
         code = summarize(gathered, args.steps) if dist.get_rank() == 0 else 0
         dist.destroy_process_group()
         return code
-    return summarize(run_ranks(demo, args.pp * args.tp, *body, timeout=300.0), args.steps)
+    return summarize(run_ranks(demo, world, *body, timeout=300.0), args.steps)
 
 
 if __name__ == "__main__":

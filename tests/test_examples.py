@@ -66,3 +66,12 @@ def test_custom_pass_unit_test_from_the_guide():
         fxpar.plan(model, {"tp": 2}, example_inputs=(x,), passes=[*fxpar.default_passes()[:2],
                                                                   example.KeepReplicated(("blocks.9.*",)),
                                                                   *fxpar.default_passes()[2:]])
+
+
+def test_pipeline_example_with_fsdp_verifies():
+    pytest.importorskip("transformers")
+    out = subprocess.run([sys.executable, str(ROOT / "examples/pipeline_gpt2.py"), "--fsdp", "2", "--pp", "2",
+                          "--layers", "2", "--steps", "2", "--schedule", "gpipe"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "VERIFIED" in out.stdout and "fsdp" in out.stdout
