@@ -294,6 +294,8 @@ def fsdp_all_gather(x: Tensor, dim: int, group_size: int, group_name: str, mesh_
     batch-sharded activations, so its gradient is partial on every rank; summing and keeping this
     rank's slice is one reduce_scatter.
     """
+    if _step_gathers:  # a pipeline step that gathers each parameter once (see StepGather)
+        return _step_gathers[-1].gather(x, (dim, group_size, group_name, mesh_dim))
     _record("all_gather", mesh_dim, x, "forward")
     out = _all_gather(x, dim, group_size, group_name)
     _note_gathered(out, x, (dim, group_size, group_name, mesh_dim))
@@ -308,11 +310,86 @@ def _(x, dim, group_size, group_name, mesh_dim):
 
 
 def _fsdp_all_gather_bwd(ctx, grad):
+    if _step_gathers:
+        return _step_gathers[-1].accumulate(ctx, grad), None, None, None, None
     _record("reduce_scatter", ctx.mesh_dim, grad, "backward")
     return _reduce_scatter(grad, ctx.dim, ctx.group_size, ctx.group_name), None, None, None, None
 
 
-fsdp_all_gather.register_autograd(_fsdp_all_gather_bwd, setup_context=_save_shard_args)
+_step_gathers: list["StepGather"] = []
+
+
+class StepGather:
+    """FSDP over a whole pipeline step: each parameter gathered once, its gradient reduce-scattered once.
+
+    A pipeline runs the stage graph once per microbatch, so the graph's
+    `fsdp_all_gather` would gather every parameter M times and reduce-scatter
+    its gradient M times. Inside `with StepGather() as sg:` the first gather
+    of a shard communicates and later ones reuse the full parameter (kept for
+    the step: FSDP2's reshard_after_forward=False); backwards add the full
+    gradient into one buffer and give the shard zeros; `sg.reduce_scatter(params)`
+    then reduce-scatters each buffer once and adds it into `.grad`.
+    """
+
+    def __init__(self) -> None:
+        self._full: dict[tuple, Tensor] = {}
+        self._grads: dict[tuple, Tensor] = {}
+        self._args: dict[tuple, tuple] = {}
+
+    @staticmethod
+    def _key(shard: Tensor) -> tuple:
+        return (shard.data_ptr(), tuple(shard.shape), shard.dtype)
+
+    def __enter__(self) -> "StepGather":
+        _step_gathers.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _step_gathers.remove(self)
+
+    def gather(self, shard: Tensor, args: tuple) -> Tensor:
+        key = self._key(shard)
+        full = self._full.get(key)
+        if full is None:
+            dim, n, group_name, mesh_dim = args
+            _record("all_gather", mesh_dim, shard, "forward")
+            full = self._full[key] = _all_gather(shard, dim, n, group_name)
+            self._args[key] = args
+            _note_gathered(full, shard, args)
+        return full.detach()  # a new tensor on the same storage: autograd gives each use its own history
+
+    def accumulate(self, ctx, grad: Tensor) -> Tensor:
+        shape = list(grad.shape)
+        shape[ctx.dim] //= ctx.group_size
+        key = (ctx.shard_key, tuple(shape), grad.dtype)
+        acc = self._grads.get(key)
+        if acc is None:
+            self._grads[key] = grad.detach().clone()
+        else:
+            acc.add_(grad)
+        return grad.new_zeros(shape)
+
+    def reduce_scatter(self, params: list[Tensor]) -> None:
+        """Reduce-scatters each gathered parameter's summed gradient once, in `params` order (the same on
+        every rank of the group), into `.grad`; frees the gathered parameters."""
+        for p in params:
+            key = self._key(p)
+            acc = self._grads.pop(key, None)
+            if acc is None:
+                continue
+            dim, n, group_name, mesh_dim = self._args[key]
+            _record("reduce_scatter", mesh_dim, acc, "backward")
+            shard = _reduce_scatter(acc, dim, n, group_name)
+            p.grad = shard if p.grad is None else p.grad.add_(shard)
+        self._full.clear()
+
+
+def _save_fsdp_args(ctx, inputs, output):
+    _save_shard_args(ctx, inputs, output)
+    ctx.shard_key = inputs[0].data_ptr()  # which parameter, for StepGather
+
+
+fsdp_all_gather.register_autograd(_fsdp_all_gather_bwd, setup_context=_save_fsdp_args)
 
 
 # Gathered FSDP parameters alive right now, for the runtime's memory accounting and for re-gathering

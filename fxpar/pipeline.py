@@ -23,7 +23,10 @@ microbatch loss on each data shard is scaled by 1 / (microbatches x shards) for
 a mean. Gradients of data-replicated parameters are summed over the data dims
 once per step, after the schedule (one flat all-reduce per bucket and dim):
 hooks per backward would reduce them once per microbatch. FSDP parameters are
-gathered and their gradients reduce-scattered per microbatch, in the graph.
+gathered and their gradients reduce-scattered per microbatch by the graph
+(reshard_after_forward=True, the default: least memory), or gathered once per
+step, kept for it, and their summed gradients reduce-scattered once after the
+schedule (reshard_after_forward=False: the analytical FSDP volume).
 
 Gradient scaling: torch's schedules divide gradients by the number of
 microbatches when `scale_grads=True`, which is right only for mean losses and
@@ -43,6 +46,7 @@ send floats and booleans).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -794,9 +798,11 @@ class PipelineModule(ParallelModule):
         inputs_before = [x.grad.detach().clone() if x.grad is not None else None for x in flat]
         losses: list[torch.Tensor] = []
         first = flat if self._is_first() else ()
-        with self._reshard_context():
+        with self._fsdp_context() as step_gather:
             sched.step(*first, target=target if self._is_last() else None, losses=losses,
                        return_outputs=False)
+        if step_gather is not None:
+            step_gather.reduce_scatter(self._fsdp_params())
         self._sum_tied_grads(tied_before)
         self._sync_data_grads(stashed)
         self._share_input_grads(flat, inputs_before)
@@ -808,15 +814,40 @@ class PipelineModule(ParallelModule):
             total = [total]
         return self._broadcast_from_last(total, ("train", tuple(tuple(x.shape) for x in flat)))[0]
 
-    def _reshard_context(self):
-        """Saves gathered FSDP parameters as their shards for the backward (reshard_after_forward)."""
-        import contextlib
+    @contextlib.contextmanager
+    def _fsdp_context(self):
+        """How a step runs the graph's FSDP gathers.
 
-        from fxpar.collectives import pack_gathered, unpack_gathered
+        reshard_after_forward=True: every microbatch gathers the parameters, autograd
+        saves them as shards and the backward gathers again (least memory; each
+        microbatch reduce-scatters its gradients). False: each parameter is gathered
+        once per step and kept for it, its gradient reduce-scattered once after the
+        schedule (`fxpar.collectives.StepGather`; least communication). Yields the
+        StepGather, or None.
+        """
+        from fxpar.collectives import StepGather, pack_gathered, unpack_gathered
 
-        if self.reshard_after_forward and self.mesh_info.size("fsdp") > 1:
-            return torch.autograd.graph.saved_tensors_hooks(pack_gathered, unpack_gathered)
-        return contextlib.nullcontext()
+        if self.mesh_info.size("fsdp") <= 1:
+            yield None
+        elif self.reshard_after_forward:
+            with torch.autograd.graph.saved_tensors_hooks(pack_gathered, unpack_gathered):
+                yield None
+        else:
+            with StepGather() as step_gather:
+                yield step_gather
+
+    def _fsdp_params(self) -> list[nn.Parameter]:
+        """This rank's FSDP-sharded parameters, in stage and graph order (the same on every rank of a group)."""
+        out, seen = [], set()
+        gather = torch.ops.fxpar.fsdp_all_gather.default
+        for gm in self.stage_modules:
+            for node in gm.graph.nodes:
+                if node.op == "get_attr" and any(u.target is gather for u in node.users):
+                    t = _attr(gm, node.target)
+                    if id(t) not in seen:
+                        seen.add(id(t))
+                        out.append(t)
+        return out
 
     def _share_input_grads(self, flat: list[torch.Tensor], before: list[torch.Tensor | None]) -> None:
         """Gives every rank the gradients of inputs that require them, as the first stage computed them."""

@@ -85,7 +85,10 @@ def _train_gpt2(shape, names, steps: int, plan_kwargs: dict, dtype=torch.float64
     model, batches = _gpt2_and_batches(steps)
     model = model.to(dtype)
     ref = copy.deepcopy(model).to(ref_dtype or dtype)
-    pm = fxpar.parallelize(model, mesh, example_inputs=(batches[0][0],), plan=fxpar.Plan(auto_tp=True, **plan_kwargs))
+    plan_kwargs = dict(plan_kwargs)
+    reshard = plan_kwargs.pop("reshard_after_forward", True)
+    pm = fxpar.parallelize(model, mesh, example_inputs=(batches[0][0],), plan=fxpar.Plan(auto_tp=True, **plan_kwargs),
+                           reshard_after_forward=reshard)
     ids = batches[0][0]
     logits_err = (pm(ids).logits.double() - ref(ids).logits.double()).abs().max().item()
     losses, norms = _train(_FxparStep(pm), pm.parameters(), batches)
@@ -97,7 +100,8 @@ def _train_gpt2(shape, names, steps: int, plan_kwargs: dict, dtype=torch.float64
 @pytest.mark.parametrize("shape,names,steps,plan_kwargs", [
     ((2, 2, 2), ("dp", "pp", "tp"), 20, {"schedule": "1f1b", "microbatches": 2}),
     ((2, 2), ("fsdp", "pp"), 20, {"schedule": "gpipe", "microbatches": 2}),
-], ids=["dp2xpp2xtp2-1f1b", "fsdp2xpp2-gpipe"])
+    ((2, 2), ("fsdp", "pp"), 10, {"schedule": "1f1b", "microbatches": 2, "reshard_after_forward": False}),
+], ids=["dp2xpp2xtp2-1f1b", "fsdp2xpp2-gpipe", "fsdp2xpp2-1f1b-gather-once"])
 def test_gpt2_trains_20_steps_like_one_process(shape, names, steps, plan_kwargs):
     n = 1
     for size in shape:
@@ -184,21 +188,25 @@ def test_dp_pipeline_all_reduces_every_gradient_byte_once(schedule, stages):
 
 
 @pytest.mark.parametrize("reshard", [True, False], ids=["reshard", "keep"])
-def test_fsdp_pipeline_gathers_per_microbatch_and_reduce_scatters(reshard):
+def test_fsdp_pipeline_communication_per_step(reshard):
     microbatches = 2
     for r in rank_pool(4).run(_mlp_step, ("fsdp", "pp"), "1f1b", 2, reshard):
         assert r["loss_err"] < 1e-12 and r["grad_err"] < 1e-12, r
         v = r["volume"]
-        # every microbatch gathers this rank's stages' parameters (payload: the local shard) and
-        # reduce-scatters their gradients (payload: the full gradient), in the graph
-        assert v["forward all_gather fsdp"] == microbatches * r["local"], v
-        assert v["backward reduce_scatter fsdp"] == microbatches * 2 * r["local"], v
-        # resharded after forward: the backward gathers again what autograd saved (weights, not biases)
+        assert v["backward all_reduce fsdp"] == 0, v
         if reshard:
+            # every microbatch gathers this rank's stages' parameters (payload: the local shard) and
+            # reduce-scatters their gradients (payload: the full gradient), in the graph; the backward
+            # gathers again what autograd saved (weights, not biases)
+            assert v["forward all_gather fsdp"] == microbatches * r["local"], v
+            assert v["backward reduce_scatter fsdp"] == microbatches * 2 * r["local"], v
             assert 0 < v["backward all_gather fsdp"] <= microbatches * r["weights"], v
         else:
+            # kept for the step: one gather per parameter and one reduce-scatter of the summed gradient,
+            # the analytical volume of FSDP whatever the number of microbatches
+            assert v["forward all_gather fsdp"] == r["local"], v
+            assert v["backward reduce_scatter fsdp"] == 2 * r["local"], v
             assert v["backward all_gather fsdp"] == 0, v
-        assert v["backward all_reduce fsdp"] == 0, v
 
 
 def _bad_batch() -> str:
