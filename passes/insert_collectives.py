@@ -149,4 +149,10 @@ def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if any(x is not y for x, y in zip(args, new_args)):
             replace_tensor_args(node, new_args)
             modified = True
+    # An FSDP gather all of whose uses took the plain all_gather instead is dead communication
+    # (collectives are side-effectful, so dead code elimination keeps them).
+    for node in list(gm.graph.nodes):
+        if node.target is _FSDP_GATHER and not node.users:
+            gm.graph.erase_node(node)
+            modified = True
     return PassResult(gm, modified)
