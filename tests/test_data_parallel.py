@@ -181,3 +181,26 @@ def _accumulate() -> float:
 def test_gradient_accumulation_over_steps_is_exact_with_bucketed_all_reduce():
     for err in rank_pool(2).run(_accumulate):
         assert err < 1e-12, err
+
+
+def _gpt2_fsdp_volume() -> dict:
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (4,), mesh_dim_names=("fsdp",))
+    torch.manual_seed(0)
+    model = gpt2().double()
+    ids, target = torch.randint(0, 128, (4, 8)), torch.randint(0, 128, (4, 8))
+    pm = fxpar.parallelize(model, mesh, example_inputs=(ids,))
+    with fxpar.count_comms() as comms:
+        pm.step(ids, target=target, loss_fn=ce)
+    volume = collections.Counter()
+    for c in comms:
+        volume[f"{c.direction} {c.op} {c.mesh_dim}"] += c.nbytes
+    return {"volume": volume, "local": sum(p.numel() * p.element_size() for p in pm.parameters()),
+            "total": sum(p.numel() * p.element_size() for p in model.parameters())}
+
+
+def test_fsdp_gpt2_gathers_every_parameter_once_forward():
+    """Each parameter's shard is gathered once in the forward: the position table, used on replicated
+    positions, by a plain all_gather (its gradient is whole on every rank), the others by FSDP gathers."""
+    for r in rank_pool(4).run(_gpt2_fsdp_volume):
+        assert r["local"] == r["total"] // 4, r
+        assert r["volume"]["forward all_gather fsdp"] == r["local"], r
