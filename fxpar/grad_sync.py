@@ -3,10 +3,12 @@ the `bucket_grad_sync` pass).
 
 Each marked parameter gets a gradient hook that sees this backward's gradient
 for it (summed over its uses, before accumulation into `.grad`). The hook
-copies it into its bucket's flat buffer and hands autograd zeros instead; when
-a bucket is full it is all-reduced asynchronously on its data-parallel groups
-while the backward goes on. A callback queued on the autograd engine waits for
-every bucket at the end of the backward and adds the sums into `.grad`. So a
+copies it into its bucket's flat buffer and sets aside the `.grad` of earlier
+backwards, if any, so autograd stores this backward's local gradient there
+(stealing the tensor: no zeros, no addition); when a bucket is full it is
+all-reduced asynchronously on its data-parallel groups while the backward goes
+on. A callback queued on the autograd engine waits for every bucket at the end
+of the backward and sets `.grad` to the set-aside gradient plus the sum. So a
 backward adds exactly the all-reduced gradient of this backward to `.grad`:
 gradient accumulation over several backwards stays exact, as with the
 per-parameter `grad_all_reduce` the pass replaced.
@@ -35,6 +37,7 @@ class _Bucket:
         self.numel = total
         self.flat: torch.Tensor | None = None
         self.got: set = set()
+        self.before: dict = {}  # param -> its .grad from earlier backwards (accumulation)
         self.work = None
 
 
@@ -56,19 +59,25 @@ class GradSync:
                 self._queued = True
                 torch.autograd.Variable._execution_engine.queue_callback(self._finish)
             if bucket.flat is None:
-                bucket.flat = grad.new_zeros(bucket.numel)
+                bucket.flat = grad.new_empty(bucket.numel)  # every slot is written before the all-reduce
             start, n = bucket.offsets[param]
             bucket.flat[start:start + n].copy_(grad.reshape(-1))
             bucket.got.add(param)
+            if param.grad is not None:
+                bucket.before[param], param.grad = param.grad, None
             if len(bucket.got) == len(bucket.params):
                 self._launch(bucket)
-            return torch.zeros_like(grad)
+            return None  # autograd keeps this local gradient in .grad until _finish replaces it
 
         return hook
 
     def _launch(self, bucket: _Bucket) -> None:
         if bucket.work is not None or bucket.flat is None:
             return
+        for p in bucket.params:  # parameters that got no gradient in this backward contribute zeros
+            if p not in bucket.got:
+                start, n = bucket.offsets[p]
+                bucket.flat[start:start + n].zero_()
         works = []
         for i, name in enumerate(bucket.dims):
             if i:  # a sum over several groups: one after the other
@@ -91,11 +100,11 @@ class GradSync:
             for p in bucket.got:
                 start, n = bucket.offsets[p]
                 reduced = bucket.flat[start:start + n].view_as(p)
-                if p.grad is None:
-                    p.grad = reduced.clone()
-                else:
-                    p.grad.add_(reduced)
-            bucket.flat, bucket.got, bucket.work = None, set(), None
+                before = bucket.before.get(p)
+                # one bucket's views share its buffer, which lives as long as any of them: it holds
+                # exactly the bucket's gradients
+                p.grad = reduced if before is None else before.add_(reduced)
+            bucket.flat, bucket.got, bucket.before, bucket.work = None, set(), {}, None
         self._queued = False
 
     def remove(self) -> None:
