@@ -56,6 +56,7 @@ import torch.fx as fx
 from torch.distributed.tensor.placement_types import Placement, Shard, _StridedShard
 
 from fxpar.collectives import BACKWARD_OF, COLLECTIVE_OPS, collective_args, transition_op
+from fxpar.dataflow import differentiable
 from fxpar.errors import FxparError, GraphInvariantError, ScheduleError, node_context
 from fxpar.mesh import MeshInfo
 from fxpar.rules import OpInfo, lookup, tensor_args
@@ -371,30 +372,6 @@ def _check_collectives(gm: fx.GraphModule, mesh: MeshInfo) -> None:
 # --------------------------------------------------------------------------- gradient duals
 
 
-def _may_need_grad(gm: fx.GraphModule) -> set[fx.Node]:
-    """Nodes whose value may carry a gradient (as the insert_collectives pass decides it)."""
-    out: set[fx.Node] = set()
-    for node in gm.graph.nodes:
-        val = node.meta.get("val")
-        floating = isinstance(val, torch.Tensor) and val.dtype.is_floating_point
-        if node.op == "placeholder":
-            if floating:
-                out.add(node)
-        elif node.op == "get_attr":
-            if floating and val.requires_grad:
-                out.add(node)
-        elif node.op == "call_function":
-            if isinstance(node.target, torch._ops.HigherOrderOperator) and node.args and node.args[0] is False:
-                continue
-            if node.target is operator.getitem:
-                if node.args[0] in out and floating:
-                    out.add(node)
-                continue
-            if any(a in out for a in node.all_input_nodes) and (floating or isinstance(val, (tuple, list))):
-                out.add(node)
-    return out
-
-
 # Collectives whose backward sums the partial gradients of their output over their mesh dim.
 _REDUCING_DUALS = frozenset({"grad_all_reduce", "fsdp_all_gather"})
 
@@ -453,7 +430,7 @@ def _check_grad_duals(gm: fx.GraphModule, mesh: MeshInfo, boundary: frozenset[st
     be used sharded there, so those two ends are not judged here (the
     unsplit graph was checked before split_stages cut it).
     """
-    grads = _may_need_grad(gm)
+    grads = differentiable(gm)
     for node in gm.graph.nodes:
         if node.op != "call_function" or _is_collective(node) or node.target is operator.getitem:
             continue

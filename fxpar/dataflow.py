@@ -1,0 +1,41 @@
+"""Which values of a captured graph can carry a gradient: one answer for the passes and the checks."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+__all__ = ["differentiable"]
+
+
+def differentiable(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes whose value may carry a gradient at run time.
+
+    Float inputs may (the caller can pass requires_grad tensors), parameters do
+    when they require grad, an op's output does if any tensor input does and it
+    is floating point; a no-grad region (`wrap_with_set_grad_enabled(False, ...)`)
+    produces none.
+    """
+    out: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        floating = isinstance(val, torch.Tensor) and val.dtype.is_floating_point
+        if node.op == "placeholder":
+            if floating:
+                out.add(node)
+        elif node.op == "get_attr":
+            if floating and val.requires_grad:
+                out.add(node)
+        elif node.op == "call_function":
+            if isinstance(node.target, torch._ops.HigherOrderOperator) and node.args and node.args[0] is False:
+                continue
+            if node.target is operator.getitem:
+                if node.args[0] in out and floating:
+                    out.add(node)
+                continue
+            if any(a in out for a in node.all_input_nodes) and (
+                    floating or isinstance(val, (tuple, list))):
+                out.add(node)
+    return out
