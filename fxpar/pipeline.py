@@ -732,9 +732,19 @@ class PipelineModule(ParallelModule):
             out.append(v)
         return out
 
-    def _sync_data_grads(self, stashed: dict[int, torch.Tensor | None]) -> None:
-        """Sums this step's gradients over the data-parallel dims, one flat all-reduce per bucket and dim,
-        then adds back the gradients accumulated before the step (`stashed`)."""
+    def _stash_grads(self) -> list[tuple[nn.Parameter, torch.Tensor | None]]:
+        """Sets aside the `.grad` of parameters whose step gradient is summed over ranks (data-parallel and
+        tied ones), so the sums see this step's gradient only; `step` adds them back."""
+        out, seen = [], set()
+        for p in [p for p, _, _ in self._data_synced] + [p for _, p in self._tied_params()]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append((p, p.grad))
+                p.grad = None
+        return out
+
+    def _sync_data_grads(self) -> None:
+        """Sums this step's gradients over the data-parallel dims, one flat all-reduce per bucket and dim."""
         buckets: dict[tuple[int, tuple[str, ...]], list[nn.Parameter]] = {}
         for p, dims, bucket in self._data_synced:
             buckets.setdefault((bucket, dims), []).append(p)
@@ -747,10 +757,6 @@ class PipelineModule(ParallelModule):
             for p in params:
                 p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
                 offset += p.numel()
-        for p, _, _ in self._data_synced:
-            prev = stashed.get(id(p))
-            if prev is not None:
-                p.grad = prev.add_(p.grad)
 
     def step(self, *inputs: Any, target: Any, loss_fn: Callable, loss_reduction: str = "mean",
              **kwargs: Any) -> torch.Tensor:
@@ -790,11 +796,8 @@ class PipelineModule(ParallelModule):
         sched = self._schedule("train", loss_wrapper, tuple(tuple(x.shape) for x in flat))
         # The schedule keeps its loss object; point it at this call's loss function.
         sched._loss_fn.loss_fn = loss_fn
-        # The data-parallel sums reduce this step's gradients only: earlier ones (accumulation) wait aside.
-        stashed = {}
-        for p, _, _ in self._data_synced:
-            stashed[id(p)], p.grad = p.grad, None
-        tied_before = self._tied_grads_before()
+        # The sums over ranks reduce this step's gradients only: earlier ones (accumulation) wait aside.
+        stashed = self._stash_grads()
         inputs_before = [x.grad.detach().clone() if x.grad is not None else None for x in flat]
         losses: list[torch.Tensor] = []
         first = flat if self._is_first() else ()
@@ -803,8 +806,11 @@ class PipelineModule(ParallelModule):
                        return_outputs=False)
         if step_gather is not None:
             step_gather.reduce_scatter(self._fsdp_params())
-        self._sum_tied_grads(tied_before)
-        self._sync_data_grads(stashed)
+        self._sum_tied_grads()
+        self._sync_data_grads()
+        for p, prev in stashed:
+            if prev is not None:
+                p.grad = prev if p.grad is None else prev.add_(p.grad)
         self._share_input_grads(flat, inputs_before)
         total = None
         if self._is_last():
@@ -878,23 +884,13 @@ class PipelineModule(ParallelModule):
                 break
         return out
 
-    def _tied_grads_before(self) -> dict[str, torch.Tensor | None]:
-        return {fqn: (p.grad.detach().clone() if p.grad is not None else None) for fqn, p in self._tied_params()}
-
-    def _sum_tied_grads(self, before: dict[str, torch.Tensor | None]) -> None:
-        """Sums this step's gradient of each tied weight over its owning ranks, once.
-
-        Only the step's own contribution is reduced, so gradients accumulated
-        over several steps are not summed again.
-        """
+    def _sum_tied_grads(self) -> None:
+        """Sums this step's gradient of each tied weight over its owning ranks, once (earlier steps'
+        gradients are set aside during the step, so accumulation does not sum them again)."""
         for fqn, p in self._tied_params():
-            prev = before.get(fqn)
-            delta = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
-            if prev is not None:
-                delta = delta - prev
-            delta = delta.contiguous()
-            dist.all_reduce(delta, group=self._tied_groups[fqn])
-            p.grad = delta if prev is None else prev + delta
+            grad = p.grad.detach().contiguous() if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(grad, group=self._tied_groups[fqn])
+            p.grad = grad
 
     # ------------------------------------------------------------------ parameters and introspection
 
