@@ -50,6 +50,7 @@ __all__ = [
     "transition_cost",
     "insert_transition",
     "insert_grad_all_reduce",
+    "inference_graph_module",
 ]
 
 _c10d = torch.ops._c10d_functional
@@ -586,3 +587,37 @@ def collective_args(node: fx.Node) -> dict:
     """The named arguments of an fxpar collective node."""
     schema = node.target._schema
     return {a.name: v for a, v in zip(schema.arguments, node.args)}
+
+
+# --------------------------------------------------------------------------- inference
+
+
+_GRAD_ONLY = (torch.ops.fxpar.grad_all_reduce.default,)
+"""Collectives that are the identity forward: they exist for their backward only."""
+
+
+def inference_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of `gm` to run without autograd: the backward-only markers bypassed.
+
+    `grad_all_reduce` is the identity forward, but a custom op may not return its
+    input, so it copies it; without a backward (under `torch.no_grad()`) that copy
+    is all it does. The copy's graph uses the marker's input directly; every other
+    node, collectives included, is kept, so every rank still issues the same
+    collectives in the same order. Parameters and buffers are the same tensor
+    objects as `gm`'s (updated in place by optimizers and `load_state_dict`, so
+    they stay shared); node and module metadata are shallow copies.
+
+    Use it only where no gradient is needed: its outputs carry no Megatron "f",
+    so their gradients would be partial on each rank.
+    """
+    graph = fx.Graph(owning_module=None, tracer_cls=gm.graph._tracer_cls)
+    env: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _GRAD_ONLY:
+            env[node] = env[node.args[0]]
+            continue
+        env[node] = graph.node_copy(node, lambda a: env[a])
+    graph._codegen = gm.graph._codegen  # the capture's pytree in/out handling
+    out = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    out.meta.update(gm.meta)
+    return out

@@ -31,6 +31,8 @@ __all__ = [
     "update_info",
     "get_spec",
     "divides",
+    "size_key",
+    "shape_key",
     "local_size",
     "replicated",
     "placements_str",
@@ -148,6 +150,20 @@ def size_hint(s: Any) -> int:
     return int(s)
 
 
+def size_key(s: Any) -> Any:
+    """A hashable stand-in for a size: the int, or a SymInt's sympy expression.
+
+    Equal keys mean equal sizes. Cheap (no printing, no symbolic reasoning), for
+    caches and for comparing shapes structurally; SymInts themselves are unhashable.
+    """
+    return s.node.expr if isinstance(s, torch.SymInt) else s
+
+
+def shape_key(shape: Sequence[Any]) -> tuple:
+    """`size_key` of every entry of a shape."""
+    return tuple(s.node.expr if isinstance(s, torch.SymInt) else s for s in shape)
+
+
 def divides(size: Any, n: int) -> bool | None:
     """True / False when `size % n == 0` is decidable, None when it depends on the input."""
     if n == 1:
@@ -192,8 +208,11 @@ def shard_order(names: Sequence[str]) -> list[int]:
 def make_spec(val: Any, placements: tuple[Placement, ...], mesh_sizes: Sequence[int]) -> TensorSpec:
     """A spec for a FakeTensor `val` laid out as `placements`; no divisibility check."""
     shape = tuple(val.shape)
-    local = list(shape)
+    local = shape
     for p, n in zip(placements, mesh_sizes):
-        if isinstance(p, (Shard, _StridedShard)):
+        # Replicate first: a failed isinstance against placement types is slow (their metaclass)
+        if n != 1 and p is not None and not p.is_replicate() and isinstance(p, (Shard, _StridedShard)):
+            if local is shape:
+                local = list(shape)
             local[p.dim] = local_size(local[p.dim], n)
     return TensorSpec(tuple(placements), shape, tuple(local), val.dtype)

@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 
 from fxpar.rules import tensor_args
+from fxpar.spec import shape_key, size_key
 
 aten = torch.ops.aten
 
@@ -150,7 +151,7 @@ def _fused_sections(head: fx.Node, region: set[fx.Node]) -> int | None:
             continue
         if u.target == aten.split.Tensor:
             sections = u.meta["val"]
-            sizes = {str(s.shape[-1]) for s in sections}
+            sizes = {size_key(s.shape[-1]) for s in sections}
             dim = u.args[2] if len(u.args) > 2 else 0
             if len(sizes) == 1 and dim in (-1, cur.meta["val"].ndim - 1) and len(sections) > 1:
                 return len(sections)
@@ -169,7 +170,7 @@ def heads_of(head: fx.Node, region: set[fx.Node]) -> list:
             if u.target in (aten.view.default, aten.reshape.default):
                 i, o = u.args[0].meta["val"], u.meta["val"]
                 # (..., F) -> (..., H, D): the feature dim split into heads
-                if o.ndim == i.ndim + 1 and all(str(a) == str(b) for a, b in zip(i.shape[:-1], o.shape[:-2])):
+                if o.ndim == i.ndim + 1 and shape_key(i.shape[:-1]) == shape_key(o.shape[:-2]):
                     counts.append(o.shape[-2])
                     continue
             if u.target == aten.split.Tensor:

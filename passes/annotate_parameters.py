@@ -63,11 +63,13 @@ def _use_placement(target, pos: int, style: TPStyle) -> Placement | None:
 def _placement_for(node: fx.Node, style: TPStyle, module: str, fused: int = 0) -> Placement:
     if style.kind == "replicate" or not node.users:
         return Replicate()
-    uses = sorted(uses_as(node), key=lambda u: u[0] == aten.embedding.default)
+    uses = uses_as(node)
+    if len(uses) > 1:
+        uses = sorted(uses, key=lambda u: u[0] == aten.embedding.default)
     places = [(_use_placement(t, i, style), t) for t, i in uses]
-    name = str(node.target).rpartition(".")[2]
-    unknown = sorted({str(t) for p, t in places if p is None})
-    if unknown:
+    if any(p is None for p, _ in places):
+        name = str(node.target).rpartition(".")[2]
+        unknown = sorted({str(t) for p, t in places if p is None})
         raise PlanError(
             f"style '{style}' on module '{module}': fxpar does not know how to shard its parameter '{name}' "
             f"(used by {unknown}); '{style}' applies to Linear, Conv1D and Embedding modules. Map '{module}' to "

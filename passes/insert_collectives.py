@@ -129,24 +129,31 @@ def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     mesh = ctx.mesh
     ins = _Inserter(gm.graph, mesh)
     needs_grad = differentiable(gm)
+    fsdp = mesh.names.index("fsdp") if "fsdp" in mesh.names else None
     modified = False
     for node in list(gm.graph.nodes):
         info = get_info(node)
         if info is None or info.input_placements is None or info.origin == "insert_collectives":
             continue
+        # mesh dims on which some output is not Replicate: Replicate inputs there need Megatron's f
+        sharded_out = [] if node.op == "output" else \
+            [m for m in range(mesh.ndim) if any(not p.is_replicate() for p in _out_placements(info, m))]
         args = tensor_args(node)
         new_args = []
+        changed = False
         for a, need in zip(args, info.input_placements):
-            a = ins.full_gradient_gather(a, node, info)
+            if a.target is _FSDP_GATHER:
+                a = ins.full_gradient_gather(a, node, info)
             b = ins.redistribute(a, tuple(need), node)
-            if node.op != "output" and a in needs_grad:
-                for m in range(mesh.ndim):
-                    if a.target is _FSDP_GATHER and mesh.names[m] == "fsdp":
+            if sharded_out and a in needs_grad:
+                for m in sharded_out:
+                    if m == fsdp and a.target is _FSDP_GATHER:
                         continue  # its backward reduce-scatters the partial gradient already
-                    if need[m].is_replicate() and any(not p.is_replicate() for p in _out_placements(info, m)):
+                    if need[m].is_replicate():
                         b = ins.grad_all_reduce(b, m, node)
             new_args.append(b)
-        if any(x is not y for x, y in zip(args, new_args)):
+            changed = changed or b is not args[len(new_args) - 1]
+        if changed:
             replace_tensor_args(node, new_args)
             modified = True
     # An FSDP gather all of whose uses took the plain all_gather instead is dead communication

@@ -28,6 +28,7 @@ After:   meta["fxpar"] = NodeInfo(spec=TensorSpec(placements, shape, local_shape
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -38,7 +39,7 @@ from fxpar.errors import ShardingError, module_fqn_of, node_context
 from fxpar.mesh import MeshInfo
 from fxpar.pass_manager import PassContext, PassResult, fx_pass
 from fxpar.rules import OpInfo, Strategy, all_replicate, lookup, tensor_args
-from fxpar.spec import NodeInfo, TensorSpec, divides, get_info, make_spec, set_info, size_hint
+from fxpar.spec import NodeInfo, TensorSpec, divides, get_info, make_spec, set_info, size_hint, size_key
 
 from fxpar.passes._graph import differentiable, is_tensor
 from fxpar.passes.shard_inputs import DATA_DIMS
@@ -142,18 +143,119 @@ def _specs(val, per_dim_outputs: list, mesh: MeshInfo):
     return make_spec(val, tuple(per_dim_outputs), mesh.sizes)
 
 
-def _annotate_call(node: fx.Node, mesh: MeshInfo, needs_grad: set[fx.Node]) -> None:
+# --------------------------------------------------------------------------- memo
+#
+# A model's blocks repeat the same ops on the same shapes and placements, so the decision for a
+# node is looked up by everything that decides it: the op, its non-tensor arguments, and per
+# tensor input its shape, dtype, placements, whether it is a parameter and whether it carries a
+# gradient; and the output's shape and dtype. Rules read only those (`OpInfo`), and so do
+# `_feasible` and `_price`. Symbolic sizes enter by their sympy expression: equal keys, equal sizes.
+
+
+class _Unhashable(Exception):
+    """A node's arguments hold something with no value key: decide it without the memo."""
+
+
+def _size(s: Any) -> Any:
+    return s if type(s) is int else ("sym", size_key(s))
+
+
+def _val_key(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return (tuple(map(_size, v.shape)), v.dtype)
+    if isinstance(v, (tuple, list)):
+        return tuple(_val_key(x) for x in v)
+    if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return ("sym", v.node.expr)
+    return (type(v), v)
+
+
+_TENSOR_ARG = ("tensor",)  # a tensor input's position among the arguments; its features come apart
+_PLAIN = (int, str, type(None))  # leaves that are their own key (bool and float are tagged: 1 == True == 1.0)
+
+
+def _arg_key(a: Any, node_key) -> Any:
+    t = type(a)
+    if t in _PLAIN:
+        return a
+    if t is fx.Node:
+        return _TENSOR_ARG if isinstance(a.meta.get("val"), torch.Tensor) else ("node", node_key(a))
+    if isinstance(a, (list, tuple)):
+        if all(type(x) is int for x in a):  # shape arguments
+            return (t, tuple(a))
+        return (t, tuple(_arg_key(x, node_key) for x in a))
+    if isinstance(a, dict):
+        return (dict, tuple((k, _arg_key(x, node_key)) for k, x in a.items()))
+    if isinstance(a, fx.Node):
+        return _TENSOR_ARG if isinstance(a.meta.get("val"), torch.Tensor) else ("node", node_key(a))
+    if isinstance(a, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return ("sym", a.node.expr)
+    if a.__hash__ is None:
+        raise _Unhashable(t.__name__)
+    return (t, a)
+
+
+class _Memo:
+    """The decisions and specs of one propagate_sharding run, by what determines them."""
+
+    def __init__(self, mesh: MeshInfo, needs_grad: set[fx.Node]) -> None:
+        self.mesh = mesh
+        self.needs_grad = needs_grad
+        self.val_keys: dict[fx.Node, Any] = {}
+        self.decisions: dict[Any, tuple] = {}
+        self.specs: dict[Any, Any] = {}
+
+    def val_key(self, node: fx.Node) -> Any:
+        key = self.val_keys.get(node)
+        if key is None:
+            key = self.val_keys[node] = _val_key(node.meta.get("val"))
+        return key
+
+    def spec(self, node: fx.Node, placements: tuple) -> TensorSpec:
+        """make_spec for a single-tensor node, shared by nodes of equal shape, dtype and placements."""
+        key = (self.val_key(node), placements)
+        spec = self.specs.get(key)
+        if spec is None:
+            spec = self.specs[key] = make_spec(node.meta["val"], placements, self.mesh.sizes)
+        return spec
+
+    def decide(self, node: fx.Node, in_nodes: list[fx.Node]) -> tuple[tuple, Any, bool]:
+        """(input placements per tensor input, output spec, fallback) for `node`."""
+        features = []
+        val_keys, val_key, needs_grad = self.val_keys, self.val_key, self.needs_grad
+        for a in in_nodes:
+            info = get_info(a)
+            if info is None or info.spec is None:
+                raise ShardingError(f"{node_context(node)}: input %{a.name} has no placement; "
+                                    "run annotate_parameters and propagate_sharding on the whole graph")
+            features.append((val_keys.get(a) or val_key(a), info.spec.placements, info.role == "param",
+                             a in needs_grad))
+        try:
+            key = (node.target, _arg_key(node.args, val_key), _arg_key(node.kwargs, val_key) if node.kwargs else None,
+                   tuple(features), val_key(node))
+            hit = self.decisions.get(key)
+        except (_Unhashable, TypeError):
+            key, hit = None, None
+        if hit is not None:
+            return hit
+        chosen, fallback = _choose(node, in_nodes, self.mesh, self.needs_grad)
+        inputs = tuple(tuple(s.inputs[i] for s in chosen) for i in range(len(in_nodes)))
+        outputs = [s.output for s in chosen]
+        val = node.meta["val"]
+        if isinstance(val, (tuple, list)):
+            outputs = [o if isinstance(o, tuple) else tuple(o for _ in val) for o in outputs]
+            spec = _specs(val, outputs, self.mesh)
+        else:
+            spec = self.spec(node, tuple(outputs))
+        decision = (inputs, spec, fallback)
+        if key is not None:
+            self.decisions[key] = decision
+        return decision
+
+
+def _annotate_call(node: fx.Node, memo: _Memo) -> None:
     in_nodes = tensor_args(node)
-    missing = [a for a in in_nodes if get_spec_or_none(a) is None]
-    if missing:
-        raise ShardingError(f"{node_context(node)}: input %{missing[0].name} has no placement; "
-                            "run annotate_parameters and propagate_sharding on the whole graph")
-    chosen, fallback = _choose(node, in_nodes, mesh, needs_grad)
-    inputs = tuple(tuple(s.inputs[i] for s in chosen) for i in range(len(in_nodes)))
-    outputs = [s.output for s in chosen]
-    if isinstance(node.meta["val"], (tuple, list)):
-        outputs = [o if isinstance(o, tuple) else tuple(o for _ in node.meta["val"]) for o in outputs]
-    spec = _specs(node.meta["val"], outputs, mesh)
+    inputs, spec, fallback = memo.decide(node, in_nodes)
     note = None
     if fallback:
         note = f"no sharding rule for {node.target}: runs on replicated inputs"
@@ -170,15 +272,15 @@ def get_spec_or_none(node: fx.Node):
 def propagate_sharding(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     mesh = ctx.mesh
     replicate = tuple(Replicate() for _ in mesh.names)
-    needs_grad = differentiable(gm)
+    memo = _Memo(mesh, differentiable(gm))
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             if is_tensor(node) and get_info(node) is None:
-                set_info(node, NodeInfo(spec=make_spec(node.meta["val"], replicate, mesh.sizes), role="input",
+                set_info(node, NodeInfo(spec=memo.spec(node, replicate), role="input",
                                         origin="propagate_sharding"))
         elif node.op == "get_attr":
             if is_tensor(node) and get_info(node) is None:
-                set_info(node, NodeInfo(spec=make_spec(node.meta["val"], replicate, mesh.sizes), role="param",
+                set_info(node, NodeInfo(spec=memo.spec(node, replicate), role="param",
                                         param_fqn=str(node.target), origin="propagate_sharding"))
         elif node.op == "call_function":
             val = node.meta.get("val")
@@ -193,7 +295,7 @@ def propagate_sharding(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             tensors = isinstance(val, torch.Tensor) or (
                 isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val))
             if tensors:
-                _annotate_call(node, mesh, needs_grad)
+                _annotate_call(node, memo)
         elif node.op == "output":
             # Outputs are Replicate, except that a batch-sharded output stays sharded on the
             # data-parallel dims: the runtime gathers it for pm(...) and computes the loss per shard in step().

@@ -27,7 +27,6 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 from torch.distributed.tensor.placement_types import Partial, Placement, Replicate, Shard
-from torch.utils import _pytree as pytree
 
 __all__ = [
     "OpInfo",
@@ -138,33 +137,52 @@ def _is_tensor_node(a: Any) -> bool:
     return isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)
 
 
-def _flat(x: Any, out: list) -> None:
-    # pytree's order for args/kwargs (lists, tuples, dict values), without its generality's cost
-    if isinstance(x, (list, tuple)):
-        for y in x:
+def _flat(items: Any, out: list) -> None:
+    # pytree's order for args/kwargs (lists, tuples, dict values), without its generality's cost;
+    # a loop over the items (not a call per leaf): shape lists of ints are common and long
+    for y in items:
+        if isinstance(y, fx.Node):
+            if isinstance(y.meta.get("val"), torch.Tensor):
+                out.append(y)
+        elif isinstance(y, (list, tuple)):
             _flat(y, out)
-    elif isinstance(x, dict):
-        for y in x.values():
-            _flat(y, out)
-    elif _is_tensor_node(x):
-        out.append(x)
+        elif isinstance(y, dict):
+            _flat(y.values(), out)
 
 
 def tensor_args(node: fx.Node) -> list[fx.Node]:
     """The tensor-valued node arguments of `node`, positionally (args, then kwargs)."""
     out: list[fx.Node] = []
     _flat(node.args, out)
-    _flat(node.kwargs, out)
+    if node.kwargs:
+        _flat(node.kwargs.values(), out)
     return out
+
+
+def _replaced(x: Any, it) -> Any:
+    # tensor_args' walk, rebuilding only the containers that hold a replaced node
+    if isinstance(x, (list, tuple)):
+        items = [_replaced(y, it) for y in x]
+        if all(a is b for a, b in zip(items, x)):
+            return x
+        return items if isinstance(x, list) else tuple(items)
+    if isinstance(x, dict):
+        items = {k: _replaced(y, it) for k, y in x.items()}
+        if all(items[k] is y for k, y in x.items()):
+            return x
+        return items
+    return next(it) if _is_tensor_node(x) else x
 
 
 def replace_tensor_args(node: fx.Node, new: Sequence[fx.Node]) -> None:
     """Replaces the tensor arguments of `node`, positionally, with `new`."""
-    leaves, spec = pytree.tree_flatten((node.args, node.kwargs))
     it = iter(new)
-    leaves = [next(it) if _is_tensor_node(a) else a for a in leaves]
-    args, kwargs = pytree.tree_unflatten(leaves, spec)
-    node.args, node.kwargs = tuple(args), dict(kwargs)
+    args, kwargs = _replaced(node.args, it), _replaced(node.kwargs, it)
+    # each assignment re-walks args and kwargs to update users: assign only what changed
+    if args is not node.args:
+        node.args = tuple(args)
+    if kwargs is not node.kwargs:
+        node.kwargs = dict(kwargs)
 
 
 # --------------------------------------------------------------------------- shared helpers for rules

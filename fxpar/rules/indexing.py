@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 
 from fxpar.rules import P, R, OpInfo, S, Strategy, norm_dim, register
+from fxpar.spec import size_key
 
 aten = torch.ops.aten
 
@@ -104,7 +105,7 @@ def _is_strided(p, dim: int, sections: int) -> bool:
 
 
 def _equal_sections(op: OpInfo, n_out: int) -> bool:
-    sizes = {str(v.shape[norm_dim(op.arg(2, 'dim', 0), v.ndim)]) for v in op.out_val}
+    sizes = {size_key(v.shape[norm_dim(op.arg(2, 'dim', 0), v.ndim)]) for v in op.out_val}
     return len(sizes) == 1
 
 

@@ -20,6 +20,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxpar.rules import P, R, OpInfo, S, Strategy, register, tensor_args
+from fxpar.spec import shape_key
 
 aten = torch.ops.aten
 
@@ -53,7 +54,7 @@ _DIM_MAP_CACHE: dict[tuple, dict[int, int]] = {}
 
 def _dim_map(in_val, out_val) -> dict[int, int]:
     """Input dim -> output dim under right-aligned broadcasting; broadcast dims are left out."""
-    key = (tuple(map(str, in_val.shape)), tuple(map(str, out_val.shape)))
+    key = (shape_key(in_val.shape), shape_key(out_val.shape))
     if key not in _DIM_MAP_CACHE:
         _DIM_MAP_CACHE[key] = _compute_dim_map(in_val, out_val)
     return _DIM_MAP_CACHE[key]

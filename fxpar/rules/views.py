@@ -21,7 +21,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxpar.rules import P, R, OpInfo, S, Strategy, norm_dim, register
-from fxpar.spec import TensorSpec, divides
+from fxpar.spec import TensorSpec, divides, shape_key
 
 aten = torch.ops.aten
 
@@ -43,7 +43,7 @@ _VIEW_DIM_CACHE: dict[tuple, int | None] = {}
 def view_dim(in_shape, out_shape, d: int, n: int) -> int | None:
     """The output dim that a Shard(d) input maps to through a view, or None."""
     # Symbolic arithmetic is the cost here; identical blocks repeat identical shapes.
-    key = (tuple(map(str, in_shape)), tuple(map(str, out_shape)), d, n)
+    key = (shape_key(in_shape), shape_key(out_shape), d, n)
     if key not in _VIEW_DIM_CACHE:
         _VIEW_DIM_CACHE[key] = _view_dim(in_shape, out_shape, d, n)
     return _VIEW_DIM_CACHE[key]
