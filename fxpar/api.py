@@ -57,8 +57,8 @@ def _check_mesh(mesh_info: MeshInfo, plan: Plan) -> None:
 
 def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), example_kwargs: dict | None = None,
                 plan: Plan | dict | None = None, passes: list | None = None,
-                input_layout: str = "full", reshard_after_forward: bool = True, check: bool | None = None,
-                dump_dir: str | None = None) -> ParallelModule:
+                input_layout: str = "full", reshard_after_forward: bool = True, fsdp_unit: str = "block",
+                check: bool | None = None, dump_dir: str | None = None) -> ParallelModule:
     """Compiles `model` for this rank of `mesh`.
 
     Args:
@@ -75,6 +75,9 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
             slice of the outputs back).
         reshard_after_forward: with fsdp, free gathered parameters after the forward and gather
             them again in the backward (lower memory, one more all-gather per parameter).
+        fsdp_unit: with fsdp, 'block' (default) gathers and reduce-scatters the parameters of one
+            block (a transformer layer) in one collective each, as FSDP2 does per wrapped block;
+            'param' one collective per parameter (one parameter gathered at a time).
         check: run fxpar's invariant checks after every pass (default: off, or FXPAR_CHECK=1; the
             test suite turns them on). `fxpar.check(pm)` runs them on demand.
         dump_dir: write the graph after every pass into this folder.
@@ -90,13 +93,14 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
                         "or 'local' (each rank passes its own batch shard)")
     return compile_model(model, mesh, MeshInfo.from_device_mesh(mesh), example_inputs=example_inputs,
                          example_kwargs=example_kwargs, plan=plan, passes=passes, input_layout=input_layout,
-                         reshard_after_forward=reshard_after_forward, check=check, dump_dir=dump_dir)
+                         reshard_after_forward=reshard_after_forward, fsdp_unit=fsdp_unit, check=check,
+                         dump_dir=dump_dir)
 
 
 def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_inputs: tuple = (),
                   example_kwargs: dict | None = None, plan: Plan | dict | None = None, passes: list | None = None,
-                  input_layout: str = "full", reshard_after_forward: bool = True, check: bool | None = None,
-                  dump_dir: str | None = None, split_pp: Callable | None = None,
+                  input_layout: str = "full", reshard_after_forward: bool = True, fsdp_unit: str = "block",
+                  check: bool | None = None, dump_dir: str | None = None, split_pp: Callable | None = None,
                   progress: Callable[[str], None] | None = None) -> ParallelModule:
     """The compile path `parallelize` and dry runs (`fxpar.dryrun.plan`) share: capture, passes, module.
 
@@ -133,7 +137,7 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
     gm.meta[MODEL_KEY] = ModelFingerprint.of(model)  # what a saved plan is checked against
     if progress is not None:
         progress("passes")
-    options = {"input_layout": input_layout, "pp": pp_info}
+    options = {"input_layout": input_layout, "pp": pp_info, "fsdp_unit": fsdp_unit}
     ctx = PassContext(mesh=spmd_info, plan=plan, device_mesh=spmd_mesh, options=options)
     manager = PassManager(passes if passes is not None else default_passes(plan), check=check, dump_dir=dump_dir)
     gm = manager.run(gm, ctx)

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Iterator
+import weakref
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -297,6 +298,11 @@ def fsdp_all_gather(x: Tensor, dim: int, group_size: int, group_name: str, mesh_
     """
     if _step_gathers:  # a pipeline step that gathers each parameter once (see StepGather)
         return _step_gathers[-1].gather(x, (dim, group_size, group_name, mesh_dim))
+    bucket = fsdp_bucket_of(x)
+    if bucket is not None:  # gathered with the rest of its block (fxpar.fsdp_buckets)
+        out = bucket[0].gather(bucket[1])
+        _note_gathered(out, x, (dim, group_size, group_name, mesh_dim))
+        return out
     _record("all_gather", mesh_dim, x, "forward")
     out = _all_gather(x, dim, group_size, group_name)
     _note_gathered(out, x, (dim, group_size, group_name, mesh_dim))
@@ -313,6 +319,8 @@ def _(x, dim, group_size, group_name, mesh_dim):
 def _fsdp_all_gather_bwd(ctx, grad):
     if _step_gathers:
         return _step_gathers[-1].accumulate(ctx, grad), None, None, None, None
+    if ctx.bucket is not None:
+        return ctx.bucket[0].reduce(ctx.bucket[1], grad), None, None, None, None
     _record("reduce_scatter", ctx.mesh_dim, grad, "backward")
     return _reduce_scatter(grad, ctx.dim, ctx.group_size, ctx.group_name), None, None, None, None
 
@@ -388,6 +396,27 @@ class StepGather:
 def _save_fsdp_args(ctx, inputs, output):
     _save_shard_args(ctx, inputs, output)
     ctx.shard_key = inputs[0].data_ptr()  # which parameter, for StepGather
+    ctx.bucket = None if _step_gathers else fsdp_bucket_of(inputs[0])
+
+
+# Shards whose gathers are coalesced per block (fxpar.fsdp_buckets): data_ptr -> (weakref(shard), bucket, index).
+_fsdp_buckets: dict[int, tuple] = {}
+
+
+def register_fsdp_bucket(shard: Tensor, bucket: Any, index: int) -> None:
+    _fsdp_buckets[shard.data_ptr()] = (weakref.ref(shard), bucket, index)
+
+
+def fsdp_bucket_of(shard: Tensor) -> tuple | None:
+    """(bucket, index) of a registered FSDP shard, or None."""
+    entry = _fsdp_buckets.get(shard.data_ptr()) if _fsdp_buckets else None
+    if entry is None:
+        return None
+    ref, bucket, index = entry
+    t = ref()
+    if t is None or t.data_ptr() != shard.data_ptr() or tuple(t.shape) != tuple(shard.shape):
+        return None
+    return bucket, index
 
 
 fsdp_all_gather.register_autograd(_fsdp_all_gather_bwd, setup_context=_save_fsdp_args)
@@ -415,9 +444,22 @@ class _Regather:
 
     def __init__(self, shard: Tensor, args: tuple) -> None:
         self.shard, self.args = shard, args
+        self.bucket = fsdp_bucket_of(shard)  # re-gathered with its block (fxpar.fsdp_buckets)
+        if self.bucket is not None:
+            self.bucket[0].saved()
+
+    def __del__(self) -> None:  # autograd freed the graph without unpacking this
+        if self.bucket is not None:
+            self.bucket[0].unsaved()
 
     def __call__(self) -> Tensor:
         dim, n, group_name, mesh_dim = self.args
+        if self.bucket is not None:
+            bucket, self.bucket = self.bucket, None
+            full = bucket[0].regather(bucket[1])
+            bucket[0].unsaved()
+            _note_gathered(full, self.shard, self.args)
+            return full
         _record("all_gather", mesh_dim, self.shard, "backward")
         full = _all_gather(self.shard, dim, n, group_name)
         _note_gathered(full, self.shard, self.args)

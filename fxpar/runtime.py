@@ -57,6 +57,7 @@ class ParallelModule(nn.Module):
         self.input_layout = input_layout
         self.reshard_after_forward = reshard_after_forward
         self._grad_sync = self._hook_grad_sync()
+        self._fsdp_buckets = self._register_fsdp_buckets()
 
     # ------------------------------------------------------------------ running
 
@@ -87,6 +88,32 @@ class ParallelModule(nn.Module):
                 mod, _, name = str(node.target).rpartition(".")
                 marked.append((getattr(gm.get_submodule(mod), name), sync["dims"], sync["bucket"]))
         return GradSync(marked, self.mesh_info) if marked else None
+
+    def _register_fsdp_buckets(self) -> list:
+        """Groups the FSDP gathers apply_fsdp tagged with one block into one collective each way."""
+        from fxpar.collectives import collective_args
+        from fxpar.fsdp_buckets import register_buckets
+
+        gather = torch.ops.fxpar.fsdp_all_gather.default
+        groups: list[tuple[Any, list, tuple]] = []
+        for gm in self._stage_graphs():
+            for node in gm.graph.nodes:
+                info = get_info(node) if node.target is gather else None
+                key = info.extra.get("fsdp_bucket") if info is not None else None
+                if key is None:
+                    continue
+                a = collective_args(node)
+                args = (a["dim"], a["group_size"], a["group_name"], a["mesh_dim"])
+                shard = getattr(gm.get_submodule(node.args[0].target.rpartition(".")[0]),
+                                node.args[0].target.rpartition(".")[2])
+                if groups and groups[-1][0] == (gm, key, args) and all(s is not shard for s in groups[-1][1]):
+                    groups[-1][1].append(shard)
+                else:
+                    groups.append(((gm, key, args), [shard], args))
+        return register_buckets([(shards, args) for _, shards, args in groups]) if self.mesh is not None else []
+
+    def _stage_graphs(self) -> list[fx.GraphModule]:
+        return [self.graph_module]
 
     def _data_dims(self) -> list[int]:
         info = self.mesh_info

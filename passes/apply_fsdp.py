@@ -19,20 +19,38 @@ After:   %w = get_attr[target=up.weight]                  # [S(0)] on fsdp: 1/fs
 
 Shards are cut tensor-parallel first and fsdp second (`shard_parameters`), so
 gathering over fsdp yields exactly this rank's tensor-parallel shard.
+
+Each gather node records its communication unit in `extra["fsdp_bucket"]`
+(`options["fsdp_unit"]`): 'block' (the default) names the block its
+parameter belongs to (`h.3`, `layers.7`; other modules by their FQN), and the
+runtime gathers and reduce-scatters consecutive gathers of one block as one
+collective (`fxpar.fsdp_buckets`), as FSDP2 does per wrapped block; 'param'
+keeps one collective per parameter (least memory: one parameter gathered at a
+time instead of one block).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import torch.fx as fx
 from torch.distributed.tensor.placement_types import Replicate, Shard
 
 from fxpar.collectives import insert_fsdp_all_gather
+from fxpar.errors import PlanError
 from fxpar.pass_manager import PassContext, PassResult, fx_pass
 from fxpar.spec import NodeInfo, divides, get_info, make_spec, set_info, update_info
 
 from fxpar.passes._graph import param_nodes
+
+_BLOCK = re.compile(r"^(.*?\.\d+)(\.|$)")
+
+
+def _unit(module_fqn: str) -> str:
+    """The block a module belongs to (`transformer.h.3.attn` -> `transformer.h.3`), else the module."""
+    match = _BLOCK.match(module_fqn or "")
+    return match.group(1) if match else (module_fqn or "<root>")
 
 
 @fx_pass(requires=("param_placements",), provides=("fsdp_params",))
@@ -43,6 +61,9 @@ def apply_fsdp(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     f = mesh.index("fsdp")
     n = mesh.sizes[f]
     group = mesh.group_names[f] if mesh.group_names else "dryrun:fsdp"
+    unit = ctx.options.get("fsdp_unit", "block")
+    if unit not in ("block", "param"):
+        raise PlanError(f"fsdp_unit={unit!r}: use 'block' (one gather per block) or 'param' (one per parameter)")
     order = None
     for node in param_nodes(gm):
         info = get_info(node)
@@ -72,8 +93,9 @@ def apply_fsdp(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                                               group_name=group)
         gathered.meta["val"] = node.meta["val"]
         # role "param": downstream it is the parameter (its tp shard must not be gathered either)
+        bucket = _unit(info.module_fqn) if unit == "block" else None
         set_info(gathered, NodeInfo(spec=spec, module_fqn=info.module_fqn, role="param", param_fqn=info.param_fqn,
-                                    origin="apply_fsdp"))
+                                    origin="apply_fsdp", extra={"fsdp_bucket": bucket}))
         for u in users:
             u.replace_input_with(node, gathered)
     return PassResult(gm, True)

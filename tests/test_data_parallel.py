@@ -70,7 +70,7 @@ def test_gpt2_trains_20_steps_like_one_process(names):
     assert results[0]["losses"][-1] < results[0]["losses"][0]  # it does train
 
 
-def _mlp_step(names, layout: str) -> dict:
+def _mlp_step(names, layout: str, fsdp_unit: str = "block") -> dict:
     n = dist.get_world_size()
     mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (n,), mesh_dim_names=names)
     torch.manual_seed(0)
@@ -78,7 +78,7 @@ def _mlp_step(names, layout: str) -> dict:
     x, target = torch.randn(8, 16, dtype=torch.float64), torch.randn(8, 16, dtype=torch.float64)
     rank = dist.get_rank()
     local = (x.chunk(n)[rank], target.chunk(n)[rank]) if layout == "local" else (x, target)
-    pm = fxpar.parallelize(model, mesh, example_inputs=(local[0],), input_layout=layout)
+    pm = fxpar.parallelize(model, mesh, example_inputs=(local[0],), input_layout=layout, fsdp_unit=fsdp_unit)
     # The garbage collector's timing depends on what ran before in this rank process; the gathered
     # parameters are freed by reference counting, so measure with it paused.
     gc.collect()
@@ -100,9 +100,11 @@ def _mlp_step(names, layout: str) -> dict:
     for c in comms:
         volume[f"{c.direction} {c.op} {c.mesh_dim}"] += c.nbytes
     sizes = [p.numel() * p.element_size() for p in model.parameters()]
+    blocks = [sum(p.numel() * p.element_size() for p in block.parameters()) for block in model.layers]
     weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.ndim == 2)
     return {"loss_err": abs(loss.item() - ref_loss.item()) / ref_loss.item(), "grad_err": err,
             "volume": volume, "peak_gathered": peak, "total": sum(sizes), "weights": weights, "largest": max(sizes),
+            "largest_block": max(blocks), "collectives": collections.Counter(f"{c.direction} {c.op}" for c in comms),
             "local": sum(p.numel() * p.element_size() for p in pm.parameters()), "explain": pm.explain()}
 
 
@@ -116,20 +118,30 @@ def test_dp_all_reduces_every_gradient_byte_once(layout):
         assert r["local"] == r["total"]
 
 
-def test_fsdp_volume_and_peak_parameter_memory():
-    results = rank_pool(4).run(_mlp_step, ("fsdp",), "full")
+@pytest.mark.parametrize("unit", ["param", "block"])
+def test_fsdp_volume_and_peak_parameter_memory(unit):
+    results = rank_pool(4).run(_mlp_step, ("fsdp",), "full", unit)
     for r in results:
         assert r["loss_err"] < 1e-12 and r["grad_err"] < 1e-10, r
-        v = r["volume"]
+        v, n = r["volume"], r["collectives"]
         # one all-gather of the parameters forward, one reduce-scatter of the gradients backward, and
-        # (reshard after forward) a re-gather backward of only what autograd saved: weights, not biases
-        # (nor the first layer's weight: no input gradient is needed). Payloads: local shard in, full
-        # gradient in.
+        # (reshard after forward) a re-gather backward of what autograd saved. Payloads: local shard in,
+        # full gradient in.
         assert v["forward all_gather fsdp"] == r["total"] // 4, v
-        assert 0 < v["backward all_gather fsdp"] <= r["weights"] // 4, v
         assert v["backward reduce_scatter fsdp"] == r["total"], v
         assert r["local"] == r["total"] // 4
-        assert r["local"] + r["peak_gathered"] <= 1.1 * (r["total"] / 4 + r["largest"]), r
+        if unit == "param":
+            # per parameter: the backward re-gathers weights, not biases (nor the first layer's weight:
+            # no input gradient is needed); one gathered parameter at a time
+            assert 0 < v["backward all_gather fsdp"] <= r["weights"] // 4, v
+            assert n["forward all_gather"] == 12 and n["backward reduce_scatter"] == 12, n
+            assert r["local"] + r["peak_gathered"] <= 1.1 * (r["total"] / 4 + r["largest"]), r
+        else:
+            # per block (FSDP2's unit): one collective per block each way, the block re-gathered whole
+            assert v["backward all_gather fsdp"] == r["total"] // 4, v
+            assert n["forward all_gather"] == 3 and n["backward reduce_scatter"] == 3, n
+            assert n["backward all_gather"] == 3, n
+            assert r["local"] + r["peak_gathered"] <= 1.1 * (r["total"] / 4 + r["largest_block"]), r
 
 
 def _bad_batch() -> str:
