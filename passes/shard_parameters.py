@@ -47,6 +47,7 @@ def shard_parameters(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if mesh.coordinate is None:
         return PassResult(gm, False)
     modified = False
+    modules = dict(gm.named_modules(remove_duplicate=False))  # get_submodule walks the path every call
     # Tied weights: every FQN naming the same tensor must name the new shard too.
     aliases: dict[int, list[str]] = {}
     for fqn, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
@@ -56,14 +57,13 @@ def shard_parameters(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if spec is None or all(p.is_replicate() for p in spec.placements):
             continue
         mod_name, _, name = str(node.target).rpartition(".")
-        owner = gm.get_submodule(mod_name)
-        full = getattr(owner, name)
+        full = getattr(modules[mod_name], name)
         local = local_chunk(full.detach(), spec.placements, mesh.sizes, mesh.coordinate, mesh.names)
         local = local.contiguous().clone()
         new = nn.Parameter(local, requires_grad=full.requires_grad) if isinstance(full, nn.Parameter) else local
         for fqn in aliases.get(id(full), [str(node.target)]):
             mod_name, _, attr = fqn.rpartition(".")
-            mod = gm.get_submodule(mod_name)
+            mod = modules[mod_name]
             if isinstance(new, nn.Parameter):
                 setattr(mod, attr, new)
             else:
