@@ -73,7 +73,24 @@ class ParallelModule(nn.Module):
             # Gathered FSDP parameters are not kept for the backward: it gathers them again.
             with torch.autograd.graph.saved_tensors_hooks(pack_gathered, unpack_gathered):
                 return self.graph_module(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            return self._inference_graph()(*args, **kwargs)
         return self.graph_module(*args, **kwargs)
+
+    def _inference_graph(self) -> fx.GraphModule:
+        """The graph without its backward-only markers (`inference_graph_module`), for no_grad runs.
+
+        grad_all_reduce only copies its input when there is no backward. Kept out of the
+        module's registration (no second set of state_dict keys) and rebuilt when the graph
+        module is recompiled; it shares the graph module's parameter and buffer objects.
+        """
+        from fxpar.collectives import inference_graph_module
+
+        cached = self.__dict__.get("_inference")
+        if cached is None or cached[0] is not self.graph_module.code:
+            cached = (self.graph_module.code, inference_graph_module(self.graph_module))
+            self.__dict__["_inference"] = cached
+        return cached[1]
 
     def _hook_grad_sync(self):
         """Bucketed asynchronous gradient all-reduces for the parameters bucket_grad_sync marked."""

@@ -31,3 +31,20 @@ def test_drops_only_grad_all_reduce_and_shares_parameters(make_fake_mesh):
     for x in (torch.randn(2, 5, 16), torch.randn(3, 7, 16)):
         with torch.no_grad():
             torch.testing.assert_close(inf(x), gm(x), rtol=0, atol=0)
+
+
+def test_no_grad_forward_runs_it_and_sees_updated_parameters(make_fake_mesh):
+    mesh = make_fake_mesh((4,), ("tp",))
+    model = torch.nn.Sequential(GatedMLP(16, 64), GatedMLP(16, 64))
+    pm = fxpar.parallelize(model, mesh, example_inputs=(torch.randn(2, 5, 16),))
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        before = pm(x)
+        inf = pm._inference_graph()
+        assert pm._inference_graph() is inf  # built once
+        for p in pm.parameters():  # an optimizer step updates parameters in place
+            p.mul_(0.5)
+        after = pm(x)
+    assert not any(n.target is GRAD_ALL_REDUCE for n in inf.graph.nodes)
+    torch.testing.assert_close(after, pm.graph_module(x).detach(), rtol=0, atol=0)
+    assert not torch.equal(before, after)
