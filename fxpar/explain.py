@@ -165,6 +165,27 @@ def _per_block(colls: list[CollectiveInfo]) -> list[str]:
     return lines
 
 
+def _fsdp_unit_lines(graphs: list[fx.GraphModule]) -> list[str]:
+    """How the FSDP gathers communicate: one collective per block (consecutive gathers of one block)."""
+    gather = torch.ops.fxpar.fsdp_all_gather.default
+    params = units = 0
+    last = None
+    for g in graphs:
+        for node in g.graph.nodes:
+            if node.target is not gather:
+                continue
+            params += 1
+            key = get_info(node).extra.get("fsdp_bucket") if get_info(node) is not None else None
+            if key is None or key != last:
+                units += 1
+            last = key
+    if not params:
+        return []
+    return [f"FSDP: {params} parameter gathers run as {units} collective{'s' if units > 1 else ''} each way "
+            f"(one per block, fxpar.fsdp_buckets; fsdp_unit='param' for one per parameter)"
+            if units < params else f"FSDP: {params} parameter gathers, one collective each way per parameter"]
+
+
 def explain(pm, *inputs, **kwargs) -> str:
     """The report behind `ParallelModule.explain()`; with inputs, bytes are for their sizes."""
     if inputs or kwargs:
@@ -223,6 +244,7 @@ def explain(pm, *inputs, **kwargs) -> str:
     lines.append(f"Parameter memory per rank: {_fmt_bytes(local)} of {_fmt_bytes(full)} total ({ratio:.3f} of the model)")
     lines.extend(memory_lines(memory_per_rank(pm)))
     lines.extend(grad_sync_lines(pm))
+    lines.extend(_fsdp_unit_lines(graphs))
 
     fallbacks = [(n, get_info(n)) for g in graphs for n in g.graph.nodes
                  if get_info(n) is not None and get_info(n).fallback]

@@ -510,6 +510,10 @@ class PipelineModule(ParallelModule):
         self._tied_groups = self._make_tied_groups()
         self._device = self._pick_device()
         self._data_synced = self._data_synced_params()
+        self._fsdp_buckets = self._register_fsdp_buckets()  # now that the stages are known
+
+    def _stage_graphs(self) -> list[fx.GraphModule]:
+        return list(getattr(self, "stage_modules", ()))
 
     def _hook_grad_sync(self):
         # A pipeline runs one backward per microbatch: per-backward hooks would all-reduce every
