@@ -139,6 +139,10 @@ SCHEDULES: dict[str, ScheduleSpec] = {
 }
 
 
+SPLIT_BACKWARD = ("zbv", "interleaved_zb", "dualpipev")
+"""Schedules with separate input- and weight-gradient actions (zero bubble)."""
+
+
 @dataclass(frozen=True)
 class PipelineMeshInfo:
     """The `pp` mesh dim as split_stages sees it (passed in `PassContext.options["pp"]`).
@@ -493,6 +497,12 @@ class PipelineModule(ParallelModule):
         if split is None:
             raise ScheduleError("the mesh has a pp dim but no pass split the graph into stages; keep "
                                 "fxpar.passes.split_stages in the pass list (see fxpar.default_passes())")
+        if split.schedule in SPLIT_BACKWARD and mesh_info.size("fsdp") > 1:
+            # Their weight-gradient pass finds a stage's weights through autograd's graph, and an FSDP
+            # gather between a parameter and its use hides it: gradients went missing or wrong.
+            raise ScheduleError(f"schedule '{split.schedule}' splits the backward into input and weight "
+                                "gradients, which fxpar does not support with fsdp yet; use schedule='1f1b', "
+                                "'interleaved_1f1b', 'looped_bfs' or 'gpipe' with fsdp, or 'dp' instead of fsdp")
         super().__init__(graph_module, mesh=mesh, mesh_info=mesh_info, plan=plan, history=history,
                          example_args=example_args, example_kwargs=example_kwargs,
                          reshard_after_forward=reshard_after_forward)
