@@ -1,13 +1,21 @@
-"""Which values of a captured graph can carry a gradient: one answer for the passes and the checks."""
+"""Graph queries the passes, the runtime and the checks share: which values can carry a gradient, and
+the tensor a get_attr node names."""
 
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 import torch.fx as fx
 
-__all__ = ["differentiable"]
+__all__ = ["differentiable", "attr_of"]
+
+
+def attr_of(gm: torch.nn.Module, target: str) -> Any:
+    """The object a get_attr target names on `gm` (a parameter, a buffer, a subgraph)."""
+    mod, _, name = str(target).rpartition(".")
+    return getattr(gm.get_submodule(mod) if mod else gm, name)
 
 
 def differentiable(gm: fx.GraphModule) -> set[fx.Node]:

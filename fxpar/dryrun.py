@@ -42,6 +42,7 @@ from typing import Any, Callable, Mapping
 import torch.fx as fx
 import torch.nn as nn
 
+from fxpar.dataflow import attr_of
 from fxpar.errors import PlanError
 from fxpar.mesh import MeshInfo
 from fxpar.spec import TensorSpec, get_info
@@ -322,11 +323,6 @@ def _stage_graphs(pm) -> dict[int | None, tuple[tuple[int, ...], list[fx.GraphMo
     return out
 
 
-def _attr(gm: nn.Module, target: str) -> Any:
-    mod, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(mod), name)
-
-
 def memory_per_rank(pm, mesh: MeshInfo | None = None, *,
                     optimizer_bytes_per_element: int = ADAMW_BYTES_PER_ELEMENT) -> list[RankMemory]:
     """Parameter, gradient, optimizer-state and buffer bytes per rank, one entry per pp rank.
@@ -358,7 +354,7 @@ def memory_per_rank(pm, mesh: MeshInfo | None = None, *,
                 if node.target in seen:  # a tied weight in two stages of one rank is one tensor
                     continue
                 seen.add(node.target)
-                t = _attr(g, str(node.target))
+                t = attr_of(g, node.target)
                 local = info.spec.nbytes(local=True)
                 if not isinstance(t, nn.Parameter):
                     buffers += local
@@ -372,19 +368,14 @@ def memory_per_rank(pm, mesh: MeshInfo | None = None, *,
     return out
 
 
-_VIEWS = {"view", "reshape", "_unsafe_view", "expand", "permute", "transpose", "t", "unsqueeze", "squeeze",
-          "slice", "select", "alias", "detach", "split", "chunk", "unbind", "as_strided", "view_as"}
-
-
 def activation_bytes(gm: fx.GraphModule) -> int:
     """Local bytes of the floating-point values the compute nodes of `gm` produce (views excluded)."""
+    from fxpar.passes._cost import VIEW_OPS  # the cost model's list of ops that allocate nothing
+
     total = 0
     for node in gm.graph.nodes:
         info = get_info(node)
-        if node.op != "call_function" or info is None or info.role != "compute":
-            continue
-        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-        if name in _VIEWS:
+        if node.op != "call_function" or info is None or info.role != "compute" or node.target in VIEW_OPS:
             continue
         specs = info.spec if isinstance(info.spec, tuple) else (info.spec,)
         for spec in specs:

@@ -18,6 +18,7 @@ __all__ = [
     "GraphInvariantError",
     "ScheduleError",
     "node_context",
+    "block_of",
 ]
 
 
@@ -85,6 +86,16 @@ def module_fqn_of(node: fx.Node) -> str:
     if node.op == "get_attr":
         return str(node.target).rpartition(".")[0]
     return ""
+
+
+def block_of(fqn: str) -> str | None:
+    """The repeated block a module belongs to: 'model.layers.3' for 'model.layers.3.mlp.up', '0' for '0.up'
+    (the module path up to its first numeric part); None outside any layer list."""
+    parts = (fqn or "").split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return None
 
 
 def node_context(node: fx.Node) -> str:

@@ -11,7 +11,6 @@ is 2(n-1)/n of that for all_reduce and (n-1)/n for gathers and scatters.
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ import torch
 import torch.fx as fx
 
 from fxpar.collectives import BACKWARD_OF, COLLECTIVE_OPS, collective_args
+from fxpar.errors import block_of
 from fxpar.spec import SIZE_BINDINGS, TensorSpec, get_info, placements_str
 
 __all__ = ["CollectiveInfo", "collectives", "param_memory", "explain"]
@@ -140,7 +140,6 @@ def _bindings(gm: fx.GraphModule, args: tuple, kwargs: dict) -> dict:
     return out
 
 
-_BLOCK = re.compile(r"^(.*?\.\d+)(\.|$)")
 
 
 def _per_block(colls: list[CollectiveInfo]) -> list[str]:
@@ -148,8 +147,7 @@ def _per_block(colls: list[CollectiveInfo]) -> list[str]:
     blocks: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     order: list[str] = []
     for c in colls:
-        match = _BLOCK.match(c.module or "")
-        block = match.group(1) if match else (c.module or "<root>")
+        block = block_of(c.module) or c.module or "<root>"
         if block not in blocks:
             order.append(block)
         if c.forward_bytes:
@@ -166,19 +164,11 @@ def _per_block(colls: list[CollectiveInfo]) -> list[str]:
 
 
 def _fsdp_unit_lines(graphs: list[fx.GraphModule]) -> list[str]:
-    """How the FSDP gathers communicate: one collective per block (consecutive gathers of one block)."""
-    gather = torch.ops.fxpar.fsdp_all_gather.default
-    params = units = 0
-    last = None
-    for g in graphs:
-        for node in g.graph.nodes:
-            if node.target is not gather:
-                continue
-            params += 1
-            key = get_info(node).extra.get("fsdp_bucket") if get_info(node) is not None else None
-            if key is None or key != last:
-                units += 1
-            last = key
+    """How the FSDP gathers communicate: one collective per block (fxpar.fsdp_buckets), or per parameter."""
+    from fxpar.fsdp_buckets import bucket_groups
+
+    groups = bucket_groups(graphs)
+    params, units = sum(len(members) for _, members in groups), len(groups)
     if not params:
         return []
     return [f"FSDP: {params} parameter gathers run as {units} collective{'s' if units > 1 else ''} each way "

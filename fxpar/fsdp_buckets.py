@@ -33,8 +33,9 @@ import torch
 from torch import Tensor
 
 from fxpar import collectives as C
+from fxpar.dataflow import attr_of
 
-__all__ = ["FsdpBucket", "register_buckets"]
+__all__ = ["FsdpBucket", "bucket_groups", "register_buckets"]
 
 
 class FsdpBucket:
@@ -47,8 +48,7 @@ class FsdpBucket:
         self.offsets = [sum(self.numels[:i]) for i in range(len(shards))]
         self.total = sum(self.numels)
         self.shapes = [tuple(s.shape) for s in shards]
-        self._full: dict[int, Tensor] = {}  # forward: gathered, not yet taken
-        self._versions: tuple = ()
+        self._full: dict[int, tuple[Tensor, int]] = {}  # forward: gathered, not yet taken (with the shard's version)
         self._regathered: dict[int, Tensor] = {}
         self._regather_versions: tuple = ()
         self._saved = 0  # parameters autograd saved as shards and has not unpacked yet
@@ -72,11 +72,14 @@ class FsdpBucket:
 
     def gather(self, index: int) -> Tensor:
         """The full parameter `index`, from this forward's one gather of the bucket."""
-        versions = tuple(s._version for s in self.shards())
-        if index not in self._full or versions != self._versions:  # first use, or updated since
-            self._full = dict(enumerate(self._gather_all("forward")))
-            self._versions = versions
-        return self._full.pop(index)
+        shard = self._shards[index]()
+        hit = self._full.pop(index, None)
+        if hit is not None and shard is not None and hit[1] == shard._version:
+            return hit[0]
+        # first use in this forward, or left from an unfinished one and updated since: gather the bucket
+        versions = [s._version for s in self.shards()]
+        self._full = {i: (t, v) for i, (t, v) in enumerate(zip(self._gather_all("forward"), versions))}
+        return self._full.pop(index)[0]
 
     def saved(self) -> None:
         self._saved += 1
@@ -122,18 +125,43 @@ class FsdpBucket:
             shard.grad = part.clone() if shard.grad is None else shard.grad.add_(part)
 
 
-def register_buckets(buckets: list[tuple[list[Tensor], tuple]]) -> list[FsdpBucket]:
-    """Registers (shards, args) groups of one module: its fsdp_all_gathers go through them from now on."""
+def bucket_groups(graphs: list) -> list[tuple[tuple, list[tuple[Any, Any]]]]:
+    """The collectives the FSDP gathers of `graphs` run as: (args, [(graph module, get_attr node), ...]).
+
+    Consecutive gathers tagged with one block (`extra["fsdp_bucket"]`, apply_fsdp) on one group form a
+    group; an untagged gather (fsdp_unit='param') is a group of its own. Each parameter appears once.
+    """
+    gather = torch.ops.fxpar.fsdp_all_gather.default
+    groups: list[tuple[tuple, list]] = []
+    last = None
+    for gm in graphs:
+        for node in gm.graph.nodes:
+            if node.target is not gather:
+                continue
+            info = node.meta.get("fxpar")
+            key = info.extra.get("fsdp_bucket") if info is not None else None
+            a = C.collective_args(node)
+            args = (a["dim"], a["group_size"], a["group_name"], a["mesh_dim"])
+            here = (id(gm), key, args)
+            members = groups[-1][1] if groups else []
+            if key is not None and here == last and all(p.target != node.args[0].target for _, p in members):
+                members.append((gm, node.args[0]))
+            else:
+                groups.append((args, [(gm, node.args[0])]))
+            last = here
+    return groups
+
+
+def register_buckets(graphs: list) -> list[FsdpBucket]:
+    """Registers the block groups of a module's graphs: their fsdp_all_gathers go through them from now on."""
     out = []
-    for shards, args in buckets:
-        if len(shards) < 2:
+    for args, members in bucket_groups(graphs):
+        if len(members) < 2:
             continue  # a bucket of one is the plain per-parameter path
+        shards = [attr_of(gm, node.target) for gm, node in members]
         bucket = FsdpBucket(shards, args)
         for i, s in enumerate(shards):
             C.register_fsdp_bucket(s, bucket, i)
         out.append(bucket)
     return out
 
-
-def bucket_of(shard: Tensor) -> Any:
-    return C.fsdp_bucket_of(shard)

@@ -72,6 +72,7 @@ from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils import _pytree as pytree
 
 from fxpar.collectives import _record
+from fxpar.dataflow import attr_of
 from fxpar.errors import PlanError, ScheduleError
 from fxpar.mesh import MeshInfo
 from fxpar.plan import Plan
@@ -521,6 +522,7 @@ class PipelineModule(ParallelModule):
         self._device = self._pick_device()
         self._data_synced = self._data_synced_params()
         self._fsdp_buckets = self._register_fsdp_buckets()  # now that the stages are known
+        self._fsdp_sharded = self._fsdp_params()
 
     def _stage_graphs(self) -> list[fx.GraphModule]:
         return list(getattr(self, "stage_modules", ()))
@@ -549,7 +551,7 @@ class PipelineModule(ParallelModule):
                 sync = info.extra.get("grad_sync") if info is not None else None
                 if not sync:
                     continue
-                t = _attr(gm, node.target)
+                t = attr_of(gm, node.target)
                 if isinstance(t, nn.Parameter) and id(t) not in seen:
                     seen.add(id(t))
                     out.append((t, tuple(sync["dims"]), int(sync["bucket"])))
@@ -819,7 +821,7 @@ class PipelineModule(ParallelModule):
             sched.step(*first, target=target if self._is_last() else None, losses=losses,
                        return_outputs=False)
         if step_gather is not None:
-            step_gather.reduce_scatter(self._fsdp_params())
+            step_gather.reduce_scatter(self._fsdp_sharded)
         self._sum_tied_grads()
         self._sync_data_grads()
         for p, prev in stashed:
@@ -863,7 +865,7 @@ class PipelineModule(ParallelModule):
         for gm in self.stage_modules:
             for node in gm.graph.nodes:
                 if node.op == "get_attr" and any(u.target is gather for u in node.users):
-                    t = _attr(gm, node.target)
+                    t = attr_of(gm, node.target)
                     if id(t) not in seen:
                         seen.add(id(t))
                         out.append(t)
@@ -938,7 +940,7 @@ class PipelineModule(ParallelModule):
                     info = get_info(node)
                     if info is not None and isinstance(info.spec, TensorSpec):
                         out[id(gm.get_parameter(node.target) if _is_param(gm, node.target)
-                               else _attr(gm, node.target))] = info.spec
+                               else attr_of(gm, node.target))] = info.spec
         return out
 
     def _full(self, grads: bool) -> dict[str, torch.Tensor]:
@@ -977,11 +979,6 @@ class PipelineModule(ParallelModule):
 def _is_param(gm: nn.Module, target: str) -> bool:
     mod, _, name = target.rpartition(".")
     return name in gm.get_submodule(mod)._parameters
-
-
-def _attr(gm: nn.Module, target: str) -> Any:
-    mod, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(mod), name)
 
 
 # --------------------------------------------------------------------------- explain

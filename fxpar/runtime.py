@@ -108,26 +108,9 @@ class ParallelModule(nn.Module):
 
     def _register_fsdp_buckets(self) -> list:
         """Groups the FSDP gathers apply_fsdp tagged with one block into one collective each way."""
-        from fxpar.collectives import collective_args
         from fxpar.fsdp_buckets import register_buckets
 
-        gather = torch.ops.fxpar.fsdp_all_gather.default
-        groups: list[tuple[Any, list, tuple]] = []
-        for gm in self._stage_graphs():
-            for node in gm.graph.nodes:
-                info = get_info(node) if node.target is gather else None
-                key = info.extra.get("fsdp_bucket") if info is not None else None
-                if key is None:
-                    continue
-                a = collective_args(node)
-                args = (a["dim"], a["group_size"], a["group_name"], a["mesh_dim"])
-                shard = getattr(gm.get_submodule(node.args[0].target.rpartition(".")[0]),
-                                node.args[0].target.rpartition(".")[2])
-                if groups and groups[-1][0] == (gm, key, args) and all(s is not shard for s in groups[-1][1]):
-                    groups[-1][1].append(shard)
-                else:
-                    groups.append(((gm, key, args), [shard], args))
-        return register_buckets([(shards, args) for _, shards, args in groups]) if self.mesh is not None else []
+        return register_buckets(self._stage_graphs()) if self.mesh is not None else []
 
     def _stage_graphs(self) -> list[fx.GraphModule]:
         return [self.graph_module]

@@ -162,13 +162,13 @@ for _name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_effici
     if hasattr(aten, _name):
         _ATTENTION.add(getattr(aten, _name).default)
 _CONVS = {aten.convolution.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
-_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+VIEW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
           aten.permute.default, aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim,
           aten.squeeze.default, aten.slice.Tensor, aten.select.int, aten.t.default, aten.alias.default,
           aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int,
           aten.detach.default, aten.as_strided.default, aten.contiguous.default, aten.sym_size.int,
           aten._assert_tensor_metadata.default, operator.getitem}
-_ZERO_FLOP = _VIEWS | {aten.embedding.default} | set(COLLECTIVE_OPS)
+_ZERO_FLOP = VIEW_OPS | {aten.embedding.default} | set(COLLECTIVE_OPS)
 
 
 def _matmul_flops(node: fx.Node) -> sympy.Expr:
@@ -204,7 +204,7 @@ def node_cost(node: fx.Node) -> NodeCost:
     out_bytes = sum((_numel(s) * d.itemsize for s, d in outs), sympy.Integer(0))
     if target in COLLECTIVE_OPS:
         return NodeCost(comm_bytes=out_bytes)
-    if target in _VIEWS:
+    if target in VIEW_OPS:
         return NodeCost()
     in_bytes = sum((value_bytes(a) for a in node.all_input_nodes if a.op != "get_attr" or
                     isinstance(a.meta.get("val"), torch.Tensor)), sympy.Integer(0))

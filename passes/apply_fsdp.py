@@ -32,25 +32,21 @@ time instead of one block).
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import torch.fx as fx
 from torch.distributed.tensor.placement_types import Replicate, Shard
 
 from fxpar.collectives import insert_fsdp_all_gather
-from fxpar.errors import PlanError
+from fxpar.errors import PlanError, block_of
 from fxpar.pass_manager import PassContext, PassResult, fx_pass
 from fxpar.spec import NodeInfo, divides, get_info, make_spec, set_info, update_info
 
 from fxpar.passes._graph import param_nodes
 
-_BLOCK = re.compile(r"^(.*?\.\d+)(\.|$)")
-
 
 def _unit(module_fqn: str) -> str:
     """The block a module belongs to (`transformer.h.3.attn` -> `transformer.h.3`), else the module."""
-    match = _BLOCK.match(module_fqn or "")
-    return match.group(1) if match else (module_fqn or "<root>")
+    return block_of(module_fqn) or module_fqn or "<root>"
 
 
 @fx_pass(requires=("param_placements",), provides=("fsdp_params",))

@@ -69,7 +69,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxpar.collectives import COLLECTIVE_OPS
-from fxpar.errors import PlanError, ScheduleError, module_fqn_of
+from fxpar.dataflow import attr_of
+from fxpar.errors import PlanError, ScheduleError, block_of, module_fqn_of
 from fxpar.pass_manager import PassContext, PassResult, fx_pass
 from fxpar.pipeline import (
     STAGES_KEY,
@@ -105,15 +106,6 @@ def _is_tensor(node: fx.Node) -> bool:
         # fxpar passes that forget `val` still make tensors, except shape arithmetic.
         return node.op != "call_function" or getattr(node.target, "__module__", "") not in ("_operator", "operator")
     return isinstance(val, torch.Tensor)
-
-
-def _block_of(fqn: str) -> str | None:
-    """The outermost module of a layer list containing fqn: 'model.layers.3' for 'model.layers.3.mlp.up'."""
-    parts = fqn.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            return ".".join(parts[: i + 1])
-    return None
 
 
 def _example_sizes(gm: fx.GraphModule) -> dict:
@@ -189,7 +181,7 @@ def _blocks(fqns: list[str], weight: list[bool]) -> tuple[dict[str, tuple[int, i
     """
     span: dict[str, tuple[int, int]] = {}
     for i, f in enumerate(fqns):
-        b = _block_of(f) if f and weight[i] else None
+        b = block_of(f) if f and weight[i] else None
         if b is not None:
             first, _ = span.get(b, (i, i))
             span[b] = (first, i)
@@ -327,7 +319,7 @@ def _input_free(gm: fx.GraphModule) -> set[fx.Node]:
     for n in gm.graph.nodes:
         val = n.meta.get("val")
         if n.op == "get_attr":
-            obj = _attr_obj(gm, n.target)
+            obj = attr_of(gm, n.target)
             if isinstance(obj, torch.Tensor) and not obj.requires_grad:
                 free.add(n)
             elif isinstance(obj, fx.GraphModule) and not any(_seeded(m.target) for m in obj.graph.nodes):
@@ -455,11 +447,6 @@ def _stand_in(obj: Any, cache: dict[int, Any]) -> Any:
     return out
 
 
-def _attr_obj(gm: fx.GraphModule, target: str) -> Any:
-    mod, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(mod) if mod else gm, name)
-
-
 def _build_stage_module(gm: fx.GraphModule, stage: _Stage, last: bool, out_flat: list,
                         local: bool, meta_cache: dict[int, Any]) -> fx.GraphModule:
     g = fx.Graph()
@@ -471,7 +458,7 @@ def _build_stage_module(gm: fx.GraphModule, stage: _Stage, last: bool, out_flat:
     root: dict[str, Any] = {}
     for a in stage.attrs:
         env[a] = g.node_copy(a)
-        obj = _attr_obj(gm, a.target)
+        obj = attr_of(gm, a.target)
         root[a.target] = obj if local else _stand_in(obj, meta_cache)
     for r in stage.remat:
         if r in stage.substitute:
@@ -514,7 +501,7 @@ def _build_stage_module(gm: fx.GraphModule, stage: _Stage, last: bool, out_flat:
 def _param_bytes(gm: fx.GraphModule, stage: _Stage) -> tuple[tuple[str, ...], int]:
     names, total, seen = [], 0, set()
     for a in stage.attrs:
-        obj = _attr_obj(gm, a.target)
+        obj = attr_of(gm, a.target)
         if isinstance(obj, nn.Parameter):
             names.append(a.target)
             if id(obj) not in seen:
@@ -524,7 +511,7 @@ def _param_bytes(gm: fx.GraphModule, stage: _Stage) -> tuple[tuple[str, ...], in
 
 
 def _display(fqn: str) -> str:
-    return _block_of(fqn) or fqn
+    return block_of(fqn) or fqn
 
 
 @fx_pass(requires=("local_params",), provides=("stages",))

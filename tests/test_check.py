@@ -52,8 +52,6 @@ CORRECT = {
 @pytest.mark.parametrize("name", sorted(CORRECT))
 def test_correct_graphs_pass_every_check_on_every_rank_and_across_ranks(name, mesh):
     factory, plan, x = CORRECT[name]
-    if plan is not None and "tp" not in mesh:
-        pytest.skip("tp plan")
     world, pms, _ = _compile(factory(), mesh, plan, x)
     for pm in pms:
         fxpar.check(pm)

@@ -129,7 +129,8 @@ class SimProcessGroup(dist.ProcessGroup):
         red = getattr(opts.reduceOp, "op", opts.reduceOp) if opts is not None else dist.ReduceOp.SUM
         op = next((name for k, name in _REDUCE_OPS.items() if red == k), None)
         if op is None:
-            raise NotImplementedError(f"simulated allreduce with {opts.reduceOp}")
+            raise NotImplementedError(f"the simulated process group reduces with {sorted(_REDUCE_OPS.values())}, "
+                                      f"not {opts.reduceOp}; run this on real ranks (fxpar.testing.rank_pool)")
         for t in tensors:
             t.copy_(_tls.world._collective(self._name, "all_reduce", t, (op,)))
         return _done(tensors)
