@@ -223,7 +223,7 @@ _C10D = {
 def _fxpar_ops() -> dict:
     """fxpar's collective custom ops (forward side): op -> (name, payload arg, group-size arg or None)."""
     try:
-        from fxpar.collectives import COLLECTIVE_OPS
+        from fxpar.ops.collectives import COLLECTIVE_OPS
     except ImportError:
         return {}
     table = {}

@@ -10,18 +10,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+from fxpar.core.fmt import fmt_bytes
+
 __all__ = ["write_markdown", "write_plot", "targets", "notes"]
 
 
 def _b(n: float | None) -> str:
     if n is None or (isinstance(n, float) and math.isnan(n)):
         return "-"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n} B"
+    return fmt_bytes(float(n))
 
 
 def _r(x: float | None, digits: int = 3) -> str:

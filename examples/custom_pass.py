@@ -36,8 +36,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.placement_types import Replicate
 
 import fxpar
-from fxpar.collectives import COLLECTIVE_OPS
-from fxpar.spec import get_info, make_spec, set_info
+from fxpar.ops.collectives import COLLECTIVE_OPS
+from fxpar.core.spec import get_info, make_spec, set_info
 from fxpar.testing import run_ranks
 
 
@@ -52,7 +52,7 @@ class KeepReplicated:
     collectives inside them; their neighbours get the transitions they need).
 
     Before:  %blocks_0_up_weight  [S(0)] local [H/tp, D]     (colwise, chosen by the automatic plan)
-    After:   %blocks_0_up_weight  [R]    local [H, D]        extra["style"] = 'replicate (not sharded: ...)'
+    After:   %blocks_0_up_weight  [R]    local [H, D]        style = 'replicate (not sharded: ...)'
 
     Raises:
         fxpar.PlanError: a glob that matches no module, with the nearest module FQNs.
@@ -82,8 +82,8 @@ class KeepReplicated:
             placements[tp] = Replicate()
             spec = make_spec(node.meta["val"], tuple(placements), ctx.mesh.sizes)
             # The style text is what explain() prints and what pm.plan records for this module.
-            extra = {**info.extra, "style": f"replicate (not sharded: kept replicated by {self.name})"}
-            set_info(node, dataclasses.replace(info, spec=spec, extra=extra))
+            style = f"replicate (not sharded: kept replicated by {self.name})"
+            set_info(node, dataclasses.replace(info, spec=spec, style=style))
             modified = True
         return fxpar.PassResult(gm, modified)
 

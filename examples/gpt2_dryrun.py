@@ -55,7 +55,7 @@ def gpt2_tiny():
 
 def graph_codes(report) -> list[str]:
     """The code of every graph of a compiled module (each pipeline stage's too)."""
-    from fxpar.pipeline import stage_info
+    from fxpar.core.stages import stage_info
 
     gm = report.graph_module
     split = stage_info(gm)

@@ -9,47 +9,21 @@
     print(report.explain()); fxpar.save_plan(report.plan, "plan.json")
 """
 
-import types as _types
-
-from fxpar.api import check, default_passes, parallelize
+from fxpar.core.errors import CaptureError, FxparError, GraphInvariantError, PlanError, ScheduleError, ShardingError
+from fxpar.core.mesh import MeshInfo
+from fxpar.core.pass_api import Pass, PassContext, PassResult, fx_pass
+from fxpar.core.plan import Plan, TPStyle
 from fxpar.capture import capture
-from fxpar.collectives import count_comms
-from fxpar.errors import (
-    CaptureError,
-    FxparError,
-    GraphInvariantError,
-    PlanError,
-    ScheduleError,
-    ShardingError,
-)
-from fxpar.mesh import MeshInfo
-from fxpar.pass_manager import Pass, PassContext, PassManager, PassResult, fx_pass
-from fxpar.plan import Plan, TPStyle
-from fxpar.plan_io import ResolvedPlan, load_plan, save_plan
-from fxpar.runtime import ParallelModule
-from fxpar.pipeline import PipelineModule
-from fxpar.training import clip_grad_norm_, grad_norm
-from fxpar.verify import BisectResult, VerifyReport, verify
-from fxpar.dryrun import DryRunReport
+from fxpar.ops.collectives import count_comms
+from fxpar.analysis.plan_io import ResolvedPlan, load_plan, save_plan
+from fxpar.runtime.parallel_module import ParallelModule
+from fxpar.runtime.pipeline import PipelineModule
+from fxpar.runtime.training import clip_grad_norm_, grad_norm
+from fxpar.compiler import PassManager, default_passes
+from fxpar.api import check, parallelize
+from fxpar.dryrun import DryRunReport, plan  # `fxpar.plan(...)` is the dry run; the plan types live in fxpar.core.plan
+from fxpar.verify import BisectResult, VerifyReport, verify  # binds fxpar.verify to the function
 from fxpar import viz  # pictures; matplotlib is imported only when a chart is drawn
-from fxpar import plan as _plan_module
-from fxpar.dryrun import plan as _dry_run
-
-
-class _PlanModule(_types.ModuleType):
-    """`fxpar.plan` is both the module of the Plan types and, called, the dry run `fxpar.dryrun.plan`.
-
-    `fxpar.plan(model, mesh_shape=..., example_inputs=...)` reads as the verb it
-    is; `fxpar.plan.Plan` and `from fxpar.plan import ...` keep working.
-    """
-
-    def __call__(self, *args, **kwargs):
-        return _dry_run(*args, **kwargs)
-
-    __call__.__doc__ = _dry_run.__doc__
-
-
-_plan_module.__class__ = _PlanModule
 
 __all__ = [
     "parallelize",

@@ -29,6 +29,15 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import fxpar
+from fxpar import viz
+from fxpar._torch.fx import pytree
+from fxpar.analysis.plan_io import fxpar_version
+from fxpar.core.errors import FxparError
+from fxpar.core.plan import PP_SCHEDULES
+from fxpar.dryrun import parse_mesh
+from fxpar.testing import RankError, run_ranks
+
 __all__ = ["main", "load_target", "build_parser"]
 
 _EXAMPLES = """examples:
@@ -163,9 +172,6 @@ def load_target(target: str) -> tuple[Any, tuple, dict]:
 
 
 def _cmd_explain(ns: argparse.Namespace) -> int:
-    import fxpar
-    from fxpar import viz
-    from fxpar.dryrun import parse_mesh
 
     mesh = parse_mesh(ns.mesh)
     plan = _plan_from_args(ns)
@@ -198,7 +204,6 @@ def _cmd_explain(ns: argparse.Namespace) -> int:
 
 
 def _plan_from_args(ns: argparse.Namespace):
-    import fxpar
 
     pipeline = {k: v for k, v in (("pp", ns.pp_stages), ("schedule", ns.schedule),
                                   ("microbatches", ns.microbatches)) if v is not None}
@@ -217,7 +222,6 @@ def _plan_from_args(ns: argparse.Namespace):
 def _sum_of_squares(output: Any, target: Any) -> Any:
     """A loss that touches every floating-point output, so every gradient is compared."""
     import torch
-    from torch.utils import _pytree as pytree
 
     leaves = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
     return sum((t.float() ** 2).mean() for t in leaves)
@@ -229,7 +233,6 @@ def _verify_rank(target: str, mesh: dict, plan_path: str | None, loss: str, seed
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    import fxpar
 
     torch.manual_seed(seed)
     model, args, kwargs = load_target(target)
@@ -247,8 +250,6 @@ def _verify_rank(target: str, mesh: dict, plan_path: str | None, loss: str, seed
 
 
 def _cmd_verify(ns: argparse.Namespace) -> int:
-    from fxpar.dryrun import parse_mesh
-    from fxpar.testing import RankError, run_ranks
 
     mesh = parse_mesh(ns.mesh)
     world = 1
@@ -318,7 +319,6 @@ def _cmd_run(ns: argparse.Namespace) -> int:
 
 
 def _cmd_diff(ns: argparse.Namespace) -> int:
-    import fxpar
 
     a, b = fxpar.load_plan(ns.old), fxpar.load_plan(ns.new)
     lines = []
@@ -342,8 +342,6 @@ def _cmd_diff(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fxpar.plan import PP_SCHEDULES
-    from fxpar.plan_io import fxpar_version
 
     parser = argparse.ArgumentParser(
         prog="fxpar", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES,
@@ -429,7 +427,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The `fxpar` command; returns the exit status."""
-    from fxpar.errors import FxparError
 
     parser = build_parser()
     ns = parser.parse_args(argv)

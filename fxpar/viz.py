@@ -38,9 +38,16 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxpar.collectives import COLLECTIVE_OPS, collective_args
-from fxpar.errors import FxparError
-from fxpar.spec import TensorSpec, get_info, placements_str, size_hint
+from fxpar.analysis.explain import collectives
+from fxpar.analysis.memory import memory_per_rank
+from fxpar.analysis.plan_io import full_mesh as _full_mesh
+from fxpar.analysis.schedule import schedule_order, simulate_schedule
+from fxpar.core.errors import FxparError
+from fxpar.core.fmt import fmt_bytes
+from fxpar.core.spec import TensorSpec, get_info, placements_str, size_hint
+from fxpar.core.stages import stage_info
+from fxpar.dryrun import DryRunReport
+from fxpar.ops.collectives import COLLECTIVE_OPS, collective_args
 
 __all__ = ["VizNode", "graph_nodes", "graph_dot", "graph_svg", "graph_html", "memory_chart", "schedule_chart"]
 
@@ -91,14 +98,10 @@ class VizNode:
 
 def _module(obj: Any):
     """The ParallelModule of a ParallelModule or a DryRunReport."""
-    from fxpar.dryrun import DryRunReport
-
     return obj.module if isinstance(obj, DryRunReport) else obj
 
 
 def _graphs(pm) -> list[tuple[int | None, fx.GraphModule]]:
-    from fxpar.pipeline import stage_info
-
     gm = pm.graph_module
     split = stage_info(gm)
     if split is None:
@@ -155,22 +158,12 @@ def _shape(shape) -> str:
     return "[" + ", ".join(str(size_hint(s)) if isinstance(s, torch.SymInt) else str(s) for s in shape) + "]"
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 def graph_nodes(obj: Any) -> list[VizNode]:
     """The nodes to draw, in graph order (stage after stage for pipelines).
 
     Args:
         obj: a ParallelModule or a DryRunReport.
     """
-    from fxpar.explain import collectives
-
     pm = _module(obj)
     mesh = pm.mesh_info
     out: list[VizNode] = []
@@ -216,8 +209,8 @@ def graph_nodes(obj: Any) -> list[VizNode]:
             c = payload.get(node.name)
             note = ""
             if c is not None:
-                fwd = f"fwd {c.op} {_fmt_bytes(c.forward_bytes)}" if c.forward_bytes else "fwd no communication"
-                bwd = f"bwd {c.backward_op} {_fmt_bytes(c.backward_bytes)}" if c.backward_op else "bwd none"
+                fwd = f"fwd {c.op} {fmt_bytes(c.forward_bytes, 1)}" if c.forward_bytes else "fwd no communication"
+                bwd = f"bwd {c.backward_op} {fmt_bytes(c.backward_bytes, 1)}" if c.backward_op else "bwd none"
                 note = f"{fwd}, {bwd}"
                 detail.append(f"{note} (per step, each rank's payload)")
             if info is not None and info.fallback:
@@ -235,8 +228,6 @@ def _fill(n: VizNode) -> str:
 
 
 def _title(pm) -> str:
-    from fxpar.plan_io import _full_mesh
-
     mesh = ", ".join(f"{k}={v}" for k, v in _full_mesh(pm))
     return f"{pm.capture_info.model_class} on mesh ({mesh})"
 
@@ -501,8 +492,6 @@ def memory_chart(obj: Any, path: str | Path, *, optimizer_bytes_per_element: int
     Returns:
         The path written.
     """
-    from fxpar.dryrun import memory_per_rank
-
     pm = _module(obj)
     memory = memory_per_rank(pm, getattr(obj, "mesh", None), optimizer_bytes_per_element=optimizer_bytes_per_element)
     scale, unit = _unit(max([m.total for m in memory] + [capacity_bytes or 0]))
@@ -547,9 +536,6 @@ def schedule_chart(obj: Any, path: str | Path) -> Path:
     Raises:
         FxparError: the module is not a pipeline.
     """
-    from fxpar.dryrun import schedule_order, simulate_schedule
-    from fxpar.pipeline import stage_info
-
     pm = _module(obj)
     split = stage_info(pm.graph_module)
     if split is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,6 +21,34 @@ class MLPBlock(nn.Module):
         h = getattr(F, self.act)(self.up(x))
         y = self.down(h)
         return y + x if self.residual else y
+
+
+class NormBlock(nn.Module):
+    """A pre-norm residual MLP block: x + down(gelu(up(norm(x))))."""
+
+    def __init__(self, dim: int = 32, hidden: int = 128) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(F.gelu(self.up(self.norm(x))))
+
+
+class BlockStack(nn.Module):
+    """`depth` NormBlocks under `blocks` and nothing else (a perfectly balanced pipeline split exists)."""
+
+    def __init__(self, depth: int = 4, dim: int = 32, hidden: int = 128, *, seed: int | None = None) -> None:
+        super().__init__()
+        if seed is not None:
+            torch.manual_seed(seed)
+        self.blocks = nn.ModuleList([NormBlock(dim, hidden) for _ in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
 
 
 class GatedMLP(nn.Module):
@@ -179,3 +209,15 @@ class TitanLlama(nn.Module):
         for layer in self.layers.values():
             h = layer(h, freqs_cis)
         return self.output(self.norm(h))
+
+
+def tiny_gpt2(n_layer: int = 2, n_embd: int = 32, *, vocab_size: int = 128, n_positions: int = 64,
+              dtype: torch.dtype | None = None, device: str | None = None, **config) -> nn.Module:
+    """The tests' one small Hugging Face GPT-2, in eval mode (dropout off), no KV cache; `config` overrides."""
+    import transformers
+
+    cfg = transformers.GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=4, vocab_size=vocab_size,
+                                  n_positions=n_positions, use_cache=False, bos_token_id=0, eos_token_id=0, **config)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = transformers.GPT2LMHeadModel(cfg)
+    return (model.to(dtype) if dtype is not None else model).eval()

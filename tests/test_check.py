@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 
 import fxpar
-from fxpar.invariants import check_graph, local_fake_run
-from fxpar.spec import get_info, set_info
+from fxpar.analysis.invariants import check_graph, local_fake_run
+from fxpar.core.spec import get_info, set_info
 from fxpar.testing.simulate import SimWorld
 from fxpar.testing.strategies import BlockSpec, Case, ModelSpec, build_model, make_inputs
 from models import Chain, Flattening, GatedMLP, MLPStack
@@ -147,7 +147,7 @@ def test_parameters_laid_out_differently_on_two_ranks_are_caught():
     set_info(w, dataclasses.replace(info, spec=dataclasses.replace(info.spec, placements=(Replicate(),),
                                                                    local_shape=info.spec.shape)))
     with pytest.raises(fxpar.GraphInvariantError) as e:
-        from fxpar.invariants import _check_ownership
+        from fxpar.analysis.module_checks import _check_ownership
 
         _check_ownership(pms)
     assert "parameter 'layers.0.up.weight' is laid out differently" in str(e.value)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fxpar
-from fxpar.fingerprint import collective_schedule, first_difference, schedule_fingerprint
+from fxpar.analysis.fingerprint import collective_schedule, first_difference, schedule_fingerprint
 from fxpar.testing.simulate import SimWorld
 from models import MLPStack
 

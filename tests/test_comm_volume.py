@@ -34,6 +34,8 @@ if str(ROOT) not in sys.path:  # the benchmarks package lives beside tests/, not
 
 from benchmarks.models import ModelConfig, build, megatron_tp_bytes  # noqa: E402
 
+from tests.models import tiny_gpt2
+
 transformers = pytest.importorskip("transformers")
 
 B, T, VOCAB, LAYERS, DIM = 2, 8, 128, 2, 32
@@ -42,8 +44,7 @@ B, T, VOCAB, LAYERS, DIM = 2, 8, 128, 2, 32
 def _hf(name: str) -> torch.nn.Module:
     tf = transformers
     if name == "hf-gpt2":
-        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=LAYERS, n_embd=DIM, n_head=4, vocab_size=VOCAB,
-                                                 n_positions=64, use_cache=False, bos_token_id=0, eos_token_id=0))
+        model = tiny_gpt2(LAYERS, DIM, vocab_size=VOCAB)
     else:
         model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=DIM, intermediate_size=64, num_hidden_layers=LAYERS,
                                                    num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB,

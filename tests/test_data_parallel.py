@@ -12,17 +12,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import fxpar
-from fxpar.collectives import gathered_param_bytes, peak_gathered_bytes, reset_peak_gathered_bytes
+from fxpar.runtime.fsdp_state import gathered_param_bytes, peak_gathered_bytes, reset_peak_gathered_bytes
 from fxpar.testing import rank_pool
 from models import MLPStack, mse
+
+from tests.models import tiny_gpt2
 
 transformers = pytest.importorskip("transformers")
 
 
 def gpt2():
-    T = transformers
-    return T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=128, n_positions=64,
-                                          use_cache=False, bos_token_id=0, eos_token_id=0)).eval()
+    return tiny_gpt2()
 
 
 def ce(out, target):

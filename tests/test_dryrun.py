@@ -7,36 +7,16 @@ import time
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import fxpar
-from fxpar.collectives import COLLECTIVE_OPS
-from fxpar.dryrun import dry_mesh, parse_mesh, schedule_order, simulate_schedule
-from fxpar.pipeline import SCHEDULES, PipelineSplitInfo, StageInfo
+from fxpar.ops.collectives import COLLECTIVE_OPS
+from fxpar.dryrun import dry_mesh, parse_mesh
+from fxpar.analysis.schedule import schedule_order, simulate_schedule
+from fxpar.core.stages import SCHEDULES, PipelineSplitInfo, StageInfo
+
+from tests.models import BlockStack
 
 transformers = pytest.importorskip("transformers")
-
-
-class Block(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.up = nn.Linear(dim, hidden)
-        self.down = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.down(F.gelu(self.up(self.norm(x))))
-
-
-class MLPStack(nn.Module):
-    def __init__(self, dim: int = 32, hidden: int = 128, depth: int = 4) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList([Block(dim, hidden) for _ in range(depth)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x
 
 
 def _code(gm) -> str:
@@ -45,7 +25,7 @@ def _code(gm) -> str:
 
 def test_dry_run_is_the_plan_parallelize_makes(make_fake_mesh):
     """Same passes, same graph: a dry run and rank 0 of a (fake-backend) mesh differ only in group names."""
-    model, x = MLPStack(), torch.randn(4, 8, 32)
+    model, x = BlockStack(), torch.randn(4, 8, 32)
     mesh = make_fake_mesh((2, 2), ("dp", "tp"))
     pm = fxpar.parallelize(model, mesh, example_inputs=(x,))
     report = fxpar.plan(model, {"dp": 2, "tp": 2}, example_inputs=(x,))
@@ -58,7 +38,7 @@ def test_dry_run_is_the_plan_parallelize_makes(make_fake_mesh):
 
 def test_meta_model_at_1024_ranks_reads_no_values():
     with torch.device("meta"):
-        model = MLPStack(dim=64, hidden=512, depth=2)
+        model = BlockStack(dim=64, hidden=512, depth=2)
     x = torch.empty(32, 8, 64, device="meta")
     start = time.perf_counter()
     report = fxpar.plan(model, "dp=16,tp=64", example_inputs=(x,))
@@ -95,11 +75,11 @@ def test_memory_counts_only_trainable_gradients_and_the_optimizer_assumption():
 
 def test_pipeline_dry_run_memory_per_pp_rank_and_timeline():
     with torch.device("meta"):
-        model = MLPStack(depth=4)
+        model = BlockStack(depth=4)
     report = fxpar.plan(model, {"pp": 2, "tp": 2}, example_inputs=(torch.empty(8, 4, 32, device="meta"),))
     mem = report.memory()
     assert [m.pp_rank for m in mem] == [0, 1] and all(m.ranks == 2 for m in mem)
-    split = fxpar.pipeline.stage_info(report.graph_module)
+    split = fxpar.core.stages.stage_info(report.graph_module)
     assert [m.parameters for m in mem] == [s.param_bytes for s in split.stages]
     timeline = report.timeline()
     assert {e.kind for e in timeline} == {"F", "B"} and len(timeline) == 2 * 2 * split.microbatches
@@ -110,14 +90,14 @@ def test_pipeline_dry_run_memory_per_pp_rank_and_timeline():
 
 def test_data_parallel_pipelines_are_planned():
     with torch.device("meta"):
-        model = MLPStack(depth=4)
+        model = BlockStack(depth=4)
     report = fxpar.plan(model, "dp=2,pp=2,tp=2", example_inputs=(torch.empty(8, 4, 32, device="meta"),))
     assert report.world_size == 8 and not report.notes
     assert [m.ranks for m in report.memory()] == [4, 4]  # dp x tp ranks at each pp coordinate
 
 
 def _split(schedule: str, pp: int, stages: int, m: int) -> PipelineSplitInfo:
-    from fxpar.pipeline import stage_ranks
+    from fxpar.core.stages import stage_ranks
 
     ranks = stage_ranks(schedule, stages, pp)
     infos = tuple(StageInfo(k, ranks[k], "", "", "", 1, 0, 0, 0, 0, 1.0, 0.0, (), 0, (), 0, 0.0)
@@ -152,7 +132,7 @@ def test_bad_meshes_are_plan_errors(bad, match):
 
 def test_pipeline_plan_without_pp_dim_is_refused_as_parallelize_does():
     with pytest.raises(fxpar.PlanError, match="has no 'pp' dim"):
-        fxpar.plan(MLPStack(), {"tp": 2}, example_inputs=(torch.randn(4, 8, 32),), plan=fxpar.Plan(pp=2))
+        fxpar.plan(BlockStack(), {"tp": 2}, example_inputs=(torch.randn(4, 8, 32),), plan=fxpar.Plan(pp=2))
 
 
 def test_parse_mesh_keeps_order():

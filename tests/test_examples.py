@@ -48,7 +48,7 @@ def test_custom_pass_unit_test_from_the_guide():
     """docs/custom_passes.md, section 5: the pass drops the pinned block's collectives, and pm.plan records it."""
     import importlib.util
 
-    from fxpar.collectives import COLLECTIVE_OPS
+    from fxpar.ops.collectives import COLLECTIVE_OPS
 
     import fxpar
 

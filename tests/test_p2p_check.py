@@ -1,4 +1,4 @@
-"""fxpar.p2p_check: every pp rank's sends and recvs, from torch's schedule IR, pair up without a deadlock.
+"""fxpar.analysis.p2p_check: every pp rank's sends and recvs, from torch's schedule IR, pair up without a deadlock.
 
 Correct pipelines pass on every schedule fxpar maps (structure on torch's fake
 backend, one process; one pp x tp pipeline on real gloo ranks, where every rank
@@ -14,9 +14,10 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 
 import fxpar
-from fxpar.dryrun import _StandInStage, schedule_order
-from fxpar.p2p_check import CutTensor, P2POp, P2PWait, check_p2p, lower_order, p2p_schedule, simulate_p2p
-from fxpar.pipeline import SCHEDULES, stage_ranks
+from fxpar.analysis.schedule import _StandInStage
+from fxpar.analysis.schedule import schedule_order
+from fxpar.analysis.p2p_check import CutTensor, P2POp, P2PWait, check_p2p, lower_order, p2p_schedule, simulate_p2p
+from fxpar.core.stages import SCHEDULES, stage_ranks
 from fxpar.testing import rank_pool
 from models import MLPStack, mse
 

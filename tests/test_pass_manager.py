@@ -7,9 +7,10 @@ import torch
 import torch.fx as fx
 
 import fxpar
-from fxpar.mesh import MeshInfo
-from fxpar.pass_manager import PassContext, PassManager, PassResult, fx_pass
-from fxpar.spec import update_info
+from fxpar.core.mesh import MeshInfo
+from fxpar.core.pass_api import PassContext, PassResult, fx_pass
+from fxpar.compiler import PassManager
+from fxpar.core.spec import update_info
 from models import MLPStack
 
 
@@ -99,7 +100,7 @@ def test_custom_pass_in_the_pipeline_keeps_a_module_replicated(make_fake_mesh):
     """A user pass that runs after annotate_parameters and pins one module to Replicate."""
     from torch.distributed.tensor.placement_types import Replicate
 
-    from fxpar.spec import get_info, make_spec
+    from fxpar.core.spec import get_info, make_spec
 
     @fx_pass(requires=("param_placements",), provides=("pinned",))
     def pin_first_layer(gm, ctx):
@@ -107,7 +108,7 @@ def test_custom_pass_in_the_pipeline_keeps_a_module_replicated(make_fake_mesh):
             info = get_info(n)
             if info is not None and info.role == "param" and info.module_fqn.startswith("layers.0"):
                 spec = make_spec(n.meta["val"], (Replicate(),), ctx.mesh.sizes)
-                update_info(n, spec=spec, extra={"style": "replicate (pinned)"})
+                update_info(n, spec=spec, style="replicate (pinned)")
         return PassResult(gm, True)
 
     mesh = make_fake_mesh((2,), ("tp",))

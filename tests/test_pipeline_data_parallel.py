@@ -21,6 +21,8 @@ import fxpar
 from fxpar.testing import rank_pool
 from models import MLPStack, mse
 
+from tests.models import tiny_gpt2
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -31,9 +33,7 @@ def ce(out, target):
 
 def _gpt2_and_batches(steps: int):
     torch.manual_seed(0)
-    T = transformers
-    model = T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=128, n_positions=64,
-                                           use_cache=False, bos_token_id=0, eos_token_id=0)).eval()
+    model = tiny_gpt2()
     data = [(torch.randint(0, 128, (8, 8)), torch.randint(0, 128, (8, 8))) for _ in range(2)]
     return model, [data[i % 2] for i in range(steps)]  # two batches, revisited: the loss must fall
 
@@ -165,7 +165,7 @@ def _mlp_step(names, schedule: str, stages: int, reshard: bool) -> dict:
     mine = {id(p): p for p in pm.parameters()}  # this rank's stages, each tensor once
     local = sum(p.numel() * p.element_size() for p in mine.values())
     weights = sum(p.numel() * p.element_size() for p in mine.values() if p.ndim == 2)
-    from fxpar.dryrun import memory_per_rank
+    from fxpar.analysis.memory import memory_per_rank
 
     memory = {m.pp_rank: m for m in memory_per_rank(pm)}[pm.split.coordinate]
     grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in mine.values())

@@ -21,8 +21,10 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
 import fxpar
-import fxpar.api
+import fxpar.compiler.compile
 from fxpar.testing import rank_pool
+
+from tests.models import BlockStack, tiny_gpt2
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,10 +37,8 @@ F64_RTOL = 1e-10
 
 def _gpt2(layers: int, dtype: torch.dtype) -> nn.Module:
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=layers, n_embd=32, n_head=4, vocab_size=96, n_positions=32,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
-                                  bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(cfg).to(dtype).eval()
+    return tiny_gpt2(layers, vocab_size=96, n_positions=32, dtype=dtype, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0)
 
 
 def _llama(layers: int, dtype: torch.dtype) -> nn.Module:
@@ -48,29 +48,6 @@ def _llama(layers: int, dtype: torch.dtype) -> nn.Module:
                                    max_position_embeddings=32, tie_word_embeddings=True, use_cache=False,
                                    attn_implementation="sdpa", bos_token_id=0, eos_token_id=0, pad_token_id=0)
     return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
-
-
-class Block(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.up = nn.Linear(dim, hidden)
-        self.down = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.down(F.gelu(self.up(self.norm(x))))
-
-
-class Stack(nn.Module):
-    def __init__(self, depth: int = 4, dim: int = 16, hidden: int = 32) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.blocks = nn.ModuleList([Block(dim, hidden) for _ in range(depth)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x
 
 
 MODELS = {"gpt2": _gpt2, "llama": _llama}
@@ -94,7 +71,7 @@ def _mse_sum(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def _capture_once():
     """parallelize() captures each model once per rank; later calls get a deep copy of that capture."""
-    real = fxpar.api.capture
+    real = fxpar.compiler.compile.capture
     cache: dict[int, torch.fx.GraphModule] = {}
 
     def cached(model, args=(), kwargs=None, **kw):
@@ -102,11 +79,11 @@ def _capture_once():
             cache[id(model)] = real(model, args, kwargs, **kw)
         return copy.deepcopy(cache[id(model)])
 
-    fxpar.api.capture = cached
+    fxpar.compiler.compile.capture = cached
     try:
         yield
     finally:
-        fxpar.api.capture = real
+        fxpar.compiler.compile.capture = real
 
 
 def _worst(report) -> float:
@@ -234,7 +211,7 @@ def _pp_tp(name: str, schedule: str, dtype: torch.dtype = torch.float64) -> dict
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "tp"))
     torch.manual_seed(1)
     if name == "stack":
-        model = Stack(depth=4).double()
+        model = BlockStack(depth=4, dim=16, hidden=32, seed=0).double()
         x, target = torch.randn(8, 5, 16, dtype=torch.float64), torch.randn(8, 5, 16, dtype=torch.float64)
         plan = fxpar.Plan(MEGATRON, schedule=schedule, microbatches=4)
         loss_fn = _mse_sum
@@ -282,7 +259,7 @@ def test_pp2_tp2_transformers(name, dtype):
 def _sum_loss_and_bad_batches(schedule: str) -> dict:
     world = dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("pp",))
-    model = Stack(depth=4).double()
+    model = BlockStack(depth=4, dim=16, hidden=32, seed=0).double()
     torch.manual_seed(1)
     x, target = torch.randn(8, 16, dtype=torch.float64), torch.randn(8, 16, dtype=torch.float64)
     pm = fxpar.parallelize(model, mesh, example_inputs=(x,), plan=fxpar.Plan(schedule=schedule, microbatches=4))

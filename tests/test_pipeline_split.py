@@ -16,36 +16,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxpar
-from fxpar.mesh import MeshInfo
-from fxpar.pass_manager import PassContext, PassManager
-from fxpar.pipeline import SCHEDULES, PipelineMeshInfo, bubble_fraction, resolve_stages, stage_info
-from fxpar.passes._cost import DeviceModel, balance, evaluate, node_cost
+from fxpar.core.mesh import MeshInfo
+from fxpar.core.pass_api import PassContext
+from fxpar.compiler import PassManager
+from fxpar.core.stages import SCHEDULES, PipelineMeshInfo, resolve_stages, stage_info
+from fxpar.analysis.schedule import bubble_fraction
+from fxpar.analysis.cost import DeviceModel, balance, evaluate, node_cost
+
+from tests.models import BlockStack, NormBlock, tiny_gpt2
 
 aten = torch.ops.aten
-
-
-class Block(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.up = nn.Linear(dim, hidden)
-        self.down = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.down(F.gelu(self.up(self.norm(x))))
-
-
-class Uniform(nn.Module):
-    """Eight identical blocks and nothing else: a perfectly balanced split exists for 2, 4 and 8 stages."""
-
-    def __init__(self, depth: int = 8, dim: int = 32, hidden: int = 128) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList([Block(dim, hidden) for _ in range(depth)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x
 
 
 class TiedLM(nn.Module):
@@ -54,7 +34,7 @@ class TiedLM(nn.Module):
     def __init__(self, vocab: int = 64, dim: int = 16, depth: int = 4) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
-        self.blocks = nn.ModuleList([Block(dim, 2 * dim) for _ in range(depth)])
+        self.blocks = nn.ModuleList([NormBlock(dim, 2 * dim) for _ in range(depth)])
         self.head = nn.Linear(dim, vocab, bias=False)
         self.head.weight = self.embed.weight
 
@@ -77,7 +57,7 @@ def _split(model: nn.Module, x: torch.Tensor, plan: fxpar.Plan, pp: int | None =
 
 @pytest.mark.parametrize("stages", [2, 3, 4, 8])
 def test_uniform_blocks_balance_and_cut_between_blocks(stages):
-    gm = _split(Uniform(), torch.randn(4, 8, 32), fxpar.Plan(pp=stages, schedule="gpipe"))
+    gm = _split(BlockStack(depth=8), torch.randn(4, 8, 32), fxpar.Plan(pp=stages, schedule="gpipe"))
     split = stage_info(gm)
     assert split.num_stages == stages and split.balanced
     # 8 blocks over 3 stages is 3 / 3 / 2 at best: 3 / (8 / 3) = 1.125.
@@ -133,7 +113,7 @@ def test_each_stage_holds_only_its_parameters_under_original_fqns():
 
 
 def test_symbolic_sizes_are_recomputed_not_sent():
-    class Flat(Block):
+    class Flat(NormBlock):
         def forward(self, x):
             b, t, d = x.shape
             return x + self.down(F.gelu(self.up(x.reshape(b * t, d)))).view(b, t, d)
@@ -165,8 +145,7 @@ def test_cuts_carry_only_the_residual_stream(name):
     sends exactly the (B, T, D) activations, the analytical minimum."""
     T = pytest.importorskip("transformers")
     if name == "gpt2":
-        model = T.GPT2LMHeadModel(T.GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=128, n_positions=64,
-                                               use_cache=False, bos_token_id=0, eos_token_id=0))
+        model = tiny_gpt2(4)
     else:
         model = T.LlamaForCausalLM(T.LlamaConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64,
                                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
@@ -185,7 +164,7 @@ def test_cuts_carry_only_the_residual_stream(name):
 
 
 def test_interleaved_and_v_schedules_place_stages_on_ranks():
-    model = Uniform()
+    model = BlockStack(depth=8)
     x = torch.randn(4, 8, 32)
     loop = stage_info(_split(model, x, fxpar.Plan(schedule="interleaved_1f1b"), pp=2))
     assert loop.num_stages == 4 and [s.rank for s in loop.stages] == [0, 1, 0, 1]
@@ -196,7 +175,7 @@ def test_interleaved_and_v_schedules_place_stages_on_ranks():
 def test_stage_graphs_pass_the_invariant_checks_on_the_fake_backend(make_fake_mesh):
     mesh = make_fake_mesh((2, 2), ("pp", "tp"), rank=2)
     torch.manual_seed(0)
-    model = Uniform(depth=4, dim=16, hidden=32)
+    model = BlockStack(depth=4, dim=16, hidden=32)
     plan = fxpar.Plan({"blocks.*.up": "colwise", "blocks.*.down": "rowwise"}, schedule="gpipe", microbatches=2)
     pm = fxpar.parallelize(model, mesh, example_inputs=(torch.randn(4, 16),), plan=plan)
     fxpar.check(pm)
@@ -261,24 +240,24 @@ def test_bubble_fraction_of_gpipe_matches_the_formula():
 
 def test_more_stages_than_blocks_is_a_schedule_error():
     with pytest.raises(fxpar.ScheduleError, match=r"only 4 blocks.*use at most 4 stages"):
-        _split(Uniform(depth=4, dim=16, hidden=32), torch.randn(4, 16), fxpar.Plan(pp=6, schedule="interleaved_1f1b"),
+        _split(BlockStack(depth=4, dim=16, hidden=32), torch.randn(4, 16), fxpar.Plan(pp=6, schedule="interleaved_1f1b"),
                pp=2)
 
 
 def test_cut_point_that_names_no_module_lists_the_nearest():
     with pytest.raises(fxpar.PlanError, match=r"'blocks\.9' names no module.*blocks\.") as e:
-        _split(Uniform(depth=4, dim=16, hidden=32), torch.randn(4, 16), fxpar.Plan(pp=["blocks.9"]))
+        _split(BlockStack(depth=4, dim=16, hidden=32), torch.randn(4, 16), fxpar.Plan(pp=["blocks.9"]))
     assert isinstance(e.value, ValueError)
 
 
 def test_cut_points_that_leave_a_stage_empty():
     with pytest.raises(fxpar.PlanError, match="would run no module's ops"):
-        _split(Uniform(depth=4, dim=16, hidden=32), torch.randn(4, 16), fxpar.Plan(pp=["blocks.0"]))
+        _split(BlockStack(depth=4, dim=16, hidden=32), torch.randn(4, 16), fxpar.Plan(pp=["blocks.0"]))
 
 
 def test_static_batch_dim_is_a_schedule_error():
     with pytest.raises(fxpar.ScheduleError, match="static batch size 1"):
-        _split(Uniform(depth=2, dim=16, hidden=32), torch.randn(1, 16), fxpar.Plan(pp=2))
+        _split(BlockStack(depth=2, dim=16, hidden=32), torch.randn(1, 16), fxpar.Plan(pp=2))
 
 
 @pytest.mark.parametrize("plan, pp, match", [
@@ -299,11 +278,11 @@ def test_plan_pp_fields_are_validated():
     for bad in (dict(pp=0), dict(pp=["a", "a"]), dict(pp=[""]), dict(schedule="pipedream"), dict(microbatches=0)):
         with pytest.raises(fxpar.PlanError):
             fxpar.Plan(**bad)
-    assert set(SCHEDULES) == set(fxpar.plan.PP_SCHEDULES)
+    assert set(SCHEDULES) == set(fxpar.core.plan.PP_SCHEDULES)
 
 
 def test_pipeline_plan_without_pp_mesh_dim(make_fake_mesh):
     mesh = make_fake_mesh((2,), ("tp",))
     with pytest.raises(fxpar.PlanError, match="has no 'pp' dim"):
-        fxpar.parallelize(Uniform(depth=2, dim=16, hidden=32), mesh, example_inputs=(torch.randn(4, 16),),
+        fxpar.parallelize(BlockStack(depth=2, dim=16, hidden=32), mesh, example_inputs=(torch.randn(4, 16),),
                           plan=fxpar.Plan(pp=2))

@@ -10,19 +10,17 @@ import torch
 import torch.nn as nn
 
 import fxpar
-from fxpar.pipeline import stage_info
-from fxpar.plan import TPStyle
-from fxpar.plan_io import FORMAT, ModelFingerprint, ResolvedPlan, SectionedStyle, parse_style
+from fxpar.core.stages import stage_info
+from fxpar.core.plan import TPStyle
+from fxpar.analysis.plan_io import FORMAT, ModelFingerprint, ResolvedPlan, SectionedStyle, parse_style
+
+from tests.models import tiny_gpt2
 
 transformers = pytest.importorskip("transformers")
 
 
 def gpt2(n_layer: int = 2, n_embd: int = 32, device: str = "cpu") -> nn.Module:
-    T = transformers
-    config = T.GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=4, vocab_size=128, n_positions=64,
-                          use_cache=False, bos_token_id=0, eos_token_id=0)
-    with torch.device(device):
-        return T.GPT2LMHeadModel(config).eval()
+    return tiny_gpt2(n_layer, n_embd, device=device)
 
 
 IDS = torch.zeros(8, 8, dtype=torch.long)
@@ -139,7 +137,7 @@ def test_other_fxpar_version_is_logged_not_refused(tmp_path, caplog):
     data = json.loads(path.read_text())
     data["model"]["fxpar_version"] = "0.0.1"
     path.write_text(json.dumps(data))
-    with caplog.at_level(logging.WARNING, logger="fxpar.plan_io"):
+    with caplog.at_level(logging.WARNING, logger="fxpar.analysis.plan_io"):
         fxpar.plan(model, {"tp": 2}, example_inputs=(X,), plan=fxpar.load_plan(path))
     assert "plan saved by fxpar 0.0.1" in caplog.text
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 import fxpar
-from fxpar.collectives import COLLECTIVE_OPS
-from fxpar.explain import collectives, param_memory
+from fxpar.ops.collectives import COLLECTIVE_OPS
+from fxpar.analysis.explain import collectives, param_memory
 from models import Chain, Flattening, GatedMLP, MLPStack
 
 fxpar_ops = torch.ops.fxpar

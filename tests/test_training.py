@@ -12,6 +12,8 @@ import torch.nn.functional as F
 import fxpar
 from fxpar.testing import rank_pool
 
+from tests.models import tiny_gpt2
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -23,9 +25,7 @@ def ce(out, target):
 def _norms(shape, names, plan_kwargs) -> dict:
     mesh = torch.distributed.device_mesh.init_device_mesh("cpu", shape, mesh_dim_names=names)
     torch.manual_seed(0)
-    T = transformers
-    model = T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=128, n_positions=64,
-                                           use_cache=False, bos_token_id=0, eos_token_id=0)).double().eval()
+    model = tiny_gpt2(dtype=torch.float64)
     ids, target = torch.randint(0, 128, (4, 8)), torch.randint(0, 128, (4, 8))
     plan = fxpar.Plan(auto_tp=True, **plan_kwargs)
     pm = fxpar.parallelize(model, mesh, example_inputs=(ids,), plan=plan)

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 import fxpar
 from fxpar.testing import rank_pool
 
+from tests.models import tiny_gpt2
+
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 128
@@ -27,8 +29,7 @@ def build(name: str) -> torch.nn.Module:
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  vocab_size=VOCAB, max_position_embeddings=64)
     if name == "gpt2":
-        model = T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64,
-                                               use_cache=False, bos_token_id=0, eos_token_id=0))
+        model = tiny_gpt2(vocab_size=VOCAB)
     elif name == "llama":
         model = T.LlamaForCausalLM(T.LlamaConfig(**small, num_key_value_heads=4, use_cache=False,
                                                  bos_token_id=0, eos_token_id=0))

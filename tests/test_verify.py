@@ -12,6 +12,8 @@ from fxpar.testing.simulate import SimWorld
 from fxpar.verify import default_tolerances, fan_in, working_dtype
 from models import MLPStack, mse
 
+from tests.models import tiny_gpt2
+
 MEGATRON = {"layers.*.up": "colwise", "layers.*.down": "rowwise"}
 
 
@@ -143,8 +145,7 @@ def _hf(name: str) -> nn.Module:
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
                  max_position_embeddings=64, use_cache=False, bos_token_id=0, eos_token_id=0)
     if name == "gpt2":
-        return T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=128, n_positions=64,
-                                              use_cache=False, bos_token_id=0, eos_token_id=0)).eval()
+        return tiny_gpt2()
     if name == "llama":
         return T.LlamaForCausalLM(T.LlamaConfig(**small, num_key_value_heads=4)).eval()
     if name == "bert":

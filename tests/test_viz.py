@@ -8,47 +8,25 @@ import xml.etree.ElementTree as ET
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import fxpar
 from fxpar import viz
+
+from tests.models import BlockStack
 
 pytest.importorskip("matplotlib", reason="charts need matplotlib (in the 'test' and 'viz' extras)")
 
 SVG = "{http://www.w3.org/2000/svg}"
 
 
-class Block(nn.Module):
-    def __init__(self, dim: int = 32, hidden: int = 128) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.up = nn.Linear(dim, hidden)
-        self.down = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.down(F.gelu(self.up(self.norm(x))))
-
-
-class Stack(nn.Module):
-    def __init__(self, depth: int = 4) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList([Block() for _ in range(depth)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x
-
-
 @pytest.fixture(scope="module")
 def pipelined():
-    return fxpar.plan(Stack(), {"pp": 2, "tp": 2}, example_inputs=(torch.randn(8, 4, 32),))
+    return fxpar.plan(BlockStack(), {"pp": 2, "tp": 2}, example_inputs=(torch.randn(8, 4, 32),))
 
 
 @pytest.fixture(scope="module")
 def flat():
-    return fxpar.plan(Stack(depth=2), {"dp": 2, "tp": 2}, example_inputs=(torch.randn(8, 4, 32),))
+    return fxpar.plan(BlockStack(depth=2), {"dp": 2, "tp": 2}, example_inputs=(torch.randn(8, 4, 32),))
 
 
 def _nodes(root: ET.Element, kind: str) -> list[ET.Element]:
@@ -61,7 +39,7 @@ def test_python_svg_colours_placements_and_highlights_collectives(flat, tmp_path
     root = ET.fromstring(path.read_text())
     assert root.tag == f"{SVG}svg" and text == path.read_text()
     collectives = _nodes(root, "collective")
-    graph_collectives = [n for n in flat.graph_module.graph.nodes if n.target in fxpar.collectives.COLLECTIVE_OPS]
+    graph_collectives = [n for n in flat.graph_module.graph.nodes if n.target in fxpar.ops.collectives.COLLECTIVE_OPS]
     assert len(collectives) == len(graph_collectives) > 0
     rect = collectives[0].find(f"{SVG}rect")
     assert rect.get("stroke") == "#dc2626" and rect.get("stroke-width") == "2"
@@ -128,7 +106,7 @@ def test_schedule_chart_draws_every_action(pipelined, tmp_path):
     root = ET.fromstring(svg.read_text())
     texts = " ".join(t.text or "" for t in root.iter(f"{SVG}text"))
     assert "'1f1b'" in texts and "bubble 33.3%" in texts and "pp rank 1" in texts
-    split = fxpar.pipeline.stage_info(pipelined.graph_module)
+    split = fxpar.core.stages.stage_info(pipelined.graph_module)
     labels = [t.text for t in root.iter(f"{SVG}text") if (t.text or "").isdigit()]
     assert len(labels) >= 2 * split.num_stages * split.microbatches  # one per action, plus tick labels
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from fxpar.rules import P, R, OpInfo, S, Strategy, register
+from fxpar.rules.registry import OpInfo, P, R, S, Strategy, register
 
 aten = torch.ops.aten
 

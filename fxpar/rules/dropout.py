@@ -19,10 +19,10 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
-from fxpar.spec import set_info
-
-from fxpar.rules import P, R, OpInfo, S, Strategy, register
+from fxpar._torch.c10d import resolve_process_group
+from fxpar.core.spec import set_info
 from fxpar.rules.pointwise import pointwise_strategies
+from fxpar.rules.registry import OpInfo, P, R, S, Strategy, register
 
 aten = torch.ops.aten
 
@@ -30,7 +30,7 @@ aten = torch.ops.aten
 def _shard_index(group_names: str) -> int:
     index = 0
     for name in group_names.split(","):
-        group = torch.distributed.distributed_c10d._resolve_process_group(name)
+        group = resolve_process_group(name)
         index = index * group.size() + group.rank()
     return index
 

@@ -20,14 +20,15 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 
-from fxpar.errors import ShardingError
-from fxpar.rules import P, R, OpInfo, S, Strategy, register
+from fxpar._torch.c10d import resolve_process_group
+from fxpar.core.errors import ShardingError
+from fxpar.rules.registry import OpInfo, P, R, S, Strategy, register
 
 aten = torch.ops.aten
 
 
 def _range(weight: Tensor, group_name: str) -> tuple[int, int]:
-    rank = torch.distributed.distributed_c10d._resolve_process_group(group_name).rank()
+    rank = resolve_process_group(group_name).rank()
     rows = weight.size(0)
     return rank * rows, rows
 
@@ -55,7 +56,7 @@ def _vpe_setup(ctx, inputs, output):
 
 def _vpe_backward(ctx, grad):
     (indices,) = ctx.saved_tensors
-    rank = torch.distributed.distributed_c10d._resolve_process_group(ctx.group_name).rank()
+    rank = resolve_process_group(ctx.group_name).rank()
     start = rank * ctx.rows
     shifted = indices - start
     mask = (shifted >= 0) & (shifted < ctx.rows)

@@ -12,8 +12,11 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from fxpar.rules import P, R, OpInfo, S, Strategy, norm_dim, register
-from fxpar.spec import size_key
+from fxpar._torch.fx import wrap_set_grad_enabled, wrap_with_autocast
+from fxpar._torch.placements import StridedShard as _StridedShard
+from fxpar.core.spec import size_key
+from fxpar.rules.pointwise import pointwise_strategies
+from fxpar.rules.registry import OpInfo, P, R, S, Strategy, norm_dim, register
 
 aten = torch.ops.aten
 
@@ -99,7 +102,6 @@ def split(op: OpInfo, cur) -> list[Strategy]:
 
 
 def _is_strided(p, dim: int, sections: int) -> bool:
-    from torch.distributed.tensor.placement_types import _StridedShard
 
     return isinstance(p, _StridedShard) and p.dim == dim and p.split_factor == sections
 
@@ -157,16 +159,13 @@ def like_factory(op: OpInfo, cur) -> list[Strategy]:
 @register(aten.to.dtype_layout, aten.to.device, aten.to.prim_dtype)
 def convert(op: OpInfo, cur) -> list[Strategy]:
     """dtype / device conversions are elementwise and linear."""
-    from fxpar.rules.pointwise import pointwise_strategies
-
     return pointwise_strategies(op, cur, linear="unary")
 
 
 def _register_hops() -> None:
     # Higher-order ops whose bodies compute position tables (rotary cos/sin) from replicated inputs.
-    from torch._higher_order_ops import wrap
 
-    register(wrap.wrap_with_set_grad_enabled, wrap.wrap_with_autocast)(replicated_only)
+    register(wrap_set_grad_enabled, wrap_with_autocast)(replicated_only)
 
 
 _register_hops()

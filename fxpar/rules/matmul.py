@@ -17,9 +17,9 @@ the `split_linear_bias` pass turns those into linear + add first.
 from __future__ import annotations
 
 import torch
-from torch.distributed.tensor.placement_types import _StridedShard
 
-from fxpar.rules import P, R, OpInfo, S, Strategy, register
+from fxpar._torch.placements import StridedShard as _StridedShard
+from fxpar.rules.registry import OpInfo, P, R, S, Strategy, register
 
 aten = torch.ops.aten
 

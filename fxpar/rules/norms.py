@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fxpar.rules import R, OpInfo, S, Strategy, register
+from fxpar.rules.registry import OpInfo, R, S, Strategy, register
 
 aten = torch.ops.aten
 

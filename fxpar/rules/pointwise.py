@@ -19,8 +19,8 @@ import numbers
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from fxpar.rules import P, R, OpInfo, S, Strategy, register, tensor_args
-from fxpar.spec import shape_key
+from fxpar.core.spec import shape_key
+from fxpar.rules.registry import OpInfo, P, R, S, Strategy, register, tensor_args
 
 aten = torch.ops.aten
 

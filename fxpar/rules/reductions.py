@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fxpar.rules import P, R, OpInfo, S, Strategy, norm_dim, register
+from fxpar.rules.registry import OpInfo, P, R, S, Strategy, norm_dim, register
 
 aten = torch.ops.aten
 

@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.distributed.tensor.placement_types import _StridedShard
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from fxpar.rules import P, R, OpInfo, S, Strategy, norm_dim, register
-from fxpar.spec import TensorSpec, divides, shape_key
+from fxpar._torch.placements import StridedShard as _StridedShard
+from fxpar.core.spec import TensorSpec, divides, shape_key
+from fxpar.rules.registry import OpInfo, P, R, S, Strategy, norm_dim, register
 
 aten = torch.ops.aten
 

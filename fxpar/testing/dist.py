@@ -32,7 +32,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
-from torch.utils._pytree import tree_map
+
+from fxpar._torch.fx import tree_map
 
 __all__ = ["RankError", "RankPool", "rank_pool", "run_ranks"]
 

@@ -33,221 +33,50 @@ Cost, measured on the 2-core development box: a 2-block MLP on tp=4 verifies
 (outputs and every gradient, all ranks) in about 30 ms once compiled;
 compiling is capture once (about 70 ms for an MLP, about 1 s for GPT-2) plus
 the passes per rank. Each rank thread runs under a dispatch mode, which costs
-about 5x on small ops; a dispatch point in fxpar.collectives would remove it.
+about 5x on small ops; a dispatch point in fxpar.ops.collectives would remove it.
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import math
 import threading
 import time
-import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
-from torch._C._distributed_c10d import _register_process_group, _unregister_process_group
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from fxpar.errors import GraphInvariantError
-from fxpar.mesh import MeshInfo
+from fxpar._torch import c10d as torch_c10d
+from fxpar.analysis.module_checks import check_ranks
+from fxpar.capture import capture
+from fxpar.compiler import compile_model
+from fxpar.core.errors import GraphInvariantError, PlanError
+from fxpar.core.mesh import MeshInfo
+from fxpar.core.plan import as_plan
 from fxpar.testing.dist import RankError
+from fxpar.testing.sim_group import (
+    SimProcessGroup,
+    _Aborted,
+    _compute,
+    _describe,
+    _Group,
+    _SimMode,
+    _Slot,
+    _tls,
+    current_rank,
+)
+from fxpar.verify import verify
 
 __all__ = ["SimWorld", "SimProcessGroup", "SimDeviceMesh", "sim_world", "simulate_parallelize", "check_equivalence"]
 
 log = logging.getLogger(__name__)
 
-_c10d = torch.ops._c10d_functional
-_tls = threading.local()
+_c10d = torch_c10d.functional
 _world_ids = itertools.count()
 
 POLL_SECONDS = 0.2  # how often a waiting rank re-checks for a deadlock it may have missed
-
-
-def current_rank() -> int:
-    """The global rank of the simulated rank running in this thread."""
-    rank = getattr(_tls, "rank", None)
-    if rank is None:
-        raise RuntimeError("not inside a simulated rank: call this from a function run by SimWorld.run")
-    return rank
-
-
-def _done(result):
-    from torch._C._distributed_c10d import _create_work_from_future
-    from torch.futures import Future
-
-    fut = Future()
-    fut.set_result(result)
-    return _create_work_from_future(fut)
-
-
-_REDUCE_OPS = {dist.ReduceOp.SUM: "sum", dist.ReduceOp.AVG: "avg", dist.ReduceOp.MAX: "max",
-               dist.ReduceOp.MIN: "min", dist.ReduceOp.PRODUCT: "product"}
-
-
-class _Aborted(Exception):
-    """Raised in a waiting rank when another rank failed; the driver reports the original failure."""
-
-
-class SimProcessGroup(dist.ProcessGroup):
-    """One simulated process group, shared by all its member threads.
-
-    Only rank and size queries go through it (fxpar's kernels ask the group
-    for the caller's index); collectives are caught one level lower, at the
-    `_c10d_functional` ops, by the rank thread's dispatch mode.
-    """
-
-    def __init__(self, name: str, ranks: Sequence[int]) -> None:
-        super().__init__(0, len(ranks))
-        self._name = name
-        self._ranks = tuple(ranks)
-
-    def rank(self) -> int:  # called from Python (fxpar.collectives._group_rank)
-        return self._ranks.index(current_rank())
-
-    def getRank(self) -> int:  # called from C++ through the pybind trampoline
-        return self.rank()
-
-    def size(self) -> int:
-        return len(self._ranks)
-
-    def getSize(self) -> int:
-        return len(self._ranks)
-
-    def getBackendName(self) -> str:
-        return "fxsim"
-
-    # The process-group API (dist.all_reduce(t, group=pg), ...) reaches these overrides through the
-    # pybind trampoline; they meet the functional collectives in the same per-group sequence.
-
-    def allreduce(self, tensors, opts=None):
-        red = getattr(opts.reduceOp, "op", opts.reduceOp) if opts is not None else dist.ReduceOp.SUM
-        op = next((name for k, name in _REDUCE_OPS.items() if red == k), None)
-        if op is None:
-            raise NotImplementedError(f"the simulated process group reduces with {sorted(_REDUCE_OPS.values())}, "
-                                      f"not {opts.reduceOp}; run this on real ranks (fxpar.testing.rank_pool)")
-        for t in tensors:
-            t.copy_(_tls.world._collective(self._name, "all_reduce", t, (op,)))
-        return _done(tensors)
-
-    def broadcast(self, tensors, opts=None):
-        src = opts.rootRank if opts is not None else 0
-        for t in tensors:
-            t.copy_(_tls.world._collective(self._name, "broadcast", t, (src,)))
-        return _done(tensors)
-
-    def allgather(self, output_lists, inputs, opts=None):
-        for outs, t in zip(output_lists, inputs):
-            full = _tls.world._collective(self._name, "all_gather_into_tensor", t.unsqueeze(0), ())
-            for o, piece in zip(outs, full.unbind(0)):
-                o.copy_(piece)
-        return _done(output_lists)
-
-    def barrier(self, opts=None):
-        _tls.world._collective(self._name, "all_reduce", torch.zeros(1), ("sum",))
-        return _done([])
-
-    @property
-    def group_name(self) -> str:
-        return self._name
-
-    def __repr__(self) -> str:
-        return f"SimProcessGroup({self._name!r}, ranks={list(self._ranks)})"
-
-
-@dataclass
-class _Slot:
-    """One collective call of a group, filled as its members arrive."""
-
-    n: int
-    calls: dict[int, tuple] = field(default_factory=dict)  # member index -> (op, signature, tensor)
-    results: list | None = None
-    error: str | None = None
-    taken: int = 0
-
-    @property
-    def complete(self) -> bool:
-        return self.results is not None or self.error is not None
-
-
-@dataclass
-class _Group:
-    name: str
-    dim: str
-    ranks: tuple[int, ...]
-    next_seq: list[int]
-    slots: dict[int, _Slot] = field(default_factory=dict)
-
-
-def _describe(op: str, sig: tuple) -> str:
-    shape, dtype, extra = sig
-    more = "".join(f", {e}" for e in extra)
-    return f"{op}({list(shape)}, {str(dtype).replace('torch.', '')}{more})"
-
-
-def _compute(op: str, inputs: list[torch.Tensor], extra: tuple) -> list[torch.Tensor]:
-    """The result every member gets, from the tensors all members brought (in group order)."""
-    n = len(inputs)
-    if op == "all_reduce":
-        (reduce_op,) = extra
-        stacked = torch.stack(inputs)
-        if reduce_op in ("sum", "avg"):
-            out = stacked.sum(0)
-            if reduce_op == "avg":
-                out = out / n
-        elif reduce_op in ("max", "min", "product"):
-            out = {"max": stacked.amax, "min": stacked.amin, "product": stacked.prod}[reduce_op](0)
-        else:
-            raise NotImplementedError(f"simulated all_reduce with reduce op {reduce_op!r}")
-        return [out.clone() for _ in range(n)]
-    if op == "all_gather_into_tensor":
-        out = torch.cat(inputs, dim=0)
-        return [out.clone() for _ in range(n)]
-    if op == "reduce_scatter_tensor":
-        reduce_op, _ = extra
-        total = torch.stack(inputs).sum(0)
-        if reduce_op == "avg":
-            total = total / n
-        elif reduce_op != "sum":
-            raise NotImplementedError(f"simulated reduce_scatter with reduce op {reduce_op!r}")
-        return [c.clone() for c in total.chunk(n, dim=0)]
-    if op == "all_to_all_single":
-        out_splits, in_splits = extra
-        pieces = [list(x.split(list(s) if s else [x.size(0) // n] * n, dim=0)) for x, s in zip(inputs, in_splits)]
-        return [torch.cat([pieces[src][dst] for src in range(n)], dim=0) for dst in range(n)]
-    if op == "broadcast":
-        (src,) = extra
-        return [inputs[src].clone() for _ in range(n)]
-    raise NotImplementedError(f"simulated collective {op!r}")
-
-
-class _SimMode(TorchDispatchMode):
-    """Catches the functional collectives of one rank thread and sends them to its world."""
-
-    def __init__(self, world: "SimWorld") -> None:
-        super().__init__()
-        self.world = world
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        ns = func.namespace
-        if ns == "_c10d_functional":
-            return self.world._functional(func, args, kwargs)
-        if ns == "fxpar":
-            # The mode is off while this handler runs; fxpar's kernels call functional collectives,
-            # so run the kernel with the mode back on.
-            with self:
-                return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
-        if ns == "c10d":
-            raise NotImplementedError(
-                f"{func} talks to a process-group object; the simulator only carries functional collectives "
-                "(use fxpar.testing.rank_pool for point-to-point and pipeline runs)")
-        return func(*args, **kwargs)
 
 
 class SimWorld:
@@ -287,7 +116,7 @@ class SimWorld:
                 gname = f"fxsim{self._id}/{name}/{k}"
                 self._groups[gname] = _Group(gname, name, tuple(ranks), [0] * len(ranks))
                 pg = SimProcessGroup(gname, ranks)
-                _register_process_group(gname, pg)
+                torch_c10d.register_process_group(gname, pg)
                 self._pgs.append(pg)
                 for r in ranks:
                     self._group_of[(r, m)] = gname
@@ -502,7 +331,7 @@ class SimWorld:
             slot.error = (f"collective #{seq} on group {g.name!r} (mesh dim '{g.dim}') differs across its ranks:\n"
                           + "\n".join(lines)
                           + "\nthe ranks' graphs issue different collectives here; compare their collective "
-                            "schedules with fxpar.invariants.check_ranks")
+                            "schedules with fxpar.analysis.invariants.check_ranks")
             return
         op = calls[0][0]
         extra = calls[0][3]
@@ -544,7 +373,7 @@ class SimWorld:
         self._closed = True
         for name in self._groups:
             try:
-                _unregister_process_group(name)
+                torch_c10d.unregister_process_group(name)
             except Exception:  # noqa: BLE001 - already gone is fine
                 log.debug("could not unregister %s", name, exc_info=True)
 
@@ -608,9 +437,8 @@ def simulate_parallelize(model: nn.Module, world: SimWorld, *, example_inputs: t
                          reshard_after_forward: bool = True) -> list:
     """`fxpar.parallelize` for every rank of a simulated mesh, in this thread.
 
-    Mirrors `fxpar.api.compile_model` step for step (tests/test_property_oracle.py
-    checks that the graphs are the same as `parallelize` on a `SimDeviceMesh`
-    makes them) except that capture runs once for all ranks: capture is
+    Runs `fxpar.compiler.compile_model` for every rank (the same path as
+    `parallelize`), with capture run once for all ranks: capture is
     deterministic, and it is most of the compile time.
 
     Returns:
@@ -621,48 +449,21 @@ def simulate_parallelize(model: nn.Module, world: SimWorld, *, example_inputs: t
         PlanError: for pipelines (a pp dim > 1 or a plan with pp), which need
             real ranks (`fxpar.testing.rank_pool`); and as parallelize raises.
     """
-    from fxpar.api import _check_mesh, default_passes
-    from fxpar.capture import capture
-    from fxpar.errors import PlanError
-    from fxpar.pass_manager import PassContext, PassManager
-    from fxpar.plan import as_plan
-    from fxpar.runtime import ParallelModule
-
-    if not isinstance(example_inputs, tuple):
-        example_inputs = (example_inputs,)
     plan = as_plan(plan)
-    _check_mesh(world.mesh_info(0), plan)
     if dict(zip(world.names, world.sizes)).get("pp", 1) > 1 or getattr(plan, "pp", None) is not None \
             or getattr(plan, "schedule", None) is not None:
         raise PlanError("the simulator runs tp / dp / fsdp meshes; pipelines (pp) need real ranks: "
                         "use fxpar.testing.rank_pool")
-    try:  # as compile_model: a saved plan must fit the model, and the graph remembers the model's structure
-        from fxpar.plan_io import MODEL_KEY, ModelFingerprint, check_plan_fits
-    except ImportError:  # plan files not in this version
-        MODEL_KEY = None
-    else:
-        check_plan_fits(plan, model, world.mesh_info(0))
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
     captured = capture(model, example_inputs, example_kwargs)
-    if MODEL_KEY is not None:
-        captured.meta[MODEL_KEY] = ModelFingerprint.of(model)
-    pms = []
-    for rank in range(world.world_size):
-        mesh_info = world.mesh_info(rank)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # pytree's LeafSpec deprecation, from deepcopy
-            gm = copy.deepcopy(captured)
-        mesh = SimDeviceMesh(world, rank)
-        ctx = PassContext(mesh=mesh_info, plan=plan, device_mesh=mesh,
-                          options={"input_layout": input_layout, "pp": None})
-        # Every pass's checks on rank 0; the other ranks' finished graphs are checked by check_ranks
-        # (the graphs differ only in parameter shards and coordinates), which halves compile time.
-        manager = PassManager(passes if passes is not None else default_passes(plan),
-                              check=check if rank == 0 or check is not None else False)
-        gm = manager.run(gm, ctx)
-        pms.append(ParallelModule(gm, mesh=mesh, mesh_info=mesh_info, plan=plan, history=manager.history,
-                                  example_args=example_inputs, example_kwargs=example_kwargs,
-                                  input_layout=input_layout, reshard_after_forward=reshard_after_forward))
-    return pms
+    # Every pass's checks on rank 0; the other ranks' finished graphs are checked by check_ranks
+    # (the graphs differ only in parameter shards and coordinates), which halves compile time.
+    return [compile_model(model, SimDeviceMesh(world, rank), world.mesh_info(rank), example_inputs=example_inputs,
+                          example_kwargs=example_kwargs, plan=plan, passes=passes, input_layout=input_layout,
+                          reshard_after_forward=reshard_after_forward,
+                          check=check if rank == 0 or check is not None else False, captured=captured)
+            for rank in range(world.world_size)]
 
 
 def check_equivalence(model: nn.Module, mesh: Mapping[str, int], *inputs: Any, plan: Any = None,
@@ -676,7 +477,7 @@ def check_equivalence(model: nn.Module, mesh: Mapping[str, int], *inputs: Any, p
         inputs: full example inputs (also the inputs compared).
         plan, passes: as for `fxpar.parallelize`.
         target, loss_fn: with both, gradients are compared too.
-        static: run `fxpar.invariants.check_ranks` on all ranks first.
+        static: run `fxpar.analysis.invariants.check_ranks` on all ranks first.
         world: a SimWorld to reuse (default: the shared one for this mesh).
         verify_kwargs: passed to `fxpar.verify` (rtol, atol, optimizer, bisect, ...).
 
@@ -687,9 +488,6 @@ def check_equivalence(model: nn.Module, mesh: Mapping[str, int], *inputs: Any, p
         ShardingError, PlanError: from compiling, as `parallelize` raises them.
         GraphInvariantError: from the static checks or the simulated collectives.
     """
-    from fxpar.invariants import check_ranks
-    from fxpar.verify import verify
-
     world = world or sim_world(mesh)
     pms = world.parallelize(model, example_inputs=tuple(inputs), plan=plan, passes=passes)
     if static:

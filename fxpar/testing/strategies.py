@@ -21,7 +21,7 @@ pp meshes need real ranks (tests/test_property_gloo.py runs them there).
                  SDPA or eager (matmul, softmax); causal or not
 
 What is drawn follows what fxpar supports, so the suite grows as features
-land: mesh dims are drawn only from `fxpar.api._SUPPORTED_DIMS` (1-D to 3-D
+land: mesh dims are drawn only from `fxpar.compiler.compile._SUPPORTED_DIMS` (1-D to 3-D
 meshes), minus pairs not supported together yet (`_NOT_TOGETHER`: pp with
 dp or fsdp), and a block kind is drawn only if the ops it lowers to have
 sharding rules (`capabilities()`, which reads `fxpar.rules.has_rule`). A test
@@ -42,6 +42,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import strategies as st
+
+import fxpar
+from fxpar.compiler.compile import _SUPPORTED_DIMS
+from fxpar.rules import has_rule
+from fxpar.testing.simulate import check_equivalence, sim_world
 
 __all__ = [
     "capabilities",
@@ -88,9 +93,6 @@ SIM_DIMS = ("tp", "dp", "fsdp")
 
 def capabilities() -> frozenset[str]:
     """What fxpar supports now: 'mesh:<dim>' for each parallelized mesh dim, and block kinds with rules."""
-    from fxpar.api import _SUPPORTED_DIMS
-    from fxpar.rules import has_rule
-
     caps = {f"mesh:{d}" for d in _SUPPORTED_DIMS}
     caps |= {kind for kind, ops in _BLOCK_OPS.items() if all(has_rule(op) for op in ops)}
     return frozenset(caps)
@@ -204,8 +206,6 @@ class Case:
 
     def fxpar_plan(self):
         """The plan as `fxpar.parallelize` takes it."""
-        import fxpar
-
         pp = [f"blocks.{i}" for i in self.pp_cuts] or None
         if self.plan is None:
             return fxpar.Plan(pp=pp, auto_tp=True) if pp else None
@@ -547,9 +547,6 @@ def check_case(case: Case, *, passes: list | None = None, rtol: float = 1e-10, s
     Raises:
         AssertionError: naming the case and what differed.
     """
-    import fxpar
-    from fxpar.testing.simulate import check_equivalence, sim_world
-
     model = build_model(case.model, seed=case.seed)
     x, target = make_inputs(case)
     world = world or sim_world(case.mesh_dict)

@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 
 import fxpar
-from fxpar.spec import get_info, set_info
+from fxpar.core.spec import get_info, set_info
 from torch.distributed.tensor.placement_types import Partial
 from zoo import MEGATRON, Stack, compiled, fxpar_ops, nodes, recompile
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fxpar
-from fxpar.spec import get_info
+from fxpar.core.spec import get_info
 from zoo import MEGATRON, Stack, aten, compiled, copy_info, fxpar_ops, mse, node, nodes, recompile
 
 

@@ -9,7 +9,7 @@ one rank's stages in swapped order, or posts its sends in another order than
 the peer posts the recvs. All are caught statically from one rank's (here a
 dry run's) module: the first two by the stage checks, the others by deriving
 every pp rank's sends and recvs from torch's schedule IR and simulating them
-(`fxpar.p2p_check`).
+(`fxpar.analysis.p2p_check`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import torch.nn as nn
 from torch.distributed.pipelining.schedules import _Action, _ComputationType
 
 import fxpar
-from fxpar.dryrun import schedule_order
-from fxpar.p2p_check import P2POp, check_p2p, p2p_from_order, p2p_schedule, simulate_p2p
-from fxpar.spec import get_info, set_info
+from fxpar.analysis.schedule import schedule_order
+from fxpar.analysis.p2p_check import P2POp, check_p2p, p2p_from_order, p2p_schedule, simulate_p2p
+from fxpar.core.spec import get_info, set_info
 from zoo import Block, Stack
 
 F, B = _ComputationType.FORWARD, _ComputationType.FULL_BACKWARD

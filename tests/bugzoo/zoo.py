@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxpar.spec import get_info, set_info
+from fxpar.core.spec import get_info, set_info
 from fxpar.testing.simulate import SimWorld
 
 fxpar_ops = torch.ops.fxpar

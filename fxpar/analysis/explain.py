@@ -1,0 +1,245 @@
+"""explain(): a ParallelModule described for people.
+
+Sections: the plan per module (styles and parameter placements), every
+collective (op, mesh dim, group size, module, payload bytes per step forward
+and of its backward dual, at the example inputs' sizes), parameter memory per
+rank, every fallback, and for pipelines the stages (`fxpar.analysis.schedule.explain_stages`).
+A pipelined module reports the stages this rank runs. Payload bytes are the bytes of the tensor each rank
+puts into the collective; for ring algorithms on n ranks the traffic per rank
+is 2(n-1)/n of that for all_reduce and (n-1)/n for gathers and scatters.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import sympy
+import torch
+import torch.fx as fx
+
+from fxpar._torch.fx import pytree
+from fxpar.analysis.fsdp import bucket_groups
+from fxpar.analysis.memory import grad_sync_lines, memory_lines, memory_per_rank
+from fxpar.analysis.schedule import explain_stages, pipeline_order_of
+from fxpar.core.errors import block_of
+from fxpar.core.fmt import fmt_bytes
+from fxpar.core.spec import SIZE_BINDINGS, TensorSpec, get_info, placements_str
+from fxpar.core.stages import stage_info
+from fxpar.ops.collectives import BACKWARD_OF, COLLECTIVE_OPS, collective_args
+
+__all__ = ["CollectiveInfo", "collectives", "param_memory", "explain"]
+
+
+@dataclass(frozen=True)
+class CollectiveInfo:
+    """One collective node of a rewritten graph, as explain() reports it."""
+
+    node: str
+    op: str
+    mesh_dim: str
+    group_size: int
+    module: str
+    forward_bytes: int
+    backward_op: str | None
+    backward_bytes: int
+
+
+def _payload(op: str, spec: TensorSpec, n: int) -> int:
+    """Bytes each rank puts into `op` whose *output* has `spec`."""
+    local = spec.nbytes(local=True)
+    if op == "all_gather":
+        return local // n
+    if op == "reduce_scatter":
+        return local * n
+    return local
+
+
+def collectives(gm: fx.GraphModule, mesh) -> list[CollectiveInfo]:
+    """Every fxpar collective in graph order, with bytes per step at the example sizes."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in COLLECTIVE_OPS:
+            continue
+        op = COLLECTIVE_OPS[node.target]
+        args = collective_args(node)
+        info = get_info(node)
+        n = mesh.size(args["mesh_dim"])
+        spec = info.spec
+        fwd = 0 if op in ("shard", "grad_all_reduce") else _payload(op, spec, n or 1)
+        # integer values (ids, masks) carry no gradient: their duals never run
+        bwd_op = BACKWARD_OF[op] if spec.dtype.is_floating_point else None
+        # The backward op carries the gradient of this node's output (for shard / reduce_scatter:
+        # the gathered gradient's local input is this node's local output).
+        bwd = spec.nbytes(local=True) if bwd_op else 0
+        out.append(CollectiveInfo(node.name, op, args["mesh_dim"], n, info.module_fqn, fwd, bwd_op, bwd))
+    return out
+
+
+def param_memory(gm: fx.GraphModule) -> tuple[int, int]:
+    """(full bytes of all parameters, bytes this rank holds), tied tensors counted once."""
+    full = local = 0
+    seen = set()
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or id(node) in seen:
+            continue
+        info = get_info(node)
+        if info is None or not isinstance(info.spec, TensorSpec) or info.role != "param":
+            continue
+        seen.add(id(node))
+        full += info.spec.nbytes()
+        local += info.spec.nbytes(local=True)
+    return full, local
+
+
+def _graphs(pm) -> list[fx.GraphModule]:
+    """The graphs this rank runs: its pipeline stages, or its one graph."""
+    stages = getattr(pm, "stage_modules", None)
+    return list(stages) if stages else [pm.graph_module]
+
+
+def _model_memory(pm) -> tuple[int, int]:
+    """(full bytes of the model's parameters, bytes this rank holds), each tensor counted once."""
+    split = stage_info(pm.graph_module)
+    if split is None:
+        return param_memory(pm.graph_module)
+    local_stages = set(split.local_stages)
+    full = local = 0
+    seen_full: set[str] = set()
+    seen_local: set[str] = set()
+    for k in range(split.num_stages):
+        for node in pm.graph_module.get_submodule(f"stage_{k}").graph.nodes:
+            info = get_info(node)
+            if node.op != "get_attr" or info is None or not isinstance(info.spec, TensorSpec) or info.role != "param":
+                continue
+            if node.target not in seen_full:
+                seen_full.add(node.target)
+                full += info.spec.nbytes()
+            if k in local_stages and node.target not in seen_local:
+                seen_local.add(node.target)
+                local += info.spec.nbytes(local=True)
+    return full, local
+
+
+def _bindings(gm: fx.GraphModule, args: tuple, kwargs: dict) -> dict:
+    """Symbol -> size, from the shapes of inputs given to explain() (placeholders in pytree order)."""
+
+    leaves = pytree.tree_leaves((args, kwargs))
+    out = {}
+    for node, value in zip((n for n in gm.graph.nodes if n.op == "placeholder"), leaves):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and isinstance(value, torch.Tensor):
+            for s, v in zip(val.shape, value.shape):
+                if isinstance(s, torch.SymInt) and s.node.expr.is_symbol:
+                    out[s.node.expr] = sympy.Integer(int(v))
+    return out
+
+
+
+
+def _per_block(colls: list[CollectiveInfo]) -> list[str]:
+    """Collectives grouped by repeated block (the module FQN up to its first index: layers.3, h.11)."""
+    blocks: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    order: list[str] = []
+    for c in colls:
+        block = block_of(c.module) or c.module or "<root>"
+        if block not in blocks:
+            order.append(block)
+        if c.forward_bytes:
+            blocks[block][f"fwd {c.op}"][0] += 1
+            blocks[block][f"fwd {c.op}"][1] += c.forward_bytes
+        if c.backward_op:
+            blocks[block][f"bwd {c.backward_op}"][0] += 1
+            blocks[block][f"bwd {c.backward_op}"][1] += c.backward_bytes
+    lines = []
+    for block in order:
+        parts = [f"{k} x{n} {fmt_bytes(b)}" for k, (n, b) in sorted(blocks[block].items())]
+        lines.append(f"  {block}: " + ("; ".join(parts) if parts else "none"))
+    return lines
+
+
+def _fsdp_unit_lines(graphs: list[fx.GraphModule]) -> list[str]:
+    """How the FSDP gathers communicate: one collective per block (fxpar.runtime.fsdp_buckets), or per parameter."""
+    groups = bucket_groups(graphs)
+    params, units = sum(len(members) for _, members in groups), len(groups)
+    if not params:
+        return []
+    return [f"FSDP: {params} parameter gathers run as {units} collective{'s' if units > 1 else ''} each way "
+            f"(one per block, fxpar.runtime.fsdp_buckets; fsdp_unit='param' for one per parameter)"
+            if units < params else f"FSDP: {params} parameter gathers, one collective each way per parameter"]
+
+
+def explain(pm, *inputs, **kwargs) -> str:
+    """The report behind `ParallelModule.explain()`; with inputs, bytes are for their sizes."""
+    if inputs or kwargs:
+        token = SIZE_BINDINGS.set(_bindings(pm.graph_module, inputs, kwargs))
+        try:
+            return explain(pm)
+        finally:
+            SIZE_BINDINGS.reset(token)
+    gm = pm.graph_module
+    graphs = _graphs(pm)
+    mesh = pm.mesh_info
+    lines = [f"fxpar plan for {gm.meta['fxpar'].model_class} on mesh {mesh}"]
+
+    lines.append("")
+    lines.append("Parameters (module: style; tensor placements local shape):")
+    by_module: dict[str, list[str]] = defaultdict(list)
+    styles: dict[str, str] = {}
+    for node in (n for g in graphs for n in g.graph.nodes):
+        info = get_info(node)
+        if node.op == "get_attr" and info is not None and isinstance(info.spec, TensorSpec) and node.users:
+            name = str(node.target).rpartition(".")[2]
+            by_module[info.module_fqn].append(
+                f"{name} {placements_str(info.spec.placements)} {list(info.spec.local_shape)}")
+            styles[info.module_fqn] = info.style or "replicate (default)"
+    for module in sorted(by_module):
+        lines.append(f"  {module or '<root>'}: {styles[module]}; " + ", ".join(by_module[module]))
+
+    colls = [c for g in graphs for c in collectives(g, mesh)]
+    lines.append("")
+    lines.append(f"Collectives ({len(colls)} nodes; bytes are each rank's payload per step at the example sizes):")
+    fwd_total = bwd_total = 0
+    for c in colls:
+        fwd = f"fwd {c.op}({c.mesh_dim}, n={c.group_size}) {fmt_bytes(c.forward_bytes)}" if c.forward_bytes \
+            else f"fwd {c.op} (no communication)"
+        bwd = f"bwd {c.backward_op} {fmt_bytes(c.backward_bytes)}" if c.backward_op else "bwd none"
+        lines.append(f"  %{c.node} [{c.module or '<root>'}]: {fwd}; {bwd}")
+        fwd_total += c.forward_bytes
+        bwd_total += c.backward_bytes
+    counts = defaultdict(int)
+    for c in colls:
+        if c.forward_bytes:
+            counts[f"fwd {c.op}"] += 1
+        if c.backward_op:
+            counts[f"bwd {c.backward_op}"] += 1
+    lines.append(f"  total: forward {fmt_bytes(fwd_total)}, backward {fmt_bytes(bwd_total)}; "
+                 + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    lines.append("")
+    lines.append("Collectives per block (count and payload per step):")
+    lines.extend(_per_block(colls))
+
+    full, local = _model_memory(pm)
+    lines.append("")
+    ratio = local / full if full else 1.0
+    lines.append(f"Parameter memory per rank: {fmt_bytes(local)} of {fmt_bytes(full)} total ({ratio:.3f} of the model)")
+    lines.extend(memory_lines(memory_per_rank(pm)))
+    lines.extend(grad_sync_lines(pm))
+    lines.extend(_fsdp_unit_lines(graphs))
+
+    fallbacks = [(n, get_info(n)) for g in graphs for n in g.graph.nodes
+                 if get_info(n) is not None and get_info(n).fallback]
+    lines.append("")
+    lines.append(f"Fallbacks (ops without a sharding rule, run replicated): {len(fallbacks)}")
+    for n, info in fallbacks:
+        lines.append(f"  %{n.name} {n.target} in '{info.module_fqn or '<root>'}'")
+
+    split = stage_info(gm)
+    if split is not None:
+        lines.append("")
+        lines.extend(explain_stages(split, pipeline_order=pipeline_order_of(pm)))
+
+    if pm.history:
+        lines.append("")
+        lines.append("Passes: " + ", ".join(f"{r.name} {r.seconds * 1e3:.1f} ms" for r in pm.history))
+    return "\n".join(lines)

@@ -1,0 +1,217 @@
+"""Collective-order fingerprints: ranks that would diverge fail at once, naming the collective.
+
+Two ranks of a group that issue different collectives hang (different ops or
+shapes) or, worse, silently combine unrelated tensors (the same op and shape
+in a different order). Every rank's graph fixes its collectives' order, so
+the order can be compared before anything runs:
+
+    schedule(rank, group) = [CollectiveSig(direction, op, mesh dim, local shape, dtype, node), ...]
+                            for the collectives on that group's mesh dim, forward in graph
+                            order, then the communicating backward duals in reverse order
+    fingerprint           = (len(schedule), blake2b(schedule))
+
+`exchange` runs on a ParallelModule's first forward: one all_gather of the
+16-byte fingerprint per mesh dim. Only when fingerprints differ do two more
+all_gathers follow (every entry's hash, then the text of the first differing
+entry on each rank), and every rank raises the same GraphInvariantError
+naming the first differing collective as each rank has it. All ranks of a
+group take the same branches, so the exchange itself cannot hang.
+
+`collective_schedule` and `first_difference` also serve the static
+cross-rank check (`fxpar.analysis.invariants.check_ranks`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from fxpar._torch.c10d import functional, resolve_process_group
+from fxpar.core.errors import GraphInvariantError
+from fxpar.core.mesh import MeshInfo
+from fxpar.core.spec import TensorSpec, get_info
+from fxpar.ops.collectives import BACKWARD_OF, COLLECTIVE_OPS, collective_args
+
+__all__ = ["CollectiveSig", "collective_schedule", "schedule_fingerprint", "first_difference", "exchange"]
+
+log = logging.getLogger(__name__)
+
+_c10d = functional
+_TEXT_BYTES = 512  # bytes of the description each rank sends when schedules differ
+
+# Ops that communicate in the forward (shard slices locally, grad_all_reduce is the identity).
+_FORWARD_COMMUNICATES = {"all_reduce", "all_gather", "reduce_scatter", "all_to_all"}
+
+
+@dataclass(frozen=True)
+class CollectiveSig:
+    """One communication a rank will issue, as the fingerprint sees it.
+
+    Attributes:
+        direction: 'forward', or 'backward' for a collective's dual.
+        op: the communication that runs (all_reduce, all_gather, reduce_scatter, all_to_all).
+        mesh_dim: the mesh dim (its group).
+        group: this rank's group name for that dim.
+        shape: the local shape of the tensor going in (symbolic sizes as their expressions).
+        dtype: its dtype.
+        node: the graph node that issues it (or whose backward does).
+        module: the user module that node belongs to.
+    """
+
+    direction: str
+    op: str
+    mesh_dim: str
+    group: str
+    shape: tuple[str, ...]
+    dtype: str
+    node: str
+    module: str
+
+    def key(self) -> tuple:
+        """What must agree across the ranks of a group (the group name is per rank, so left out)."""
+        return (self.direction, self.op, self.mesh_dim, self.shape, self.dtype, self.node)
+
+    def __str__(self) -> str:
+        where = f" in '{self.module}'" if self.module else ""
+        return (f"{self.direction} {self.op}({self.mesh_dim}) [{', '.join(self.shape)}] {self.dtype} "
+                f"at %{self.node}{where}")
+
+
+def _shape(shape) -> tuple[str, ...]:
+    return tuple(str(s) for s in shape)
+
+
+def collective_schedule(gm: fx.GraphModule, mesh: MeshInfo) -> list[CollectiveSig]:
+    """The communications `gm` issues on every mesh dim, forward then backward duals.
+
+    Args:
+        gm: a rewritten graph module.
+        mesh: the mesh it was compiled for (group names are read from the nodes).
+
+    Returns:
+        Forward collectives in graph order, then the duals that communicate in
+        reverse graph order.
+    """
+    forward, backward = [], []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in COLLECTIVE_OPS:
+            continue
+        op = COLLECTIVE_OPS[node.target]
+        args = collective_args(node)
+        info = get_info(node)
+        out_spec = info.spec if info is not None and isinstance(info.spec, TensorSpec) else None
+        src = get_info(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        in_spec = src.spec if src is not None and isinstance(src.spec, TensorSpec) else None
+        module = info.module_fqn if info is not None else ""
+        dtype = str((out_spec or in_spec).dtype).replace("torch.", "") if (out_spec or in_spec) else "?"
+        common = dict(mesh_dim=args["mesh_dim"], group=args["group_name"], dtype=dtype, node=node.name,
+                      module=module)
+        if op in _FORWARD_COMMUNICATES:
+            forward.append(CollectiveSig("forward", op, shape=_shape(in_spec.local_shape if in_spec else ()),
+                                         **common))
+        dual = BACKWARD_OF.get(op)
+        if dual is not None:
+            # The dual's input is the gradient of this node's output.
+            backward.append(CollectiveSig("backward", dual, shape=_shape(out_spec.local_shape if out_spec else ()),
+                                          **common))
+    return forward + backward[::-1]
+
+
+def _entry_hash(sig: CollectiveSig) -> int:
+    digest = hashlib.blake2b(repr(sig.key()).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def schedule_fingerprint(sigs: list[CollectiveSig]) -> tuple[int, int]:
+    """(number of collectives, 64-bit hash of their keys in order)."""
+    h = hashlib.blake2b(digest_size=8)
+    for s in sigs:
+        h.update(repr(s.key()).encode())
+        h.update(b"\0")
+    return len(sigs), int.from_bytes(h.digest(), "little", signed=True)
+
+
+def first_difference(a: list[CollectiveSig], b: list[CollectiveSig]):
+    """(index, a's entry, b's entry) of the first position where two schedules differ, or None."""
+    for i in range(max(len(a), len(b))):
+        x = a[i] if i < len(a) else None
+        y = b[i] if i < len(b) else None
+        if x is None or y is None or x.key() != y.key():
+            return i, x, y
+    return None
+
+
+def _device(gm: fx.GraphModule) -> torch.device:
+    for t in gm.parameters():
+        return t.device
+    for t in gm.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _gather(t: torch.Tensor, n: int, group: str) -> torch.Tensor:
+    out = _c10d.wait_tensor(_c10d.all_gather_into_tensor(t.contiguous(), n, group))
+    return out.view(n, *t.shape)
+
+
+def _exchangeable(group: str) -> bool:
+    """False for groups whose collectives carry no data (torch's fake backend) or that do not exist."""
+    try:
+        pg = resolve_process_group(group)
+    except Exception:  # noqa: BLE001 - no such group: a dry run
+        return False
+    try:
+        backend = pg.name()
+    except Exception:  # noqa: BLE001 - Python process groups may not implement name()
+        backend = pg.getBackendName()
+    return backend != "fake"
+
+
+def exchange(gm: fx.GraphModule, mesh: MeshInfo) -> None:
+    """Compares this rank's collective schedule with its groups' other ranks (a few small all_gathers).
+
+    Call it on every rank at the same point (the runtime does, on a
+    ParallelModule's first forward). Dry runs and torch's fake backend are
+    skipped.
+
+    Raises:
+        GraphInvariantError: on every rank of a group whose schedules differ,
+            naming the first differing collective as each rank has it.
+    """
+    if mesh.group_names is None:
+        return
+    sigs = collective_schedule(gm, mesh)
+    device = _device(gm)
+    for m, (dim, n) in enumerate(zip(mesh.names, mesh.sizes)):
+        group = mesh.group_names[m]
+        if n == 1 or not _exchangeable(group):
+            continue
+        mine = [s for s in sigs if s.mesh_dim == dim]
+        count, digest = schedule_fingerprint(mine)
+        prints = _gather(torch.tensor([count, digest], dtype=torch.int64, device=device), n, group)
+        if bool((prints == prints[0]).all()):
+            continue
+        longest = int(prints[:, 0].max())
+        hashes = torch.full((max(longest, 1),), -1, dtype=torch.int64)
+        hashes[:len(mine)] = torch.tensor([_entry_hash(s) for s in mine], dtype=torch.int64)
+        table = _gather(hashes.to(device), n, group)
+        differs = (table != table[0]).any(dim=0).nonzero()
+        i = int(differs[0]) if differs.numel() else longest
+        what = str(mine[i]) if i < len(mine) else f"(nothing: this rank has only {len(mine)} collectives on {dim!r})"
+        text = f"coordinate {list(mesh.coordinate) if mesh.coordinate else '?'}: {what}".encode()[:_TEXT_BYTES]
+        buf = torch.zeros(_TEXT_BYTES, dtype=torch.uint8)
+        buf[:len(text)] = torch.tensor(list(text), dtype=torch.uint8)
+        texts = _gather(buf.to(device), n, group).cpu()
+        lines = [f"  group rank {k} at {bytes(row[row != 0].tolist()).decode(errors='replace')}"
+                 for k, row in enumerate(texts)]
+        raise GraphInvariantError(
+            f"collective order differs across the ranks of mesh dim {dim!r} (group {group!r}): first difference "
+            f"at collective #{i} on that dim:\n" + "\n".join(lines)
+            + "\nrunning on would hang or silently combine unrelated tensors; every rank of a group must run "
+              "the same graph (a rank-dependent pass or graph edit?). fxpar.analysis.invariants.check_ranks finds this "
+              "statically given every rank's ParallelModule")
+    log.debug("collective fingerprints agree on %s", mesh)

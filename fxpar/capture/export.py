@@ -1,0 +1,157 @@
+"""Capture: a user's nn.Module as an ATen-level fx GraphModule.
+
+The one IR of fxpar is what `torch.export.export(..., strict=False)` produces
+in training IR, unlifted with `ep.module()`: high-level ops kept (linear,
+layer_norm, scaled_dot_product_attention, embedding), parameters as
+`get_attr` nodes under their original FQNs, `node.meta["val"]` holding
+FakeTensors and `node.meta["nn_module_stack"]` naming each node's module.
+
+Input dims are captured as `Dim.AUTO` so one capture serves any batch and
+sequence length export could keep symbolic (it specialises the rest and says
+so in the graph's guards).
+
+The captured module gets fresh copies of every parameter and buffer: the
+user's model is never modified, not by sharding and not by optimizer steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.export import Dim
+
+from fxpar._torch.fx import pytree
+from fxpar.core.errors import CaptureError
+
+__all__ = ["CaptureInfo", "capture", "capture_info"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CaptureInfo:
+    """Graph-level facts from capture, kept in `gm.meta["fxpar"]`.
+
+    Attributes:
+        param_aliases: canonical parameter FQN -> every FQN of the original
+            model that names the same tensor (tied weights).
+        buffer_fqns: FQNs of buffers.
+        model_class: the captured model's class name.
+        dynamic: whether input dims were captured symbolically.
+    """
+
+    param_aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    buffer_fqns: tuple[str, ...] = ()
+    model_class: str = ""
+    dynamic: bool = True
+
+
+def capture_info(gm: fx.GraphModule) -> CaptureInfo:
+    info = gm.meta.get("fxpar")
+    if not isinstance(info, CaptureInfo):
+        raise CaptureError("this GraphModule was not captured by fxpar.capture; call fxpar.capture(model, args) first")
+    return info
+
+
+def _auto_dims(args: tuple, kwargs: dict) -> tuple[Any, Any]:
+    def dims(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return {i: Dim.AUTO for i in range(x.ndim)} if x.ndim else None
+        return None
+
+    return pytree.tree_map(dims, args), pytree.tree_map(dims, kwargs)
+
+
+def _failing_module(model: nn.Module, tb) -> tuple[str | None, str | None]:
+    """The innermost frame of the user's model in a traceback, as (module FQN, 'file:line')."""
+    names = {id(m): fqn for fqn, m in model.named_modules()}
+    found: tuple[str | None, str | None] = (None, None)
+    for frame, lineno in traceback.walk_tb(tb):
+        self_obj = frame.f_locals.get("self")
+        if self_obj is not None and id(self_obj) in names:
+            found = (names[id(self_obj)] or "<root>", f"{frame.f_code.co_filename}:{lineno}")
+    return found
+
+
+def _copy_state(gm: fx.GraphModule) -> dict[str, tuple[str, ...]]:
+    """Gives gm its own copy of every parameter and buffer; returns tied aliases."""
+    aliases: dict[int, list[str]] = {}
+    for fqn, p in gm.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(fqn)
+    copies: dict[int, nn.Parameter] = {}
+    for fqn, p in list(gm.named_parameters(remove_duplicate=False)):
+        if id(p) not in copies:
+            copies[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        mod_name, _, name = fqn.rpartition(".")
+        setattr(gm.get_submodule(mod_name), name, copies[id(p)])
+    for fqn, b in list(gm.named_buffers(remove_duplicate=False)):
+        mod_name, _, name = fqn.rpartition(".")
+        gm.get_submodule(mod_name).register_buffer(name, b.detach().clone())
+    return {names[0]: tuple(names) for names in aliases.values()}
+
+
+def capture(
+    model: nn.Module,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    *,
+    dynamic: bool = True,
+) -> fx.GraphModule:
+    """Captures `model` as an ATen-level GraphModule with FakeTensor metadata.
+
+    Args:
+        model: any nn.Module, including a GraphModule from symbolic_trace.
+        args: example positional inputs.
+        kwargs: example keyword inputs.
+        dynamic: capture every input dim as Dim.AUTO (symbolic where possible).
+
+    Returns:
+        The unlifted GraphModule with its own copies of the parameters, and
+        a `CaptureInfo` in `gm.meta["fxpar"]`.
+
+    Raises:
+        CaptureError: naming the module and source line that failed, and what to try.
+    """
+    kwargs = dict(kwargs or {})
+    if not isinstance(args, tuple):
+        args = (args,)
+    dynamic_shapes = None
+    if dynamic:
+        args_dims, kwargs_dims = _auto_dims(args, kwargs)
+        dynamic_shapes = _combine(model, args_dims, kwargs_dims) if kwargs else args_dims
+    try:
+        ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as e:  # torch.export raises many types; we name the place and re-raise as one
+        fqn, where = _failing_module(model, sys.exc_info()[2])
+        place = f" in module '{fqn}' ({where})" if fqn else ""
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}{place}: {type(e).__name__}: {first}. "
+            "Try: make control flow that depends on tensor values static (or use torch.cond); "
+            "pass example inputs with the shapes and dtypes the model is used with; "
+            "pass dynamic=False if a symbolic size is the problem; see torch.export's docs for the op named above."
+        ) from e
+    gm = ep.module()
+    aliases = _copy_state(gm)
+    buffers = tuple(fqn for fqn, _ in gm.named_buffers())
+    gm.meta["fxpar"] = CaptureInfo(aliases, buffers, type(model).__name__, dynamic)
+    log.debug("captured %s: %d nodes", type(model).__name__, len(gm.graph.nodes))
+    return gm
+
+
+def _combine(model: nn.Module, args_dims: tuple, kwargs_dims: dict) -> dict:
+    """Dynamic shapes keyed by forward's parameter names (needed when kwargs are given)."""
+    import inspect
+
+    sig = inspect.signature(model.forward)
+    names = [p for p in sig.parameters if p != "self"]
+    out = dict(zip(names, args_dims))
+    out.update(kwargs_dims)
+    return out

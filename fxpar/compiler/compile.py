@@ -1,0 +1,135 @@
+"""The compile path: capture, the pass pipeline, and the runtime module that runs the result.
+
+    capture -> shard_inputs -> annotate_parameters -> apply_fsdp -> split_linear_bias
+            -> propagate_sharding -> insert_collectives -> localize_shapes -> bucket_grad_sync
+            -> shard_parameters -> split_stages -> ParallelModule / PipelineModule
+
+`parallelize` (real process groups) and dry runs (`fxpar.plan`, sizes only)
+both compile through `compile_model`, so a dry run's plan is the plan a real
+run makes. The invariant checks are handed to the pass manager here.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Callable, Iterable
+
+import torch.fx as fx
+import torch.nn as nn
+
+from fxpar import passes as P
+from fxpar.analysis.invariants import check_graph
+from fxpar.analysis.plan_io import MODEL_KEY, ModelFingerprint, check_plan_fits
+from fxpar.capture import capture
+from fxpar.compiler import pass_manager
+from fxpar.compiler.pass_manager import GraphCheck, PassContext
+from fxpar.core.errors import PlanError
+from fxpar.core.mesh import MeshInfo
+from fxpar.core.plan import Plan, as_plan
+from fxpar.core.stages import split_pp_mesh
+from fxpar.runtime.parallel_module import ParallelModule
+from fxpar.runtime.pipeline import PipelineModule
+
+__all__ = ["compile_model", "default_passes", "PassManager", "DEFAULT_CHECKS", "SUPPORTED_DIMS"]
+
+SUPPORTED_DIMS = ("tp", "pp", "dp", "fsdp")
+
+DEFAULT_CHECKS: tuple[GraphCheck, ...] = (check_graph,)
+"""What runs after every pass when checks are on: fxpar's graph invariants."""
+
+
+class PassManager(pass_manager.PassManager):
+    """`fxpar.PassManager`: the pass manager with fxpar's invariant checks as its default checks.
+
+    The base class (`fxpar.compiler.pass_manager.PassManager`) knows no analysis; this is
+    where the checks are handed to it.
+    """
+
+    def __init__(self, passes: list, *, checks: Iterable[GraphCheck] = DEFAULT_CHECKS, **kwargs: Any) -> None:
+        super().__init__(passes, checks=checks, **kwargs)
+_SUPPORTED_DIMS = SUPPORTED_DIMS
+
+
+def default_passes(plan: Plan | None = None) -> list:
+    """The built-in pipeline as a list users can edit and pass back through `passes=`."""
+    return [
+        P.shard_inputs,
+        P.annotate_parameters,
+        P.apply_fsdp,
+        P.split_linear_bias,
+        P.propagate_sharding,
+        P.insert_collectives,
+        P.localize_shapes,
+        P.bucket_grad_sync,
+        P.shard_parameters,
+        P.split_stages,  # a no-op without a pipeline
+    ]
+
+
+def _check_mesh(mesh_info: MeshInfo, plan: Plan) -> None:
+    unsupported = [n for n, s in zip(mesh_info.names, mesh_info.sizes) if n not in SUPPORTED_DIMS and s > 1]
+    if unsupported:
+        raise PlanError(
+            f"mesh {mesh_info} has dims {unsupported} this version of fxpar does not parallelize yet "
+            f"(supported: {SUPPORTED_DIMS}); use a mesh with only {SUPPORTED_DIMS} or size 1 on the others"
+        )
+
+
+def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_inputs: tuple = (),
+                  example_kwargs: dict | None = None, plan: Plan | dict | None = None, passes: list | None = None,
+                  input_layout: str = "full", reshard_after_forward: bool = True, fsdp_unit: str = "block",
+                  check: bool | None = None, dump_dir: str | None = None, split_pp: Callable | None = None,
+                  progress: Callable[[str], None] | None = None,
+                  captured: fx.GraphModule | None = None) -> ParallelModule:
+    """The compile path `parallelize` and dry runs (`fxpar.plan`) share: capture, passes, module.
+
+    A dry run passes `mesh=None` and a `MeshInfo` built from sizes, so it
+    runs exactly the passes parallelize runs; collectives are inserted on
+    'dryrun:<dim>' groups and never run.
+
+    Args:
+        mesh: the torch DeviceMesh, or None for a dry run.
+        mesh_info: the mesh as passes see it (with its pp dim, if any).
+        split_pp: `(mesh, mesh_info) -> (spmd mesh, spmd MeshInfo, PipelineMeshInfo)` for a
+            pipelined mesh (default: `fxpar.core.stages.split_pp_mesh`, which needs a DeviceMesh).
+        progress: called with 'capture', then 'passes', as each long step starts.
+        captured: the model's capture, reused (copied) instead of capturing again: the in-process
+            simulator compiles every rank of a mesh from one capture.
+        The others: as `parallelize`.
+    """
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    plan = as_plan(plan)
+    _check_mesh(mesh_info, plan)
+    check_plan_fits(plan, model, mesh_info)  # a saved plan: the same model structure and mesh
+    # A pipeline compiles each stage for the mesh without its pp dim.
+    pipelined = (mesh_info.size("pp") > 1 or plan.pp is not None or plan.schedule is not None)
+    spmd_mesh, spmd_info, pp_info = (split_pp or split_pp_mesh)(mesh, mesh_info) if pipelined \
+        else (mesh, mesh_info, None)
+    if pipelined and input_layout != "full":
+        raise PlanError(f"input_layout={input_layout!r}: a pipeline takes the same full inputs on every rank "
+                        "(input_layout='full')")
+    if progress is not None:
+        progress("capture")
+    if captured is None:
+        gm = capture(model, example_inputs, example_kwargs)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # pytree's LeafSpec deprecation, from deepcopy
+            gm = copy.deepcopy(captured)
+    gm.meta[MODEL_KEY] = ModelFingerprint.of(model)  # what a saved plan is checked against
+    if progress is not None:
+        progress("passes")
+    options = {"input_layout": input_layout, "pp": pp_info, "fsdp_unit": fsdp_unit}
+    ctx = PassContext(mesh=spmd_info, plan=plan, device_mesh=spmd_mesh, options=options)
+    manager = PassManager(passes if passes is not None else default_passes(plan), check=check, dump_dir=dump_dir)
+    gm = manager.run(gm, ctx)
+    if pipelined:
+        return PipelineModule(gm, mesh=mesh, mesh_info=spmd_info, plan=plan, history=manager.history,
+                              pp_dim=mesh_info.names.index("pp") if mesh_info.has("pp") else None,
+                              example_args=example_inputs, example_kwargs=example_kwargs,
+                              reshard_after_forward=reshard_after_forward)
+    return ParallelModule(gm, mesh=mesh, mesh_info=mesh_info, plan=plan, history=manager.history,
+                          example_args=example_inputs, example_kwargs=example_kwargs, input_layout=input_layout,
+                          reshard_after_forward=reshard_after_forward)

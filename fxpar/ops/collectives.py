@@ -1,0 +1,524 @@
+"""Explicit collectives as graph nodes, each with its gradient dual.
+
+This is the only module that creates communication. Every collective is a
+`torch.library.custom_op` in the `fxpar` namespace whose implementation calls
+torch's functional collectives (`_c10d_functional.*` followed by
+`wait_tensor`) on the process group named in its arguments, and whose
+registered autograd formula is the dual from DESIGN.md:
+
+    forward (mesh dim m)      op                      backward
+    Partial   -> Replicate    all_reduce              identity
+    Shard(d)  -> Replicate    all_gather(d)           local slice
+    Replicate -> Shard(d)     shard (local slice)     all_gather(d)
+    Partial   -> Shard(d)     reduce_scatter(d)       all_gather(d)
+    Shard(a)  -> Shard(b)     all_to_all(a -> b)      all_to_all(b -> a)
+    Replicate, consumed by    grad_all_reduce         all_reduce
+      a non-Replicate op      (identity)
+    FSDP parameter Shard(0)   fsdp_all_gather         reduce_scatter
+      -> Replicate, used on   (all_gather then the
+      batch-sharded data      f above, fused)
+
+The graph is the same on every rank of a group: a rank's own index comes from
+its process group at run time, never from a constant baked into the graph.
+
+Importing `torch.distributed._functional_collectives` marks `wait_tensor`
+side-effecting for dead-code elimination; fxpar's own ops are registered the
+same way with `torch.fx.node.has_side_effect`, so DCE never drops a collective
+whose result happens to be unused on some path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Iterator, Protocol
+
+import torch
+import torch.fx as fx
+from torch import Tensor
+from torch.distributed.tensor.placement_types import Partial, Placement, Replicate, Shard
+
+from fxpar._torch.c10d import functional, resolve_process_group
+from fxpar._torch.fx import copy_codegen
+from fxpar._torch.placements import StridedShard as _StridedShard
+from fxpar.core.errors import ShardingError
+
+__all__ = [
+    "COLLECTIVE_OPS",
+    "CommRecord",
+    "count_comms",
+    "transition_op",
+    "transition_cost",
+    "insert_transition",
+    "insert_grad_all_reduce",
+    "inference_graph_module",
+]
+
+_c10d = functional  # torch's functional collectives; importing them marks wait_tensor side-effecting
+
+
+# --------------------------------------------------------------------------- instrumentation
+
+
+@dataclasses.dataclass(frozen=True)
+class CommRecord:
+    """One collective as it ran: op name, mesh dim, bytes each rank sent in."""
+
+    op: str
+    mesh_dim: str
+    nbytes: int
+    direction: str  # 'forward' or 'backward'
+
+
+_counters: list[list[CommRecord]] = []
+
+
+@contextlib.contextmanager
+def count_comms() -> Iterator[list[CommRecord]]:
+    """Records every fxpar collective run inside the block (forward and backward)."""
+    records: list[CommRecord] = []
+    _counters.append(records)
+    try:
+        yield records
+    finally:
+        _counters.remove(records)
+
+
+def _record(op: str, mesh_dim: str, t: Tensor, direction: str) -> None:
+    if _counters:
+        rec = CommRecord(op, mesh_dim, t.numel() * t.element_size(), direction)
+        for records in _counters:
+            records.append(rec)
+
+
+# --------------------------------------------------------------------------- eager kernels
+
+
+def _group_rank(group_name: str) -> int:
+    group = resolve_process_group(group_name)
+    return group.rank()
+
+
+def _all_reduce(x: Tensor, group_name: str) -> Tensor:
+    return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "sum", group_name))
+
+
+def _all_gather(x: Tensor, dim: int, n: int, group_name: str, split_factor: int = 1) -> Tensor:
+    out = _c10d.wait_tensor(_c10d.all_gather_into_tensor(x.contiguous(), n, group_name))
+    if dim != 0:
+        out = torch.cat(out.chunk(n, dim=0), dim=dim)
+    if split_factor > 1:
+        # gathered as rank-major [r0s0, r0s1, .., r1s0, ..]; the full tensor is section-major
+        k = split_factor
+        pieces = out.chunk(n * k, dim=dim)
+        out = torch.cat([pieces[r * k + s] for s in range(k) for r in range(n)], dim=dim)
+    return out
+
+
+def _local_chunk(x: Tensor, dim: int, n: int, group_name: str, what: str, split_factor: int = 1) -> Tensor:
+    if x.size(dim) % (n * split_factor):
+        raise ShardingError(
+            f"{what}: dim {dim} of size {x.size(dim)} does not divide by the mesh dim size {n}"
+            f"{f' x {split_factor} sections' if split_factor > 1 else ''} at run time; "
+            "use inputs whose size along that dim is a multiple of it"
+        )
+    r = _group_rank(group_name)
+    if split_factor > 1:
+        return torch.cat([sec.chunk(n, dim=dim)[r] for sec in x.chunk(split_factor, dim=dim)], dim=dim)
+    return x.chunk(n, dim=dim)[r].clone(memory_format=torch.contiguous_format)  # never alias the input
+
+
+def _reduce_scatter(x: Tensor, dim: int, n: int, group_name: str) -> Tensor:
+    if x.size(dim) % n:
+        raise ShardingError(
+            f"reduce_scatter: dim {dim} of size {x.size(dim)} does not divide by the mesh dim size {n} at run time"
+        )
+    if dim != 0:
+        x = torch.cat(x.chunk(n, dim=dim), dim=0)
+    return _c10d.wait_tensor(_c10d.reduce_scatter_tensor(x.contiguous(), "sum", n, group_name))
+
+
+def _all_to_all(x: Tensor, src_dim: int, dst_dim: int, n: int, group_name: str) -> Tensor:
+    # Split the local tensor along dst_dim, exchange, and concatenate the received pieces along src_dim.
+    pieces = torch.cat([c.contiguous() for c in x.chunk(n, dim=dst_dim)], dim=0)
+    splits = [pieces.size(0) // n] * n
+    out = _c10d.wait_tensor(_c10d.all_to_all_single(pieces, splits, splits, group_name))
+    return torch.cat(out.chunk(n, dim=0), dim=src_dim)
+
+
+# --------------------------------------------------------------------------- custom ops and duals
+
+
+@torch.library.custom_op("fxpar::all_reduce", mutates_args=())
+def all_reduce(x: Tensor, group_name: str, mesh_dim: str) -> Tensor:
+    """Partial -> Replicate: sum over the group. Backward: identity."""
+    _record("all_reduce", mesh_dim, x, "forward")
+    return _all_reduce(x, group_name)
+
+
+@all_reduce.register_fake
+def _(x, group_name, mesh_dim):
+    return torch.empty_like(x)
+
+
+def _all_reduce_bwd(ctx, grad):
+    return grad, None, None
+
+
+all_reduce.register_autograd(_all_reduce_bwd)
+
+
+@torch.library.custom_op("fxpar::grad_all_reduce", mutates_args=())
+def grad_all_reduce(x: Tensor, group_name: str, mesh_dim: str) -> Tensor:
+    """Identity forward (Megatron's f); its backward all-reduces the partial gradient."""
+    return x.clone()
+
+
+@grad_all_reduce.register_fake
+def _(x, group_name, mesh_dim):
+    return torch.empty_like(x)
+
+
+def _grad_all_reduce_bwd(ctx, grad):
+    _record("all_reduce", ctx.mesh_dim, grad, "backward")
+    return _all_reduce(grad, ctx.group_name), None, None
+
+
+def _save_group(ctx, inputs, output):
+    ctx.group_name, ctx.mesh_dim = inputs[-2], inputs[-1]
+
+
+grad_all_reduce.register_autograd(_grad_all_reduce_bwd, setup_context=_save_group)
+
+
+@torch.library.custom_op("fxpar::all_gather", mutates_args=())
+def all_gather(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str, split_factor: int = 1) -> Tensor:
+    """Shard(dim) -> Replicate (section-wise for a strided shard). Backward: this rank's slice."""
+    _record("all_gather", mesh_dim, x, "forward")
+    return _all_gather(x, dim, group_size, group_name, split_factor)
+
+
+@all_gather.register_fake
+def _(x, dim, group_size, group_name, mesh_dim, split_factor=1):
+    shape = list(x.shape)
+    shape[dim] = shape[dim] * group_size
+    return x.new_empty(shape)
+
+
+def _save_shard_args(ctx, inputs, output):
+    ctx.dim, ctx.group_size, ctx.group_name, ctx.mesh_dim = inputs[1:5]
+    ctx.split_factor = inputs[5] if len(inputs) > 5 else 1
+
+
+def _all_gather_bwd(ctx, grad):
+    local = _local_chunk(grad, ctx.dim, ctx.group_size, ctx.group_name, "all_gather backward", ctx.split_factor)
+    return local, None, None, None, None, None
+
+
+all_gather.register_autograd(_all_gather_bwd, setup_context=_save_shard_args)
+
+
+@torch.library.custom_op("fxpar::shard", mutates_args=())
+def shard(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str, split_factor: int = 1) -> Tensor:
+    """Replicate -> Shard(dim): keep this rank's chunk, no communication. Backward: all_gather."""
+    return _local_chunk(x, dim, group_size, group_name, f"shard along mesh dim '{mesh_dim}'", split_factor)
+
+
+@shard.register_fake
+def _(x, dim, group_size, group_name, mesh_dim, split_factor=1):
+    shape = list(x.shape)
+    shape[dim] = shape[dim] // group_size
+    return x.new_empty(shape)
+
+
+def _shard_bwd(ctx, grad):
+    _record("all_gather", ctx.mesh_dim, grad, "backward")
+    return _all_gather(grad, ctx.dim, ctx.group_size, ctx.group_name, ctx.split_factor), None, None, None, None, None
+
+
+shard.register_autograd(_shard_bwd, setup_context=_save_shard_args)
+
+
+@torch.library.custom_op("fxpar::reduce_scatter", mutates_args=())
+def reduce_scatter(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str) -> Tensor:
+    """Partial -> Shard(dim). Backward: all_gather(dim)."""
+    _record("reduce_scatter", mesh_dim, x, "forward")
+    return _reduce_scatter(x, dim, group_size, group_name)
+
+
+@reduce_scatter.register_fake
+def _(x, dim, group_size, group_name, mesh_dim):
+    shape = list(x.shape)
+    shape[dim] = shape[dim] // group_size
+    return x.new_empty(shape)
+
+
+def _reduce_scatter_bwd(ctx, grad):
+    _record("all_gather", ctx.mesh_dim, grad, "backward")
+    return _all_gather(grad, ctx.dim, ctx.group_size, ctx.group_name), None, None, None, None
+
+
+reduce_scatter.register_autograd(_reduce_scatter_bwd, setup_context=_save_shard_args)
+
+
+@torch.library.custom_op("fxpar::all_to_all", mutates_args=())
+def all_to_all(x: Tensor, src_dim: int, dst_dim: int, group_size: int, group_name: str, mesh_dim: str) -> Tensor:
+    """Shard(src_dim) -> Shard(dst_dim). Backward: all_to_all(dst_dim -> src_dim)."""
+    _record("all_to_all", mesh_dim, x, "forward")
+    return _all_to_all(x, src_dim, dst_dim, group_size, group_name)
+
+
+@all_to_all.register_fake
+def _(x, src_dim, dst_dim, group_size, group_name, mesh_dim):
+    shape = list(x.shape)
+    shape[src_dim] = shape[src_dim] * group_size
+    shape[dst_dim] = shape[dst_dim] // group_size
+    return x.new_empty(shape)
+
+
+def _save_a2a_args(ctx, inputs, output):
+    ctx.src_dim, ctx.dst_dim, ctx.group_size, ctx.group_name, ctx.mesh_dim = inputs[1:6]
+
+
+def _all_to_all_bwd(ctx, grad):
+    _record("all_to_all", ctx.mesh_dim, grad, "backward")
+    return _all_to_all(grad, ctx.dst_dim, ctx.src_dim, ctx.group_size, ctx.group_name), None, None, None, None, None
+
+
+all_to_all.register_autograd(_all_to_all_bwd, setup_context=_save_a2a_args)
+
+
+@torch.library.custom_op("fxpar::fsdp_all_gather", mutates_args=())
+def fsdp_all_gather(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str) -> Tensor:
+    """A parameter's FSDP shard -> the full parameter. Backward: reduce_scatter of its gradient.
+
+    The fused form of all_gather followed by grad_all_reduce: the gathered parameter is used on
+    batch-sharded activations, so its gradient is partial on every rank; summing and keeping this
+    rank's slice is one reduce_scatter. The runtime may take a gather over (one collective per
+    block, one gather per pipeline step): see `FsdpRuntime`.
+    """
+    args = (dim, group_size, group_name, mesh_dim)
+    runtime = _fsdp_runtime[0] if _fsdp_runtime else None
+    out = runtime.gather(x, args) if runtime is not None else None
+    if out is None:
+        _record("all_gather", mesh_dim, x, "forward")
+        out = _all_gather(x, dim, group_size, group_name)
+        if runtime is not None:
+            runtime.gathered(out, x, args)
+    return out
+
+
+@fsdp_all_gather.register_fake
+def _(x, dim, group_size, group_name, mesh_dim):
+    shape = list(x.shape)
+    shape[dim] = shape[dim] * group_size
+    return x.new_empty(shape)
+
+
+def _save_fsdp_args(ctx, inputs, output):
+    _save_shard_args(ctx, inputs, output)
+    runtime = _fsdp_runtime[0] if _fsdp_runtime else None
+    ctx.fsdp = runtime.saved(inputs[0]) if runtime is not None else None
+
+
+def _fsdp_all_gather_bwd(ctx, grad):
+    runtime = _fsdp_runtime[0] if _fsdp_runtime else None
+    out = runtime.backward(ctx.fsdp, ctx, grad) if runtime is not None and ctx.fsdp is not None else None
+    if out is None:
+        _record("reduce_scatter", ctx.mesh_dim, grad, "backward")
+        out = _reduce_scatter(grad, ctx.dim, ctx.group_size, ctx.group_name)
+    return out, None, None, None, None
+
+
+fsdp_all_gather.register_autograd(_fsdp_all_gather_bwd, setup_context=_save_fsdp_args)
+
+
+class FsdpRuntime(Protocol):
+    """What the runtime may do with an FSDP gather instead of the op's plain collective.
+
+    The op knows no runtime state: `fxpar.runtime.fsdp_state` implements this
+    (per-block buckets, one gather per pipeline step, memory accounting) and
+    installs itself with `set_fsdp_runtime`.
+    """
+
+    def gather(self, shard: Tensor, args: tuple) -> Tensor | None:
+        """The full parameter, or None to let the op gather it (args: dim, group size, group, mesh dim)."""
+
+    def gathered(self, full: Tensor, shard: Tensor, args: tuple) -> None:
+        """Told of every full parameter the op gathered itself."""
+
+    def saved(self, shard: Tensor) -> Any:
+        """A token for the backward (None: the op reduce-scatters the gradient itself)."""
+
+    def backward(self, token: Any, ctx: Any, grad: Tensor) -> Tensor | None:
+        """The shard's gradient, or None to let the op reduce-scatter `grad`."""
+
+
+_fsdp_runtime: list[FsdpRuntime] = []
+
+
+def set_fsdp_runtime(runtime: FsdpRuntime | None) -> None:
+    """Installs the runtime that handles FSDP gathers (fxpar.runtime.fsdp_state does, on import)."""
+    _fsdp_runtime[:] = [runtime] if runtime is not None else []
+
+
+COLLECTIVE_OPS = {
+    torch.ops.fxpar.all_reduce.default: "all_reduce",
+    torch.ops.fxpar.all_gather.default: "all_gather",
+    torch.ops.fxpar.shard.default: "shard",
+    torch.ops.fxpar.reduce_scatter.default: "reduce_scatter",
+    torch.ops.fxpar.all_to_all.default: "all_to_all",
+    torch.ops.fxpar.grad_all_reduce.default: "grad_all_reduce",
+    torch.ops.fxpar.fsdp_all_gather.default: "fsdp_all_gather",
+}
+"""Every fxpar communication op, by the name explain() prints."""
+
+# What each op communicates, forward and backward, for explain() and the static checker.
+BACKWARD_OF = {
+    "all_reduce": None,
+    "all_gather": None,
+    "shard": "all_gather",
+    "reduce_scatter": "all_gather",
+    "all_to_all": "all_to_all",
+    "grad_all_reduce": "all_reduce",
+    "fsdp_all_gather": "reduce_scatter",
+}
+
+for _op in COLLECTIVE_OPS:
+    torch.fx.node.has_side_effect(_op)
+
+
+# --------------------------------------------------------------------------- transitions
+
+
+def transition_op(src: Placement, dst: Placement) -> str | None:
+    """The op that moves a tensor from `src` to `dst` on one mesh dim (None: nothing to do).
+
+    Raises:
+        ShardingError: for transitions no rule may ask for (into Partial).
+    """
+    if src == dst:
+        return None
+    if isinstance(src, _StridedShard) and not isinstance(dst, Replicate) or isinstance(dst, _StridedShard) \
+            and not isinstance(src, Replicate):
+        raise ShardingError(f"no transition from {src} to {dst}: a strided shard only gathers or is cut from a replica")
+    if isinstance(dst, Replicate):
+        return "all_reduce" if isinstance(src, Partial) else "all_gather"
+    if isinstance(dst, (Shard, _StridedShard)):
+        if isinstance(src, Replicate):
+            return "shard"
+        if isinstance(src, Partial):
+            return "reduce_scatter"
+        return "all_to_all"
+    raise ShardingError(f"no transition from {src} to {dst}: a Partial value can only come from an op's rule")
+
+
+# Ring algorithms: all_reduce moves 2(n-1)/n of the tensor per rank, gathers and scatters (n-1)/n,
+# all_to_all (n-1)/n of the local shard.
+_FORWARD_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
+                   "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n / n,
+                   "shard": lambda n: 0.0, "grad_all_reduce": lambda n: 0.0,
+                   "fsdp_all_gather": lambda n: (n - 1) / n}
+
+
+def op_cost(op: str, n: int, nbytes: float, *, with_backward: bool) -> float:
+    """Bytes per rank that `op` on a global tensor of `nbytes` moves, forward (+ backward)."""
+    cost = _FORWARD_FACTOR[op](n) * nbytes
+    if with_backward and BACKWARD_OF[op]:
+        cost += _FORWARD_FACTOR[BACKWARD_OF[op]](n) * nbytes
+    return cost
+
+
+def transition_cost(src: Placement, dst: Placement, n: int, nbytes: float, *, with_backward: bool) -> float:
+    """The cost of one transition; infinite where no transition exists."""
+    try:
+        op = transition_op(src, dst)
+    except ShardingError:
+        return float("inf")
+    return 0.0 if op is None else op_cost(op, n, nbytes, with_backward=with_backward)
+
+
+def _make_node(graph: fx.Graph, op: str, x: fx.Node, args: tuple, name: str) -> fx.Node:
+    target = getattr(torch.ops.fxpar, op).default
+    return graph.create_node("call_function", target, (x, *args), name=name)
+
+
+def insert_transition(
+    graph: fx.Graph,
+    x: fx.Node,
+    src: Placement,
+    dst: Placement,
+    *,
+    mesh_dim: int,
+    mesh_dim_name: str,
+    group_size: int,
+    group_name: str,
+    label: str,
+) -> fx.Node | None:
+    """Inserts the node that moves `x` from `src` to `dst` (at the graph's insert point)."""
+    op = transition_op(src, dst)
+    if op is None:
+        return None
+    if op == "all_reduce":
+        return _make_node(graph, op, x, (group_name, mesh_dim_name), f"allreduce_{label}")
+    if op == "all_to_all":
+        return _make_node(graph, op, x, (src.dim, dst.dim, group_size, group_name, mesh_dim_name), f"alltoall_{label}")
+    strided = src if op == "all_gather" else dst
+    dim = strided.dim
+    prefix = {"all_gather": "allgather", "shard": "shard", "reduce_scatter": "reducescatter"}[op]
+    args = (dim, group_size, group_name, mesh_dim_name)
+    if isinstance(strided, _StridedShard):
+        args = (*args, strided.split_factor)
+    return _make_node(graph, op, x, args, f"{prefix}_{label}")
+
+
+def insert_grad_all_reduce(graph: fx.Graph, x: fx.Node, *, mesh_dim_name: str, group_name: str, label: str) -> fx.Node:
+    """Inserts Megatron's f: identity forward, all-reduce of the gradient backward."""
+    return _make_node(graph, "grad_all_reduce", x, (group_name, mesh_dim_name), f"gradallreduce_{label}")
+
+
+def insert_fsdp_all_gather(graph: fx.Graph, param: fx.Node, *, dim: int, mesh_dim_name: str, group_size: int,
+                           group_name: str) -> fx.Node:
+    """Inserts the gather of an FSDP-sharded parameter (reduce-scatter of its gradient backward)."""
+    return _make_node(graph, "fsdp_all_gather", param, (dim, group_size, group_name, mesh_dim_name),
+                      f"fsdpgather_{param.name}")
+
+
+def collective_args(node: fx.Node) -> dict:
+    """The named arguments of an fxpar collective node."""
+    schema = node.target._schema
+    return {a.name: v for a, v in zip(schema.arguments, node.args)}
+
+
+# --------------------------------------------------------------------------- inference
+
+
+_GRAD_ONLY = (torch.ops.fxpar.grad_all_reduce.default,)
+"""Collectives that are the identity forward: they exist for their backward only."""
+
+
+def inference_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of `gm` to run without autograd: the backward-only markers bypassed.
+
+    `grad_all_reduce` is the identity forward, but a custom op may not return its
+    input, so it copies it; without a backward (under `torch.no_grad()`) that copy
+    is all it does. The copy's graph uses the marker's input directly; every other
+    node, collectives included, is kept, so every rank still issues the same
+    collectives in the same order. Parameters and buffers are the same tensor
+    objects as `gm`'s (updated in place by optimizers and `load_state_dict`, so
+    they stay shared); node and module metadata are shallow copies.
+
+    Use it only where no gradient is needed: its outputs carry no Megatron "f",
+    so their gradients would be partial on each rank.
+    """
+    graph = fx.Graph(owning_module=None, tracer_cls=gm.graph._tracer_cls)
+    env: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _GRAD_ONLY:
+            env[node] = env[node.args[0]]
+            continue
+        env[node] = graph.node_copy(node, lambda a: env[a])
+    copy_codegen(gm.graph, graph)  # the capture's pytree in/out handling
+    out = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    out.meta.update(gm.meta)
+    return out

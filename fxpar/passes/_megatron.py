@@ -1,0 +1,184 @@
+"""Finding Megatron's structure in a graph (not a pass; used by annotate_parameters).
+
+A *pair* is a set of head projections A_i (linear or addmm) that read the same
+input, and one sink projection B, such that everything between them (the
+region) is made of ops that keep the heads/hidden dim independent (views,
+transposes, elementwise ops, rotary slicing, attention) and B's input comes
+from the region. Sharding the A_i column-wise and B row-wise then computes the
+whole region on local shards with one all-reduce after B. MLPs (up/gate ->
+down) and attention (q/k/v -> o) are both pairs. Found from the graph's
+dataflow, not from module names.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from fxpar._torch.fx import is_higher_order
+from fxpar.core.spec import shape_key, size_key
+from fxpar.rules import tensor_args
+
+aten = torch.ops.aten
+
+PROJECTIONS = (aten.linear.default, aten.addmm.default)
+# Ops that mix the sharded dim with others: a region containing one is not a pair.
+_BARRIERS = {
+    aten.embedding.default, aten.layer_norm.default, aten.rms_norm.default, aten.mm.default,
+    aten.mean.dim, aten.sum.dim_IntList, aten.mean.default, aten.sum.default, aten.amax.default,
+    aten.cumsum.default, aten.index.Tensor, aten.gather.default,
+}
+
+
+def is_projection(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in PROJECTIONS
+
+
+def proj_input(node: fx.Node) -> fx.Node:
+    return node.args[0] if node.target == aten.linear.default else node.args[1]
+
+
+def proj_weight(node: fx.Node) -> fx.Node:
+    return node.args[1] if node.target == aten.linear.default else node.args[2]
+
+
+def proj_out_features(node: fx.Node):
+    w = proj_weight(node).meta["val"]
+    return w.shape[0] if node.target == aten.linear.default else w.shape[1]
+
+
+@dataclass
+class Pair:
+    heads: list[fx.Node]
+    sink: fx.Node
+    region: set[fx.Node] = field(default_factory=set)
+    # heads whose output is split into k equal sections (fused qkv): head -> k
+    fused: dict[fx.Node, int] = field(default_factory=dict)
+
+
+def _region_op(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target not in _BARRIERS and not is_projection(node)
+
+
+def _source(node: fx.Node) -> fx.Node:
+    """Looks through views that only flatten leading dims (Conv1D's view(x, [-1, C]))."""
+    while node.op == "call_function" and node.target in (aten.view.default, aten.reshape.default):
+        node = node.args[0]
+    return node
+
+
+def find_pairs(gm: fx.GraphModule) -> list[Pair]:
+    """Every Megatron pair in graph order."""
+    pairs: list[Pair] = []
+    claimed: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if not is_projection(node) or node in claimed:
+            continue
+        pair = _grow(node)
+        if pair is not None and not (set(pair.heads) | {pair.sink}) & claimed:
+            pairs.append(pair)
+            claimed |= set(pair.heads) | {pair.sink}
+    return pairs
+
+
+def _grow(start: fx.Node) -> Pair | None:
+    src = _source(proj_input(start))
+    heads, region, frontier, sink = [start], set(), [start], None
+    while frontier:
+        cur = frontier.pop()
+        for user in cur.users:
+            if user in region or user in heads:
+                continue
+            if is_projection(user):
+                if proj_input(user) is not cur or sink not in (None, user):
+                    return None  # used as a weight, or two different sinks
+                sink = user
+                continue
+            if not _region_op(user) or user.op == "output":
+                return None
+            region.add(user)
+            frontier.append(user)
+            for other in tensor_args(user):
+                if other in region or other in heads:
+                    continue
+                for proj in _projections_behind(other):
+                    if _source(proj_input(proj)) is not src:
+                        return None  # a different structure feeds this region
+                    if proj not in heads:
+                        heads.append(proj)
+                        frontier.append(proj)
+    if sink is None:
+        return None
+    pair = Pair(heads, sink, region)
+    for h in heads:
+        k = _fused_sections(h, region)
+        if k:
+            pair.fused[h] = k
+    return pair
+
+
+def _projections_behind(node: fx.Node, limit: int = 64) -> list[fx.Node]:
+    """Projections reached walking backward from `node` through region ops (k and v behind attention)."""
+    found, seen, stack = [], set(), [node]
+    while stack and len(seen) < limit:
+        cur = stack.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        if is_projection(cur):
+            found.append(cur)
+        elif _region_op(cur) and not _is_hop(cur):
+            stack.extend(tensor_args(cur))
+    return found
+
+
+def _is_hop(node: fx.Node) -> bool:
+    return is_higher_order(node.target)
+
+
+def _fused_sections(head: fx.Node, region: set[fx.Node]) -> int | None:
+    """k if head's output reaches (through views) a split into k equal sections along its features."""
+    cur = head
+    while True:
+        users = [u for u in cur.users if u in region]
+        if len(users) != 1:
+            return None
+        u = users[0]
+        if u.target in (aten.view.default, aten.reshape.default):
+            cur = u
+            continue
+        if u.target == aten.split.Tensor:
+            sections = u.meta["val"]
+            sizes = {size_key(s.shape[-1]) for s in sections}
+            dim = u.args[2] if len(u.args) > 2 else 0
+            if len(sizes) == 1 and dim in (-1, cur.meta["val"].ndim - 1) and len(sections) > 1:
+                return len(sections)
+        return None
+
+
+def heads_of(head: fx.Node, region: set[fx.Node]) -> list:
+    """Head counts of the views (…, F) -> (…, H, D) downstream of one head projection."""
+    counts, seen, frontier = [], set(), [head]
+    while frontier:
+        cur = frontier.pop()
+        for u in cur.users:
+            if u not in region or u in seen:
+                continue
+            seen.add(u)
+            if u.target in (aten.view.default, aten.reshape.default):
+                i, o = u.args[0].meta["val"], u.meta["val"]
+                # (..., F) -> (..., H, D): the feature dim split into heads
+                if o.ndim == i.ndim + 1 and shape_key(i.shape[:-1]) == shape_key(o.shape[:-2]):
+                    counts.append(o.shape[-2])
+                    continue
+            if u.target == aten.split.Tensor:
+                for g in u.users:
+                    frontier.append(g)
+                continue
+            if u.target in (aten.view.default, aten.reshape.default, aten.transpose.int, aten.permute.default,
+                            operator.getitem):
+                frontier.append(u)
+    return counts

@@ -1,0 +1,193 @@
+"""annotate_parameters: give every parameter its placements from the plan.
+
+Requires: captured. Provides: param_placements.
+
+Each get_attr node gets a `NodeInfo(role="param")` whose spec places it on the
+mesh: on `tp`, by its module's style (explicit plan keys first, then, when the
+plan is automatic, Megatron pairs found in the graph); Replicate on every
+other mesh dim. How a style shards a tensor depends on how the graph uses it:
+
+    used as                   colwise     rowwise
+    linear weight [N, K]      Shard(0)    Shard(1)
+    linear bias [N]           Shard(0)    Replicate
+    addmm weight [K, N]       Shard(1)    Shard(0)      (HF Conv1D)
+    addmm bias [N]            Shard(0)    Replicate
+    embedding weight [V, C]   Shard(1)    Shard(0)      (rowwise = vocab parallel)
+
+A projection whose output is split into k equal sections (a fused qkv) is
+sharded section by section: `_StridedShard(d, split_factor=k)`, so each rank
+holds the same heads of q, k and v. A weight tied between an embedding and a
+projection (GPT-2's wte / lm_head) takes the projection's placement.
+
+With an automatic plan (`Plan(auto_tp=True)`, what `plan=None` means), modules
+the plan does not name get styles from the graph: Megatron pairs
+(`fxpar.passes._megatron.find_pairs`) whose sizes and head counts divide by tp,
+and a projection feeding the graph output (the lm_head) column-wise.
+
+Before:  %up_weight = get_attr[target=up.weight]
+After:   same node, meta["fxpar"].spec.placements == (Shard(0),), local shape [N/tp, K]
+
+Raises ShardingError when a sharded dim does not divide by the mesh size,
+naming the module and the sizes that would work.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch.distributed.tensor.placement_types import Placement, Replicate, Shard
+
+from fxpar._torch.placements import StridedShard as _StridedShard
+from fxpar.core.errors import PlanError, ShardingError
+from fxpar.core.pass_api import PassContext, PassResult, fx_pass
+from fxpar.core.plan import TPStyle
+from fxpar.core.spec import NodeInfo, divides, make_spec, set_info
+from fxpar.passes._graph import module_fqns, param_nodes, uses_as
+from fxpar.passes._megatron import find_pairs, heads_of, is_projection, proj_out_features, proj_weight
+
+aten = torch.ops.aten
+
+
+def _use_placement(target, pos: int, style: TPStyle) -> Placement | None:
+    """How `style` shards a tensor used as argument `pos` of `target` (None: unknown use)."""
+    col = style.kind == "colwise"
+    if target == aten.linear.default:
+        return {1: Shard(0) if col else Shard(1), 2: Shard(0) if col else Replicate()}.get(pos)
+    if target == aten.addmm.default:  # Conv1D: addmm(bias, x, weight[in, out])
+        return {2: Shard(1) if col else Shard(0), 0: Shard(0) if col else Replicate()}.get(pos)
+    if target == aten.embedding.default and pos == 0:
+        return Shard(1) if col else Shard(0)  # rowwise on an embedding is vocab parallel
+    return None
+
+
+def _placement_for(node: fx.Node, style: TPStyle, module: str, fused: int = 0) -> Placement:
+    if style.kind == "replicate" or not node.users:
+        return Replicate()
+    uses = uses_as(node)
+    if len(uses) > 1:
+        uses = sorted(uses, key=lambda u: u[0] == aten.embedding.default)
+    places = [(_use_placement(t, i, style), t) for t, i in uses]
+    if any(p is None for p, _ in places):
+        name = str(node.target).rpartition(".")[2]
+        unknown = sorted({str(t) for p, t in places if p is None})
+        raise PlanError(
+            f"style '{style}' on module '{module}': fxpar does not know how to shard its parameter '{name}' "
+            f"(used by {unknown}); '{style}' applies to Linear, Conv1D and Embedding modules. Map '{module}' to "
+            "'replicate' or to a style for its kind"
+        )
+    # A tied weight (embedding + lm_head) takes the projection's placement; the embedding rule accepts both.
+    p = places[0][0]
+    if fused > 1 and p.is_shard():
+        return _StridedShard(p.dim, split_factor=fused)
+    return p
+
+
+def _auto_styles(gm: fx.GraphModule, taken: set[str], tp: int
+                 ) -> tuple[dict[str, TPStyle], dict[str, int], dict[str, str]]:
+    """Megatron pairs and the lm_head found in the graph, for modules the plan does not name.
+
+    Returns (module -> style, module -> fused sections, module -> why it stays replicated).
+    """
+    styles: dict[str, TPStyle] = {}
+    fused: dict[str, int] = {}
+    notes: dict[str, str] = {}
+
+    def module_of(proj: fx.Node) -> str | None:
+        w = proj_weight(proj)
+        return str(w.target).rpartition(".")[0] if w.op == "get_attr" else None
+
+    for pair in find_pairs(gm):
+        sink_mod = module_of(pair.sink)
+        in_features = proj_weight(pair.sink).meta["val"].shape[1 if pair.sink.target == aten.linear.default else 0]
+        if sink_mod is None or sink_mod in taken:
+            continue
+        if divides(in_features, tp) is not True:
+            why = f"its {in_features} input features do not divide by tp={tp}"
+            notes.update({m: why for m in [sink_mod, *map(module_of, pair.heads)] if m})
+            continue
+        heads = []
+        for h in pair.heads:
+            mod = module_of(h)
+            k = pair.fused.get(h, 1)
+            if mod is None or mod in taken:
+                continue
+            bad_heads = [c for c in heads_of(h, pair.region) if divides(c, tp) is not True]
+            if divides(proj_out_features(h), tp * k) is not True:
+                notes[mod] = f"{proj_out_features(h)} output features do not divide by tp={tp}" + \
+                    (f" x {k} sections" if k > 1 else "")
+            elif bad_heads:
+                notes[mod] = f"{bad_heads[0]} heads do not divide by tp={tp}"
+            else:
+                heads.append((mod, k))
+        if not heads:
+            notes.setdefault(sink_mod, "its column-parallel partners could not be sharded")
+            continue
+        for mod, k in heads:
+            styles[mod] = TPStyle("colwise")
+            if k > 1:
+                fused[mod] = k
+        styles[sink_mod] = TPStyle("rowwise")
+    # The lm_head: a projection feeding the graph output, column parallel (its logits are gathered).
+    for node in gm.graph.nodes:
+        if is_projection(node) and _feeds_output(node):
+            mod = module_of(node)
+            if mod and mod not in taken and mod not in styles and divides(proj_out_features(node), tp) is True:
+                styles[mod] = TPStyle("colwise")
+    return styles, fused, notes
+
+
+def _feeds_output(node: fx.Node) -> bool:
+    cur = node
+    while True:
+        if any(u.op == "output" for u in cur.users):
+            return True
+        if len(cur.users) != 1:
+            return False
+        (cur,) = cur.users
+        if cur.target not in (aten.view.default, aten.reshape.default, aten.slice.Tensor):
+            return False
+
+
+def _divisors(size: int, limit: int = 64) -> list[int]:
+    return [d for d in range(2, limit + 1) if size % d == 0]
+
+
+@fx_pass(requires=("captured",), provides=("param_placements",))
+def annotate_parameters(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    mesh = ctx.mesh
+    styles = ctx.plan.resolve_tp(module_fqns(gm)) if ctx.plan.tp else {}
+    if styles and not mesh.has("tp"):
+        raise PlanError(f"the plan has tensor-parallel styles but the mesh {mesh.names} has no 'tp' dim; "
+                        "name a mesh dim 'tp' or drop the tp part of the plan")
+    tp_dim = mesh.names.index("tp") if mesh.has("tp") else None
+    fused: dict[str, int] = {}
+    notes: dict[str, str] = {}
+    if ctx.plan.auto_tp and tp_dim is not None:
+        auto, fused, notes = _auto_styles(gm, set(styles), mesh.sizes[tp_dim])
+        styles = {**auto, **styles}
+    for node in param_nodes(gm):
+        fqn = str(node.target)
+        module = fqn.rpartition(".")[0]
+        style = styles.get(module)
+        placements = [Replicate() for _ in mesh.names]
+        if style is not None and tp_dim is not None:
+            p = _placement_for(node, style, module, fused.get(module, getattr(style, "sections", 0)))
+            if isinstance(p, (Shard, _StridedShard)):
+                size = node.meta["val"].shape[p.dim]
+                n = mesh.sizes[tp_dim]
+                if divides(size, n * getattr(p, "split_factor", 1)) is not True:
+                    raise ShardingError(
+                        f"'{style}' on module '{module}': dim {p.dim} of parameter '{fqn}' has size {size}, "
+                        f"which does not divide by tp={n}; use tp in {_divisors(int(size))} "
+                        f"or map '{module}' to 'replicate' in the plan"
+                    )
+            placements[tp_dim] = p
+        spec = make_spec(node.meta["val"], tuple(placements), mesh.sizes)
+        text = str(style) if style is not None else None
+        if text is not None and fused.get(module, 0) > 1:
+            text += f" (fused x{fused[module]})"
+        if style is None and module in notes:
+            text = f"replicate (not sharded: {notes[module]})"
+        set_info(node, NodeInfo(spec=spec, module_fqn=module, role="param", param_fqn=fqn,
+                                origin="annotate_parameters", style=text))
+    return PassResult(gm, True)

@@ -1,0 +1,93 @@
+"""apply_fsdp: shard parameters along the `fsdp` mesh dim and gather them where used.
+
+Requires: param_placements. Provides: fsdp_params.
+
+Each parameter whose dim 0 (after any tensor-parallel split) divides by the
+fsdp size is stored as Shard(0) on `fsdp`; a `fsdp_all_gather` node right
+after its get_attr rebuilds the full (tensor-parallel local) parameter for its
+users, and its backward reduce-scatters the gradient: the design's
+all_gather + grad_all_reduce pair, fused. Parameters that do not divide stay
+Replicate on fsdp (their gradient is all-reduced like data parallel's) and
+explain() says so.
+
+Before:  %w = get_attr[target=up.weight]                  # [R] on fsdp
+         %linear = aten.linear(%x, %w)
+After:   %w = get_attr[target=up.weight]                  # [S(0)] on fsdp: 1/fsdp of the rows
+         ...
+         %fsdpgather_w = fxpar.fsdp_all_gather(%w, 0, 2, '1', 'fsdp')   # [R], just before its first use
+         %linear = aten.linear(%x, %fsdpgather_w)
+
+Shards are cut tensor-parallel first and fsdp second (`shard_parameters`), so
+gathering over fsdp yields exactly this rank's tensor-parallel shard.
+
+Each gather node records its communication unit in `fsdp_bucket`
+(`options["fsdp_unit"]`): 'block' (the default) names the block its
+parameter belongs to (`h.3`, `layers.7`; other modules by their FQN), and the
+runtime gathers and reduce-scatters consecutive gathers of one block as one
+collective (`fxpar.runtime.fsdp_buckets`), as FSDP2 does per wrapped block; 'param'
+keeps one collective per parameter (least memory: one parameter gathered at a
+time instead of one block).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch.fx as fx
+from torch.distributed.tensor.placement_types import Replicate, Shard
+
+from fxpar.core.errors import PlanError, block_of
+from fxpar.core.pass_api import PassContext, PassResult, fx_pass
+from fxpar.core.spec import NodeInfo, divides, get_info, make_spec, set_info, update_info
+from fxpar.ops.collectives import insert_fsdp_all_gather
+from fxpar.passes._graph import param_nodes
+
+
+def _unit(module_fqn: str) -> str:
+    """The block a module belongs to (`transformer.h.3.attn` -> `transformer.h.3`), else the module."""
+    return block_of(module_fqn) or module_fqn or "<root>"
+
+
+@fx_pass(requires=("param_placements",), provides=("fsdp_params",))
+def apply_fsdp(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    mesh = ctx.mesh
+    if not mesh.has("fsdp") or mesh.size("fsdp") == 1:
+        return PassResult(gm, False)
+    f = mesh.index("fsdp")
+    n = mesh.sizes[f]
+    group = mesh.group_names[f] if mesh.group_names else "dryrun:fsdp"
+    unit = ctx.options.get("fsdp_unit", "block")
+    if unit not in ("block", "param"):
+        raise PlanError(f"fsdp_unit={unit!r}: use 'block' (one gather per block) or 'param' (one per parameter)")
+    order = None
+    for node in param_nodes(gm):
+        info = get_info(node)
+        if info is None or not node.users or not node.meta["val"].requires_grad:
+            continue
+        spec = info.spec
+        # dim 0 must divide, and carry no strided (fused-section) shard, whose gather would reorder it
+        if len(spec.local_shape) == 0 or divides(spec.local_shape[0], n) is not True \
+                or any(not p.is_replicate() and not p.is_shard() and p.dim == 0 for p in spec.placements):
+            why = f"not sharded on fsdp: dim 0 of local size {tuple(spec.local_shape)[:1]} does not divide by " \
+                  f"fsdp={n}" if divides(spec.local_shape[0] if spec.local_shape else 1, n) is not True \
+                else "not sharded on fsdp: dim 0 carries fused sections"
+            update_info(node, style=f"{info.style or 'replicate (default)'}; {why}")
+            continue
+        sharded = list(spec.placements)
+        sharded[f] = Shard(0)
+        set_info(node, dataclasses.replace(info, spec=make_spec(node.meta["val"], tuple(sharded), mesh.sizes)))
+        users = list(node.users)
+        # Gather right before the first use, so a gathered parameter lives only as long as its layer.
+        order = {n: i for i, n in enumerate(gm.graph.nodes)} if order is None else order
+        first = min(users, key=order.__getitem__)
+        with gm.graph.inserting_before(first):
+            gathered = insert_fsdp_all_gather(gm.graph, node, dim=0, mesh_dim_name="fsdp", group_size=n,
+                                              group_name=group)
+        gathered.meta["val"] = node.meta["val"]
+        # role "param": downstream it is the parameter (its tp shard must not be gathered either)
+        bucket = _unit(info.module_fqn) if unit == "block" else None
+        set_info(gathered, NodeInfo(spec=spec, module_fqn=info.module_fqn, role="param", param_fqn=info.param_fqn,
+                                    origin="apply_fsdp", fsdp_bucket=bucket))
+        for u in users:
+            u.replace_input_with(node, gathered)
+    return PassResult(gm, True)

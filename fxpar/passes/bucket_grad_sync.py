@@ -1,0 +1,79 @@
+"""bucket_grad_sync: data-parallel gradient all-reduces as asynchronous buckets.
+
+Requires: collectives. Provides: grad_buckets.
+
+After insert_collectives, a parameter replicated on a data-parallel dim and
+used on batch-sharded activations passes through `grad_all_reduce` (its
+gradient is partial on each rank). Issued one by one in the backward, those
+all-reduces are many small, blocking calls. This pass removes the
+`grad_all_reduce` nodes that sit directly on parameters and records, on each
+parameter's node, the gradient synchronisation it needs and its bucket: buckets
+of about `bucket_bytes` (default 25 MB, `options["bucket_bytes"]`) in reverse
+order of first use, which is the order the backward produces gradients. The
+runtime (`fxpar.runtime.grad_sync`) all-reduces a bucket asynchronously as soon as all
+its gradients are accumulated, and waits for all of them at the end of the
+backward, so communication overlaps the rest of the backward.
+
+Before:  %gradallreduce_w = fxpar.grad_all_reduce(%w, '1', 'dp')
+         %linear = aten.linear(%x, %gradallreduce_w)
+After:   %linear = aten.linear(%x, %w)          # meta["fxpar"].grad_sync = GradSyncInfo(dims=("dp",), bucket=0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx as fx
+
+from fxpar.core.pass_api import PassContext, PassResult, fx_pass
+from fxpar.core.spec import GradSyncInfo, get_info, set_info
+from fxpar.ops.collectives import COLLECTIVE_OPS, collective_args
+
+DATA_DIMS = ("dp", "fsdp")
+DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
+_F = torch.ops.fxpar.grad_all_reduce.default
+
+
+@fx_pass(requires=("collectives",), provides=("grad_buckets",))
+def bucket_grad_sync(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    cap = int(ctx.options.get("bucket_bytes", DEFAULT_BUCKET_BYTES))
+    # Group every data-parallel f by the parameter it leads to (through any collectives) and dim.
+    groups: dict[tuple[fx.Node, str], list[tuple[fx.Node, bool]]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not _F:
+            continue
+        dim = collective_args(node)["mesh_dim"]
+        if dim not in DATA_DIMS:
+            continue
+        base, only_f = node.args[0], True
+        while base.op == "call_function" and base.target in COLLECTIVE_OPS:
+            only_f = only_f and base.target is _F
+            base = base.args[0]
+        if base.op == "get_attr":
+            groups.setdefault((base, dim), []).append((node, only_f))
+    # A parameter is synced by the runtime on a dim only if every f of it on that dim sits directly on
+    # it: an f behind another collective (a local slice for a tensor-parallel use of a tied weight)
+    # reduces its own contribution already, and the runtime would sum that part a second time.
+    synced: dict[fx.Node, list[str]] = {}
+    for (param, dim), fs in groups.items():
+        if not all(only_f for _, only_f in fs):
+            continue
+        for node, _ in fs:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+        synced.setdefault(param, []).append(dim)
+    if not synced:
+        return PassResult(gm, False)
+    # The backward produces gradients roughly in reverse order of first use.
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    first_use = {p: min(order[u] for u in p.users) for p in synced}
+    bucket, filled = 0, 0
+    for p in sorted(synced, key=lambda p: -first_use[p]):
+        nbytes = get_info(p).spec.nbytes(local=True)
+        if filled and filled + nbytes > cap:
+            bucket, filled = bucket + 1, 0
+        filled += nbytes
+        info = get_info(p)
+        set_info(p, dataclasses.replace(info, grad_sync=GradSyncInfo(tuple(sorted(synced[p])), bucket)))
+    return PassResult(gm, True)

@@ -1,0 +1,163 @@
+"""insert_collectives: make every edge's placements match what its consumer needs.
+
+Requires: specs. Provides: collectives.
+
+For each consumer and each tensor input whose placements differ from the ones
+the consumer's strategy needs, inserts the transitions of
+`fxpar.ops.collectives` mesh dim by mesh dim (all_reduce, all_gather, shard,
+reduce_scatter, all_to_all). Then, for every Replicate input of an op whose
+output is not Replicate on that mesh dim, inserts `grad_all_reduce`
+(identity forward, all-reduce backward): that input's gradient is partial on
+each rank. A redistributed value is shared by all consumers needing the same
+placements, so e.g. q, k and v projections share one grad_all_reduce.
+
+Before:  %linear_1 = aten.linear(%gelu, %down_weight)              # P
+         %add = aten.add.Tensor(%linear_1, %down_bias)             # needs R
+After:   %allreduce_linear_1 = fxpar.all_reduce(%linear_1, '1', 'tp')
+         %add = aten.add.Tensor(%allreduce_linear_1, %down_bias)
+and      %linear = aten.linear(%x, %up_weight, %up_bias)          # x R, output S(1)
+becomes  %gradallreduce_x = fxpar.grad_all_reduce(%x, '1', 'tp')
+         %linear = aten.linear(%gradallreduce_x, %up_weight, %up_bias)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch.distributed.tensor.placement_types import Placement
+
+from fxpar.core.errors import ShardingError, module_fqn_of, node_context
+from fxpar.core.mesh import MeshInfo
+from fxpar.core.pass_api import PassContext, PassResult, fx_pass
+from fxpar.core.spec import NodeInfo, get_info, make_spec, set_info
+from fxpar.ops.collectives import insert_grad_all_reduce, insert_transition, transition_op
+from fxpar.passes._graph import differentiable
+from fxpar.rules import replace_tensor_args, tensor_args
+
+_FSDP_GATHER = torch.ops.fxpar.fsdp_all_gather.default
+
+
+def _group(mesh: MeshInfo, m: int) -> str:
+    # Dry runs have no process groups; their graphs are for reading, not running.
+    return mesh.group_names[m] if mesh.group_names else f"dryrun:{mesh.names[m]}"
+
+
+def _out_placements(info: NodeInfo, m: int) -> list[Placement]:
+    spec = info.spec
+    specs = spec if isinstance(spec, tuple) else (spec,)
+    return [s.placements[m] for s in specs if s is not None]
+
+
+class _Inserter:
+    def __init__(self, graph: fx.Graph, mesh: MeshInfo) -> None:
+        self.graph = graph
+        self.mesh = mesh
+        self.cache: dict[tuple, fx.Node] = {}
+
+    def _new(self, node: fx.Node, src: fx.Node, placements: tuple, owner: fx.Node, role: str) -> fx.Node:
+        node.meta["val"] = src.meta["val"]
+        for key in ("nn_module_stack", "stack_trace"):
+            if key in owner.meta:
+                node.meta[key] = owner.meta[key]
+        set_info(node, NodeInfo(spec=make_spec(src.meta["val"], placements, self.mesh.sizes),
+                                module_fqn=module_fqn_of(owner), role=role, origin="insert_collectives"))
+        return node
+
+    def redistribute(self, x: fx.Node, need: tuple, consumer: fx.Node) -> fx.Node:
+        have = tuple(get_info(x).spec.placements)
+        key = (x, need)
+        if have == need:
+            return x
+        if key in self.cache:
+            return self.cache[key]
+        cur, placements = x, list(have)
+        for m, (src, dst) in enumerate(zip(have, need)):
+            try:
+                op = transition_op(src, dst)
+            except ShardingError as e:
+                raise ShardingError(f"{node_context(consumer)}: input %{x.name} is {src} on mesh dim "
+                                    f"'{self.mesh.names[m]}' but the op needs {dst}: {e}") from e
+            if op is None:
+                continue
+            with self.graph.inserting_before(consumer):
+                new = insert_transition(
+                    self.graph, cur, src, dst, mesh_dim=m, mesh_dim_name=self.mesh.names[m],
+                    group_size=self.mesh.sizes[m], group_name=_group(self.mesh, m), label=x.name)
+            placements[m] = dst
+            owner = consumer if op == "shard" else x
+            cur = self._new(new, x, tuple(placements), owner, "collective")
+        self.cache[key] = cur
+        return cur
+
+    def full_gradient_gather(self, a: fx.Node, consumer: fx.Node, info: NodeInfo) -> fx.Node:
+        """An FSDP-gathered parameter used by an op that runs replicated on fsdp gets a plain all_gather.
+
+        fsdp_all_gather's backward reduce-scatters (sums) the gradient, right for uses on
+        batch-sharded data (partial gradients); a replicated use already yields the full gradient
+        on every rank, which summing would multiply by the fsdp size.
+        """
+        if a.target is not _FSDP_GATHER or consumer.op == "output":
+            return a
+        f = self.mesh.names.index("fsdp")
+        if any(not p.is_replicate() for p in _out_placements(info, f)):
+            return a
+        key = (a, "plain")
+        if key not in self.cache:
+            shard = a.args[0]
+            with self.graph.inserting_before(consumer):
+                new = insert_transition(
+                    self.graph, shard, get_info(shard).spec.placements[f], get_info(a).spec.placements[f],
+                    mesh_dim=f, mesh_dim_name="fsdp", group_size=self.mesh.sizes[f],
+                    group_name=_group(self.mesh, f), label=shard.name)
+            self.cache[key] = self._new(new, shard, tuple(get_info(a).spec.placements), consumer, "param")
+        return self.cache[key]
+
+    def grad_all_reduce(self, x: fx.Node, m: int, consumer: fx.Node) -> fx.Node:
+        key = (x, "f", m)
+        if key not in self.cache:
+            with self.graph.inserting_before(consumer):
+                new = insert_grad_all_reduce(self.graph, x, mesh_dim_name=self.mesh.names[m],
+                                             group_name=_group(self.mesh, m), label=x.name)
+            self.cache[key] = self._new(new, x, tuple(get_info(x).spec.placements), consumer, "marker")
+        return self.cache[key]
+
+
+@fx_pass(requires=("specs",), provides=("collectives",))
+def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    mesh = ctx.mesh
+    ins = _Inserter(gm.graph, mesh)
+    needs_grad = differentiable(gm)
+    fsdp = mesh.names.index("fsdp") if "fsdp" in mesh.names else None
+    modified = False
+    for node in list(gm.graph.nodes):
+        info = get_info(node)
+        if info is None or info.input_placements is None or info.origin == "insert_collectives":
+            continue
+        # mesh dims on which some output is not Replicate: Replicate inputs there need Megatron's f
+        sharded_out = [] if node.op == "output" else \
+            [m for m in range(mesh.ndim) if any(not p.is_replicate() for p in _out_placements(info, m))]
+        args = tensor_args(node)
+        new_args = []
+        changed = False
+        for a, need in zip(args, info.input_placements):
+            if a.target is _FSDP_GATHER:
+                a = ins.full_gradient_gather(a, node, info)
+            b = ins.redistribute(a, tuple(need), node)
+            if sharded_out and a in needs_grad:
+                for m in sharded_out:
+                    if m == fsdp and a.target is _FSDP_GATHER:
+                        continue  # its backward reduce-scatters the partial gradient already
+                    if need[m].is_replicate():
+                        b = ins.grad_all_reduce(b, m, node)
+            new_args.append(b)
+            changed = changed or b is not args[len(new_args) - 1]
+        if changed:
+            replace_tensor_args(node, new_args)
+            modified = True
+    # An FSDP gather all of whose uses took the plain all_gather instead is dead communication
+    # (collectives are side-effectful, so dead code elimination keeps them).
+    for node in list(gm.graph.nodes):
+        if node.target is _FSDP_GATHER and not node.users:
+            gm.graph.erase_node(node)
+            modified = True
+    return PassResult(gm, modified)

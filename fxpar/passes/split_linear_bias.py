@@ -1,0 +1,48 @@
+"""split_linear_bias: add a row-parallel linear's bias after the reduction.
+
+Requires: param_placements. Provides: canonical.
+
+A row-parallel linear produces Partial sums; adding the (replicated) bias on
+every rank would add it tp times (DESIGN.md pitfall). Splitting the bias into
+its own add lets propagation put the all-reduce between the two, exactly where
+Megatron adds it.
+
+Before:  %y = aten.linear(%h, %down_weight, %down_bias)        # weight Shard(1)
+After:   %y_nobias = aten.linear(%h, %down_weight)
+         %y  = aten.add.Tensor(%y_nobias, %down_bias)
+(and likewise addmm(bias, x, w) with w Shard(0) -> add(mm(x, w), bias): HF's Conv1D)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from fxpar.core.pass_api import PassContext, PassResult, fx_pass
+from fxpar.core.spec import get_spec
+
+aten = torch.ops.aten
+
+
+@fx_pass(requires=("param_placements",), provides=("canonical",))
+def split_linear_bias(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    modified = False
+    for node in list(gm.graph.nodes):
+        if node.target == aten.linear.default and len(node.args) >= 3 and node.args[2] is not None:
+            x, w, b = node.args[:3]
+            target, args, reduced_dim = aten.linear.default, (x, w), 1
+        elif node.target == aten.addmm.default and not node.kwargs:  # Conv1D: addmm(bias, x, w[in, out])
+            b, x, w = node.args[:3]
+            target, args, reduced_dim = aten.mm.default, (x, w), 0
+        else:
+            continue
+        w_spec = get_spec(w) if isinstance(w, fx.Node) else None
+        if w_spec is None or not any(p.is_shard(reduced_dim) for p in w_spec.placements):
+            continue
+        with gm.graph.inserting_before(node):
+            mm = gm.graph.create_node("call_function", target, args, name=f"{node.name}_nobias")
+            mm.meta.update({k: v for k, v in node.meta.items() if k != "fxpar"})
+        node.target = aten.add.Tensor
+        node.args = (mm, b)
+        modified = True
+    return PassResult(gm, modified)

@@ -1,0 +1,142 @@
+"""Coalesced FSDP communication: one all-gather and one reduce-scatter per block, not per parameter.
+
+The graph keeps one `fsdp_all_gather` node per parameter (what passes and
+checks reason about); `apply_fsdp` tags each with a bucket, the parameters of
+one block (`h.3`, `layers.7`) in order of use, as FSDP2 wraps a block. At run
+time a ParallelModule registers its buckets here, and the custom op's kernels
+(fxpar/ops/collectives.py) hand a registered shard to its bucket:
+
+    forward   the first gather of a bucket gathers all its shards as one flat
+              buffer [n, local numel]; each parameter's node takes its full
+              tensor out of it (contiguous, its own storage, so it is freed
+              after its layer like a per-parameter gather)
+    backward  each node's gradient goes into the bucket's flat buffer and the
+              node returns zeros for its shard; the last gradient of the bucket
+              reduce-scatters the buffer once and adds each shard's part into
+              `.grad` (a callback at the end of the backward flushes buckets
+              some of whose parameters got no gradient)
+    re-gather (reshard_after_forward) the first parameter autograd unpacks
+              re-gathers the bucket's saved parameters at once; the rest come
+              from that until the last one saved is unpacked
+
+Every rank runs the same graph, so buckets fill and fire in the same order on
+every rank of the group. Bytes per step are those of per-parameter gathers;
+collectives per step drop from one per parameter to one per block.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor
+
+from fxpar._torch.c10d import queue_autograd_callback
+from fxpar.analysis.fsdp import bucket_groups
+from fxpar.core.dataflow import attr_of
+from fxpar.ops import collectives as C
+from fxpar.runtime.fsdp_state import register_fsdp_bucket
+
+__all__ = ["FsdpBucket", "register_buckets"]
+
+
+class FsdpBucket:
+    """The FSDP-sharded parameters of one block, gathered and reduce-scattered together."""
+
+    def __init__(self, shards: list[Tensor], args: tuple) -> None:
+        self._shards = [weakref.ref(s) for s in shards]
+        self.args = args  # (dim 0, group size, group name, mesh dim), the same for every shard
+        self.numels = [s.numel() for s in shards]
+        self.offsets = [sum(self.numels[:i]) for i in range(len(shards))]
+        self.total = sum(self.numels)
+        self.shapes = [tuple(s.shape) for s in shards]
+        self._full: dict[int, tuple[Tensor, int]] = {}  # forward: gathered, not yet taken (with the shard's version)
+        self._regathered: dict[int, Tensor] = {}
+        self._regather_versions: tuple = ()
+        self._saved = 0  # parameters autograd saved as shards and has not unpacked yet
+        self._grads: Tensor | None = None
+        self._got: set[int] = set()
+
+    def shards(self) -> list[Tensor]:
+        out = [r() for r in self._shards]
+        if any(s is None for s in out):
+            raise RuntimeError("an FSDP bucket's parameter was freed while the module is in use")
+        return out
+
+    def _gather_all(self, direction: str) -> list[Tensor]:
+        _, n, group_name, mesh_dim = self.args
+        shards = self.shards()
+        flat = torch.cat([s.detach().reshape(-1) for s in shards])
+        C._record("all_gather", mesh_dim, flat, direction)
+        gathered = C._all_gather(flat, 0, n, group_name).view(n, self.total)
+        return [gathered[:, o:o + k].reshape(n * shape[0], *shape[1:]).contiguous()
+                for o, k, shape in zip(self.offsets, self.numels, self.shapes)]
+
+    def gather(self, index: int) -> Tensor:
+        """The full parameter `index`, from this forward's one gather of the bucket."""
+        shard = self._shards[index]()
+        hit = self._full.pop(index, None)
+        if hit is not None and shard is not None and hit[1] == shard._version:
+            return hit[0]
+        # first use in this forward, or left from an unfinished one and updated since: gather the bucket
+        versions = [s._version for s in self.shards()]
+        self._full = {i: (t, v) for i, (t, v) in enumerate(zip(self._gather_all("forward"), versions))}
+        return self._full.pop(index)[0]
+
+    def saved(self) -> None:
+        self._saved += 1
+
+    def unsaved(self) -> None:
+        self._saved -= 1
+        if self._saved <= 0:
+            self._saved, self._regathered = 0, {}
+
+    def regather(self, index: int) -> Tensor:
+        versions = tuple(s._version for s in self.shards())
+        if index not in self._regathered or versions != self._regather_versions:
+            self._regathered = dict(enumerate(self._gather_all("backward")))
+            self._regather_versions = versions
+        return self._regathered[index]
+
+    def reduce(self, index: int, grad: Tensor) -> Tensor:
+        """Takes parameter `index`'s full gradient; returns the zeros autograd adds to its shard."""
+        _, n, _, _ = self.args
+        if self._grads is None:
+            self._grads = grad.new_zeros(n, self.total)
+            queue_autograd_callback(self.flush)
+        o, k = self.offsets[index], self.numels[index]
+        self._grads[:, o:o + k].add_(grad.reshape(n, k))
+        self._got.add(index)
+        if len(self._got) == len(self.numels):
+            self.flush()
+        return grad.new_zeros(self.shapes[index])
+
+    def flush(self) -> None:
+        """Reduce-scatters the gradients gathered so far (zeros for the others) into the shards' `.grad`."""
+        if self._grads is None:
+            return
+        grads, got = self._grads, self._got
+        self._grads, self._got = None, set()
+        _, n, group_name, mesh_dim = self.args
+        C._record("reduce_scatter", mesh_dim, grads, "backward")
+        local = C._reduce_scatter(grads.reshape(-1), 0, n, group_name)
+        for i, (shard, o, k) in enumerate(zip(self.shards(), self.offsets, self.numels)):
+            if i not in got:
+                continue
+            part = local[o:o + k].view(self.shapes[i])
+            shard.grad = part.clone() if shard.grad is None else shard.grad.add_(part)
+
+
+def register_buckets(graphs: list) -> list[FsdpBucket]:
+    """Registers the block groups of a module's graphs: their fsdp_all_gathers go through them from now on."""
+    out = []
+    for args, members in bucket_groups(graphs):
+        if len(members) < 2:
+            continue  # a bucket of one is the plain per-parameter path
+        shards = [attr_of(gm, node.target) for gm, node in members]
+        bucket = FsdpBucket(shards, args)
+        for i, s in enumerate(shards):
+            register_fsdp_bucket(s, bucket, i)
+        out.append(bucket)
+    return out
+

@@ -1,0 +1,231 @@
+"""FSDP state at run time: per-block buckets, one gather per pipeline step, gathered-parameter accounting.
+
+`fxpar.ops.collectives.fsdp_all_gather` is a plain collective with no state;
+this module installs the runtime that may take its gathers over
+(`set_fsdp_runtime`): a shard registered with a block's bucket
+(`fxpar.runtime.fsdp_buckets`) is gathered with its block; inside a
+`StepGather` (a pipeline step with reshard_after_forward=False) each shard is
+gathered once per step; every gathered parameter is tracked (weakly) so that
+autograd can save it as its shard and re-gather it in the backward
+(`pack_gathered` / `unpack_gathered`, reshard_after_forward=True) and so that
+tests can read the peak bytes of gathered parameters.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from torch import Tensor
+
+from fxpar.ops.collectives import _all_gather, _record, _reduce_scatter, set_fsdp_runtime
+
+__all__ = [
+    "StepGather",
+    "register_fsdp_bucket",
+    "fsdp_bucket_of",
+    "note_gathered",
+    "pack_gathered",
+    "unpack_gathered",
+    "reset_peak_gathered_bytes",
+    "peak_gathered_bytes",
+    "gathered_param_bytes",
+]
+
+
+_step_gathers: list["StepGather"] = []
+
+
+class StepGather:
+    """FSDP over a whole pipeline step: each parameter gathered once, its gradient reduce-scattered once.
+
+    A pipeline runs the stage graph once per microbatch, so the graph's
+    `fsdp_all_gather` would gather every parameter M times and reduce-scatter
+    its gradient M times. Inside `with StepGather() as sg:` the first gather
+    of a shard communicates and later ones reuse the full parameter (kept for
+    the step: FSDP2's reshard_after_forward=False); backwards add the full
+    gradient into one buffer and give the shard zeros; `sg.reduce_scatter(params)`
+    then reduce-scatters each buffer once and adds it into `.grad`.
+    """
+
+    def __init__(self) -> None:
+        self._full: dict[tuple, Tensor] = {}
+        self._grads: dict[tuple, Tensor] = {}
+        self._args: dict[tuple, tuple] = {}
+
+    @staticmethod
+    def _key(shard: Tensor) -> tuple:
+        return (shard.data_ptr(), tuple(shard.shape), shard.dtype)
+
+    def __enter__(self) -> "StepGather":
+        _step_gathers.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _step_gathers.remove(self)
+
+    def gather(self, shard: Tensor, args: tuple) -> Tensor:
+        key = self._key(shard)
+        full = self._full.get(key)
+        if full is None:
+            dim, n, group_name, mesh_dim = args
+            _record("all_gather", mesh_dim, shard, "forward")
+            full = self._full[key] = _all_gather(shard, dim, n, group_name)
+            self._args[key] = args
+            note_gathered(full, shard, args)
+        return full.detach()  # a new tensor on the same storage: autograd gives each use its own history
+
+    def accumulate(self, shard_key: int, ctx, grad: Tensor) -> Tensor:
+        shape = list(grad.shape)
+        shape[ctx.dim] //= ctx.group_size
+        key = (shard_key, tuple(shape), grad.dtype)
+        acc = self._grads.get(key)
+        if acc is None:
+            self._grads[key] = grad.detach().clone()
+        else:
+            acc.add_(grad)
+        return grad.new_zeros(shape)
+
+    def reduce_scatter(self, params: list[Tensor]) -> None:
+        """Reduce-scatters each gathered parameter's summed gradient once, in `params` order (the same on
+        every rank of the group), into `.grad`; frees the gathered parameters."""
+        for p in params:
+            key = self._key(p)
+            acc = self._grads.pop(key, None)
+            if acc is None:
+                continue
+            dim, n, group_name, mesh_dim = self._args[key]
+            _record("reduce_scatter", mesh_dim, acc, "backward")
+            shard = _reduce_scatter(acc, dim, n, group_name)
+            p.grad = shard if p.grad is None else p.grad.add_(shard)
+        self._full.clear()
+
+
+# Shards whose gathers are coalesced per block (fxpar.runtime.fsdp_buckets): data_ptr -> (weakref(shard), bucket, index).
+_fsdp_buckets: dict[int, tuple] = {}
+
+
+def register_fsdp_bucket(shard: Tensor, bucket: Any, index: int) -> None:
+    _fsdp_buckets[shard.data_ptr()] = (weakref.ref(shard), bucket, index)
+
+
+def fsdp_bucket_of(shard: Tensor) -> tuple | None:
+    """(bucket, index) of a registered FSDP shard, or None."""
+    entry = _fsdp_buckets.get(shard.data_ptr()) if _fsdp_buckets else None
+    if entry is None:
+        return None
+    ref, bucket, index = entry
+    t = ref()
+    if t is None or t.data_ptr() != shard.data_ptr() or tuple(t.shape) != tuple(shard.shape):
+        return None
+    return bucket, index
+
+
+# Gathered FSDP parameters alive right now, for the runtime's memory accounting and for re-gathering
+# in the backward instead of keeping them (reshard_after_forward):
+# id(full) -> (weakref(full), shard, (dim, group_size, group_name, mesh_dim)).
+_gathered: dict[int, tuple] = {}
+
+
+_peak = [0]
+
+
+def note_gathered(full: Tensor, shard: Tensor, args: tuple) -> None:
+    key = id(full)
+    _gathered[key] = (weakref.ref(full, lambda _: _gathered.pop(key, None)), shard, args)
+    _peak[0] = max(_peak[0], gathered_param_bytes())
+
+
+class _Regather:
+    """What autograd keeps of a gathered FSDP parameter instead of the parameter itself."""
+
+    def __init__(self, shard: Tensor, args: tuple) -> None:
+        self.shard, self.args = shard, args
+        self.bucket = fsdp_bucket_of(shard)  # re-gathered with its block (fxpar.runtime.fsdp_buckets)
+        if self.bucket is not None:
+            self.bucket[0].saved()
+
+    def __del__(self) -> None:  # autograd freed the graph without unpacking this
+        if self.bucket is not None:
+            self.bucket[0].unsaved()
+
+    def __call__(self) -> Tensor:
+        dim, n, group_name, mesh_dim = self.args
+        if self.bucket is not None:
+            bucket, self.bucket = self.bucket, None
+            full = bucket[0].regather(bucket[1])
+            bucket[0].unsaved()
+            note_gathered(full, self.shard, self.args)
+            return full
+        _record("all_gather", mesh_dim, self.shard, "backward")
+        full = _all_gather(self.shard, dim, n, group_name)
+        note_gathered(full, self.shard, self.args)
+        return full
+
+
+def pack_gathered(t: Tensor):
+    """saved_tensors_hooks pack: a gathered FSDP parameter (or a view of it, e.g. linear's w.t())
+    is saved as its shard and re-gathered in the backward."""
+    base = t._base if t._base is not None else t
+    entry = _gathered.get(id(base))
+    if entry is not None and entry[0]() is base:
+        view = (t.size(), t.stride(), t.storage_offset()) if base is not t else None
+        return _Regather(entry[1], entry[2]), view
+    return t
+
+
+def unpack_gathered(x):
+    if isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], _Regather):
+        full = x[0]()
+        return full if x[1] is None else full.as_strided(*x[1])
+    return x
+
+
+def reset_peak_gathered_bytes() -> None:
+    _peak[0] = gathered_param_bytes()
+
+
+def peak_gathered_bytes() -> int:
+    """The most bytes of gathered FSDP parameters alive at once since the last reset."""
+    return _peak[0]
+
+
+def gathered_param_bytes() -> int:
+    """Bytes of FSDP-gathered parameters alive now (in this process)."""
+    total = 0
+    for ref, *_ in list(_gathered.values()):
+        t = ref()
+        if t is not None:
+            total += t.numel() * t.element_size()
+    return total
+
+
+class _FsdpState:
+    """The `FsdpRuntime` fxpar's runtime installs: buckets, step gathers and accounting above."""
+
+    def gather(self, shard: Tensor, args: tuple) -> Tensor | None:
+        if _step_gathers:  # a pipeline step that gathers each parameter once (see StepGather)
+            return _step_gathers[-1].gather(shard, args)
+        bucket = fsdp_bucket_of(shard)
+        if bucket is None:
+            return None
+        out = bucket[0].gather(bucket[1])  # gathered with the rest of its block (fxpar.runtime.fsdp_buckets)
+        note_gathered(out, shard, args)
+        return out
+
+    def gathered(self, full: Tensor, shard: Tensor, args: tuple) -> None:
+        note_gathered(full, shard, args)
+
+    def saved(self, shard: Tensor) -> Any:
+        return shard.data_ptr(), (None if _step_gathers else fsdp_bucket_of(shard))
+
+    def backward(self, token: Any, ctx: Any, grad: Tensor) -> Tensor | None:
+        shard_key, bucket = token
+        if _step_gathers:
+            return _step_gathers[-1].accumulate(shard_key, ctx, grad)
+        if bucket is not None:
+            return bucket[0].reduce(bucket[1], grad)
+        return None
+
+
+set_fsdp_runtime(_FsdpState())

@@ -1,0 +1,264 @@
+"""ParallelModule: runs this rank's rewritten GraphModule.
+
+The runtime executes GraphModules directly: no DTensor dispatch, no graph
+interpretation. It owns the process-group view of the mesh, the forward and
+training step, and gathering full tensors for users; the graph owns all
+communication of the computation itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.distributed.tensor.placement_types import Shard
+
+from fxpar._torch.fx import pytree
+from fxpar.analysis.explain import explain
+from fxpar.analysis.fingerprint import exchange
+from fxpar.analysis.plan_io import resolve_plan
+from fxpar.capture import CaptureInfo
+from fxpar.core.errors import PlanError
+from fxpar.core.mesh import MeshInfo
+from fxpar.core.spec import TensorSpec, get_info, get_spec, shard_order
+from fxpar.ops.collectives import _all_gather, inference_graph_module
+from fxpar.runtime.fsdp_buckets import register_buckets
+from fxpar.runtime.fsdp_state import pack_gathered, unpack_gathered
+from fxpar.runtime.grad_sync import GradSync
+
+__all__ = ["ParallelModule"]
+
+
+class ParallelModule(nn.Module):
+    """A model compiled for one rank of a device mesh.
+
+    Every rank passes the same full inputs and gets the same full outputs,
+    equal to the original model's. `parameters()` yields this rank's local
+    shards; any torch optimizer works on them.
+
+    Attributes:
+        graph_module: this rank's rewritten GraphModule.
+        mesh: the torch DeviceMesh (None for dry runs).
+        mesh_info: the mesh as passes saw it.
+        plan: the resolved plan (`fxpar.analysis.plan_io.ResolvedPlan`): every module's style as the passes
+            chose it, the mesh and the pipeline settings; save it with `fxpar.save_plan`.
+        requested_plan: the plan as given to parallelize (validated).
+        history: the pass manager's records (name, seconds, ...).
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, *, mesh: Any, mesh_info: MeshInfo, plan: Any,
+                 history: list, example_args: tuple = (), example_kwargs: dict | None = None,
+                 input_layout: str = "full", reshard_after_forward: bool = True) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self.mesh = mesh
+        self.mesh_info = mesh_info
+        self.requested_plan = plan
+        self.history = history
+        self._example = (example_args, example_kwargs or {})
+        self._fingerprint_checked = False
+        self.input_layout = input_layout
+        self.reshard_after_forward = reshard_after_forward
+        self._grad_sync = self._hook_grad_sync()
+        self._fsdp_buckets = self._register_fsdp_buckets()
+
+    # ------------------------------------------------------------------ running
+
+    def _run_graph(self, args: tuple, kwargs: dict) -> Any:
+        """This rank's graph on its inputs: outputs batch-sharded where the graph left them so."""
+        if not self._fingerprint_checked:
+            # Ranks whose graphs would issue different collectives fail here, naming the first one.
+
+            exchange(self.graph_module, self.mesh_info)
+            self._fingerprint_checked = True
+        if self.reshard_after_forward and torch.is_grad_enabled():
+            # Gathered FSDP parameters are not kept for the backward: it gathers them again.
+            with torch.autograd.graph.saved_tensors_hooks(pack_gathered, unpack_gathered):
+                return self.graph_module(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            return self._inference_graph()(*args, **kwargs)
+        return self.graph_module(*args, **kwargs)
+
+    def _inference_graph(self) -> fx.GraphModule:
+        """The graph without its backward-only markers (`inference_graph_module`), for no_grad runs.
+
+        grad_all_reduce only copies its input when there is no backward. Kept out of the
+        module's registration (no second set of state_dict keys) and rebuilt when the graph
+        module is recompiled; it shares the graph module's parameter and buffer objects.
+        """
+        cached = self.__dict__.get("_inference")
+        if cached is None or cached[0] is not self.graph_module.code:
+            cached = (self.graph_module.code, inference_graph_module(self.graph_module))
+            self.__dict__["_inference"] = cached
+        return cached[1]
+
+    def _hook_grad_sync(self):
+        """Bucketed asynchronous gradient all-reduces for the parameters bucket_grad_sync marked."""
+        gm = self.graph_module
+        marked = []
+        for node in gm.graph.nodes:
+            info = get_info(node)
+            sync = info.grad_sync if info is not None and node.op == "get_attr" else None
+            if sync:
+                mod, _, name = str(node.target).rpartition(".")
+                marked.append((getattr(gm.get_submodule(mod), name), sync.dims, sync.bucket))
+        return GradSync(marked, self.mesh_info) if marked else None
+
+    def _register_fsdp_buckets(self) -> list:
+        """Groups the FSDP gathers apply_fsdp tagged with one block into one collective each way."""
+        return register_buckets(self._stage_graphs()) if self.mesh is not None else []
+
+    def _stage_graphs(self) -> list[fx.GraphModule]:
+        return [self.graph_module]
+
+    def _data_dims(self) -> list[int]:
+        info = self.mesh_info
+        return [m for m, name in enumerate(info.names) if name in ("dp", "fsdp") and info.sizes[m] > 1]
+
+    def _output_placements(self) -> list[tuple]:
+        out = next(n for n in self.graph_module.graph.nodes if n.op == "output")
+        info = get_info(out)
+        return list(info.input_placements) if info is not None and info.input_placements else []
+
+    def _gather_outputs(self, output: Any) -> Any:
+        """Gathers batch-sharded outputs along the batch dim over the data-parallel dims."""
+        data = self._data_dims()
+        if not data or self.input_layout == "local":
+            return output
+        leaves, spec = pytree.tree_flatten(output)
+        placements = iter(self._output_placements())
+        for i, leaf in enumerate(leaves):
+            if not isinstance(leaf, torch.Tensor):
+                continue
+            places = next(placements, None)
+            if places is None:
+                continue
+            for m in reversed(data):  # cut dp then fsdp: gather fsdp first
+                if places[m] == Shard(0):
+                    leaf = torch.ops.fxpar.all_gather(leaf, 0, self.mesh_info.sizes[m],
+                                                      self.mesh_info.group_name(m), self.mesh_info.names[m])
+            leaves[i] = leaf
+        return pytree.tree_unflatten(leaves, spec)
+
+    def _local_batch(self, value: Any) -> Any:
+        """This rank's slice of a full batch (the target), as shard_inputs slices the inputs."""
+        info = self.mesh_info
+
+        def cut(t):
+            if not isinstance(t, torch.Tensor) or t.ndim == 0:
+                return t
+            for m in self._data_dims():
+                t = t.chunk(info.sizes[m], dim=0)[info.coordinate[m]]
+            return t
+
+        return pytree.tree_map(cut, value)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._gather_outputs(self._run_graph(args, kwargs))
+
+    def step(self, *inputs: Any, target: Any, loss_fn: Callable, loss_reduction: str = "mean",
+             **kwargs: Any) -> torch.Tensor:
+        """One training forward and backward; returns the global loss.
+
+        Gradients accumulate into the local parameters' `.grad` as
+        `loss.backward()` does, so zero them between steps as usual.
+
+        Args:
+            inputs: the full inputs (every rank the same).
+            target: the full target.
+            loss_fn: `loss_fn(output, target) -> scalar tensor`.
+            loss_reduction: 'mean' or 'sum': how per-shard losses combine (used
+                when the batch is split across ranks or microbatches).
+        """
+        if loss_reduction not in ("mean", "sum"):
+            raise PlanError(f"loss_reduction={loss_reduction!r}: use 'mean' or 'sum'")
+        data = self._data_dims()
+        sharded = data and all(any(p[m] == Shard(0) for m in data) for p in self._output_placements())
+        if not sharded:
+            # Outputs are whole on every rank: the loss is the global loss already.
+            loss = loss_fn(self(*inputs, **kwargs), target)
+            loss.backward()
+            return loss.detach()
+        # Data parallel: the loss of this rank's batch shard; the gradient all-reduces in the graph sum
+        # the shards, so a mean over equal shards is scaled by 1/shards here.
+        output = self._run_graph(inputs, kwargs)
+        local_target = target if self.input_layout == "local" else self._local_batch(target)
+        local = loss_fn(output, local_target)
+        shards = 1
+        for m in data:
+            shards *= self.mesh_info.sizes[m]
+        scale = 1.0 / shards if loss_reduction == "mean" else 1.0
+        (local * scale).backward()
+        total = local.detach() * scale
+        for m in data:
+            total = torch.ops.fxpar.all_reduce(total, self.mesh_info.group_name(m), self.mesh_info.names[m])
+        return total
+
+    # ------------------------------------------------------------------ introspection
+
+    def explain(self, *inputs: Any, **kwargs: Any) -> str:
+        """The plan per module, every collective with bytes per step, memory per rank, fallbacks.
+
+        Bytes are for the example inputs' sizes, or for the sizes of `inputs` if given
+        (another batch size or sequence length: the graph is symbolic in them).
+        """
+        return explain(self, *inputs, **kwargs)
+
+    @property
+    def plan(self):
+        """The resolved plan; reusable as `parallelize(..., plan=pm.plan)` on the same model and mesh."""
+        return resolve_plan(self)
+
+    @property
+    def capture_info(self) -> CaptureInfo:
+        return self.graph_module.meta["fxpar"]
+
+    def _param_specs(self) -> dict[int, TensorSpec]:
+        """Spec of each parameter / buffer tensor, by object id (tied FQNs share one tensor)."""
+        gm = self.graph_module
+        out = {}
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                spec = get_spec(node)
+                if spec is not None:
+                    mod, _, name = str(node.target).rpartition(".")
+                    out[id(getattr(gm.get_submodule(mod), name))] = spec
+        return out
+
+    def _gather(self, local: torch.Tensor, spec: TensorSpec | None) -> torch.Tensor:
+        if spec is None or all(p.is_replicate() for p in spec.placements):
+            return local.detach().clone()
+        full = local.detach()
+        # Shards were cut in shard_order (fsdp last); undo them in reverse.
+        for m in reversed(shard_order(self.mesh_info.names)):
+            p = spec.placements[m]
+            if not p.is_replicate():
+                full = _all_gather(full, p.dim, self.mesh_info.sizes[m], self.mesh_info.group_name(m),
+                                   getattr(p, "split_factor", 1))
+        return full
+
+    def _full(self, grads: bool) -> dict[str, torch.Tensor]:
+        specs = self._param_specs()
+        aliases = self.capture_info.param_aliases
+        out: dict[str, torch.Tensor] = {}
+        for fqn, p in self.graph_module.named_parameters():
+            t = p.grad if grads else p
+            if t is None:
+                continue
+            full = self._gather(t, specs.get(id(p)))
+            for name in aliases.get(fqn, (fqn,)):
+                out[name] = full
+        if not grads:
+            for fqn, b in self.graph_module.named_buffers():
+                out[fqn] = self._gather(b, specs.get(id(b)))
+        return out
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full (unsharded) parameters and buffers under the original FQNs, on every rank."""
+        return self._full(grads=False)
+
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        """Full gradients under the original FQNs, on every rank (parameters without a grad left out)."""
+        return self._full(grads=True)
