@@ -47,6 +47,7 @@ _EXAMPLES = """examples:
   fxpar verify examples/gpt2_dryrun.py:gpt2_tiny --mesh tp=2
   fxpar verify mypkg.models:build --mesh dp=2,tp=2 --plan plan.json
   fxpar run --nproc 4 train.py --lr 3e-4
+  fxpar plan --auto --world 64 --device h100 examples/llama_dryrun.py:llama3_8b
   fxpar diff old.plan.json new.plan.json
 """
 
@@ -338,6 +339,22 @@ def _cmd_diff(ns: argparse.Namespace) -> int:
     return 0 if not lines else 1
 
 
+# --------------------------------------------------------------------------- plan
+
+
+def _cmd_plan(ns: argparse.Namespace) -> int:
+    model, args, kwargs = load_target(ns.target)
+    ap = fxpar.autoplan(model, ns.world, example_inputs=args, example_kwargs=kwargs or None, device=ns.device,
+                        memory_gib=ns.memory_gib, global_batch=ns.global_batch)
+    print(ap.explain(top=ns.top))
+    mesh = ",".join(f"{k}={v}" for k, v in zip(ap.mesh_dim_names, ap.mesh_shape))
+    print(f"\nmesh: {mesh}" + (f"; activation_checkpointing={ap.activation_checkpointing!r}"
+                                if ap.activation_checkpointing else ""))
+    if ns.save_plan:
+        print(f"wrote {fxpar.save_plan(ap.plan, ns.save_plan)}")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -415,6 +432,26 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("script", help="the Python script every rank runs")
     ru.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
     ru.set_defaults(func=_cmd_run)
+
+    pl = sub.add_parser(
+        "plan", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="choose the mesh and plan for a number of devices (--auto) and predict its step and memory",
+        description="Search the meshes of --world devices (dp x fsdp x pp x tp), pipeline schedules and\n"
+                    "microbatches, and memory savers, price each on the compiled graph for --device, and\n"
+                    "print the best candidates side by side (fxpar.autoplan). The model may live on meta.",
+        epilog="examples:\n  fxpar plan --auto --world 64 --device h100 examples/llama_dryrun.py:llama3_8b\n"
+               "  fxpar plan --auto --world 4 --device local mypkg.models:build --save-plan plan.json\n")
+    pl.add_argument("target", metavar="MODULE:FACTORY",
+                    help="a function returning (model, example_args[, example_kwargs]); dim 0 of the inputs is "
+                         "the global batch")
+    pl.add_argument("--auto", action="store_true", required=True, help="search the mesh and plan (required)")
+    pl.add_argument("--world", type=int, required=True, metavar="N", help="number of devices")
+    pl.add_argument("--device", default="local", help="h100, h200, a100 or local (measured; default)")
+    pl.add_argument("--memory-gib", type=float, metavar="GIB", help="memory per device (default: the device's)")
+    pl.add_argument("--global-batch", type=int, metavar="N", help="sequences per step (default: the example's)")
+    pl.add_argument("--save-plan", metavar="FILE", help="write the chosen plan as JSON")
+    pl.add_argument("--top", type=int, default=8, metavar="K", help="candidates to show (default 8)")
+    pl.set_defaults(func=_cmd_plan)
 
     di = sub.add_parser("diff", help="compare two saved plans, entry by entry",
                         description="Show what changed between two plans saved with fxpar.save_plan (exit 1 if "

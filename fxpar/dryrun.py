@@ -51,6 +51,8 @@ def parse_mesh(mesh_shape: Any) -> dict[str, int]:
     """
     if isinstance(mesh_shape, MeshInfo):
         return dict(zip(mesh_shape.names, mesh_shape.sizes))
+    if hasattr(mesh_shape, "mesh_dim_names") and hasattr(mesh_shape, "mesh_shape"):  # an AutoPlan
+        return dict(zip(mesh_shape.mesh_dim_names, mesh_shape.mesh_shape))
     if hasattr(mesh_shape, "mesh_dim_names") and hasattr(mesh_shape, "shape"):  # a DeviceMesh: its sizes
         info = MeshInfo.from_device_mesh(mesh_shape)
         return dict(zip(info.names, info.sizes))
@@ -181,7 +183,8 @@ def plan(model: nn.Module, mesh_shape: Any, *, example_inputs: tuple = (), examp
 
     Args:
         model: the model; never modified. May live on the meta device.
-        mesh_shape: {'dp': 8, 'pp': 4, 'tp': 8}, 'dp=8,pp=4,tp=8', a MeshInfo, or a DeviceMesh (its sizes).
+        mesh_shape: {'dp': 8, 'pp': 4, 'tp': 8}, 'dp=8,pp=4,tp=8', a MeshInfo, a DeviceMesh (its sizes), or an
+            AutoPlan (its mesh, and its plan unless `plan` is given).
         example_inputs, example_kwargs: example inputs, as for parallelize.
         plan: a fxpar.Plan, {glob: style} dict, a saved plan (`fxpar.load_plan`), or None (automatic).
         passes: the pass list (default: fxpar.default_passes()).
@@ -200,6 +203,8 @@ def plan(model: nn.Module, mesh_shape: Any, *, example_inputs: tuple = (), examp
     if input_layout not in ("full", "local"):
         raise PlanError(f"input_layout={input_layout!r}: use 'full' (every rank passes the same full inputs) "
                         "or 'local' (each rank passes its own batch shard)")
+    if plan is None and hasattr(mesh_shape, "mesh_shape") and hasattr(mesh_shape, "plan"):  # an AutoPlan
+        plan = mesh_shape.plan
     mesh_info = dry_mesh(mesh_shape)
     if check is None and _has_meta(model):
         check = False

@@ -69,7 +69,7 @@ import torch.fx as fx
 from fxpar.core.spec import TensorSpec, get_info
 from fxpar.ops.collectives import COLLECTIVE_OPS
 
-__all__ = ["DeviceModel", "NodeCost", "node_cost", "size_expr", "value_bytes", "evaluate", "balance"]
+__all__ = ["DeviceModel", "NodeCost", "node_cost", "size_expr", "value_bytes", "example_sizes", "evaluate", "balance"]
 
 aten = torch.ops.aten
 
@@ -92,6 +92,11 @@ class DeviceModel:
         """Time(n) in seconds, symbolic."""
         compute = sympy.Max(cost.flops / self.flops, cost.mem_bytes / self.mem_bandwidth)
         return compute + cost.comm_bytes / self.mesh_bandwidth
+
+    def time_value(self, cost: "NodeCost", hints: dict) -> float:
+        """Time(n) in seconds at the example sizes (no symbolic Max: it is the hot path of balancing)."""
+        compute = max(evaluate(cost.flops, hints) / self.flops, evaluate(cost.mem_bytes, hints) / self.mem_bandwidth)
+        return compute + evaluate(cost.comm_bytes, hints) / self.mesh_bandwidth
 
 
 @dataclass(frozen=True)
@@ -220,6 +225,18 @@ def node_cost(node: fx.Node) -> NodeCost:
     else:
         flops = sum((_numel(s) for s, _ in outs), sympy.Integer(0))
     return NodeCost(flops=flops, mem_bytes=mem)
+
+
+def example_sizes(gm: fx.GraphModule) -> dict:
+    """Symbol -> example value for every size symbol of the graph's inputs."""
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and isinstance(val, torch.Tensor):
+            for s in val.shape:
+                if isinstance(s, torch.SymInt):
+                    env = s.node.shape_env
+                    return dict(getattr(env, "backed_var_to_val", None) or env.var_to_val)
+    return {}
 
 
 def evaluate(expr: Any, hints: dict) -> float:

@@ -30,7 +30,7 @@ from fxpar.core.mesh import MeshInfo
 from fxpar.core.spec import TensorSpec, get_info
 from fxpar.core.stages import stage_info
 
-__all__ = ["ADAMW_BYTES_PER_ELEMENT", "RankMemory", "memory_per_rank", "activation_bytes", "memory_lines",
+__all__ = ["ADAMW_BYTES_PER_ELEMENT", "RankMemory", "stage_graphs", "memory_per_rank", "activation_bytes", "memory_lines",
            "grad_sync_lines"]
 
 ADAMW_BYTES_PER_ELEMENT = 8  # exp_avg + exp_avg_sq, float32 each
@@ -68,7 +68,7 @@ class RankMemory:
 
 
 
-def _stage_graphs(pm) -> dict[int | None, tuple[tuple[int, ...], list[fx.GraphModule]]]:
+def stage_graphs(pm) -> dict[int | None, tuple[tuple[int, ...], list[fx.GraphModule]]]:
     """pp rank -> (its stages, their graphs); {None: ((), [graph])} without a pipeline."""
     gm = pm.graph_module
     split = stage_info(gm)
@@ -99,7 +99,7 @@ def memory_per_rank(pm, mesh: MeshInfo | None = None, *,
     for name, s in sizes.items():
         others *= 1 if name == "pp" else s
     out = []
-    for pp_rank, (stages, graphs) in _stage_graphs(pm).items():
+    for pp_rank, (stages, graphs) in stage_graphs(pm).items():
         params = grads = opt = buffers = 0
         seen: set[str] = set()
         for g in graphs:
@@ -170,7 +170,7 @@ def memory_lines(memory: list[RankMemory]) -> list[str]:
 def grad_sync_lines(pm) -> list[str]:
     """Data-parallel gradient all-reduces of bucket_grad_sync (hooks at run time, so not graph nodes)."""
     buckets: dict[tuple[int, tuple[str, ...]], int] = {}
-    graphs = [g for _, gs in _stage_graphs(pm).values() for g in gs]
+    graphs = [g for _, gs in stage_graphs(pm).values() for g in gs]
     seen: set[str] = set()
     for g in graphs:
         for node in g.graph.nodes:

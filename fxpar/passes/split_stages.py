@@ -68,7 +68,7 @@ import torch
 import torch.fx as fx
 
 from fxpar._torch.fx import copy_codegen, pytree
-from fxpar.analysis.cost import DeviceModel, balance, evaluate, node_cost, value_bytes
+from fxpar.analysis.cost import DeviceModel, NodeCost, balance, evaluate, example_sizes, node_cost, value_bytes
 from fxpar.core.errors import PlanError, ScheduleError, block_of, module_fqn_of
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.spec import TensorSpec, get_info, set_info
@@ -99,18 +99,6 @@ def _module(node: fx.Node) -> str:
     """The user module of a node; '' for the root and for export's private hook entries."""
     fqn = module_fqn_of(node)
     return "" if fqn.startswith("_") else fqn
-
-
-def _example_sizes(gm: fx.GraphModule) -> dict:
-    """Symbol -> example value for every size symbol of the graph's inputs."""
-    for node in gm.graph.nodes:
-        val = node.meta.get("val")
-        if node.op == "placeholder" and isinstance(val, torch.Tensor):
-            for s in val.shape:
-                if isinstance(s, torch.SymInt):
-                    env = s.node.shape_env
-                    return dict(getattr(env, "backed_var_to_val", None) or env.var_to_val)
-    return {}
 
 
 def _check_batch_dims(gm: fx.GraphModule) -> None:
@@ -293,11 +281,10 @@ def split_stages(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     seq = [n for n in gm.graph.nodes if n.op in _COMPUTE]
     pos = {n: i for i, n in enumerate(seq)}
     fqns = [_module(n) for n in seq]
-    hints = _example_sizes(gm)
+    hints = example_sizes(gm)
     device = DeviceModel()
     costs = [node_cost(n) for n in seq]
-    times_sym = [device.time(c) for c in costs]
-    times = [evaluate(t, hints) for t in times_sym]
+    times = [device.time_value(c, hints) for c in costs]
     cross, partial_at = _crossings(seq, pos, placeholders, hints)
     if isinstance(ctx.plan.pp, tuple):
         by_pos = _user_cuts(gm, seq, fqns, ctx.plan.pp, partial_at)
@@ -388,7 +375,9 @@ def split_stages(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for k, st in enumerate(stages):
         # sympy.Add(*terms) is linear in the number of terms; repeated + is quadratic.
         flops = sympy.Add(*(costs[pos[n]].flops for n in st.nodes))
-        time = sympy.Add(*(times_sym[pos[n]] for n in st.nodes))
+        total = NodeCost(flops, sympy.Add(*(costs[pos[n]].mem_bytes for n in st.nodes)),
+                         sympy.Add(*(costs[pos[n]].comm_bytes for n in st.nodes)))
+        time = device.time(total)  # the stage's roofline, symbolic (time_value sums the nodes' own)
         params, pbytes = _param_bytes(gm, st)
         for name in params:
             uses.setdefault(name, []).append(k)
@@ -398,8 +387,7 @@ def split_stages(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         infos.append(StageInfo(
             index=k, rank=ranks[k], cut_before=by_pos.get(start, "") if k else "",
             first_module=_display(mods[0]) if mods else "", last_module=_display(mods[-1]) if mods else "",
-            num_nodes=len(st.nodes), flops=flops, mem_bytes=sympy.Add(*(costs[pos[n]].mem_bytes for n in st.nodes)),
-            comm_bytes=sympy.Add(*(costs[pos[n]].comm_bytes for n in st.nodes)), time=time,
+            num_nodes=len(st.nodes), flops=flops, mem_bytes=total.mem_bytes, comm_bytes=total.comm_bytes, time=time,
             time_value=sum(times[pos[n]] for n in st.nodes),
             flops_value=evaluate(flops, hints), params=params, param_bytes=pbytes,
             inputs=tuple(v.name for v in st.inputs) if k else (), recv_bytes=recv,

@@ -1,0 +1,264 @@
+"""autoplan: the mesh, schedule, microbatches and memory savers for a number of devices.
+
+The space, for W devices with D per node and a model of L blocks:
+
+    meshes     dp x fsdp x pp x tp = W with tp <= D (tensor parallel stays inside a node),
+               pp <= L / 2 (two blocks or more per stage), and the data ranks dp x fsdp dividing the global batch; the data ranks
+               split three ways: all dp, all fsdp, or fsdp inside the node's remaining devices
+               and dp across (HSDP)
+    pipelines  schedule in (1f1b, gpipe) x microbatches in (pp, 2 pp, 4 pp, 8 pp) dividing the
+               local batch
+    memory     activation checkpointing in (None, selective, full) where parallelize takes it
+
+Each mesh is compiled once (the passes on one capture of the model, as a dry run compiles it:
+about 0.2 to 1.5 s for Llama-3 8B here), and every pipeline and memory variant of it is priced on
+that graph by `fxpar.planner.estimate_module` (the graphs do not depend on them). A mesh whose
+parameters, gradients and AdamW state alone exceed the budget, 4 P / (tp pp fsdp) bytes for
+float32 parameters, is dropped before compiling. The space is a few hundred points even at 1,024
+devices, so it is enumerated exactly rather than searched; the winner is the fastest predicted
+step within the memory budget (ties: less memory).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from fxpar.api import parallelize
+from fxpar.capture import capture
+from fxpar.compiler import compile_model
+from fxpar.core.errors import FxparError, PlanError, block_of
+from fxpar.core.plan import Plan
+from fxpar.dryrun import _split_pp_dry, dry_mesh
+from fxpar.planner.devices import DeviceProfile, device_profile
+from fxpar.planner.predict import Estimate, estimate_module
+
+__all__ = ["Candidate", "AutoPlan", "autoplan", "MESH_ORDER"]
+
+MESH_ORDER = ("dp", "pp", "fsdp", "tp")
+"""Mesh dims from outermost to innermost: tensor parallel and FSDP on the fastest links."""
+
+SCHEDULE_CHOICES = ("1f1b", "gpipe")
+MICROBATCH_FACTORS = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point of the search and its prediction.
+
+    Attributes:
+        mesh: {dim: size} in MESH_ORDER, size-1 dims left out.
+        schedule, microbatches: the pipeline's (None without pp).
+        activation_checkpointing: None, 'selective' or 'full'.
+        estimate: the prediction (None when the mesh did not compile).
+        fits: predicted memory within the budget.
+        reason: why it was dropped, if it was.
+    """
+
+    mesh: dict
+    schedule: str | None = None
+    microbatches: int | None = None
+    activation_checkpointing: str | None = None
+    estimate: Estimate | None = None
+    fits: bool = False
+    reason: str = ""
+
+    @property
+    def label(self) -> str:
+        mesh = " x ".join(f"{k}{v}" for k, v in self.mesh.items()) or "1"
+        pp = f", {self.schedule} m={self.microbatches}" if self.schedule else ""
+        ac = f", ac={self.activation_checkpointing}" if self.activation_checkpointing else ""
+        return mesh + pp + ac
+
+
+@dataclass(frozen=True)
+class AutoPlan:
+    """What `autoplan` chose, and what it compared.
+
+    Attributes:
+        mesh_shape, mesh_dim_names: the mesh to build (`init_device_mesh(device, mesh_shape,
+            mesh_dim_names=mesh_dim_names)`).
+        plan: the plan to pass to parallelize (a ResolvedPlan: `fxpar.save_plan` writes it).
+        activation_checkpointing: the memory saver chosen (pass it to parallelize where it takes it).
+        predicted_step_s, predicted_memory_gib: the winner's estimate (memory of the most loaded rank).
+        candidates: every point priced, fastest first.
+        device: the device profile's name; memory_budget_gib: the budget used.
+        seconds: wall time of capture, compiles and pricing.
+    """
+
+    mesh_shape: tuple[int, ...]
+    mesh_dim_names: tuple[str, ...]
+    plan: Any
+    activation_checkpointing: str | None
+    predicted_step_s: float
+    predicted_memory_gib: float
+    candidates: tuple[Candidate, ...] = ()
+    device: str = ""
+    memory_budget_gib: float = 0.0
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def best(self) -> Candidate:
+        return self.candidates[0]
+
+    def explain(self, top: int = 8) -> str:
+        """The best candidates side by side, and why the winner won."""
+        fits = [c for c in self.candidates if c.fits]
+        lines = [f"autoplan on {len(fits)} fitting of {len(self.candidates)} candidates, device {self.device}, "
+                 f"budget {self.memory_budget_gib:.1f} GiB per device ("
+                 + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()) + ")",
+                 f"  {'candidate':44s} {'step ms':>10s} {'memory GiB':>11s} {'comm MiB':>10s} {'bubble':>7s}"]
+        for c in [*fits[:top], *[c for c in self.candidates if not c.fits and c.estimate][:2]]:
+            e = c.estimate
+            bubble = e.breakdown.get("bubble")
+            lines.append(f"  {c.label:44s} {e.step_s * 1e3:10.3f} {e.memory_gib:11.2f} "
+                         f"{e.breakdown['comm_bytes'] / 2 ** 20:10.2f} {'' if bubble is None else f'{bubble:.3f}':>7s}"
+                         + ("" if c.fits else "  (over budget)"))
+        if len(fits) > 1:
+            win, second = fits[0].estimate, fits[1].estimate
+            terms = ("compute_s", "recompute_s", "tp_comm_s", "fsdp_exposed_s", "dp_exposed_s", "p2p_s")
+            gaps = sorted(((second.breakdown.get(k) or 0.0) - (win.breakdown.get(k) or 0.0), k) for k in terms)
+            why = ", ".join(f"{k[:-2]} {d * 1e3:+.3f} ms" for d, k in reversed(gaps) if d > 0)
+            lines.append(f"chosen: {fits[0].label}; the runner-up ({fits[1].label}) is "
+                         f"{second.step_s / win.step_s:.2f} x slower" + (f" ({why})" if why else ""))
+        elif fits:
+            lines.append(f"chosen: {fits[0].label}, the only candidate within the budget")
+        lines.append(self.best.estimate.explain() if self.best.estimate else "")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.explain()
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _rebatch(inputs: tuple, global_batch: int | None) -> tuple:
+    if global_batch is None:
+        return inputs
+    out = []
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            shape = (global_batch, *x.shape[1:])
+            x = x.new_empty(shape) if x.device.type == "meta" else torch.zeros(shape, dtype=x.dtype, device=x.device)
+        out.append(x)
+    return tuple(out)
+
+
+def _meshes(world: int, device: DeviceProfile, blocks: int, batch: int) -> list[dict]:
+    out = []
+    for tp in _divisors(world):
+        if tp > device.devices_per_node:
+            continue
+        for pp in _divisors(world // tp):
+            if pp > 1 and pp > blocks // 2:  # a stage holds two blocks or more
+                continue
+            data = world // (tp * pp)
+            if batch % data:
+                continue
+            inside = max(1, device.devices_per_node // tp)
+            hybrid = max(d for d in _divisors(data) if d <= inside)
+            for dp, fsdp in {(data, 1), (1, data), (data // hybrid, hybrid)}:
+                sizes = {"dp": dp, "pp": pp, "fsdp": fsdp, "tp": tp}
+                out.append({k: sizes[k] for k in MESH_ORDER if sizes[k] > 1} or {"dp": 1})
+    return out
+
+
+def _state_bytes(model: nn.Module) -> float:
+    """Parameters, gradients and AdamW's two float32 states: a lower bound of what training holds."""
+    total = 0.0
+    for p in model.parameters():
+        total += p.numel() * (2 * p.element_size() + 8)
+    return total
+
+
+def autoplan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), example_kwargs: dict | None = None,
+             device: str | DeviceProfile = "local", memory_gib: float | None = None,
+             global_batch: int | None = None) -> AutoPlan:
+    """Chooses the mesh, the pipeline schedule and microbatches, and the memory savers for `world_size` devices.
+
+    Args:
+        model: the model (may live on the meta device); never modified.
+        world_size: the number of devices.
+        example_inputs, example_kwargs: one step's inputs (their dim 0 is the global batch).
+        device: 'local' (this machine, measured), 'h100', 'h200', 'a100', or a DeviceProfile.
+        memory_gib: memory per device to plan within (default: the device's).
+        global_batch: the global batch (sequences per step), if not the example's.
+
+    Returns:
+        An AutoPlan (`.mesh_shape`, `.mesh_dim_names`, `.plan`, `.predicted_step_s`,
+        `.predicted_memory_gib`, `.candidates`, `.explain()`).
+
+    Raises:
+        PlanError: no candidate fits the memory budget (the closest ones are named), or a bad argument.
+    """
+    if not isinstance(world_size, int) or world_size < 1:
+        raise PlanError(f"world_size={world_size!r}: a positive number of devices")
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    profile = device_profile(device)
+    budget = memory_gib if memory_gib is not None else profile.memory_gib
+    inputs = _rebatch(example_inputs, global_batch)
+    batch = next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0), 1)
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    captured = capture(model, inputs, example_kwargs)
+    seconds["capture"] = time.perf_counter() - start
+    blocks = len({b for name, _ in model.named_modules() if (b := block_of(name)) is not None})
+    checkpointing = (None, "selective", "full") if "activation_checkpointing" in \
+        inspect.signature(parallelize).parameters else (None,)
+    lower_bound = _state_bytes(model)
+    candidates: list[Candidate] = []
+    compile_s = price_s = 0.0
+    for mesh in _meshes(world_size, profile, blocks, batch):
+        shards = mesh.get("tp", 1) * mesh.get("pp", 1) * mesh.get("fsdp", 1)
+        if lower_bound / shards / 2 ** 30 > budget:
+            candidates.append(Candidate(mesh, reason=f"parameters, gradients and optimizer state alone need "
+                                                     f"{lower_bound / shards / 2 ** 30:.1f} GiB per device"))
+            continue
+        t0 = time.perf_counter()
+        try:
+            pm = compile_model(model, None, dry_mesh(mesh), example_inputs=inputs, example_kwargs=example_kwargs,
+                               check=False, split_pp=_split_pp_dry, captured=captured)
+        except FxparError as e:
+            candidates.append(Candidate(mesh, reason=f"{type(e).__name__}: {e}"))
+            continue
+        finally:
+            compile_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pp = mesh.get("pp", 1)
+        local_batch = batch // (mesh.get("dp", 1) * mesh.get("fsdp", 1))
+        pipelines = [(None, None)] if pp == 1 else \
+            [(s, pp * f) for s in SCHEDULE_CHOICES for f in MICROBATCH_FACTORS if local_batch % (pp * f) == 0]
+        cache: dict = {}
+        for schedule, m in pipelines:
+            for ac in checkpointing:
+                est = estimate_module(pm, dry_mesh(mesh), profile, microbatches=m, schedule=schedule,
+                                      activation_checkpointing=ac, cache=cache)
+                candidates.append(Candidate(mesh, schedule, m, ac, est, est.memory_gib <= budget))
+        price_s += time.perf_counter() - t0
+    seconds["compile"], seconds["price"] = compile_s, price_s
+    priced = [c for c in candidates if c.estimate is not None]
+    priced.sort(key=lambda c: (not c.fits, c.estimate.step_s if c.fits else c.estimate.memory_gib,
+                               c.estimate.memory_gib))
+    ordered = tuple(priced + [c for c in candidates if c.estimate is None])
+    if not ordered or not ordered[0].fits:
+        closest = ", ".join(f"{c.label} ({c.estimate.memory_gib:.1f} GiB)" for c in priced[:3]) or \
+            "; ".join(f"{'x'.join(map(str, c.mesh.values()))}: {c.reason}" for c in candidates[:3])
+        raise PlanError(f"no plan of {world_size} devices fits {budget:.1f} GiB per device; closest: {closest}; "
+                        "use more devices, a larger memory_gib, or a smaller global batch")
+    best = ordered[0]
+    t0 = time.perf_counter()
+    plan = Plan(schedule=best.schedule, microbatches=best.microbatches) if best.schedule else Plan()
+    final = compile_model(model, None, dry_mesh(best.mesh), example_inputs=inputs, example_kwargs=example_kwargs,
+                          plan=plan, check=False, split_pp=_split_pp_dry, captured=captured)
+    seconds["compile"] += time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - start
+    return AutoPlan(tuple(best.mesh.values()), tuple(best.mesh), final.plan, best.activation_checkpointing,
+                    best.estimate.step_s, best.estimate.memory_gib, ordered, profile.name, budget, seconds)
