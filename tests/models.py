@@ -179,3 +179,30 @@ class TitanLlama(nn.Module):
         for layer in self.layers.values():
             h = layer(h, freqs_cis)
         return self.output(self.norm(h))
+
+
+# --------------------------------------------------------------------------- tied weights, batch-keeping index
+
+
+class TiedLastToken(nn.Module):
+    """nanoGPT's generation path: lm_head tied to the token embedding, applied to `h[:, [-1], :]`.
+
+    With `no_rule=True` an op fxpar has no sharding rule for (logcumsumexp) runs before the
+    index, so the batch really is gathered next to the tied weight's batch-sharded use.
+    """
+
+    def __init__(self, vocab: int = 32, dim: int = 16, *, no_rule: bool = False) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, dim)
+        self.fc = nn.Linear(dim, dim)
+        self.ln = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+        self.no_rule = no_rule
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.wte(idx)
+        h = self.ln(h + F.gelu(self.fc(h)))
+        if self.no_rule:
+            h = torch.logcumsumexp(h, dim=1)
+        return self.lm_head(h[:, [-1], :])
