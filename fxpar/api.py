@@ -58,7 +58,8 @@ def _check_mesh(mesh_info: MeshInfo, plan: Plan) -> None:
 def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), example_kwargs: dict | None = None,
                 plan: Plan | dict | None = None, passes: list | None = None,
                 input_layout: str = "full", reshard_after_forward: bool = True, fsdp_unit: str = "block",
-                check: bool | None = None, dump_dir: str | None = None) -> ParallelModule:
+                check: bool | None = None, dump_dir: str | None = None,
+                batch_norm_per_microbatch: bool = False) -> ParallelModule:
     """Compiles `model` for this rank of `mesh`.
 
     Args:
@@ -81,6 +82,10 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
         check: run fxpar's invariant checks after every pass (default: off, or FXPAR_CHECK=1; the
             test suite turns them on). `fxpar.check(pm)` runs them on demand.
         dump_dir: write the graph after every pass into this folder.
+        batch_norm_per_microbatch: in a pipeline, accept BatchNorm in training mode computing its
+            statistics per microbatch (as torch.distributed.pipelining does; logged as a warning).
+            Default: a PlanError naming the module, since the unsplit model normalizes by the
+            whole batch.
 
     Returns:
         A ParallelModule holding this rank's rewritten GraphModule.
@@ -94,14 +99,15 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
     return compile_model(model, mesh, MeshInfo.from_device_mesh(mesh), example_inputs=example_inputs,
                          example_kwargs=example_kwargs, plan=plan, passes=passes, input_layout=input_layout,
                          reshard_after_forward=reshard_after_forward, fsdp_unit=fsdp_unit, check=check,
-                         dump_dir=dump_dir)
+                         dump_dir=dump_dir, batch_norm_per_microbatch=batch_norm_per_microbatch)
 
 
 def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_inputs: tuple = (),
                   example_kwargs: dict | None = None, plan: Plan | dict | None = None, passes: list | None = None,
                   input_layout: str = "full", reshard_after_forward: bool = True, fsdp_unit: str = "block",
                   check: bool | None = None, dump_dir: str | None = None, split_pp: Callable | None = None,
-                  progress: Callable[[str], None] | None = None) -> ParallelModule:
+                  progress: Callable[[str], None] | None = None,
+                  batch_norm_per_microbatch: bool = False) -> ParallelModule:
     """The compile path `parallelize` and dry runs (`fxpar.dryrun.plan`) share: capture, passes, module.
 
     A dry run passes `mesh=None` and a `MeshInfo` built from sizes, so it
@@ -137,7 +143,8 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
     gm.meta[MODEL_KEY] = ModelFingerprint.of(model)  # what a saved plan is checked against
     if progress is not None:
         progress("passes")
-    options = {"input_layout": input_layout, "pp": pp_info, "fsdp_unit": fsdp_unit}
+    options = {"input_layout": input_layout, "pp": pp_info, "fsdp_unit": fsdp_unit,
+               "batch_norm_per_microbatch": batch_norm_per_microbatch}
     ctx = PassContext(mesh=spmd_info, plan=plan, device_mesh=spmd_mesh, options=options)
     manager = PassManager(passes if passes is not None else default_passes(plan), check=check, dump_dir=dump_dir)
     gm = manager.run(gm, ctx)

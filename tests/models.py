@@ -206,3 +206,17 @@ class TiedLastToken(nn.Module):
         if self.no_rule:
             h = torch.logcumsumexp(h, dim=1)
         return self.lm_head(h[:, [-1], :])
+
+
+class BNStack(nn.Module):
+    """Blocks of Linear -> BatchNorm1d -> ReLU (a batch-coupled op: statistics over the batch)."""
+
+    def __init__(self, dim: int = 8, depth: int = 2) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU())
+                                     for _ in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
