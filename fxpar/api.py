@@ -27,7 +27,8 @@ __all__ = ["parallelize", "default_passes", "check"]
 def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), example_kwargs: dict | None = None,
                 plan: Plan | dict | None = None, passes: list | None = None,
                 input_layout: str = "full", reshard_after_forward: bool = True, fsdp_unit: str = "block",
-                check: bool | None = None, dump_dir: str | None = None) -> ParallelModule:
+                check: bool | None = None, dump_dir: str | None = None,
+                batch_norm_per_microbatch: bool = False) -> ParallelModule:
     """Compiles `model` for this rank of `mesh`.
 
     Args:
@@ -50,6 +51,10 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
         check: run fxpar's invariant checks after every pass (default: off, or FXPAR_CHECK=1; the
             test suite turns them on). `fxpar.check(pm)` runs them on demand.
         dump_dir: write the graph after every pass into this folder.
+        batch_norm_per_microbatch: in a pipeline, accept BatchNorm in training mode computing its
+            statistics per microbatch (as torch.distributed.pipelining does; logged as a warning).
+            Default: a PlanError naming the module, since the unsplit model normalizes by the
+            whole batch.
 
     Returns:
         A ParallelModule holding this rank's rewritten GraphModule.
@@ -63,7 +68,7 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
     return compile_model(model, mesh, MeshInfo.from_device_mesh(mesh), example_inputs=example_inputs,
                          example_kwargs=example_kwargs, plan=plan, passes=passes, input_layout=input_layout,
                          reshard_after_forward=reshard_after_forward, fsdp_unit=fsdp_unit, check=check,
-                         dump_dir=dump_dir)
+                         dump_dir=dump_dir, batch_norm_per_microbatch=batch_norm_per_microbatch)
 
 
 def check(pm: ParallelModule, *, ranks: list | None = None) -> None:

@@ -221,3 +221,44 @@ def tiny_gpt2(n_layer: int = 2, n_embd: int = 32, *, vocab_size: int = 128, n_po
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = transformers.GPT2LMHeadModel(cfg)
     return (model.to(dtype) if dtype is not None else model).eval()
+
+
+# --------------------------------------------------------------------------- tied weights, batch-keeping index
+
+
+class TiedLastToken(nn.Module):
+    """nanoGPT's generation path: lm_head tied to the token embedding, applied to `h[:, [-1], :]`.
+
+    With `no_rule=True` an op fxpar has no sharding rule for (logcumsumexp) runs before the
+    index, so the batch really is gathered next to the tied weight's batch-sharded use.
+    """
+
+    def __init__(self, vocab: int = 32, dim: int = 16, *, no_rule: bool = False) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, dim)
+        self.fc = nn.Linear(dim, dim)
+        self.ln = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+        self.no_rule = no_rule
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.wte(idx)
+        h = self.ln(h + F.gelu(self.fc(h)))
+        if self.no_rule:
+            h = torch.logcumsumexp(h, dim=1)
+        return self.lm_head(h[:, [-1], :])
+
+
+class BNStack(nn.Module):
+    """Blocks of Linear -> BatchNorm1d -> ReLU (a batch-coupled op: statistics over the batch)."""
+
+    def __init__(self, dim: int = 8, depth: int = 2) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU())
+                                     for _ in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x

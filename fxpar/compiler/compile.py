@@ -81,7 +81,7 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
                   input_layout: str = "full", reshard_after_forward: bool = True, fsdp_unit: str = "block",
                   check: bool | None = None, dump_dir: str | None = None, split_pp: Callable | None = None,
                   progress: Callable[[str], None] | None = None,
-                  captured: fx.GraphModule | None = None) -> ParallelModule:
+                  captured: fx.GraphModule | None = None, batch_norm_per_microbatch: bool = False) -> ParallelModule:
     """The compile path `parallelize` and dry runs (`fxpar.plan`) share: capture, passes, module.
 
     A dry run passes `mesh=None` and a `MeshInfo` built from sizes, so it
@@ -121,7 +121,8 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
     gm.meta[MODEL_KEY] = ModelFingerprint.of(model)  # what a saved plan is checked against
     if progress is not None:
         progress("passes")
-    options = {"input_layout": input_layout, "pp": pp_info, "fsdp_unit": fsdp_unit}
+    options = {"input_layout": input_layout, "pp": pp_info, "fsdp_unit": fsdp_unit,
+               "batch_norm_per_microbatch": batch_norm_per_microbatch}
     ctx = PassContext(mesh=spmd_info, plan=plan, device_mesh=spmd_mesh, options=options)
     manager = PassManager(passes if passes is not None else default_passes(plan), check=check, dump_dir=dump_dir)
     gm = manager.run(gm, ctx)

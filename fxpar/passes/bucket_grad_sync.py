@@ -35,6 +35,20 @@ DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
 _F = torch.ops.fxpar.grad_all_reduce.default
 
 
+def _every_use_reduced(param: fx.Node, dim: str) -> bool:
+    """Whether every use of `param` reaches its consumer through a grad_all_reduce on `dim`."""
+    frontier = list(param.users)
+    while frontier:
+        u = frontier.pop()
+        if u.op == "call_function" and u.target in COLLECTIVE_OPS:
+            if u.target is _F and collective_args(u)["mesh_dim"] == dim:
+                continue
+            frontier.extend(u.users)
+        elif isinstance(u.meta.get("val"), torch.Tensor) or u.op == "output":
+            return False  # a tensor computed from the parameter without the reduction: its gradient is whole
+    return True
+
+
 @fx_pass(requires=("collectives",), provides=("grad_buckets",))
 def bucket_grad_sync(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     cap = int(ctx.options.get("bucket_bytes", DEFAULT_BUCKET_BYTES))
@@ -55,9 +69,12 @@ def bucket_grad_sync(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     # A parameter is synced by the runtime on a dim only if every f of it on that dim sits directly on
     # it: an f behind another collective (a local slice for a tensor-parallel use of a tied weight)
     # reduces its own contribution already, and the runtime would sum that part a second time.
+    # And only if every use of it goes through such an f: the runtime's hook sees the parameter's
+    # whole gradient, and a use replicated on the dim (a tied lm_head after a gathered batch) already
+    # gives every rank its full gradient, which the runtime would sum over the dim again.
     synced: dict[fx.Node, list[str]] = {}
     for (param, dim), fs in groups.items():
-        if not all(only_f for _, only_f in fs):
+        if not all(only_f for _, only_f in fs) or not _every_use_reduced(param, dim):
             continue
         for node, _ in fs:
             node.replace_all_uses_with(node.args[0])

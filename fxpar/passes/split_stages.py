@@ -52,7 +52,9 @@ After (the parent; stage_0 and stage_1 are GraphModules):
 
 Raises ScheduleError for more stages than blocks, a schedule that does not
 fit the stage count, or an input whose batch dim capture made static;
-PlanError for a cut point that names no module.
+PlanError for a cut point that names no module, or a BatchNorm in training
+mode with more than one microbatch (per-microbatch statistics) unless
+`options["batch_norm_per_microbatch"]` accepts them.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ import sympy
 import torch
 import torch.fx as fx
 
+from fxpar._torch.aten import BATCH_NORM_TRAINING_FLAG
 from fxpar._torch.fx import copy_codegen, pytree
 from fxpar.analysis.cost import DeviceModel, NodeCost, balance, evaluate, example_sizes, node_cost, value_bytes
 from fxpar.core.errors import PlanError, ScheduleError, block_of, module_fqn_of
@@ -112,6 +115,38 @@ def _check_batch_dims(gm: fx.GraphModule) -> None:
                 f"input '{node.name}' {size} in the captured graph, so it cannot be split into microbatches "
                 "along dim 0; capture with a batch of 2 or more and keep the model's code free of branches "
                 "on the batch size, so torch.export keeps that dim symbolic")
+
+
+_BATCH_NORMS = BATCH_NORM_TRAINING_FLAG  # BatchNorm overload -> position of its `training` flag
+
+
+def _check_batch_coupled(gm: fx.GraphModule, microbatches: int, *, allow: bool) -> None:
+    """BatchNorm in training mode would compute its statistics per microbatch: refuse, or warn if allowed.
+
+    Its output (and so every gradient) depends on which rows share a batch; the unsplit model's
+    statistics are over the whole batch, a pipeline's over each microbatch (torch.distributed.pipelining
+    does the same, silently). Data parallelism alone is exact: batch_norm has no sharding rule, so it
+    runs on the gathered batch.
+    """
+    if microbatches <= 1:
+        return
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _BATCH_NORMS:
+            continue
+        flag = _BATCH_NORMS[node.target]
+        if flag is not None and not (node.args[flag] if len(node.args) > flag else node.kwargs.get("training")):
+            continue
+        fqn = module_fqn_of(node) or "<root>"
+        what = (f"BatchNorm '{fqn}' ({node.target}) is in training mode in a pipeline with {microbatches} "
+                "microbatches: it would normalize each microbatch by its own statistics (and update its running "
+                "statistics once per microbatch), not by the whole batch's as the unsplit model does")
+        if allow:
+            log.warning("%s; allowed by batch_norm_per_microbatch=True", what)
+            continue
+        raise PlanError(f"{what}. Ways out: put the norm in eval mode (model.eval(), or just "
+                        f"model.get_submodule({fqn!r}).eval()) before parallelize; use microbatches=1 in the "
+                        "plan; replace it with a per-sample norm (LayerNorm, GroupNorm); or accept per-microbatch "
+                        "statistics explicitly with parallelize(..., batch_norm_per_microbatch=True)")
 
 
 # --------------------------------------------------------------------------- where to cut
@@ -275,6 +310,7 @@ def split_stages(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     pp = ctx.options.get("pp")
     coordinate = pp.coordinate if pp is not None else None
     _check_batch_dims(gm)
+    _check_batch_coupled(gm, microbatches, allow=bool(ctx.options.get("batch_norm_per_microbatch", False)))
 
     # ---- where to cut
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]

@@ -20,6 +20,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 
+from fxpar._torch.aten import assert_async
 from fxpar._torch.c10d import resolve_process_group
 from fxpar.core.errors import ShardingError
 from fxpar.rules.registry import OpInfo, P, R, S, Strategy, register
@@ -33,9 +34,33 @@ def _range(weight: Tensor, group_name: str) -> tuple[int, int]:
     return rank * rows, rows
 
 
+def _group_size(group_name: str) -> int:
+    return resolve_process_group(group_name).size()
+
+
+def _check_ids(indices: Tensor, vocab: int) -> None:
+    """Ids outside [0, vocab) fail as `aten.embedding` fails on them, instead of masking to zeros.
+
+    Every rank of the vocab group holds the same (replicated) ids, so all of them raise, and no
+    communication is needed. On CPU that is embedding's IndexError; on an accelerator an
+    asynchronous device assert, as embedding's kernel asserts (no host sync per lookup).
+    """
+    if indices.numel() == 0:
+        return
+    bad = (indices < 0) | (indices >= vocab)
+    if indices.device.type == "cpu":
+        if bool(bad.any()):
+            first = indices[bad].flatten()[0].item()
+            raise IndexError(f"index out of range in self (vocab-parallel embedding: id {first} is not in "
+                             f"[0, {vocab}))")
+    else:
+        assert_async(~bad.any(), "vocab-parallel embedding: index out of range in self")
+
+
 @torch.library.custom_op("fxpar::vocab_parallel_embedding", mutates_args=())
 def vocab_parallel_embedding(weight: Tensor, indices: Tensor, padding_idx: int, group_name: str) -> Tensor:
     """This rank's part of an embedding whose rows (vocabulary) are sharded: a Partial value."""
+    _check_ids(indices, weight.size(0) * _group_size(group_name))
     start, rows = _range(weight, group_name)
     shifted = indices - start
     mask = (shifted >= 0) & (shifted < rows)

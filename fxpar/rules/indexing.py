@@ -123,7 +123,69 @@ def diff(op: OpInfo, cur) -> list[Strategy]:
     return _follow_except(op, cur, dim, linear=False)
 
 
-@register(aten.index.Tensor, aten.gather.default, aten.index_select.default, aten.masked_select.default,
+def _index_out_dim(op: OpInfo, d: int) -> int | None:
+    """Where dim d of x[indices] lands in the output, or None if an index tensor consumes it.
+
+    Advanced indexing (aten.index.Tensor): the index tensors broadcast to b dims; if the
+    indexed dims are adjacent, those b dims replace them in place, else they go first.
+    """
+    x = op.in_vals[0]
+    indices = list(op.args[1])
+    positions = [i for i, t in enumerate(indices) if t is not None]
+    vals = [t.meta.get("val") if hasattr(t, "meta") else None for t in indices if t is not None]
+    if d in positions or not positions or any(
+            not isinstance(v, torch.Tensor) or v.dtype in (torch.bool, torch.uint8) for v in vals):
+        return None  # masks consume several dims (and make data-dependent sizes): run replicated
+    b = max(v.ndim for v in vals)
+    if positions[-1] - positions[0] + 1 == len(positions):  # adjacent
+        return d if d < positions[0] else d - len(positions) + b
+    return b + sum(1 for i in range(d) if i not in positions)
+
+
+@register(aten.index.Tensor)
+def index(op: OpInfo, cur) -> list[Strategy]:
+    """x[..., idx, ...]: a shard of a dim no index touches passes through (the batch of
+    `h[:, [-1], :]`), the index tensors replicated; x[idx] is linear in x, so Partial passes too."""
+    c = cur[0]
+    rest = len(cur) - 1
+    out: list[Strategy] = []
+    if c is not None and c.is_shard():
+        d = _index_out_dim(op, c.dim)
+        if d is not None:
+            out.append(Strategy((S(c.dim), *(R for _ in range(rest))), S(d)))
+    if c is not None and c.is_partial():
+        out.append(Strategy((P, *(R for _ in range(rest))), P))
+    out.append(Strategy(tuple(R for _ in cur), R))
+    return out
+
+
+@register(aten.index_select.default)
+def index_select(op: OpInfo, cur) -> list[Strategy]:
+    """index_select(x, dim, idx): dims other than `dim` keep their shards (idx replicated)."""
+    dim = norm_dim(op.args[1], op.in_vals[0].ndim)
+    return _follow_except(op, cur, dim, linear=True)
+
+
+@register(aten.gather.default)
+def gather(op: OpInfo, cur) -> list[Strategy]:
+    """gather(x, dim, idx): out[.., i, ..] = x[.., idx[.., i, ..], ..] along `dim`, position for
+    position on every other dim; so x and idx sharded alike on another dim of equal size give
+    that shard of the output (a per-row pick such as log_probs.gather(-1, target) on a batch shard)."""
+    x, idx = op.in_vals[0], op.in_vals[1]
+    dim = norm_dim(op.args[1], x.ndim)
+    out: list[Strategy] = []
+    for c in (cur[0], cur[1]):
+        if c is not None and c.is_shard() and c.dim != dim and c.dim < idx.ndim \
+                and size_key(x.shape[c.dim]) == size_key(idx.shape[c.dim]):
+            out.append(Strategy((S(c.dim), S(c.dim)), S(c.dim)))
+            break
+    if cur[0] is not None and cur[0].is_partial():
+        out.append(Strategy((P, R), P))
+    out.append(Strategy((R, R), R))
+    return out
+
+
+@register(aten.masked_select.default,
           aten.nonzero.default, aten.argmax.default, aten.argmin.default, aten.topk.default, aten.sort.default,
           aten.tril.default, aten.triu.default, aten.bitwise_and.Scalar, aten.__and__.Tensor,
           aten.__or__.Tensor, aten.repeat.default, aten.flip.default, aten.roll.default)
