@@ -65,5 +65,6 @@ def test_batch_norm_numerics_equal_the_unsplit_model(case):
     for r in rank_pool(2).run(_bn_step, *args):
         assert r["loss_err"] < 1e-12, r
         assert max(r["errs"].values()) < 1e-10, r
-        if case == "dp2_train":
-            assert max(r["stats"].values(), default=0.0) < 1e-12, r
+        # (in a pipeline, the running statistics were updated twice on the first step before stages
+        # got static metadata: torch's metadata inference ran every stage once more)
+        assert max(r["stats"].values(), default=0.0) < 1e-12, r

@@ -36,12 +36,15 @@ divides gradients accumulated before the step too. fxpar runs them with
 `loss.backward()` does on the unsplit model.
 
 Limits: inputs, targets and outputs are split and merged along dim 0; `pm(...)`
-is inference (no autograd through it: train with `step`). Stages learn their microbatch shapes at their
-first run (torch's dynamic metadata inference, which runs later stages on
-uninitialized tensors), so a new input shape builds new stages, and an
-integer tensor crossing a cut that a later stage indexes with would fail at
-that first run (GPT-2 and Llama compute positions and masks in stage 0 and
-send floats and booleans).
+is inference (no autograd through it: train with `step`). Each input shape
+builds its own stages, whose microbatch shapes, dtypes and requires_grad come
+from a FakeTensor run of the stages in order (`_stage_io`), given to torch as
+static metadata: torch's dynamic metadata inference would run every stage for
+real once more on the first step, on uninitialized tensors past stage 0
+(integer ids crossing a cut index garbage, as T5's and BART's decoder ids
+do), updating buffers (BatchNorm's running statistics) and drawing random
+numbers. Transfers are dense: the metadata is contiguous, and input
+gradients are made contiguous before they are sent (`_Stage`).
 """
 
 from __future__ import annotations
@@ -94,6 +97,23 @@ class _Loss:
             (flat[0] if len(flat) == 1 else tuple(flat))
         loss = self.loss_fn(out, self.cut(target) if self.cut is not None else target)
         return loss * self.scale if self.scale != 1.0 else loss
+
+
+class _Stage(PipelineStage):
+    """torch's PipelineStage, sending input gradients as contiguous tensors.
+
+    Autograd may return a strided gradient (through a transpose or an expand, as in
+    nn.Transformer's decoder); point-to-point transfers need dense buffers, and the previous
+    stage's receive buffer is contiguous. (`bwd_cache` is torch's per-microbatch store of the
+    input gradients get_bwd_send_ops sends; no public hook exists for it.)
+    """
+
+    def get_bwd_send_ops(self, bwd_chunk_id: int) -> list:
+        grads = self.bwd_cache.get(bwd_chunk_id)
+        if grads is not None:
+            self.bwd_cache[bwd_chunk_id] = tuple(
+                g.contiguous() if isinstance(g, torch.Tensor) else g for g in grads)
+        return super().get_bwd_send_ops(bwd_chunk_id)
 
 
 class PipelineModule(ParallelModule):
@@ -212,7 +232,7 @@ class PipelineModule(ParallelModule):
     def _local_stage(self, index: int) -> fx.GraphModule:
         return self.graph_module.get_submodule(f"stage_{index}")
 
-    def _schedule(self, kind: str, loss: _Loss | None, shapes: tuple) -> Any:
+    def _schedule(self, kind: str, loss: _Loss | None, shapes: tuple, flat: list | None = None) -> Any:
         """torch's schedule for this rank's stages, built once per (kind, input shapes, loss scale).
 
         Stages infer their microbatch shapes at the first run, so other input
@@ -221,13 +241,15 @@ class PipelineModule(ParallelModule):
         # The loss function itself is swapped per call (see step), so it is not part of the key.
         key = (kind, shapes, None if loss is None else loss.scale)
         if key not in self._schedules:
-            self._schedules[key] = self._build_schedule(kind, loss)
+            self._schedules[key] = self._build_schedule(kind, loss, flat)
         return self._schedules[key]
 
-    def _build_schedule(self, kind: str, loss: _Loss | None) -> Any:
+    def _build_schedule(self, kind: str, loss: _Loss | None, flat: list[torch.Tensor] | None = None) -> Any:
         split = self.split
         spec = SCHEDULES[split.schedule]
-        stages = [PipelineStage(self._local_stage(k), k, split.num_stages, self._device, group=self._pp_group)
+        io = self._stage_io(flat, train=kind == "train") if flat is not None else None
+        stages = [_Stage(self._local_stage(k), k, split.num_stages, self._device, group=self._pp_group,
+                         **({"input_args": io[k][0], "output_args": io[k][1]} if io else {}))
                   for k in split.local_stages]
         if kind == "forward" and spec.multi:
             sched = spec.cls(stages, split.microbatches, loss_fn=None, scale_grads=False)
@@ -240,6 +262,51 @@ class PipelineModule(ParallelModule):
         else:
             sched = spec.cls(stages[0], split.microbatches, loss_fn=loss, scale_grads=False)
         return sched
+
+    def _stage_io(self, flat: list[torch.Tensor], *, train: bool) -> dict[int, tuple[tuple, tuple]] | None:
+        """Every stage's inputs and outputs for one microbatch, as contiguous meta tensors.
+
+        The stages run in order on FakeTensors (no data, no communication, no buffer update, no
+        random draw), stage k on stage k-1's outputs as torch's schedule feeds them, so integer
+        inputs of later stages need no values. None if a stage cannot run on FakeTensors (a
+        data-dependent shape): torch then infers the metadata by running the stages.
+        """
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        m = self.split.microbatches
+
+        def leaf(t: torch.Tensor, requires_grad: bool) -> torch.Tensor:
+            t = t.detach()
+            return t.requires_grad_(requires_grad) if requires_grad and t.is_floating_point() else t
+
+        def meta(t: torch.Tensor) -> torch.Tensor:  # p2p buffers are dense: contiguous strides
+            out = torch.empty(tuple(t.shape), dtype=t.dtype, device="meta")
+            return out.requires_grad_(True) if t.requires_grad and t.is_floating_point() else out
+
+        # Parameters and buffers go in as FakeTensors too: under allow_non_fake_inputs an in-place op
+        # (num_batches_tracked += 1) would update the real buffer.
+        mode = FakeTensorMode()
+        fakes: dict[int, torch.Tensor] = {}
+
+        def state(stage: nn.Module) -> dict[str, torch.Tensor]:
+            named = [*stage.named_parameters(remove_duplicate=False), *stage.named_buffers(remove_duplicate=False)]
+            return {n: fakes.setdefault(id(t), mode.from_tensor(t)) for n, t in named}
+
+        io: dict[int, tuple[tuple, tuple]] = {}
+        try:
+            args = [mode.from_tensor(x.detach()[: x.shape[0] // m]) for x in flat]
+            args = [leaf(a, x.requires_grad) for a, x in zip(args, flat)]
+            with mode, torch.set_grad_enabled(train):
+                for k in range(self.split.num_stages):
+                    stage = self.graph_module.get_submodule(f"stage_{k}")
+                    outs = torch.func.functional_call(stage, state(stage), tuple(args))
+                    outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+                    io[k] = (tuple(meta(a) for a in args), tuple(meta(o) for o in outs))
+                    args = [leaf(o, o.requires_grad) for o in outs]
+        except Exception:  # noqa: BLE001 - data-dependent ops: fall back to torch's own inference
+            log.debug("stage metadata: a stage does not run on FakeTensors; torch infers it", exc_info=True)
+            return None
+        return io
 
     def pipeline_order(self) -> dict[int, list]:
         """torch's compute actions per pp rank for a training step (the schedule IR; no communication)."""
@@ -320,7 +387,7 @@ class PipelineModule(ParallelModule):
         flat = self._flat_inputs(args, kwargs)
         self._check_batch(flat)
         self._check_fingerprint()
-        sched = self._schedule("forward", None, tuple(tuple(x.shape) for x in flat))
+        sched = self._schedule("forward", None, tuple(tuple(x.shape) for x in flat), flat)
         with torch.no_grad():
             out = sched.step(*flat) if self._is_first() else sched.step()
         values = None
@@ -428,7 +495,7 @@ class PipelineModule(ParallelModule):
         shards = self._data_shards()
         scale = 1.0 / (self.split.microbatches * shards) if loss_reduction == "mean" else 1.0
         loss_wrapper = _Loss(self._out_spec, loss_fn, scale, cut=self._local_batch if data else None)
-        sched = self._schedule("train", loss_wrapper, tuple(tuple(x.shape) for x in flat))
+        sched = self._schedule("train", loss_wrapper, tuple(tuple(x.shape) for x in flat), flat)
         # The schedule keeps its loss object; point it at this call's loss function.
         torch_pp.set_loss_fn(sched, loss_fn)
         # The sums over ranks reduce this step's gradients only: earlier ones (accumulation) wait aside.
