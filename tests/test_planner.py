@@ -66,7 +66,8 @@ def test_autoplan_compares_every_mesh_and_explains_the_winner():
     model = tiny_gpt2(4, 64)
     ap = fxpar.autoplan(model, 4, example_inputs=(IDS,), device="h100")
     meshes = {tuple(sorted(c.mesh.items())) for c in ap.candidates}
-    assert {(("tp", 4),), (("fsdp", 4),), (("dp", 4),), (("pp", 4),), (("dp", 2), ("tp", 2))} <= meshes
+    assert {(("tp", 4),), (("fsdp", 4),), (("dp", 4),), (("dp", 2), ("pp", 2)), (("dp", 2), ("tp", 2))} <= meshes
+    assert (("pp", 4),) not in meshes  # 4 blocks: two or more per stage
     fits = [c for c in ap.candidates if c.fits]
     assert ap.predicted_step_s == min(c.estimate.step_s for c in fits)
     assert math.prod(ap.mesh_shape) == 4 and ap.predicted_memory_gib <= ap.memory_budget_gib

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
+from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
 from torch.distributed.pipelining.schedules import (
     _Action,
@@ -14,6 +16,7 @@ from torch.distributed.pipelining.schedules import (
 )
 
 __all__ = [
+    "ContiguousGradStage",
     "Action",
     "ComputationType",
     "add_send_recv",
@@ -68,3 +71,20 @@ def set_loss_fn(sched: Any, loss_fn: Callable) -> None:
 
     Waits for: a public way to change a schedule's loss between steps."""
     sched._loss_fn.loss_fn = loss_fn
+
+
+class ContiguousGradStage(PipelineStage):
+    """torch's PipelineStage, sending input gradients as contiguous tensors.
+
+    Autograd may return a strided gradient (through a transpose or an expand, as in
+    nn.Transformer's decoder); point-to-point transfers need dense buffers, and the previous
+    stage's receive buffer is contiguous. (`bwd_cache` is torch's per-microbatch store of the
+    input gradients get_bwd_send_ops sends.) Waits for: a public hook on the gradients a stage sends.
+    """
+
+    def get_bwd_send_ops(self, bwd_chunk_id: int) -> list:
+        grads = self.bwd_cache.get(bwd_chunk_id)
+        if grads is not None:
+            self.bwd_cache[bwd_chunk_id] = tuple(
+                g.contiguous() if isinstance(g, torch.Tensor) else g for g in grads)
+        return super().get_bwd_send_ops(bwd_chunk_id)

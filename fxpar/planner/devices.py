@@ -8,6 +8,7 @@ A profile is what the estimate needs of an accelerator and its links:
     intra_bandwidth     bytes/s per device on the links inside a node (NVLink), one direction
     inter_bandwidth     bytes/s per device across nodes (InfiniBand / RoCE NIC), one direction
     intra_latency, inter_latency   seconds per collective step
+    op_overhead         seconds each op costs beyond its roofline (a kernel launch on a GPU; dispatch on a CPU)
     devices_per_node    how many devices share the fast links
     compute_efficiency  the fraction of peak a large training step reaches (model FLOPs utilisation
                         of good hand-tuned runs); comm_efficiency the same for collectives
@@ -21,7 +22,8 @@ the parallelism) and Megatron-LM's tables (0.41 to 0.48 for GPT models of 175B t
 0.75 of link bandwidth is what NCCL's ring all-reduce bus bandwidth reaches on NVLink.
 
 "local" measures this machine in a few seconds (`measure_local`): float32 matmul throughput,
-copy bandwidth, and a gloo all-reduce's latency and bandwidth between two local processes.
+copy bandwidth, the overhead of an op (dispatch and autograd), and fxpar's all-reduce op's latency
+and bandwidth between two local gloo processes.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from fxpar.core.errors import PlanError
+from fxpar.ops.collectives import all_reduce
 from fxpar.testing.dist import run_ranks
 
 __all__ = ["DeviceProfile", "PROFILES", "device_profile", "measure_local"]
@@ -53,6 +56,7 @@ class DeviceProfile:
     devices_per_node: int = 8
     compute_efficiency: float = 0.45
     comm_efficiency: float = 0.75
+    op_overhead: float = 4e-6
 
     def flops(self, dtype: torch.dtype) -> float:
         """Effective FLOP/s for matrix work in `dtype`."""
@@ -80,22 +84,23 @@ PROFILES: dict[str, DeviceProfile] = {
 
 
 def _allreduce_times(sizes: tuple[int, ...], repeats: int) -> dict:
-    """Run on 2 gloo ranks: the median seconds of an all-reduce of each size (float32 elements)."""
+    """Run on 2 gloo ranks: the median seconds of fxpar's all-reduce op (as compiled graphs issue it) per size."""
+    group = dist.group.WORLD.group_name
     out = {}
     for n in sizes:
         x = torch.ones(n)
-        dist.all_reduce(x)  # warm up the pair
+        all_reduce(x, group, "dp")  # warm up the pair
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            dist.all_reduce(x)
+            all_reduce(x, group, "dp")
             times.append(time.perf_counter() - start)
         out[n] = sorted(times)[len(times) // 2]
     return out
 
 
 def measure_local(*, seconds: float = 1.0) -> DeviceProfile:
-    """Measures this machine: matmul FLOP/s, copy bandwidth, and gloo all-reduce latency and bandwidth.
+    """Measures this machine: matmul FLOP/s, copy bandwidth, per-op overhead, gloo all-reduce latency and bandwidth.
 
     Two local processes stand in for a node's devices; every link counts as intra-node.
     """
@@ -112,6 +117,14 @@ def measure_local(*, seconds: float = 1.0) -> DeviceProfile:
     for _ in range(4):
         big.add_(1.0)
     mem_bw = 4 * 2 * big.numel() * 4 / (time.perf_counter() - start)
+    x = torch.ones(8, requires_grad=True)
+    start, reps = time.perf_counter(), 200
+    for _ in range(reps):  # a chain of tiny ops, forward and backward: dispatch and autograd per op
+        y = x
+        for _ in range(10):
+            y = y * 1.0001
+        y.sum().backward()
+    overhead = (time.perf_counter() - start) / (reps * 10 * 3)  # per op and pass (backward ~ 2 passes)
     small, large = 1, 1 << 20  # 4 B and 4 MiB
     t = run_ranks(_allreduce_times, 2, (small, large), 5, timeout=120)[0]
     latency = t[small]
@@ -119,7 +132,7 @@ def measure_local(*, seconds: float = 1.0) -> DeviceProfile:
     bandwidth = large * 4 / max(t[large] - latency, 1e-9)
     return DeviceProfile("local", {torch.float32: flops, torch.float64: flops / 2}, mem_bw,
                          _local_memory_gib(), bandwidth, bandwidth, latency, latency, devices_per_node=1 << 16,
-                         compute_efficiency=1.0, comm_efficiency=1.0)
+                         compute_efficiency=1.0, comm_efficiency=1.0, op_overhead=overhead)
 
 
 def _local_memory_gib() -> float:

@@ -3,7 +3,7 @@
 Everything is per rank, at the example inputs (the global batch), for one training step
 (forward, backward, optimizer). For each pp rank r, over the compute nodes n of its graphs:
 
-    t_fwd(r)   = sum_n max(FLOPs(n) / F_eff(dtype_n), Mem(n) / B_eff)       (`_compute`)
+    t_fwd(r)   = sum_n max(FLOPs(n) / F_eff(dtype_n), Mem(n) / B_eff) + o    (`_compute`; o: per-op overhead)
     t_bwd(r)   = 2 t_fwd(r)                                                 backward = 2 x forward
     t_re(r)    = t_fwd(r) for "full" activation checkpointing, the non-matmul part of it for
                  "selective", 0 without                                     (recomputed forward)
@@ -148,9 +148,10 @@ def _is_matmul(node: fx.Node) -> bool:
     return any(k in name for k in _MATMUL_NAMES)
 
 
-def _compute(gm: fx.GraphModule, hints: dict, device: DeviceProfile) -> tuple[float, float, float]:
-    """(forward seconds, the non-matmul part of it, forward FLOPs) of one graph."""
+def _compute(gm: fx.GraphModule, hints: dict, device: DeviceProfile) -> tuple[float, float, float, int]:
+    """(forward seconds, the non-matmul part of it, forward FLOPs, ops counted) of one graph."""
     total = cheap = flops_total = 0.0
+    count = 0
     mem_bw = device.memory_bandwidth * MEMORY_EFFICIENCY
     for node in gm.graph.nodes:
         if node.op != "call_function":
@@ -162,12 +163,13 @@ def _compute(gm: fx.GraphModule, hints: dict, device: DeviceProfile) -> tuple[fl
         info = get_info(node)
         spec = info.spec if info is not None else None
         dtype = spec.dtype if isinstance(spec, TensorSpec) else torch.float32
-        t = max(flops / device.flops(dtype), mem / mem_bw)
+        t = max(flops / device.flops(dtype), mem / mem_bw) + device.op_overhead
         total += t
+        count += 1
         flops_total += flops
         if not _is_matmul(node):
             cheap += t
-    return total, cheap, flops_total
+    return total, cheap, flops_total, count
 
 
 def _activations(gm: fx.GraphModule, hints: dict, checkpointing: str | None) -> float:
@@ -202,6 +204,7 @@ class _GraphProfile:
     """What one graph costs, independent of microbatches, schedule and checkpointing."""
 
     fwd: float = 0.0
+    nodes: int = 0
     cheap: float = 0.0
     flops: float = 0.0
     tp_fwd: float = 0.0
@@ -214,7 +217,7 @@ class _GraphProfile:
 def _profile(g: fx.GraphModule, hints: dict, device: DeviceProfile, mesh: MeshInfo, spmd: MeshInfo,
              reshard_after_forward: bool) -> _GraphProfile:
     prof = _GraphProfile()
-    prof.fwd, prof.cheap, prof.flops = _compute(g, hints, device)
+    prof.fwd, prof.cheap, prof.flops, prof.nodes = _compute(g, hints, device)
     # FSDP gathers of one block run as one collective each way (fsdp_unit='block'): one latency
     buckets: dict[tuple, list] = {}
     units = {n.name: get_info(n).fsdp_bucket for n in g.graph.nodes if get_info(n) is not None}
@@ -275,15 +278,16 @@ def estimate_module(pm: Any, mesh: MeshInfo, device: str | DeviceProfile = "h100
                                     schedule=schedule or split.schedule)
     spmd = pm.mesh_info
     ranks = stage_graphs(pm)
-    fwd, cheap, tp_fwd, tp_bwd, fsdp, comm_bytes, flops, acts = {}, {}, {}, {}, {}, {}, {}, {}
+    fwd, cheap, tp_fwd, tp_bwd, fsdp, comm_bytes, flops, acts, nodes = {}, {}, {}, {}, {}, {}, {}, {}, {}
     sync: dict[tuple, dict] = {}  # (bucket, dims) -> {parameter: local bytes}
     for r, (stages, graphs) in ranks.items():
-        fwd[r] = cheap[r] = tp_fwd[r] = tp_bwd[r] = fsdp[r] = comm_bytes[r] = flops[r] = acts[r] = 0.0
+        fwd[r] = cheap[r] = tp_fwd[r] = tp_bwd[r] = fsdp[r] = comm_bytes[r] = flops[r] = acts[r] = nodes[r] = 0.0
         for k, g in zip(stages or (None,) * len(graphs), graphs):
             prof = cache.get(("graph", id(g)))
             if prof is None:
                 prof = cache[("graph", id(g))] = _profile(g, hints, device, mesh, spmd, reshard_after_forward)
             fwd[r] += prof.fwd
+            nodes[r] += prof.nodes
             cheap[r] += prof.cheap
             flops[r] += prof.flops
             tp_fwd[r] += prof.tp_fwd
@@ -324,7 +328,8 @@ def estimate_module(pm: Any, mesh: MeshInfo, device: str | DeviceProfile = "h100
     else:
         m, s = split.microbatches, split.num_stages
         per_rank = s // split.pp_size
-        unit = max((fwd[r] + tp_fwd[r]) / (m * per_rank) for r in fwd)
+        # every microbatch runs every node again: the per-op overhead is paid M times, the work once
+        unit = max((fwd[r] + tp_fwd[r] + (m - 1) * nodes[r] * device.op_overhead) / (m * per_rank) for r in fwd)
         entries, bubble = simulate_schedule(schedule_order(split), s)
         makespan = max((e.end for e in entries), default=3.0 * (m + s - 1))
         slowest = max(fwd, key=lambda r: fwd[r] + tp_fwd[r])

@@ -57,10 +57,11 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
-from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+from torch.distributed.pipelining import ScheduleGPipe
 from torch.distributed.tensor.placement_types import Shard
 
 from fxpar._torch import pipelining as torch_pp
+from fxpar._torch.pipelining import ContiguousGradStage
 from fxpar._torch.c10d import resolve_process_group
 from fxpar._torch.fx import flat_input_function, out_spec_of, pytree
 from fxpar.analysis.explain import explain
@@ -73,47 +74,13 @@ from fxpar.core.stages import SCHEDULES, SPLIT_BACKWARD, stage_info, stage_ranks
 from fxpar.ops.collectives import _record
 from fxpar.runtime.fsdp_state import StepGather, pack_gathered, unpack_gathered
 from fxpar.runtime.parallel_module import ParallelModule
+from fxpar.runtime.stages import Loss, stage_io
 
 __all__ = ["PipelineModule"]
 
 log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- runtime
-
-
-class _Loss:
-    """The loss torch's schedule calls on the last stage: the user's loss on the model's output structure,
-    scaled so that the summed microbatch losses are the global loss."""
-
-    def __init__(self, out_spec, loss_fn: Callable, scale: float, cut: Callable | None = None) -> None:
-        self.out_spec = out_spec
-        self.loss_fn = loss_fn
-        self.scale = scale
-        self.cut = cut  # this rank's rows of a microbatch's target, when the data dims split the batch
-
-    def __call__(self, output: Any, target: Any) -> torch.Tensor:
-        flat = [output] if isinstance(output, torch.Tensor) else list(output)
-        out = pytree.tree_unflatten(flat, self.out_spec) if self.out_spec is not None else \
-            (flat[0] if len(flat) == 1 else tuple(flat))
-        loss = self.loss_fn(out, self.cut(target) if self.cut is not None else target)
-        return loss * self.scale if self.scale != 1.0 else loss
-
-
-class _Stage(PipelineStage):
-    """torch's PipelineStage, sending input gradients as contiguous tensors.
-
-    Autograd may return a strided gradient (through a transpose or an expand, as in
-    nn.Transformer's decoder); point-to-point transfers need dense buffers, and the previous
-    stage's receive buffer is contiguous. (`bwd_cache` is torch's per-microbatch store of the
-    input gradients get_bwd_send_ops sends; no public hook exists for it.)
-    """
-
-    def get_bwd_send_ops(self, bwd_chunk_id: int) -> list:
-        grads = self.bwd_cache.get(bwd_chunk_id)
-        if grads is not None:
-            self.bwd_cache[bwd_chunk_id] = tuple(
-                g.contiguous() if isinstance(g, torch.Tensor) else g for g in grads)
-        return super().get_bwd_send_ops(bwd_chunk_id)
 
 
 class PipelineModule(ParallelModule):
@@ -232,7 +199,7 @@ class PipelineModule(ParallelModule):
     def _local_stage(self, index: int) -> fx.GraphModule:
         return self.graph_module.get_submodule(f"stage_{index}")
 
-    def _schedule(self, kind: str, loss: _Loss | None, shapes: tuple, flat: list | None = None) -> Any:
+    def _schedule(self, kind: str, loss: Loss | None, shapes: tuple, flat: list | None = None) -> Any:
         """torch's schedule for this rank's stages, built once per (kind, input shapes, loss scale).
 
         Stages infer their microbatch shapes at the first run, so other input
@@ -244,11 +211,12 @@ class PipelineModule(ParallelModule):
             self._schedules[key] = self._build_schedule(kind, loss, flat)
         return self._schedules[key]
 
-    def _build_schedule(self, kind: str, loss: _Loss | None, flat: list[torch.Tensor] | None = None) -> Any:
+    def _build_schedule(self, kind: str, loss: Loss | None, flat: list[torch.Tensor] | None = None) -> Any:
         split = self.split
         spec = SCHEDULES[split.schedule]
-        io = self._stage_io(flat, train=kind == "train") if flat is not None else None
-        stages = [_Stage(self._local_stage(k), k, split.num_stages, self._device, group=self._pp_group,
+        io = stage_io(self.graph_module, split.num_stages, split.microbatches, flat, train=kind == "train") \
+            if flat is not None else None
+        stages = [ContiguousGradStage(self._local_stage(k), k, split.num_stages, self._device, group=self._pp_group,
                          **({"input_args": io[k][0], "output_args": io[k][1]} if io else {}))
                   for k in split.local_stages]
         if kind == "forward" and spec.multi:
@@ -263,58 +231,13 @@ class PipelineModule(ParallelModule):
             sched = spec.cls(stages[0], split.microbatches, loss_fn=loss, scale_grads=False)
         return sched
 
-    def _stage_io(self, flat: list[torch.Tensor], *, train: bool) -> dict[int, tuple[tuple, tuple]] | None:
-        """Every stage's inputs and outputs for one microbatch, as contiguous meta tensors.
-
-        The stages run in order on FakeTensors (no data, no communication, no buffer update, no
-        random draw), stage k on stage k-1's outputs as torch's schedule feeds them, so integer
-        inputs of later stages need no values. None if a stage cannot run on FakeTensors (a
-        data-dependent shape): torch then infers the metadata by running the stages.
-        """
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        m = self.split.microbatches
-
-        def leaf(t: torch.Tensor, requires_grad: bool) -> torch.Tensor:
-            t = t.detach()
-            return t.requires_grad_(requires_grad) if requires_grad and t.is_floating_point() else t
-
-        def meta(t: torch.Tensor) -> torch.Tensor:  # p2p buffers are dense: contiguous strides
-            out = torch.empty(tuple(t.shape), dtype=t.dtype, device="meta")
-            return out.requires_grad_(True) if t.requires_grad and t.is_floating_point() else out
-
-        # Parameters and buffers go in as FakeTensors too: under allow_non_fake_inputs an in-place op
-        # (num_batches_tracked += 1) would update the real buffer.
-        mode = FakeTensorMode()
-        fakes: dict[int, torch.Tensor] = {}
-
-        def state(stage: nn.Module) -> dict[str, torch.Tensor]:
-            named = [*stage.named_parameters(remove_duplicate=False), *stage.named_buffers(remove_duplicate=False)]
-            return {n: fakes.setdefault(id(t), mode.from_tensor(t)) for n, t in named}
-
-        io: dict[int, tuple[tuple, tuple]] = {}
-        try:
-            args = [mode.from_tensor(x.detach()[: x.shape[0] // m]) for x in flat]
-            args = [leaf(a, x.requires_grad) for a, x in zip(args, flat)]
-            with mode, torch.set_grad_enabled(train):
-                for k in range(self.split.num_stages):
-                    stage = self.graph_module.get_submodule(f"stage_{k}")
-                    outs = torch.func.functional_call(stage, state(stage), tuple(args))
-                    outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
-                    io[k] = (tuple(meta(a) for a in args), tuple(meta(o) for o in outs))
-                    args = [leaf(o, o.requires_grad) for o in outs]
-        except Exception:  # noqa: BLE001 - data-dependent ops: fall back to torch's own inference
-            log.debug("stage metadata: a stage does not run on FakeTensors; torch infers it", exc_info=True)
-            return None
-        return io
-
     def pipeline_order(self) -> dict[int, list]:
         """torch's compute actions per pp rank for a training step (the schedule IR; no communication)."""
         for (kind, *_), sched in self._schedules.items():
             if kind == "train":
                 break
         else:
-            sched = self._build_schedule("train", _Loss(self._out_spec, lambda out, target: out, 1.0))
+            sched = self._build_schedule("train", Loss(self._out_spec, lambda out, target: out, 1.0))
         return torch_pp.pipeline_order(sched)
 
     # ------------------------------------------------------------------ running
@@ -494,7 +417,7 @@ class PipelineModule(ParallelModule):
         # Every microbatch's loss on every data shard is a part of the global loss: the parts add up to it.
         shards = self._data_shards()
         scale = 1.0 / (self.split.microbatches * shards) if loss_reduction == "mean" else 1.0
-        loss_wrapper = _Loss(self._out_spec, loss_fn, scale, cut=self._local_batch if data else None)
+        loss_wrapper = Loss(self._out_spec, loss_fn, scale, cut=self._local_batch if data else None)
         sched = self._schedule("train", loss_wrapper, tuple(tuple(x.shape) for x in flat), flat)
         # The schedule keeps its loss object; point it at this call's loss function.
         torch_pp.set_loss_fn(sched, loss_fn)
