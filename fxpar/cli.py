@@ -129,7 +129,7 @@ def _import_module(name: str):
         spec.loader.exec_module(module)
         return module
     if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+        sys.path.append(os.getcwd())  # last: a folder named like an installed package must not shadow it
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:

@@ -23,7 +23,8 @@ from fxpar.analysis.fsdp import bucket_groups
 from fxpar.analysis.memory import grad_sync_lines, memory_lines, memory_per_rank
 from fxpar.analysis.schedule import explain_stages, pipeline_order_of
 from fxpar.core.errors import block_of
-from fxpar.core.fmt import fmt_bytes
+from fxpar.analysis.plan_io import full_mesh
+from fxpar.core.fmt import fmt_bytes, natural_key
 from fxpar.core.spec import SIZE_BINDINGS, TensorSpec, get_info, placements_str
 from fxpar.core.stages import stage_info
 from fxpar.ops.collectives import BACKWARD_OF, COLLECTIVE_OPS, collective_args
@@ -154,7 +155,8 @@ def _per_block(colls: list[CollectiveInfo]) -> list[str]:
     lines = []
     for block in order:
         parts = [f"{k} x{n} {fmt_bytes(b)}" for k, (n, b) in sorted(blocks[block].items())]
-        lines.append(f"  {block}: " + ("; ".join(parts) if parts else "none"))
+        if parts:
+            lines.append(f"  {block}: " + "; ".join(parts))
     return lines
 
 
@@ -180,20 +182,24 @@ def explain(pm, *inputs, **kwargs) -> str:
     gm = pm.graph_module
     graphs = _graphs(pm)
     mesh = pm.mesh_info
-    lines = [f"fxpar plan for {gm.meta['fxpar'].model_class} on mesh {mesh}"]
+    whole = ", ".join(f"{name}={size}" for name, size in full_mesh(pm))  # pp included
+    lines = [f"fxpar plan for {gm.meta['fxpar'].model_class} on mesh ({whole})"]
 
     lines.append("")
     lines.append("Parameters (module: style; tensor placements local shape):")
     by_module: dict[str, list[str]] = defaultdict(list)
     styles: dict[str, str] = {}
+    seen: set[tuple[str, str]] = set()  # a tied weight held by several stages is one parameter
     for node in (n for g in graphs for n in g.graph.nodes):
         info = get_info(node)
-        if node.op == "get_attr" and info is not None and isinstance(info.spec, TensorSpec) and node.users:
+        if node.op == "get_attr" and info is not None and isinstance(info.spec, TensorSpec) and node.users \
+                and (info.module_fqn, str(node.target)) not in seen:
+            seen.add((info.module_fqn, str(node.target)))
             name = str(node.target).rpartition(".")[2]
             by_module[info.module_fqn].append(
                 f"{name} {placements_str(info.spec.placements)} {list(info.spec.local_shape)}")
             styles[info.module_fqn] = info.style or "replicate (default)"
-    for module in sorted(by_module):
+    for module in sorted(by_module, key=natural_key):
         lines.append(f"  {module or '<root>'}: {styles[module]}; " + ", ".join(by_module[module]))
 
     colls = [c for g in graphs for c in collectives(g, mesh)]

@@ -25,11 +25,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
 
@@ -285,7 +287,7 @@ class ResolvedPlan(Plan):
         styles = [(key, parse_style(text, key=key)[0]) for key, text in tp.items()]
         model = d.get("model")
         return cls(styles, pp=d.get("pp"), schedule=d.get("schedule"), microbatches=d.get("microbatches"),
-                   dp=d.get("dp"), auto_tp=bool(d.get("auto_tp", False)), mesh=d.get("mesh") or {},
+                   dp=d.get("dp"), auto_tp=d.get("auto_tp", False), mesh=d.get("mesh") or {},
                    model=ModelFingerprint.from_dict(model) if model is not None else None, notes=d.get("notes"))
 
     @classmethod
@@ -424,7 +426,15 @@ def save_plan(plan: Any, path: str | Path) -> Path:
         plan = ResolvedPlan(plan.tp, pp=plan.pp, schedule=plan.schedule, microbatches=plan.microbatches,
                             dp=plan.dp, auto_tp=plan.auto_tp)
     path = Path(path)
-    path.write_text(plan.to_json())
+    # Under a process group every rank may call this: rank 0 writes (to a temporary file, renamed into
+    # place, so a reader never sees half a plan) and the others wait for it.
+    group = dist.is_available() and dist.is_initialized()
+    if not group or dist.get_rank() == 0:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(plan.to_json())
+        os.replace(tmp, path)
+    if group:
+        dist.barrier()
     return path
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import sympy
+
 import torch.nn as nn
 
 from fxpar._torch.pipelining import Action, ComputationType
@@ -202,7 +204,14 @@ def bubble_fraction(pipeline_order: dict[int, list], num_stages: int) -> float |
 def explain_stages(split: PipelineSplitInfo, *, pipeline_order: dict | None = None) -> list[str]:
     """The stages section of explain(): cuts, cost and parameters per stage, bytes per cut, bubble."""
     how = "balanced by the cost model" if split.balanced else "at the plan's cut points"
-    sizes = ", ".join(f"{k}={v}" for k, v in sorted(split.example_sizes.items()))
+    def readable(expr: Any) -> Any:  # input_ids.size(0) instead of s70
+        if not hasattr(expr, "xreplace"):
+            return expr
+        return expr.xreplace({s: sympy.Symbol(split.size_names[str(s)]) for s in expr.free_symbols
+                              if str(s) in split.size_names})
+
+    sizes = ", ".join(f"{split.size_names.get(k, k)}={v}" for k, v in
+                      sorted(split.example_sizes.items(), key=lambda kv: str(kv[0])))
     lines = [f"Pipeline: {split.num_stages} stages on pp={split.pp_size} ({split.stages_per_rank} per rank), "
              f"schedule '{split.schedule}', {split.microbatches} microbatches; cuts {how}"
              + (f"; costs at {sizes}" if sizes else "")]
@@ -212,11 +221,11 @@ def explain_stages(split: PipelineSplitInfo, *, pipeline_order: dict | None = No
         lines.append(
             f"  stage {s.index} (pp rank {s.rank}): {start}; modules {s.first_module or '<root>'} .. "
             f"{s.last_module or '<root>'}; {s.num_nodes} nodes; {fmt_flops(s.flops_value)} "
-            f"(flops = {s.flops}); time share {s.time_value / total_time:.3f}; "
+            f"(flops = {readable(s.flops)}); time share {s.time_value / total_time:.3f}; "
             f"params {fmt_bytes(s.param_bytes)} ({len(s.params)} tensors)")
     for s in split.stages[1:]:
         lines.append(f"  cut {s.index - 1}->{s.index} before '{s.cut_before}': {fmt_bytes(s.recv_bytes_value)} "
-                     f"of activations per step (bytes = {s.recv_bytes}; {', '.join(s.inputs) or 'nothing'})")
+                     f"of activations per step (bytes = {readable(s.recv_bytes)}; {', '.join(s.inputs) or 'nothing'})")
     lines.append(f"  balance: max / mean stage time = {split.balance_ratio:.3f}")
     for fqn, stages in split.tied:
         lines.append(f"  tied weight '{fqn}' held by stages {list(stages)}: gradients summed over its owners")

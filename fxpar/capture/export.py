@@ -16,6 +16,7 @@ user's model is never modified, not by sharding and not by optimizer steps.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 import traceback
@@ -97,6 +98,23 @@ def _copy_state(gm: fx.GraphModule) -> dict[str, tuple[str, ...]]:
     return {names[0]: tuple(names) for names in aliases.values()}
 
 
+def _check_inputs(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """The example inputs must bind to the model's forward: a missing one is named before torch.export runs."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # a builtin or C forward: torch.export will say
+        return
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as e:
+        needed = [n for n, p in sig.parameters.items() if p.default is inspect.Parameter.empty
+                  and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        raise CaptureError(
+            f"the example inputs do not fit {type(model).__name__}.forward{sig}: {e}; pass "
+            f"example_inputs=(...) (and example_kwargs=...) as the model is called"
+            + (f", e.g. example_inputs=({', '.join(needed)},)" if needed and not args else "")) from None
+
+
 def capture(
     model: nn.Module,
     args: tuple = (),
@@ -122,6 +140,7 @@ def capture(
     kwargs = dict(kwargs or {})
     if not isinstance(args, tuple):
         args = (args,)
+    _check_inputs(model, args, kwargs)
     dynamic_shapes = None
     if dynamic:
         args_dims, kwargs_dims = _auto_dims(args, kwargs)
@@ -136,7 +155,9 @@ def capture(
             f"torch.export could not capture {type(model).__name__}{place}: {type(e).__name__}: {first}. "
             "Try: make control flow that depends on tensor values static (or use torch.cond); "
             "pass example inputs with the shapes and dtypes the model is used with; "
-            "pass dynamic=False if a symbolic size is the problem; see torch.export's docs for the op named above."
+            "fxpar captures dim 0 of every input as a symbolic (dynamic) size, which data-parallel shards and "
+            "microbatches need, so code that branches on the batch size fails here: remove such branches; "
+            "see torch.export's docs for the op named above."
         ) from e
     gm = ep.module()
     aliases = _copy_state(gm)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["fmt_bytes", "fmt_flops"]
+import re
+
+__all__ = ["fmt_bytes", "fmt_flops", "natural_key"]
 
 
 def fmt_bytes(n: float, digits: int = 2) -> str:
@@ -21,3 +23,8 @@ def fmt_flops(n: float) -> str:
             return f"{n:.3g} {unit}FLOP"
         n /= 1000
     return f"{n} FLOP"
+
+
+def natural_key(text: str) -> tuple:
+    """Sort key that orders numbers by value: 'layers.2' before 'layers.10'."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))

@@ -86,6 +86,10 @@ def _style(value: Any, key: str) -> TPStyle:
     raise PlanError(f"plan key {key!r}: a style is a string from {TP_STYLES} or a fxpar.TPStyle, not {value!r}")
 
 
+MAX_MICROBATCHES = 1 << 16
+"""More microbatches than any batch has rows: a plan asking for more is a typo (and would take forever to simulate)."""
+
+
 @dataclass(frozen=True)
 class Plan:
     """How to parallelize: tensor-parallel styles by module glob, and more as it lands.
@@ -122,8 +126,11 @@ class Plan:
         if dp not in (None, "dp", "fsdp"):
             raise PlanError(f"dp={dp!r}: use 'dp' or 'fsdp' (the name of the data-parallel mesh dim)")
         if microbatches is not None and (isinstance(microbatches, bool) or not isinstance(microbatches, int)
-                                         or microbatches < 1):
-            raise PlanError(f"microbatches={microbatches!r}: use a positive int that divides the batch")
+                                         or not 1 <= microbatches <= MAX_MICROBATCHES):
+            raise PlanError(f"microbatches={microbatches!r}: use a positive int (at most {MAX_MICROBATCHES}) that "
+                            "divides the batch")
+        if not isinstance(auto_tp, bool):
+            raise PlanError(f"auto_tp={auto_tp!r}: use True or False")
         object.__setattr__(self, "tp", tuple(pairs))
         object.__setattr__(self, "pp", _pp(pp))
         object.__setattr__(self, "schedule", _schedule(schedule))

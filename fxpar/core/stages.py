@@ -156,6 +156,7 @@ class PipelineSplitInfo:
         tied: (canonical parameter FQN, stage indices) for parameters several stages use.
         coordinate: this rank's pp coordinate (None for dry runs).
         example_sizes: the input symbols' example values the costs were evaluated at.
+        size_names: the input symbols' readable names ('input_ids.size(0)'), for reports.
     """
 
     stages: tuple[StageInfo, ...]
@@ -166,6 +167,7 @@ class PipelineSplitInfo:
     tied: tuple[tuple[str, tuple[int, ...]], ...] = ()
     coordinate: int | None = None
     example_sizes: dict = field(default_factory=dict, compare=False)
+    size_names: dict = field(default_factory=dict, compare=False)
 
     @property
     def num_stages(self) -> int:

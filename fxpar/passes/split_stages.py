@@ -104,6 +104,17 @@ def _module(node: fx.Node) -> str:
     return "" if fqn.startswith("_") else fqn
 
 
+def _size_names(placeholders: list[fx.Node]) -> dict:
+    """Each input size symbol -> where it comes from ('input_ids.size(0)'), the first input that has it."""
+    names: dict = {}
+    for node in placeholders:
+        val = node.meta.get("val")
+        for d, s in enumerate(val.shape if isinstance(val, torch.Tensor) else ()):
+            if isinstance(s, torch.SymInt) and len(s.node.expr.free_symbols) == 1:
+                names.setdefault(str(next(iter(s.node.expr.free_symbols))), f"{node.name}.size({d})")
+    return names
+
+
 def _check_batch_dims(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         val = node.meta.get("val")
@@ -433,6 +444,7 @@ def split_stages(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
              if any(str(s) in str(info.flops) or str(s) in str(info.recv_bytes) for info in infos)}
     result.meta[STAGES_KEY] = PipelineSplitInfo(
         stages=tuple(infos), schedule=spec.name, pp_size=pp_size, microbatches=microbatches,
-        balanced=balanced, tied=tied, coordinate=coordinate, example_sizes=sizes)
+        balanced=balanced, tied=tied, coordinate=coordinate, example_sizes=sizes,
+        size_names=_size_names(placeholders))
     log.debug("split into %d stages at %s", num_stages, [by_pos.get(b) for b in bounds])
     return PassResult(result, True)

@@ -274,7 +274,9 @@ class RankPool:
                     except (EOFError, OSError):
                         self._procs[rank].join(1.0)
                         code = self._procs[rank].exitcode
-                        msg = ("err", "WorkerDied", f"rank process exited (exit code {code})", "")
+                        how = f"was killed by signal {signal.Signals(-code).name}" if code is not None and code < 0 \
+                            else f"exited (exit code {code})"
+                        msg = ("err", "WorkerDied", f"rank {rank} process {how}", "")
                     except Exception as exc:  # result does not unpickle here
                         msg = ("err", *_exc_info(exc))
                     if msg[0] == "err":

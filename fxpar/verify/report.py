@@ -93,7 +93,8 @@ class TensorReport:
     Attributes:
         name: what was compared ('output[0]', 'grad layers.0.up.weight', ...).
         max_abs: the largest absolute difference.
-        max_rel: max_abs over the reference's largest magnitude.
+        max_rel: max_abs over the reference's largest magnitude (or over the absolute tolerance, where
+            the reference is smaller: a zero gradient is compared absolutely).
         ok: within tolerance.
         detail: why it failed (missing, shape) or where it is worst.
     """
@@ -226,7 +227,10 @@ def _compare(name: str, got: Any, want: Any, rtol: float | None, atol: float | N
     diff = torch.where(torch.isnan(g) & torch.isnan(w), torch.zeros_like(diff), diff.nan_to_num(float("inf")))
     max_abs = float(diff.max())
     scale = float(w.abs().nan_to_num(0.0).max())
-    max_rel = max_abs / scale if scale > 0 else max_abs
+    # Relative to the reference, but never to less than the absolute tolerance: a reference of zeros
+    # (or values below atol) is compared absolutely, and its "relative" error must say so, not 1.46.
+    floor = max(scale, atol)
+    max_rel = max_abs / floor if floor > 0 else max_abs
     ok = bool(torch.all(diff <= atol * max(scale, 1.0) + rtol * w.abs()))
     detail = ""
     if not ok:
