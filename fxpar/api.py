@@ -27,7 +27,8 @@ __all__ = ["parallelize", "default_passes", "check"]
 def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), example_kwargs: dict | None = None,
                 plan: Plan | dict | None = None, passes: list | None = None,
                 input_layout: str = "full", reshard_after_forward: bool = True, fsdp_unit: str = "block",
-                check: bool | None = None, dump_dir: str | None = None) -> ParallelModule:
+                check: bool | None = None, dump_dir: str | None = None, mp_policy: Any = None,
+                activation_checkpointing: str | None = None) -> ParallelModule:
     """Compiles `model` for this rank of `mesh`.
 
     Args:
@@ -50,6 +51,13 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
         check: run fxpar's invariant checks after every pass (default: off, or FXPAR_CHECK=1; the
             test suite turns them on). `fxpar.check(pm)` runs them on demand.
         dump_dir: write the graph after every pass into this folder.
+        mp_policy: a `torch.distributed.fsdp.MixedPrecisionPolicy`, with FSDP2's meaning: parameters
+            (and optimizer state) stay in their dtype, compute runs in `param_dtype` (FSDP gathers in
+            it), gradients are reduced in `reduce_dtype`, outputs cast to `output_dtype` if set
+            (`fxpar.passes.apply_mixed_precision`).
+        activation_checkpointing: None, 'full' (keep each block's input, recompute its forward in
+            the backward) or 'selective' (keep matmul and attention outputs, recompute the rest)
+            (`fxpar.passes.checkpoint_activations`).
 
     Returns:
         A ParallelModule holding this rank's rewritten GraphModule.
@@ -63,7 +71,7 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
     return compile_model(model, mesh, MeshInfo.from_device_mesh(mesh), example_inputs=example_inputs,
                          example_kwargs=example_kwargs, plan=plan, passes=passes, input_layout=input_layout,
                          reshard_after_forward=reshard_after_forward, fsdp_unit=fsdp_unit, check=check,
-                         dump_dir=dump_dir)
+                         dump_dir=dump_dir, mp_policy=mp_policy, activation_checkpointing=activation_checkpointing)
 
 
 def check(pm: ParallelModule, *, ranks: list | None = None) -> None:
