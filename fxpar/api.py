@@ -68,6 +68,9 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
     if input_layout not in ("full", "local"):
         raise PlanError(f"input_layout={input_layout!r}: use 'full' (every rank passes the same full inputs) "
                         "or 'local' (each rank passes its own batch shard)")
+    if activation_checkpointing not in (None, "full", "selective"):
+        raise PlanError(f"activation_checkpointing={activation_checkpointing!r}: use None, 'full' (recompute each "
+                        "block's forward in the backward) or 'selective' (keep matmul and attention outputs)")
     return compile_model(model, mesh, MeshInfo.from_device_mesh(mesh), example_inputs=example_inputs,
                          example_kwargs=example_kwargs, plan=plan, passes=passes, input_layout=input_layout,
                          reshard_after_forward=reshard_after_forward, fsdp_unit=fsdp_unit, check=check,

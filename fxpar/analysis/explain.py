@@ -184,6 +184,12 @@ def _training_lines(gm, graphs) -> list[str]:
         out.append(f"Mixed precision (FSDP2 MixedPrecisionPolicy): parameters and optimizer state stay "
                    f"{', '.join(params)}; compute in {_dtype(policy.param_dtype)} (FSDP gathers in it); "
                    f"gradients reduced in {_dtype(policy.reduce_dtype)}; outputs {_dtype(policy.output_dtype)}")
+    ac = gm.meta.get("activation_checkpointing")
+    if ac is not None:
+        blocks = sorted({r.block for r in ac.regions})
+        what = "keeps each block's inputs, recomputes its forward (and its collectives) in the backward" \
+            if ac.mode == "full" else "keeps matmul, attention and reducing-collective outputs, recomputes the rest"
+        out.append(f"Activation checkpointing: {ac.mode}: {len(ac.regions)} regions in {len(blocks)} blocks; {what}")
     return out
 
 

@@ -64,6 +64,7 @@ def default_passes(plan: Plan | None = None) -> list:
         P.localize_shapes,
         P.bucket_grad_sync,
         P.shard_parameters,
+        P.checkpoint_activations,  # a no-op without activation_checkpointing
         P.split_stages,  # a no-op without a pipeline
     ]
 
