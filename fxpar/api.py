@@ -27,8 +27,8 @@ __all__ = ["parallelize", "default_passes", "check"]
 def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), example_kwargs: dict | None = None,
                 plan: Plan | dict | None = None, passes: list | None = None,
                 input_layout: str = "full", reshard_after_forward: bool = True, fsdp_unit: str = "block",
-                check: bool | None = None, dump_dir: str | None = None,
-                batch_norm_per_microbatch: bool = False) -> ParallelModule:
+                check: bool | None = None, dump_dir: str | None = None, mp_policy: Any = None,
+                activation_checkpointing: str | None = None, batch_norm_per_microbatch: bool = False) -> ParallelModule:
     """Compiles `model` for this rank of `mesh`.
 
     Args:
@@ -51,6 +51,13 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
         check: run fxpar's invariant checks after every pass (default: off, or FXPAR_CHECK=1; the
             test suite turns them on). `fxpar.check(pm)` runs them on demand.
         dump_dir: write the graph after every pass into this folder.
+        mp_policy: a `torch.distributed.fsdp.MixedPrecisionPolicy`, with FSDP2's meaning: parameters
+            (and optimizer state) stay in their dtype, compute runs in `param_dtype` (FSDP gathers in
+            it), gradients are reduced in `reduce_dtype`, outputs cast to `output_dtype` if set
+            (`fxpar.passes.apply_mixed_precision`).
+        activation_checkpointing: None, 'full' (keep each block's input, recompute its forward in
+            the backward) or 'selective' (keep matmul and attention outputs, recompute the rest)
+            (`fxpar.passes.checkpoint_activations`).
         batch_norm_per_microbatch: in a pipeline, accept BatchNorm in training mode computing its
             statistics per microbatch (as torch.distributed.pipelining does; logged as a warning).
             Default: a PlanError naming the module, since the unsplit model normalizes by the
@@ -65,10 +72,14 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
     if input_layout not in ("full", "local"):
         raise PlanError(f"input_layout={input_layout!r}: use 'full' (every rank passes the same full inputs) "
                         "or 'local' (each rank passes its own batch shard)")
+    if activation_checkpointing not in (None, "full", "selective"):
+        raise PlanError(f"activation_checkpointing={activation_checkpointing!r}: use None, 'full' (recompute each "
+                        "block's forward in the backward) or 'selective' (keep matmul and attention outputs)")
     return compile_model(model, mesh, MeshInfo.from_device_mesh(mesh), example_inputs=example_inputs,
                          example_kwargs=example_kwargs, plan=plan, passes=passes, input_layout=input_layout,
                          reshard_after_forward=reshard_after_forward, fsdp_unit=fsdp_unit, check=check,
-                         dump_dir=dump_dir, batch_norm_per_microbatch=batch_norm_per_microbatch)
+                         dump_dir=dump_dir, mp_policy=mp_policy, activation_checkpointing=activation_checkpointing,
+                         batch_norm_per_microbatch=batch_norm_per_microbatch)
 
 
 def check(pm: ParallelModule, *, ranks: list | None = None) -> None:

@@ -171,6 +171,30 @@ def _fsdp_unit_lines(graphs: list[fx.GraphModule]) -> list[str]:
             if units < params else f"FSDP: {params} parameter gathers, one collective each way per parameter"]
 
 
+def _dtype(d) -> str:
+    return str(d).replace("torch.", "") if d is not None else "unchanged"
+
+
+def _training_lines(gm, graphs) -> list[str]:
+    """Mixed precision and activation checkpointing, as the passes recorded them on the graph."""
+    out = []
+    policy = next((g.meta["mp_policy"] for g in (gm, *graphs) if g.meta.get("mp_policy") is not None), None)
+    if policy is not None:
+        params = sorted({_dtype(n.meta["val"].dtype) for g in graphs for n in g.graph.nodes
+                         if n.op == "get_attr" and isinstance(n.meta.get("val"), torch.Tensor)
+                         and n.meta["val"].requires_grad})
+        out.append(f"Mixed precision (FSDP2 MixedPrecisionPolicy): parameters and optimizer state stay "
+                   f"{', '.join(params)}; compute in {_dtype(policy.param_dtype)} (FSDP gathers in it); "
+                   f"gradients reduced in {_dtype(policy.reduce_dtype)}; outputs {_dtype(policy.output_dtype)}")
+    ac = gm.meta.get("activation_checkpointing")
+    if ac is not None:
+        blocks = sorted({r.block for r in ac.regions})
+        what = "keeps each block's inputs, recomputes its forward (and its collectives) in the backward" \
+            if ac.mode == "full" else "keeps matmul, attention and reducing-collective outputs, recomputes the rest"
+        out.append(f"Activation checkpointing: {ac.mode}: {len(ac.regions)} regions in {len(blocks)} blocks; {what}")
+    return out
+
+
 def explain(pm, *inputs, **kwargs) -> str:
     """The report behind `ParallelModule.explain()`; with inputs, bytes are for their sizes."""
     if inputs or kwargs:
@@ -184,6 +208,7 @@ def explain(pm, *inputs, **kwargs) -> str:
     mesh = pm.mesh_info
     whole = ", ".join(f"{name}={size}" for name, size in full_mesh(pm))  # pp included
     lines = [f"fxpar plan for {gm.meta['fxpar'].model_class} on mesh ({whole})"]
+    lines.extend(_training_lines(gm, graphs))
 
     lines.append("")
     lines.append("Parameters (module: style; tensor placements local shape):")

@@ -28,7 +28,7 @@ def bucket_groups(graphs: list) -> list[tuple[tuple, list[tuple[Any, Any]]]]:
             key = info.fsdp_bucket if info is not None else None
             a = collective_args(node)
             args = (a["dim"], a["group_size"], a["group_name"], a["mesh_dim"])
-            here = (id(gm), key, args)
+            here = (id(gm), key, args, a.get("param_dtype"))  # one bucket gathers in one dtype
             members = groups[-1][1] if groups else []
             if key is not None and here == last and all(p.target != node.args[0].target for _, p in members):
                 members.append((gm, node.args[0]))

@@ -61,6 +61,7 @@ ALL_FACTS = frozenset({"specs", "collectives", "local_shapes", "local_params"})
 
 _RAW_COMM_NAMESPACES = ("_c10d_functional", "_c10d_functional_autograd", "c10d", "_dtensor")
 _FXPAR = torch.ops.fxpar
+_aten = torch.ops.aten  # ATen op names (aten._to_copy) are public op names, not torch internals
 
 
 def _is_shard(p: Placement | None) -> bool:
@@ -93,6 +94,13 @@ def _outputs_replicate(info, m: int) -> bool:
 
 def _is_collective(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in COLLECTIVE_OPS
+
+
+def _is_cast(node: fx.Node) -> bool:
+    """A dtype-only copy (mixed precision's casts): linear, so a sum of gradients commutes with it and
+    the gradient duals are judged through it."""
+    return node.op == "call_function" and node.target is _aten._to_copy.default \
+        and set(node.kwargs) <= {"dtype"} and len(node.args) == 1
 
 
 # --------------------------------------------------------------------------- specs
@@ -363,16 +371,16 @@ def _reduced_on(node: fx.Node, dim: str) -> bool:
     with a sum over `dim`); one on `dim` that does not reduce ends the walk. A
     parameter whose gradient the runtime syncs on `dim` counts as reduced.
     """
-    while _is_collective(node):
-        if collective_args(node)["mesh_dim"] == dim:
+    while _is_collective(node) or _is_cast(node):
+        if _is_collective(node) and collective_args(node)["mesh_dim"] == dim:
             return COLLECTIVE_OPS[node.target] in _REDUCING_DUALS
         node = node.args[0]
     return dim in runtime_synced(node)
 
 
 def _source(node: fx.Node) -> fx.Node:
-    """The value behind a chain of collectives."""
-    while _is_collective(node):
+    """The value behind a chain of collectives (and dtype casts)."""
+    while _is_collective(node) or _is_cast(node):
         node = node.args[0]
     return node
 
@@ -436,6 +444,9 @@ def _check_grad_duals(gm: fx.GraphModule, mesh: MeshInfo, boundary: frozenset[st
         frontier = list(node.users)
         while frontier:
             u = frontier.pop()
+            if _is_cast(u):
+                frontier.extend(u.users)
+                continue
             if _is_collective(u):
                 if collective_args(u)["mesh_dim"] != dim:
                     frontier.extend(u.users)

@@ -1,7 +1,7 @@
 """The compile path: capture, the pass pipeline, and the runtime module that runs the result.
 
     capture -> shard_inputs -> annotate_parameters -> apply_fsdp -> split_linear_bias
-            -> propagate_sharding -> insert_collectives -> localize_shapes -> bucket_grad_sync
+            -> propagate_sharding -> insert_collectives -> apply_mixed_precision -> localize_shapes -> bucket_grad_sync
             -> shard_parameters -> split_stages -> ParallelModule / PipelineModule
 
 `parallelize` (real process groups) and dry runs (`fxpar.plan`, sizes only)
@@ -60,9 +60,11 @@ def default_passes(plan: Plan | None = None) -> list:
         P.split_linear_bias,
         P.propagate_sharding,
         P.insert_collectives,
+        P.apply_mixed_precision,  # a no-op without mp_policy
         P.localize_shapes,
         P.bucket_grad_sync,
         P.shard_parameters,
+        P.checkpoint_activations,  # a no-op without activation_checkpointing
         P.split_stages,  # a no-op without a pipeline
     ]
 
@@ -81,7 +83,8 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
                   input_layout: str = "full", reshard_after_forward: bool = True, fsdp_unit: str = "block",
                   check: bool | None = None, dump_dir: str | None = None, split_pp: Callable | None = None,
                   progress: Callable[[str], None] | None = None,
-                  captured: fx.GraphModule | None = None, batch_norm_per_microbatch: bool = False) -> ParallelModule:
+                  captured: fx.GraphModule | None = None, mp_policy: Any = None,
+                  activation_checkpointing: str | None = None, batch_norm_per_microbatch: bool = False) -> ParallelModule:
     """The compile path `parallelize` and dry runs (`fxpar.plan`) share: capture, passes, module.
 
     A dry run passes `mesh=None` and a `MeshInfo` built from sizes, so it
@@ -121,7 +124,8 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
     gm.meta[MODEL_KEY] = ModelFingerprint.of(model)  # what a saved plan is checked against
     if progress is not None:
         progress("passes")
-    options = {"input_layout": input_layout, "pp": pp_info, "fsdp_unit": fsdp_unit,
+    options = {"input_layout": input_layout, "pp": pp_info, "fsdp_unit": fsdp_unit, "mp_policy": mp_policy,
+               "activation_checkpointing": activation_checkpointing,
                "batch_norm_per_microbatch": batch_norm_per_microbatch}
     ctx = PassContext(mesh=spmd_info, plan=plan, device_mesh=spmd_mesh, options=options)
     manager = PassManager(passes if passes is not None else default_passes(plan), check=check, dump_dir=dump_dir)

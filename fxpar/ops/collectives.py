@@ -289,45 +289,56 @@ all_to_all.register_autograd(_all_to_all_bwd, setup_context=_save_a2a_args)
 
 
 @torch.library.custom_op("fxpar::fsdp_all_gather", mutates_args=())
-def fsdp_all_gather(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str) -> Tensor:
+def fsdp_all_gather(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str,
+                    param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None) -> Tensor:
     """A parameter's FSDP shard -> the full parameter. Backward: reduce_scatter of its gradient.
 
     The fused form of all_gather followed by grad_all_reduce: the gathered parameter is used on
     batch-sharded activations, so its gradient is partial on every rank; summing and keeping this
     rank's slice is one reduce_scatter. The runtime may take a gather over (one collective per
     block, one gather per pipeline step): see `FsdpRuntime`.
+
+    Mixed precision (FSDP2's MixedPrecisionPolicy, set by `apply_mixed_precision`): with
+    `param_dtype` the shard is cast before the gather (half the bytes for bfloat16) and the full
+    parameter comes out in it; with `reduce_dtype` the gradient is cast to it before the
+    reduce_scatter; the shard's gradient comes back in the shard's own dtype (float32 master weights).
     """
     args = (dim, group_size, group_name, mesh_dim)
     runtime = _fsdp_runtime[0] if _fsdp_runtime else None
     out = runtime.gather(x, args) if runtime is not None else None
     if out is None:
-        _record("all_gather", mesh_dim, x, "forward")
-        out = _all_gather(x, dim, group_size, group_name)
+        src = x if param_dtype is None else x.to(param_dtype)
+        _record("all_gather", mesh_dim, src, "forward")
+        out = _all_gather(src, dim, group_size, group_name)
         if runtime is not None:
-            runtime.gathered(out, x, args)
-    return out
+            runtime.gathered(out, src, args)  # re-gathered from the cast shard (reshard_after_forward)
+    return out if param_dtype is None else out.to(param_dtype)
 
 
 @fsdp_all_gather.register_fake
-def _(x, dim, group_size, group_name, mesh_dim):
+def _(x, dim, group_size, group_name, mesh_dim, param_dtype=None, reduce_dtype=None):
     shape = list(x.shape)
     shape[dim] = shape[dim] * group_size
-    return x.new_empty(shape)
+    return x.new_empty(shape, dtype=param_dtype or x.dtype)
 
 
 def _save_fsdp_args(ctx, inputs, output):
-    _save_shard_args(ctx, inputs, output)
+    ctx.dim, ctx.group_size, ctx.group_name, ctx.mesh_dim = inputs[1:5]
+    ctx.reduce_dtype = inputs[6] if len(inputs) > 6 else None
+    ctx.shard_dtype = inputs[0].dtype
     runtime = _fsdp_runtime[0] if _fsdp_runtime else None
     ctx.fsdp = runtime.saved(inputs[0]) if runtime is not None else None
 
 
 def _fsdp_all_gather_bwd(ctx, grad):
+    if ctx.reduce_dtype is not None:
+        grad = grad.to(ctx.reduce_dtype)
     runtime = _fsdp_runtime[0] if _fsdp_runtime else None
     out = runtime.backward(ctx.fsdp, ctx, grad) if runtime is not None and ctx.fsdp is not None else None
     if out is None:
         _record("reduce_scatter", ctx.mesh_dim, grad, "backward")
         out = _reduce_scatter(grad, ctx.dim, ctx.group_size, ctx.group_name)
-    return out, None, None, None, None
+    return out.to(ctx.shard_dtype), None, None, None, None, None, None
 
 
 fsdp_all_gather.register_autograd(_fsdp_all_gather_bwd, setup_context=_save_fsdp_args)
@@ -482,6 +493,12 @@ def insert_fsdp_all_gather(graph: fx.Graph, param: fx.Node, *, dim: int, mesh_di
     """Inserts the gather of an FSDP-sharded parameter (reduce-scatter of its gradient backward)."""
     return _make_node(graph, "fsdp_all_gather", param, (dim, group_size, group_name, mesh_dim_name),
                       f"fsdpgather_{param.name}")
+
+
+def set_fsdp_precision(node: fx.Node, *, param_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None) -> None:
+    """Makes an `fsdp_all_gather` node gather in `param_dtype` and reduce its gradient in `reduce_dtype`."""
+    assert node.target is torch.ops.fxpar.fsdp_all_gather.default, node
+    node.args = (*node.args[:5], param_dtype, reduce_dtype)
 
 
 def collective_args(node: fx.Node) -> dict:

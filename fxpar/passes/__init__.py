@@ -3,12 +3,14 @@
 One public pass per module, named like the module. The default pipeline, in
 data-flow order: shard_inputs -> annotate_parameters -> apply_fsdp ->
 split_linear_bias -> propagate_sharding -> insert_collectives ->
-localize_shapes -> bucket_grad_sync -> shard_parameters -> split_stages.
+apply_mixed_precision -> localize_shapes -> bucket_grad_sync -> shard_parameters -> checkpoint_activations -> split_stages.
 """
 
 from fxpar.passes.annotate_parameters import annotate_parameters
 from fxpar.passes.apply_fsdp import apply_fsdp
+from fxpar.passes.apply_mixed_precision import apply_mixed_precision
 from fxpar.passes.bucket_grad_sync import bucket_grad_sync
+from fxpar.passes.checkpoint_activations import checkpoint_activations
 from fxpar.passes.insert_collectives import insert_collectives
 from fxpar.passes.localize_shapes import localize_shapes
 from fxpar.passes.propagate_sharding import propagate_sharding
@@ -21,7 +23,9 @@ __all__ = [
     "shard_inputs",
     "annotate_parameters",
     "apply_fsdp",
+    "apply_mixed_precision",
     "bucket_grad_sync",
+    "checkpoint_activations",
     "split_linear_bias",
     "propagate_sharding",
     "insert_collectives",

@@ -20,6 +20,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxpar.core.spec import shape_key
+from fxpar._torch.placements import StridedShard
 from fxpar.rules.registry import OpInfo, P, R, S, Strategy, register, tensor_args
 
 aten = torch.ops.aten
@@ -96,6 +97,10 @@ def pointwise_strategies(op: OpInfo, cur, *, linear: str | None) -> list[Strateg
                 src = [j for j, od in m.items() if od == d]
                 inputs.append(S(src[0]) if src else R)
             strategies.append(Strategy(tuple(inputs), wrap(S(d))))
+
+    if len(cur) == 1 and isinstance(cur[0], StridedShard):
+        # elementwise on one tensor (a cast of a fused-section parameter): any layout carries through
+        strategies.append(Strategy((cur[0],), wrap(cur[0])))
 
     partial_ins = [c is not None and c.is_partial() for c in cur]
     if any(partial_ins):

@@ -43,8 +43,9 @@ __all__ = ["FsdpBucket", "register_buckets"]
 class FsdpBucket:
     """The FSDP-sharded parameters of one block, gathered and reduce-scattered together."""
 
-    def __init__(self, shards: list[Tensor], args: tuple) -> None:
+    def __init__(self, shards: list[Tensor], args: tuple, dtype: torch.dtype | None = None) -> None:
         self._shards = [weakref.ref(s) for s in shards]
+        self.dtype = dtype  # mixed precision: gather in this dtype (the cast shards, half the bytes for bf16)
         self.args = args  # (dim 0, group size, group name, mesh dim), the same for every shard
         self.numels = [s.numel() for s in shards]
         self.offsets = [sum(self.numels[:i]) for i in range(len(shards))]
@@ -67,6 +68,7 @@ class FsdpBucket:
         _, n, group_name, mesh_dim = self.args
         shards = self.shards()
         flat = torch.cat([s.detach().reshape(-1) for s in shards])
+        flat = flat if self.dtype is None else flat.to(self.dtype)
         C._record("all_gather", mesh_dim, flat, direction)
         gathered = C._all_gather(flat, 0, n, group_name).view(n, self.total)
         return [gathered[:, o:o + k].reshape(n * shape[0], *shape[1:]).contiguous()
@@ -124,7 +126,15 @@ class FsdpBucket:
             if i not in got:
                 continue
             part = local[o:o + k].view(self.shapes[i])
-            shard.grad = part.clone() if shard.grad is None else shard.grad.add_(part)
+            shard.grad = part.to(shard.dtype, copy=True) if shard.grad is None else shard.grad.add_(part)
+
+
+def _gather_dtype(param: "torch.fx.Node") -> torch.dtype | None:
+    """The dtype a parameter's fsdp_all_gather gathers in (apply_mixed_precision's param_dtype), or None."""
+    for user in param.users:
+        if user.target is torch.ops.fxpar.fsdp_all_gather.default:
+            return C.collective_args(user).get("param_dtype")
+    return None
 
 
 def register_buckets(graphs: list) -> list[FsdpBucket]:
@@ -134,7 +144,7 @@ def register_buckets(graphs: list) -> list[FsdpBucket]:
         if len(members) < 2:
             continue  # a bucket of one is the plain per-parameter path
         shards = [attr_of(gm, node.target) for gm, node in members]
-        bucket = FsdpBucket(shards, args)
+        bucket = FsdpBucket(shards, args, _gather_dtype(members[0][1]))
         for i, s in enumerate(shards):
             register_fsdp_bucket(s, bucket, i)
         out.append(bucket)

@@ -97,6 +97,7 @@ class StepGather:
             dim, n, group_name, mesh_dim = self._args[key]
             _record("reduce_scatter", mesh_dim, acc, "backward")
             shard = _reduce_scatter(acc, dim, n, group_name)
+            shard = shard.to(p.dtype)  # reduced in the gradient's dtype (mixed precision: reduce_dtype)
             p.grad = shard if p.grad is None else p.grad.add_(shard)
         self._full.clear()
 

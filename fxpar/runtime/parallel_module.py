@@ -24,6 +24,7 @@ from fxpar.core.errors import PlanError
 from fxpar.core.mesh import MeshInfo
 from fxpar.core.spec import TensorSpec, get_info, get_spec, shard_order
 from fxpar.ops.collectives import _all_gather, inference_graph_module
+from fxpar.runtime.checkpointing import checkpointed_graph_module
 from fxpar.runtime.fsdp_buckets import register_buckets
 from fxpar.runtime.fsdp_state import pack_gathered, unpack_gathered
 from fxpar.runtime.grad_sync import GradSync
@@ -76,10 +77,19 @@ class ParallelModule(nn.Module):
         if self.reshard_after_forward and torch.is_grad_enabled():
             # Gathered FSDP parameters are not kept for the backward: it gathers them again.
             with torch.autograd.graph.saved_tensors_hooks(pack_gathered, unpack_gathered):
-                return self.graph_module(*args, **kwargs)
+                return self._training_graph()(*args, **kwargs)
         if not torch.is_grad_enabled():
             return self._inference_graph()(*args, **kwargs)
-        return self.graph_module(*args, **kwargs)
+        return self._training_graph()(*args, **kwargs)
+
+    def _training_graph(self) -> fx.GraphModule:
+        """The graph with its activation-checkpoint regions outlined (`fxpar.runtime.checkpointing`),
+        or the graph itself; rebuilt when the graph module is recompiled."""
+        cached = self.__dict__.get("_training")
+        if cached is None or cached[0] is not self.graph_module.code:
+            cached = (self.graph_module.code, checkpointed_graph_module(self.graph_module) or self.graph_module)
+            self.__dict__["_training"] = cached
+        return cached[1]
 
     def _inference_graph(self) -> fx.GraphModule:
         """The graph without its backward-only markers (`inference_graph_module`), for no_grad runs.

@@ -1,0 +1,117 @@
+"""Mixed precision with FSDP2's MixedPrecisionPolicy: float32 master weights, bf16 compute, fp32 reduction."""
+
+from __future__ import annotations
+
+import collections
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.fsdp import MixedPrecisionPolicy
+
+import fxpar
+from fxpar.testing import rank_pool
+
+from tests.models import tiny_gpt2
+
+transformers = pytest.importorskip("transformers")
+
+BF16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def ce(out, target):
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), target.reshape(-1))
+
+
+def _bf16_step(shape, names) -> dict:
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", shape, mesh_dim_names=names)
+    torch.manual_seed(0)
+    model = tiny_gpt2(n_layer=2, n_embd=64)
+    ids, target = torch.randint(0, 128, (4, 16)), torch.randint(0, 128, (4, 16))
+    pm = fxpar.parallelize(model, mesh, example_inputs=(ids,), mp_policy=BF16)
+    with fxpar.count_comms() as comms:
+        loss = pm.step(ids, target=target, loss_fn=ce)
+    ref = copy.deepcopy(model)
+    ref_loss = ce(ref(ids), target)
+    ref_loss.backward()
+    grads = pm.full_grads()
+    rel = {k: ((grads[k] - p.grad).norm() / p.grad.norm()).item() for k, p in ref.named_parameters()
+           if p.grad is not None and p.grad.norm() > 0}
+    dtypes = collections.Counter(f"{c.direction} {c.op} {c.mesh_dim}" for c in comms)
+    bytes_by = collections.Counter()
+    for c in comms:
+        bytes_by[f"{c.direction} {c.op} {c.mesh_dim}"] += c.nbytes
+    return {
+        "param_dtypes": {str(p.dtype) for p in pm.parameters()},
+        "grad_dtypes": {str(p.grad.dtype) for p in pm.parameters() if p.grad is not None},
+        "full_grad_dtypes": {str(g.dtype) for g in grads.values()},
+        "rel": rel, "loss": loss.item(), "ref_loss": ref_loss.item(),
+        "exactly_equal": all(torch.equal(grads[k], p.grad) for k, p in ref.named_parameters() if p.grad is not None),
+        "explain": pm.explain(), "comms": dtypes, "bytes": bytes_by,
+        "local_bytes": sum(p.numel() * p.element_size() for p in pm.parameters()),
+        "rank": dist.get_rank(),
+    }
+
+
+@pytest.mark.parametrize("shape,names", [((4,), ("fsdp",)), ((2, 2), ("dp", "tp")), ((2, 2), ("fsdp", "tp"))],
+                         ids=["fsdp4", "dp2xtp2", "fsdp2xtp2"])
+def test_bf16_policy_keeps_fp32_weights_and_computes_in_bf16(shape, names):
+    results = rank_pool(4).run(_bf16_step, shape, names, timeout=300)
+    for r in results:
+        assert r["param_dtypes"] == {"torch.float32"}, r["param_dtypes"]
+        assert r["grad_dtypes"] == {"torch.float32"}, r["grad_dtypes"]
+        worst = max(r["rel"].values())
+        # within bf16 rounding of the float32 model's gradients, and not equal: the compute is bf16
+        assert worst <= 5e-2, sorted(r["rel"].items(), key=lambda kv: -kv[1])[:5]
+        assert not r["exactly_equal"]
+        assert max(r["rel"].values()) > 1e-4, r["rel"]
+        assert abs(r["loss"] - r["ref_loss"]) <= 2e-2 * abs(r["ref_loss"])
+        assert "Mixed precision" in r["explain"] and "compute in bfloat16" in r["explain"], r["explain"]
+        assert "gradients reduced in float32" in r["explain"]
+
+
+def test_fsdp_gathers_bf16_and_reduce_scatters_fp32():
+    """FSDP2's meaning: the shard is cast before the gather (half the bytes), the gradient is
+    reduce-scattered in reduce_dtype."""
+    plain = rank_pool(2).run(_bf16_step_nomp, (2,), ("fsdp",), timeout=300)
+    mixed = rank_pool(2).run(_bf16_step, (2,), ("fsdp",), timeout=300)
+    for p, m in zip(plain, mixed):
+        assert m["bytes"]["forward all_gather fsdp"] * 2 == p["bytes"]["forward all_gather fsdp"], (p, m)
+        assert m["bytes"]["backward reduce_scatter fsdp"] == p["bytes"]["backward reduce_scatter fsdp"], (p, m)
+        assert m["local_bytes"] == p["local_bytes"]
+
+
+def _bf16_step_nomp(shape, names) -> dict:
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", shape, mesh_dim_names=names)
+    torch.manual_seed(0)
+    model = tiny_gpt2(n_layer=2, n_embd=64)
+    ids, target = torch.randint(0, 128, (4, 16)), torch.randint(0, 128, (4, 16))
+    pm = fxpar.parallelize(model, mesh, example_inputs=(ids,))
+    bytes_by = collections.Counter()
+    with fxpar.count_comms() as comms:
+        pm.step(ids, target=target, loss_fn=ce)
+    for c in comms:
+        bytes_by[f"{c.direction} {c.op} {c.mesh_dim}"] += c.nbytes
+    return {"bytes": bytes_by, "local_bytes": sum(p.numel() * p.element_size() for p in pm.parameters())}
+
+
+def _bf16_model_step(shape, names) -> dict:
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", shape, mesh_dim_names=names)
+    torch.manual_seed(0)
+    model = tiny_gpt2(n_layer=2, n_embd=64, dtype=torch.bfloat16)
+    ids, target = torch.randint(0, 128, (4, 16)), torch.randint(0, 128, (4, 16))
+    pm = fxpar.parallelize(model, mesh, example_inputs=(ids,), mp_policy=BF16)
+    loss = pm.step(ids, target=target, loss_fn=ce)
+    return {"param_dtypes": {str(p.dtype) for p in pm.parameters()}, "loss": loss.item(),
+            "casts": sum(1 for n in pm.graph_module.graph.nodes if n.name.startswith("cast_"))}
+
+
+def test_bf16_model_keeps_working_under_the_policy():
+    results = rank_pool(2).run(_bf16_model_step, (2,), ("fsdp",), timeout=300)
+    for r in results:
+        assert r["param_dtypes"] == {"torch.bfloat16"}
+        assert r["casts"] == 0  # nothing to cast
+        assert 0 < r["loss"] < 10
