@@ -1,0 +1,153 @@
+"""apply_fsdp: parameters stored as Shard(0) on fsdp, gathered by fsdp_all_gather right before their first use."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.distributed.tensor.placement_types import Replicate, Shard
+
+import fxpar
+from fxpar.core.errors import module_fqn_of
+from fxpar.core.spec import get_info, get_spec
+from models import MLPBlock
+from pass_harness import calls, param, position, run_upto
+
+GATHER = torch.ops.fxpar.fsdp_all_gather.default
+MEGATRON = {"layers.*.up": "colwise", "layers.*.down": "rowwise"}
+MESH = {"fsdp": 2, "tp": 2}
+FSDP, TP = 0, 1
+
+
+class Model(nn.Module):
+    """Two Megatron blocks, a root-level head that shards, one that cannot, a frozen one and a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([MLPBlock(16, 32) for _ in range(2)])
+        self.head = nn.Linear(16, 4)
+        self.odd = nn.Linear(16, 3)    # 3 rows: not divisible by fsdp=2
+        self.frozen = nn.Linear(16, 16)
+        self.frozen.requires_grad_(False)
+        self.register_buffer("scale", torch.ones(16))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        x = self.frozen(x * self.scale)
+        return self.head(x).sum(-1) + self.odd(x).sum(-1)
+
+
+SHARDED = [f"layers.{i}.{m}.{p}" for i in range(2) for m in ("up", "down") for p in ("weight", "bias")] + \
+    ["head.weight", "head.bias"]
+
+
+def _run(upto="apply_fsdp", mesh=MESH, **options):
+    return run_upto(upto, Model(), (torch.randn(4, 16),), mesh, MEGATRON, dynamic=False, **options)
+
+
+def test_one_gather_per_shardable_parameter_on_the_fsdp_group():
+    gm = _run()
+    gathers = calls(gm, GATHER)
+    assert sorted(str(g.args[0].target) for g in gathers) == sorted(SHARDED)
+    for g in gathers:
+        # (shard, dim, group size, group, mesh dim)
+        assert g.args[1:] == (0, 2, "dryrun:fsdp", "fsdp")
+        assert g.name == f"fsdpgather_{g.args[0].name}"
+        # the stored shard feeds nothing but its gather
+        assert list(g.args[0].users) == [g]
+
+
+def test_each_gather_sits_just_before_its_parameters_first_use():
+    gm = _run()
+    pos = position(gm)
+    order = list(gm.graph.nodes)
+    for g in calls(gm, GATHER):
+        first_use = min(g.users, key=pos.__getitem__)
+        between = order[pos[g] + 1: pos[first_use]]
+        assert all(n.target == GATHER for n in between), (g.name, [n.name for n in between])
+    # so a block's parameters are gathered only once the previous block has run
+    layer0 = [n for n in order if n.op == "call_function" and module_fqn_of(n).startswith("layers.0")
+              and n.target != GATHER]
+    layer1 = [g for g in calls(gm, GATHER) if str(g.args[0].target).startswith("layers.1.")]
+    assert layer0 and len(layer1) == 4
+    assert min(pos[g] for g in layer1) > max(pos[n] for n in layer0)
+
+
+def test_specs_shard_is_one_over_fsdp_of_the_tensor_parallel_shard_and_the_gather_rebuilds_it():
+    before = _run("annotate_parameters")
+    gm = _run()
+    for g in calls(gm, GATHER):
+        p = g.args[0]
+        tp_local = get_spec(param(before, str(p.target)))
+        stored, gathered = get_spec(p), get_spec(g)
+        assert stored.placements[FSDP] == Shard(0) and stored.placements[TP] == tp_local.placements[TP]
+        assert stored.shape == tp_local.shape
+        assert stored.local_shape == (tp_local.local_shape[0] // 2, *tp_local.local_shape[1:])
+        assert gathered == tp_local  # the gather yields exactly this rank's tensor-parallel shard
+        info = get_info(g)
+        assert (info.role, info.param_fqn, info.origin) == ("param", get_info(p).param_fqn, "apply_fsdp")
+        assert tuple(g.meta["val"].shape) == tp_local.shape
+
+
+def test_block_unit_buckets_gathers_by_block_and_other_modules_by_fqn():
+    gm = _run()
+    buckets = {str(g.args[0].target): get_info(g).fsdp_bucket for g in calls(gm, GATHER)}
+    assert buckets == {fqn: fqn.rsplit(".", 2)[0] if fqn.startswith("layers.") else "head" for fqn in SHARDED}
+
+
+def test_param_unit_gathers_each_parameter_on_its_own():
+    gm = _run(fsdp_unit="param")
+    assert len(calls(gm, GATHER)) == len(SHARDED)
+    assert {get_info(g).fsdp_bucket for g in calls(gm, GATHER)} == {None}
+
+
+def test_parameters_whose_rows_do_not_divide_stay_replicated_and_say_why():
+    gm = _run()
+    for fqn in ("odd.weight", "odd.bias"):
+        p = param(gm, fqn)
+        assert [u.target for u in p.users] != [GATHER]
+        assert get_spec(p).placements == (Replicate(), Replicate())
+        assert "not sharded on fsdp: dim 0 of local size (3,) does not divide by fsdp=2" in get_info(p).style
+
+
+def test_divisibility_is_judged_on_the_tensor_parallel_shard():
+    # 6 rows divide by fsdp=2, but tp=2 leaves each rank 3 rows of up.weight
+    model = nn.Sequential(nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 16))
+    gm = run_upto("apply_fsdp", model, (torch.randn(4, 16),), MESH, {"0": "colwise", "2": "rowwise"},
+                  dynamic=False)
+    gathered = {str(g.args[0].target) for g in calls(gm, GATHER)}
+    assert "0.weight" not in gathered and "2.weight" in gathered
+    assert "local size (3,)" in get_info(param(gm, "0.weight")).style
+
+
+def test_frozen_parameters_and_buffers_are_not_sharded():
+    gm = _run()
+    for fqn in ("frozen.weight", "frozen.bias", "scale"):
+        p = param(gm, fqn)
+        assert all(u.target != GATHER for u in p.users)
+        assert get_spec(p).placements[FSDP] == Replicate()
+
+
+@pytest.mark.parametrize("mesh", [{"tp": 2}, {"dp": 2, "tp": 2}, {"fsdp": 1, "tp": 2}])
+def test_without_an_fsdp_dim_nothing_changes(mesh):
+    gm = _run(mesh=mesh)
+    assert calls(gm, GATHER) == []
+    assert all(p.is_replicate() for p in get_spec(param(gm, "head.weight")).placements)
+
+
+def test_gathers_survive_dead_code_elimination_even_unused():
+    gm = _run()
+    n = len(calls(gm, GATHER))
+    gm.graph.eliminate_dead_code()
+    assert len(calls(gm, GATHER)) == n
+    # every rank of the group must issue every gather, whether or not this rank reads it
+    for g in calls(gm, GATHER):
+        g.replace_all_uses_with(g.args[0])
+    gm.graph.eliminate_dead_code()
+    assert len(calls(gm, GATHER)) == n
+
+
+def test_unknown_fsdp_unit_is_a_plan_error():
+    with pytest.raises(fxpar.PlanError, match=r"\[apply_fsdp\] fsdp_unit='layer'"):
+        _run(fsdp_unit="layer")
