@@ -66,7 +66,9 @@ def shard_inputs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if not batched:
             continue
         cur, placements = node, list(replicate)
-        users = list(node.users)
+        # The capture's input guard (`_guards_fn`) checks the global shapes the user passes: it keeps
+        # reading the placeholder; every other use reads this rank's rows.
+        users = [u for u in node.users if not (u.op == "call_module" and str(u.target).startswith("_guards"))]
         anchor = node
         for m in data:
             with gm.graph.inserting_after(anchor):
