@@ -24,6 +24,7 @@ from fxpar.api import check, parallelize
 from fxpar.dryrun import DryRunReport, plan  # `fxpar.plan(...)` is the dry run; the plan types live in fxpar.core.plan
 from fxpar.verify import BisectResult, VerifyReport, verify  # binds fxpar.verify to the function
 from fxpar.planner import AutoPlan, Estimate, autoplan, estimate
+from fxpar import checkpoint  # fxpar.checkpoint.load_hf / save_hf
 from fxpar import viz  # pictures; matplotlib is imported only when a chart is drawn
 
 __all__ = [

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import torch
-from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
+from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException, FakeTensor,
+                                           FakeTensorMode)
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 __all__ = [
     "FakeTensorMode",
+    "FakeTensor",
+    "storage_key",
     "DataDependentOutputException",
     "DynamicOutputShapeException",
     "TorchDispatchMode",
@@ -28,3 +31,9 @@ def has_autograd_kernel(op) -> bool:
 def redispatch_cpu(func, *args, **kwargs):
     """Runs `func` with the CPU kernel, below any Python dispatch mode."""
     return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
+
+
+def storage_key(t: torch.Tensor) -> int:
+    """An identity of `t`'s storage, shared by its views and `.data` (meta tensors included)."""
+    # Waits for: a public storage identity (torch.UntypedStorage has none besides _cdata).
+    return t.untyped_storage()._cdata

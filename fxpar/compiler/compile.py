@@ -12,6 +12,7 @@ run makes. The invariant checks are handed to the pass manager here.
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -28,10 +29,14 @@ from fxpar.core.errors import PlanError
 from fxpar.core.mesh import MeshInfo
 from fxpar.core.plan import Plan, as_plan
 from fxpar.core.stages import split_pp_mesh
+from fxpar.runtime.init_weights import compute_buffers
+from fxpar.runtime.materialize import allocate_local, fake_copy, has_meta, mesh_device, meta_skeleton
 from fxpar.runtime.parallel_module import ParallelModule
 from fxpar.runtime.pipeline import PipelineModule
 
 __all__ = ["compile_model", "default_passes", "PassManager", "DEFAULT_CHECKS", "SUPPORTED_DIMS"]
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_DIMS = ("tp", "pp", "dp", "fsdp")
 
@@ -78,6 +83,18 @@ def _check_mesh(mesh_info: MeshInfo, plan: Plan) -> None:
         )
 
 
+def _skeleton(model: nn.Module, *, required: bool) -> nn.Module | None:
+    """The model's structure on meta for pm.init_weights / fxpar.checkpoint (None if it cannot be copied)."""
+    try:
+        return meta_skeleton(model)
+    except Exception as e:  # deepcopy of arbitrary user attributes: any type
+        if required:
+            raise PlanError(f"a meta-device {type(model).__name__} must be deep-copyable (fxpar keeps its structure "
+                            f"to compute buffers and initialize shards): {type(e).__name__}: {e}") from e
+        log.debug("no meta skeleton of %s (%s): init_weights and save_hf unavailable", type(model).__name__, e)
+        return None
+
+
 def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_inputs: tuple = (),
                   example_kwargs: dict | None = None, plan: Plan | dict | None = None, passes: list | None = None,
                   input_layout: str = "full", reshard_after_forward: bool = True, fsdp_unit: str = "block",
@@ -115,8 +132,15 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
                         "(input_layout='full')")
     if progress is not None:
         progress("capture")
+    # A model on meta (larger than one rank) is captured as FakeTensors on the mesh's device and gets only
+    # its local shards allocated after the passes (fxpar.runtime.materialize).
+    on_meta = mesh is not None and captured is None and has_meta(model)
+    if on_meta and pipelined:
+        raise PlanError("a model on the meta device cannot be pipelined yet; build it on a real device, or use a "
+                        "mesh without pp (dp, fsdp, tp)")
+    skeleton = _skeleton(model, required=on_meta) if mesh is not None else None
     if captured is None:
-        gm = capture(model, example_inputs, example_kwargs)
+        gm = capture(fake_copy(skeleton, mesh_device(mesh)) if on_meta else model, example_inputs, example_kwargs)
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # pytree's LeafSpec deprecation, from deepcopy
@@ -135,6 +159,12 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
                               pp_dim=mesh_info.names.index("pp") if mesh_info.has("pp") else None,
                               example_args=example_inputs, example_kwargs=example_kwargs,
                               reshard_after_forward=reshard_after_forward)
-    return ParallelModule(gm, mesh=mesh, mesh_info=mesh_info, plan=plan, history=manager.history,
-                          example_args=example_inputs, example_kwargs=example_kwargs, input_layout=input_layout,
-                          reshard_after_forward=reshard_after_forward)
+    if on_meta:
+        allocate_local(gm, mesh_device(mesh))
+    pm = ParallelModule(gm, mesh=mesh, mesh_info=mesh_info, plan=plan, history=manager.history,
+                        example_args=example_inputs, example_kwargs=example_kwargs, input_layout=input_layout,
+                        reshard_after_forward=reshard_after_forward)
+    pm.set_source_model(skeleton)
+    if on_meta:
+        compute_buffers(pm)
+    return pm

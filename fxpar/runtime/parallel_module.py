@@ -28,6 +28,8 @@ from fxpar.runtime.checkpointing import checkpointed_graph_module
 from fxpar.runtime.fsdp_buckets import register_buckets
 from fxpar.runtime.fsdp_state import pack_gathered, unpack_gathered
 from fxpar.runtime.grad_sync import GradSync
+from fxpar.runtime.init_weights import InitReport, init_weights
+from fxpar.runtime.materialize import LocalTensor
 
 __all__ = ["ParallelModule"]
 
@@ -64,6 +66,29 @@ class ParallelModule(nn.Module):
         self.reshard_after_forward = reshard_after_forward
         self._grad_sync = self._hook_grad_sync()
         self._fsdp_buckets = self._register_fsdp_buckets()
+        # The model's structure on meta (never a value): init_weights and fxpar.checkpoint run its code on it.
+        self.__dict__["source_model"] = None
+        self.__dict__["init_report"] = None
+        self.local_device = next((t.device for t in graph_module.parameters()), torch.device("cpu"))
+
+    # ------------------------------------------------------------------ values
+
+    def init_weights(self, seed: int | None = None) -> InitReport:
+        """Initializes the local shards as the model's own init would on one process after `manual_seed(seed)`.
+
+        One full parameter at a time: see `fxpar.runtime.init_weights` (what is equal, and where it cannot be).
+        """
+        report = init_weights(self, seed)
+        self.__dict__["init_report"] = report
+        return report
+
+    def set_source_model(self, skeleton: nn.Module | None) -> None:
+        """Keeps the model's structure (parameters on meta), unregistered: not a submodule, no state."""
+        self.__dict__["source_model"] = skeleton
+
+    def gather_full(self, entry: LocalTensor) -> torch.Tensor:
+        """The full tensor of one parameter or buffer (a collective over the dims that shard it)."""
+        return self._gather(entry.local, entry.spec)
 
     # ------------------------------------------------------------------ running
 
@@ -214,7 +239,9 @@ class ParallelModule(nn.Module):
         Bytes are for the example inputs' sizes, or for the sizes of `inputs` if given
         (another batch size or sequence length: the graph is symbolic in them).
         """
-        return explain(self, *inputs, **kwargs)
+        text = explain(self, *inputs, **kwargs)
+        report = self.__dict__.get("init_report")
+        return text if report is None else "\n".join([text, "", *report.lines()])
 
     @property
     def plan(self):
