@@ -28,7 +28,8 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
                 plan: Plan | dict | None = None, passes: list | None = None,
                 input_layout: str = "full", reshard_after_forward: bool = True, fsdp_unit: str = "block",
                 check: bool | None = None, dump_dir: str | None = None, mp_policy: Any = None,
-                activation_checkpointing: str | None = None, batch_norm_per_microbatch: bool = False) -> ParallelModule:
+                activation_checkpointing: str | None = None, batch_norm_per_microbatch: bool = False,
+                compile: bool | str = False) -> ParallelModule:
     """Compiles `model` for this rank of `mesh`.
 
     Args:
@@ -62,6 +63,11 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
             statistics per microbatch (as torch.distributed.pipelining does; logged as a warning).
             Default: a PlanError naming the module, since the unsplit model normalizes by the
             whole batch.
+        compile: run this rank's rewritten graph through torch.compile: True for inductor (its C++
+            backend on CPU, Triton on CUDA), or a backend name ('aot_eager', ...). The collectives are
+            fxpar's custom ops, opaque to the compiler, and keep their gradient duals. Not yet for
+            pipelines. Under compile, FSDP keeps gathered parameters for the backward
+            (reshard_after_forward's saved-tensor hooks do not apply inside a compiled graph).
 
     Returns:
         A ParallelModule holding this rank's rewritten GraphModule.
@@ -79,7 +85,7 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
                          example_kwargs=example_kwargs, plan=plan, passes=passes, input_layout=input_layout,
                          reshard_after_forward=reshard_after_forward, fsdp_unit=fsdp_unit, check=check,
                          dump_dir=dump_dir, mp_policy=mp_policy, activation_checkpointing=activation_checkpointing,
-                         batch_norm_per_microbatch=batch_norm_per_microbatch)
+                         batch_norm_per_microbatch=batch_norm_per_microbatch, compile=compile)
 
 
 def check(pm: ParallelModule, *, ranks: list | None = None) -> None:

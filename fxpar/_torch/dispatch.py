@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 __all__ = [
     "FakeTensorMode",
     "FakeTensor",
+    "is_fake",
     "storage_key",
     "DataDependentOutputException",
     "DynamicOutputShapeException",
@@ -37,3 +38,16 @@ def storage_key(t: torch.Tensor) -> int:
     """An identity of `t`'s storage, shared by its views and `.data` (meta tensors included)."""
     # Waits for: a public storage identity (torch.UntypedStorage has none besides _cdata).
     return t.untyped_storage()._cdata
+
+
+def is_fake(t: torch.Tensor) -> bool:
+    """A FakeTensor or a functional wrapper (tracing under torch.compile / export): it has no data pointer.
+
+    Waits for: a public predicate of traced tensors (torch._subclasses is private)."""
+    if isinstance(t, FakeTensor):
+        return True
+    try:
+        t.data_ptr()
+    except RuntimeError:
+        return True
+    return False

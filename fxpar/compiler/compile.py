@@ -101,7 +101,8 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
                   check: bool | None = None, dump_dir: str | None = None, split_pp: Callable | None = None,
                   progress: Callable[[str], None] | None = None,
                   captured: fx.GraphModule | None = None, mp_policy: Any = None,
-                  activation_checkpointing: str | None = None, batch_norm_per_microbatch: bool = False) -> ParallelModule:
+                  activation_checkpointing: str | None = None, batch_norm_per_microbatch: bool = False,
+                  compile: bool | str = False) -> ParallelModule:
     """The compile path `parallelize` and dry runs (`fxpar.plan`) share: capture, passes, module.
 
     A dry run passes `mesh=None` and a `MeshInfo` built from sizes, so it
@@ -127,6 +128,12 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
     pipelined = (mesh_info.size("pp") > 1 or plan.pp is not None or plan.schedule is not None)
     spmd_mesh, spmd_info, pp_info = (split_pp or split_pp_mesh)(mesh, mesh_info) if pipelined \
         else (mesh, mesh_info, None)
+    backend = ("inductor" if compile is True else compile) or None
+    if backend is not None and not isinstance(backend, str):
+        raise PlanError(f"compile={compile!r}: use True (inductor), False, or a torch.compile backend name")
+    if backend is not None and pipelined:
+        raise PlanError("compile=True does not run pipelines yet (their stages run under torch's schedules); "
+                        "use compile=False with pp, or a mesh without pp")
     if pipelined and input_layout != "full":
         raise PlanError(f"input_layout={input_layout!r}: a pipeline takes the same full inputs on every rank "
                         "(input_layout='full')")
@@ -163,7 +170,7 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
         allocate_local(gm, mesh_device(mesh))
     pm = ParallelModule(gm, mesh=mesh, mesh_info=mesh_info, plan=plan, history=manager.history,
                         example_args=example_inputs, example_kwargs=example_kwargs, input_layout=input_layout,
-                        reshard_after_forward=reshard_after_forward)
+                        reshard_after_forward=reshard_after_forward, compile_backend=backend)
     pm.set_source_model(skeleton)
     if on_meta:
         compute_buffers(pm)

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import Tensor
 
+from fxpar._torch.dispatch import is_fake
 from fxpar.ops.collectives import _all_gather, _record, _reduce_scatter, set_fsdp_runtime
 
 __all__ = [
@@ -218,6 +219,8 @@ class _FsdpState:
         note_gathered(full, shard, args)
 
     def saved(self, shard: Tensor) -> Any:
+        if is_fake(shard):  # traced by torch.compile: the backward is traced as the op's own reduce-scatter
+            return None
         return shard.data_ptr(), (None if _step_gathers else fsdp_bucket_of(shard))
 
     def backward(self, token: Any, ctx: Any, grad: Tensor) -> Tensor | None:

@@ -53,7 +53,8 @@ class ParallelModule(nn.Module):
 
     def __init__(self, graph_module: fx.GraphModule, *, mesh: Any, mesh_info: MeshInfo, plan: Any,
                  history: list, example_args: tuple = (), example_kwargs: dict | None = None,
-                 input_layout: str = "full", reshard_after_forward: bool = True) -> None:
+                 input_layout: str = "full", reshard_after_forward: bool = True,
+                 compile_backend: str | None = None) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.mesh = mesh
@@ -64,6 +65,7 @@ class ParallelModule(nn.Module):
         self._fingerprint_checked = False
         self.input_layout = input_layout
         self.reshard_after_forward = reshard_after_forward
+        self.compile_backend = compile_backend  # torch.compile's backend for this rank's graphs, or None
         self._grad_sync = self._hook_grad_sync()
         self._fsdp_buckets = self._register_fsdp_buckets()
         # The model's structure on meta (never a value): init_weights and fxpar.checkpoint run its code on it.
@@ -99,6 +101,9 @@ class ParallelModule(nn.Module):
 
             exchange(self.graph_module, self.mesh_info)
             self._fingerprint_checked = True
+        if self.compile_backend is not None:  # saved-tensor hooks do not reach inside a compiled graph
+            graph = self._training_graph() if torch.is_grad_enabled() else self._inference_graph()
+            return self._compiled(graph)(*args, **kwargs)
         if self.reshard_after_forward and torch.is_grad_enabled():
             # Gathered FSDP parameters are not kept for the backward: it gathers them again.
             with torch.autograd.graph.saved_tensors_hooks(pack_gathered, unpack_gathered):
@@ -106,6 +111,14 @@ class ParallelModule(nn.Module):
         if not torch.is_grad_enabled():
             return self._inference_graph()(*args, **kwargs)
         return self._training_graph()(*args, **kwargs)
+
+    def _compiled(self, graph: fx.GraphModule) -> Any:
+        """torch.compile of one of this rank's graphs, built once per graph (recompiled per input shape)."""
+        cache = self.__dict__.setdefault("_compiled_graphs", {})
+        entry = cache.get(id(graph))
+        if entry is None or entry[0] is not graph:
+            entry = cache[id(graph)] = (graph, torch.compile(graph, backend=self.compile_backend, dynamic=False))
+        return entry[1]
 
     def _training_graph(self) -> fx.GraphModule:
         """The graph with its activation-checkpoint regions outlined (`fxpar.runtime.checkpointing`),
@@ -143,7 +156,9 @@ class ParallelModule(nn.Module):
 
     def _register_fsdp_buckets(self) -> list:
         """Groups the FSDP gathers apply_fsdp tagged with one block into one collective each way."""
-        return register_buckets(self._stage_graphs()) if self.mesh is not None else []
+        # A compiled graph traces the gathers' backward (plain reduce-scatters): no buckets to hand them to.
+        return register_buckets(self._stage_graphs()) if self.mesh is not None and self.compile_backend is None \
+            else []
 
     def _stage_graphs(self) -> list[fx.GraphModule]:
         return [self.graph_module]
