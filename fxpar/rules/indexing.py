@@ -15,7 +15,7 @@ import torch.fx as fx
 from fxpar._torch.fx import wrap_set_grad_enabled, wrap_with_autocast
 from fxpar._torch.placements import StridedShard as _StridedShard
 from fxpar.core.spec import size_key
-from fxpar.rules.pointwise import pointwise_strategies
+from fxpar.rules.pointwise import cast_strategies
 from fxpar.rules.registry import OpInfo, P, R, S, Strategy, norm_dim, register
 
 aten = torch.ops.aten
@@ -220,8 +220,8 @@ def like_factory(op: OpInfo, cur) -> list[Strategy]:
 
 @register(aten.to.dtype_layout, aten.to.device, aten.to.prim_dtype)
 def convert(op: OpInfo, cur) -> list[Strategy]:
-    """dtype / device conversions are elementwise and linear."""
-    return pointwise_strategies(op, cur, linear="unary")
+    """dtype / device conversions: elementwise; linear only where the dtype stays (see `cast_strategies`)."""
+    return cast_strategies(op, cur)
 
 
 def _register_hops() -> None:

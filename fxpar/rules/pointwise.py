@@ -38,10 +38,13 @@ _NONLINEAR_UNARY = [
     aten.add.Scalar, aten.sub.Scalar, aten.rsub.Scalar,
 ]
 _LINEAR_UNARY = [
-    aten.neg.default, aten.clone.default, aten._to_copy.default, aten.alias.default, aten.detach.default,
-    aten.contiguous.default, aten.mul.Scalar, aten.div.Scalar, aten.to.dtype, aten.type_as.default,
+    aten.neg.default, aten.clone.default, aten.alias.default, aten.detach.default,
+    aten.contiguous.default, aten.mul.Scalar, aten.div.Scalar,
     aten.native_dropout.default, aten.lift_fresh_copy.default, aten.positive.default,
 ]
+# Casts: linear in exact arithmetic, but a dtype change rounds: rounding each partial sum and adding
+# them is not rounding the sum (a float64 Llama's RMSNorm casts to float32 and lost 1e-7 that way).
+_CASTS = [aten._to_copy.default, aten.to.dtype, aten.type_as.default]
 _NONLINEAR_BINARY = [
     aten.maximum.default, aten.minimum.default, aten.pow.Tensor_Tensor, aten.eq.Tensor, aten.ne.Tensor,
     aten.gt.Tensor, aten.lt.Tensor, aten.ge.Tensor, aten.le.Tensor, aten.logical_and.default,
@@ -129,6 +132,21 @@ def nonlinear(op: OpInfo, cur) -> list[Strategy]:
 @register(*_LINEAR_UNARY)
 def linear_unary(op: OpInfo, cur) -> list[Strategy]:
     return pointwise_strategies(op, cur, linear="unary")
+
+
+def cast_strategies(op: OpInfo, cur) -> list[Strategy]:
+    """A cast that loses precision needs whole values: partial sums are added, then rounded; one that
+    keeps or widens the dtype is linear (Partial passes)."""
+    out_val = op.out_val[0] if isinstance(op.out_val, (tuple, list)) else op.out_val
+    src, dst = getattr(op.in_vals[0], "dtype", None) if op.in_vals else None, getattr(out_val, "dtype", None)
+    narrowing = src is not None and dst is not None and src != dst and (
+        not dst.is_floating_point or not src.is_floating_point or torch.finfo(dst).eps > torch.finfo(src).eps)
+    return pointwise_strategies(op, cur, linear=None if narrowing else "unary")
+
+
+@register(*_CASTS)
+def cast(op: OpInfo, cur) -> list[Strategy]:
+    return cast_strategies(op, cur)
 
 
 @register(aten.add.Tensor, aten.sub.Tensor)
