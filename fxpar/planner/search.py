@@ -12,11 +12,14 @@ The space, for W devices with D per node and a model of L blocks:
 
 Each mesh is compiled once (the passes on one capture of the model, as a dry run compiles it:
 about 0.2 to 1.5 s for Llama-3 8B here), and every pipeline and memory variant of it is priced on
-that graph by `fxpar.planner.estimate_module` (the graphs do not depend on them). A mesh whose
+that graph by `fxpar.planner.estimate_module` (the graphs do not depend on them). In two phases:
+every (tp, pp) with all its data ranks FSDP first, then the other data splits of the best
+`TOP_TP_PP` (tp, pp) shapes only: the data split trades gather time for memory within a shape and
+rarely reorders the shapes, and it halves the compiles at 512 devices. A mesh whose
 parameters, gradients and AdamW state alone exceed the budget, 4 P / (tp pp fsdp) bytes for
 float32 parameters, is dropped before compiling. The space is a few hundred points even at 1,024
-devices, so it is enumerated exactly rather than searched; the winner is the fastest predicted
-step within the memory budget (ties: less memory).
+devices, so it is enumerated rather than searched with a solver; the winner is the fastest
+predicted step within the memory budget (ties: less memory).
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ MESH_ORDER = ("dp", "pp", "fsdp", "tp")
 
 SCHEDULE_CHOICES = ("1f1b", "gpipe")
 MICROBATCH_FACTORS = (1, 2, 4, 8)
+TOP_TP_PP = 3
+"""(tp, pp) shapes whose other data splits are compiled too (phase 2 of the search)."""
 
 
 @dataclass(frozen=True)
@@ -215,22 +220,24 @@ def autoplan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), e
         inspect.signature(parallelize).parameters else (None,)
     lower_bound = _state_bytes(model)
     candidates: list[Candidate] = []
-    compile_s = price_s = 0.0
-    for mesh in _meshes(world_size, profile, blocks, batch):
+    timing = {"compile": 0.0, "price": 0.0}
+
+    def evaluate(mesh: dict) -> None:
+        """Compile one mesh and price its pipeline and memory variants into `candidates`."""
         shards = mesh.get("tp", 1) * mesh.get("pp", 1) * mesh.get("fsdp", 1)
         if lower_bound / shards / 2 ** 30 > budget:
             candidates.append(Candidate(mesh, reason=f"parameters, gradients and optimizer state alone need "
                                                      f"{lower_bound / shards / 2 ** 30:.1f} GiB per device"))
-            continue
+            return
         t0 = time.perf_counter()
         try:
             pm = compile_model(model, None, dry_mesh(mesh), example_inputs=inputs, example_kwargs=example_kwargs,
                                check=False, split_pp=_split_pp_dry, captured=captured)
         except FxparError as e:
             candidates.append(Candidate(mesh, reason=f"{type(e).__name__}: {e}"))
-            continue
+            return
         finally:
-            compile_s += time.perf_counter() - t0
+            timing["compile"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         pp = mesh.get("pp", 1)
         local_batch = batch // (mesh.get("dp", 1) * mesh.get("fsdp", 1))
@@ -242,7 +249,27 @@ def autoplan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), e
                 est = estimate_module(pm, dry_mesh(mesh), profile, microbatches=m, schedule=schedule,
                                       activation_checkpointing=ac, cache=cache)
                 candidates.append(Candidate(mesh, schedule, m, ac, est, est.memory_gib <= budget))
-        price_s += time.perf_counter() - t0
+        timing["price"] += time.perf_counter() - t0
+
+    # Phase 1: every (tp, pp) with its data ranks all FSDP (the least memory of its data splits).
+    # Phase 2: the other data splits (all dp; FSDP in the node, dp across) of the best TOP_TP_PP of them.
+    meshes = _meshes(world_size, profile, blocks, batch)
+    shape = lambda m: (m.get("tp", 1), m.get("pp", 1))  # noqa: E731
+    first = {}
+    for mesh in meshes:
+        if shape(mesh) not in first or mesh.get("fsdp", 1) > first[shape(mesh)].get("fsdp", 1):
+            first[shape(mesh)] = mesh
+    for mesh in first.values():
+        evaluate(mesh)
+    best: dict[tuple, float] = {}
+    for c in candidates:
+        if c.estimate is not None and c.fits:
+            best[shape(c.mesh)] = min(best.get(shape(c.mesh), float("inf")), c.estimate.step_s)
+    finalists = sorted(best, key=best.get)[:TOP_TP_PP]
+    for mesh in meshes:
+        if shape(mesh) in finalists and mesh is not first[shape(mesh)]:
+            evaluate(mesh)
+    compile_s, price_s = timing["compile"], timing["price"]
     seconds["compile"], seconds["price"] = compile_s, price_s
     priced = [c for c in candidates if c.estimate is not None]
     priced.sort(key=lambda c: (not c.fits, c.estimate.step_s if c.fits else c.estimate.memory_gib,
