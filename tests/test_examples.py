@@ -75,3 +75,10 @@ def test_pipeline_example_with_fsdp_verifies():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "VERIFIED" in out.stdout and "fsdp" in out.stdout
+
+
+def test_resume_example_equals_an_uninterrupted_run():
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "resume.py")], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "OK: the resumed run equals the uninterrupted one" in done.stdout

@@ -17,6 +17,7 @@ __all__ = [
     "ShardingError",
     "GraphInvariantError",
     "ScheduleError",
+    "CheckpointError",
     "node_context",
     "block_of",
 ]
@@ -54,6 +55,10 @@ class ShardingError(FxparError):
 
 class GraphInvariantError(FxparError):
     """A rewritten graph breaks an fxpar invariant (found by `fxpar.check`)."""
+
+
+class CheckpointError(FxparError):
+    """A checkpoint that does not fit the model (missing, unexpected or mismatched FQNs), or cannot be found."""
 
 
 class ScheduleError(FxparError):

@@ -26,6 +26,7 @@ from fxpar.core.spec import TensorSpec, get_info, get_spec, shard_order
 from fxpar.ops.collectives import _all_gather, inference_graph_module
 from fxpar.runtime.checkpointing import checkpointed_graph_module
 from fxpar.runtime.fsdp_buckets import register_buckets
+from fxpar.runtime.state_dict import load_model_state_dict, model_state_dict
 from fxpar.runtime.fsdp_state import pack_gathered, unpack_gathered
 from fxpar.runtime.grad_sync import GradSync
 from fxpar.runtime.init_weights import InitReport, init_weights
@@ -310,6 +311,17 @@ class ParallelModule(nn.Module):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full (unsharded) parameters and buffers under the original FQNs, on every rank."""
         return self._full(grads=False)
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> dict:
+        """This rank's parameters and persistent buffers as DTensors under the original FQNs (torch's
+        convention for sharded modules; see `fxpar.runtime.state_dict.model_state_dict`)."""
+        out = destination if destination is not None else {}
+        out.update({prefix + k: v for k, v in model_state_dict(self).items()})
+        return out
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Loads DTensors (any mesh) or full tensors keyed by the original FQNs into the local shards."""
+        return load_model_state_dict(self, state_dict, strict=strict)
 
     def full_grads(self) -> dict[str, torch.Tensor]:
         """Full gradients under the original FQNs, on every rank (parameters without a grad left out)."""
