@@ -2,7 +2,7 @@
 
     _torch < core < ops < rules < capture < analysis < passes < runtime < compiler < drivers
 
-(drivers: api, dryrun, verify, testing, cli, viz, checkpoint and the package
+(drivers: api, dryrun, verify, testing, cli, viz, checkpoint, planner and the package
 itself). A module may import its own layer or lower ones, imports inside
 functions included; the whole import graph has no cycle; private torch names
 appear only in fxpar/_torch/; no module is over 600 lines; at most 5 imports
