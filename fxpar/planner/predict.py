@@ -24,12 +24,15 @@ schedule with one. Without a pipeline
     step = t_fwd + t_bwd + t_re + t_tp + t_fsdp_exposed + t_dp_exposed + t_opt
 
 With S stages, M microbatches and pp ranks, one unit u = max_r (t_fwd(r) + t_tp_fwd(r)) / (M v)
-(v stages per rank) is a stage's forward of one microbatch; the schedule's compute order from
+(v stages per rank; plus the per-op overhead and collective latencies each further microbatch pays
+again) is a stage's forward of one microbatch; FSDP communication is paid per microbatch (M times)
+when gathered parameters are freed after each forward; the schedule's compute order from
 torch's own schedule, simulated with F = 1 and B = 2 (`fxpar.analysis.schedule`), takes a makespan
 of K units, and
 
     step = K u (1 + t_re / t_fwd) + t_p2p + t_fsdp_exposed + t_dp + t_opt,
-    t_p2p = 2 (S - 1) (alpha + X / (M beta))                               first microbatch across every cut
+    t_p2p = 2 (S - 1) (alpha + X / (M beta)) + 2 (M - 1) alpha              the first microbatch across every
+                                                                            cut, one latency each way after
 
 (X the largest cut's activation bytes per step). The optimizer (AdamW) reads and writes about
 7 float32 values per local parameter element: t_opt = 28 P_local / B_eff. Memory per rank is
@@ -209,6 +212,7 @@ class _GraphProfile:
     flops: float = 0.0
     tp_fwd: float = 0.0
     tp_bwd: float = 0.0
+    tp_alpha: float = 0.0  # the latency part of tp_fwd + tp_bwd: paid again by every microbatch
     fsdp: float = 0.0
     comm_bytes: float = 0.0
     sync: dict = field(default_factory=dict)  # (bucket, dims) -> {parameter: local bytes}
@@ -237,6 +241,8 @@ def _profile(g: fx.GraphModule, hints: dict, device: DeviceProfile, mesh: MeshIn
         else:
             prof.tp_fwd += tf
             prof.tp_bwd += tb
+            latency, _ = device.link(intra)
+            prof.tp_alpha += latency * (coll.group_size - 1) * ((tf > 0) + (tb > 0))
     for node in g.graph.nodes:
         info = get_info(node)
         if node.op == "get_attr" and info is not None and info.grad_sync is not None:
@@ -279,9 +285,11 @@ def estimate_module(pm: Any, mesh: MeshInfo, device: str | DeviceProfile = "h100
     spmd = pm.mesh_info
     ranks = stage_graphs(pm)
     fwd, cheap, tp_fwd, tp_bwd, fsdp, comm_bytes, flops, acts, nodes = {}, {}, {}, {}, {}, {}, {}, {}, {}
+    tp_alpha: dict = {}
     sync: dict[tuple, dict] = {}  # (bucket, dims) -> {parameter: local bytes}
     for r, (stages, graphs) in ranks.items():
         fwd[r] = cheap[r] = tp_fwd[r] = tp_bwd[r] = fsdp[r] = comm_bytes[r] = flops[r] = acts[r] = nodes[r] = 0.0
+        tp_alpha[r] = 0.0
         for k, g in zip(stages or (None,) * len(graphs), graphs):
             prof = cache.get(("graph", id(g)))
             if prof is None:
@@ -292,6 +300,7 @@ def estimate_module(pm: Any, mesh: MeshInfo, device: str | DeviceProfile = "h100
             flops[r] += prof.flops
             tp_fwd[r] += prof.tp_fwd
             tp_bwd[r] += prof.tp_bwd
+            tp_alpha[r] += prof.tp_alpha
             fsdp[r] += prof.fsdp
             comm_bytes[r] += prof.comm_bytes
             for key, params in prof.sync.items():
@@ -329,15 +338,19 @@ def estimate_module(pm: Any, mesh: MeshInfo, device: str | DeviceProfile = "h100
         m, s = split.microbatches, split.num_stages
         per_rank = s // split.pp_size
         # every microbatch runs every node again: the per-op overhead is paid M times, the work once
-        unit = max((fwd[r] + tp_fwd[r] + (m - 1) * nodes[r] * device.op_overhead) / (m * per_rank) for r in fwd)
+        # every microbatch runs every node again: the per-op overhead and each collective's latency are
+        # paid M times, the work and the bytes once
+        unit = max((fwd[r] + tp_fwd[r] + (m - 1) * (nodes[r] * device.op_overhead + tp_alpha[r] / 3))
+                   / (m * per_rank) for r in fwd)
         entries, bubble = simulate_schedule(schedule_order(split), s)
         makespan = max((e.end for e in entries), default=3.0 * (m + s - 1))
         slowest = max(fwd, key=lambda r: fwd[r] + tp_fwd[r])
         stretch = 1 + recompute[slowest] / fwd[slowest] if fwd[slowest] else 1.0
         cut = max((st.recv_bytes_value for st in split.stages), default=0.0)
         latency, bandwidth = device.link(_intra(mesh, "pp", device))
-        t_p2p = 2 * (s - 1) * (latency + cut / m / bandwidth) if s > 1 else 0.0
-        fsdp_exposed = (1 - fsdp_overlap) * max(fsdp.values())
+        t_p2p = (2 * (s - 1) * (latency + cut / m / bandwidth) + 2 * (m - 1) * latency) if s > 1 else 0.0
+        # FSDP in a pipeline gathers (and reduce-scatters) per microbatch when resharding after forward
+        fsdp_exposed = (1 - fsdp_overlap) * max(fsdp.values()) * (m if reshard_after_forward else 1)
         step = makespan * unit * stretch + t_p2p + fsdp_exposed + t_dp + t_opt
         breakdown.update(compute_s=makespan * unit, recompute_s=makespan * unit * (stretch - 1),
                          tp_comm_s=max(tp_fwd[r] + tp_bwd[r] for r in fwd), fsdp_exposed_s=fsdp_exposed,
