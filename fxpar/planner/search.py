@@ -14,7 +14,7 @@ Each mesh is compiled once (the passes on one capture of the model, as a dry run
 about 0.2 to 1.5 s for Llama-3 8B here), and every pipeline and memory variant of it is priced on
 that graph by `fxpar.planner.estimate_module` (the graphs do not depend on them). In two phases:
 every (tp, pp) with all its data ranks FSDP first, then the other data splits of the best
-`TOP_TP_PP` (tp, pp) shapes only: the data split trades gather time for memory within a shape and
+`TOP_TP_PP` (tp, pp) shapes within `FINALIST_SLACK` of the best only: the data split trades gather time for memory within a shape and
 rarely reorders the shapes, and it halves the compiles at 512 devices. A mesh whose
 parameters, gradients and AdamW state alone exceed the budget, 4 P / (tp pp fsdp) bytes for
 float32 parameters, is dropped before compiling. The space is a few hundred points even at 1,024
@@ -49,7 +49,9 @@ MESH_ORDER = ("dp", "pp", "fsdp", "tp")
 SCHEDULE_CHOICES = ("1f1b", "gpipe")
 MICROBATCH_FACTORS = (1, 2, 4, 8)
 TOP_TP_PP = 3
-"""(tp, pp) shapes whose other data splits are compiled too (phase 2 of the search)."""
+"""(tp, pp) shapes whose other data splits are compiled too (phase 2 of the search)..."""
+FINALIST_SLACK = 1.25
+"""... if their best step is within this factor of the best shape's."""
 
 
 @dataclass(frozen=True)
@@ -265,7 +267,9 @@ def autoplan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), e
     for c in candidates:
         if c.estimate is not None and c.fits:
             best[shape(c.mesh)] = min(best.get(shape(c.mesh), float("inf")), c.estimate.step_s)
-    finalists = sorted(best, key=best.get)[:TOP_TP_PP]
+    ranked = sorted(best, key=best.get)
+    # only shapes close to the best: a data split moves a shape's step by FSDP's exposed gathers, not 25%
+    finalists = [k for k in ranked[:TOP_TP_PP] if best[k] <= FINALIST_SLACK * best[ranked[0]]]
     for mesh in meshes:
         if shape(mesh) in finalists and mesh is not first[shape(mesh)]:
             evaluate(mesh)
