@@ -181,6 +181,7 @@ def explain(pm, *inputs, **kwargs) -> str:
     graphs = _graphs(pm)
     mesh = pm.mesh_info
     lines = [f"fxpar plan for {gm.meta['fxpar'].model_class} on mesh {mesh}"]
+    lines.extend(f"Note: {note}" for note in getattr(gm.meta["fxpar"], "notes", ()))
 
     lines.append("")
     lines.append("Parameters (module: style; tensor placements local shape):")

@@ -12,6 +12,7 @@ run makes. The invariant checks are handed to the pass manager here.
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -98,6 +99,7 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
             simulator compiles every rank of a mesh from one capture.
         The others: as `parallelize`.
     """
+    settings = dict(locals())  # every argument, to compile the other train / eval mode the same way
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     plan = as_plan(plan)
@@ -131,6 +133,28 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
                               pp_dim=mesh_info.names.index("pp") if mesh_info.has("pp") else None,
                               example_args=example_inputs, example_kwargs=example_kwargs,
                               reshard_after_forward=reshard_after_forward)
-    return ParallelModule(gm, mesh=mesh, mesh_info=mesh_info, plan=plan, history=manager.history,
-                          example_args=example_inputs, example_kwargs=example_kwargs, input_layout=input_layout,
-                          reshard_after_forward=reshard_after_forward)
+    module = ParallelModule(gm, mesh=mesh, mesh_info=mesh_info, plan=plan, history=manager.history,
+                            example_args=example_inputs, example_kwargs=example_kwargs, input_layout=input_layout,
+                            reshard_after_forward=reshard_after_forward)
+    if captured is None:
+        module.recompile_for_mode = functools.partial(_graph_in_mode, settings)
+    return module
+
+
+def _graph_in_mode(settings: dict, mode: bool) -> fx.GraphModule:
+    """This rank's graph of the model captured in `mode` (train / eval), compiled as `settings` say.
+
+    The user's model is put in `mode` for the capture only; every submodule's own flag is restored.
+    """
+    model = settings["model"]
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.train(mode)
+    except NotImplementedError as e:  # an exported GraphModule given as the model
+        raise PlanError(f"{type(model).__name__} cannot switch to {'train' if mode else 'eval'} mode ({e}); "
+                        "parallelize the model in the mode it will run in") from e
+    try:
+        return compile_model(**{**settings, "progress": None}).graph_module
+    finally:
+        for m, flag in flags:
+            m.training = flag

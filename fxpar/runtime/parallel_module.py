@@ -63,6 +63,8 @@ class ParallelModule(nn.Module):
         self.reshard_after_forward = reshard_after_forward
         self._grad_sync = self._hook_grad_sync()
         self._fsdp_buckets = self._register_fsdp_buckets()
+        self.training = self.capture_info.training  # the mode the graph was captured in
+        self.recompile_for_mode: Callable[[bool], fx.GraphModule] | None = None  # set by compile_model
 
     # ------------------------------------------------------------------ running
 
@@ -195,6 +197,61 @@ class ParallelModule(nn.Module):
         for m in data:
             total = torch.ops.fxpar.all_reduce(total, self.mesh_info.group_name(m), self.mesh_info.names[m])
         return total
+
+    # ------------------------------------------------------------------ train / eval
+
+    def train(self, mode: bool = True) -> ParallelModule:
+        """Switches to training or evaluation behaviour (dropout, batch norm), as on the original model.
+
+        The graph holds the mode the model was captured in (its dropout and normalization ops, and
+        any `if self.training` in the model's Python). The other mode's graph is compiled on first
+        use, from the same model, example inputs, plan and passes (`recompile_for_mode`), and shares
+        this module's parameters and buffers: optimizer state, gradients and running statistics
+        carry over. `graph_module` is the graph of the current mode.
+
+        Raises:
+            PlanError: no way to compile the other mode (a pipeline, or a module built without
+                compile_model), or the other mode's graph shards parameters differently.
+        """
+        mode = bool(mode)
+        if mode != self.capture_info.training:
+            self._use_graph_for(mode)
+        self.training = mode  # not recursing: an exported GraphModule refuses train()
+        return self
+
+    def _use_graph_for(self, mode: bool) -> None:
+        graphs = self.__dict__.setdefault("_graphs_by_mode", {})
+        graphs[self.capture_info.training] = self.graph_module
+        gm = graphs.get(mode)
+        if gm is None:
+            if self.recompile_for_mode is None:
+                raise PlanError(
+                    f"{type(self).__name__}.train({mode}): this module was compiled with the model in "
+                    f"{'training' if not mode else 'eval'} mode and cannot compile the other mode; call "
+                    f"model.{'train' if mode else 'eval'}() before fxpar.parallelize")
+            gm = self.recompile_for_mode(mode)
+            self._share_state(gm)
+            graphs[mode] = gm
+        self.graph_module = gm
+        self._fingerprint_checked = False  # the other graph's collectives are checked at its first run
+        if self._grad_sync is not None:
+            self._grad_sync.remove()
+        self._grad_sync = self._hook_grad_sync()
+
+    def _share_state(self, gm: fx.GraphModule) -> None:
+        """Points gm's parameters and buffers at this module's (same FQNs, same local shapes)."""
+        own = dict(self.graph_module.named_parameters(remove_duplicate=False))
+        own.update(self.graph_module.named_buffers(remove_duplicate=False))
+        theirs = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+        for fqn, t in theirs:
+            mine = own.get(fqn)
+            if mine is None or mine.shape != t.shape:
+                raise PlanError(
+                    f"train/eval: the other mode's graph has {fqn} {tuple(t.shape)} where this one has "
+                    f"{None if mine is None else tuple(mine.shape)}; pass an explicit plan to parallelize so "
+                    "both modes shard the same way")
+            mod, _, name = fqn.rpartition(".")
+            setattr(gm.get_submodule(mod), name, mine)
 
     # ------------------------------------------------------------------ introspection
 
