@@ -74,7 +74,7 @@ from fxpar.core.stages import SCHEDULES, SPLIT_BACKWARD, stage_info, stage_ranks
 from fxpar.ops.collectives import _record
 from fxpar.runtime.fsdp_state import StepGather, pack_gathered, unpack_gathered
 from fxpar.runtime.parallel_module import ParallelModule
-from fxpar.runtime.stages import Loss, stage_io
+from fxpar.runtime.stages import Loss, output_nones, stage_io, with_nones
 
 __all__ = ["PipelineModule"]
 
@@ -124,6 +124,7 @@ class PipelineModule(ParallelModule):
         self._pp_group = mesh.get_group(pp_dim) if mesh is not None else None
         self._flatten = flat_input_function(graph_module)
         self._out_spec = out_spec_of(graph_module)
+        self._out_nones = output_nones(graph_module)
         self._schedules: dict[tuple, Any] = {}
         self._broadcast_meta: dict[tuple, list] = {}
         self._tied_groups = self._make_tied_groups()
@@ -317,7 +318,8 @@ class PipelineModule(ParallelModule):
         if self._is_last():
             values = [out] if isinstance(out, torch.Tensor) else list(out)
         shapes = tuple(tuple(x.shape) for x in flat)
-        values = self._gather_microbatched(self._broadcast_from_last(values, ("forward", shapes)))
+        values = with_nones(self._gather_microbatched(self._broadcast_from_last(values, ("forward", shapes))),
+                            self._out_nones)
         return pytree.tree_unflatten(values, self._out_spec) if self._out_spec is not None else \
             (values[0] if len(values) == 1 else tuple(values))
 
@@ -417,7 +419,8 @@ class PipelineModule(ParallelModule):
         # Every microbatch's loss on every data shard is a part of the global loss: the parts add up to it.
         shards = self._data_shards()
         scale = 1.0 / (self.split.microbatches * shards) if loss_reduction == "mean" else 1.0
-        loss_wrapper = Loss(self._out_spec, loss_fn, scale, cut=self._local_batch if data else None)
+        loss_wrapper = Loss(self._out_spec, loss_fn, scale, cut=self._local_batch if data else None,
+                            nones=self._out_nones)
         sched = self._schedule("train", loss_wrapper, tuple(tuple(x.shape) for x in flat), flat)
         # The schedule keeps its loss object; point it at this call's loss function.
         torch_pp.set_loss_fn(sched, loss_fn)
