@@ -29,6 +29,7 @@ from fxpar.core.errors import PlanError
 from fxpar.core.mesh import MeshInfo
 from fxpar.core.plan import Plan, as_plan
 from fxpar.core.stages import split_pp_mesh
+from fxpar.runtime.agreement import broadcast_state
 from fxpar.runtime.parallel_module import ParallelModule
 from fxpar.runtime.pipeline import PipelineModule
 
@@ -121,6 +122,7 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
             warnings.simplefilter("ignore", FutureWarning)  # pytree's LeafSpec deprecation, from deepcopy
             gm = copy.deepcopy(captured)
     gm.meta[MODEL_KEY] = ModelFingerprint.of(model)  # what a saved plan is checked against
+    broadcast_state(gm, mesh)  # as DDP: every rank starts from the first rank's parameters and buffers
     if progress is not None:
         progress("passes")
     options = {"input_layout": input_layout, "pp": pp_info, "fsdp_unit": fsdp_unit,
@@ -136,6 +138,7 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
     module = ParallelModule(gm, mesh=mesh, mesh_info=mesh_info, plan=plan, history=manager.history,
                             example_args=example_inputs, example_kwargs=example_kwargs, input_layout=input_layout,
                             reshard_after_forward=reshard_after_forward)
+    module.check_inputs = check is True
     if captured is None:
         module.recompile_for_mode = functools.partial(_graph_in_mode, settings)
     return module

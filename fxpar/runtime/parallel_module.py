@@ -24,6 +24,7 @@ from fxpar.core.errors import PlanError
 from fxpar.core.mesh import MeshInfo
 from fxpar.core.spec import TensorSpec, get_info, get_spec, shard_order
 from fxpar.ops.collectives import _all_gather, inference_graph_module
+from fxpar.runtime.agreement import check_same_inputs
 from fxpar.runtime.fsdp_buckets import register_buckets
 from fxpar.runtime.fsdp_state import pack_gathered, unpack_gathered
 from fxpar.runtime.grad_sync import GradSync
@@ -65,11 +66,14 @@ class ParallelModule(nn.Module):
         self._fsdp_buckets = self._register_fsdp_buckets()
         self.training = self.capture_info.training  # the mode the graph was captured in
         self.recompile_for_mode: Callable[[bool], fx.GraphModule] | None = None  # set by compile_model
+        self.check_inputs = False  # compare the ranks' inputs on every run, not only the first (check=True)
 
     # ------------------------------------------------------------------ running
 
     def _run_graph(self, args: tuple, kwargs: dict) -> Any:
         """This rank's graph on its inputs: outputs batch-sharded where the graph left them so."""
+        if self.input_layout == "full" and self.mesh is not None and (self.check_inputs or not self._fingerprint_checked):
+            check_same_inputs(args, kwargs, self.mesh_info)  # a loader seeded per rank: an error, not a wrong answer
         if not self._fingerprint_checked:
             # Ranks whose graphs would issue different collectives fail here, naming the first one.
 
