@@ -117,12 +117,12 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
         progress("capture")
     if captured is None:
         gm = capture(model, example_inputs, example_kwargs)
+        broadcast_state(gm, mesh)  # as DDP: every rank starts from the first rank's parameters and buffers
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # pytree's LeafSpec deprecation, from deepcopy
             gm = copy.deepcopy(captured)
     gm.meta[MODEL_KEY] = ModelFingerprint.of(model)  # what a saved plan is checked against
-    broadcast_state(gm, mesh)  # as DDP: every rank starts from the first rank's parameters and buffers
     if progress is not None:
         progress("passes")
     options = {"input_layout": input_layout, "pp": pp_info, "fsdp_unit": fsdp_unit,
