@@ -33,7 +33,9 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
     """Compiles `model` for this rank of `mesh`.
 
     Args:
-        model: the model; never modified.
+        model: the model; never modified. As DDP does, every rank starts from the parameters and
+            buffers of the mesh's first rank (broadcast before sharding), so ranks whose models were
+            initialized with different seeds agree.
         mesh: a torch DeviceMesh; dims are recognised by name (dp, fsdp, pp, tp;
             a 1-D mesh without names is tp).
         example_inputs: positional example inputs (full, as every rank passes them).
@@ -41,7 +43,8 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
         plan: a fxpar.Plan, a {module glob: style} dict (the tp part), or None
             to plan automatically.
         passes: the pass list (default: fxpar.default_passes()).
-        input_layout: 'full' (every rank passes the same full inputs and gets the full outputs) or
+        input_layout: 'full' (every rank passes the same full inputs and gets the full outputs; checked
+            by a fingerprint of the inputs on the first run, and on every run with check=True) or
             'local' (each rank passes its own slice of the batch on the dp / fsdp dims, and gets its
             slice of the outputs back).
         reshard_after_forward: with fsdp, free gathered parameters after the forward and gather

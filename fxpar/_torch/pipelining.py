@@ -26,6 +26,7 @@ __all__ = [
     "pipeline_order",
     "forward_actions_only",
     "set_loss_fn",
+    "PIPE_SPLIT",
 ]
 
 # Waits for: a public schedule IR (torch.distributed.pipelining documents the action strings, not the types).
@@ -34,6 +35,9 @@ ComputationType = _ComputationType
 add_send_recv = _add_send_recv
 add_reduce_grad = _add_reduce_grad
 add_unshard_reshard = _add_unshard_reshard
+
+# Waits for: a public name for the op torch.distributed.pipelining.pipe_split() records in a graph.
+PIPE_SPLIT = torch.ops.pippy._pipe_split.default
 
 
 def stage_to_rank_mapping(pp_size: int, num_stages: int, *, style: str) -> dict[int, int]:

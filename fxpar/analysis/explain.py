@@ -209,6 +209,7 @@ def explain(pm, *inputs, **kwargs) -> str:
     whole = ", ".join(f"{name}={size}" for name, size in full_mesh(pm))  # pp included
     lines = [f"fxpar plan for {gm.meta['fxpar'].model_class} on mesh ({whole})"]
     lines.extend(_training_lines(gm, graphs))
+    lines.extend(f"Note: {note}" for note in getattr(gm.meta["fxpar"], "notes", ()))
 
     lines.append("")
     lines.append("Parameters (module: style; tensor placements local shape):")

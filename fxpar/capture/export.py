@@ -10,12 +10,19 @@ Input dims are captured as `Dim.AUTO` so one capture serves any batch and
 sequence length export could keep symbolic (it specialises the rest and says
 so in the graph's guards).
 
+A Hugging Face model with `config.use_cache=True` returns a `DynamicCache`,
+which export cannot return: when the forward takes `use_cache` and the caller
+did not pass it, capture binds `use_cache=False` (a training graph has no use
+for a KV cache) and records a note that `explain()` shows and the log warns of.
+
 The captured module gets fresh copies of every parameter and buffer: the
 user's model is never modified, not by sharding and not by optimizer steps.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 import logging
 import sys
@@ -46,12 +53,16 @@ class CaptureInfo:
         buffer_fqns: FQNs of buffers.
         model_class: the captured model's class name.
         dynamic: whether input dims were captured symbolically.
+        notes: what capture changed about the model's call, for the user (explain() lists them).
+        training: the mode (`model.training`) the model was captured in.
     """
 
     param_aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
     buffer_fqns: tuple[str, ...] = ()
     model_class: str = ""
     dynamic: bool = True
+    notes: tuple[str, ...] = ()
+    training: bool = True
 
 
 def capture_info(gm: fx.GraphModule) -> CaptureInfo:
@@ -79,6 +90,27 @@ def _failing_module(model: nn.Module, tb) -> tuple[str | None, str | None]:
         if self_obj is not None and id(self_obj) in names:
             found = (names[id(self_obj)] or "<root>", f"{frame.f_code.co_filename}:{lineno}")
     return found
+
+
+def _without_cache(model: nn.Module, kwargs: dict) -> tuple[nn.Module, tuple[str, ...]]:
+    """`model` called with use_cache=False when its forward would return a KV cache export can't return.
+
+    The user's model is not touched: a shallow copy (sharing submodules, parameters and
+    buffers, so FQNs are unchanged) gets its own bound forward.
+    """
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return model, ()
+    config = getattr(model, "config", None)
+    if "use_cache" not in params or "use_cache" in kwargs or not getattr(config, "use_cache", False):
+        return model, ()
+    bound = copy.copy(model)
+    bound.forward = functools.partial(type(model).forward, bound, use_cache=False)
+    note = (f"{type(model).__name__} was captured with use_cache=False (its config has use_cache=True, and a "
+            "DynamicCache output cannot be captured); outputs carry no past_key_values")
+    log.warning("fxpar.capture: %s", note)
+    return bound, (note,)
 
 
 def _copy_state(gm: fx.GraphModule) -> dict[str, tuple[str, ...]]:
@@ -141,6 +173,8 @@ def capture(
     if not isinstance(args, tuple):
         args = (args,)
     _check_inputs(model, args, kwargs)
+    user_model = model
+    model, notes = _without_cache(model, kwargs)
     dynamic_shapes = None
     if dynamic:
         args_dims, kwargs_dims = _auto_dims(args, kwargs)
@@ -148,7 +182,7 @@ def capture(
     try:
         ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # torch.export raises many types; we name the place and re-raise as one
-        fqn, where = _failing_module(model, sys.exc_info()[2])
+        fqn, where = _failing_module(user_model, sys.exc_info()[2])
         place = f" in module '{fqn}' ({where})" if fqn else ""
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CaptureError(
@@ -162,15 +196,14 @@ def capture(
     gm = ep.module()
     aliases = _copy_state(gm)
     buffers = tuple(fqn for fqn, _ in gm.named_buffers())
-    gm.meta["fxpar"] = CaptureInfo(aliases, buffers, type(model).__name__, dynamic)
-    log.debug("captured %s: %d nodes", type(model).__name__, len(gm.graph.nodes))
+    gm.meta["fxpar"] = CaptureInfo(aliases, buffers, type(user_model).__name__, dynamic, notes,
+                                   bool(user_model.training))
+    log.debug("captured %s: %d nodes", type(user_model).__name__, len(gm.graph.nodes))
     return gm
 
 
 def _combine(model: nn.Module, args_dims: tuple, kwargs_dims: dict) -> dict:
     """Dynamic shapes keyed by forward's parameter names (needed when kwargs are given)."""
-    import inspect
-
     sig = inspect.signature(model.forward)
     names = [p for p in sig.parameters if p != "self"]
     out = dict(zip(names, args_dims))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import functools
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -31,6 +32,7 @@ from fxpar.core.plan import Plan, as_plan
 from fxpar.core.stages import split_pp_mesh
 from fxpar.runtime.init_weights import compute_buffers
 from fxpar.runtime.materialize import allocate_local, fake_copy, has_meta, mesh_device, meta_skeleton
+from fxpar.runtime.agreement import broadcast_state
 from fxpar.runtime.parallel_module import ParallelModule
 from fxpar.runtime.pipeline import PipelineModule
 
@@ -119,6 +121,7 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
             simulator compiles every rank of a mesh from one capture.
         The others: as `parallelize`.
     """
+    settings = dict(locals())  # every argument, to compile the other train / eval mode the same way
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     plan = as_plan(plan)
@@ -148,6 +151,8 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
     skeleton = _skeleton(model, required=on_meta) if mesh is not None else None
     if captured is None:
         gm = capture(fake_copy(skeleton, mesh_device(mesh)) if on_meta else model, example_inputs, example_kwargs)
+        if not on_meta:
+            broadcast_state(gm, mesh)  # as DDP: every rank starts from the first rank's parameters and buffers
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # pytree's LeafSpec deprecation, from deepcopy
@@ -172,6 +177,28 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
                         example_args=example_inputs, example_kwargs=example_kwargs, input_layout=input_layout,
                         reshard_after_forward=reshard_after_forward, compile_backend=backend)
     pm.set_source_model(skeleton)
+    pm.check_inputs = check is True
+    if captured is None and not on_meta:
+        pm.recompile_for_mode = functools.partial(_graph_in_mode, settings)
     if on_meta:
         compute_buffers(pm)
     return pm
+
+
+def _graph_in_mode(settings: dict, mode: bool) -> fx.GraphModule:
+    """This rank's graph of the model captured in `mode` (train / eval), compiled as `settings` say.
+
+    The user's model is put in `mode` for the capture only; every submodule's own flag is restored.
+    """
+    model = settings["model"]
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.train(mode)
+    except NotImplementedError as e:  # an exported GraphModule given as the model
+        raise PlanError(f"{type(model).__name__} cannot switch to {'train' if mode else 'eval'} mode ({e}); "
+                        "parallelize the model in the mode it will run in") from e
+    try:
+        return compile_model(**{**settings, "progress": None}).graph_module
+    finally:
+        for m, flag in flags:
+            m.training = flag

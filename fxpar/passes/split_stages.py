@@ -12,6 +12,8 @@ rank (`fxpar.core.stages.resolve_stages`), or the plan's cut points + 1. Cuts go
 
 - at the plan's cut points (`Plan(pp=["layers.4", ...])`): a stage starts at
   the first node of each named module; or
+- at the model's own `torch.distributed.pipelining.pipe_split()` markers, when the
+  plan names no cut points (the markers are removed from the graph); or
 - automatically: between blocks (the children of the model's layer lists,
   `layers.3` | `layers.4`, plus the ends of each list), balanced by the cost
   model in `fxpar/analysis/cost.py` (roofline time per node from symbolic shapes,
@@ -71,6 +73,7 @@ import torch.fx as fx
 
 from fxpar._torch.aten import BATCH_NORM_TRAINING_FLAG
 from fxpar._torch.fx import copy_codegen, pytree
+from fxpar._torch.pipelining import PIPE_SPLIT
 from fxpar.analysis.cost import DeviceModel, NodeCost, balance, evaluate, example_sizes, node_cost, value_bytes
 from fxpar.core.errors import PlanError, ScheduleError, block_of, module_fqn_of
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
@@ -308,6 +311,35 @@ def _user_cuts(gm: fx.GraphModule, seq: list[fx.Node], fqns: list[str],
     return {p: positions[p] for p in ordered}
 
 
+def _take_pipe_splits(gm: fx.GraphModule) -> list[fx.Node]:
+    """Removes the model's `pipe_split()` markers; returns the node after each (a stage starts there)."""
+    starts = []
+    for n in list(gm.graph.nodes):
+        if n.op == "call_function" and n.target is PIPE_SPLIT:
+            nxt = n.next
+            while nxt.op not in _COMPUTE and nxt.op != "output":
+                nxt = nxt.next
+            starts.append(nxt)
+            gm.graph.erase_node(n)
+    return starts
+
+
+def _marker_cuts(starts: list[fx.Node], pos: dict[fx.Node, int], partial_at: set[int], num_stages: int,
+                 n: int) -> dict[int, str]:
+    """Position -> name for cuts at the model's pipe_split() markers (torch.distributed.pipelining's own)."""
+    if len(starts) + 1 != num_stages:
+        raise PlanError(f"the model has {len(starts)} pipe_split() markers ({len(starts) + 1} stages) but the mesh "
+                        f"and plan ask for {num_stages} stages; give pp x stages per rank = {len(starts) + 1}, or "
+                        "cut points in the plan (Plan(pp=[module FQNs]), which take precedence over the markers)")
+    positions: dict[int, str] = {}
+    for k, node in enumerate(starts):
+        p = _past_partial(pos[node], partial_at, n - 1) if node in pos else n
+        if p == 0 or p >= n or p in positions:
+            raise PlanError(f"pipe_split() marker {k} leaves a pipeline stage without ops; move or remove it")
+        positions[p] = f"pipe_split() {k}"
+    return dict(sorted(positions.items()))
+
+
 def _display(fqn: str) -> str:
     return block_of(fqn) or fqn
 
@@ -324,6 +356,7 @@ def split_stages(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     _check_batch_coupled(gm, microbatches, allow=bool(ctx.options.get("batch_norm_per_microbatch", False)))
 
     # ---- where to cut
+    marker_starts = _take_pipe_splits(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     seq = [n for n in gm.graph.nodes if n.op in _COMPUTE]
     pos = {n: i for i, n in enumerate(seq)}
@@ -335,6 +368,10 @@ def split_stages(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     cross, partial_at = _crossings(seq, pos, placeholders, hints)
     if isinstance(ctx.plan.pp, tuple):
         by_pos = _user_cuts(gm, seq, fqns, ctx.plan.pp, partial_at)
+        bounds = sorted(by_pos)
+        balanced = False
+    elif marker_starts:
+        by_pos = _marker_cuts(marker_starts, pos, partial_at, num_stages, len(seq))
         bounds = sorted(by_pos)
         balanced = False
     else:
@@ -356,9 +393,10 @@ def split_stages(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     output = next(n for n in gm.graph.nodes if n.op == "output")
     out_tree = output.args[0]
     out_flat = [a for a in pytree.tree_leaves(out_tree) if isinstance(a, fx.Node)]
-    if len(out_flat) != len(pytree.tree_leaves(out_tree)):
+    # None outputs (HF's unused ModelOutput fields, `return x, None`) stay constants of the output tree.
+    if len(out_flat) != len([a for a in pytree.tree_leaves(out_tree) if a is not None]):
         raise ScheduleError("the model returns non-tensor values besides tensors; a pipelined model's outputs "
-                            "must all be tensors (return None-free outputs)")
+                            "must all be tensors or None")
     input_free = _input_free(gm)
     for k, st in enumerate(stages):
         _collect(st, st.nodes + ([output] if k == num_stages - 1 else []), input_free)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from fxpar._torch.c10d import queue_autograd_callback, resolve_process_group
 from fxpar.ops.collectives import _record
 
-__all__ = ["GradSync"]
+__all__ = ["GradSync", "sync_data_grads"]
 
 
 class _Bucket:
@@ -110,3 +110,24 @@ class GradSync:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+def sync_data_grads(data_synced: list, mesh_info) -> None:
+    """Sums a pipeline step's gradients over the data-parallel dims, one flat all-reduce per bucket and dim.
+
+    Args:
+        data_synced: (parameter, data dim names, bucket index) for each data-replicated parameter.
+        mesh_info: the mesh the dim names belong to.
+    """
+    buckets: dict[tuple[int, tuple[str, ...]], list[torch.nn.Parameter]] = {}
+    for p, dims, bucket in data_synced:
+        buckets.setdefault((bucket, dims), []).append(p)
+    for (_, dims), params in sorted(buckets.items(), key=lambda kv: kv[0]):
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        for name in dims:
+            _record("all_reduce", name, flat, "backward")
+            dist.all_reduce(flat, group=resolve_process_group(mesh_info.group_name(mesh_info.index(name))))
+        offset = 0
+        for p in params:
+            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()

@@ -25,6 +25,7 @@ from fxpar.core.mesh import MeshInfo
 from fxpar.core.spec import TensorSpec, get_info, get_spec, shard_order
 from fxpar.ops.collectives import _all_gather, inference_graph_module
 from fxpar.runtime.checkpointing import checkpointed_graph_module
+from fxpar.runtime.agreement import check_same_inputs
 from fxpar.runtime.fsdp_buckets import register_buckets
 from fxpar.runtime.state_dict import load_model_state_dict, model_state_dict
 from fxpar.runtime.fsdp_state import pack_gathered, unpack_gathered
@@ -69,6 +70,9 @@ class ParallelModule(nn.Module):
         self.compile_backend = compile_backend  # torch.compile's backend for this rank's graphs, or None
         self._grad_sync = self._hook_grad_sync()
         self._fsdp_buckets = self._register_fsdp_buckets()
+        self.training = self.capture_info.training  # the mode the graph was captured in
+        self.recompile_for_mode: Callable[[bool], fx.GraphModule] | None = None  # set by compile_model
+        self.check_inputs = False  # compare the ranks' inputs on every run, not only the first (check=True)
         # The model's structure on meta (never a value): init_weights and fxpar.checkpoint run its code on it.
         self.__dict__["source_model"] = None
         self.__dict__["init_report"] = None
@@ -97,6 +101,8 @@ class ParallelModule(nn.Module):
 
     def _run_graph(self, args: tuple, kwargs: dict) -> Any:
         """This rank's graph on its inputs: outputs batch-sharded where the graph left them so."""
+        if self.input_layout == "full" and self.mesh is not None and (self.check_inputs or not self._fingerprint_checked):
+            check_same_inputs(args, kwargs, self.mesh_info)  # a loader seeded per rank: an error, not a wrong answer
         if not self._fingerprint_checked:
             # Ranks whose graphs would issue different collectives fail here, naming the first one.
 
@@ -246,6 +252,61 @@ class ParallelModule(nn.Module):
         for m in data:
             total = torch.ops.fxpar.all_reduce(total, self.mesh_info.group_name(m), self.mesh_info.names[m])
         return total
+
+    # ------------------------------------------------------------------ train / eval
+
+    def train(self, mode: bool = True) -> ParallelModule:
+        """Switches to training or evaluation behaviour (dropout, batch norm), as on the original model.
+
+        The graph holds the mode the model was captured in (its dropout and normalization ops, and
+        any `if self.training` in the model's Python). The other mode's graph is compiled on first
+        use, from the same model, example inputs, plan and passes (`recompile_for_mode`), and shares
+        this module's parameters and buffers: optimizer state, gradients and running statistics
+        carry over. `graph_module` is the graph of the current mode.
+
+        Raises:
+            PlanError: no way to compile the other mode (a pipeline, or a module built without
+                compile_model), or the other mode's graph shards parameters differently.
+        """
+        mode = bool(mode)
+        if mode != self.capture_info.training:
+            self._use_graph_for(mode)
+        self.training = mode  # not recursing: an exported GraphModule refuses train()
+        return self
+
+    def _use_graph_for(self, mode: bool) -> None:
+        graphs = self.__dict__.setdefault("_graphs_by_mode", {})
+        graphs[self.capture_info.training] = self.graph_module
+        gm = graphs.get(mode)
+        if gm is None:
+            if self.recompile_for_mode is None:
+                raise PlanError(
+                    f"{type(self).__name__}.train({mode}): this module was compiled with the model in "
+                    f"{'training' if not mode else 'eval'} mode and cannot compile the other mode; call "
+                    f"model.{'train' if mode else 'eval'}() before fxpar.parallelize")
+            gm = self.recompile_for_mode(mode)
+            self._share_state(gm)
+            graphs[mode] = gm
+        self.graph_module = gm
+        self._fingerprint_checked = False  # the other graph's collectives are checked at its first run
+        if self._grad_sync is not None:
+            self._grad_sync.remove()
+        self._grad_sync = self._hook_grad_sync()
+
+    def _share_state(self, gm: fx.GraphModule) -> None:
+        """Points gm's parameters and buffers at this module's (same FQNs, same local shapes)."""
+        own = dict(self.graph_module.named_parameters(remove_duplicate=False))
+        own.update(self.graph_module.named_buffers(remove_duplicate=False))
+        theirs = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+        for fqn, t in theirs:
+            mine = own.get(fqn)
+            if mine is None or mine.shape != t.shape:
+                raise PlanError(
+                    f"train/eval: the other mode's graph has {fqn} {tuple(t.shape)} where this one has "
+                    f"{None if mine is None else tuple(mine.shape)}; pass an explicit plan to parallelize so "
+                    "both modes shard the same way")
+            mod, _, name = fqn.rpartition(".")
+            setattr(gm.get_submodule(mod), name, mine)
 
     # ------------------------------------------------------------------ introspection
 

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
@@ -74,9 +75,14 @@ from fxpar.core.stages import SCHEDULES, SPLIT_BACKWARD, stage_info, stage_ranks
 from fxpar.ops.collectives import _record
 from fxpar.runtime.fsdp_state import StepGather, pack_gathered, unpack_gathered
 from fxpar.runtime.parallel_module import ParallelModule
-from fxpar.runtime.stages import Loss, stage_io
+from fxpar.runtime.stages import Loss, output_nones, stage_io, with_nones
+from fxpar.runtime.grad_sync import sync_data_grads
+from fxpar.runtime.step_failure import GuardedStage, StepFailure, guard_loss, mesh_groups
 
-__all__ = ["PipelineModule"]
+__all__ = ["PipelineModule", "MAX_SCHEDULES"]
+
+MAX_SCHEDULES = 4
+"""Schedules (with their stages and buffers) kept per input shape, least recently used dropped first."""
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +130,9 @@ class PipelineModule(ParallelModule):
         self._pp_group = mesh.get_group(pp_dim) if mesh is not None else None
         self._flatten = flat_input_function(graph_module)
         self._out_spec = out_spec_of(graph_module)
-        self._schedules: dict[tuple, Any] = {}
+        self._out_nones = output_nones(graph_module)
+        self._schedules: OrderedDict[tuple, Any] = OrderedDict()  # least recently used first
+        self._failure = StepFailure()
         self._broadcast_meta: dict[tuple, list] = {}
         self._tied_groups = self._make_tied_groups()
         self._device = self._pick_device()
@@ -209,6 +217,9 @@ class PipelineModule(ParallelModule):
         key = (kind, shapes, None if loss is None else loss.scale)
         if key not in self._schedules:
             self._schedules[key] = self._build_schedule(kind, loss, flat)
+            while len(self._schedules) > MAX_SCHEDULES:  # each holds its stages' buffers: bounded
+                self._schedules.popitem(last=False)
+        self._schedules.move_to_end(key)
         return self._schedules[key]
 
     def _build_schedule(self, kind: str, loss: Loss | None, flat: list[torch.Tensor] | None = None) -> Any:
@@ -216,8 +227,10 @@ class PipelineModule(ParallelModule):
         spec = SCHEDULES[split.schedule]
         io = stage_io(self.graph_module, split.num_stages, split.microbatches, flat, train=kind == "train") \
             if flat is not None else None
-        stages = [ContiguousGradStage(self._local_stage(k), k, split.num_stages, self._device, group=self._pp_group,
-                         **({"input_args": io[k][0], "output_args": io[k][1]} if io else {}))
+        # With static metadata a failing stage can stand in zeros and let the schedule finish (step_failure).
+        stages = [ContiguousGradStage(GuardedStage(self._local_stage(k), io[k][1], self._failure, k) if io else
+                                      self._local_stage(k), k, split.num_stages, self._device, group=self._pp_group,
+                                      **({"input_args": io[k][0], "output_args": io[k][1]} if io else {}))
                   for k in split.local_stages]
         if kind == "forward" and spec.multi:
             sched = spec.cls(stages, split.microbatches, loss_fn=None, scale_grads=False)
@@ -313,11 +326,13 @@ class PipelineModule(ParallelModule):
         sched = self._schedule("forward", None, tuple(tuple(x.shape) for x in flat), flat)
         with torch.no_grad():
             out = sched.step(*flat) if self._is_first() else sched.step()
+        self._failure.agree(mesh_groups(self._pp_group, self.mesh_info))
         values = None
         if self._is_last():
             values = [out] if isinstance(out, torch.Tensor) else list(out)
         shapes = tuple(tuple(x.shape) for x in flat)
-        values = self._gather_microbatched(self._broadcast_from_last(values, ("forward", shapes)))
+        values = with_nones(self._gather_microbatched(self._broadcast_from_last(values, ("forward", shapes))),
+                            self._out_nones)
         return pytree.tree_unflatten(values, self._out_spec) if self._out_spec is not None else \
             (values[0] if len(values) == 1 else tuple(values))
 
@@ -358,10 +373,10 @@ class PipelineModule(ParallelModule):
         return out
 
     def _stash_grads(self) -> list[tuple[nn.Parameter, torch.Tensor | None]]:
-        """Sets aside the `.grad` of parameters whose step gradient is summed over ranks (data-parallel and
-        tied ones), so the sums see this step's gradient only; `step` adds them back."""
+        """Sets aside every parameter's `.grad`, so sums over ranks (data-parallel and tied parameters) see
+        this step's gradient only and a failed step can be undone; `step` adds them back."""
         out, seen = [], set()
-        for p in [p for p, _, _ in self._data_synced] + [p for _, p in self._tied_params()]:
+        for p in self.parameters():  # all of them: a failed step restores them (step_failure)
             if id(p) not in seen:
                 seen.add(id(p))
                 out.append((p, p.grad))
@@ -370,18 +385,7 @@ class PipelineModule(ParallelModule):
 
     def _sync_data_grads(self) -> None:
         """Sums this step's gradients over the data-parallel dims, one flat all-reduce per bucket and dim."""
-        buckets: dict[tuple[int, tuple[str, ...]], list[nn.Parameter]] = {}
-        for p, dims, bucket in self._data_synced:
-            buckets.setdefault((bucket, dims), []).append(p)
-        for (_, dims), params in sorted(buckets.items(), key=lambda kv: kv[0]):
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-            for name in dims:
-                _record("all_reduce", name, flat, "backward")
-                dist.all_reduce(flat, group=resolve_process_group(self.mesh_info.group_name(self.mesh_info.index(name))))
-            offset = 0
-            for p in params:
-                p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
-                offset += p.numel()
+        sync_data_grads(self._data_synced, self.mesh_info)
 
     def step(self, *inputs: Any, target: Any, loss_fn: Callable, loss_reduction: str = "mean",
              **kwargs: Any) -> torch.Tensor:
@@ -417,10 +421,12 @@ class PipelineModule(ParallelModule):
         # Every microbatch's loss on every data shard is a part of the global loss: the parts add up to it.
         shards = self._data_shards()
         scale = 1.0 / (self.split.microbatches * shards) if loss_reduction == "mean" else 1.0
-        loss_wrapper = Loss(self._out_spec, loss_fn, scale, cut=self._local_batch if data else None)
+        guarded = guard_loss(loss_fn, self._failure)  # an exception fails every rank after the schedule
+        loss_wrapper = Loss(self._out_spec, guarded, scale, cut=self._local_batch if data else None,
+                            nones=self._out_nones)
         sched = self._schedule("train", loss_wrapper, tuple(tuple(x.shape) for x in flat), flat)
         # The schedule keeps its loss object; point it at this call's loss function.
-        torch_pp.set_loss_fn(sched, loss_fn)
+        torch_pp.set_loss_fn(sched, guarded)
         # The sums over ranks reduce this step's gradients only: earlier ones (accumulation) wait aside.
         stashed = self._stash_grads()
         inputs_before = [x.grad.detach().clone() if x.grad is not None else None for x in flat]
@@ -429,6 +435,12 @@ class PipelineModule(ParallelModule):
         with self._fsdp_context() as step_gather:
             sched.step(*first, target=target if self._is_last() else None, losses=losses,
                        return_outputs=False)
+        try:
+            self._failure.agree(mesh_groups(self._pp_group, self.mesh_info))
+        except ScheduleError:
+            for p, prev in stashed:  # the failed step leaves no gradient behind
+                p.grad = prev
+            raise
         if step_gather is not None:
             step_gather.reduce_scatter(self._fsdp_sharded)
         self._sum_tied_grads()

@@ -21,18 +21,34 @@ class Loss:
     """The loss torch's schedule calls on the last stage: the user's loss on the model's output structure,
     scaled so that the summed microbatch losses are the global loss."""
 
-    def __init__(self, out_spec, loss_fn: Callable, scale: float, cut: Callable | None = None) -> None:
+    def __init__(self, out_spec, loss_fn: Callable, scale: float, cut: Callable | None = None,
+                 nones: tuple[bool, ...] = ()) -> None:
         self.out_spec = out_spec
+        self.nones = nones  # where the model returns None (`output_nones`)
         self.loss_fn = loss_fn
         self.scale = scale
         self.cut = cut  # this rank's rows of a microbatch's target, when the data dims split the batch
 
     def __call__(self, output: Any, target: Any) -> torch.Tensor:
-        flat = [output] if isinstance(output, torch.Tensor) else list(output)
+        flat = with_nones([output] if isinstance(output, torch.Tensor) else list(output), self.nones)
         out = pytree.tree_unflatten(flat, self.out_spec) if self.out_spec is not None else \
             (flat[0] if len(flat) == 1 else tuple(flat))
         loss = self.loss_fn(out, self.cut(target) if self.cut is not None else target)
         return loss * self.scale if self.scale != 1.0 else loss
+
+
+def output_nones(graph_module: fx.GraphModule) -> tuple[bool, ...]:
+    """For each flat output of the model, whether it is a None constant (the stages send only tensors)."""
+    out = next(n for n in graph_module.graph.nodes if n.op == "output")
+    return tuple(a is None for a in pytree.tree_leaves(out.args[0]))
+
+
+def with_nones(values: list, nones: tuple[bool, ...]) -> list:
+    """The model's flat outputs: the tensors the last stage returned, None where the model returns None."""
+    if not any(nones):
+        return list(values)
+    tensors = iter(values)
+    return [None if none else next(tensors) for none in nones]
 
 
 def stage_io(graph_module: fx.GraphModule, num_stages: int, microbatches: int, flat: list[torch.Tensor], *,

@@ -1,0 +1,91 @@
+"""Ranks that must agree: the same starting parameters, and (input_layout='full') the same inputs.
+
+Parameters: as DDP does, the captured model's parameters and buffers are
+broadcast from the mesh's first rank before they are sharded
+(`broadcast_state`), so ranks whose models were initialized with different
+seeds start from rank 0's values.
+
+Inputs: with input_layout='full' every rank must pass the same full inputs; a
+loader seeded per rank silently gives another answer. `check_same_inputs`
+compares two scalars per input tensor across the mesh in one small all-reduce
+per mesh dim (on the first step, and on every step with check=True):
+
+    s1 = sum(x),  s2 = sum(x * w)  with w = 1 + (i mod 7) over the flat index i
+    all_reduce([s, -s], MAX) over each mesh dim in turn: max(s) == min(s) on every rank
+
+`s2` catches permuted rows that leave the plain sum unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+
+from fxpar._torch.c10d import resolve_process_group
+from fxpar._torch.fx import pytree
+from fxpar.core.errors import PlanError
+
+__all__ = ["broadcast_state", "check_same_inputs", "input_fingerprint"]
+
+
+def _groups(mesh_info: Any) -> list:
+    return [resolve_process_group(mesh_info.group_name(m)) for m in range(len(mesh_info.names))
+            if mesh_info.sizes[m] > 1]
+
+
+def broadcast_state(gm: fx.GraphModule, mesh: Any) -> None:
+    """Every parameter and buffer of `gm` set to the values of the mesh's first rank (in place).
+
+    Along each mesh dim in turn, from coordinate 0: the result is rank (0, ..., 0)'s values on every rank.
+    Tensors on the meta device (a model built without values) are left alone.
+    """
+    tensors = [t for t in {id(t): t for t in [*gm.parameters(), *gm.buffers()]}.values() if t.device.type != "meta"]
+    if not tensors or mesh is None:
+        return
+    for dim in range(mesh.ndim):
+        group = mesh.get_group(dim)
+        if group.size() == 1:
+            continue
+        for t in tensors:
+            with torch.no_grad():
+                dist.broadcast(t.data, group_src=0, group=group)
+
+
+def input_fingerprint(args: tuple, kwargs: dict) -> torch.Tensor:
+    """Two float64 scalars per tensor input (sum, index-weighted sum); non-tensors are skipped."""
+    values = []
+    for x in pytree.tree_leaves((args, kwargs)):
+        if not isinstance(x, torch.Tensor) or x.device.type == "meta":
+            continue
+        flat = x.detach().reshape(-1).to(torch.float64)
+        weights = torch.arange(flat.numel(), device=flat.device).remainder_(7).add_(1)
+        values += [flat.sum(), (flat * weights).sum()]
+    return torch.stack(values) if values else torch.zeros(0, dtype=torch.float64)
+
+
+def check_same_inputs(args: tuple, kwargs: dict, mesh_info: Any) -> None:
+    """Raises PlanError if the ranks of the mesh did not pass the same inputs.
+
+    Raises:
+        PlanError: naming the first input tensor (in flattened order) that differs.
+    """
+    groups = _groups(mesh_info)
+    if not groups:
+        return
+    fp = input_fingerprint(args, kwargs)
+    both = torch.cat([fp, -fp])
+    for g in groups:
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=g)
+    n = fp.numel()
+    high, low = both[:n], -both[n:]
+    differ = (high != low).nonzero().flatten().tolist()
+    if differ:
+        which = differ[0] // 2
+        raise PlanError(
+            f"the ranks passed different inputs (tensor input {which} in flattened order differs: its sum ranges "
+            f"over [{low[2 * which].item():.6g}, {high[2 * which].item():.6g}] "
+            "across ranks); with input_layout='full' every rank passes the same full batch. Use the same seed "
+            "for the data on every rank, or input_layout='local' if each rank loads its own batch shard")
