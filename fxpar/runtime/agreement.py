@@ -43,8 +43,8 @@ def broadcast_state(gm: fx.GraphModule, mesh: Any) -> None:
     Tensors on the meta device (a model built without values) are left alone.
     """
     tensors = [t for t in {id(t): t for t in [*gm.parameters(), *gm.buffers()]}.values() if t.device.type != "meta"]
-    if not tensors or mesh is None:
-        return
+    if not tensors or mesh is None or getattr(mesh, "simulated", False):
+        return  # a simulated mesh (fxpar.testing.SimDeviceMesh) compiles one rank at a time, outside its world
     for dim in range(mesh.ndim):
         group = mesh.get_group(dim)
         if group.size() == 1:

@@ -408,6 +408,8 @@ class SimDeviceMesh:
     captures once for all).
     """
 
+    simulated = True  # fxpar's runtime skips what needs every rank at once (the DDP-style broadcast)
+
     device_type = "cpu"
 
     def __init__(self, world: "SimWorld", rank: int) -> None:
