@@ -167,10 +167,12 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
     manager = PassManager(passes if passes is not None else default_passes(plan), check=check, dump_dir=dump_dir)
     gm = manager.run(gm, ctx)
     if pipelined:
-        return PipelineModule(gm, mesh=mesh, mesh_info=spmd_info, plan=plan, history=manager.history,
+        pipe = PipelineModule(gm, mesh=mesh, mesh_info=spmd_info, plan=plan, history=manager.history,
                               pp_dim=mesh_info.names.index("pp") if mesh_info.has("pp") else None,
                               example_args=example_inputs, example_kwargs=example_kwargs,
                               reshard_after_forward=reshard_after_forward)
+        pipe.check_inputs = check is True
+        return pipe
     if on_meta:
         allocate_local(gm, mesh_device(mesh))
     pm = ParallelModule(gm, mesh=mesh, mesh_info=mesh_info, plan=plan, history=manager.history,
