@@ -23,6 +23,7 @@ import argparse
 import importlib
 import importlib.util
 import os
+import signal
 import sys
 import threading
 import time
@@ -296,7 +297,34 @@ def torchrun_args(ns: argparse.Namespace) -> list[str]:
         if ns.master_addr is not None:
             argv.append(f"--master-addr={ns.master_addr}")
         argv.append(f"--master-port={ns.master_port}")
-    return argv + [ns.script, *ns.script_args]
+    # The script runs through fxpar.launch, which records an exception in torchrun's error file.
+    return argv + ["--module", "fxpar.launch", ns.script, *ns.script_args]
+
+
+def describe_failure(failures: dict) -> str:
+    """The rank that failed first (torchrun's ChildFailedError.failures), how it ended and its root cause.
+
+    First: a rank that raised (it wrote an error file; the earliest file), then one that ended
+    otherwise (an exit code, a signal), then one that ended by SIGTERM (torchrun stops the others so).
+    """
+    def order(item):
+        rank, f = item
+        recorded = os.path.isfile(f.error_file)
+        return (not recorded, f.exitcode == -signal.SIGTERM,
+                os.path.getmtime(f.error_file) if recorded else f.timestamp, rank)
+
+    rank, f = min(failures.items(), key=order)
+    if f.exitcode < 0:
+        how = f"killed by signal {f.signal_name()} ({-f.exitcode})"
+    else:
+        how = f"exit code {f.exitcode}"
+    message = f.message
+    if isinstance(message, dict):  # an error file written by torch.distributed.elastic's record
+        trace = str(message.get("extraInfo", {}).get("py_callstack", "")).rstrip()
+        message = str(message.get("message", "")) + ("\n" + trace if trace else "")
+    others = sorted(r for r in failures if r != rank)
+    also = f"; ranks {others} ended after it" if others else ""
+    return f"rank {rank} failed first ({how}){also}:\n{message}"
 
 
 def _cmd_run(ns: argparse.Namespace) -> int:
@@ -311,7 +339,7 @@ def _cmd_run(ns: argparse.Namespace) -> int:
     try:
         torchrun(argv)
     except ChildFailedError as e:
-        print(f"fxpar run: {e.name} failed on {len(e.failures)} rank(s); see their output above", file=sys.stderr)
+        print(f"fxpar run: {e.name} failed: {describe_failure(e.failures)}", file=sys.stderr)
         return 1
     return 0
 
