@@ -101,7 +101,11 @@ def test_titan_moe_is_exact(names, plan):
 def test_hugging_face_moe_is_exact(kind, names, plan):
     for r in rank_pool(2).run(_step, kind, names, plan):
         assert r["loss"] < 1e-12, r
-        assert _worst(r["grads"])[1] < 1e-10, _worst(r["grads"])
+        # DeepSeek-V3's router computes in float32 (F.linear(x.float(), weight.float())): its gradient is
+        # rounded to float32 per microbatch / data shard (5.4e-8), which parallelize warns about.
+        gates = {k: v for k, v in r["grads"].items() if k.endswith("mlp.gate.weight") and kind == "deepseek_v3"}
+        assert all(v < 1e-6 for v in gates.values()), gates
+        assert _worst({k: v for k, v in r["grads"].items() if k not in gates})[1] < 1e-10, _worst(r["grads"])
 
 
 @pytest.mark.slow
@@ -118,7 +122,7 @@ def test_grouped_mm_experts_in_a_pipeline_warn(make_fake_mesh, caplog):
     torch.manual_seed(0)
     model = TitanMoELM(grouped_mm=True).double()
     x = torch.randint(0, 64, (8, 8))
-    with caplog.at_level(logging.WARNING, logger="fxpar.passes.split_stages"):
+    with caplog.at_level(logging.WARNING, logger="fxpar.analysis.precision"):
         fxpar.parallelize(model, make_fake_mesh((2,), ("pp",)), example_inputs=(x,), plan=_PP)
     messages = [r.getMessage() for r in caplog.records]
     for name in ("layers.0.moe.w1", "layers.0.moe.w2", "layers.1.moe.w3"):
@@ -126,6 +130,33 @@ def test_grouped_mm_experts_in_a_pipeline_warn(make_fake_mesh, caplog):
                    and "microbatches=1" in m for m in messages), messages
     assert all("module 'layers." in m for m in messages)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="fxpar.passes.split_stages"):  # float64 experts: no warning
+    with caplog.at_level(logging.WARNING, logger="fxpar.analysis.precision"):  # float64 experts: no warning
         fxpar.parallelize(TitanMoELM().double(), make_fake_mesh((2,), ("pp",)), example_inputs=(x,), plan=_PP)
     assert not caplog.records
+
+
+class _Float32Router(torch.nn.Module):
+    """DeepSeek-V3's router: the gate's weight cast to float32 in a float64 model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = torch.nn.Linear(8, 4, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.gate.weight.float()).softmax(-1).double()
+
+
+def test_a_parameter_cast_down_on_data_parallel_shards_warns(make_fake_mesh, caplog):
+    """HF DeepSeek-V3 at fsdp=2 in float64: the router gate's gradient off by 5.4e-8 (float32 per shard), said."""
+    x = torch.randn(8, 8, dtype=torch.float64)
+    with caplog.at_level(logging.WARNING, logger="fxpar.analysis.precision"):
+        fxpar.parallelize(_Float32Router().double(), make_fake_mesh((2,), ("dp",)), example_inputs=(x,))
+    assert any("'gate.weight' is cast from torch.float64 to torch.float32" in r.getMessage()
+               and "data-parallel shards" in r.getMessage() for r in caplog.records), caplog.records
+    caplog.clear()
+    # torchtitan's bf16 grouped_mm under fsdp runs on the gathered batch (no sharding rule): exact, no warning.
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING, logger="fxpar.analysis.precision"):
+        fxpar.parallelize(TitanMoELM(grouped_mm=True).double(), make_fake_mesh((2,), ("fsdp",)),
+                          example_inputs=(torch.randint(0, 64, (8, 8)),))
+    assert not caplog.records, [r.getMessage() for r in caplog.records]

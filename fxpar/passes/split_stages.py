@@ -75,6 +75,7 @@ from fxpar._torch.aten import BATCH_NORM_TRAINING_FLAG
 from fxpar._torch.fx import copy_codegen, pytree
 from fxpar._torch.pipelining import PIPE_SPLIT
 from fxpar.analysis.cost import DeviceModel, NodeCost, balance, evaluate, example_sizes, node_cost, value_bytes
+from fxpar.analysis.precision import narrowed_parameters, warn_narrowed_parameters
 from fxpar.core.errors import PlanError, ScheduleError, block_of, module_fqn_of
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.spec import TensorSpec, get_info, set_info
@@ -161,50 +162,6 @@ def _check_batch_coupled(gm: fx.GraphModule, microbatches: int, *, allow: bool) 
                         f"model.get_submodule({fqn!r}).eval()) before parallelize; use microbatches=1 in the "
                         "plan; replace it with a per-sample norm (LayerNorm, GroupNorm); or accept per-microbatch "
                         "statistics explicitly with parallelize(..., batch_norm_per_microbatch=True)")
-
-
-def _narrowed_parameters(gm: fx.GraphModule) -> list[tuple[fx.Node, str]]:
-    """Casts that narrow a trainable parameter (float64 -> bfloat16), with the parameter's name.
-
-    A parameter reaches the cast through ops of that one input only (views, transposes, selects).
-    """
-    derived: dict[fx.Node, str] = {}
-    found = []
-    for node in gm.graph.nodes:
-        val = node.meta.get("val")
-        if node.op == "get_attr" and isinstance(val, torch.Tensor) and val.requires_grad:
-            derived[node] = str(node.target)
-        elif node.op == "call_function" and len(node.all_input_nodes) == 1 and node.all_input_nodes[0] in derived:
-            src = node.all_input_nodes[0].meta.get("val")
-            derived[node] = derived[node.all_input_nodes[0]]
-            if isinstance(val, torch.Tensor) and isinstance(src, torch.Tensor) and val.dtype.is_floating_point \
-                    and src.dtype.is_floating_point and torch.finfo(val.dtype).eps > torch.finfo(src.dtype).eps:
-                found.append((node, derived[node]))
-    return found
-
-
-def _check_narrowed_parameters(gm: fx.GraphModule, microbatches: int) -> None:
-    """Warns where a parameter is cast to a lower precision: its gradient is rounded once per microbatch.
-
-    The cast's gradient arrives in the narrow dtype, so each microbatch's part of it is rounded before
-    the parts are added in the parameter's dtype; the unsplit model rounds the whole batch's sum once.
-    No schedule can give that rounding exactly (torch.distributed.pipelining and torchtitan do the
-    same), so this keeps torch's behaviour and says so: the difference is of the narrow dtype's
-    precision (torchtitan's bf16 grouped_mm experts: 2e-3 to 4e-3 of the largest gradient).
-    """
-    if microbatches <= 1:
-        return
-    seen: set[str] = set()
-    for node, param in _narrowed_parameters(gm):
-        if param in seen:
-            continue
-        seen.add(param)
-        src, dst = node.all_input_nodes[0].meta["val"].dtype, node.meta["val"].dtype
-        log.warning("parameter '%s' is cast from %s to %s at %%%s in module '%s': in a pipeline with %d "
-                    "microbatches its gradient is rounded to %s once per microbatch, then summed, not rounded "
-                    "once over the whole batch as in the unsplit model (a difference of %s's precision). For "
-                    "gradients equal to the unsplit model use Plan(microbatches=1, schedule='gpipe'), or compute in the parameter's dtype",
-                    param, src, dst, node.name, module_fqn_of(node) or "<root>", microbatches, dst, dst)
 
 
 # --------------------------------------------------------------------------- where to cut
@@ -398,7 +355,8 @@ def split_stages(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     coordinate = pp.coordinate if pp is not None else None
     _check_batch_dims(gm)
     _check_batch_coupled(gm, microbatches, allow=bool(ctx.options.get("batch_norm_per_microbatch", False)))
-    _check_narrowed_parameters(gm, microbatches)
+    if microbatches > 1:  # each microbatch's gradient of a parameter cast down is rounded on its own
+        warn_narrowed_parameters(narrowed_parameters(gm), f"{microbatches} microbatches")
 
     # ---- where to cut
     marker_starts = _take_pipe_splits(gm)
