@@ -81,3 +81,24 @@ def test_a_rank_with_other_parameter_values_is_caught_by_verify():
     reports = world.run(lambda r: fxpar.verify(model.double(), pms[r], x, target=y, loss_fn=mse))
     assert not reports[0].ok and not reports[1].ok, str(reports[1])
     assert any("down.bias" in t.name for t in reports[1].failed), str(reports[1])
+
+
+def _bn_pipeline_report() -> tuple:
+    from models import BNStack
+
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (2,), mesh_dim_names=("pp",))
+    torch.manual_seed(0)
+    model = BNStack().double().train()
+    x, y = torch.randn(8, 8, dtype=torch.float64), torch.randn(8, 8, dtype=torch.float64)
+    # The planted bug: split_stages' refusal bypassed, so BatchNorm normalizes each microbatch by its own statistics.
+    pm = fxpar.parallelize(model, mesh, example_inputs=(x,), plan=fxpar.Plan(pp=["blocks.1"]),
+                           batch_norm_per_microbatch=True)
+    report = fxpar.verify(model, pm, x, target=y, loss_fn=mse)
+    return report.ok, [t.name for t in report.failed]
+
+
+def test_batch_norm_statistics_per_microbatch_are_caught_by_verify():
+    from fxpar.testing import rank_pool
+
+    for ok, failed in rank_pool(2).run(_bn_pipeline_report):
+        assert not ok and any("blocks.0.0.weight" in name for name in failed), failed
