@@ -103,7 +103,24 @@ def _all_reduce(x: Tensor, group_name: str) -> Tensor:
     return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "sum", group_name))
 
 
-def _all_gather(x: Tensor, dim: int, n: int, group_name: str, split_factor: int = 1) -> Tensor:
+def _pad(x: Tensor, dim: int, size: int) -> Tensor:
+    """`x` with zeros appended along `dim` up to `size`."""
+    if x.size(dim) == size:
+        return x
+    shape = list(x.shape)
+    shape[dim] = size - x.size(dim)
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
+def _all_gather(x: Tensor, dim: int, n: int, group_name: str, split_factor: int = 1,
+                full_size: int | None = None) -> Tensor:
+    """Shards along `dim` -> the full tensor. `full_size`: an uneven shard (`fxpar.core.spec.chunk_bounds`):
+    each rank's chunk is padded to ceil(full_size / n) for the gather and the padding stripped after."""
+    if full_size is not None and split_factor == 1:
+        padded = -(-full_size // n)
+        if padded * n != full_size or x.size(dim) != padded:
+            out = _all_gather(_pad(x, dim, padded), dim, n, group_name)
+            return out.narrow(dim, 0, full_size)
     out = _c10d.wait_tensor(_c10d.all_gather_into_tensor(x.contiguous(), n, group_name))
     if dim != 0:
         out = torch.cat(out.chunk(n, dim=0), dim=dim)
@@ -128,7 +145,13 @@ def _local_chunk(x: Tensor, dim: int, n: int, group_name: str, what: str, split_
     return x.chunk(n, dim=dim)[r].clone(memory_format=torch.contiguous_format)  # never alias the input
 
 
-def _reduce_scatter(x: Tensor, dim: int, n: int, group_name: str) -> Tensor:
+def _reduce_scatter(x: Tensor, dim: int, n: int, group_name: str, local_size: int | None = None) -> Tensor:
+    """Sum over the group, this rank's chunk along `dim`. `local_size`: this rank's rows of an uneven shard
+    (`fxpar.core.spec.chunk_bounds`): `x` is padded to n x ceil(size / n) and the padding dropped after."""
+    if local_size is not None and (x.size(dim) % n or local_size != x.size(dim) // n):
+        padded = -(-x.size(dim) // n)
+        out = _reduce_scatter(_pad(x, dim, padded * n), dim, n, group_name)
+        return out.narrow(dim, 0, local_size)
     if x.size(dim) % n:
         raise ShardingError(
             f"reduce_scatter: dim {dim} of size {x.size(dim)} does not divide by the mesh dim size {n} at run time"
@@ -290,7 +313,8 @@ all_to_all.register_autograd(_all_to_all_bwd, setup_context=_save_a2a_args)
 
 @torch.library.custom_op("fxpar::fsdp_all_gather", mutates_args=())
 def fsdp_all_gather(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str,
-                    param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None) -> Tensor:
+                    param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None,
+                    full_size: int = -1) -> Tensor:
     """A parameter's FSDP shard -> the full parameter. Backward: reduce_scatter of its gradient.
 
     The fused form of all_gather followed by grad_all_reduce: the gathered parameter is used on
@@ -302,29 +326,36 @@ def fsdp_all_gather(x: Tensor, dim: int, group_size: int, group_name: str, mesh_
     `param_dtype` the shard is cast before the gather (half the bytes for bfloat16) and the full
     parameter comes out in it; with `reduce_dtype` the gradient is cast to it before the
     reduce_scatter; the shard's gradient comes back in the shard's own dtype (float32 master weights).
+
+    Uneven shards (`full_size` >= 0, the gathered size of `dim`, which does not divide by the group):
+    each rank holds its `chunk_bounds` rows, padded to ceil(full_size / group_size) for the gather, the
+    padding stripped after; the backward pads the gradient and keeps this rank's real rows, as FSDP2.
     """
-    args = (dim, group_size, group_name, mesh_dim)
+    args = (dim, group_size, group_name, mesh_dim, None if full_size < 0 else full_size)
     runtime = _fsdp_runtime[0] if _fsdp_runtime else None
     out = runtime.gather(x, args) if runtime is not None else None
     if out is None:
         src = x if param_dtype is None else x.to(param_dtype)
-        _record("all_gather", mesh_dim, src, "forward")
-        out = _all_gather(src, dim, group_size, group_name)
+        _record("all_gather", mesh_dim, _pad(src, dim, -(-full_size // group_size)) if full_size >= 0 else src,
+                "forward")
+        out = _all_gather(src, dim, group_size, group_name, full_size=args[4])
         if runtime is not None:
             runtime.gathered(out, src, args)  # re-gathered from the cast shard (reshard_after_forward)
     return out if param_dtype is None else out.to(param_dtype)
 
 
 @fsdp_all_gather.register_fake
-def _(x, dim, group_size, group_name, mesh_dim, param_dtype=None, reduce_dtype=None):
+def _(x, dim, group_size, group_name, mesh_dim, param_dtype=None, reduce_dtype=None, full_size=-1):
     shape = list(x.shape)
-    shape[dim] = shape[dim] * group_size
+    shape[dim] = full_size if full_size >= 0 else shape[dim] * group_size
     return x.new_empty(shape, dtype=param_dtype or x.dtype)
 
 
 def _save_fsdp_args(ctx, inputs, output):
     ctx.dim, ctx.group_size, ctx.group_name, ctx.mesh_dim = inputs[1:5]
     ctx.reduce_dtype = inputs[6] if len(inputs) > 6 else None
+    ctx.uneven = len(inputs) > 7 and inputs[7] >= 0
+    ctx.shard_shape = tuple(inputs[0].shape)
     ctx.shard_dtype = inputs[0].dtype
     runtime = _fsdp_runtime[0] if _fsdp_runtime else None
     ctx.fsdp = runtime.saved(inputs[0]) if runtime is not None else None
@@ -336,9 +367,14 @@ def _fsdp_all_gather_bwd(ctx, grad):
     runtime = _fsdp_runtime[0] if _fsdp_runtime else None
     out = runtime.backward(ctx.fsdp, ctx, grad) if runtime is not None and ctx.fsdp is not None else None
     if out is None:
-        _record("reduce_scatter", ctx.mesh_dim, grad, "backward")
-        out = _reduce_scatter(grad, ctx.dim, ctx.group_size, ctx.group_name)
-    return out.to(ctx.shard_dtype), None, None, None, None, None, None
+        local = ctx.shard_shape[ctx.dim] if ctx.uneven else None
+        if ctx.uneven:
+            grad_in = _pad(grad, ctx.dim, -(-grad.size(ctx.dim) // ctx.group_size) * ctx.group_size)
+            _record("reduce_scatter", ctx.mesh_dim, grad_in, "backward")
+        else:
+            _record("reduce_scatter", ctx.mesh_dim, grad, "backward")
+        out = _reduce_scatter(grad, ctx.dim, ctx.group_size, ctx.group_name, local_size=local)
+    return out.to(ctx.shard_dtype), None, None, None, None, None, None, None
 
 
 fsdp_all_gather.register_autograd(_fsdp_all_gather_bwd, setup_context=_save_fsdp_args)
@@ -353,7 +389,8 @@ class FsdpRuntime(Protocol):
     """
 
     def gather(self, shard: Tensor, args: tuple) -> Tensor | None:
-        """The full parameter, or None to let the op gather it (args: dim, group size, group, mesh dim)."""
+        """The full parameter, or None to let the op gather it (args: dim, group size, group, mesh dim,
+        the gathered size of an uneven shard or None)."""
 
     def gathered(self, full: Tensor, shard: Tensor, args: tuple) -> None:
         """Told of every full parameter the op gathered itself."""
@@ -489,16 +526,21 @@ def insert_grad_all_reduce(graph: fx.Graph, x: fx.Node, *, mesh_dim_name: str, g
 
 
 def insert_fsdp_all_gather(graph: fx.Graph, param: fx.Node, *, dim: int, mesh_dim_name: str, group_size: int,
-                           group_name: str) -> fx.Node:
-    """Inserts the gather of an FSDP-sharded parameter (reduce-scatter of its gradient backward)."""
-    return _make_node(graph, "fsdp_all_gather", param, (dim, group_size, group_name, mesh_dim_name),
-                      f"fsdpgather_{param.name}")
+                           group_name: str, full_size: int | None = None) -> fx.Node:
+    """Inserts the gather of an FSDP-sharded parameter (reduce-scatter of its gradient backward).
+
+    `full_size`: the gathered size of `dim` when it does not divide by `group_size` (uneven, padded shards).
+    """
+    args = (dim, group_size, group_name, mesh_dim_name)
+    if full_size is not None:
+        args = (*args, None, None, int(full_size))
+    return _make_node(graph, "fsdp_all_gather", param, args, f"fsdpgather_{param.name}")
 
 
 def set_fsdp_precision(node: fx.Node, *, param_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None) -> None:
     """Makes an `fsdp_all_gather` node gather in `param_dtype` and reduce its gradient in `reduce_dtype`."""
     assert node.target is torch.ops.fxpar.fsdp_all_gather.default, node
-    node.args = (*node.args[:5], param_dtype, reduce_dtype)
+    node.args = (*node.args[:5], param_dtype, reduce_dtype, *node.args[7:])
 
 
 def collective_args(node: fx.Node) -> dict:
