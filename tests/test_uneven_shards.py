@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 
 import fxpar
+from torch.distributed.fsdp import MixedPrecisionPolicy
+
 from fxpar.core.spec import chunk_bounds
 from fxpar.testing import rank_pool
 from models import Chain, mse
@@ -26,14 +28,20 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() if b.numel() else 0.0
 
 
-def _train(shape, names, widths, *, steps: int = 2, batch: int = 8, **options) -> dict:
-    """Trains Chain(widths) `steps` AdamW steps on the mesh and one process; the worst relative errors."""
+def _train(shape, names, widths, *, steps: int = 2, batch: int = 8, plan_kwargs=None, mp=None, **options) -> dict:
+    """Trains Chain(widths) `steps` AdamW steps on the mesh and one process; the worst relative errors.
+
+    plan_kwargs: a Plan's (pipelines); mp: (param_dtype, reduce_dtype) of a MixedPrecisionPolicy."""
     mesh = torch.distributed.device_mesh.init_device_mesh("cpu", shape, mesh_dim_names=names)
     torch.manual_seed(0)
     model = Chain(widths).double()
     ref = copy.deepcopy(model)
     data = [(torch.randn(batch, widths[0], dtype=torch.float64), torch.randn(batch, widths[-1], dtype=torch.float64))
             for _ in range(steps)]
+    if plan_kwargs is not None:
+        options["plan"] = fxpar.Plan(**plan_kwargs)
+    if mp is not None:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=mp[0], reduce_dtype=mp[1])
     pm = fxpar.parallelize(model, mesh, example_inputs=(data[0][0],), **options)
     opt = torch.optim.AdamW(pm.parameters(), lr=1e-2)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
@@ -56,16 +64,17 @@ def _train(shape, names, widths, *, steps: int = 2, batch: int = 8, **options) -
     full = pm.full_state_dict()
     out["param"] = max(_rel(full[k], v) for k, v in ref.state_dict().items())
     out["local_shapes"] = {k: tuple(p.shape) for k, p in pm.graph_module.named_parameters()}
+    out["dtypes"] = {p.dtype for p in pm.parameters()} | {p.grad.dtype for p in pm.parameters() if p.grad is not None}
     out["explain"] = pm.explain()
     out["ref_names"] = {k for k, _ in ref.named_parameters()}
     return out
 
 
-def _assert_exact(results: list[dict]) -> None:
+def _assert_exact(results: list[dict], rtol: float = RTOL) -> None:
     for rank, r in enumerate(results):
         assert r["grad_names"] == r["ref_names"], rank
         for what in ("out", "loss", "grad", "param"):
-            assert r[what] <= RTOL, (rank, what, r[what])
+            assert r[what] <= rtol, (rank, what, r[what])
 
 
 def test_chunk_bounds_are_torch_chunks():
@@ -106,3 +115,19 @@ def test_fsdp2_x_tp2_uneven():
     # layers' tensor-parallel shards (10 / tp=2 = 5 rows) do not divide by fsdp=2
     results = rank_pool(4).run(_train, (2, 2), ("fsdp", "tp"), [6, 10, 6, 3])
     _assert_exact(results)
+
+
+@pytest.mark.parametrize("schedule,reshard", [("gpipe", True), ("1f1b", False)], ids=["gpipe", "1f1b-gather-once"])
+def test_fsdp2_x_pp2_uneven(schedule, reshard):
+    results = rank_pool(4).run(_train, (2, 2), ("fsdp", "pp"), [6, 7, 5, 7, 3], reshard_after_forward=reshard,
+                               plan_kwargs={"schedule": schedule, "microbatches": 2})
+    _assert_exact(results)
+
+
+def test_fsdp4_uneven_mixed_precision():
+    # float32 compute and gathers of a float64 model, gradients reduced in float64: float32 rounding
+    # of the unsplit float64 model, parameters and gradients float64 (FSDP2's meaning)
+    results = rank_pool(4).run(_train, (4,), ("fsdp",), [8, 7, 3], mp=(torch.float32, torch.float64))
+    _assert_exact(results, rtol=1e-5)
+    assert all(r["dtypes"] == {torch.float64} for r in results)
+    assert max(r["grad"] for r in results) > 1e-12  # the compute really is float32
