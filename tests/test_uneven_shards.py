@@ -131,3 +131,82 @@ def test_fsdp4_uneven_mixed_precision():
     _assert_exact(results, rtol=1e-5)
     assert all(r["dtypes"] == {torch.float64} for r in results)
     assert max(r["grad"] for r in results) > 1e-12  # the compute really is float32
+
+
+def _gpt2_step() -> dict:
+    from models import tiny_gpt2
+
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (3,), mesh_dim_names=("fsdp",))
+    torch.manual_seed(0)
+    model = tiny_gpt2().double()  # 32, 64 and 128 rows on fsdp=3; wpe gathered in full for its replicated use
+    ref = copy.deepcopy(model)
+    ids, target = torch.randint(0, 128, (6, 8)), torch.randint(0, 128, (6, 8))
+
+    def ce(out, t):
+        logits = out.logits if hasattr(out, "logits") else out
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), t.reshape(-1))
+
+    pm = fxpar.parallelize(model, mesh, example_inputs=(ids,))
+    loss = pm.step(ids, target=target, loss_fn=ce)
+    ref_loss = ce(ref(ids), target)
+    ref_loss.backward()
+    grads = pm.full_grads()
+    return {"loss": _rel(loss.detach(), ref_loss.detach()),
+            "grad": max(_rel(grads[k], p.grad) for k, p in ref.named_parameters()),
+            "names": {k for k, _ in ref.named_parameters()} <= set(grads),
+            "shapes": tuple(pm.graph_module.get_parameter("transformer.wpe.weight").shape)}
+
+
+def test_gpt2_fsdp3_uneven_every_gradient():
+    results = rank_pool(3).run(_gpt2_step, timeout=300)
+    for r in results:
+        assert r["names"] and r["loss"] <= RTOL and r["grad"] <= RTOL, r
+    assert [r["shapes"] for r in results] == [(22, 32), (22, 32), (20, 32)]
+
+
+# --------------------------------------------------------------------------- checkpoints: even <-> uneven
+
+CKPT_WIDTHS = [8, 6, 2]  # fsdp=2: 3 + 3 and 1 + 1 rows (even); fsdp=4: 2, 2, 2, 0 and 1, 1, 0, 0 rows
+
+
+def _ckpt_phase(path: str, names: tuple, start: int, stop: int) -> dict:
+    n = dist.get_world_size()
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (n,), mesh_dim_names=names)
+    torch.manual_seed(0)
+    model = Chain(CKPT_WIDTHS).double()
+    data = [(torch.randn(8, 8, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)) for _ in range(6)]
+    pm = fxpar.parallelize(model, mesh, example_inputs=(data[0][0],))
+    opt = torch.optim.AdamW(pm.parameters(), lr=1e-2)
+    if start:
+        fxpar.checkpoint.load(pm, path, optimizer=opt)
+    for x, t in data[start:stop]:
+        opt.zero_grad()
+        pm.step(x, target=t, loss_fn=mse)
+        opt.step()
+    fxpar.checkpoint.save(pm, path, optimizer=opt)
+    sd = pm.state_dict()  # DTensors with uneven shards, as DCP expects: their full tensors are the model's
+    full = pm.full_state_dict()
+    return {"full": full, "dtensor": max(_rel(v.full_tensor(), full[k]) for k, v in sd.items()),
+            "local": {k: tuple(v.to_local().shape) for k, v in sd.items()}}
+
+
+def test_checkpoint_even_to_uneven_and_back(tmp_path):
+    path = str(tmp_path / "ckpt")
+    even = rank_pool(2).run(_ckpt_phase, path, ("fsdp",), 0, 2, timeout=300)
+    uneven = rank_pool(4).run(_ckpt_phase, path, ("fsdp",), 2, 4, timeout=300)  # resumed on uneven shards
+    back = rank_pool(2).run(_ckpt_phase, path, ("tp",), 4, 6, timeout=300)  # and back on another mesh
+    assert [r["local"]["layers.1.weight"] for r in uneven] == [(1, 6), (1, 6), (0, 6), (0, 6)]
+    assert [r["local"]["layers.0.weight"] for r in even] == [(3, 8), (3, 8)]
+    assert all(r["dtensor"] == 0.0 for r in [*even, *uneven, *back])
+    torch.manual_seed(0)
+    model = Chain(CKPT_WIDTHS).double()
+    data = [(torch.randn(8, 8, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)) for _ in range(6)]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for i, (x, t) in enumerate(data):
+        opt.zero_grad()
+        mse(model(x), t).backward()
+        opt.step()
+        if i + 1 in (2, 4):
+            phase = even if i + 1 == 2 else uneven
+            assert max(_rel(phase[0]["full"][k], v) for k, v in model.state_dict().items()) <= RTOL, i
+    assert max(_rel(back[0]["full"][k], v) for k, v in model.state_dict().items()) <= RTOL

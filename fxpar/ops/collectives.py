@@ -42,6 +42,7 @@ from fxpar._torch.c10d import functional, resolve_process_group
 from fxpar._torch.fx import copy_codegen
 from fxpar._torch.placements import StridedShard as _StridedShard
 from fxpar.core.errors import ShardingError
+from fxpar.core.spec import chunk
 
 __all__ = [
     "COLLECTIVE_OPS",
@@ -132,7 +133,10 @@ def _all_gather(x: Tensor, dim: int, n: int, group_name: str, split_factor: int 
     return out
 
 
-def _local_chunk(x: Tensor, dim: int, n: int, group_name: str, what: str, split_factor: int = 1) -> Tensor:
+def _local_chunk(x: Tensor, dim: int, n: int, group_name: str, what: str, split_factor: int = 1,
+                 uneven: bool = False) -> Tensor:
+    if uneven and split_factor == 1:  # this rank's torch.chunk rows (fxpar.core.spec.chunk_bounds), maybe none
+        return chunk(x, n, dim, _group_rank(group_name)).clone(memory_format=torch.contiguous_format)
     if x.size(dim) % (n * split_factor):
         raise ShardingError(
             f"{what}: dim {dim} of size {x.size(dim)} does not divide by the mesh dim size {n}"
@@ -215,27 +219,33 @@ grad_all_reduce.register_autograd(_grad_all_reduce_bwd, setup_context=_save_grou
 
 
 @torch.library.custom_op("fxpar::all_gather", mutates_args=())
-def all_gather(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str, split_factor: int = 1) -> Tensor:
-    """Shard(dim) -> Replicate (section-wise for a strided shard). Backward: this rank's slice."""
-    _record("all_gather", mesh_dim, x, "forward")
-    return _all_gather(x, dim, group_size, group_name, split_factor)
+def all_gather(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str, split_factor: int = 1,
+               full_size: int = -1) -> Tensor:
+    """Shard(dim) -> Replicate (section-wise for a strided shard). Backward: this rank's slice.
+
+    `full_size` >= 0: an uneven shard (torch.chunk's rows, `fxpar.core.spec.chunk_bounds`) of a dim of
+    that size: padded for the collective, the padding stripped after."""
+    _record("all_gather", mesh_dim, _pad(x, dim, -(-full_size // group_size)) if full_size >= 0 else x, "forward")
+    return _all_gather(x, dim, group_size, group_name, split_factor, full_size=None if full_size < 0 else full_size)
 
 
 @all_gather.register_fake
-def _(x, dim, group_size, group_name, mesh_dim, split_factor=1):
+def _(x, dim, group_size, group_name, mesh_dim, split_factor=1, full_size=-1):
     shape = list(x.shape)
-    shape[dim] = shape[dim] * group_size
+    shape[dim] = full_size if full_size >= 0 else shape[dim] * group_size
     return x.new_empty(shape)
 
 
 def _save_shard_args(ctx, inputs, output):
     ctx.dim, ctx.group_size, ctx.group_name, ctx.mesh_dim = inputs[1:5]
     ctx.split_factor = inputs[5] if len(inputs) > 5 else 1
+    ctx.uneven = len(inputs) > 6 and inputs[6] >= 0
 
 
 def _all_gather_bwd(ctx, grad):
-    local = _local_chunk(grad, ctx.dim, ctx.group_size, ctx.group_name, "all_gather backward", ctx.split_factor)
-    return local, None, None, None, None, None
+    local = _local_chunk(grad, ctx.dim, ctx.group_size, ctx.group_name, "all_gather backward", ctx.split_factor,
+                         uneven=ctx.uneven)
+    return local, None, None, None, None, None, None
 
 
 all_gather.register_autograd(_all_gather_bwd, setup_context=_save_shard_args)
@@ -502,8 +512,12 @@ def insert_transition(
     group_size: int,
     group_name: str,
     label: str,
+    full_size: int | None = None,
 ) -> fx.Node | None:
-    """Inserts the node that moves `x` from `src` to `dst` (at the graph's insert point)."""
+    """Inserts the node that moves `x` from `src` to `dst` (at the graph's insert point).
+
+    `full_size`: an all_gather of an uneven shard (torch.chunk's rows) rebuilding a dim of that size.
+    """
     op = transition_op(src, dst)
     if op is None:
         return None
@@ -517,6 +531,10 @@ def insert_transition(
     args = (dim, group_size, group_name, mesh_dim_name)
     if isinstance(strided, _StridedShard):
         args = (*args, strided.split_factor)
+    if full_size is not None:
+        if op != "all_gather" or isinstance(strided, _StridedShard):
+            raise ShardingError(f"{op} of an uneven shard of {label}: only a plain all_gather pads uneven shards")
+        args = (*args, 1, int(full_size))
     return _make_node(graph, op, x, args, f"{prefix}_{label}")
 
 

@@ -30,7 +30,7 @@ from fxpar.core.errors import ShardingError, module_fqn_of, node_context
 from fxpar.core.mesh import MeshInfo
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.spec import NodeInfo, get_info, make_spec, set_info
-from fxpar.ops.collectives import insert_grad_all_reduce, insert_transition, transition_op
+from fxpar.ops.collectives import collective_args, insert_grad_all_reduce, insert_transition, transition_op
 from fxpar.passes._graph import differentiable
 from fxpar.rules import replace_tensor_args, tensor_args
 
@@ -105,10 +105,11 @@ class _Inserter:
         if key not in self.cache:
             shard = a.args[0]
             with self.graph.inserting_before(consumer):
+                full_size = collective_args(a).get("full_size", -1)  # an uneven shard: padded like its gather
                 new = insert_transition(
                     self.graph, shard, get_info(shard).spec.placements[f], get_info(a).spec.placements[f],
                     mesh_dim=f, mesh_dim_name="fsdp", group_size=self.mesh.sizes[f],
-                    group_name=_group(self.mesh, f), label=shard.name)
+                    group_name=_group(self.mesh, f), label=shard.name, full_size=full_size if full_size >= 0 else None)
             self.cache[key] = self._new(new, shard, tuple(get_info(a).spec.placements), consumer, "param")
         return self.cache[key]
 
