@@ -377,12 +377,10 @@ def _fsdp_all_gather_bwd(ctx, grad):
     runtime = _fsdp_runtime[0] if _fsdp_runtime else None
     out = runtime.backward(ctx.fsdp, ctx, grad) if runtime is not None and ctx.fsdp is not None else None
     if out is None:
-        local = ctx.shard_shape[ctx.dim] if ctx.uneven else None
-        if ctx.uneven:
-            grad_in = _pad(grad, ctx.dim, -(-grad.size(ctx.dim) // ctx.group_size) * ctx.group_size)
-            _record("reduce_scatter", ctx.mesh_dim, grad_in, "backward")
-        else:
-            _record("reduce_scatter", ctx.mesh_dim, grad, "backward")
+        local = ctx.shard_shape[ctx.dim] if ctx.uneven else None  # this rank's real rows of an uneven shard
+        _record("reduce_scatter", ctx.mesh_dim,
+                _pad(grad, ctx.dim, -(-grad.size(ctx.dim) // ctx.group_size) * ctx.group_size) if ctx.uneven else grad,
+                "backward")
         out = _reduce_scatter(grad, ctx.dim, ctx.group_size, ctx.group_name, local_size=local)
     return out.to(ctx.shard_dtype), None, None, None, None, None, None, None
 
@@ -514,10 +512,7 @@ def insert_transition(
     label: str,
     full_size: int | None = None,
 ) -> fx.Node | None:
-    """Inserts the node that moves `x` from `src` to `dst` (at the graph's insert point).
-
-    `full_size`: an all_gather of an uneven shard (torch.chunk's rows) rebuilding a dim of that size.
-    """
+    """Inserts the node that moves `x` from `src` to `dst` (`full_size`: an uneven all_gather's dim size)."""
     op = transition_op(src, dst)
     if op is None:
         return None
