@@ -210,3 +210,67 @@ def test_checkpoint_even_to_uneven_and_back(tmp_path):
             phase = even if i + 1 == 2 else uneven
             assert max(_rel(phase[0]["full"][k], v) for k, v in model.state_dict().items()) <= RTOL, i
     assert max(_rel(back[0]["full"][k], v) for k, v in model.state_dict().items()) <= RTOL
+
+
+# --------------------------------------------------------------------------- tensor parallel: uneven colwise / rowwise
+
+
+class _Head(torch.nn.Module):
+    """An MLP block of `hidden` features and a vocab-like head of `vocab` outputs."""
+
+    def __init__(self, dim: int, hidden: int, vocab: int) -> None:
+        super().__init__()
+        from models import MLPBlock
+
+        self.mlp = MLPBlock(dim, hidden)
+        self.head = torch.nn.Linear(dim, vocab)
+
+    def forward(self, x):
+        return self.head(self.mlp(x))
+
+
+def _tp(shape, names, dim, hidden, vocab, plan) -> dict:
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", shape, mesh_dim_names=names)
+    torch.manual_seed(0)
+    model = _Head(dim, hidden, vocab).double()
+    ref = copy.deepcopy(model)
+    x, t = torch.randn(4, 3, dim, dtype=torch.float64), torch.randn(4, 3, vocab, dtype=torch.float64)
+    pm = fxpar.parallelize(model, mesh, example_inputs=(x,), plan=plan)
+    opt = torch.optim.AdamW(pm.parameters(), lr=1e-2)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    out = {"out": 0.0, "grad": 0.0}
+    for _ in range(2):
+        with torch.no_grad():
+            out["out"] = max(out["out"], _rel(pm(x), ref(x)))
+        opt.zero_grad()
+        pm.step(x, target=t, loss_fn=mse)
+        ref_opt.zero_grad()
+        mse(ref(x), t).backward()
+        grads = pm.full_grads()
+        out["grad"] = max([out["grad"], *(_rel(grads[k], p.grad) for k, p in ref.named_parameters())])
+        opt.step()
+        ref_opt.step()
+    full = pm.full_state_dict()
+    out["param"] = max(_rel(full[k], v) for k, v in ref.state_dict().items())
+    out["local"] = {k: tuple(p.shape) for k, p in pm.graph_module.named_parameters()}
+    out["explain"] = pm.explain()
+    return out
+
+
+def test_tp3_uneven_mlp_of_100():
+    # up colwise / down rowwise with 100 hidden features on tp=3: chunks of 34, 34, 32
+    plan = {"mlp.up": "colwise", "mlp.down": "rowwise"}
+    results = rank_pool(3).run(_tp, (3,), ("tp",), 8, 100, 5, plan, timeout=300)
+    for r in results:
+        assert r["out"] <= RTOL and r["grad"] <= RTOL and r["param"] <= RTOL, r
+    assert [r["local"]["mlp.up.weight"] for r in results] == [(34, 8), (34, 8), (32, 8)]
+    assert [r["local"]["mlp.down.weight"] for r in results] == [(8, 34), (8, 34), (8, 32)]
+    assert "colwise (uneven: 100 in chunks of 34 over tp=3)" in results[0]["explain"]
+
+
+def test_tp2_uneven_vocab_head():
+    # a colwise head of 51 outputs (as GPT-2's 50257) on tp=2: 26 + 25, its output gathered padded
+    results = rank_pool(2).run(_tp, (2,), ("tp",), 8, 16, 51, {"head": "colwise"}, timeout=300)
+    for r in results:
+        assert r["out"] <= RTOL and r["grad"] <= RTOL and r["param"] <= RTOL, r
+    assert [r["local"]["head.weight"] for r in results] == [(26, 8), (25, 8)]

@@ -46,6 +46,7 @@ __all__ = [
     "local_size",
     "chunk_bounds",
     "chunk",
+    "pad_to",
     "rank_local_shape",
     "uncut_steps",
     "replicated",
@@ -230,6 +231,15 @@ def chunk_bounds(size: int, n: int, i: int) -> tuple[int, int]:
 def chunk(t: torch.Tensor, n: int, dim: int, i: int) -> torch.Tensor:
     """Chunk `i` of `n` of `t` along `dim` (`chunk_bounds`; empty where torch.chunk has no chunk `i`)."""
     return t.narrow(dim, *chunk_bounds(t.size(dim), n, i))
+
+
+def pad_to(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """`x` with zeros appended along `dim` up to `size` (an uneven chunk padded for a collective)."""
+    if x.size(dim) == size:
+        return x
+    shape = list(x.shape)
+    shape[dim] = size - x.size(dim)
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
 
 def uncut_steps(shape: Sequence[Any], placements: Sequence[Placement], sizes: Sequence[int],

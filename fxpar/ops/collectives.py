@@ -42,7 +42,7 @@ from fxpar._torch.c10d import functional, resolve_process_group
 from fxpar._torch.fx import copy_codegen
 from fxpar._torch.placements import StridedShard as _StridedShard
 from fxpar.core.errors import ShardingError
-from fxpar.core.spec import chunk
+from fxpar.core.spec import chunk, pad_to
 
 __all__ = [
     "COLLECTIVE_OPS",
@@ -104,13 +104,7 @@ def _all_reduce(x: Tensor, group_name: str) -> Tensor:
     return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "sum", group_name))
 
 
-def _pad(x: Tensor, dim: int, size: int) -> Tensor:
-    """`x` with zeros appended along `dim` up to `size`."""
-    if x.size(dim) == size:
-        return x
-    shape = list(x.shape)
-    shape[dim] = size - x.size(dim)
-    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+_pad = pad_to
 
 
 def _all_gather(x: Tensor, dim: int, n: int, group_name: str, split_factor: int = 1,
@@ -240,6 +234,7 @@ def _save_shard_args(ctx, inputs, output):
     ctx.dim, ctx.group_size, ctx.group_name, ctx.mesh_dim = inputs[1:5]
     ctx.split_factor = inputs[5] if len(inputs) > 5 else 1
     ctx.uneven = len(inputs) > 6 and inputs[6] >= 0
+    ctx.full_size = inputs[6] if ctx.uneven else None
 
 
 def _all_gather_bwd(ctx, grad):
@@ -252,21 +247,26 @@ all_gather.register_autograd(_all_gather_bwd, setup_context=_save_shard_args)
 
 
 @torch.library.custom_op("fxpar::shard", mutates_args=())
-def shard(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str, split_factor: int = 1) -> Tensor:
-    """Replicate -> Shard(dim): keep this rank's chunk, no communication. Backward: all_gather."""
-    return _local_chunk(x, dim, group_size, group_name, f"shard along mesh dim '{mesh_dim}'", split_factor)
+def shard(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str, split_factor: int = 1,
+          full_size: int = -1) -> Tensor:
+    """Replicate -> Shard(dim): keep this rank's chunk (torch.chunk's rows if `full_size` >= 0: uneven), no
+    communication. Backward: all_gather (padded if uneven)."""
+    return _local_chunk(x, dim, group_size, group_name, f"shard along mesh dim '{mesh_dim}'", split_factor,
+                        uneven=full_size >= 0)
 
 
 @shard.register_fake
-def _(x, dim, group_size, group_name, mesh_dim, split_factor=1):
+def _(x, dim, group_size, group_name, mesh_dim, split_factor=1, full_size=-1):
     shape = list(x.shape)
-    shape[dim] = shape[dim] // group_size
+    shape[dim] = -(-shape[dim] // group_size)  # an uneven chunk's spec is its padded size
     return x.new_empty(shape)
 
 
 def _shard_bwd(ctx, grad):
+    full = ctx.full_size if ctx.uneven else None
     _record("all_gather", ctx.mesh_dim, grad, "backward")
-    return _all_gather(grad, ctx.dim, ctx.group_size, ctx.group_name, ctx.split_factor), None, None, None, None, None
+    out = _all_gather(grad, ctx.dim, ctx.group_size, ctx.group_name, ctx.split_factor, full_size=full)
+    return out, None, None, None, None, None, None
 
 
 shard.register_autograd(_shard_bwd, setup_context=_save_shard_args)
@@ -527,8 +527,8 @@ def insert_transition(
     if isinstance(strided, _StridedShard):
         args = (*args, strided.split_factor)
     if full_size is not None:
-        if op != "all_gather" or isinstance(strided, _StridedShard):
-            raise ShardingError(f"{op} of an uneven shard of {label}: only a plain all_gather pads uneven shards")
+        if op not in ("all_gather", "shard") or isinstance(strided, _StridedShard):
+            raise ShardingError(f"{op} of an uneven shard of {label}: only all_gather and shard take uneven shards")
         args = (*args, 1, int(full_size))
     return _make_node(graph, op, x, args, f"{prefix}_{label}")
 
