@@ -60,7 +60,8 @@ def shard_parameters(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         mod_name, _, name = str(node.target).rpartition(".")
         full = getattr(modules[mod_name], name)
         local = local_chunk(full.detach(), spec.placements, mesh.sizes, mesh.coordinate, mesh.names)
-        local = local.contiguous().clone()
+        # an empty uneven chunk keeps its parent's strides through contiguous(): give it its own
+        local = local.contiguous().clone() if local.numel() else local.new_empty(local.shape)
         new = nn.Parameter(local, requires_grad=full.requires_grad) if isinstance(full, nn.Parameter) else local
         for fqn in aliases.get(id(full), [str(node.target)]):
             mod_name, _, attr = fqn.rpartition(".")
