@@ -50,7 +50,9 @@ def _train(shape, names, widths, *, steps: int = 2, batch: int = 8, plan_kwargs=
         with torch.no_grad():
             out["out"] = max(out["out"], _rel(pm(x), ref(x)))
         opt.zero_grad()
-        loss = pm.step(x, target=t, loss_fn=mse)
+        with fxpar.count_comms() as comms:
+            loss = pm.step(x, target=t, loss_fn=mse)
+        out["bwd_gather"] = sum(c.nbytes for c in comms if c.direction == "backward" and c.op == "all_gather")
         ref_opt.zero_grad()
         ref_loss = mse(ref(x), t)
         ref_loss.backward()
@@ -105,6 +107,8 @@ def test_fsdp4_fewer_rows_than_ranks(reshard):
     _assert_exact(results)
     assert [r["local_shapes"]["layers.1.weight"] for r in results] == [(1, 7), (1, 7), (1, 7), (0, 7)]
     assert [r["local_shapes"]["layers.0.weight"] for r in results] == [(2, 8), (2, 8), (2, 8), (1, 8)]
+    # reshard_after_forward: autograd keeps the shards and the backward gathers layers.1 again (padded)
+    assert all((r["bwd_gather"] > 0) == reshard for r in results), [r["bwd_gather"] for r in results]
 
 
 def test_dp2_x_fsdp2_uneven():

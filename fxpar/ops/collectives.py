@@ -115,7 +115,7 @@ def _all_gather(x: Tensor, dim: int, n: int, group_name: str, split_factor: int 
         padded = -(-full_size // n)
         if padded * n != full_size or x.size(dim) != padded:
             out = _all_gather(_pad(x, dim, padded), dim, n, group_name)
-            return out.narrow(dim, 0, full_size)
+            return out.narrow(dim, 0, full_size).clone()  # its own storage: saved / freed as a whole (fsdp_state)
     out = _c10d.wait_tensor(_c10d.all_gather_into_tensor(x.contiguous(), n, group_name))
     if dim != 0:
         out = torch.cat(out.chunk(n, dim=0), dim=dim)

@@ -82,8 +82,10 @@ class FsdpBucket:
         flat = flat if self.dtype is None else flat.to(self.dtype)
         C._record("all_gather", mesh_dim, flat, direction)
         gathered = C._all_gather(flat, 0, n, group_name).view(n, self.total)
-        return [gathered[:, o:o + k].reshape(n * shape[0], *shape[1:])[:rows].contiguous()
-                for o, k, shape, rows in zip(self.offsets, self.numels, self.padded, self.full_rows)]
+        out = [gathered[:, o:o + k].reshape(n * shape[0], *shape[1:]) for o, k, shape in
+               zip(self.offsets, self.numels, self.padded)]
+        # each its own storage (autograd saves it as its shard, fsdp_state): an uneven one's real rows copied out
+        return [t[:rows].clone() if rows != t.shape[0] else t.contiguous() for t, rows in zip(out, self.full_rows)]
 
     def gather(self, index: int) -> Tensor:
         """The full parameter `index`, from this forward's one gather of the bucket."""
