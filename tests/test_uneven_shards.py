@@ -61,6 +61,9 @@ def _train(shape, names, widths, *, steps: int = 2, batch: int = 8, plan_kwargs=
         for k, p in ref.named_parameters():
             out["grad"] = max(out["grad"], _rel(grads[k], p.grad))
             out["grad_names"].add(k)
+        # the global norm from shards counts each real row once (no padding, empty shards add nothing)
+        norm = fxpar.clip_grad_norm_(pm, 0.5)
+        out["grad"] = max(out["grad"], _rel(norm, torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)))
         opt.step()
         ref_opt.step()
     full = pm.full_state_dict()
@@ -256,6 +259,8 @@ def _tp(shape, names, dim, hidden, vocab, plan) -> dict:
         ref_opt.step()
     full = pm.full_state_dict()
     out["param"] = max(_rel(full[k], v) for k, v in ref.state_dict().items())
+    # state_dict(): DTensors with uneven shards whose full tensors are the model's
+    out["param"] = max([out["param"], *(_rel(v.full_tensor(), full[k]) for k, v in pm.state_dict().items())])
     out["local"] = {k: tuple(p.shape) for k, p in pm.graph_module.named_parameters()}
     out["explain"] = pm.explain()
     return out
