@@ -349,7 +349,9 @@ def _cmd_plan(ns: argparse.Namespace) -> int:
     print(ap.explain(top=ns.top))
     mesh = ",".join(f"{k}={v}" for k, v in zip(ap.mesh_dim_names, ap.mesh_shape))
     print(f"\nmesh: {mesh}" + (f"; activation_checkpointing={ap.activation_checkpointing!r}"
-                                if ap.activation_checkpointing else ""))
+                                if ap.activation_checkpointing else "")
+          + (f"; mp_policy: param_dtype={ap.mp_policy.param_dtype}, reduce_dtype={ap.mp_policy.reduce_dtype}"
+             if ap.mp_policy is not None else ""))
     if ns.save_plan:
         print(f"wrote {fxpar.save_plan(ap.plan, ns.save_plan)}")
     return 0

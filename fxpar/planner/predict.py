@@ -165,20 +165,50 @@ def _mp_scale(dtype: torch.dtype, mp: torch.dtype | None) -> tuple[torch.dtype, 
     return mp, mp.itemsize / dtype.itemsize
 
 
+def _shape_key(node: Any) -> str:
+    info = get_info(node) if isinstance(node, fx.Node) else None
+    spec = info.spec if info is not None else None
+    if isinstance(spec, TensorSpec):
+        return f"{spec.local_shape}{spec.dtype}"
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return f"{tuple(val.shape)}{val.dtype}" if isinstance(val, torch.Tensor) else type(val).__name__
+
+
+def _cost_key(node: fx.Node) -> tuple:
+    """What a node's FLOPs and bytes depend on: its op, its local shapes and dtypes. The module path with
+    its block index dropped makes the repeated blocks of a model (and of its pipeline stages) share one
+    evaluation of the symbolic cost."""
+    info = get_info(node)
+    fqn = info.module_fqn if info is not None else ""
+    block = block_of(fqn)
+    where = fqn[len(block):] if block else fqn
+    return (node.target, where, _shape_key(node), tuple(_shape_key(a) for a in node.all_input_nodes))
+
+
+def _node_values(node: fx.Node, hints: dict, memo: dict) -> tuple[float, float]:
+    key = _cost_key(node)
+    hit = memo.get(key)
+    if hit is None:
+        cost = node_cost(node)
+        hit = memo[key] = (evaluate(cost.flops, hints), evaluate(cost.mem_bytes, hints))
+    return hit
+
+
 def _compute(gm: fx.GraphModule, hints: dict, device: DeviceProfile,
-             mp: torch.dtype | None = None) -> tuple[float, float, float, int]:
+             mp: torch.dtype | None = None, memo: dict | None = None) -> tuple[float, float, float, int]:
     """(forward seconds, the non-matmul part of it, forward FLOPs, ops counted) of one graph.
 
     With `mp` (mixed precision's param_dtype), float32 compute runs in `mp`: its FLOP rate, its bytes.
+    `memo` keeps node costs by `_cost_key` across the graphs of one compiled module.
     """
     total = cheap = flops_total = 0.0
     count = 0
     mem_bw = device.memory_bandwidth * MEMORY_EFFICIENCY
+    memo = {} if memo is None else memo
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        cost = node_cost(node)
-        flops, mem = evaluate(cost.flops, hints), evaluate(cost.mem_bytes, hints)
+        flops, mem = _node_values(node, hints, memo)
         if not flops and not mem:
             continue
         info = get_info(node)
@@ -238,9 +268,9 @@ class _GraphProfile:
 
 
 def _profile(g: fx.GraphModule, hints: dict, device: DeviceProfile, mesh: MeshInfo, spmd: MeshInfo,
-             reshard_after_forward: bool, mp: torch.dtype | None = None) -> _GraphProfile:
+             reshard_after_forward: bool, mp: torch.dtype | None = None, memo: dict | None = None) -> _GraphProfile:
     prof = _GraphProfile()
-    prof.fwd, prof.cheap, prof.flops, prof.nodes = _compute(g, hints, device, mp)
+    prof.fwd, prof.cheap, prof.flops, prof.nodes = _compute(g, hints, device, mp, memo)
     # FSDP gathers of one block run as one collective each way (fsdp_unit='block'): one latency
     buckets: dict[tuple, list] = {}
     units = {n.name: get_info(n).fsdp_bucket for n in g.graph.nodes if get_info(n) is not None}
@@ -327,7 +357,8 @@ def estimate_module(pm: Any, mesh: MeshInfo, device: str | DeviceProfile = "h100
             prof = cache.get(("graph", id(g), mp_dtype))
             if prof is None:
                 prof = cache[("graph", id(g), mp_dtype)] = _profile(g, hints, device, mesh, spmd,
-                                                                    reshard_after_forward, mp_dtype)
+                                                                    reshard_after_forward, mp_dtype,
+                                                                    cache.setdefault("node_costs", {}))
             fwd[r] += prof.fwd
             nodes[r] += prof.nodes
             cheap[r] += prof.cheap

@@ -1,25 +1,33 @@
-"""autoplan: the mesh, schedule, microbatches and memory savers for a number of devices.
+"""autoplan: the mesh, per-module styles, schedule, microbatches, precision and memory savers for a number of devices.
 
 The space, for W devices with D per node and a model of L blocks:
 
     meshes     dp x fsdp x pp x tp = W with tp <= D (tensor parallel stays inside a node),
-               pp <= L / 2 (two blocks or more per stage), and the data ranks dp x fsdp dividing the global batch; the data ranks
-               split three ways: all dp, all fsdp, or fsdp inside the node's remaining devices
-               and dp across (HSDP)
+               pp <= L / 2 (two blocks or more per stage), and the data ranks dp x fsdp dividing the global
+               batch; the data ranks split three ways: all dp, all fsdp, or fsdp inside the node's
+               remaining devices and dp across (HSDP)
+    styles     per Megatron pair and lone projection: sharded on tp as the automatic plan shards it, or
+               replicated: an integer program per tp mesh (`fxpar.planner.styles`, solved by HiGHS
+               through `fxpar.planner.solve`) under the memory the rest of the mesh leaves
     pipelines  schedule in (1f1b, gpipe) x microbatches in (pp, 2 pp, 4 pp, 8 pp) dividing the
                local batch
-    memory     activation checkpointing in (None, selective, full) where parallelize takes it
+    precision  the model's dtype, or bfloat16 compute (FSDP2's MixedPrecisionPolicy, float32 master
+               weights and gradient reductions) for a float32 model (`mixed_precision=False`: not searched)
+    memory     activation checkpointing in (None, selective, full) without a pipeline (parallelize
+               refuses it with one)
 
-Each mesh is compiled once (the passes on one capture of the model, as a dry run compiles it:
-about 0.2 to 1.5 s for Llama-3 8B here), and every pipeline and memory variant of it is priced on
-that graph by `fxpar.planner.estimate_module` (the graphs do not depend on them). In two phases:
-every (tp, pp) with all its data ranks FSDP first, then the other data splits of the best
-`TOP_TP_PP` (tp, pp) shapes within `FINALIST_SLACK` of the best only: the data split trades gather time for memory within a shape and
-rarely reorders the shapes, and it halves the compiles at 512 devices. A mesh whose
-parameters, gradients and AdamW state alone exceed the budget, 4 P / (tp pp fsdp) bytes for
-float32 parameters, is dropped before compiling. The space is a few hundred points even at 1,024
-devices, so it is enumerated rather than searched with a solver; the winner is the fastest
-predicted step within the memory budget (ties: less memory).
+Each mesh is compiled once with the automatic plan (the passes on one capture of the model, as a
+dry run compiles it), and every pipeline, precision and memory variant of it is priced on that graph
+by `fxpar.planner.estimate_module` (the graphs do not depend on them). Where the style program
+replicates some units (and not all: a tp dim that carries nothing copies a smaller mesh), the mesh is
+compiled again with that plan and priced the same way. In two phases: every (tp, pp) with all its
+data ranks FSDP first, pp growing per tp while the best step improves (past the best pp the bubble,
+transfers and per-microbatch gathers only grow), then the other data splits of the best `TOP_TP_PP`
+(tp, pp) shapes within `FINALIST_SLACK` of the best only: the data split trades gather time for
+memory within a shape and rarely reorders the shapes. A mesh whose parameters, gradients and AdamW
+state alone exceed the budget, 4 P / (tp pp fsdp) bytes for float32 parameters, is dropped before
+compiling. The winner is the fastest predicted step within the memory budget (ties: less memory).
+Expert parallelism (ep) is not searched yet.
 """
 
 from __future__ import annotations
@@ -258,6 +266,7 @@ def autoplan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), e
     candidates: list[Candidate] = []
     timing = {"compile": 0.0, "price": 0.0, "ilp": 0.0}
     ilp = solver_available()
+    style_memo: dict = {}
 
     def price(mesh: dict, pm: Any, replicate: tuple[str, ...] = ()) -> list[Candidate]:
         """Every pipeline, precision and memory variant of one compiled mesh."""
@@ -322,7 +331,7 @@ def autoplan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), e
         try:
             found = choose_styles(captured, dry_mesh(mesh), profile, budget_bytes=budget * 2 ** 30,
                                   total_bytes=ref.estimate.memory_gib * 2 ** 30, activations=kept,
-                                  mp_dtype=ref.mp_dtype, blocks=blocks)
+                                  mp_dtype=ref.mp_dtype, blocks=blocks, memo=style_memo)
         except PlanError:
             found = None  # no style choice fits: the automatic plan's candidates say by how much
         timing["ilp"] += time.perf_counter() - t0
@@ -338,12 +347,26 @@ def autoplan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), e
     for mesh in meshes:
         if shape(mesh) not in first or mesh.get("fsdp", 1) > first[shape(mesh)].get("fsdp", 1):
             first[shape(mesh)] = mesh
-    for mesh in first.values():
-        evaluate(mesh)
     best: dict[tuple, float] = {}
-    for c in candidates:
-        if c.estimate is not None and c.fits:
-            best[shape(c.mesh)] = min(best.get(shape(c.mesh), float("inf")), c.estimate.step_s)
+
+    def record(since: int) -> None:
+        for c in candidates[since:]:
+            if c.estimate is not None and c.fits:
+                best[shape(c.mesh)] = min(best.get(shape(c.mesh), float("inf")), c.estimate.step_s)
+
+    # Per tp, pp grows while the pipeline gets faster (or nothing fits yet): past the best pp the
+    # bubble, the point-to-point transfers and FSDP's per-microbatch gathers only grow.
+    for tp in sorted({k[0] for k in first}):
+        steps: list[tuple[int, float]] = []  # (pp, its best fitting step), pp ascending
+        for key in sorted(k for k in first if k[0] == tp):
+            if len(steps) >= 2 and steps[-1][1] > steps[-2][1]:
+                candidates.append(Candidate(first[key], reason=f"not compiled: with tp={tp}, pp={steps[-1][0]} was "
+                                                               f"slower than pp={steps[-2][0]}"))
+                continue
+            since = len(candidates)
+            evaluate(first[key])
+            record(since)
+            steps.append((key[1], best.get(key, float("inf"))))
     ranked = sorted(best, key=best.get)
     # only shapes close to the best: a data split moves a shape's step by FSDP's exposed gathers, not 25%
     finalists = [k for k in ranked[:TOP_TP_PP] if best[k] <= FINALIST_SLACK * best[ranked[0]]]

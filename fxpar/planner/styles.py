@@ -39,7 +39,7 @@ from fxpar.planner.devices import DeviceProfile
 from fxpar.planner.predict import _collective_time, _intra, _mp_scale
 from fxpar.planner.solve import Choice, Solution, Unit, solve_choices
 
-__all__ = ["StyleUnit", "style_units", "choose_styles", "replicated_modules"]
+__all__ = ["StyleUnit", "style_units", "style_program", "choose_styles", "replicated_modules"]
 
 MEMORY_MARGIN = 0.95
 """Of the memory left to the units: the unit model is coarser than the full estimate."""
@@ -88,51 +88,62 @@ def _bytes(node: fx.Node, hints: dict) -> float:
     return evaluate(value_bytes(node), hints)
 
 
-def _param_bytes(captured: fx.GraphModule, modules: tuple[str, ...]) -> float:
-    total = 0.0
+def _param_bytes(captured: fx.GraphModule) -> dict[str, float]:
+    """Module -> bytes of its floating parameters, their gradients and AdamW's two float32 states."""
+    out: dict[str, float] = {}
     for node in captured.graph.nodes:
-        if node.op == "get_attr" and str(node.target).rpartition(".")[0] in modules:
-            val = node.meta.get("val")
-            if val is not None and val.is_floating_point():
-                total += val.numel() * (2 * val.element_size() + 8)
-    return total
+        val = node.meta.get("val")
+        if node.op == "get_attr" and isinstance(val, torch.Tensor) and val.is_floating_point():
+            module = str(node.target).rpartition(".")[0]
+            out[module] = out.get(module, 0.0) + val.numel() * (2 * val.element_size() + 8)
+    return out
+
+
+def _measure(unit: StyleUnit, captured: fx.GraphModule, hints: dict, memo: dict) -> tuple[float, ...]:
+    """(FLOPs, bytes touched, activation bytes, output bytes, input bytes, state bytes) of a unit, global."""
+    key = ("unit", unit.modules)
+    if key not in memo:
+        if "params" not in memo:
+            memo["params"] = _param_bytes(captured)
+        flops = mem = acts = 0.0
+        for n in unit.nodes:
+            cost = node_cost(n)
+            flops += evaluate(cost.flops, hints)
+            mem += evaluate(cost.mem_bytes, hints)
+            if n.op == "call_function" and n.meta.get("val") is not None:
+                acts += _bytes(n, hints)
+        memo[key] = (flops, mem, acts, _bytes(unit.output, hints), sum(_bytes(i, hints) for i in unit.inputs),
+                     sum(memo["params"].get(m, 0.0) for m in unit.modules))
+    return memo[key]
 
 
 def _price(unit: StyleUnit, captured: fx.GraphModule, hints: dict, mesh: MeshInfo, device: DeviceProfile,
-           data: int, fsdp: int, activations: float, mp: torch.dtype | None) -> tuple[Choice, Choice]:
+           data: int, fsdp: int, activations: float, mp: torch.dtype | None, memo: dict) -> tuple[Choice, Choice]:
     tp = mesh.size("tp")
     intra = _intra(mesh, "tp", device)
-    flops = mem = acts = 0.0
-    for n in unit.nodes:
-        cost = node_cost(n)
-        flops += evaluate(cost.flops, hints) / data
-        mem += evaluate(cost.mem_bytes, hints) / data
-        if n.op == "call_function" and n.meta.get("val") is not None:
-            acts += _bytes(n, hints) / data
+    flops, mem, acts, out_b, in_b, params = _measure(unit, captured, hints, memo)
     dtype, scale = _mp_scale(unit.output.meta["val"].dtype, mp)
+    flops, mem, acts = flops / data, mem / data * scale, acts / data * scale
+    out_b, in_b, params = out_b / data * scale, in_b / data * scale, params / fsdp
     f_eff = device.flops(dtype)
-    b_eff = device.memory_bandwidth * 0.8 / scale
-    acts *= scale
+    b_eff = device.memory_bandwidth * 0.8
 
     def compute(shards: int) -> float:
         return 3 * (max(flops / shards / f_eff, mem / shards / b_eff) + device.op_overhead * len(unit.nodes))
 
-    out_b = _bytes(unit.output, hints) / data * scale
-    in_b = sum(_bytes(i, hints) for i in unit.inputs) / data * scale
     fwd = _collective_time("all_gather", tp, out_b / tp, intra, device) if unit.gathers else \
         _collective_time("all_reduce", tp, out_b, intra, device)
     comm = fwd + _collective_time("all_reduce", tp, in_b, intra, device)
-    params = _param_bytes(captured, unit.modules) / fsdp
     sharded = Choice("sharded", compute(tp) + comm, params / tp + activations * acts / tp)
     whole = Choice("replicate", compute(1), params + activations * acts)
     return sharded, whole
 
 
-def choose_styles(captured: fx.GraphModule, mesh: MeshInfo, device: DeviceProfile, *, budget_bytes: float,
+def style_program(captured: fx.GraphModule, mesh: MeshInfo, device: DeviceProfile, *, budget_bytes: float,
                   total_bytes: float, activations: float = 1.0, mp_dtype: torch.dtype | None = None,
-                  blocks: list[str] | None = None
-                  ) -> tuple[list[StyleUnit], Solution] | None:
-    """The per-unit choice minimizing predicted time under memory (module docstring).
+                  blocks: list[str] | None = None, memo: dict | None = None
+                  ) -> tuple[list[StyleUnit], list[Unit], dict] | None:
+    """The integer program of the styles of one mesh: (units, their priced choices, memory per group).
 
     Args:
         captured: the model's capture (global shapes).
@@ -143,16 +154,23 @@ def choose_styles(captured: fx.GraphModule, mesh: MeshInfo, device: DeviceProfil
         activations: the fraction of each unit's activations kept (1 without checkpointing).
         mp_dtype: mixed precision's param_dtype, as `fxpar.planner.estimate_module` takes it.
         blocks: the model's blocks in order (units count on the pipeline stage of their block).
+        memo: a dict kept across the meshes of one search (units per tp, unit measurements).
 
     Returns:
-        (units, solution), or None without a tp dim or units.
+        None without a tp dim or units.
     """
     if not mesh.has("tp") or mesh.size("tp") <= 1:
         return None
-    units = style_units(captured, mesh.size("tp"))
+    memo = {} if memo is None else memo
+    tp = mesh.size("tp")
+    if ("units", tp) not in memo:
+        memo[("units", tp)] = style_units(captured, tp)
+    units = memo[("units", tp)]
     if not units:
         return None
-    hints = example_sizes(captured)
+    if "hints" not in memo:
+        memo["hints"] = example_sizes(captured)
+    hints = memo["hints"]
     data = (mesh.size("dp") if mesh.has("dp") else 1) * (mesh.size("fsdp") if mesh.has("fsdp") else 1)
     fsdp = mesh.size("fsdp") if mesh.has("fsdp") else 1
     pp = mesh.size("pp") if mesh.has("pp") else 1
@@ -160,14 +178,30 @@ def choose_styles(captured: fx.GraphModule, mesh: MeshInfo, device: DeviceProfil
     program = []
     for u in units:
         stage = order[u.block] * pp // len(order) if pp > 1 and u.block in order else 0
-        program.append(Unit(u.name, _price(u, captured, hints, mesh, device, data, fsdp, activations, mp_dtype), stage))
-    sharded = {}
+        program.append(Unit(u.name, _price(u, captured, hints, mesh, device, data, fsdp, activations, mp_dtype, memo), stage))
+    sharded: dict[int, float] = {}
     for p in program:
         sharded[p.group] = sharded.get(p.group, 0.0) + p.choices[0].memory
     worst = max(sharded.values())
     left = {g: MEMORY_MARGIN * budget_bytes - (total_bytes - worst) for g in sharded}
-    solution = solve_choices(program, None, left)
-    return units, solution
+    return units, program, left
+
+
+def choose_styles(captured: fx.GraphModule, mesh: MeshInfo, device: DeviceProfile, **kwargs
+                  ) -> tuple[list[StyleUnit], Solution] | None:
+    """The per-unit choice minimizing predicted time under memory (`style_program`'s arguments).
+
+    Returns:
+        (units, solution), or None without a tp dim or units.
+
+    Raises:
+        PlanError: no choice fits the memory left.
+    """
+    found = style_program(captured, mesh, device, **kwargs)
+    if found is None:
+        return None
+    units, program, left = found
+    return units, solve_choices(program, None, left)
 
 
 def replicated_modules(units: list[StyleUnit], solution: Solution) -> tuple[str, ...]:
