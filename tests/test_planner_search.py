@@ -149,3 +149,29 @@ def test_the_mixed_precision_estimate_matches_a_mixed_precision_compile():
     assert priced.breakdown["activations"] < 0.6 * base.breakdown["activations"]
     assert priced.breakdown["compute_s"] == pytest.approx(compiled.breakdown["compute_s"], rel=0.25)
     assert priced.breakdown["compute_s"] < base.breakdown["compute_s"]
+
+
+def test_pipeline_cuts_move_blocks_off_the_first_stage_under_memory():
+    """1F1B's first stage keeps every microbatch's activations: a tight budget cuts it shorter."""
+    from fxpar.planner.cuts import block_costs, memory_aware_cuts
+
+    model = BlockStack(depth=4, dim=32, hidden=128)
+    x = torch.randn(8, 64, 32)
+    blocks = [f"blocks.{i}" for i in range(4)]
+    costs = block_costs(capture(model, (x,), None), blocks)
+    w, a = costs["blocks.0"][2], costs["blocks.0"][1]  # state and activation bytes of one block
+    assert costs["blocks.3"][:2] == costs["blocks.0"][:2] and w > 0 and a > 0
+    mesh = {"pp": 2}
+    assert memory_aware_cuts(costs, blocks, mesh, microbatches=2, budget_bytes=1e12) == ["blocks.2"]  # by time
+    # stage 0 holds both microbatches (w + a per block), stage 1 one (w + a / 2 per block)
+    tight = 3 * (w + a / 2) * 1.01
+    assert 2 * (w + a) > tight  # the time-balanced cut does not fit
+    assert memory_aware_cuts(costs, blocks, mesh, microbatches=2, budget_bytes=tight) == ["blocks.1"]
+    with pytest.raises(fxpar.PlanError, match="no cut of 4 units into 2 pipeline stages fits"):
+        memory_aware_cuts(costs, blocks, mesh, microbatches=2, budget_bytes=3 * (w + a / 2) * 0.99)
+    # the cut compiles as a plan, and the estimate's first stage holds less than the time-balanced one's
+    recut = fxpar.plan(model, mesh, example_inputs=(x,), plan=fxpar.Plan(pp=["blocks.1"], schedule="1f1b",
+                                                                         microbatches=2))
+    balanced = fxpar.plan(model, mesh, example_inputs=(x,), plan=fxpar.Plan(schedule="1f1b", microbatches=2))
+    assert estimate_module(recut.module, recut.mesh, "h100").memory_gib < \
+        estimate_module(balanced.module, balanced.mesh, "h100").memory_gib

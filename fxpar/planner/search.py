@@ -14,7 +14,8 @@ The space, for W devices with D per node and a model of L blocks:
     precision  the model's dtype, or bfloat16 compute (FSDP2's MixedPrecisionPolicy, float32 master
                weights and gradient reductions) for a float32 model (`mixed_precision=False`: not searched)
     memory     activation checkpointing in (None, selective, full) without a pipeline (parallelize
-               refuses it with one)
+               refuses it with one); a pipeline whose time-balanced stages do not fit is cut again
+               under memory (`fxpar.planner.cuts`: an exact min-max partition of the blocks)
 
 Each mesh is compiled once with the automatic plan (the passes on one capture of the model, as a
 dry run compiles it), and every pipeline, precision and memory variant of it is priced on that graph
@@ -46,6 +47,7 @@ from fxpar.compiler import compile_model
 from fxpar.core.errors import FxparError, PlanError, block_of
 from fxpar.core.plan import Plan
 from fxpar.dryrun import _split_pp_dry, dry_mesh
+from fxpar.planner.cuts import block_costs, memory_aware_cuts
 from fxpar.planner.devices import DeviceProfile, device_profile
 from fxpar.planner.predict import ACTIVATION_CHECKPOINTING, Estimate, estimate_module
 from fxpar.planner.solve import solver_available
@@ -73,6 +75,7 @@ class Candidate:
         schedule, microbatches: the pipeline's (None without pp).
         activation_checkpointing: None, 'selective' or 'full'.
         mp_dtype: mixed precision's param_dtype (compute and activations; parameters stay float32), or None.
+        cuts: pipeline cut points chosen under memory (`fxpar.planner.cuts`); () for split_stages' own.
         replicate: the modules the style ILP replicates where the automatic plan shards them on tp.
         estimate: the prediction (None when the mesh did not compile).
         fits: predicted memory within the budget.
@@ -88,6 +91,7 @@ class Candidate:
     reason: str = ""
     mp_dtype: torch.dtype | None = None
     replicate: tuple[str, ...] = ()
+    cuts: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -96,7 +100,8 @@ class Candidate:
         ac = f", ac={self.activation_checkpointing}" if self.activation_checkpointing else ""
         mp = f", {str(self.mp_dtype).replace('torch.', '')}" if self.mp_dtype else ""
         styles = f", ilp: {len(self.replicate)} replicated" if self.replicate else ""
-        return mesh + pp + ac + mp + styles
+        cuts = ", cuts under memory" if self.cuts else ""
+        return mesh + pp + ac + mp + styles + cuts
 
 
 @dataclass(frozen=True)
@@ -268,7 +273,7 @@ def autoplan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), e
     ilp = solver_available()
     style_memo: dict = {}
 
-    def price(mesh: dict, pm: Any, replicate: tuple[str, ...] = ()) -> list[Candidate]:
+    def price(mesh: dict, pm: Any, replicate: tuple[str, ...] = (), cuts: tuple[str, ...] = ()) -> list[Candidate]:
         """Every pipeline, precision and memory variant of one compiled mesh."""
         t0 = time.perf_counter()
         pp = mesh.get("pp", 1)
@@ -285,7 +290,7 @@ def autoplan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), e
                     est = estimate_module(pm, dry_mesh(mesh), profile, microbatches=m, schedule=schedule,
                                           activation_checkpointing=ac, mp_dtype=mp, cache=cache)
                     out.append(Candidate(mesh, schedule, m, ac, est, est.memory_gib <= budget, mp_dtype=mp,
-                                         replicate=replicate))
+                                         replicate=replicate, cuts=cuts))
         timing["price"] += time.perf_counter() - t0
         return out
 
@@ -311,6 +316,8 @@ def autoplan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), e
             return
         variants = price(mesh, pm)
         candidates.extend(variants)
+        if mesh.get("pp", 1) > 1 and not any(c.fits for c in variants):
+            candidates.extend(_recut(mesh, variants))
         if mesh.get("tp", 1) > 1 and ilp:
             replicate = _styles(mesh, variants)
             if replicate:
@@ -320,6 +327,21 @@ def autoplan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), e
                 except FxparError as e:
                     candidates.append(Candidate(mesh, reason=f"style ILP plan: {type(e).__name__}: {e}",
                                                 replicate=replicate))
+
+    def _recut(mesh: dict, variants: list[Candidate]) -> list[Candidate]:
+        """A pipeline whose time-balanced stages do not fit: cut again under memory, 1F1B, the most microbatches."""
+        m = max((c.microbatches for c in variants if c.schedule == "1f1b"), default=None)
+        if m is None:
+            return []
+        if "blocks" not in style_memo:
+            style_memo["blocks"] = block_costs(captured, blocks)
+        try:
+            cuts = tuple(memory_aware_cuts(style_memo["blocks"], blocks, mesh, microbatches=m,
+                                           budget_bytes=budget * 2 ** 30))
+            pm = compile_mesh(mesh, Plan(pp=list(cuts), schedule="1f1b", microbatches=m, auto_tp=True))
+        except FxparError as e:
+            return [Candidate(mesh, "1f1b", m, reason=f"cuts under memory: {type(e).__name__}: {e}")]
+        return price(mesh, pm, cuts=cuts)
 
     def _styles(mesh: dict, variants: list[Candidate]) -> tuple[str, ...]:
         """The style ILP for the best variant of the automatic plan (the least memory if none fits)."""
@@ -386,7 +408,7 @@ def autoplan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), e
     win = ordered[0]
     t0 = time.perf_counter()
     plan = Plan(tp=dict.fromkeys(win.replicate, "replicate"), auto_tp=True, schedule=win.schedule,
-                microbatches=win.microbatches)
+                microbatches=win.microbatches, pp=list(win.cuts) or None)
     final = compile_model(model, None, dry_mesh(win.mesh), example_inputs=inputs, example_kwargs=example_kwargs,
                           plan=plan, check=False, split_pp=_split_pp_dry, captured=captured,
                           mp_policy=_mp_policy(win.mp_dtype), activation_checkpointing=win.activation_checkpointing)
