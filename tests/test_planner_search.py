@@ -175,3 +175,11 @@ def test_pipeline_cuts_move_blocks_off_the_first_stage_under_memory():
     balanced = fxpar.plan(model, mesh, example_inputs=(x,), plan=fxpar.Plan(schedule="1f1b", microbatches=2))
     assert estimate_module(recut.module, recut.mesh, "h100").memory_gib < \
         estimate_module(balanced.module, balanced.mesh, "h100").memory_gib
+    # calibrated to the full estimate, the block model proposes the cut where the estimate fits, and
+    # refuses (no compile) where no cut can
+    e_bal = estimate_module(balanced.module, balanced.mesh, "h100").memory_gib
+    e_cut = estimate_module(recut.module, recut.mesh, "h100").memory_gib
+    assert memory_aware_cuts(costs, blocks, mesh, microbatches=2, budget_bytes=(e_bal + e_cut) / 2 * 2 ** 30,
+                             calibrate_gib=e_bal) == ["blocks.1"]
+    with pytest.raises(fxpar.PlanError):
+        memory_aware_cuts(costs, blocks, mesh, microbatches=2, budget_bytes=0.8 * e_cut * 2 ** 30, calibrate_gib=e_bal)

@@ -56,7 +56,7 @@ def block_costs(captured: fx.GraphModule, blocks: list[str]) -> dict[str | None,
 
 
 def memory_aware_cuts(costs: dict, blocks: list[str], mesh: dict, *, microbatches: int, budget_bytes: float,
-                      kept: float = 1.0) -> list[str]:
+                      kept: float = 1.0, calibrate_gib: float | None = None) -> list[str]:
     """The module FQNs each stage after the first starts at (module docstring), one stage per pp rank.
 
     Args:
@@ -66,6 +66,9 @@ def memory_aware_cuts(costs: dict, blocks: list[str], mesh: dict, *, microbatche
         microbatches: M (1F1B).
         budget_bytes: memory per device.
         kept: the fraction of activations kept (1 without checkpointing).
+        calibrate_gib: the full estimate's most loaded rank under the time-balanced cut; the block
+            model is scaled to agree with it there (it counts fewer values than the compiled graphs
+            hold), so a cut is only proposed where the estimate can fit.
 
     Raises:
         PlanError: no cut fits the budget.
@@ -92,5 +95,11 @@ def memory_aware_cuts(costs: dict, blocks: list[str], mesh: dict, *, microbatche
 
     if stages > len(blocks):
         raise PlanError(f"{stages} pipeline stages of {len(blocks)} blocks: use at most {len(blocks)}")
+    if calibrate_gib is not None:
+        balanced, _ = min_max_partition(t, stages)
+        bounds = [0, *balanced, len(blocks)]
+        worst = max(memory(i, j, k) for k, (i, j) in enumerate(zip(bounds, bounds[1:])))
+        if worst > 0:
+            budget_bytes = budget_bytes * worst / (calibrate_gib * 2 ** 30)
     cuts, _ = min_max_partition(t, stages, memory=memory, budget=budget_bytes)
     return [blocks[j] for j in cuts]

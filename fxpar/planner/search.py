@@ -336,8 +336,10 @@ def autoplan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), e
         if "blocks" not in style_memo:
             style_memo["blocks"] = block_costs(captured, blocks)
         try:
+            ref = min((c for c in variants if c.schedule == "1f1b" and c.microbatches == m),
+                      key=lambda c: c.estimate.memory_gib)
             cuts = tuple(memory_aware_cuts(style_memo["blocks"], blocks, mesh, microbatches=m,
-                                           budget_bytes=budget * 2 ** 30))
+                                           budget_bytes=budget * 2 ** 30, calibrate_gib=ref.estimate.memory_gib))
             pm = compile_mesh(mesh, Plan(pp=list(cuts), schedule="1f1b", microbatches=m, auto_tp=True))
         except FxparError as e:
             return [Candidate(mesh, "1f1b", m, reason=f"cuts under memory: {type(e).__name__}: {e}")]
