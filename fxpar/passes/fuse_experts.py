@@ -78,7 +78,8 @@ def _match(gm: fx.GraphModule, mod: str, named: dict[str, fx.Node]) -> tuple | N
                 external.append(a)
     params = [a for a in external if a.op == "get_attr"]
     inputs = [a for a in external if a.op != "get_attr"]
-    outputs = [n for n in region if any(u not in members for u in n.users)]
+    # Size arithmetic (SymInt nodes) the export shares with later layers stays; tensors must not leak.
+    outputs = [n for n in region if any(u not in members for u in n.users) and isinstance(n.meta.get("val"), torch.Tensor)]
     acts = {_ACTS[n.target] for n in region if n.target in _ACTS}
 
     def skip(why: str) -> None:
@@ -136,7 +137,8 @@ def fuse_experts(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 node.meta[key] = out.meta[key]
         out.replace_all_uses_with(node)
         for n in reversed(region):
-            gm.graph.erase_node(n)
+            if not n.users:
+                gm.graph.erase_node(n)
         modified = True
     if modified:
         gm.graph.lint()

@@ -71,7 +71,12 @@ class _Inserter:
         if key in self.cache:
             return self.cache[key]
         cur, placements = x, list(have)
-        for m, (src, dst) in enumerate(zip(have, need)):
+        # Leaving a shard (gathers) goes innermost mesh dim first: a batch cut over dp then ep is put
+        # back together over ep, then dp; every other transition in mesh order.
+        leaving = [m for m in range(len(have)) if have[m] != need[m] and have[m] is not None and have[m].is_shard()]
+        order = [*reversed(leaving), *(m for m in range(len(have)) if m not in leaving)]
+        for m in order:
+            src, dst = have[m], need[m]
             try:
                 op = transition_op(src, dst)
             except ShardingError as e:
