@@ -175,7 +175,7 @@ def _expert_placements(node: fx.Node, mesh) -> tuple[list[Placement], str] | Non
         k = 2 if fused and pos == 3 else 1
         if divides(shape[dim], mesh.size("tp") * k) is True:
             placements[mesh.index("tp")] = _StridedShard(1, split_factor=2) if k == 2 else Shard(dim)
-            parts.append("each expert " + ("rowwise" if pos == 5 else "colwise") + (" (fused x2)" if k == 2 else ""))
+            parts.append("each expert colwise (gate, up" + (" fused x2" if fused else "") + ") and rowwise (down)")
         else:
             parts.append(f"replicate on tp (not sharded: {shape[dim]} features do not divide by tp)")
     return placements, "experts: " + ", ".join(parts) if parts else "experts: replicated"
