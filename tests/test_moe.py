@@ -90,24 +90,89 @@ def _run(name: str, shape: tuple, names: tuple) -> dict:
             "grads": len(report.tensors)}
 
 
-CASES = [("mixtral", (2,), ("tp",)), ("qwen3_moe", (2,), ("tp",)), ("titan", (2,), ("tp",)),
-         ("mixtral", (2,), ("ep",)), ("titan", (2,), ("ep",)),
-         ("mixtral", (2, 2), ("dp", "ep")), ("titan", (2, 2), ("dp", "ep"))]
+SLOW = pytest.mark.slow
+CASES = [
+    pytest.param("titan", (2,), ("tp",), id="titan-tp"),
+    pytest.param("titan", (2,), ("ep",), id="titan-ep"),
+    pytest.param("titan", (2, 2), ("dp", "ep"), id="titan-dpxep"),
+    pytest.param("mixtral", (2,), ("ep",), id="mixtral-ep"),
+    pytest.param("mixtral", (2,), ("tp",), id="mixtral-tp", marks=SLOW),
+    pytest.param("qwen3_moe", (2,), ("tp",), id="qwen3_moe-tp", marks=SLOW),
+    pytest.param("qwen3_moe", (2,), ("ep",), id="qwen3_moe-ep", marks=SLOW),
+    pytest.param("mixtral", (2, 2), ("dp", "ep"), id="mixtral-dpxep", marks=SLOW),
+]
 
 
-@pytest.mark.parametrize("name,shape,names", CASES, ids=[f"{c[0]}-{'x'.join(c[2])}" for c in CASES])
+@pytest.mark.parametrize("name,shape,names", CASES)
 def test_moe_exact_with_experts_sharded(name, shape, names):
-    pytest.importorskip("transformers")
+    if name != "titan":
+        pytest.importorskip("transformers")
     results = rank_pool(int(torch.Size(shape).numel())).run(_run, name, shape, names)
     for r in results:
         assert r["ok"], r["report"]
         assert r["fused"] == 2  # both layers' experts became one node each
-        assert r["expert_fraction"] == pytest.approx(0.5)  # each rank holds half of every expert / half the experts
+        assert r["expert_fraction"] == pytest.approx(0.5)  # half of every expert (tp) / half the experts (ep)
     r = results[0]
     if "ep" in names:
         assert all(kw["ep_size"] == 2 and kw["ep_mesh_dim"] == "ep" for kw in r["ep_kwargs"])
         assert r["a2a"] > 0  # the tokens did move
-        assert "experts by index over ep" in r["explain"]
+        assert "experts by index over ep" in r["explain"] and "all_to_all(ep, n=2) dispatch + combine" in r["explain"]
     else:
         assert all("ep_size" not in kw for kw in r["ep_kwargs"])
         assert "each expert colwise" in r["explain"] and "rowwise (down)" in r["explain"]
+
+
+@pytest.mark.parametrize("shape,names,fraction", [((2, 2), ("ep", "tp"), 0.25), ((2, 2), ("fsdp", "ep"), 0.25)],
+                         ids=["epxtp", "fsdpxep"])
+def test_moe_composes_with_tp_and_fsdp(shape, names, fraction):
+    for r in rank_pool(4).run(_run, "titan", shape, names):
+        assert r["ok"], r["report"]
+        assert r["expert_fraction"] == pytest.approx(fraction)
+        assert all(kw["ep_size"] == 2 for kw in r["ep_kwargs"])
+
+
+def _counters(shape: tuple, names: tuple) -> list:
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", shape, mesh_dim_names=names)
+    model = build("titan")
+    x, _, _ = inputs("titan")
+    ref = copy.deepcopy(model)
+    pm = fxpar.parallelize(model, mesh, example_inputs=(x,))
+    with torch.no_grad():
+        pm(x)
+        ref(x)
+    full = pm.full_state_dict()
+    return [(full[k], v) for k, v in ref.named_buffers() if k.endswith("tokens_per_expert")]
+
+
+def test_load_balancing_counters_count_every_token():
+    """The router's tokens-per-expert buffer, updated in a no_grad block on batch-split tokens, counts all."""
+    for pairs in rank_pool(4).run(_counters, (2, 2), ("dp", "ep")):
+        assert len(pairs) == 2
+        for got, want in pairs:
+            assert torch.equal(got, want) and want.sum() == 4 * 4 * 2  # every token's top-2 slots
+
+
+def _aux(shape: tuple, names: tuple) -> dict:
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", shape, mesh_dim_names=names)
+    model = build("mixtral")
+    model.config.output_router_logits = True
+    x, y, _ = inputs("mixtral")
+
+    def loss_fn(out, target):
+        return ce(out, target) + 0.1 * out.aux_loss
+
+    pm = fxpar.parallelize(model, mesh, example_inputs=(x,))
+    ref = reference(model)
+    report = fxpar.verify(ref, pm, x, target=y, loss_fn=loss_fn, rtol=1e-10, atol=1e-13)
+    with torch.no_grad():
+        got, want = pm(x).aux_loss, ref(x).aux_loss
+    return {"ok": report.ok, "report": str(report), "aux": (float(got), float(want))}
+
+
+@SLOW
+def test_router_aux_loss_exact_at_dp_x_ep():
+    pytest.importorskip("transformers")
+    for r in rank_pool(4).run(_aux, (2, 2), ("dp", "ep")):
+        assert r["ok"], r["report"]
+        got, want = r["aux"]
+        assert got == pytest.approx(want, rel=1e-12) and want > 0
