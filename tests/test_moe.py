@@ -68,18 +68,19 @@ def expert_fraction(model, pm) -> float:
         sum(full[n] for n in experts)
 
 
-def _run(name: str, shape: tuple, names: tuple) -> dict:
+def _run(name: str, shape: tuple, names: tuple, plan=None) -> dict:
     mesh = torch.distributed.device_mesh.init_device_mesh("cpu", shape, mesh_dim_names=names)
     model = build(name)
     x, y, loss_fn = inputs(name)
-    pm = fxpar.parallelize(model, mesh, example_inputs=(x,))
+    pm = fxpar.parallelize(model, mesh, example_inputs=(x,), plan=plan)
     fxpar.check(pm)
     report = fxpar.verify(reference(model), pm, x, target=y, loss_fn=loss_fn, rtol=1e-10, atol=1e-13)
     total = sum(p.numel() for p in model.parameters())
     local = sum(p.numel() for p in pm.parameters())
     expert_total = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    expert_local = sum(t.numel() for n, t in pm.graph_module.named_parameters() if "experts" in n)
-    fused = [n for n in pm.graph_module.graph.nodes if n.target is moe_experts]
+    graphs = getattr(pm, "stage_modules", None) or [pm.graph_module]
+    expert_local = sum(t.numel() for g in graphs for n, t in g.named_parameters() if "experts" in n)
+    fused = [n for g in graphs for n in g.graph.nodes if n.target is moe_experts]
     with fxpar.count_comms() as comms:
         pm.zero_grad()
         pm.step(x, target=y, loss_fn=loss_fn)
@@ -129,6 +130,14 @@ def test_moe_composes_with_tp_and_fsdp(shape, names, fraction):
         assert r["ok"], r["report"]
         assert r["expert_fraction"] == pytest.approx(fraction)
         assert all(kw["ep_size"] == 2 for kw in r["ep_kwargs"])
+
+
+def test_moe_in_a_pipeline_with_ep():
+    """pp=2 x ep=2: each stage holds one MoE layer, its experts split by index over ep."""
+    for r in rank_pool(4).run(_run, "titan", (2, 2), ("pp", "ep"), fxpar.Plan(pp=["moes.1"])):
+        assert r["ok"], r["report"]
+        assert r["fused"] == 1 and r["ep_kwargs"][0]["ep_size"] == 2
+        assert r["a2a"] > 0
 
 
 def _counters(shape: tuple, names: tuple) -> list:
