@@ -1,6 +1,6 @@
 """Issue 14.3: mixture-of-experts models in a pipeline and under FSDP, exact in float64.
 
-torchtitan's MoE (tests.models.TitanMoE: top-k router, expert_bias / tokens_per_expert buffers
+torchtitan's MoE (tests.models.TitanRoutedMoE: top-k router, expert_bias / tokens_per_expert buffers
 updated in forward, histc token counts, sorted tokens combined with scatter_add) and Hugging Face's
 Qwen3-MoE, Mixtral and DeepSeek-V3: loss, every gradient and the buffers equal the unsplit model to
 1e-10 in float64 at pp=2 and fsdp=2.

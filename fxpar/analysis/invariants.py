@@ -244,7 +244,7 @@ def _check_outputs_of(values: Sequence[fx.Node], mesh: MeshInfo) -> None:
         spec = info.spec if info is not None else None
         # A batch-sharded output may stay sharded on the data-parallel dims (the runtime gathers it).
         bad = isinstance(spec, TensorSpec) and any(
-            not p.is_replicate() and not (mesh.names[m] in ("dp", "fsdp") and p == Shard(0))
+            not p.is_replicate() and not (mesh.names[m] in ("dp", "fsdp", "ep") and p == Shard(0))
             for m, p in enumerate(spec.placements))
         if bad:
             raise GraphInvariantError(

@@ -48,6 +48,7 @@ __all__ = [
     "COLLECTIVE_OPS",
     "CommRecord",
     "count_comms",
+    "record_comm",
     "transition_op",
     "transition_cost",
     "insert_transition",
@@ -90,6 +91,11 @@ def _record(op: str, mesh_dim: str, t: Tensor, direction: str) -> None:
         rec = CommRecord(op, mesh_dim, t.numel() * t.element_size(), direction)
         for records in _counters:
             records.append(rec)
+
+
+def record_comm(op: str, mesh_dim: str, t: Tensor, direction: str) -> None:
+    """Records a collective run outside this module's ops (the MoE token exchange, `fxpar.ops.moe`)."""
+    _record(op, mesh_dim, t, direction)
 
 
 # --------------------------------------------------------------------------- eager kernels

@@ -49,6 +49,7 @@ from fxpar.core.errors import PlanError, ShardingError
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.plan import TPStyle
 from fxpar.core.spec import NodeInfo, divides, make_spec, set_info
+from fxpar.ops.moe import moe_experts
 from fxpar.passes._graph import module_fqns, param_nodes, uses_as
 from fxpar.passes._megatron import find_pairs, heads_of, is_projection, proj_out_features, proj_weight
 
@@ -155,6 +156,38 @@ def _feeds_output(node: fx.Node) -> bool:
             return False
 
 
+def _expert_placements(node: fx.Node, mesh) -> tuple[list[Placement], str] | None:
+    """Stacked expert weights (a `moe_experts` argument): by index on 'ep', by feature on 'tp'.
+
+    On tp each expert is column parallel (gate / up: dim 1, a fused [gate; up] section by section)
+    and row parallel (down: dim 2); the feature split keeps every rank's compute balanced whatever
+    the routing, and costs the one all-reduce a dense MLP costs. Dims that do not divide stay
+    Replicate (exact, noted in explain)."""
+    uses = [(u, u.args.index(node)) for u in node.users if u.target is moe_experts and node in u.args]
+    if not uses:
+        return None
+    user, pos = uses[0]
+    fused = user.args[4] is None
+    shape = node.meta["val"].shape
+    placements: list[Placement] = [Replicate() for _ in mesh.names]
+    parts = []
+    if mesh.has("ep") and mesh.size("ep") > 1:
+        if divides(shape[0], mesh.size("ep")) is True:
+            placements[mesh.index("ep")] = Shard(0)
+            parts.append(f"experts by index over ep ({shape[0]} / {mesh.size('ep')})")
+        else:
+            parts.append(f"experts replicated on ep: {shape[0]} experts do not divide by ep={mesh.size('ep')}")
+    if mesh.has("tp") and mesh.size("tp") > 1:
+        dim = 2 if pos == 5 else 1
+        k = 2 if fused and pos == 3 else 1
+        if divides(shape[dim], mesh.size("tp") * k) is True:
+            placements[mesh.index("tp")] = _StridedShard(1, split_factor=2) if k == 2 else Shard(dim)
+            parts.append("each expert colwise (gate, up" + (" fused x2" if fused else "") + ") and rowwise (down)")
+        else:
+            parts.append(f"replicate on tp (not sharded: {shape[dim]} features do not divide by tp)")
+    return placements, "experts: " + ", ".join(parts) if parts else "experts: replicated"
+
+
 def _divisors(size: int, limit: int = 64) -> list[int]:
     return [d for d in range(2, limit + 1) if size % d == 0]
 
@@ -196,8 +229,12 @@ def annotate_parameters(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                         f"{_divisors(int(size))} or map '{module}' to 'replicate' in the plan"
                     )
             placements[tp_dim] = p
+        experts = _expert_placements(node, mesh) if style is None else None
+        if experts is not None:
+            placements, text = experts
+        else:
+            text = str(style) if style is not None else None
         spec = make_spec(node.meta["val"], tuple(placements), mesh.sizes)
-        text = str(style) if style is not None else None
         if text is not None and fused.get(module, 0) > 1:
             text += f" (fused x{fused[module]})"
         if style is None and module in notes:

@@ -29,7 +29,7 @@ from torch.distributed.tensor.placement_types import Placement, Shard
 from fxpar.core.errors import ShardingError, module_fqn_of, node_context
 from fxpar.core.mesh import MeshInfo
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
-from fxpar.core.spec import NodeInfo, get_info, make_spec, set_info
+from fxpar.core.spec import NodeInfo, get_info, make_spec, set_info, shard_order
 from fxpar.ops.collectives import collective_args, insert_grad_all_reduce, insert_transition, transition_op
 from fxpar.passes._graph import differentiable
 from fxpar.rules import replace_tensor_args, tensor_args
@@ -71,7 +71,15 @@ class _Inserter:
         if key in self.cache:
             return self.cache[key]
         cur, placements = x, list(have)
-        for m, (src, dst) in enumerate(zip(have, need)):
+        # Leaving shards (gathers) undoes the cuts last-cut first: activations were cut in mesh order
+        # (a batch over dp, then ep: put back over ep, then dp), parameters fsdp last (`shard_order`).
+        # Every other transition goes in mesh order.
+        info = get_info(x)
+        cuts = shard_order(self.mesh.names) if info is not None and info.role == "param" else range(len(have))
+        leaving = [m for m in cuts if have[m] != need[m] and have[m] is not None and have[m].is_shard()]
+        order = [*reversed(leaving), *(m for m in range(len(have)) if m not in leaving)]
+        for m in order:
+            src, dst = have[m], need[m]
             try:
                 op = transition_op(src, dst)
             except ShardingError as e:

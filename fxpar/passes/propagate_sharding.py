@@ -304,6 +304,12 @@ def propagate_sharding(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val))
             if tensors:
                 _annotate_call(node, memo)
+            elif lookup(node.target) is not None and tensor_args(node):
+                # No tensor output, but it reads tensors: a buffer updated in place inside a no_grad block
+                # (a router's tokens-per-expert counter). Its inputs come whole, as its rule runs it.
+                set_info(node, NodeInfo(input_placements=tuple(replicate for _ in tensor_args(node)),
+                                        module_fqn=module_fqn_of(node), origin="propagate_sharding",
+                                        note="no tensor output: runs on replicated inputs"))
         elif node.op == "output":
             # Outputs are Replicate, except that a batch-sharded output stays sharded on the
             # data-parallel dims: the runtime gathers it for pm(...) and computes the loss per shard in step().

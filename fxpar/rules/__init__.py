@@ -1,7 +1,7 @@
 """Sharding rules per op family, in one table (`fxpar.rules.registry`).
 
 Importing this package registers every family: attention, dropout,
-embedding, indexing, matmul, norms, pointwise, reductions, views. A new op
+embedding, indexing, matmul, moe, norms, pointwise, reductions, views. A new op
 gets its rule in the family module it belongs to, registered with
 `@register(op, ...)`, and a test in tests/rules/.
 """
@@ -30,6 +30,7 @@ from fxpar.rules import (  # noqa: F401,E402  (each family registers its rules o
     embedding,
     indexing,
     matmul,
+    moe,
     norms,
     pointwise,
     reductions,

@@ -165,3 +165,14 @@ def mul(op: OpInfo, cur) -> list[Strategy]:
 @register(aten.div.Tensor, uneven=True)
 def div(op: OpInfo, cur) -> list[Strategy]:
     return pointwise_strategies(op, cur, linear="div")
+
+
+@register(aten.div_.Tensor, aten.mul_.Tensor)
+def inplace_div_mul(op: OpInfo, cur) -> list[Strategy]:
+    """In-place x /= y, x *= y (a router normalizing its top-k weights): x keeps its placement.
+
+    A strategy that moved x would mutate a copy while later readers of x see the old values, so
+    only strategies that take x as it is are exact."""
+    linear = "div" if op.node.target == aten.div_.Tensor else "mul"
+    return [s for s in pointwise_strategies(op, cur, linear=linear)
+            if cur[0] is not None and s.inputs[0] == cur[0] and s.output == cur[0]]

@@ -172,7 +172,7 @@ class ParallelModule(nn.Module):
 
     def _data_dims(self) -> list[int]:
         info = self.mesh_info
-        return [m for m, name in enumerate(info.names) if name in ("dp", "fsdp") and info.sizes[m] > 1]
+        return [m for m, name in enumerate(info.names) if name in ("dp", "fsdp", "ep") and info.sizes[m] > 1]
 
     def _output_placements(self) -> list[tuple]:
         out = next(n for n in self.graph_module.graph.nodes if n.op == "output")
