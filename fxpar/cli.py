@@ -373,11 +373,14 @@ def _cmd_diff(ns: argparse.Namespace) -> int:
 def _cmd_plan(ns: argparse.Namespace) -> int:
     model, args, kwargs = load_target(ns.target)
     ap = fxpar.autoplan(model, ns.world, example_inputs=args, example_kwargs=kwargs or None, device=ns.device,
-                        memory_gib=ns.memory_gib, global_batch=ns.global_batch)
+                        memory_gib=ns.memory_gib, global_batch=ns.global_batch,
+                        mixed_precision=not ns.no_mixed_precision)
     print(ap.explain(top=ns.top))
     mesh = ",".join(f"{k}={v}" for k, v in zip(ap.mesh_dim_names, ap.mesh_shape))
     print(f"\nmesh: {mesh}" + (f"; activation_checkpointing={ap.activation_checkpointing!r}"
-                                if ap.activation_checkpointing else ""))
+                                if ap.activation_checkpointing else "")
+          + (f"; mp_policy: param_dtype={ap.mp_policy.param_dtype}, reduce_dtype={ap.mp_policy.reduce_dtype}"
+             if ap.mp_policy is not None else ""))
     if ns.save_plan:
         print(f"wrote {fxpar.save_plan(ap.plan, ns.save_plan)}")
     return 0
@@ -477,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--device", default="local", help="h100, h200, a100 or local (measured; default)")
     pl.add_argument("--memory-gib", type=float, metavar="GIB", help="memory per device (default: the device's)")
     pl.add_argument("--global-batch", type=int, metavar="N", help="sequences per step (default: the example's)")
+    pl.add_argument("--no-mixed-precision", action="store_true",
+                    help="keep a float32 model's numerics: do not consider bfloat16 compute")
     pl.add_argument("--save-plan", metavar="FILE", help="write the chosen plan as JSON")
     pl.add_argument("--top", type=int, default=8, metavar="K", help="candidates to show (default 8)")
     pl.set_defaults(func=_cmd_plan)

@@ -151,7 +151,7 @@ def _placement_class(spec: TensorSpec | None, names: tuple[str, ...]) -> str:
     split = [name for p, name in zip(spec.placements, names) if not p.is_replicate()]
     if not split:
         return "replicate"
-    return "batch" if all(name in ("dp", "fsdp") for name in split) else "sharded"
+    return "batch" if all(name in ("dp", "fsdp", "ep") for name in split) else "sharded"
 
 
 def _shape(shape) -> str:

@@ -267,7 +267,7 @@ class BNStack(nn.Module):
 # --------------------------------------------------------------------------- mixture of experts (torchtitan-style)
 
 
-class TitanMoE(nn.Module):
+class TitanRoutedMoE(nn.Module):
     """torchtitan's MoE layer in miniature: top-k token-choice router, routed experts, a shared expert.
 
     As torchtitan (models/common/moe.py): softmax router scores, `expert_bias` (auxiliary-loss-free load
@@ -324,13 +324,13 @@ class TitanMoE(nn.Module):
 
 
 class TitanMoELM(nn.Module):
-    """A small decoder of pre-norm MoE blocks (embedding, RMSNorm, TitanMoE, lm_head)."""
+    """A small decoder of pre-norm MoE blocks (embedding, RMSNorm, TitanRoutedMoE, lm_head)."""
 
     def __init__(self, vocab: int = 64, dim: int = 16, hidden: int = 32, experts: int = 4, top_k: int = 2,
                  layers: int = 2, *, grouped_mm: bool = False) -> None:
         super().__init__()
         self.tok_embeddings = nn.Embedding(vocab, dim)
-        self.layers = nn.ModuleList([nn.ModuleDict({"norm": nn.RMSNorm(dim), "moe": TitanMoE(
+        self.layers = nn.ModuleList([nn.ModuleDict({"norm": nn.RMSNorm(dim), "moe": TitanRoutedMoE(
             dim, hidden, experts, top_k, grouped_mm=grouped_mm)}) for _ in range(layers)])
         self.norm = nn.RMSNorm(dim)
         self.output = nn.Linear(dim, vocab, bias=False)
@@ -340,3 +340,63 @@ class TitanMoELM(nn.Module):
         for layer in self.layers:
             h = h + layer["moe"](layer["norm"](h))
         return self.output(self.norm(h))
+
+class TitanGroupedExperts(nn.Module):
+    """torchtitan's GroupedExperts layout: w1 (gate), w3 (up): (E, hidden, dim); w2 (down): (E, dim, hidden).
+
+    Computed as a per-expert loop over all tokens, each weighted by its routing weight for that expert
+    (zero if not routed there): exact and exportable with static shapes."""
+
+    def __init__(self, dim: int, hidden: int, num_experts: int) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(num_experts, hidden, dim) / dim ** 0.5)
+        self.w2 = nn.Parameter(torch.randn(num_experts, dim, hidden) / hidden ** 0.5)
+        self.w3 = nn.Parameter(torch.randn(num_experts, hidden, dim) / dim ** 0.5)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for e in range(self.w1.shape[0]):
+            coef = ((idx == e).to(x.dtype) * weights).sum(-1, keepdim=True)  # (T, 1)
+            h = F.silu(x @ self.w1[e].t()) * (x @ self.w3[e].t())
+            out = out + coef * (h @ self.w2[e].t())
+        return out
+
+
+class TitanMoE(nn.Module):
+    """torchtitan-style MoE layer: a top-k token-choice router (sigmoid scores, renormalized) and grouped
+    experts; counts the tokens routed to each expert (the load-balancing counter) in a buffer."""
+
+    def __init__(self, dim: int, hidden: int, num_experts: int = 4, top_k: int = 2) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        self.experts = TitanGroupedExperts(dim, hidden, num_experts)
+        self.register_buffer("tokens_per_expert", torch.zeros(num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        flat = x.reshape(-1, d)
+        scores = torch.sigmoid(self.router(flat))
+        top, idx = scores.topk(self.top_k, dim=-1)
+        top = top / top.sum(-1, keepdim=True)
+        with torch.no_grad():
+            self.tokens_per_expert.add_(
+                F.one_hot(idx.reshape(-1), self.tokens_per_expert.shape[0]).sum(0).to(self.tokens_per_expert.dtype))
+        return self.experts(flat, idx, top).reshape(b, s, d)
+
+
+class TitanMoEStack(nn.Module):
+    """Pre-norm residual MoE blocks between an input and an output projection."""
+
+    def __init__(self, dim: int = 16, hidden: int = 32, depth: int = 2, num_experts: int = 4, top_k: int = 2) -> None:
+        super().__init__()
+        self.inp = nn.Linear(dim, dim)
+        self.norms = nn.ModuleList([nn.LayerNorm(dim) for _ in range(depth)])
+        self.moes = nn.ModuleList([TitanMoE(dim, hidden, num_experts, top_k) for _ in range(depth)])
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for norm, moe in zip(self.norms, self.moes):
+            x = x + moe(norm(x))
+        return self.out(x)

@@ -25,9 +25,10 @@ from fxpar.analysis.schedule import explain_stages, pipeline_order_of
 from fxpar.core.errors import block_of
 from fxpar.analysis.plan_io import full_mesh
 from fxpar.core.fmt import fmt_bytes, natural_key
-from fxpar.core.spec import SIZE_BINDINGS, TensorSpec, get_info, placements_str
+from fxpar.core.spec import SIZE_BINDINGS, TensorSpec, get_info, placements_str, size_hint
 from fxpar.core.stages import stage_info
 from fxpar.ops.collectives import BACKWARD_OF, COLLECTIVE_OPS, collective_args
+from fxpar.ops.moe import moe_all_to_all_bytes, moe_experts
 
 __all__ = ["CollectiveInfo", "collectives", "param_memory", "explain"]
 
@@ -195,6 +196,32 @@ def _training_lines(gm, graphs) -> list[str]:
     return out
 
 
+def _expert_lines(graphs: list[fx.GraphModule]) -> list[str]:
+    """Each fused experts node: its expert sharding and, on ep, the token all-to-all bytes."""
+    lines = []
+    for g in graphs:
+        for n in g.graph.nodes:
+            if n.target is not moe_experts:
+                continue
+            x, idx, down = n.args[0].meta["val"], n.args[1].meta["val"], n.args[5]
+            info, ep = get_info(down), n.kwargs.get("ep_size", 1)
+            where = info.style if info is not None and info.style else "experts: see the parameters above"
+            tokens = int(size_hint(x.shape[0]))
+            if ep > 1:
+                local = tokens  # x's rows here are this rank's tokens (the spec's local shape)
+                xs = get_info(n.args[0])
+                if xs is not None and xs.spec is not None:
+                    local = int(size_hint(xs.spec.local_shape[0]))
+                nbytes = moe_all_to_all_bytes(local, int(size_hint(idx.shape[1])), int(size_hint(x.shape[1])),
+                                              x.dtype.itemsize, ep)
+                comm = (f"all_to_all({n.kwargs['ep_mesh_dim']}, n={ep}) dispatch + combine "
+                        f"~{fmt_bytes(nbytes)} fwd, the same bwd (balanced routing; the real split follows the router)")
+            else:
+                comm = "no token exchange"
+            lines.append(f"  %{n.name} [{get_info(n).module_fqn if get_info(n) else ''}]: {where}; {comm}")
+    return ["", "Experts (fused MoE nodes):", *lines] if lines else []
+
+
 def explain(pm, *inputs, **kwargs) -> str:
     """The report behind `ParallelModule.explain()`; with inputs, bytes are for their sizes."""
     if inputs or kwargs:
@@ -247,6 +274,7 @@ def explain(pm, *inputs, **kwargs) -> str:
             counts[f"bwd {c.backward_op}"] += 1
     lines.append(f"  total: forward {fmt_bytes(fwd_total)}, backward {fmt_bytes(bwd_total)}; "
                  + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    lines.extend(_expert_lines(graphs))
     lines.append("")
     lines.append("Collectives per block (count and payload per step):")
     lines.extend(_per_block(colls))

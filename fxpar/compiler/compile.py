@@ -41,7 +41,7 @@ __all__ = ["compile_model", "default_passes", "PassManager", "DEFAULT_CHECKS", "
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_DIMS = ("tp", "pp", "dp", "fsdp")
+SUPPORTED_DIMS = ("tp", "pp", "dp", "fsdp", "ep")
 
 DEFAULT_CHECKS: tuple[GraphCheck, ...] = (check_graph,)
 """What runs after every pass when checks are on: fxpar's graph invariants."""
@@ -62,6 +62,7 @@ _SUPPORTED_DIMS = SUPPORTED_DIMS
 def default_passes(plan: Plan | None = None) -> list:
     """The built-in pipeline as a list users can edit and pass back through `passes=`."""
     return [
+        P.fuse_experts,
         P.shard_inputs,
         P.annotate_parameters,
         P.apply_fsdp,

@@ -13,7 +13,7 @@ from fxpar.core.errors import PlanError
 
 __all__ = ["MeshInfo", "KNOWN_DIM_NAMES"]
 
-KNOWN_DIM_NAMES = ("dp", "fsdp", "pp", "tp")
+KNOWN_DIM_NAMES = ("dp", "fsdp", "ep", "pp", "tp")
 
 
 @dataclass(frozen=True)

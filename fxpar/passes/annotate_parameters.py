@@ -27,8 +27,15 @@ and a projection feeding the graph output (the lm_head) column-wise.
 Before:  %up_weight = get_attr[target=up.weight]
 After:   same node, meta["fxpar"].spec.placements == (Shard(0),), local shape [N/tp, K]
 
-Raises ShardingError when a sharded dim does not divide by the mesh size,
-naming the module and the sizes that would work.
+An nn.Linear's weight or bias (every use an aten.linear) whose plain sharded
+dim does not divide by tp is cut unevenly, as DTensor's Shard: torch.chunk's
+rows, ceil(size / tp) each, the last ranks fewer (a vocab of 50257 at tp=2:
+25129 + 25128). Rules that are exact on uneven shards (`allows_uneven`:
+linear, pointwise) keep them; any other op gets them gathered, padded.
+
+Raises ShardingError when any other sharded dim does not divide by the mesh
+size (fused sections, embeddings, Conv1D), naming the module and the sizes
+that would work.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from fxpar.core.errors import PlanError, ShardingError
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.plan import TPStyle
 from fxpar.core.spec import NodeInfo, divides, make_spec, set_info
+from fxpar.ops.moe import moe_experts
 from fxpar.passes._graph import module_fqns, param_nodes, uses_as
 from fxpar.passes._megatron import find_pairs, heads_of, is_projection, proj_out_features, proj_weight
 
@@ -148,6 +156,38 @@ def _feeds_output(node: fx.Node) -> bool:
             return False
 
 
+def _expert_placements(node: fx.Node, mesh) -> tuple[list[Placement], str] | None:
+    """Stacked expert weights (a `moe_experts` argument): by index on 'ep', by feature on 'tp'.
+
+    On tp each expert is column parallel (gate / up: dim 1, a fused [gate; up] section by section)
+    and row parallel (down: dim 2); the feature split keeps every rank's compute balanced whatever
+    the routing, and costs the one all-reduce a dense MLP costs. Dims that do not divide stay
+    Replicate (exact, noted in explain)."""
+    uses = [(u, u.args.index(node)) for u in node.users if u.target is moe_experts and node in u.args]
+    if not uses:
+        return None
+    user, pos = uses[0]
+    fused = user.args[4] is None
+    shape = node.meta["val"].shape
+    placements: list[Placement] = [Replicate() for _ in mesh.names]
+    parts = []
+    if mesh.has("ep") and mesh.size("ep") > 1:
+        if divides(shape[0], mesh.size("ep")) is True:
+            placements[mesh.index("ep")] = Shard(0)
+            parts.append(f"experts by index over ep ({shape[0]} / {mesh.size('ep')})")
+        else:
+            parts.append(f"experts replicated on ep: {shape[0]} experts do not divide by ep={mesh.size('ep')}")
+    if mesh.has("tp") and mesh.size("tp") > 1:
+        dim = 2 if pos == 5 else 1
+        k = 2 if fused and pos == 3 else 1
+        if divides(shape[dim], mesh.size("tp") * k) is True:
+            placements[mesh.index("tp")] = _StridedShard(1, split_factor=2) if k == 2 else Shard(dim)
+            parts.append("each expert colwise (gate, up" + (" fused x2" if fused else "") + ") and rowwise (down)")
+        else:
+            parts.append(f"replicate on tp (not sharded: {shape[dim]} features do not divide by tp)")
+    return placements, "experts: " + ", ".join(parts) if parts else "experts: replicated"
+
+
 def _divisors(size: int, limit: int = 64) -> list[int]:
     return [d for d in range(2, limit + 1) if size % d == 0]
 
@@ -175,15 +215,26 @@ def annotate_parameters(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             if isinstance(p, (Shard, _StridedShard)):
                 size = node.meta["val"].shape[p.dim]
                 n = mesh.sizes[tp_dim]
-                if divides(size, n * getattr(p, "split_factor", 1)) is not True:
+                # a Linear's plain Shard of a static size that does not divide is cut unevenly (torch.chunk's
+                # rows): exact through linear / pointwise ops, gathered (padded) before any other
+                uneven = type(p) is Shard and isinstance(size, int) and size % n != 0 and \
+                    all(u.target is aten.linear.default for u in node.users)
+                if uneven:
+                    style = f"{style} (uneven: {size} in chunks of {-(-size // n)} over tp={n})" \
+                        if " (uneven" not in str(style) else style
+                elif divides(size, n * getattr(p, "split_factor", 1)) is not True:
                     raise ShardingError(
                         f"'{style}' on module '{module}': dim {p.dim} of parameter '{fqn}' has size {size}, "
-                        f"which does not divide by tp={n}; use tp in {_divisors(int(size))} "
-                        f"or map '{module}' to 'replicate' in the plan"
+                        f"which does not divide by tp={n} (only an nn.Linear's plain shard may be uneven); use tp in "
+                        f"{_divisors(int(size))} or map '{module}' to 'replicate' in the plan"
                     )
             placements[tp_dim] = p
+        experts = _expert_placements(node, mesh) if style is None else None
+        if experts is not None:
+            placements, text = experts
+        else:
+            text = str(style) if style is not None else None
         spec = make_spec(node.meta["val"], tuple(placements), mesh.sizes)
-        text = str(style) if style is not None else None
         if text is not None and fused.get(module, 0) > 1:
             text += f" (fused x{fused[module]})"
         if style is None and module in notes:

@@ -30,7 +30,7 @@ from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.spec import GradSyncInfo, get_info, set_info
 from fxpar.ops.collectives import COLLECTIVE_OPS, collective_args
 
-DATA_DIMS = ("dp", "fsdp")
+DATA_DIMS = ("dp", "fsdp", "ep")
 DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
 _F = torch.ops.fxpar.grad_all_reduce.default
 

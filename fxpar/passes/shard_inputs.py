@@ -28,7 +28,7 @@ from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.spec import NodeInfo, divides, make_spec, set_info
 from fxpar.ops.collectives import insert_transition
 
-DATA_DIMS = ("dp", "fsdp")
+DATA_DIMS = ("dp", "fsdp", "ep")  # ep borrows the data ranks: tokens split, experts by index
 
 
 @fx_pass(requires=("captured",), provides=("input_placements",))

@@ -1,7 +1,7 @@
 """Sharding rules per op family, in one table (`fxpar.rules.registry`).
 
 Importing this package registers every family: attention, dropout,
-embedding, indexing, matmul, norms, pointwise, reductions, views. A new op
+embedding, indexing, matmul, moe, norms, pointwise, reductions, views. A new op
 gets its rule in the family module it belongs to, registered with
 `@register(op, ...)`, and a test in tests/rules/.
 """
@@ -15,6 +15,7 @@ from fxpar.rules.registry import (
     S,
     Strategy,
     all_replicate,
+    allows_uneven,
     has_rule,
     lookup,
     lookup_localize,
@@ -29,6 +30,7 @@ from fxpar.rules import (  # noqa: F401,E402  (each family registers its rules o
     embedding,
     indexing,
     matmul,
+    moe,
     norms,
     pointwise,
     reductions,
@@ -36,4 +38,4 @@ from fxpar.rules import (  # noqa: F401,E402  (each family registers its rules o
 )
 
 __all__ = ["OpInfo", "Strategy", "RuleFn", "LocalizeFn", "register", "lookup", "lookup_localize", "tensor_args",
-           "replace_tensor_args", "has_rule", "all_replicate", "norm_dim", "P", "R", "S"]
+           "replace_tensor_args", "has_rule", "all_replicate", "allows_uneven", "norm_dim", "P", "R", "S"]

@@ -16,6 +16,8 @@ from fxpar._torch.fx import wrap_set_grad_enabled, wrap_with_autocast
 from fxpar._torch.placements import StridedShard as _StridedShard
 from fxpar.core.spec import size_key
 from fxpar.rules.pointwise import cast_strategies
+from torch.distributed.tensor.placement_types import Shard
+
 from fxpar.rules.registry import OpInfo, P, R, S, Strategy, norm_dim, register
 
 aten = torch.ops.aten
@@ -186,7 +188,7 @@ def gather(op: OpInfo, cur) -> list[Strategy]:
 
 
 @register(aten.masked_select.default,
-          aten.nonzero.default, aten.argmax.default, aten.argmin.default, aten.topk.default, aten.sort.default,
+          aten.nonzero.default, aten.argmax.default, aten.argmin.default, aten.sort.default,
           aten.tril.default, aten.triu.default, aten.bitwise_and.Scalar, aten.__and__.Tensor,
           aten.__or__.Tensor, aten.repeat.default, aten.flip.default, aten.roll.default)
 def replicated_only(op: OpInfo, cur) -> list[Strategy]:
@@ -194,6 +196,18 @@ def replicated_only(op: OpInfo, cur) -> list[Strategy]:
     n_out = len(op.out_val) if isinstance(op.out_val, (tuple, list)) else None
     out = tuple(R for _ in range(n_out)) if n_out is not None else R
     return [Strategy(tuple(R for _ in cur), out)]
+
+
+@register(aten.topk.default)
+def topk(op: OpInfo, cur) -> list[Strategy]:
+    """topk along one dim (a router's top-k experts per token): rows cut along another dim stay cut."""
+    dim = op.arg(2, "dim", -1) % op.in_vals[0].ndim
+    c = cur[0]
+    out = []
+    if c is not None and c.is_shard() and type(c) is Shard and c.dim != dim:
+        out.append(Strategy((c,), (c, c)))
+    out.append(Strategy((R,), (R, R)))
+    return out
 
 
 @register(aten.arange.default, aten.arange.start, aten.arange.start_step, aten.zeros.default, aten.ones.default,
