@@ -42,7 +42,7 @@ from fxpar._torch.c10d import functional, resolve_process_group
 from fxpar._torch.fx import copy_codegen
 from fxpar._torch.placements import StridedShard as _StridedShard
 from fxpar.core.errors import ShardingError
-from fxpar.core.spec import chunk, pad_to
+from fxpar.core.spec import chunk, pad_to as _pad
 
 __all__ = [
     "COLLECTIVE_OPS",
@@ -108,9 +108,6 @@ def _group_rank(group_name: str) -> int:
 
 def _all_reduce(x: Tensor, group_name: str) -> Tensor:
     return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "sum", group_name))
-
-
-_pad = pad_to
 
 
 def _all_gather(x: Tensor, dim: int, n: int, group_name: str, split_factor: int = 1,
