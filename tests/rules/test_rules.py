@@ -48,6 +48,21 @@ def test_linear_strategies_are_megatrons():
     assert ((Shard(0), R), Shard(0)) in strategies(nb, [Shard(0), R])
 
 
+def test_batch_norm_keeps_the_batch_sharded_in_eval_mode_only():
+    """Eval mode normalizes each example by running statistics: dp keeps its shard (a dp x pp pipeline
+    refused BatchNorm-eval models at step before: the gathered outputs were not batch-split)."""
+    def bn(training):
+        return lambda x, w, b, m, v: torch.nn.functional.batch_norm(x, m, v, w, b, training=training)
+
+    args = (torch.randn(4, 3, 5), torch.randn(3), torch.randn(3), torch.zeros(3), torch.ones(3))
+    ev = node_of(bn(False), *args, target=aten.batch_norm.default)
+    assert strategies(ev, [Shard(0), R, R, R, R])[0] == ((Shard(0), R, R, R, R), Shard(0))
+    assert strategies(ev, [Shard(2), R, R, R, R])[0] == ((Shard(2), R, R, R, R), Shard(2))
+    assert [s for s in strategies(ev, [Shard(1), R, R, R, R])] == [((R, R, R, R, R), R)]  # channels whole
+    tr = node_of(bn(True), *args, target=aten.batch_norm.default)
+    assert strategies(tr, [Shard(0), R, R, R, R]) == [((R, R, R, R, R), R)]  # batch statistics: whole batch
+
+
 def test_pointwise_broadcasting_and_linearity():
     node = node_of(lambda x, b: x + b, torch.randn(4, 6), torch.randn(6), target=aten.add.Tensor)
     s = strategies(node, [Shard(1), R])
