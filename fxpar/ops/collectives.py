@@ -8,6 +8,7 @@ registered autograd formula is the dual from DESIGN.md:
 
     forward (mesh dim m)      op                      backward
     Partial   -> Replicate    all_reduce              identity
+    Partial(max) -> Replicate all_reduce_max          none (a detached statistic: a softmax's shift)
     Shard(d)  -> Replicate    all_gather(d)           local slice
     Replicate -> Shard(d)     shard (local slice)     all_gather(d)
     Partial   -> Shard(d)     reduce_scatter(d)       all_gather(d)
@@ -166,6 +167,26 @@ def _all_reduce_bwd(ctx, grad):
 
 
 all_reduce.register_autograd(_all_reduce_bwd)
+
+
+@torch.library.custom_op("fxpar::all_reduce_max", mutates_args=())
+def all_reduce_max(x: Tensor, group_name: str, mesh_dim: str) -> Tensor:
+    """Partial(max) -> Replicate: the elementwise max over the group. Not differentiable: it computes
+    the shift of a vocab-parallel log-softmax, whose value the result does not depend on."""
+    _record("all_reduce", mesh_dim, x, "forward")
+    return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "max", group_name))
+
+
+@all_reduce_max.register_fake
+def _(x, group_name, mesh_dim):
+    return torch.empty_like(x)
+
+
+def _all_reduce_max_bwd(ctx, grad):
+    return None, None, None  # the shift carries no gradient (its input is detached in the graph)
+
+
+all_reduce_max.register_autograd(_all_reduce_max_bwd)
 
 
 @torch.library.custom_op("fxpar::grad_all_reduce", mutates_args=())
@@ -375,6 +396,7 @@ def set_fsdp_runtime(runtime: FsdpRuntime | None) -> None:
 
 COLLECTIVE_OPS = {
     torch.ops.fxpar.all_reduce.default: "all_reduce",
+    torch.ops.fxpar.all_reduce_max.default: "all_reduce_max",
     torch.ops.fxpar.all_gather.default: "all_gather",
     torch.ops.fxpar.shard.default: "shard",
     torch.ops.fxpar.reduce_scatter.default: "reduce_scatter",
@@ -387,6 +409,7 @@ COLLECTIVE_OPS = {
 # What each op communicates, forward and backward, for explain() and the static checker.
 BACKWARD_OF = {
     "all_reduce": None,
+    "all_reduce_max": None,
     "all_gather": None,
     "shard": "all_gather",
     "reduce_scatter": "all_gather",
@@ -414,7 +437,11 @@ def transition_op(src: Placement, dst: Placement) -> str | None:
             and not isinstance(src, Replicate):
         raise ShardingError(f"no transition from {src} to {dst}: a strided shard only gathers or is cut from a replica")
     if isinstance(dst, Replicate):
-        return "all_reduce" if isinstance(src, Partial) else "all_gather"
+        if isinstance(src, Partial):
+            return "all_reduce_max" if src.reduce_op == "max" else "all_reduce"
+        return "all_gather"
+    if isinstance(src, Partial) and src.reduce_op != "sum":
+        raise ShardingError(f"no transition from {src} to {dst}: a Partial({src.reduce_op}) value only all-reduces")
     if isinstance(dst, (Shard, _StridedShard)):
         if isinstance(src, Replicate):
             return "shard"
@@ -426,7 +453,8 @@ def transition_op(src: Placement, dst: Placement) -> str | None:
 
 # Ring algorithms: all_reduce moves 2(n-1)/n of the tensor per rank, gathers and scatters (n-1)/n,
 # all_to_all (n-1)/n of the local shard.
-_FORWARD_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
+_FORWARD_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_reduce_max": lambda n: 2 * (n - 1) / n,
+                   "all_gather": lambda n: (n - 1) / n,
                    "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n / n,
                    "shard": lambda n: 0.0, "grad_all_reduce": lambda n: 0.0,
                    "fsdp_all_gather": lambda n: (n - 1) / n}
@@ -470,8 +498,8 @@ def insert_transition(
     op = transition_op(src, dst)
     if op is None:
         return None
-    if op == "all_reduce":
-        return _make_node(graph, op, x, (group_name, mesh_dim_name), f"allreduce_{label}")
+    if op in ("all_reduce", "all_reduce_max"):
+        return _make_node(graph, op, x, (group_name, mesh_dim_name), f"{op.replace('_', '')}_{label}")
     if op == "all_to_all":
         return _make_node(graph, op, x, (src.dim, dst.dim, group_size, group_name, mesh_dim_name), f"alltoall_{label}")
     strided = src if op == "all_gather" else dst

@@ -136,10 +136,14 @@ def _auto_styles(gm: fx.GraphModule, taken: set[str], tp: int
     return styles, fused, notes
 
 
+_LOSSES = (aten.cross_entropy_loss.default, aten.nll_loss_forward.default, aten.nll_loss_nd.default)
+
+
 def _feeds_output(node: fx.Node) -> bool:
+    """Whether `node` (through views) is a graph output or the input of a captured loss."""
     cur = node
     while True:
-        if any(u.op == "output" for u in cur.users):
+        if any(u.op == "output" or (u.target in _LOSSES and u.args[0] is cur) for u in cur.users):
             return True
         if len(cur.users) != 1:
             return False
