@@ -199,7 +199,8 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
 
 def _graph_without_loss(settings: dict) -> fx.GraphModule:
     """This rank's graph of the model alone (its output, not the captured loss), compiled as `settings` say."""
-    return compile_model(**{**settings, "progress": None, "loss_fn": None, "example_target": None}).graph_module
+    return compile_model(**{**settings, "progress": None, "loss_fn": None, "example_target": None,
+                            "captured": None}).graph_module
 
 
 def _graph_in_mode(settings: dict, mode: bool) -> fx.GraphModule:

@@ -84,7 +84,7 @@ class _Builder:
         self.graph, self.anchor = graph, anchor
 
     def __call__(self, target, args: tuple, name: str) -> fx.Node:
-        vals = [a.meta["val"] if isinstance(a, fx.Node) else a for a in args]
+        vals = fx.node.map_arg(args, lambda a: a.meta["val"])
         with self.graph.inserting_before(self.anchor):
             node = self.graph.create_node("call_function", target, args, name=f"{self.anchor.name}_{name}")
         node.meta["val"] = target(*vals)
@@ -106,6 +106,9 @@ def _decompose(graph: fx.Graph, ce: fx.Node) -> None:
             "lse")
     valid = b(aten.ne.Scalar, (t, ignore), "valid")
     safe = b(aten.mul.Tensor, (t, valid), "safe_target")
+    # The target's rows are the logits' rows (cross_entropy checks it): say so in the shapes (a view,
+    # which also checks it at run time), so rows sharded alike on dp / fsdp pick locally.
+    safe = b(aten.view.default, (safe, [b(aten.sym_size.int, (x, 0), "rows")]), "row_target")
     picked = b(aten.gather.default, (z, 1, b(aten.unsqueeze.default, (safe, 1), "index")), "target_logit")
     rows = b(aten.squeeze.dim, (b(aten.sub.Tensor, (lse, picked), "nll"), 1), "rows")
     rows = b(aten.mul.Tensor, (rows, valid), "masked")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxpar._torch.fx import wrap_set_grad_enabled, wrap_with_autocast
 from fxpar._torch.placements import StridedShard as _StridedShard
@@ -167,6 +168,11 @@ def index_select(op: OpInfo, cur) -> list[Strategy]:
     return _follow_except(op, cur, dim, linear=True)
 
 
+def _same_size(a, b) -> bool:
+    """Equal sizes, as expressions or as the shape environment knows (a loss's target rows)."""
+    return size_key(a) == size_key(b) or statically_known_true(a == b)
+
+
 @register(aten.gather.default, localize=localize_gather)
 def gather(op: OpInfo, cur) -> list[Strategy]:
     """gather(x, dim, idx): out[.., i, ..] = x[.., idx[.., i, ..], ..] along `dim`, position for
@@ -179,7 +185,7 @@ def gather(op: OpInfo, cur) -> list[Strategy]:
     out: list[Strategy] = vocab_strategies(op, cur, dim)
     for c in (cur[0], cur[1]):
         if c is not None and c.is_shard() and c.dim != dim and c.dim < idx.ndim \
-                and size_key(x.shape[c.dim]) == size_key(idx.shape[c.dim]):
+                and _same_size(x.shape[c.dim], idx.shape[c.dim]):
             out.append(Strategy((S(c.dim), S(c.dim)), S(c.dim)))
             break
     if cur[0] is not None and cur[0].is_partial():
