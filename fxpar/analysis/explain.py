@@ -49,7 +49,7 @@ class CollectiveInfo:
 def _payload(op: str, spec: TensorSpec, n: int) -> int:
     """Bytes each rank puts into `op` whose *output* has `spec`."""
     local = spec.nbytes(local=True)
-    if op == "all_gather":
+    if op in ("all_gather", "sp_all_gather"):
         return local // n
     if op == "reduce_scatter":
         return local * n

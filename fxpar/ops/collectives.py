@@ -15,6 +15,10 @@ registered autograd formula is the dual from DESIGN.md:
     Shard(a)  -> Shard(b)     all_to_all(a -> b)      all_to_all(b -> a)
     Replicate, consumed by    grad_all_reduce         all_reduce
       a non-Replicate op      (identity)
+    Shard(d) -> Replicate,    sp_all_gather           reduce_scatter(d)
+      consumed by a non-      (the all_gather and
+      Replicate op            the f above, fused:
+                              Megatron-SP's g)
     FSDP parameter Shard(0)   fsdp_all_gather         reduce_scatter
       -> Replicate, used on   (all_gather then the
       batch-sharded data      f above, fused)
@@ -52,6 +56,7 @@ __all__ = [
     "transition_cost",
     "insert_transition",
     "insert_grad_all_reduce",
+    "insert_sp_all_gather",
     "inference_graph_module",
 ]
 
@@ -239,6 +244,30 @@ def _all_gather_bwd(ctx, grad):
 all_gather.register_autograd(_all_gather_bwd, setup_context=_save_shard_args)
 
 
+@torch.library.custom_op("fxpar::sp_all_gather", mutates_args=())
+def sp_all_gather(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str) -> Tensor:
+    """Shard(dim) -> Replicate for an op whose output stays sharded (a column-parallel matmul on
+    sequence shards): its gradient is partial on each rank, so the backward reduce-scatters it,
+    half the bytes of all_reduce-then-slice."""
+    _record("all_gather", mesh_dim, x, "forward")
+    return _all_gather(x, dim, group_size, group_name)
+
+
+@sp_all_gather.register_fake
+def _(x, dim, group_size, group_name, mesh_dim):
+    shape = list(x.shape)
+    shape[dim] = shape[dim] * group_size
+    return x.new_empty(shape)
+
+
+def _sp_all_gather_bwd(ctx, grad):
+    _record("reduce_scatter", ctx.mesh_dim, grad, "backward")
+    return _reduce_scatter(grad, ctx.dim, ctx.group_size, ctx.group_name), None, None, None, None
+
+
+sp_all_gather.register_autograd(_sp_all_gather_bwd, setup_context=_save_shard_args)
+
+
 @torch.library.custom_op("fxpar::shard", mutates_args=())
 def shard(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str, split_factor: int = 1) -> Tensor:
     """Replicate -> Shard(dim): keep this rank's chunk, no communication. Backward: all_gather."""
@@ -403,6 +432,7 @@ COLLECTIVE_OPS = {
     torch.ops.fxpar.all_to_all.default: "all_to_all",
     torch.ops.fxpar.grad_all_reduce.default: "grad_all_reduce",
     torch.ops.fxpar.fsdp_all_gather.default: "fsdp_all_gather",
+    torch.ops.fxpar.sp_all_gather.default: "sp_all_gather",
 }
 """Every fxpar communication op, by the name explain() prints."""
 
@@ -416,6 +446,7 @@ BACKWARD_OF = {
     "all_to_all": "all_to_all",
     "grad_all_reduce": "all_reduce",
     "fsdp_all_gather": "reduce_scatter",
+    "sp_all_gather": "reduce_scatter",
 }
 
 for _op in COLLECTIVE_OPS:
@@ -457,7 +488,7 @@ _FORWARD_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_reduce_max": la
                    "all_gather": lambda n: (n - 1) / n,
                    "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n / n,
                    "shard": lambda n: 0.0, "grad_all_reduce": lambda n: 0.0,
-                   "fsdp_all_gather": lambda n: (n - 1) / n}
+                   "fsdp_all_gather": lambda n: (n - 1) / n, "sp_all_gather": lambda n: (n - 1) / n}
 
 
 def op_cost(op: str, n: int, nbytes: float, *, with_backward: bool) -> float:
@@ -514,6 +545,12 @@ def insert_transition(
 def insert_grad_all_reduce(graph: fx.Graph, x: fx.Node, *, mesh_dim_name: str, group_name: str, label: str) -> fx.Node:
     """Inserts Megatron's f: identity forward, all-reduce of the gradient backward."""
     return _make_node(graph, "grad_all_reduce", x, (group_name, mesh_dim_name), f"gradallreduce_{label}")
+
+
+def insert_sp_all_gather(graph: fx.Graph, x: fx.Node, *, dim: int, mesh_dim_name: str, group_size: int,
+                         group_name: str, label: str) -> fx.Node:
+    """Inserts the gather of a sequence shard for a sharded consumer (reduce_scatter of its gradient backward)."""
+    return _make_node(graph, "sp_all_gather", x, (dim, group_size, group_name, mesh_dim_name), f"spgather_{label}")
 
 
 def insert_fsdp_all_gather(graph: fx.Graph, param: fx.Node, *, dim: int, mesh_dim_name: str, group_size: int,
