@@ -35,7 +35,7 @@ from fxpar.passes._graph import differentiable
 from fxpar.rules import replace_tensor_args, tensor_args
 
 _FSDP_GATHER = torch.ops.fxpar.fsdp_all_gather.default
-_VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default)
 
 
 def _group(mesh: MeshInfo, m: int) -> str:
