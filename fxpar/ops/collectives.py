@@ -15,10 +15,8 @@ registered autograd formula is the dual from DESIGN.md:
     Shard(a)  -> Shard(b)     all_to_all(a -> b)      all_to_all(b -> a)
     Replicate, consumed by    grad_all_reduce         all_reduce
       a non-Replicate op      (identity)
-    Shard(d) -> Replicate,    sp_all_gather           reduce_scatter(d)
-      consumed by a non-      (the all_gather and
-      Replicate op            the f above, fused:
-                              Megatron-SP's g)
+    Shard(d) -> Replicate     sp_all_gather (all_gather reduce_scatter(d)
+      for a sharded consumer   and f fused: Megatron-SP's g)
     FSDP parameter Shard(0)   fsdp_all_gather         reduce_scatter
       -> Replicate, used on   (all_gather then the
       batch-sharded data      f above, fused)
@@ -182,16 +180,9 @@ def all_reduce_max(x: Tensor, group_name: str, mesh_dim: str) -> Tensor:
     return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "max", group_name))
 
 
-@all_reduce_max.register_fake
-def _(x, group_name, mesh_dim):
-    return torch.empty_like(x)
-
-
-def _all_reduce_max_bwd(ctx, grad):
-    return None, None, None  # the shift carries no gradient (its input is detached in the graph)
-
-
-all_reduce_max.register_autograd(_all_reduce_max_bwd)
+all_reduce_max.register_fake(lambda x, group_name, mesh_dim: torch.empty_like(x))
+# the shift carries no gradient (its input is detached in the graph)
+all_reduce_max.register_autograd(lambda ctx, grad: (None, None, None))
 
 
 @torch.library.custom_op("fxpar::grad_all_reduce", mutates_args=())
@@ -246,9 +237,8 @@ all_gather.register_autograd(_all_gather_bwd, setup_context=_save_shard_args)
 
 @torch.library.custom_op("fxpar::sp_all_gather", mutates_args=())
 def sp_all_gather(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str) -> Tensor:
-    """Shard(dim) -> Replicate for an op whose output stays sharded (a column-parallel matmul on
-    sequence shards): its gradient is partial on each rank, so the backward reduce-scatters it,
-    half the bytes of all_reduce-then-slice."""
+    """Shard(dim) -> Replicate for a sharded consumer (a column-parallel matmul on sequence shards):
+    its gradient is partial, so the backward reduce-scatters it (half all_reduce-then-slice's bytes)."""
     _record("all_gather", mesh_dim, x, "forward")
     return _all_gather(x, dim, group_size, group_name)
 
