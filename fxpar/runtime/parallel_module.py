@@ -221,7 +221,11 @@ class ParallelModule(nn.Module):
             return self._run_model_graph(args, kwargs)
         return self._gather_outputs(self._run_graph(args, kwargs))
 
-    def _run_model_graph(self, args: tuple, kwargs: dict) -> Any:
+    def model_graph_module(self) -> fx.GraphModule:
+        """With a captured loss, this rank's graph of the model alone (what forward runs), compiled on
+        first use with the same plan and sharing this module's parameters; else `graph_module`."""
+        if not self.capture_info.loss:
+            return self.graph_module
         graphs = self.__dict__.setdefault("_model_graphs", {})
         gm = graphs.get(self.training)
         if gm is None:
@@ -231,6 +235,10 @@ class ParallelModule(nn.Module):
             gm = self.compile_model_graph()
             self._share_state(gm)
             graphs[self.training] = gm
+        return gm
+
+    def _run_model_graph(self, args: tuple, kwargs: dict) -> Any:
+        gm = self.model_graph_module()
         loss_graph, checked = self.graph_module, self._fingerprint_checked
         self.graph_module, self._fingerprint_checked = gm, False
         try:
