@@ -50,7 +50,7 @@ from fxpar.core.errors import ShardingError, module_fqn_of, node_context
 from fxpar.core.mesh import MeshInfo
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.spec import NodeInfo, TensorSpec, divides, get_info, make_spec, set_info, size_hint, size_key
-from fxpar.ops.collectives import COLLECTIVE_OPS, op_cost, transition_cost
+from fxpar.ops.collectives import COLLECTIVE_OPS, insert_transition, op_cost, transition_cost
 from fxpar.passes._graph import differentiable, is_tensor
 from fxpar.passes.shard_inputs import DATA_DIMS
 from fxpar.rules import OpInfo, Strategy, all_replicate, lookup, tensor_args
@@ -305,6 +305,38 @@ def _annotate_call(node: fx.Node, memo: _Memo) -> None:
                             fallback=fallback, origin="propagate_sharding", note=note))
 
 
+def _reduce_lookup(graph: fx.Graph, node: fx.Node, mesh: MeshInfo, sp_dim: int | None) -> None:
+    """A vocab-parallel lookup's Partial output is reduced right after it, as Megatron's
+    VocabParallelEmbedding does: all_reduce, or with sequence parallel reduce_scatter into sequence
+    shards. Left Partial, the residual stream would carry it into every block (each norm
+    all-reducing it again)."""
+    spec = get_info(node).spec
+    for m, p in enumerate(spec.placements):
+        if not p.is_partial():
+            continue
+        val = node.meta["val"]
+        seq = val.ndim - 2
+        dst = Shard(seq) if m == sp_dim and val.ndim >= 3 and divides(val.shape[seq], mesh.sizes[m]) is not False \
+            else Replicate()
+        placements = list(get_info(node).spec.placements)
+        with graph.inserting_after(node):
+            new = insert_transition(graph, node, p, dst, mesh_dim=m, mesh_dim_name=mesh.names[m],
+                                    group_size=mesh.sizes[m], group_name=_group_name(mesh, m), label=node.name)
+        node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+        placements[m] = dst
+        new.meta["val"] = val
+        for key in ("nn_module_stack", "stack_trace"):
+            if key in node.meta:
+                new.meta[key] = node.meta[key]
+        set_info(new, NodeInfo(spec=make_spec(val, tuple(placements), mesh.sizes), module_fqn=module_fqn_of(node),
+                               role="collective", origin="propagate_sharding"))
+        node = new
+
+
+def _group_name(mesh: MeshInfo, m: int) -> str:
+    return mesh.group_names[m] if mesh.group_names else f"dryrun:{mesh.names[m]}"
+
+
 def get_spec_or_none(node: fx.Node):
     info = get_info(node)
     return info.spec if info else None
@@ -339,6 +371,8 @@ def propagate_sharding(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val))
             if tensors:
                 _annotate_call(node, memo)
+                if node.target == torch.ops.aten.embedding.default:
+                    _reduce_lookup(gm.graph, node, mesh, sp_dim)
         elif node.op == "output":
             # Outputs are Replicate, except that a batch-sharded output stays sharded on the
             # data-parallel dims: the runtime gathers it for pm(...) and computes the loss per shard in step().
