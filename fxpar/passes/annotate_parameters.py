@@ -24,8 +24,8 @@ the plan does not name get styles from the graph: Megatron pairs
 (`fxpar.passes._megatron.find_pairs`) whose sizes and head counts divide by tp,
 and a projection feeding the graph output or a captured loss (the lm_head) column-wise, and the
 token embedding, if untied, vocab parallel (rowwise: rows sharded; `propagate_sharding` reduces
-its Partial output right after the lookup). Position and type tables stay replicated (a collective
-per step to save 1/tp of a small table).
+its Partial output right after the lookup). Position and type tables stay replicated: sharding one
+would add a collective per step to save 1/tp of a small table.
 
 Before:  %up_weight = get_attr[target=up.weight]
 After:   same node, meta["fxpar"].spec.placements == (Shard(0),), local shape [N/tp, K]
@@ -142,12 +142,6 @@ def _auto_styles(gm: fx.GraphModule, taken: set[str], tp: int
                 styles[mod] = TPStyle("rowwise")
             else:
                 notes[mod] = f"its {rows} rows (vocabulary) do not divide by tp={tp}"
-    for node in gm.graph.nodes:
-        if node.target == aten.embedding.default and node is not emb and node.args[0].op == "get_attr":
-            mod = str(node.args[0].target).rpartition(".")[0]
-            if mod and mod not in taken and mod not in styles:
-                notes.setdefault(mod, "a position / type table: sharding it would add a collective per step "
-                                      "to save 1/tp of a small table")
     # The lm_head: a projection feeding the graph output, column parallel (its logits are gathered).
     for node in gm.graph.nodes:
         if is_projection(node) and _feeds_output(node):
