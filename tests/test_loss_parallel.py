@@ -154,3 +154,16 @@ def test_captured_loss_in_a_pipeline_is_refused_with_the_fix():
     with pytest.raises(fxpar.PlanError, match="pm.step\\(x, target=y, loss_fn=fn\\)"):
         compile_model(model, None, MeshInfo(("pp",), (2,)), example_inputs=(ids,), loss_fn=ce,
                       example_target=target, split_pp=lambda mesh, info: (None, info, None))
+
+
+def test_plan_fields_are_validated_and_saved():
+    from fxpar.analysis.plan_io import ResolvedPlan
+
+    with pytest.raises(fxpar.PlanError, match="sequence_parallel"):
+        fxpar.Plan(sequence_parallel="yes")
+    with pytest.raises(fxpar.PlanError, match="loss_parallel"):
+        fxpar.Plan(loss_parallel="auto")
+    plan = ResolvedPlan({"lm_head": "colwise"}, sequence_parallel=True, loss_parallel=False)
+    back = ResolvedPlan.from_json(plan.to_json())
+    assert (back.sequence_parallel, back.loss_parallel) == (True, False)
+    assert fxpar.Plan().to_dict()["loss_parallel"] is None

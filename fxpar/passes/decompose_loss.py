@@ -68,7 +68,7 @@ def _why_not(node: fx.Node) -> str | None:
     x, t = node.args[0], node.args[1]
     if x.meta["val"].ndim != 2 or t.meta["val"].ndim != 1:
         return "its logits are not (N, C) with (N,) class-index targets"
-    if not t.meta["val"].dtype in (torch.int64, torch.int32):
+    if t.meta["val"].dtype not in (torch.int64, torch.int32):
         return "its targets are probabilities, not class indices"
     if weight is not None:
         return "it has class weights"
