@@ -91,7 +91,8 @@ def _check_bytes(records, pm):
     assert {"reduce_scatter", "sp_all_gather", "all_reduce_max"} <= ops, ops
     # Megatron-SP: the backward of the gather before a column-parallel matmul is a reduce-scatter
     assert all(c.backward_op == "reduce_scatter" for c in static if c.op == "sp_all_gather")
-    assert "all_reduce_max" in pm.explain()
+    text = pm.explain()
+    assert "all_reduce_max" in text and "cross-entropy on vocab shards" in text and "Sequence parallel: on" in text
 
 
 PLAN = dict(auto_tp=True, sequence_parallel=True, loss_parallel=True)
