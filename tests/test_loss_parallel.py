@@ -168,3 +168,9 @@ def test_plan_fields_are_validated_and_saved():
     back = ResolvedPlan.from_json(plan.to_json())
     assert (back.sequence_parallel, back.loss_parallel) == (True, False)
     assert fxpar.Plan().to_dict()["loss_parallel"] is None
+
+
+def test_captured_loss_on_dp_alone_is_the_exact_global_mean_without_gathering_logits():
+    model, results, records, pm = _run({"dp": 2}, fxpar.Plan(dp="dp"))
+    _check_equal(model, results)
+    assert all(r.nbytes <= 8 for r in records if r.direction == "forward"), records  # the sum and the count

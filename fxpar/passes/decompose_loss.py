@@ -21,7 +21,8 @@ fsdp) give the exact global mean the same way: the row sum and the count are
 Partial sums over the data-parallel dims, all-reduced before the division.
 
 `Plan(loss_parallel=None)` decomposes when the logits come from a vocab-sharded
-projection (through views); True forces it (a PlanError when the head is not
+projection (through views), or when the batch is split over dp / fsdp (the
+rule of a whole cross_entropy's mean would gather the logits); True forces it (a PlanError when the head is not
 vocab-sharded, or the loss has class weights or label smoothing); False
 keeps `cross_entropy_loss` whole (its logits are gathered).
 
@@ -39,6 +40,7 @@ from fxpar.core.errors import PlanError, node_context
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.spec import get_spec
 from fxpar.passes._megatron import is_projection, proj_weight
+from fxpar.passes.shard_inputs import DATA_DIMS
 
 aten = torch.ops.aten
 
@@ -128,13 +130,16 @@ def decompose_loss(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if setting is False:
         return PassResult(gm, False)
     tp = ctx.mesh.names.index("tp") if ctx.mesh.has("tp") and ctx.mesh.size("tp") > 1 else None
+    # a batch split over data-parallel ranks: the decomposed mean reduces (N, 1) rows, not gathered logits
+    batch_split = any(n in DATA_DIMS and s > 1 for n, s in zip(ctx.mesh.names, ctx.mesh.sizes))
     modified = False
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target != aten.cross_entropy_loss.default:
             continue
         sharded = _vocab_sharded(node.args[0], tp)
-        why = _why_not(node) or (None if sharded else "its logits are not vocab-sharded (no column-parallel "
-                                 "lm_head on tp)")
+        why = _why_not(node)
+        if why is None and not sharded and (setting or not batch_split):
+            why = "its logits are not vocab-sharded (no column-parallel lm_head on tp)"
         if why is not None:
             if setting:
                 raise PlanError(f"[decompose_loss] {node_context(node)}: loss_parallel=True but this "
