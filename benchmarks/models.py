@@ -348,7 +348,8 @@ def megatron_tp_bytes(cfg: ModelConfig, tp: int, *, backward: bool, elt: int = 4
     """The Megatron plan's communication per training step (or forward), by the payload each rank puts in.
 
     Forward: two all-reduces of the (B, T, D) activations per block (after
-    attention, after the MLP), one more for a vocab-parallel (tied) embedding,
+    attention, after the MLP), one more for the vocab-parallel token embedding
+    (tied or not: the automatic plan shards it by vocabulary),
     and an all-gather of the (B, T, V/tp) logit shard into full logits.
     Backward: the duals of the "f" identities in front of every sharded
     computation on replicated activations: two all-reduces of (B, T, D) per
@@ -360,8 +361,8 @@ def megatron_tp_bytes(cfg: ModelConfig, tp: int, *, backward: bool, elt: int = 4
     """
     act = cfg.batch * cfg.seq * cfg.dim * elt
     logits_shard = cfg.batch * cfg.seq * cfg.vocab // tp * elt
-    tied = 1 if cfg.kind == "gpt2" else 0
-    n_ar = 2 * cfg.layers + tied + (2 * cfg.layers + 1 if backward else 0)
+    embedding = 1
+    n_ar = 2 * cfg.layers + embedding + (2 * cfg.layers + 1 if backward else 0)
     return {"all_reduce": n_ar * act, "all_gather": logits_shard, "count": n_ar + 1}
 
 

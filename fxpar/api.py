@@ -29,7 +29,7 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
                 input_layout: str = "full", reshard_after_forward: bool = True, fsdp_unit: str = "block",
                 check: bool | None = None, dump_dir: str | None = None, mp_policy: Any = None,
                 activation_checkpointing: str | None = None, batch_norm_per_microbatch: bool = False,
-                compile: bool | str = False) -> ParallelModule:
+                compile: bool | str = False, loss_fn: Any = None, example_target: Any = None) -> ParallelModule:
     """Compiles `model` for this rank of `mesh`.
 
     Args:
@@ -73,6 +73,14 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
             pipelines. Under compile, FSDP keeps gathered parameters for the backward
             (reshard_after_forward's saved-tensor hooks do not apply inside a compiled graph).
 
+        loss_fn: capture `loss_fn(model(*inputs), target)` into the graph, so the passes see the loss:
+            cross-entropy on a vocab-sharded head then runs on vocab shards (`Plan(loss_parallel=)`),
+            and a batch-sharded loss is reduced exactly as the unsplit model's (a mean over the whole
+            batch, ignored targets excluded). `pm.step(x, target=y)` then needs no loss_fn and returns
+            that loss; `pm(x)` still returns the model's output (the model alone, compiled on first
+            use, sharing the parameters). Not for pipelines yet (PlanError).
+        example_target: an example target (with loss_fn), shaped like the real ones.
+
     Returns:
         A ParallelModule holding this rank's rewritten GraphModule.
 
@@ -89,7 +97,8 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
                          example_kwargs=example_kwargs, plan=plan, passes=passes, input_layout=input_layout,
                          reshard_after_forward=reshard_after_forward, fsdp_unit=fsdp_unit, check=check,
                          dump_dir=dump_dir, mp_policy=mp_policy, activation_checkpointing=activation_checkpointing,
-                         batch_norm_per_microbatch=batch_norm_per_microbatch, compile=compile)
+                         batch_norm_per_microbatch=batch_norm_per_microbatch, compile=compile, loss_fn=loss_fn,
+                         example_target=example_target)
 
 
 def check(pm: ParallelModule, *, ranks: list | None = None) -> None:

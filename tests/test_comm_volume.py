@@ -5,7 +5,7 @@ ordinary tests at small sizes: for GPT-2 and Llama (Hugging Face, from
 configs) and the benchmarks' own GPT-2- and Llama-style models, a training
 step on tp ranks sends exactly
 
-    forward:  2 all-reduces of (B, T, D) per block (+1 for a tied, vocab-parallel embedding)
+    forward:  2 all-reduces of (B, T, D) per block (+1 for the vocab-parallel token embedding, tied or not)
               and 1 all-gather of the (B, T, V/tp) logit shard
     backward: 2 all-reduces of (B, T, D) per block + 1 for the output projection's input
 
@@ -100,7 +100,7 @@ def test_bytes_per_step_equal_the_megatron_formula(name, tp):
     results = rank_pool(tp).run(_volume, name, timeout=240)
     cfg = _config(name)
     act, logits = B * T * DIM * 4, B * T * VOCAB // tp * 4
-    tied = 1 if cfg.kind == "gpt2" else 0
+    tied = 1  # the token embedding is vocab parallel, tied (GPT-2) or not (Llama)
     for rank, r in enumerate(results):
         train = collections.Counter(r["train"])
         assert train == {("forward", "all_reduce", act): 2 * LAYERS + tied,

@@ -88,7 +88,8 @@ def _run(name: str) -> dict:
 
 
 # forward all-reduces beyond 2 per block: the vocab-parallel embedding where tied to the lm_head.
-EMBED_ALLREDUCE = {"gpt2": 1, "bert": 1, "llama": 0, "qwen2": 0, "titan": 0}
+# the token embedding is vocab parallel (tied or not): its lookup is all-reduced once
+EMBED_ALLREDUCE = {"gpt2": 1, "bert": 1, "llama": 1, "qwen2": 1, "titan": 1}
 KV_HEADS = {"gpt2": 4, "bert": 4, "llama": 4, "qwen2": 2, "titan": 2}
 
 

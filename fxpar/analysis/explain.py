@@ -50,7 +50,7 @@ class CollectiveInfo:
 def _payload(op: str, spec: TensorSpec, n: int) -> int:
     """Bytes each rank puts into `op` whose *output* has `spec`."""
     local = spec.nbytes(local=True)
-    if op == "all_gather":
+    if op in ("all_gather", "sp_all_gather"):
         return local // n
     if op == "reduce_scatter":
         return local * n
@@ -222,6 +222,18 @@ def _expert_lines(graphs: list[fx.GraphModule]) -> list[str]:
     return ["", "Experts (fused MoE nodes):", *lines] if lines else []
 
 
+def _loss_lines(pm, graphs: list[fx.GraphModule]) -> list[str]:
+    """Whether the loss is captured and runs on vocab shards, and whether sequence parallel is on."""
+    out = []
+    if getattr(pm.graph_module.meta["fxpar"], "loss", False):
+        vocab = any(n.target is torch.ops.fxpar.vocab_parallel_gather.default for g in graphs for n in g.graph.nodes)
+        out.append("Loss: captured; " + ("cross-entropy on vocab shards (loss parallel: (N, 1) statistics "
+                                         "all-reduced, logits never gathered)" if vocab else "computed on whole logits"))
+    if getattr(getattr(pm, "requested_plan", None), "sequence_parallel", False):
+        out.append("Sequence parallel: on (tp): norms, dropout and residual adds on sequence shards")
+    return out
+
+
 def explain(pm, *inputs, **kwargs) -> str:
     """The report behind `ParallelModule.explain()`; with inputs, bytes are for their sizes."""
     if inputs or kwargs:
@@ -237,6 +249,7 @@ def explain(pm, *inputs, **kwargs) -> str:
     lines = [f"fxpar plan for {gm.meta['fxpar'].model_class} on mesh ({whole})"]
     lines.extend(_training_lines(gm, graphs))
     lines.extend(f"Note: {note}" for note in getattr(gm.meta["fxpar"], "notes", ()))
+    lines.extend(_loss_lines(pm, graphs))
 
     lines.append("")
     lines.append("Parameters (module: style; tensor placements local shape):")

@@ -44,7 +44,7 @@ _c10d = functional
 _TEXT_BYTES = 512  # bytes of the description each rank sends when schedules differ
 
 # Ops that communicate in the forward (shard slices locally, grad_all_reduce is the identity).
-_FORWARD_COMMUNICATES = {"all_reduce", "all_gather", "reduce_scatter", "all_to_all"}
+_FORWARD_COMMUNICATES = {"all_reduce", "all_reduce_max", "all_gather", "sp_all_gather", "reduce_scatter", "all_to_all"}
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,16 @@ def _is_collective(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in COLLECTIVE_OPS
 
 
+_VIEWS = (_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default)
+
+
+def _is_view_of_gather(node: fx.Node) -> bool:
+    """A reshape of a gathered value (sequence parallel's view of an sp_all_gather): linear, so a sum
+    of gradients commutes with it, and the duals are judged through it, as through a cast."""
+    return node.op == "call_function" and node.target in _VIEWS and isinstance(node.args[0], fx.Node) \
+        and node.args[0].op == "call_function" and node.args[0].target is torch.ops.fxpar.sp_all_gather.default
+
+
 def _is_cast(node: fx.Node) -> bool:
     """A dtype-only copy (mixed precision's casts): linear, so a sum of gradients commutes with it and
     the gradient duals are judged through it."""
@@ -301,7 +311,7 @@ def _check_collective(node: fx.Node, mesh: MeshInfo) -> None:
                 f"({placements_str(src.placements)} -> {placements_str(dst.placements)}); one collective moves "
                 "one mesh dim")
     a, b = src.placements[m], dst.placements[m]
-    if op == "fsdp_all_gather":
+    if op in ("fsdp_all_gather", "sp_all_gather"):
         op = "all_gather"  # the transition of an all_gather; its backward is the fused reduce_scatter
     if op == "grad_all_reduce":
         if a != b or not a.is_replicate():
@@ -350,7 +360,7 @@ def _check_collectives(gm: fx.GraphModule, mesh: MeshInfo) -> None:
 
 
 # Collectives whose backward sums the partial gradients of their output over their mesh dim.
-_REDUCING_DUALS = frozenset({"grad_all_reduce", "fsdp_all_gather"})
+_REDUCING_DUALS = frozenset({"grad_all_reduce", "fsdp_all_gather", "sp_all_gather"})
 
 
 def runtime_synced(node: fx.Node) -> tuple[str, ...]:
@@ -371,7 +381,7 @@ def _reduced_on(node: fx.Node, dim: str) -> bool:
     with a sum over `dim`); one on `dim` that does not reduce ends the walk. A
     parameter whose gradient the runtime syncs on `dim` counts as reduced.
     """
-    while _is_collective(node) or _is_cast(node):
+    while _is_collective(node) or _is_cast(node) or _is_view_of_gather(node):
         if _is_collective(node) and collective_args(node)["mesh_dim"] == dim:
             return COLLECTIVE_OPS[node.target] in _REDUCING_DUALS
         node = node.args[0]
@@ -444,7 +454,7 @@ def _check_grad_duals(gm: fx.GraphModule, mesh: MeshInfo, boundary: frozenset[st
         frontier = list(node.users)
         while frontier:
             u = frontier.pop()
-            if _is_cast(u):
+            if _is_cast(u) or _is_view_of_gather(u):
                 frontier.extend(u.users)
                 continue
             if _is_collective(u):

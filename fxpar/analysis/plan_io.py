@@ -223,9 +223,11 @@ class ResolvedPlan(Plan):
 
     def __init__(self, tp: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None, *, pp: Any = None,
                  schedule: str | None = None, microbatches: int | None = None, dp: str | None = None,
-                 auto_tp: bool = False, mesh: Mapping[str, int] | Iterable[tuple[str, int]] | None = None,
+                 auto_tp: bool = False, sequence_parallel: bool = False, loss_parallel: bool | None = None,
+                 mesh: Mapping[str, int] | Iterable[tuple[str, int]] | None = None,
                  model: ModelFingerprint | None = None, notes: Mapping[str, str] | None = None) -> None:
-        super().__init__(tp, pp=pp, schedule=schedule, microbatches=microbatches, dp=dp, auto_tp=auto_tp)
+        super().__init__(tp, pp=pp, schedule=schedule, microbatches=microbatches, dp=dp, auto_tp=auto_tp,
+                         sequence_parallel=sequence_parallel, loss_parallel=loss_parallel)
         pairs = list(mesh.items()) if isinstance(mesh, Mapping) else list(mesh or ())
         for name, size in pairs:
             if not isinstance(size, int) or isinstance(size, bool) or size < 1:
@@ -242,7 +244,8 @@ class ResolvedPlan(Plan):
     def without_mesh(self) -> ResolvedPlan:
         """The same plan without its mesh, to use its styles on another mesh (sizes are then checked by the passes)."""
         return ResolvedPlan(self.tp, pp=self.pp, schedule=self.schedule, microbatches=self.microbatches,
-                            dp=self.dp, auto_tp=self.auto_tp, model=self.model, notes=dict(self.notes))
+                            dp=self.dp, auto_tp=self.auto_tp, sequence_parallel=self.sequence_parallel,
+                            loss_parallel=self.loss_parallel, model=self.model, notes=dict(self.notes))
 
     def to_dict(self) -> dict:
         """The JSON-ready form (see `FORMAT`)."""
@@ -253,6 +256,8 @@ class ResolvedPlan(Plan):
             "tp": {key: str(style) for key, style in self.tp},
             "notes": dict(self.notes),
             "auto_tp": self.auto_tp,
+            "sequence_parallel": self.sequence_parallel,
+            "loss_parallel": self.loss_parallel,
             "pp": list(self.pp) if isinstance(self.pp, tuple) else self.pp,
             "schedule": self.schedule,
             "microbatches": self.microbatches,
@@ -276,7 +281,7 @@ class ResolvedPlan(Plan):
             raise PlanError(f"not a saved fxpar plan: format is {found!r}, expected {FORMAT!r}; "
                             "write plans with fxpar.save_plan(pm.plan, path)")
         known = {"format", "fxpar_version", "mesh", "tp", "notes", "auto_tp", "pp", "schedule", "microbatches",
-                 "dp", "model"}
+                 "dp", "model", "sequence_parallel", "loss_parallel"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise PlanError(f"saved plan: unknown keys {unknown}; the keys are {sorted(known)}")
@@ -287,7 +292,9 @@ class ResolvedPlan(Plan):
         styles = [(key, parse_style(text, key=key)[0]) for key, text in tp.items()]
         model = d.get("model")
         return cls(styles, pp=d.get("pp"), schedule=d.get("schedule"), microbatches=d.get("microbatches"),
-                   dp=d.get("dp"), auto_tp=d.get("auto_tp", False), mesh=d.get("mesh") or {},
+                   dp=d.get("dp"), auto_tp=d.get("auto_tp", False),
+                   sequence_parallel=d.get("sequence_parallel", False), loss_parallel=d.get("loss_parallel"),
+                   mesh=d.get("mesh") or {},
                    model=ModelFingerprint.from_dict(model) if model is not None else None, notes=d.get("notes"))
 
     @classmethod
@@ -358,7 +365,8 @@ def resolve_plan(pm) -> ResolvedPlan:
         pp = tuple(s.cut_before for s in split.stages[1:]) if split.num_stages > 1 else split.num_stages
         schedule, microbatches = split.schedule, split.microbatches
     return ResolvedPlan(list(styles.items()), pp=pp, schedule=schedule, microbatches=microbatches,
-                        dp=requested.dp, auto_tp=False, mesh=full_mesh(pm),
+                        dp=requested.dp, auto_tp=False, sequence_parallel=requested.sequence_parallel,
+                        loss_parallel=requested.loss_parallel, mesh=full_mesh(pm),
                         model=pm.graph_module.meta.get(MODEL_KEY), notes=notes)
 
 
@@ -424,7 +432,8 @@ def save_plan(plan: Any, path: str | Path) -> Path:
                         f"{type(plan).__name__}")
     if not isinstance(plan, ResolvedPlan):
         plan = ResolvedPlan(plan.tp, pp=plan.pp, schedule=plan.schedule, microbatches=plan.microbatches,
-                            dp=plan.dp, auto_tp=plan.auto_tp)
+                            dp=plan.dp, auto_tp=plan.auto_tp, sequence_parallel=plan.sequence_parallel,
+                            loss_parallel=plan.loss_parallel)
     path = Path(path)
     # Under a process group every rank may call this: rank 0 writes (to a temporary file, renamed into
     # place, so a reader never sees half a plan) and the others wait for it.

@@ -38,7 +38,10 @@ from torch.export import Dim
 from fxpar._torch.fx import pytree
 from fxpar.core.errors import CaptureError
 
-__all__ = ["CaptureInfo", "capture", "capture_info"]
+__all__ = ["CaptureInfo", "capture", "capture_info", "LOSS_TARGET"]
+
+LOSS_TARGET = "fxpar_target"
+"""The keyword a captured loss's target enters the graph by (a placeholder of that name)."""
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,8 @@ class CaptureInfo:
         dynamic: whether input dims were captured symbolically.
         notes: what capture changed about the model's call, for the user (explain() lists them).
         training: the mode (`model.training`) the model was captured in.
+        loss: whether the graph is the model followed by its loss (`capture(..., loss_fn=)`): it
+            takes the target as the keyword `fxpar_target` and returns the scalar loss.
     """
 
     param_aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -63,6 +68,7 @@ class CaptureInfo:
     dynamic: bool = True
     notes: tuple[str, ...] = ()
     training: bool = True
+    loss: bool = False
 
 
 def capture_info(gm: fx.GraphModule) -> CaptureInfo:
@@ -113,6 +119,31 @@ def _without_cache(model: nn.Module, kwargs: dict) -> tuple[nn.Module, tuple[str
     return bound, (note,)
 
 
+def _with_loss(model: nn.Module, loss_fn: Any) -> nn.Module:
+    """`model` followed by `loss_fn(output, target)`, the target passed as the keyword `fxpar_target`.
+
+    As `_without_cache`: a shallow copy (sharing submodules, parameters and buffers, so FQNs are
+    unchanged) gets its own forward; the user's model is not touched.
+    """
+    inner = model.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        target = kwargs.pop(LOSS_TARGET)
+        return loss_fn(inner(*args, **kwargs), target)
+
+    try:
+        sig = inspect.signature(inner)
+        params = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
+        params.append(inspect.Parameter(LOSS_TARGET, inspect.Parameter.KEYWORD_ONLY))
+        params += [p for p in sig.parameters.values() if p.kind == p.VAR_KEYWORD]
+        forward.__signature__ = sig.replace(parameters=params)  # export names dynamic dims by it
+    except (TypeError, ValueError):
+        pass
+    bound = copy.copy(model)
+    bound.forward = forward
+    return bound
+
+
 def _copy_state(gm: fx.GraphModule) -> dict[str, tuple[str, ...]]:
     """Gives gm its own copy of every parameter and buffer; returns tied aliases."""
     aliases: dict[int, list[str]] = {}
@@ -153,6 +184,8 @@ def capture(
     kwargs: dict | None = None,
     *,
     dynamic: bool = True,
+    loss_fn: Any = None,
+    target: Any = None,
 ) -> fx.GraphModule:
     """Captures `model` as an ATen-level GraphModule with FakeTensor metadata.
 
@@ -161,6 +194,9 @@ def capture(
         args: example positional inputs.
         kwargs: example keyword inputs.
         dynamic: capture every input dim as Dim.AUTO (symbolic where possible).
+        loss_fn: capture `loss_fn(model(*args, **kwargs), target)` instead of the model alone: the
+            graph takes the target as the keyword `fxpar_target` and returns the loss.
+        target: the example target (with `loss_fn`).
 
     Returns:
         The unlifted GraphModule with its own copies of the parameters, and
@@ -175,6 +211,11 @@ def capture(
     _check_inputs(model, args, kwargs)
     user_model = model
     model, notes = _without_cache(model, kwargs)
+    if loss_fn is not None:
+        if target is None:
+            raise CaptureError("a captured loss needs an example target: pass example_target= with loss_fn=")
+        model = _with_loss(model, loss_fn)
+        kwargs[LOSS_TARGET] = target
     dynamic_shapes = None
     if dynamic:
         args_dims, kwargs_dims = _auto_dims(args, kwargs)
@@ -197,7 +238,7 @@ def capture(
     aliases = _copy_state(gm)
     buffers = tuple(fqn for fqn, _ in gm.named_buffers())
     gm.meta["fxpar"] = CaptureInfo(aliases, buffers, type(user_model).__name__, dynamic, notes,
-                                   bool(user_model.training))
+                                   bool(user_model.training), loss_fn is not None)
     log.debug("captured %s: %d nodes", type(user_model).__name__, len(gm.graph.nodes))
     return gm
 

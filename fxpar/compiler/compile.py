@@ -1,7 +1,7 @@
 """The compile path: capture, the pass pipeline, and the runtime module that runs the result.
 
     capture -> shard_inputs -> annotate_parameters -> apply_fsdp -> split_linear_bias
-            -> propagate_sharding -> insert_collectives -> apply_mixed_precision -> localize_shapes -> bucket_grad_sync
+            -> decompose_loss -> propagate_sharding -> insert_collectives -> apply_mixed_precision -> localize_shapes -> bucket_grad_sync
             -> shard_parameters -> split_stages -> ParallelModule / PipelineModule
 
 `parallelize` (real process groups) and dry runs (`fxpar.plan`, sizes only)
@@ -67,6 +67,7 @@ def default_passes(plan: Plan | None = None) -> list:
         P.annotate_parameters,
         P.apply_fsdp,
         P.split_linear_bias,
+        P.decompose_loss,  # a no-op without a captured cross-entropy on a vocab-sharded head
         P.propagate_sharding,
         P.insert_collectives,
         P.apply_mixed_precision,  # a no-op without mp_policy
@@ -106,7 +107,8 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
                   progress: Callable[[str], None] | None = None,
                   captured: fx.GraphModule | None = None, mp_policy: Any = None,
                   activation_checkpointing: str | None = None, batch_norm_per_microbatch: bool = False,
-                  compile: bool | str = False) -> ParallelModule:
+                  compile: bool | str = False, loss_fn: Callable | None = None,
+                  example_target: Any = None) -> ParallelModule:
     """The compile path `parallelize` and dry runs (`fxpar.plan`) share: capture, passes, module.
 
     A dry run passes `mesh=None` and a `MeshInfo` built from sizes, so it
@@ -121,6 +123,8 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
         progress: called with 'capture', then 'passes', as each long step starts.
         captured: the model's capture, reused (copied) instead of capturing again: the in-process
             simulator compiles every rank of a mesh from one capture.
+        loss_fn, example_target: capture `loss_fn(model(*inputs), target)` into the graph (the
+            module's graph returns the loss; its forward compiles the model alone on first use).
         The others: as `parallelize`.
     """
     settings = dict(locals())  # every argument, to compile the other train / eval mode the same way
@@ -142,6 +146,11 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
     if pipelined and input_layout != "full":
         raise PlanError(f"input_layout={input_layout!r}: a pipeline takes the same full inputs on every rank "
                         "(input_layout='full')")
+    if loss_fn is not None and pipelined:
+        raise PlanError("a captured loss (parallelize(..., loss_fn=)) is not pipelined yet: with pp, pass the "
+                        "loss to pm.step(x, target=y, loss_fn=fn) instead (it runs on the last stage)")
+    if loss_fn is not None and example_target is None:
+        raise PlanError("loss_fn= needs example_target= (a target shaped like the real ones) to capture the loss")
     if progress is not None:
         progress("capture")
     # A model on meta (larger than one rank) is captured as FakeTensors on the mesh's device and gets only
@@ -152,7 +161,8 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
                         "mesh without pp (dp, fsdp, tp)")
     skeleton = _skeleton(model, required=on_meta) if mesh is not None else None
     if captured is None:
-        gm = capture(fake_copy(skeleton, mesh_device(mesh)) if on_meta else model, example_inputs, example_kwargs)
+        gm = capture(fake_copy(skeleton, mesh_device(mesh)) if on_meta else model, example_inputs, example_kwargs,
+                     loss_fn=loss_fn, target=example_target)
         if not on_meta:
             broadcast_state(gm, mesh)  # as DDP: every rank starts from the first rank's parameters and buffers
     else:
@@ -187,9 +197,17 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
     pm.check_inputs = check is True
     if captured is None and not on_meta:
         pm.recompile_for_mode = functools.partial(_graph_in_mode, settings)
+    if loss_fn is not None:
+        pm.compile_model_graph = functools.partial(_graph_without_loss, settings)
     if on_meta:
         compute_buffers(pm)
     return pm
+
+
+def _graph_without_loss(settings: dict) -> fx.GraphModule:
+    """This rank's graph of the model alone (its output, not the captured loss), compiled as `settings` say."""
+    return compile_model(**{**settings, "progress": None, "loss_fn": None, "example_target": None,
+                            "captured": None}).graph_module
 
 
 def _graph_in_mode(settings: dict, mode: bool) -> fx.GraphModule:

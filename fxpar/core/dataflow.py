@@ -26,7 +26,7 @@ def differentiable(gm: fx.GraphModule) -> set[fx.Node]:
     Float inputs may (the caller can pass requires_grad tensors), parameters do
     when they require grad, an op's output does if any tensor input does and it
     is floating point; a no-grad region (`wrap_with_set_grad_enabled(False, ...)`)
-    produces none.
+    produces none, and neither does `aten.detach`.
     """
     out: set[fx.Node] = set()
     for node in gm.graph.nodes:
@@ -41,6 +41,8 @@ def differentiable(gm: fx.GraphModule) -> set[fx.Node]:
         elif node.op == "call_function":
             if is_higher_order(node.target) and node.args and node.args[0] is False:
                 continue
+            if node.target is torch.ops.aten.detach.default:
+                continue  # cut from the autograd graph (a softmax's shift, fxpar.passes.decompose_loss)
             if node.target is operator.getitem:
                 if node.args[0] in out and floating:
                     out.add(node)

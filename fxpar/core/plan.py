@@ -105,6 +105,13 @@ class Plan:
         microbatches: microbatches per step (None: the number of stages).
         dp: 'dp' or 'fsdp' for data parallelism over the mesh dim of that name.
         auto_tp: plan tensor parallelism automatically for modules no tp key names.
+        sequence_parallel: Megatron-SP on the tp dim: norms, dropout and residual adds run on
+            sequence shards (dim -2 of a (..., T, C) activation); each block's forward all-reduce
+            becomes a reduce-scatter, and an all-gather runs before the next column-parallel matmul.
+        loss_parallel: with a captured loss (`parallelize(..., loss_fn=, example_target=)`), compute
+            cross-entropy on vocab-sharded logits (max, sum-exp and target-logit all-reduces of a few
+            bytes per token) instead of gathering them. None: on when the loss is captured and the
+            head is vocab-sharded; True / False force it (True on a replicated head is a PlanError).
     """
 
     tp: tuple[tuple[str, TPStyle], ...] = ()
@@ -113,10 +120,13 @@ class Plan:
     microbatches: int | None = None
     dp: str | None = None
     auto_tp: bool = False
+    sequence_parallel: bool = False
+    loss_parallel: bool | None = None
 
     def __init__(self, tp: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None, *, pp: Any = None,
                  schedule: str | None = None, microbatches: int | None = None,
-                 dp: str | None = None, auto_tp: bool = False) -> None:
+                 dp: str | None = None, auto_tp: bool = False, sequence_parallel: bool = False,
+                 loss_parallel: bool | None = None) -> None:
         items = list(tp.items()) if isinstance(tp, Mapping) else list(tp or ())
         pairs = []
         for key, value in items:
@@ -131,12 +141,18 @@ class Plan:
                             "divides the batch")
         if not isinstance(auto_tp, bool):
             raise PlanError(f"auto_tp={auto_tp!r}: use True or False")
+        if not isinstance(sequence_parallel, bool):
+            raise PlanError(f"sequence_parallel={sequence_parallel!r}: use True or False")
+        if loss_parallel not in (None, True, False):
+            raise PlanError(f"loss_parallel={loss_parallel!r}: use None (automatic), True or False")
         object.__setattr__(self, "tp", tuple(pairs))
         object.__setattr__(self, "pp", _pp(pp))
         object.__setattr__(self, "schedule", _schedule(schedule))
         object.__setattr__(self, "microbatches", microbatches)
         object.__setattr__(self, "dp", dp)
         object.__setattr__(self, "auto_tp", auto_tp)
+        object.__setattr__(self, "sequence_parallel", sequence_parallel)
+        object.__setattr__(self, "loss_parallel", loss_parallel)
 
     def resolve_tp(self, module_fqns: Iterable[str]) -> dict[str, TPStyle]:
         """Maps each module FQN some key matches to its style.
@@ -159,7 +175,8 @@ class Plan:
     def to_dict(self) -> dict:
         pp = list(self.pp) if isinstance(self.pp, tuple) else self.pp
         return {"tp": {k: str(s) for k, s in self.tp}, "pp": pp, "schedule": self.schedule,
-                "microbatches": self.microbatches, "dp": self.dp, "auto_tp": self.auto_tp}
+                "microbatches": self.microbatches, "dp": self.dp, "auto_tp": self.auto_tp,
+                "sequence_parallel": self.sequence_parallel, "loss_parallel": self.loss_parallel}
 
 
 def as_plan(plan: Plan | Mapping[str, Any] | None) -> Plan:

@@ -8,12 +8,15 @@ registered autograd formula is the dual from DESIGN.md:
 
     forward (mesh dim m)      op                      backward
     Partial   -> Replicate    all_reduce              identity
+    Partial(max) -> Replicate all_reduce_max          none (a detached statistic: a softmax's shift)
     Shard(d)  -> Replicate    all_gather(d)           local slice
     Replicate -> Shard(d)     shard (local slice)     all_gather(d)
     Partial   -> Shard(d)     reduce_scatter(d)       all_gather(d)
     Shard(a)  -> Shard(b)     all_to_all(a -> b)      all_to_all(b -> a)
     Replicate, consumed by    grad_all_reduce         all_reduce
       a non-Replicate op      (identity)
+    Shard(d) -> Replicate     sp_all_gather (all_gather reduce_scatter(d)
+      for a sharded consumer   and f fused: Megatron-SP's g)
     FSDP parameter Shard(0)   fsdp_all_gather         reduce_scatter
       -> Replicate, used on   (all_gather then the
       batch-sharded data      f above, fused)
@@ -53,6 +56,7 @@ __all__ = [
     "transition_cost",
     "insert_transition",
     "insert_grad_all_reduce",
+    "insert_sp_all_gather",
     "inference_graph_module",
 ]
 
@@ -192,6 +196,19 @@ def _all_reduce_bwd(ctx, grad):
 all_reduce.register_autograd(_all_reduce_bwd)
 
 
+@torch.library.custom_op("fxpar::all_reduce_max", mutates_args=())
+def all_reduce_max(x: Tensor, group_name: str, mesh_dim: str) -> Tensor:
+    """Partial(max) -> Replicate: the elementwise max over the group. Not differentiable: it computes
+    the shift of a vocab-parallel log-softmax, whose value the result does not depend on."""
+    _record("all_reduce", mesh_dim, x, "forward")
+    return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "max", group_name))
+
+
+all_reduce_max.register_fake(lambda x, group_name, mesh_dim: torch.empty_like(x))
+# the shift carries no gradient (its input is detached in the graph)
+all_reduce_max.register_autograd(lambda ctx, grad: (None, None, None))
+
+
 @torch.library.custom_op("fxpar::grad_all_reduce", mutates_args=())
 def grad_all_reduce(x: Tensor, group_name: str, mesh_dim: str) -> Tensor:
     """Identity forward (Megatron's f); its backward all-reduces the partial gradient."""
@@ -247,6 +264,29 @@ def _all_gather_bwd(ctx, grad):
 
 
 all_gather.register_autograd(_all_gather_bwd, setup_context=_save_shard_args)
+
+
+@torch.library.custom_op("fxpar::sp_all_gather", mutates_args=())
+def sp_all_gather(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str) -> Tensor:
+    """Shard(dim) -> Replicate for a sharded consumer (a column-parallel matmul on sequence shards):
+    its gradient is partial, so the backward reduce-scatters it (half all_reduce-then-slice's bytes)."""
+    _record("all_gather", mesh_dim, x, "forward")
+    return _all_gather(x, dim, group_size, group_name)
+
+
+@sp_all_gather.register_fake
+def _(x, dim, group_size, group_name, mesh_dim):
+    shape = list(x.shape)
+    shape[dim] = shape[dim] * group_size
+    return x.new_empty(shape)
+
+
+def _sp_all_gather_bwd(ctx, grad):
+    _record("reduce_scatter", ctx.mesh_dim, grad, "backward")
+    return _reduce_scatter(grad, ctx.dim, ctx.group_size, ctx.group_name), None, None, None, None
+
+
+sp_all_gather.register_autograd(_sp_all_gather_bwd, setup_context=_save_shard_args)
 
 
 @torch.library.custom_op("fxpar::shard", mutates_args=())
@@ -423,24 +463,28 @@ def set_fsdp_runtime(runtime: FsdpRuntime | None) -> None:
 
 COLLECTIVE_OPS = {
     torch.ops.fxpar.all_reduce.default: "all_reduce",
+    torch.ops.fxpar.all_reduce_max.default: "all_reduce_max",
     torch.ops.fxpar.all_gather.default: "all_gather",
     torch.ops.fxpar.shard.default: "shard",
     torch.ops.fxpar.reduce_scatter.default: "reduce_scatter",
     torch.ops.fxpar.all_to_all.default: "all_to_all",
     torch.ops.fxpar.grad_all_reduce.default: "grad_all_reduce",
     torch.ops.fxpar.fsdp_all_gather.default: "fsdp_all_gather",
+    torch.ops.fxpar.sp_all_gather.default: "sp_all_gather",
 }
 """Every fxpar communication op, by the name explain() prints."""
 
 # What each op communicates, forward and backward, for explain() and the static checker.
 BACKWARD_OF = {
     "all_reduce": None,
+    "all_reduce_max": None,
     "all_gather": None,
     "shard": "all_gather",
     "reduce_scatter": "all_gather",
     "all_to_all": "all_to_all",
     "grad_all_reduce": "all_reduce",
     "fsdp_all_gather": "reduce_scatter",
+    "sp_all_gather": "reduce_scatter",
 }
 
 for _op in COLLECTIVE_OPS:
@@ -462,7 +506,11 @@ def transition_op(src: Placement, dst: Placement) -> str | None:
             and not isinstance(src, Replicate):
         raise ShardingError(f"no transition from {src} to {dst}: a strided shard only gathers or is cut from a replica")
     if isinstance(dst, Replicate):
-        return "all_reduce" if isinstance(src, Partial) else "all_gather"
+        if isinstance(src, Partial):
+            return "all_reduce_max" if src.reduce_op == "max" else "all_reduce"
+        return "all_gather"
+    if isinstance(src, Partial) and src.reduce_op != "sum":
+        raise ShardingError(f"no transition from {src} to {dst}: a Partial({src.reduce_op}) value only all-reduces")
     if isinstance(dst, (Shard, _StridedShard)):
         if isinstance(src, Replicate):
             return "shard"
@@ -474,10 +522,11 @@ def transition_op(src: Placement, dst: Placement) -> str | None:
 
 # Ring algorithms: all_reduce moves 2(n-1)/n of the tensor per rank, gathers and scatters (n-1)/n,
 # all_to_all (n-1)/n of the local shard.
-_FORWARD_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
+_FORWARD_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_reduce_max": lambda n: 2 * (n - 1) / n,
+                   "all_gather": lambda n: (n - 1) / n,
                    "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n / n,
                    "shard": lambda n: 0.0, "grad_all_reduce": lambda n: 0.0,
-                   "fsdp_all_gather": lambda n: (n - 1) / n}
+                   "fsdp_all_gather": lambda n: (n - 1) / n, "sp_all_gather": lambda n: (n - 1) / n}
 
 
 def op_cost(op: str, n: int, nbytes: float, *, with_backward: bool) -> float:
@@ -519,8 +568,8 @@ def insert_transition(
     op = transition_op(src, dst)
     if op is None:
         return None
-    if op == "all_reduce":
-        return _make_node(graph, op, x, (group_name, mesh_dim_name), f"allreduce_{label}")
+    if op in ("all_reduce", "all_reduce_max"):
+        return _make_node(graph, op, x, (group_name, mesh_dim_name), f"{op.replace('_', '')}_{label}")
     if op == "all_to_all":
         return _make_node(graph, op, x, (src.dim, dst.dim, group_size, group_name, mesh_dim_name), f"alltoall_{label}")
     strided = src if op == "all_gather" else dst
@@ -539,6 +588,12 @@ def insert_transition(
 def insert_grad_all_reduce(graph: fx.Graph, x: fx.Node, *, mesh_dim_name: str, group_name: str, label: str) -> fx.Node:
     """Inserts Megatron's f: identity forward, all-reduce of the gradient backward."""
     return _make_node(graph, "grad_all_reduce", x, (group_name, mesh_dim_name), f"gradallreduce_{label}")
+
+
+def insert_sp_all_gather(graph: fx.Graph, x: fx.Node, *, dim: int, mesh_dim_name: str, group_size: int,
+                         group_name: str, label: str) -> fx.Node:
+    """Inserts the gather of a sequence shard for a sharded consumer (reduce_scatter of its gradient backward)."""
+    return _make_node(graph, "sp_all_gather", x, (dim, group_size, group_name, mesh_dim_name), f"spgather_{label}")
 
 
 def insert_fsdp_all_gather(graph: fx.Graph, param: fx.Node, *, dim: int, mesh_dim_name: str, group_size: int,

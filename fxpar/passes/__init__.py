@@ -2,7 +2,7 @@
 
 One public pass per module, named like the module. The default pipeline, in
 data-flow order: fuse_experts -> shard_inputs -> annotate_parameters -> apply_fsdp ->
-split_linear_bias -> propagate_sharding -> insert_collectives ->
+split_linear_bias -> decompose_loss -> propagate_sharding -> insert_collectives ->
 apply_mixed_precision -> localize_shapes -> bucket_grad_sync -> shard_parameters -> checkpoint_activations -> split_stages.
 """
 
@@ -11,6 +11,7 @@ from fxpar.passes.apply_fsdp import apply_fsdp
 from fxpar.passes.apply_mixed_precision import apply_mixed_precision
 from fxpar.passes.bucket_grad_sync import bucket_grad_sync
 from fxpar.passes.checkpoint_activations import checkpoint_activations
+from fxpar.passes.decompose_loss import decompose_loss
 from fxpar.passes.fuse_experts import fuse_experts
 from fxpar.passes.insert_collectives import insert_collectives
 from fxpar.passes.localize_shapes import localize_shapes
@@ -29,6 +30,7 @@ __all__ = [
     "bucket_grad_sync",
     "checkpoint_activations",
     "split_linear_bias",
+    "decompose_loss",
     "propagate_sharding",
     "insert_collectives",
     "localize_shapes",

@@ -22,7 +22,10 @@ projection (GPT-2's wte / lm_head) takes the projection's placement.
 With an automatic plan (`Plan(auto_tp=True)`, what `plan=None` means), modules
 the plan does not name get styles from the graph: Megatron pairs
 (`fxpar.passes._megatron.find_pairs`) whose sizes and head counts divide by tp,
-and a projection feeding the graph output (the lm_head) column-wise.
+and a projection feeding the graph output or a captured loss (the lm_head) column-wise, and the
+token embedding, if untied, vocab parallel (rowwise: rows sharded; `propagate_sharding` reduces
+its Partial output right after the lookup). Position and type tables stay replicated: sharding one
+would add a collective per step to save 1/tp of a small table.
 
 Before:  %up_weight = get_attr[target=up.weight]
 After:   same node, meta["fxpar"].spec.placements == (Shard(0),), local shape [N/tp, K]
@@ -48,7 +51,7 @@ from fxpar._torch.placements import StridedShard as _StridedShard
 from fxpar.core.errors import PlanError, ShardingError
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.plan import TPStyle
-from fxpar.core.spec import NodeInfo, divides, make_spec, set_info
+from fxpar.core.spec import NodeInfo, divides, make_spec, set_info, size_hint
 from fxpar.ops.moe import moe_experts
 from fxpar.passes._graph import module_fqns, param_nodes, uses_as
 from fxpar.passes._megatron import find_pairs, heads_of, is_projection, proj_out_features, proj_weight
@@ -135,6 +138,18 @@ def _auto_styles(gm: fx.GraphModule, taken: set[str], tp: int
             if k > 1:
                 fused[mod] = k
         styles[sink_mod] = TPStyle("rowwise")
+    # The token embedding, untied: vocab parallel (rows sharded, a masked lookup reduced right after it).
+    emb = _token_embedding(gm)
+    if emb is not None:
+        weight = emb.args[0]
+        mod = str(weight.target).rpartition(".")[0]
+        rows = weight.meta["val"].shape[0]
+        tied = any(u.target != aten.embedding.default for u in weight.users)
+        if mod and mod not in taken and mod not in styles and not tied:
+            if divides(rows, tp) is True:
+                styles[mod] = TPStyle("rowwise")
+            else:
+                notes[mod] = f"its {rows} rows (vocabulary) do not divide by tp={tp}"
     # The lm_head: a projection feeding the graph output, column parallel (its logits are gathered).
     for node in gm.graph.nodes:
         if is_projection(node) and _feeds_output(node):
@@ -144,10 +159,28 @@ def _auto_styles(gm: fx.GraphModule, taken: set[str], tp: int
     return styles, fused, notes
 
 
+_LOSSES = (aten.cross_entropy_loss.default, aten.nll_loss_forward.default, aten.nll_loss_nd.default)
+
+
+def _token_embedding(gm: fx.GraphModule) -> fx.Node | None:
+    """The lookup of the model's tokens: the largest embedding indexed (through views) by a graph input."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.target != aten.embedding.default or node.args[0].op != "get_attr":
+            continue
+        ids = node.args[1]
+        while ids.op == "call_function" and ids.target in (aten.view.default, aten.reshape.default):
+            ids = ids.args[0]
+        if ids.op == "placeholder":
+            found.append(node)
+    return max(found, key=lambda n: size_hint(n.args[0].meta["val"].shape[0]), default=None)
+
+
 def _feeds_output(node: fx.Node) -> bool:
+    """Whether `node` (through views) is a graph output or the input of a captured loss."""
     cur = node
     while True:
-        if any(u.op == "output" for u in cur.users):
+        if any(u.op == "output" or (u.target in _LOSSES and u.args[0] is cur) for u in cur.users):
             return True
         if len(cur.users) != 1:
             return False

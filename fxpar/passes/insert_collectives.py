@@ -30,11 +30,13 @@ from fxpar.core.errors import ShardingError, module_fqn_of, node_context
 from fxpar.core.mesh import MeshInfo
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.spec import NodeInfo, get_info, make_spec, set_info, shard_order
-from fxpar.ops.collectives import collective_args, insert_grad_all_reduce, insert_transition, transition_op
+from fxpar.ops.collectives import (collective_args, insert_grad_all_reduce, insert_sp_all_gather, insert_transition,
+                                   transition_op)
 from fxpar.passes._graph import differentiable
 from fxpar.rules import replace_tensor_args, tensor_args
 
 _FSDP_GATHER = torch.ops.fxpar.fsdp_all_gather.default
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default)
 
 
 def _group(mesh: MeshInfo, m: int) -> str:
@@ -145,12 +147,47 @@ class _Inserter:
         return self.cache[key]
 
     def grad_all_reduce(self, x: fx.Node, m: int, consumer: fx.Node) -> fx.Node:
+        fused = self._sp_gather(x, m, consumer)
+        if fused is not None:
+            return fused
         key = (x, "f", m)
         if key not in self.cache:
             with self.graph.inserting_before(consumer):
                 new = insert_grad_all_reduce(self.graph, x, mesh_dim_name=self.mesh.names[m],
                                              group_name=_group(self.mesh, m), label=x.name)
             self.cache[key] = self._new(new, x, tuple(get_info(x).spec.placements), consumer, "marker")
+        return self.cache[key]
+
+
+    def _sp_gather(self, x: fx.Node, m: int, consumer: fx.Node) -> fx.Node | None:
+        """An all_gather on m whose result needs Megatron's f on m: one sp_all_gather instead.
+
+        all_gather's backward slices and f's all-reduces, which is a reduce-scatter done at twice
+        its bytes; sp_all_gather gathers forward and reduce-scatters backward (Megatron-SP's g).
+        """
+        if x.target in _VIEWS and isinstance(x.args[0], fx.Node):
+            # a view of the gathered value (Conv1D's (B*T, C)): the view of the fused gather
+            inner = self._sp_gather(x.args[0], m, x)
+            if inner is None:
+                return None
+            key = (x, "sp-view", m)
+            if key not in self.cache:
+                with self.graph.inserting_before(consumer):
+                    view = self.graph.create_node("call_function", x.target, (inner, *x.args[1:]), dict(x.kwargs),
+                                                  name=f"{x.name}_sp")
+                view.meta.update(x.meta)
+                self.cache[key] = view
+            return self.cache[key]
+        if x.target is not torch.ops.fxpar.all_gather.default or x.args[4] != self.mesh.names[m] \
+                or (len(x.args) > 5 and x.args[5] != 1):
+            return None
+        key = (x, "sp", m)
+        if key not in self.cache:
+            src = x.args[0]
+            with self.graph.inserting_before(consumer):
+                new = insert_sp_all_gather(self.graph, src, dim=x.args[1], mesh_dim_name=self.mesh.names[m],
+                                           group_size=x.args[2], group_name=x.args[3], label=src.name)
+            self.cache[key] = self._new(new, src, tuple(get_info(x).spec.placements), x, "collective")
         return self.cache[key]
 
 
@@ -186,10 +223,14 @@ def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if changed:
             replace_tensor_args(node, new_args)
             modified = True
-    # An FSDP gather all of whose uses took the plain all_gather instead is dead communication
+    # An FSDP gather all of whose uses took the plain all_gather instead, or an all_gather all of whose
+    # uses took sp_all_gather, is dead communication
     # (collectives are side-effectful, so dead code elimination keeps them).
+    for node in reversed(list(gm.graph.nodes)):
+        if node.target in _VIEWS and not node.users and node.args[0].target is torch.ops.fxpar.all_gather.default:
+            gm.graph.erase_node(node)  # a view of a gather that sp_all_gather replaced
     for node in list(gm.graph.nodes):
-        if node.target is _FSDP_GATHER and not node.users:
+        if node.target in (_FSDP_GATHER, torch.ops.fxpar.all_gather.default) and not node.users:
             gm.graph.erase_node(node)
             modified = True
     return PassResult(gm, modified)

@@ -16,7 +16,19 @@ placements; the cheapest wins, where the price of a strategy is
                           reshard that usually follows)
     + 1e18 for gathering a sharded parameter (the plan is binding)
 
-and ties go to the rule's earlier strategy. An op without a rule runs on
+and ties go to the rule's earlier strategy.
+
+With `Plan(sequence_parallel=True)` (Megatron-SP), a residual add that meets a
+Partial value (a row-parallel block output, a vocab-parallel embedding) on tp
+is also offered sequence shards: every input Shard(-2) of its (..., T, C)
+activation (a reduce-scatter of the Partial input, a local slice of a
+Replicate one), and a Replicate output there is priced as the activation
+memory it repeats on every rank, (n-1)/n x its bytes, so the shards win.
+Norms, dropout and later adds follow the shards by their own rules; the next
+column-parallel matmul gathers its input (all_gather), and a norm weight used
+on sequence shards gets Megatron's f (its partial gradient all-reduced).
+
+An op without a rule runs on
 Replicate inputs (the always-correct fallback, marked for explain()). Every
 output of the graph must be Replicate, except a batch-sharded output on the
 data-parallel dims (the runtime gathers it, or computes the loss per shard).
@@ -38,7 +50,7 @@ from fxpar.core.errors import ShardingError, module_fqn_of, node_context
 from fxpar.core.mesh import MeshInfo
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.spec import NodeInfo, TensorSpec, divides, get_info, make_spec, set_info, size_hint, size_key
-from fxpar.ops.collectives import COLLECTIVE_OPS, op_cost, transition_cost
+from fxpar.ops.collectives import COLLECTIVE_OPS, insert_transition, op_cost, transition_cost
 from fxpar.passes._graph import differentiable, is_tensor
 from fxpar.passes.shard_inputs import DATA_DIMS
 from fxpar.rules import OpInfo, Strategy, all_replicate, allows_uneven, lookup, tensor_args
@@ -115,8 +127,28 @@ def _price(strategy: Strategy, cur: list, vals: list, out_val, mesh: MeshInfo, m
     return cost
 
 
+_SP_SEEDS = (torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor)
+
+
+def _sequence_strategy(node: fx.Node, op: OpInfo, cur: list) -> Strategy | None:
+    """Megatron-SP's entry into sequence shards: a residual add meeting a Partial value."""
+    out = op.out_val
+    if node.target not in _SP_SEEDS or not isinstance(out, torch.Tensor) or out.ndim < 3 \
+            or not out.dtype.is_floating_point or not any(c is not None and c.is_partial() for c in cur):
+        return None
+    if divides(out.shape[-2], op.mesh_size) is False:  # unknown: the shard and reduce_scatter check at run time
+        return None
+    seq = out.ndim - 2
+    inputs = []
+    for v in op.in_vals:
+        d = seq - (out.ndim - v.ndim)  # right-aligned broadcasting
+        broadcast = d < 0 or size_hint(v.shape[d]) == 1 != size_hint(out.shape[seq])
+        inputs.append(Replicate() if broadcast else Shard(d))
+    return Strategy(tuple(inputs), Shard(seq))
+
+
 def _choose(node: fx.Node, in_nodes: list[fx.Node], mesh: MeshInfo,
-            needs_grad: set[fx.Node]) -> tuple[list[Strategy], bool]:
+            needs_grad: set[fx.Node], sp_dim: int | None = None) -> tuple[list[Strategy], bool]:
     """One strategy per mesh dim, and whether the fallback was taken."""
     rule = lookup(node.target)
     vals = [a.meta["val"] for a in in_nodes]
@@ -131,9 +163,19 @@ def _choose(node: fx.Node, in_nodes: list[fx.Node], mesh: MeshInfo,
             continue
         cur = [c[m] for c in cur_all]
         options = [s for s in rule(op, tuple(cur)) if _feasible(s, op, mesh.sizes[m], tuple(cur))]
+        seq = _sequence_strategy(node, op, cur) if m == sp_dim and node in needs_grad else None
+        if seq is not None:
+            options.insert(0, seq)
         if not options:
             options = [all_replicate(op)]
-        best = min(options, key=lambda s: _price(s, cur, vals, node.meta["val"], mesh, m, cur_all, is_param, grads))
+
+        def price(s: Strategy) -> float:
+            cost = _price(s, cur, vals, node.meta["val"], mesh, m, cur_all, is_param, grads)
+            if seq is not None and _out_is_replicate(s.output):
+                cost += (mesh.sizes[m] - 1) / mesh.sizes[m] * _bytes(op.out_val, [None] * mesh.ndim, mesh, m)
+            return cost
+
+        best = min(options, key=price)
         chosen.append(best)
         # Later mesh dims see this dim's inputs as already redistributed.
         for i, req in enumerate(best.inputs):
@@ -206,8 +248,9 @@ def _arg_key(a: Any, node_key) -> Any:
 class _Memo:
     """The decisions and specs of one propagate_sharding run, by what determines them."""
 
-    def __init__(self, mesh: MeshInfo, needs_grad: set[fx.Node]) -> None:
+    def __init__(self, mesh: MeshInfo, needs_grad: set[fx.Node], sp_dim: int | None = None) -> None:
         self.mesh = mesh
+        self.sp_dim = sp_dim
         self.needs_grad = needs_grad
         self.val_keys: dict[fx.Node, Any] = {}
         self.decisions: dict[Any, tuple] = {}
@@ -246,7 +289,7 @@ class _Memo:
             key, hit = None, None
         if hit is not None:
             return hit
-        chosen, fallback = _choose(node, in_nodes, self.mesh, self.needs_grad)
+        chosen, fallback = _choose(node, in_nodes, self.mesh, self.needs_grad, self.sp_dim)
         inputs = tuple(tuple(s.inputs[i] for s in chosen) for i in range(len(in_nodes)))
         outputs = [s.output for s in chosen]
         val = node.meta["val"]
@@ -271,6 +314,38 @@ def _annotate_call(node: fx.Node, memo: _Memo) -> None:
                             fallback=fallback, origin="propagate_sharding", note=note))
 
 
+def _reduce_lookup(graph: fx.Graph, node: fx.Node, mesh: MeshInfo, sp_dim: int | None) -> None:
+    """A vocab-parallel lookup's Partial output is reduced right after it, as Megatron's
+    VocabParallelEmbedding does: all_reduce, or with sequence parallel reduce_scatter into sequence
+    shards. Left Partial, the residual stream would carry it into every block (each norm
+    all-reducing it again)."""
+    spec = get_info(node).spec
+    for m, p in enumerate(spec.placements):
+        if not p.is_partial():
+            continue
+        val = node.meta["val"]
+        seq = val.ndim - 2
+        dst = Shard(seq) if m == sp_dim and val.ndim >= 3 and divides(val.shape[seq], mesh.sizes[m]) is not False \
+            else Replicate()
+        placements = list(get_info(node).spec.placements)
+        with graph.inserting_after(node):
+            new = insert_transition(graph, node, p, dst, mesh_dim=m, mesh_dim_name=mesh.names[m],
+                                    group_size=mesh.sizes[m], group_name=_group_name(mesh, m), label=node.name)
+        node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+        placements[m] = dst
+        new.meta["val"] = val
+        for key in ("nn_module_stack", "stack_trace"):
+            if key in node.meta:
+                new.meta[key] = node.meta[key]
+        set_info(new, NodeInfo(spec=make_spec(val, tuple(placements), mesh.sizes), module_fqn=module_fqn_of(node),
+                               role="collective", origin="propagate_sharding"))
+        node = new
+
+
+def _group_name(mesh: MeshInfo, m: int) -> str:
+    return mesh.group_names[m] if mesh.group_names else f"dryrun:{mesh.names[m]}"
+
+
 def get_spec_or_none(node: fx.Node):
     info = get_info(node)
     return info.spec if info else None
@@ -280,7 +355,8 @@ def get_spec_or_none(node: fx.Node):
 def propagate_sharding(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     mesh = ctx.mesh
     replicate = tuple(Replicate() for _ in mesh.names)
-    memo = _Memo(mesh, differentiable(gm))
+    sp_dim = mesh.names.index("tp") if ctx.plan.sequence_parallel and mesh.has("tp") else None
+    memo = _Memo(mesh, differentiable(gm), sp_dim)
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             if is_tensor(node) and get_info(node) is None:
@@ -304,6 +380,8 @@ def propagate_sharding(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val))
             if tensors:
                 _annotate_call(node, memo)
+                if node.target == torch.ops.aten.embedding.default:
+                    _reduce_lookup(gm.graph, node, mesh, sp_dim)
             elif lookup(node.target) is not None and tensor_args(node):
                 # No tensor output, but it reads tensors: a buffer updated in place inside a no_grad block
                 # (a router's tokens-per-expert counter). Its inputs come whole, as its rule runs it.

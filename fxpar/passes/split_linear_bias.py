@@ -11,6 +11,13 @@ Before:  %y = aten.linear(%h, %down_weight, %down_bias)        # weight Shard(1)
 After:   %y_nobias = aten.linear(%h, %down_weight)
          %y  = aten.add.Tensor(%y_nobias, %down_bias)
 (and likewise addmm(bias, x, w) with w Shard(0) -> add(mm(x, w), bias): HF's Conv1D)
+
+With `Plan(sequence_parallel=True)`, a Conv1D's bias is added after the view that
+restores (B, T, C) (the same elementwise sum): the Partial product then reaches
+a 3-D add, where propagation reduce-scatters it along the sequence.
+
+Before:  %y = aten.view(aten.addmm(%b, %x2d, %w), [B, T, C])
+After:   %y = aten.add.Tensor(aten.view(aten.mm(%x2d, %w), [B, T, C]), %b)
 """
 
 from __future__ import annotations
@@ -45,4 +52,21 @@ def split_linear_bias(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         node.target = aten.add.Tensor
         node.args = (mm, b)
         modified = True
+        if ctx.plan.sequence_parallel:
+            _add_after_view(gm.graph, node)
     return PassResult(gm, modified)
+
+
+def _add_after_view(graph: fx.Graph, add: fx.Node) -> None:
+    """add(mm, b) whose only user is a view to more dims -> add(view(mm), b): the bias broadcasts alike."""
+    (view,) = add.users if len(add.users) == 1 else (None,)
+    if view is None or view.target not in (aten.view.default, aten.reshape.default) or view.args[0] is not add:
+        return
+    mm, b = add.args
+    if view.meta["val"].ndim <= add.meta["val"].ndim or b.meta["val"].ndim != 1:
+        return
+    view.args = (mm, *view.args[1:])
+    view.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add)
+    add.args = (view, b)
+    add.meta["val"] = view.meta["val"]
+    view.append(add)  # the add now follows the view

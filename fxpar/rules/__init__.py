@@ -1,7 +1,7 @@
 """Sharding rules per op family, in one table (`fxpar.rules.registry`).
 
 Importing this package registers every family: attention, dropout,
-embedding, indexing, matmul, moe, norms, pointwise, reductions, views. A new op
+embedding, indexing, loss, matmul, moe, norms, pointwise, reductions, views. A new op
 gets its rule in the family module it belongs to, registered with
 `@register(op, ...)`, and a test in tests/rules/.
 """
@@ -29,6 +29,7 @@ from fxpar.rules import (  # noqa: F401,E402  (each family registers its rules o
     dropout,
     embedding,
     indexing,
+    loss,
     matmul,
     moe,
     norms,

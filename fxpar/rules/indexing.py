@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch.distributed.tensor.placement_types import Shard
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxpar._torch.fx import wrap_set_grad_enabled, wrap_with_autocast
 from fxpar._torch.placements import StridedShard as _StridedShard
 from fxpar.core.spec import size_key
 from fxpar.rules.pointwise import cast_strategies
-from torch.distributed.tensor.placement_types import Shard
-
+from fxpar.rules.loss import localize_gather, vocab_strategies
 from fxpar.rules.registry import OpInfo, P, R, S, Strategy, norm_dim, register
 
 aten = torch.ops.aten
@@ -168,17 +169,24 @@ def index_select(op: OpInfo, cur) -> list[Strategy]:
     return _follow_except(op, cur, dim, linear=True)
 
 
-@register(aten.gather.default)
+def _same_size(a, b) -> bool:
+    """Equal sizes, as expressions or as the shape environment knows (a loss's target rows)."""
+    return size_key(a) == size_key(b) or statically_known_true(a == b)
+
+
+@register(aten.gather.default, localize=localize_gather)
 def gather(op: OpInfo, cur) -> list[Strategy]:
     """gather(x, dim, idx): out[.., i, ..] = x[.., idx[.., i, ..], ..] along `dim`, position for
     position on every other dim; so x and idx sharded alike on another dim of equal size give
-    that shard of the output (a per-row pick such as log_probs.gather(-1, target) on a batch shard)."""
+    that shard of the output (a per-row pick such as log_probs.gather(-1, target) on a batch shard).
+    With x sharded along `dim` itself (vocab-sharded logits) and idx replicated, each rank picks the
+    indices in its range: a Partial sum (`fxpar.rules.loss`)."""
     x, idx = op.in_vals[0], op.in_vals[1]
     dim = norm_dim(op.args[1], x.ndim)
-    out: list[Strategy] = []
+    out: list[Strategy] = vocab_strategies(op, cur, dim)
     for c in (cur[0], cur[1]):
         if c is not None and c.is_shard() and c.dim != dim and c.dim < idx.ndim \
-                and size_key(x.shape[c.dim]) == size_key(idx.shape[c.dim]):
+                and _same_size(x.shape[c.dim], idx.shape[c.dim]):
             out.append(Strategy((S(c.dim), S(c.dim)), S(c.dim)))
             break
     if cur[0] is not None and cur[0].is_partial():

@@ -9,6 +9,8 @@ gathers first. Softmax and norms along a dim need that dim whole.
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
+from torch.distributed.tensor.placement_types import Partial
 
 from fxpar.rules.registry import OpInfo, P, R, S, Strategy, norm_dim, register
 
@@ -59,9 +61,18 @@ def mean(op: OpInfo, cur) -> list[Strategy]:
 
 @register(aten.amax.default, aten.amin.default)
 def amax(op: OpInfo, cur) -> list[Strategy]:
-    # max of a Partial is not the max of the sum: only shard-following strategies.
-    strategies = _reduce(op, cur, sum_like=False)
-    return [s for s in strategies if not (s.inputs[0].is_partial())]
+    """max of a Partial is not the max of the sum: only shard-following strategies. Over a sharded
+    dim, the local max is a Partial(max) (all_reduce_max), but that transition has no gradient, so
+    only for an input that carries none: a detached one (a softmax's shift) or an integer one."""
+    strategies = [s for s in _reduce(op, cur, sum_like=False) if not s.inputs[0].is_partial()]
+    c = cur[0]
+    src = op.node.args[0]
+    no_grad = not op.in_vals[0].dtype.is_floating_point or (
+        isinstance(src, fx.Node) and src.target == aten.detach.default)
+    if c is not None and c.is_shard() and c.dim in _reduced_dims(op) and no_grad:
+        kind = "max" if op.node.target == aten.amax.default else "min"
+        strategies.insert(0, Strategy((S(c.dim),), Partial(kind)))
+    return strategies
 
 
 @register(aten._softmax.default, aten._log_softmax.default, aten.softmax.int, aten.log_softmax.int)

@@ -19,7 +19,7 @@ from fxpar._torch.fx import pytree
 from fxpar.analysis.explain import explain
 from fxpar.analysis.fingerprint import exchange
 from fxpar.analysis.plan_io import resolve_plan
-from fxpar.capture import CaptureInfo
+from fxpar.capture import LOSS_TARGET, CaptureInfo
 from fxpar.core.errors import PlanError
 from fxpar.core.mesh import MeshInfo
 from fxpar.core.spec import TensorSpec, get_info, get_spec, uncut_steps
@@ -72,6 +72,8 @@ class ParallelModule(nn.Module):
         self._fsdp_buckets = self._register_fsdp_buckets()
         self.training = self.capture_info.training  # the mode the graph was captured in
         self.recompile_for_mode: Callable[[bool], fx.GraphModule] | None = None  # set by compile_model
+        # With a captured loss: compiles the model alone, for forward (set by compile_model).
+        self.compile_model_graph: Callable[[], fx.GraphModule] | None = None
         self.check_inputs = False  # compare the ranks' inputs on every run, not only the first (check=True)
         # The model's structure on meta (never a value): init_weights and fxpar.checkpoint run its code on it.
         self.__dict__["source_model"] = None
@@ -213,9 +215,44 @@ class ParallelModule(nn.Module):
         return pytree.tree_map(cut, value)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's output. With a captured loss, the model alone runs (its graph compiled on first
+        use, sharing this module's parameters); `step` runs the loss graph."""
+        if self.capture_info.loss:
+            return self._run_model_graph(args, kwargs)
         return self._gather_outputs(self._run_graph(args, kwargs))
 
-    def step(self, *inputs: Any, target: Any, loss_fn: Callable, loss_reduction: str = "mean",
+    def model_graph_module(self) -> fx.GraphModule:
+        """With a captured loss, this rank's graph of the model alone (what forward runs), compiled on
+        first use with the same plan and sharing this module's parameters; else `graph_module`."""
+        if not self.capture_info.loss:
+            return self.graph_module
+        graphs = self.__dict__.setdefault("_model_graphs", {})
+        gm = graphs.get(self.training)
+        if gm is None:
+            if self.compile_model_graph is None:
+                raise PlanError(f"{type(self).__name__}: this module's graph ends in a captured loss and it cannot "
+                                "compile the model alone; call pm.step(x, target=y) for the loss")
+            gm = self.compile_model_graph()
+            self._share_state(gm)
+            graphs[self.training] = gm
+        return gm
+
+    def _run_model_graph(self, args: tuple, kwargs: dict) -> Any:
+        gm = self.model_graph_module()
+        loss_graph, checked = self.graph_module, self._fingerprint_checked
+        self.graph_module, self._fingerprint_checked = gm, False
+        try:
+            return self._gather_outputs(self._run_graph(args, kwargs))
+        finally:
+            self.graph_module, self._fingerprint_checked = loss_graph, checked
+
+    def _step_captured(self, inputs: tuple, target: Any, kwargs: dict) -> torch.Tensor:
+        """A training step on the captured loss: the graph computes the unsplit model's loss exactly."""
+        loss = self._run_graph(inputs, {**kwargs, LOSS_TARGET: target})
+        loss.backward()
+        return loss.detach()
+
+    def step(self, *inputs: Any, target: Any, loss_fn: Callable | None = None, loss_reduction: str = "mean",
              **kwargs: Any) -> torch.Tensor:
         """One training forward and backward; returns the global loss.
 
@@ -225,12 +262,19 @@ class ParallelModule(nn.Module):
         Args:
             inputs: the full inputs (every rank the same).
             target: the full target.
-            loss_fn: `loss_fn(output, target) -> scalar tensor`.
+            loss_fn: `loss_fn(output, target) -> scalar tensor`; None with a loss captured by
+                `parallelize(..., loss_fn=)`, which then computes exactly the unsplit model's loss
+                (its own reduction; `loss_reduction` is not used).
             loss_reduction: 'mean' or 'sum': how per-shard losses combine (used
                 when the batch is split across ranks or microbatches).
         """
         if loss_reduction not in ("mean", "sum"):
             raise PlanError(f"loss_reduction={loss_reduction!r}: use 'mean' or 'sum'")
+        if loss_fn is None:
+            if not self.capture_info.loss:
+                raise PlanError("pm.step needs loss_fn=, or a loss captured with parallelize(..., loss_fn=fn, "
+                                "example_target=t)")
+            return self._step_captured(inputs, target, kwargs)
         data = self._data_dims()
         sharded = data and all(any(p[m] == Shard(0) for m in data) for p in self._output_placements())
         if not sharded:

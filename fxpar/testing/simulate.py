@@ -436,7 +436,8 @@ class SimDeviceMesh:
 def simulate_parallelize(model: nn.Module, world: SimWorld, *, example_inputs: tuple = (),
                          example_kwargs: dict | None = None, plan: Any = None, passes: list | None = None,
                          check: bool | None = None, input_layout: str = "full",
-                         reshard_after_forward: bool = True) -> list:
+                         reshard_after_forward: bool = True, loss_fn: Callable | None = None,
+                         example_target: Any = None) -> list:
     """`fxpar.parallelize` for every rank of a simulated mesh, in this thread.
 
     Runs `fxpar.compiler.compile_model` for every rank (the same path as
@@ -458,13 +459,14 @@ def simulate_parallelize(model: nn.Module, world: SimWorld, *, example_inputs: t
                         "use fxpar.testing.rank_pool")
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    captured = capture(model, example_inputs, example_kwargs)
+    captured = capture(model, example_inputs, example_kwargs, loss_fn=loss_fn, target=example_target)
     # Every pass's checks on rank 0; the other ranks' finished graphs are checked by check_ranks
     # (the graphs differ only in parameter shards and coordinates), which halves compile time.
     return [compile_model(model, SimDeviceMesh(world, rank), world.mesh_info(rank), example_inputs=example_inputs,
                           example_kwargs=example_kwargs, plan=plan, passes=passes, input_layout=input_layout,
                           reshard_after_forward=reshard_after_forward,
-                          check=check if rank == 0 or check is not None else False, captured=captured)
+                          check=check if rank == 0 or check is not None else False, captured=captured,
+                          loss_fn=loss_fn, example_target=example_target)
             for rank in range(world.world_size)]
 
 
