@@ -47,7 +47,8 @@ from fxpar.core.fmt import fmt_bytes
 from fxpar.core.spec import TensorSpec, get_info, placements_str, size_hint
 from fxpar.core.stages import stage_info
 from fxpar.dryrun import DryRunReport
-from fxpar.ops.collectives import COLLECTIVE_OPS, collective_args
+from fxpar.ops.collectives import COLLECTIVE_OPS
+from fxpar.ops.transitions import collective_args
 
 __all__ = ["VizNode", "graph_nodes", "graph_dot", "graph_svg", "graph_html", "memory_chart", "schedule_chart"]
 

@@ -1,11 +1,12 @@
-"""fxpar.ops.collectives.inference_graph_module: the forward without its backward-only markers."""
+"""fxpar.ops.transitions.inference_graph_module: the forward without its backward-only markers."""
 
 from __future__ import annotations
 
 import torch
 
 import fxpar
-from fxpar.ops.collectives import COLLECTIVE_OPS, inference_graph_module
+from fxpar.ops.collectives import COLLECTIVE_OPS
+from fxpar.ops.transitions import inference_graph_module
 from models import GatedMLP
 
 GRAD_ALL_REDUCE = torch.ops.fxpar.grad_all_reduce.default

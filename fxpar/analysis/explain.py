@@ -27,7 +27,8 @@ from fxpar.analysis.plan_io import full_mesh
 from fxpar.core.fmt import fmt_bytes, natural_key
 from fxpar.core.spec import SIZE_BINDINGS, TensorSpec, get_info, placements_str, size_hint
 from fxpar.core.stages import stage_info
-from fxpar.ops.collectives import BACKWARD_OF, COLLECTIVE_OPS, collective_args
+from fxpar.ops.collectives import BACKWARD_OF, COLLECTIVE_OPS
+from fxpar.ops.transitions import collective_args
 from fxpar.ops.moe import moe_all_to_all_bytes, moe_experts
 
 __all__ = ["CollectiveInfo", "collectives", "param_memory", "explain"]

@@ -34,7 +34,8 @@ from fxpar._torch.c10d import functional, resolve_process_group
 from fxpar.core.errors import GraphInvariantError
 from fxpar.core.mesh import MeshInfo
 from fxpar.core.spec import TensorSpec, get_info
-from fxpar.ops.collectives import BACKWARD_OF, COLLECTIVE_OPS, collective_args
+from fxpar.ops.collectives import BACKWARD_OF, COLLECTIVE_OPS
+from fxpar.ops.transitions import collective_args
 
 __all__ = ["CollectiveSig", "collective_schedule", "schedule_fingerprint", "first_difference", "exchange"]
 

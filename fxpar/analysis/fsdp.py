@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from fxpar.ops.collectives import collective_args
+from fxpar.ops.transitions import collective_args
 
 __all__ = ["bucket_groups"]
 

@@ -49,7 +49,8 @@ from fxpar.core.dataflow import differentiable
 from fxpar.core.errors import FxparError, GraphInvariantError, node_context
 from fxpar.core.mesh import MeshInfo
 from fxpar.core.spec import TensorSpec, get_info, make_spec, placements_str, rank_local_shape
-from fxpar.ops.collectives import BACKWARD_OF, COLLECTIVE_OPS, collective_args, transition_op
+from fxpar.ops.collectives import BACKWARD_OF, COLLECTIVE_OPS
+from fxpar.ops.transitions import collective_args, transition_op
 from fxpar.rules import OpInfo, lookup, tensor_args
 
 __all__ = ["ALL_FACTS", "check_graph", "local_fake_run", "runtime_synced"]
@@ -181,7 +182,7 @@ def _check_edges(gm: fx.GraphModule, mesh: MeshInfo) -> None:
                     reach = "reaches a graph output" if node.op == "output" else \
                         f"reaches {getattr(node.target, '__name__', node.target)}, which is not linear in it"
                     hint = (f"a Partial value {reach}: a dropped all_reduce (or reduce_scatter) on mesh dim "
-                            f"{partial[0]!r}; insert the transition with fxpar.ops.collectives.insert_transition")
+                            f"{partial[0]!r}; insert the transition with fxpar.ops.transitions.insert_transition")
             raise GraphInvariantError(
                 f"{node_context(node)}: input %{a.name} is {placements_str(have) if have else 'unplaced'} "
                 f"but {what} needs {placements_str(need) if need else 'a placement'} ({hint})")
@@ -328,7 +329,7 @@ def _check_collective(node: fx.Node, mesh: MeshInfo) -> None:
     if want != op:
         raise GraphInvariantError(
             f"{node_context(node)}: {op} between {_p(a)} and {_p(b)} on mesh dim {mesh_dim!r}, but that transition "
-            f"is {want or 'no collective'}; expected {want or 'none'} (see fxpar.ops.collectives.transition_op)")
+            f"is {want or 'no collective'}; expected {want or 'none'} (see fxpar.ops.transitions.transition_op)")
     for name, value in _expected_args("all_gather" if op == "fsdp_all_gather" else op, a, b).items():
         have = args.get(name, 1 if name == "split_factor" else None)
         if have != value:
@@ -353,7 +354,7 @@ def _check_collectives(gm: fx.GraphModule, mesh: MeshInfo) -> None:
             raise GraphInvariantError(
                 f"{node_context(node)}: raw communication op {node.target} in the graph; its gradient has no fxpar "
                 "dual (the backward would be missing or wrong). Create communication with "
-                "fxpar.ops.collectives.insert_transition / insert_grad_all_reduce")
+                "fxpar.ops.transitions.insert_transition / insert_grad_all_reduce")
 
 
 # --------------------------------------------------------------------------- gradient duals
@@ -440,7 +441,7 @@ def _check_grad_duals(gm: fx.GraphModule, mesh: MeshInfo, boundary: frozenset[st
                     f"output is {out}, so each rank's gradient for %{a.name} is only a partial sum; %{a.name} must "
                     f"come through fxpar.grad_all_reduce on {mesh.names[m]!r} (identity forward, all-reduce "
                     "backward: the missing dual in the backward). Insert it with "
-                    "fxpar.ops.collectives.insert_grad_all_reduce")
+                    "fxpar.ops.transitions.insert_grad_all_reduce")
     reducers = []
     for node in gm.graph.nodes:
         if _is_collective(node) and COLLECTIVE_OPS[node.target] in _REDUCING_DUALS:

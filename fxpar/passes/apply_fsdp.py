@@ -42,7 +42,7 @@ from torch.distributed.tensor.placement_types import Replicate, Shard
 from fxpar.core.errors import PlanError, block_of
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.spec import NodeInfo, divides, get_info, make_spec, set_info, update_info
-from fxpar.ops.collectives import insert_fsdp_all_gather
+from fxpar.ops.transitions import insert_fsdp_all_gather
 from fxpar.passes._graph import param_nodes
 
 

@@ -49,7 +49,8 @@ import torch.fx as fx
 
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.spec import NodeInfo, TensorSpec, get_info, set_info
-from fxpar.ops.collectives import COLLECTIVE_OPS, set_fsdp_precision
+from fxpar.ops.collectives import COLLECTIVE_OPS
+from fxpar.ops.transitions import set_fsdp_precision
 
 __all__ = ["apply_mixed_precision", "MP_POLICY_KEY"]
 

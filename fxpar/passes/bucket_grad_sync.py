@@ -28,7 +28,8 @@ import torch.fx as fx
 
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.spec import GradSyncInfo, get_info, set_info
-from fxpar.ops.collectives import COLLECTIVE_OPS, collective_args
+from fxpar.ops.collectives import COLLECTIVE_OPS
+from fxpar.ops.transitions import collective_args
 
 DATA_DIMS = ("dp", "fsdp", "ep")
 DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024

@@ -30,8 +30,7 @@ from fxpar.core.errors import ShardingError, module_fqn_of, node_context
 from fxpar.core.mesh import MeshInfo
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.spec import NodeInfo, get_info, make_spec, set_info, shard_order
-from fxpar.ops.collectives import (collective_args, insert_grad_all_reduce, insert_sp_all_gather, insert_transition,
-                                   transition_op)
+from fxpar.ops.transitions import collective_args, insert_grad_all_reduce, insert_sp_all_gather, insert_transition, transition_op
 from fxpar.passes._graph import differentiable
 from fxpar.rules import replace_tensor_args, tensor_args
 

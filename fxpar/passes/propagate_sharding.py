@@ -50,7 +50,8 @@ from fxpar.core.errors import ShardingError, module_fqn_of, node_context
 from fxpar.core.mesh import MeshInfo
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.spec import NodeInfo, TensorSpec, divides, get_info, make_spec, set_info, size_hint, size_key
-from fxpar.ops.collectives import COLLECTIVE_OPS, insert_transition, op_cost, transition_cost
+from fxpar.ops.collectives import COLLECTIVE_OPS
+from fxpar.ops.transitions import insert_transition, op_cost, transition_cost
 from fxpar.passes._graph import differentiable, is_tensor
 from fxpar.passes.shard_inputs import DATA_DIMS
 from fxpar.rules import OpInfo, Strategy, all_replicate, allows_uneven, lookup, tensor_args

@@ -26,7 +26,7 @@ from torch.distributed.tensor.placement_types import Replicate, Shard
 from fxpar.core.errors import PlanError, ShardingError, node_context
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.spec import NodeInfo, divides, make_spec, set_info
-from fxpar.ops.collectives import insert_transition
+from fxpar.ops.transitions import insert_transition
 
 DATA_DIMS = ("dp", "fsdp", "ep")  # ep borrows the data ranks: tokens split, experts by index
 

@@ -40,6 +40,7 @@ from fxpar._torch.c10d import queue_autograd_callback
 from fxpar.analysis.fsdp import bucket_groups
 from fxpar.core.dataflow import attr_of
 from fxpar.ops import collectives as C
+from fxpar.ops.transitions import collective_args
 from fxpar.runtime.fsdp_state import register_fsdp_bucket
 
 __all__ = ["FsdpBucket", "register_buckets"]
@@ -147,7 +148,7 @@ def _gather_arg(param: "torch.fx.Node", name: str):
     uneven shard's gathered rows, -1 when even), or None."""
     for user in param.users:
         if user.target is torch.ops.fxpar.fsdp_all_gather.default:
-            return C.collective_args(user).get(name)
+            return collective_args(user).get(name)
     return None
 
 

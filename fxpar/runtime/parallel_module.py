@@ -23,7 +23,8 @@ from fxpar.capture import LOSS_TARGET, CaptureInfo
 from fxpar.core.errors import PlanError
 from fxpar.core.mesh import MeshInfo
 from fxpar.core.spec import TensorSpec, get_info, get_spec, uncut_steps
-from fxpar.ops.collectives import _all_gather, inference_graph_module
+from fxpar.ops.collectives import _all_gather
+from fxpar.ops.transitions import inference_graph_module
 from fxpar.runtime.checkpointing import checkpointed_graph_module
 from fxpar.runtime.agreement import check_same_inputs
 from fxpar.runtime.fsdp_buckets import register_buckets

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import fxpar
 from fxpar.core.spec import GradSyncInfo, get_info
-from fxpar.ops.collectives import collective_args
+from fxpar.ops.transitions import collective_args
 from models import MLPStack
 from pass_harness import calls, context, param, position, run_upto
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fxpar.ops.collectives import collective_args
+from fxpar.ops.transitions import collective_args
 from pass_harness import Fn, calls, run_upto
 
 
