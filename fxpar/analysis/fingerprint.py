@@ -7,7 +7,8 @@ the order can be compared before anything runs:
 
     schedule(rank, group) = [CollectiveSig(direction, op, mesh dim, local shape, dtype, node), ...]
                             for the collectives on that group's mesh dim, forward in graph
-                            order, then the communicating backward duals in reverse order
+                            order (an issued FSDP gather at its issue node, fxpar.analysis.overlap),
+                            then the communicating backward duals in reverse order
     fingerprint           = (len(schedule), blake2b(schedule))
 
 `exchange` runs on a ParallelModule's first forward: one all_gather of the
@@ -35,6 +36,7 @@ from fxpar.core.errors import GraphInvariantError
 from fxpar.core.mesh import MeshInfo
 from fxpar.core.spec import TensorSpec, get_info
 from fxpar.ops.collectives import BACKWARD_OF, COLLECTIVE_OPS, collective_args
+from fxpar.ops.overlap import ISSUE_OPS
 
 __all__ = ["CollectiveSig", "collective_schedule", "schedule_fingerprint", "first_difference", "exchange"]
 
@@ -98,6 +100,14 @@ def collective_schedule(gm: fx.GraphModule, mesh: MeshInfo) -> list[CollectiveSi
     """
     forward, backward = [], []
     for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in ISSUE_OPS:
+            a = dict(zip(("dim", "group_size", "group_name", "mesh_dim"), node.args[1:5]))
+            shapes = [get_info(s).spec.local_shape if get_info(s) is not None else () for s in node.args[0]]
+            dtype = str(node.args[5] or node.args[0][0].meta["val"].dtype).replace("torch.", "")
+            forward.append(CollectiveSig("forward", "all_gather", mesh_dim=a["mesh_dim"], group=a["group_name"],
+                                         shape=tuple(str(tuple(str(d) for d in sh)) for sh in shapes), dtype=dtype,
+                                         node=node.name, module=getattr(get_info(node), "module_fqn", "")))
+            continue
         if node.op != "call_function" or node.target not in COLLECTIVE_OPS:
             continue
         op = COLLECTIVE_OPS[node.target]

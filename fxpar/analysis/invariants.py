@@ -49,6 +49,7 @@ from fxpar.core.dataflow import differentiable
 from fxpar.core.errors import FxparError, GraphInvariantError, node_context
 from fxpar.core.mesh import MeshInfo
 from fxpar.core.spec import TensorSpec, get_info, make_spec, placements_str
+from fxpar.analysis.overlap import check_overlap
 from fxpar.ops.collectives import BACKWARD_OF, COLLECTIVE_OPS, collective_args, transition_op
 from fxpar.rules import OpInfo, lookup, tensor_args
 
@@ -533,3 +534,4 @@ def check_graph(gm: fx.GraphModule, mesh: MeshInfo, provided: frozenset[str], *,
         local_fake_run(gm)
     if "local_params" in provided:
         _check_local_params(gm, mesh)
+        check_overlap(gm)  # issue nodes before their waits, waits before uses, in-flight bytes within the estimate

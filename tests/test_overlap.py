@@ -1,0 +1,143 @@
+"""Overlap (fxpar.passes.schedule_overlap + the FSDP runtime): issue nodes in the graph, prefetched gathers,
+late-waited reduce-scatters; float64 gradients bit-equal to the waiting path on every mesh."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import fxpar
+from fxpar.runtime.fsdp_state import overlap_stats
+from fxpar.testing import rank_pool
+from tests.models import MLPStack, mse
+
+PREFETCH = torch.ops.fxpar.fsdp_prefetch.default
+GATHER = torch.ops.fxpar.fsdp_all_gather.default
+
+
+def _two_steps(pm, x, y):
+    """Two training steps with an SGD update between (the second forward gathers updated shards)."""
+    opt = torch.optim.SGD(pm.parameters(), lr=0.1)
+    losses = []
+    for _ in range(2):
+        opt.zero_grad()
+        losses.append(pm.step(x, target=y, loss_fn=mse).item())
+        grads = [p.grad.clone() for p in pm.parameters()]
+        opt.step()
+    return losses, grads
+
+
+def _overlap_vs_waiting(shape, names, kwargs):
+    torch.manual_seed(0)
+    model = MLPStack(16, 32, 4).double()
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", shape, mesh_dim_names=names)
+    x, y = torch.randn(8, 16, dtype=torch.float64), torch.randn(8, 16, dtype=torch.float64)
+    out = {}
+    for overlap in (False, True):
+        pm = fxpar.parallelize(model, mesh, example_inputs=(x,), overlap=overlap, check=True, **kwargs)
+        fxpar.check(pm)
+        ok = fxpar.verify(model, pm, x, target=y, loss_fn=mse).ok
+        overlap_stats(reset=True)
+        with fxpar.count_comms() as comms:
+            losses, grads = _two_steps(pm, x, y)
+        stats = overlap_stats(reset=True)
+        out[overlap] = dict(losses=losses, grads=grads, out=pm(x).detach(),
+                            comms=collections.Counter((c.direction, c.op, c.mesh_dim, c.nbytes) for c in comms),
+                            issues=sum(n.target is PREFETCH for n in pm.graph_module.graph.nodes),
+                            explain=pm.explain(), ok=ok, stats=stats)
+    a, b = out[False], out[True]
+    worst = max(float((g - h).abs().max()) for g, h in zip(a["grads"], b["grads"]))
+    return dict(worst_grad=worst, same_losses=a["losses"] == b["losses"], out=float((a["out"] - b["out"]).abs().max()),
+                same_comms=a["comms"] == b["comms"], issues=(a["issues"], b["issues"]), explain=b["explain"],
+                ok=a["ok"] and b["ok"], rank=dist.get_rank(), stats=(a["stats"], b["stats"]))
+
+
+CASES = {
+    "fsdp2": ((2,), ("fsdp",), {}),
+    "fsdp2-param": ((2,), ("fsdp",), {"fsdp_unit": "param"}),
+    "fsdp2-keep": ((2,), ("fsdp",), {"reshard_after_forward": False}),
+    "dp2": ((2,), ("dp",), {}),
+    "tp2": ((2,), ("tp",), {}),
+    "fsdp2-aot_eager": ((2,), ("fsdp",), {"compile": "aot_eager"}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_overlap_is_bit_equal_to_waiting(case):
+    shape, names, kwargs = CASES[case]
+    for r in rank_pool(2).run(_overlap_vs_waiting, shape, names, kwargs):
+        assert r["worst_grad"] == 0.0 and r["same_losses"] and r["out"] == 0.0 and r["ok"], r
+        assert r["same_comms"], r  # the same bytes, the same collectives: only their timing moved
+        waiting, overlapped = r["stats"]
+        assert not any(k.startswith("prefetched") or k.endswith("in flight") for k in waiting), waiting
+        assert "stale" not in overlapped, overlapped
+        if "fsdp" not in names:
+            assert r["issues"] == (0, 0) and overlapped == {}, r
+            continue
+        units = 4 if kwargs.get("fsdp_unit") != "param" else 16
+        assert r["issues"] == (0, units - 1), r  # every unit but the first is issued one unit early
+        assert overlapped["prefetched forward"] == 2 * (units - 1), overlapped  # two steps
+        assert overlapped["hit"] >= 2 * (units - 1), overlapped  # each taken by its wait
+        if units == 4 and "compile" not in kwargs:  # the runtime's per-block backward (not a compiled one)
+            # 4 blocks: 3 reduce-scatters issued while the one before is in flight, per step
+            assert overlapped["reduce_scatter in flight"] == 6, overlapped
+            if kwargs.get("reshard_after_forward", True):
+                assert overlapped["prefetched backward"] == 6, overlapped
+        assert "issued at %prefetch_" in r["explain"] and "overlaps" in r["explain"], r["explain"]
+
+
+@pytest.mark.slow
+def test_overlap_fsdp2_x_tp2_is_bit_equal():
+    for r in rank_pool(4).run(_overlap_vs_waiting, (2, 2), ("fsdp", "tp"), {}):
+        assert r["worst_grad"] == 0.0 and r["same_losses"] and r["out"] == 0.0 and r["ok"], r
+        assert r["same_comms"] and r["issues"] == (0, 3), r
+
+
+def _dry(**kw):
+    return fxpar.compiler.compile_model(MLPStack(16, 32, 4), None, fxpar.dryrun.dry_mesh({"fsdp": 2}),
+                                        example_inputs=(torch.randn(8, 16),), check=True, **kw)
+
+
+def test_issue_nodes_survive_dead_code_elimination_and_are_fingerprinted():
+    pm = _dry()
+    gm = pm.graph_module
+    gm.graph.eliminate_dead_code()
+    issues = [n for n in gm.graph.nodes if n.target is PREFETCH]
+    assert [n.name for n in issues] == ["prefetch_layers_1", "prefetch_layers_2", "prefetch_layers_3"]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for issue in issues:  # issued right after the first gather of the block before, waited in its own block
+        waits = [u for s in issue.args[0] for u in s.users if u.target is GATHER]
+        assert len(waits) == 4 and all(order[w] > order[issue] for w in waits)
+        assert issue.prev.target is GATHER or issue.prev.op == "get_attr"
+    from fxpar.analysis.fingerprint import collective_schedule
+    sched = [s.node for s in collective_schedule(gm, pm.mesh_info) if s.direction == "forward"]
+    assert sched == ["prefetch_layers_1", "prefetch_layers_2", "prefetch_layers_3"]
+    fxpar.check(pm)
+    assert "overlaps" in pm.explain()
+
+
+def test_no_overlap_means_no_issue_nodes():
+    assert not any(n.target is PREFETCH for n in _dry(overlap=False).graph_module.graph.nodes)
+
+
+def test_check_refuses_a_wait_before_its_issue_and_a_prefetch_two_blocks_early():
+    from fxpar.analysis.overlap import check_overlap, in_flight_estimate, in_flight_peak
+    gm = _dry().graph_module
+    check_overlap(gm)
+    issues = [n for n in gm.graph.nodes if n.target is PREFETCH]
+    peak, _ = in_flight_peak(gm)
+    assert 0 < peak <= in_flight_estimate(gm)
+    # issue block 3's gather where block 1's is issued: three blocks gathered at once
+    issues[0].append(issues[2])
+    with pytest.raises(fxpar.GraphInvariantError, match="in flight, over the estimate"):
+        check_overlap(gm)
+    gm = _dry().graph_module
+    issue = next(n for n in gm.graph.nodes if n.target is PREFETCH)
+    last_wait = max((u for s in issue.args[0] for u in s.users if u.target is GATHER),
+                    key=list(gm.graph.nodes).index)
+    last_wait.append(issue)  # after a wait: that wait gathers by itself, never taking the issued gather
+    with pytest.raises(fxpar.GraphInvariantError, match="before %prefetch_layers_1 issues it"):
+        check_overlap(gm)
