@@ -184,8 +184,11 @@ def targets(sec: dict) -> list[tuple[str, str, str, bool | None]]:
     for what, a, b, thr in TARGETS:
         st = sec["compare"].get(f"{what}: {a} / {b}")
         med = st.get("wall_ratio") if st else None
-        out.append((f"Overlap {what}: {a} / {b} (wall)", f"<= {thr}",
-                    "not measured" if med is None else f"{med:.3f}", None if med is None else med <= thr))
+        noise = sec["noise"].get(what, {})
+        shown = "not measured" if med is None else (
+            f"{med:.3f} ({st['wall_p10']:.2f}-{st['wall_p90']:.2f}; A vs A {noise.get('wall_p10', 0):.2f}-"
+            f"{noise.get('wall_p90', 0):.2f})")
+        out.append((f"Overlap {what}: {a} / {b} (wall)", f"<= {thr}", shown, None if med is None else med <= thr))
     return out
 
 
