@@ -7,7 +7,8 @@ the order can be compared before anything runs:
 
     schedule(rank, group) = [CollectiveSig(direction, op, mesh dim, local shape, dtype, node), ...]
                             for the collectives on that group's mesh dim, forward in graph
-                            order (an issued FSDP gather at its issue node, fxpar.analysis.overlap),
+                            order (an issued FSDP gather at its issue node, fxpar.analysis.overlap;
+                            with issue nodes in the graph, the other FSDP gathers where they stand),
                             then the communicating backward duals in reverse order
     fingerprint           = (len(schedule), blake2b(schedule))
 
@@ -99,6 +100,7 @@ def collective_schedule(gm: fx.GraphModule, mesh: MeshInfo) -> list[CollectiveSi
         reverse graph order.
     """
     forward, backward = [], []
+    issued = {s for n in gm.graph.nodes if n.op == "call_function" and n.target in ISSUE_OPS for s in n.args[0]}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in ISSUE_OPS:
             a = dict(zip(("dim", "group_size", "group_name", "mesh_dim"), node.args[1:5]))
@@ -120,7 +122,9 @@ def collective_schedule(gm: fx.GraphModule, mesh: MeshInfo) -> list[CollectiveSi
         dtype = str((out_spec or in_spec).dtype).replace("torch.", "") if (out_spec or in_spec) else "?"
         common = dict(mesh_dim=args["mesh_dim"], group=args["group_name"], dtype=dtype, node=node.name,
                       module=module)
-        if op in _FORWARD_COMMUNICATES:
+        # An FSDP gather communicates where it stands unless an issue node started it earlier; with issue
+        # nodes in the graph its order against them matters (two blocks' gathers have the same shapes).
+        if op in _FORWARD_COMMUNICATES or op == "fsdp_all_gather" and issued and node.args[0] not in issued:
             forward.append(CollectiveSig("forward", op, shape=_shape(in_spec.local_shape if in_spec else ()),
                                          **common))
         dual = BACKWARD_OF.get(op)

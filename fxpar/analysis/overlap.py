@@ -15,8 +15,10 @@ For a graph with issue nodes, `check_overlap` proves:
 
 Every rank issues the same collectives in the same order after reordering:
 `fxpar.analysis.fingerprint.collective_schedule` lists an issued gather at its
-issue node (its waits communicate nothing), so the static cross-rank check
-and the run-time fingerprint compare the reordered order.
+issue node (its waits communicate nothing) and the other FSDP gathers where
+they stand, so the static cross-rank check and the run-time fingerprint
+compare the reordered order (two blocks' gathers have the same shapes: only
+the order tells them apart).
 """
 
 from __future__ import annotations
