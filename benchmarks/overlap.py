@@ -15,9 +15,10 @@ its resident set before (Linux's VmHWM, reset through /proc/self/clear_refs),
 best of two; and for fxpar the peak bytes of gathered FSDP parameters alive at
 once, counted from the tensors.
 
-Rerun just this section (about 5 minutes on 2 cores):
+Rerun just this section (about 5 minutes on 2 idle cores; inductor compiles are most of it):
 
     python -m benchmarks --sections overlap --update
+    python -m benchmarks --sections overlap --overlap-parts fsdp --iters 20 --out /tmp/fsdp   # fsdp rows only
 """
 
 from __future__ import annotations
@@ -73,11 +74,7 @@ def peak_rss_bytes(step) -> int:
 
 
 def overlap_rank(cfg: ModelConfig, opts: dict) -> dict:
-    """Rank body (every rank runs it)."""
-    import fxpar
-    from fxpar.runtime.fsdp_state import gathered_param_bytes, peak_gathered_bytes, reset_peak_gathered_bytes
-    from torch.distributed.device_mesh import init_device_mesh
-
+    """Rank body (every rank runs it): the parts in opts['overlap_parts'] (default both)."""
     n, rank = dist.get_world_size(), dist.get_rank()
     model = build(cfg)
     ids, target = batch(cfg)
@@ -86,8 +83,20 @@ def overlap_rank(cfg: ModelConfig, opts: dict) -> dict:
     with torch.no_grad():
         out["loss_ref"] = cross_entropy(model(ids), target).item()
 
-    # ---- fsdp
-    mesh = init_device_mesh("cpu", (n,), mesh_dim_names=("fsdp",))
+    parts = opts.get("overlap_parts") or ("fsdp", "tp")
+    if "fsdp" in parts:
+        _fsdp_sides(out, model, local_ids, local_target, opts)
+    if "tp" in parts:
+        _tp_sides(out, model, ids, target, opts)
+    return out
+
+
+def _fsdp_sides(out: dict, model, local_ids, local_target, opts: dict) -> None:
+    import fxpar
+    from fxpar.runtime.fsdp_state import gathered_param_bytes, peak_gathered_bytes, reset_peak_gathered_bytes
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("fsdp",))
     sides: dict[str, tuple] = {}
     for name, overlap in (("fxpar fsdp", True), ("fxpar fsdp (no overlap)", False)):
         t0 = time.perf_counter()
@@ -116,10 +125,13 @@ def overlap_rank(cfg: ModelConfig, opts: dict) -> dict:
                 for name, (step, m) in sides.items()]
     variants.append(H.Variant("fxpar fsdp (again)", variants[0].run, variants[0].prepare))
     out["times"]["fsdp"] = H.interleave(variants, warmup=opts["warmup"], iters=opts["iters"])
-    del sides, variants, fsdp2
 
-    # ---- tp
-    mesh = init_device_mesh("cpu", (n,), mesh_dim_names=("tp",))
+
+def _tp_sides(out: dict, model, ids, target, opts: dict) -> None:
+    import fxpar
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
     models: dict[str, Any] = {}
     for name, backend in (("fxpar tp", False), ("fxpar tp compiled", True)):
         t0 = time.perf_counter()
@@ -154,7 +166,6 @@ def overlap_rank(cfg: ModelConfig, opts: dict) -> dict:
     variants = [H.Variant(name, fwd(m)) for name, m in models.items()]
     variants.append(H.Variant("fxpar tp (again)", variants[0].run))
     out["times"]["tp forward"] = H.interleave(variants, warmup=opts["warmup"], iters=opts["fwd_iters"])
-    return out
 
 
 def run(pool: Any, cfg: ModelConfig, opts: dict) -> dict:

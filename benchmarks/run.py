@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output folder (default: benchmarks/ for a full run, "
                                                      "a temporary folder for --quick)")
     parser.add_argument("--iters", type=int, default=None, help="override the timed iterations per comparison")
+    parser.add_argument("--overlap-parts", default="fsdp,tp", help="the overlap section's parts: fsdp, tp or both")
     parser.add_argument("--update", action="store_true",
                         help="keep the other sections of the results.json already in --out; re-measure only these")
     parser.add_argument("--report-only", action="store_true",
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.iters:
         opts.update(iters=args.iters, fwd_iters=args.iters, pp_iters=args.iters, dp_iters=args.iters,
                     sleep_iters=args.iters)
+    opts["overlap_parts"] = tuple(p for p in args.overlap_parts.split(",") if p)
     out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="fxpar-bench-")) if args.quick
                                            else ROOT / "benchmarks")
     out.mkdir(parents=True, exist_ok=True)
