@@ -75,7 +75,7 @@ def test_overlap_is_bit_equal_to_waiting(case):
         assert r["worst_grad"] == 0.0 and r["same_losses"] and r["out"] == 0.0 and r["ok"], r
         assert r["same_comms"], r  # the same bytes, the same collectives: only their timing moved
         waiting, overlapped = r["stats"]
-        assert not any(k.startswith("prefetched") or k.endswith("in flight") for k in waiting), waiting
+        assert not any(k.startswith("prefetched") or k.endswith("waited late") for k in waiting), waiting
         assert "stale" not in overlapped, overlapped
         if "fsdp" not in names:
             assert r["issues"] == (0, 0) and overlapped == {}, r
@@ -85,8 +85,8 @@ def test_overlap_is_bit_equal_to_waiting(case):
         assert overlapped["prefetched forward"] == 2 * (units - 1), overlapped  # two steps
         assert overlapped["hit"] >= 2 * (units - 1), overlapped  # each taken by its wait
         if units == 4 and "compile" not in kwargs:  # the runtime's per-block backward (not a compiled one)
-            # 4 blocks: 3 reduce-scatters issued while the one before is in flight, per step
-            assert overlapped["reduce_scatter in flight"] == 6, overlapped
+            # 4 blocks: 3 reduce-scatters waited only when the next block's is issued, per step
+            assert overlapped["reduce_scatter waited late"] == 6, overlapped
             if kwargs.get("reshard_after_forward", True):
                 assert overlapped["prefetched backward"] == 6, overlapped
         assert "issued at %prefetch_" in r["explain"] and "overlaps" in r["explain"], r["explain"]

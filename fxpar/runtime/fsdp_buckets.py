@@ -23,8 +23,8 @@ Overlap (`schedule_overlap` puts an `fsdp_prefetch` issue node for block
 i+1 after block i's first gather): `prefetch` issues the bucket's gather and
 its first `gather` waits on it. The backward is the dual: re-gathering
 block i issues the re-gather of block i-1 (`prev`) before returning, and a
-full bucket's reduce-scatter is issued without waiting; it is waited when
-the next one is issued (at most two in flight) or at the end of the backward,
+full bucket's reduce-scatter is issued without waiting; it is waited just
+before the next one is issued (one in flight, as FSDP2) or at the end of the backward,
 and its result added into `.grad` in issue order, so sums are bit-equal to
 the waiting path.
 
@@ -164,18 +164,21 @@ class FsdpBucket:
         return grad.new_zeros(self.shapes[index])
 
     def flush(self) -> None:
-        """Issues the reduce-scatter of the gradients gathered so far (zeros for the others); the one issued
-        before it is waited and added into its shards' `.grad` (at most two in flight)."""
+        """Issues the reduce-scatter of the gradients gathered so far (zeros for the others), after waiting
+        for the one issued before it and adding that into its shards' `.grad` (one in flight at a time)."""
         if self._grads is None:
             return
         grads, got = self._grads, self._got
         self._grads, self._got = None, set()
         _, n, group_name, mesh_dim = self.args
+        for _ in range(len(_in_flight)):  # the one before had this block's backward to complete under
+            count_overlap("reduce_scatter waited late")
+        drain()  # one in flight at a time, as FSDP2: one block's gradient buffer, not two
         C._record("reduce_scatter", mesh_dim, grads, "backward")
         _in_flight.append((self, start_reduce_scatter(grads.reshape(-1), n, group_name), got, grads))
-        count_overlap("reduce_scatter in flight" if len(_in_flight) > 1 else "reduce_scatter issued")
-        while len(_in_flight) > (1 if self.overlap else 0):
-            _finish_oldest()
+        count_overlap("reduce_scatter issued")
+        if not self.overlap:
+            drain()
 
     def _flush_and_drain(self) -> None:
         """End of the backward: flush a bucket some of whose parameters got no gradient, wait for all."""
