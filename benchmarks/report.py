@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from benchmarks import overlap
 from fxpar.core.fmt import fmt_bytes
 
 __all__ = ["write_markdown", "write_plot", "targets", "notes"]
@@ -121,6 +122,8 @@ def targets(res: dict) -> list[tuple[str, str, str, bool | None]]:
         rows.append((f"Compile: passes {hi} / {lo} blocks", "<= 4.5",
                      f"{ct['passes_ratio']:.2f} (fastest samples {ct.get('passes_ratio_min', math.nan):.2f}, GC off "
                      f"{ct['passes_ratio_nogc']:.2f}; nodes x{ct['nodes_ratio']:.2f})", ct["passes_ratio"] <= 4.5))
+    if res.get("overlap"):
+        rows += overlap.targets(res["overlap"])
     return rows
 
 
@@ -426,7 +429,7 @@ def write_markdown(res: dict, path: Path) -> None:
            f"{meta['torch']}, transformers {meta['transformers']}; fxpar at {meta['git']}. gloo on CPU, "
            f"{meta['ranks']} rank processes, 1 thread per rank.", ""]
     older = [f"{k} from `{res[k]['run']['command']}` on {res[k]['run']['date']} (fxpar at {res[k]['run']['git']}; "
-             f"load {res[k]['run']['load']})" for k in ("tp", "pp", "dp", "compile")
+             f"load {res[k]['run']['load']})" for k in ("tp", "pp", "dp", "compile", "overlap")
              if res.get(k) and res[k].get("run") and res[k]["run"]["date"] != meta["date"]]
     if older:
         out += ["Sections kept from an earlier run (`--update` re-measured only the others): " + "; ".join(older) + ".", ""]
@@ -451,6 +454,8 @@ def write_markdown(res: dict, path: Path) -> None:
         out += _dp_lines(res["dp"])
     if res.get("compile"):
         out += _compile_lines(res["compile"])
+    if res.get("overlap"):
+        out += overlap.lines(res["overlap"])
     out += _memory_lines(res)
     observed = notes(res)
     if observed:
@@ -458,6 +463,7 @@ def write_markdown(res: dict, path: Path) -> None:
     out += ["## Reproduce", "", "```bash", "pip install -e '.[test,bench]'",
             "python -m benchmarks                                # everything: about 10-15 min on 2 idle cores",
             "python -m benchmarks --sections compile --update    # re-measure one section, keep the others",
+            "python -m benchmarks --sections overlap --update    # issue 19's rows only (about 5 min)",
             "python -m benchmarks --report-only                  # rewrite RESULTS.md and results.png from results.json",
             "```", "",
             f"This file: `{meta['command']}`. `--quick` runs every section at tiny sizes on 2 ranks (the smoke test, "

@@ -7,7 +7,8 @@
     python -m benchmarks --report-only                 # rewrite RESULTS.md / results.png from results.json
 
 Sections (each a module here): tp (1), pp (2), dp (3), compile (4); memory
-(5) is assembled from what tp and dp measured. Ranks are one pool of 4 gloo
+(5) is assembled from what tp and dp measured; overlap (6, issue 19) runs on
+its own pool of 2 ranks: `python -m benchmarks --sections overlap --update`. Ranks are one pool of 4 gloo
 processes (`fxpar.testing.RankPool`, 1 thread each) reused by every section;
 compile time runs in its own single process.
 """
@@ -32,7 +33,7 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`: make the repository
 from benchmarks.models import ModelConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("tp", "pp", "dp", "compile")
+SECTIONS = ("tp", "pp", "dp", "compile", "overlap")
 
 
 @dataclass(frozen=True)
@@ -118,16 +119,19 @@ def _load() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a few iterations (seconds)")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--sections", default=None, help=f"comma-separated subset of {SECTIONS} (default: all; "
+                                                          "--quick leaves out overlap, minutes of inductor compiles)")
     parser.add_argument("--out", default=None, help="output folder (default: benchmarks/ for a full run, "
                                                      "a temporary folder for --quick)")
     parser.add_argument("--iters", type=int, default=None, help="override the timed iterations per comparison")
+    parser.add_argument("--overlap-parts", default="fsdp,tp", help="the overlap section's parts: fsdp, tp or both")
     parser.add_argument("--update", action="store_true",
                         help="keep the other sections of the results.json already in --out; re-measure only these")
     parser.add_argument("--report-only", action="store_true",
                         help="measure nothing: rewrite RESULTS.md and results.png from the results.json in --out")
     args = parser.parse_args(argv)
-    sections = [s for s in args.sections.split(",") if s]
+    default = [s for s in SECTIONS if not (args.quick and s == "overlap")]
+    sections = [s for s in args.sections.split(",") if s] if args.sections else default
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
@@ -136,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.iters:
         opts.update(iters=args.iters, fwd_iters=args.iters, pp_iters=args.iters, dp_iters=args.iters,
                     sleep_iters=args.iters)
+    opts["overlap_parts"] = tuple(p for p in args.overlap_parts.split(",") if p)
     out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="fxpar-bench-")) if args.quick
                                            else ROOT / "benchmarks")
     out.mkdir(parents=True, exist_ok=True)
@@ -201,6 +206,13 @@ def main(argv: list[str] | None = None) -> int:
                 load = _load()
                 res["dp"] = dp.run(pool, sizes.dp_model, opts)
                 stamp("dp", load)
+    if "overlap" in sections:
+        from benchmarks import overlap
+
+        load = _load()
+        with RankPool(2, timeout=opts["timeout"], threads_per_rank=1) as pool:
+            res["overlap"] = overlap.run(pool, overlap.QUICK if args.quick else overlap.CONFIG, opts)
+        stamp("overlap", load)
     if "compile" in sections:
         from benchmarks import compile_time
 

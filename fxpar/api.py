@@ -29,7 +29,8 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
                 input_layout: str = "full", reshard_after_forward: bool = True, fsdp_unit: str = "block",
                 check: bool | None = None, dump_dir: str | None = None, mp_policy: Any = None,
                 activation_checkpointing: str | None = None, batch_norm_per_microbatch: bool = False,
-                compile: bool | str = False, loss_fn: Any = None, example_target: Any = None) -> ParallelModule:
+                compile: bool | str = False, loss_fn: Any = None, example_target: Any = None,
+                overlap: bool = True) -> ParallelModule:
     """Compiles `model` for this rank of `mesh`.
 
     Args:
@@ -72,6 +73,10 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
             fxpar's custom ops, opaque to the compiler, and keep their gradient duals. Not yet for
             pipelines. Under compile, FSDP keeps gathered parameters for the backward
             (reshard_after_forward's saved-tensor hooks do not apply inside a compiled graph).
+        overlap: with fsdp, issue each block's gather during the block before it, re-gather the
+            block before during each block's backward, and wait each reduce-scatter one block late
+            (`fxpar.passes.schedule_overlap`); False gathers and reduces where each value is used.
+            Results are bit-equal either way.
 
         loss_fn: capture `loss_fn(model(*inputs), target)` into the graph, so the passes see the loss:
             cross-entropy on a vocab-sharded head then runs on vocab shards (`Plan(loss_parallel=)`),
@@ -98,7 +103,7 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
                          reshard_after_forward=reshard_after_forward, fsdp_unit=fsdp_unit, check=check,
                          dump_dir=dump_dir, mp_policy=mp_policy, activation_checkpointing=activation_checkpointing,
                          batch_norm_per_microbatch=batch_norm_per_microbatch, compile=compile, loss_fn=loss_fn,
-                         example_target=example_target)
+                         example_target=example_target, overlap=overlap)
 
 
 def check(pm: ParallelModule, *, ranks: list | None = None) -> None:

@@ -20,6 +20,7 @@ import torch.fx as fx
 
 from fxpar._torch.fx import pytree
 from fxpar.analysis.fsdp import bucket_groups
+from fxpar.analysis.overlap import overlap_lines
 from fxpar.analysis.memory import grad_sync_lines, memory_lines, memory_per_rank
 from fxpar.analysis.schedule import explain_stages, pipeline_order_of
 from fxpar.core.errors import block_of
@@ -300,6 +301,8 @@ def explain(pm, *inputs, **kwargs) -> str:
     lines.extend(memory_lines(memory_per_rank(pm)))
     lines.extend(grad_sync_lines(pm))
     lines.extend(_fsdp_unit_lines(graphs))
+    for g in graphs:
+        lines.extend(overlap_lines(g))
 
     fallbacks = [(n, get_info(n)) for g in graphs for n in g.graph.nodes
                  if get_info(n) is not None and get_info(n).fallback]

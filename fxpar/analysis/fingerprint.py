@@ -7,7 +7,9 @@ the order can be compared before anything runs:
 
     schedule(rank, group) = [CollectiveSig(direction, op, mesh dim, local shape, dtype, node), ...]
                             for the collectives on that group's mesh dim, forward in graph
-                            order, then the communicating backward duals in reverse order
+                            order (an issued FSDP gather at its issue node, fxpar.analysis.overlap;
+                            with issue nodes in the graph, the other FSDP gathers where they stand),
+                            then the communicating backward duals in reverse order
     fingerprint           = (len(schedule), blake2b(schedule))
 
 `exchange` runs on a ParallelModule's first forward: one all_gather of the
@@ -35,6 +37,7 @@ from fxpar.core.errors import GraphInvariantError
 from fxpar.core.mesh import MeshInfo
 from fxpar.core.spec import TensorSpec, get_info
 from fxpar.ops.collectives import BACKWARD_OF, COLLECTIVE_OPS
+from fxpar.ops.overlap import ISSUE_OPS
 from fxpar.ops.transitions import collective_args
 
 __all__ = ["CollectiveSig", "collective_schedule", "schedule_fingerprint", "first_difference", "exchange"]
@@ -98,7 +101,16 @@ def collective_schedule(gm: fx.GraphModule, mesh: MeshInfo) -> list[CollectiveSi
         reverse graph order.
     """
     forward, backward = [], []
+    issued = {s for n in gm.graph.nodes if n.op == "call_function" and n.target in ISSUE_OPS for s in n.args[0]}
     for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in ISSUE_OPS:
+            a = dict(zip(("dim", "group_size", "group_name", "mesh_dim"), node.args[1:5]))
+            shapes = [get_info(s).spec.local_shape if get_info(s) is not None else () for s in node.args[0]]
+            dtype = str(node.args[5] or node.args[0][0].meta["val"].dtype).replace("torch.", "")
+            forward.append(CollectiveSig("forward", "all_gather", mesh_dim=a["mesh_dim"], group=a["group_name"],
+                                         shape=tuple(str(tuple(str(d) for d in sh)) for sh in shapes), dtype=dtype,
+                                         node=node.name, module=getattr(get_info(node), "module_fqn", "")))
+            continue
         if node.op != "call_function" or node.target not in COLLECTIVE_OPS:
             continue
         op = COLLECTIVE_OPS[node.target]
@@ -111,7 +123,9 @@ def collective_schedule(gm: fx.GraphModule, mesh: MeshInfo) -> list[CollectiveSi
         dtype = str((out_spec or in_spec).dtype).replace("torch.", "") if (out_spec or in_spec) else "?"
         common = dict(mesh_dim=args["mesh_dim"], group=args["group_name"], dtype=dtype, node=node.name,
                       module=module)
-        if op in _FORWARD_COMMUNICATES:
+        # An FSDP gather communicates where it stands unless an issue node started it earlier; with issue
+        # nodes in the graph its order against them matters (two blocks' gathers have the same shapes).
+        if op in _FORWARD_COMMUNICATES or op == "fsdp_all_gather" and issued and node.args[0] not in issued:
             forward.append(CollectiveSig("forward", op, shape=_shape(in_spec.local_shape if in_spec else ()),
                                          **common))
         dual = BACKWARD_OF.get(op)

@@ -48,6 +48,7 @@ from fxpar.analysis.local_run import _hint_shape, _specs_of, local_fake_run
 from fxpar.core.dataflow import differentiable
 from fxpar.core.errors import FxparError, GraphInvariantError, node_context
 from fxpar.core.mesh import MeshInfo
+from fxpar.analysis.overlap import check_overlap
 from fxpar.core.spec import TensorSpec, get_info, make_spec, placements_str, rank_local_shape
 from fxpar.ops.collectives import BACKWARD_OF, COLLECTIVE_OPS
 from fxpar.ops.transitions import collective_args, transition_op
@@ -546,3 +547,4 @@ def check_graph(gm: fx.GraphModule, mesh: MeshInfo, provided: frozenset[str], *,
         local_fake_run(gm)
     if "local_params" in provided:
         _check_local_params(gm, mesh)
+        check_overlap(gm)  # issue nodes before their waits, waits before uses, in-flight bytes within the estimate

@@ -2,7 +2,7 @@
 
     capture -> shard_inputs -> annotate_parameters -> apply_fsdp -> split_linear_bias
             -> decompose_loss -> propagate_sharding -> insert_collectives -> apply_mixed_precision -> localize_shapes -> bucket_grad_sync
-            -> shard_parameters -> split_stages -> ParallelModule / PipelineModule
+            -> shard_parameters -> schedule_overlap -> split_stages -> ParallelModule / PipelineModule
 
 `parallelize` (real process groups) and dry runs (`fxpar.plan`, sizes only)
 both compile through `compile_model`, so a dry run's plan is the plan a real
@@ -74,6 +74,7 @@ def default_passes(plan: Plan | None = None) -> list:
         P.localize_shapes,
         P.bucket_grad_sync,
         P.shard_parameters,
+        P.schedule_overlap,  # a no-op without fsdp
         P.checkpoint_activations,  # a no-op without activation_checkpointing
         P.split_stages,  # a no-op without a pipeline
     ]
@@ -108,7 +109,7 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
                   captured: fx.GraphModule | None = None, mp_policy: Any = None,
                   activation_checkpointing: str | None = None, batch_norm_per_microbatch: bool = False,
                   compile: bool | str = False, loss_fn: Callable | None = None,
-                  example_target: Any = None) -> ParallelModule:
+                  example_target: Any = None, overlap: bool = True) -> ParallelModule:
     """The compile path `parallelize` and dry runs (`fxpar.plan`) share: capture, passes, module.
 
     A dry run passes `mesh=None` and a `MeshInfo` built from sizes, so it
@@ -174,7 +175,7 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
         progress("passes")
     options = {"input_layout": input_layout, "pp": pp_info, "fsdp_unit": fsdp_unit, "mp_policy": mp_policy,
                "activation_checkpointing": activation_checkpointing,
-               "batch_norm_per_microbatch": batch_norm_per_microbatch}
+               "batch_norm_per_microbatch": batch_norm_per_microbatch, "overlap": overlap}
     ctx = PassContext(mesh=spmd_info, plan=plan, device_mesh=spmd_mesh, options=options)
     manager = PassManager(passes if passes is not None else default_passes(plan), check=check, dump_dir=dump_dir)
     gm = manager.run(gm, ctx)

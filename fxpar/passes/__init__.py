@@ -3,7 +3,7 @@
 One public pass per module, named like the module. The default pipeline, in
 data-flow order: fuse_experts -> shard_inputs -> annotate_parameters -> apply_fsdp ->
 split_linear_bias -> decompose_loss -> propagate_sharding -> insert_collectives ->
-apply_mixed_precision -> localize_shapes -> bucket_grad_sync -> shard_parameters -> checkpoint_activations -> split_stages.
+apply_mixed_precision -> localize_shapes -> bucket_grad_sync -> shard_parameters -> schedule_overlap -> checkpoint_activations -> split_stages.
 """
 
 from fxpar.passes.annotate_parameters import annotate_parameters
@@ -17,6 +17,7 @@ from fxpar.passes.insert_collectives import insert_collectives
 from fxpar.passes.localize_shapes import localize_shapes
 from fxpar.passes.propagate_sharding import propagate_sharding
 from fxpar.passes.shard_inputs import shard_inputs
+from fxpar.passes.schedule_overlap import schedule_overlap
 from fxpar.passes.shard_parameters import shard_parameters
 from fxpar.passes.split_linear_bias import split_linear_bias
 from fxpar.passes.split_stages import split_stages
@@ -35,5 +36,6 @@ __all__ = [
     "insert_collectives",
     "localize_shapes",
     "shard_parameters",
+    "schedule_overlap",
     "split_stages",
 ]

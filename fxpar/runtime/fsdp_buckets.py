@@ -19,6 +19,15 @@ time a ParallelModule registers its buckets here, and the custom op's kernels
               re-gathers the bucket's saved parameters at once; the rest come
               from that until the last one saved is unpacked
 
+Overlap (`schedule_overlap` puts an `fsdp_prefetch` issue node for block
+i+1 after block i's first gather): `prefetch` issues the bucket's gather and
+its first `gather` waits on it. The backward is the dual: re-gathering
+block i issues the re-gather of block i-1 (`prev`) before returning, and a
+full bucket's reduce-scatter is issued without waiting; it is waited just
+before the next one is issued (one in flight, as FSDP2) or at the end of the backward,
+and its result added into `.grad` in issue order, so sums are bit-equal to
+the waiting path.
+
 Uneven shards (a dim 0 that does not divide by fsdp) take their padded size
 ceil(rows / fsdp) in the flat buffer on every rank, so the buffer has one
 size on every rank (FSDP2's padded shards); gathering strips the padding,
@@ -40,10 +49,11 @@ from fxpar._torch.c10d import queue_autograd_callback
 from fxpar.analysis.fsdp import bucket_groups
 from fxpar.core.dataflow import attr_of
 from fxpar.ops import collectives as C
+from fxpar.ops.overlap import start_all_gather, start_reduce_scatter, wait  # registers fxpar::fsdp_prefetch
 from fxpar.ops.transitions import collective_args
-from fxpar.runtime.fsdp_state import register_fsdp_bucket
+from fxpar.runtime.fsdp_state import count_overlap, register_fsdp_bucket
 
-__all__ = ["FsdpBucket", "register_buckets"]
+__all__ = ["FsdpBucket", "register_buckets", "drain"]
 
 
 class FsdpBucket:
@@ -69,6 +79,9 @@ class FsdpBucket:
         self._saved = 0  # parameters autograd saved as shards and has not unpacked yet
         self._grads: Tensor | None = None
         self._got: set[int] = set()
+        self._pending: tuple | None = None  # an issued gather: (direction, pending tensor, shard versions)
+        self.prev: FsdpBucket | None = None  # the bucket before this one in the forward (backward prefetch)
+        self.overlap = False  # the graph was scheduled for overlap: prefetch re-gathers, wait reduce-scatters late
 
     def shards(self) -> list[Tensor]:
         out = [r() for r in self._shards]
@@ -76,17 +89,50 @@ class FsdpBucket:
             raise RuntimeError("an FSDP bucket's parameter was freed while the module is in use")
         return out
 
-    def _gather_all(self, direction: str) -> list[Tensor]:
+    def _versions(self) -> tuple:
+        return tuple(s._version for s in self.shards())
+
+    def _issue(self, direction: str) -> None:
+        """Issues the bucket's gather (one flat buffer) without waiting for it."""
         _, n, group_name, mesh_dim = self.args
-        shards = self.shards()
-        flat = torch.cat([C._pad(s.detach(), 0, p[0]).reshape(-1) for s, p in zip(shards, self.padded)])
+        flat = torch.cat([C._pad(s.detach(), 0, p[0]).reshape(-1) for s, p in zip(self.shards(), self.padded)])
         flat = flat if self.dtype is None else flat.to(self.dtype)
         C._record("all_gather", mesh_dim, flat, direction)
-        gathered = C._all_gather(flat, 0, n, group_name).view(n, self.total)
+        self._pending = (direction, start_all_gather(flat, n, group_name), self._versions())
+
+    def _gather_all(self, direction: str) -> list[Tensor]:
+        """Every full parameter of the bucket: the issued gather if it is still current, else a new one."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            done = wait(pending[1])  # an issued collective always completes, current or not
+            if pending[0] != direction or pending[2] != self._versions():
+                pending = None
+                count_overlap("stale")
+            else:
+                count_overlap("hit")
+        if pending is None:
+            self._issue(direction)
+            pending, self._pending = self._pending, None
+            done = wait(pending[1])
+        n = self.args[1]
+        gathered = done.view(n, self.total)
         out = [gathered[:, o:o + k].reshape(n * shape[0], *shape[1:]) for o, k, shape in
                zip(self.offsets, self.numels, self.padded)]
         # each its own storage (autograd saves it as its shard, fsdp_state): an uneven one's real rows copied out
         return [t[:rows].clone() if rows != t.shape[0] else t.contiguous() for t, rows in zip(out, self.full_rows)]
+
+    def prefetch(self) -> None:
+        """Issues this forward's gather of the bucket (`fsdp_prefetch`); the first `gather` waits on it."""
+        self._full = {}  # whatever an unfinished forward left: this forward takes the prefetched gather
+        if self._pending is not None:
+            wait(self._pending[1])
+        self._issue("forward")
+        count_overlap("prefetched forward")
+
+    def _prefetch_regather(self) -> None:
+        if self._saved > 0 and not self._regathered and self._pending is None:
+            self._issue("backward")
+            count_overlap("prefetched backward")
 
     def gather(self, index: int) -> Tensor:
         """The full parameter `index`, from this forward's one gather of the bucket."""
@@ -96,6 +142,9 @@ class FsdpBucket:
             return hit[0]
         # first use in this forward, or left from an unfinished one and updated since: gather the bucket
         versions = [s._version for s in self.shards()]
+        if self._pending is not None and self._pending[0] == "backward":
+            wait(self._pending[1])  # a re-gather prefetched for a backward that did not come
+            self._pending = None
         self._full = {i: (t, v) for i, (t, v) in enumerate(zip(self._gather_all("forward"), versions))}
         return self._full.pop(index)[0]
 
@@ -112,6 +161,8 @@ class FsdpBucket:
         if index not in self._regathered or versions != self._regather_versions:
             self._regathered = dict(enumerate(self._gather_all("backward")))
             self._regather_versions = versions
+            if self.overlap and self.prev is not None:  # the block the backward reaches next: gather it during this one
+                self.prev._prefetch_regather()
         return self._regathered[index]
 
     def reduce(self, index: int, grad: Tensor) -> Tensor:
@@ -119,7 +170,7 @@ class FsdpBucket:
         _, n, _, _ = self.args
         if self._grads is None:
             self._grads = grad.new_zeros(n, self.total)
-            queue_autograd_callback(self.flush)
+            queue_autograd_callback(self._flush_and_drain)
         o, k = self.offsets[index], self.numels[index]
         self._grads[:, o:o + k].add_(C._pad(grad, 0, n * self.padded[index][0]).reshape(n, k))
         self._got.add(index)
@@ -128,19 +179,48 @@ class FsdpBucket:
         return grad.new_zeros(self.shapes[index])
 
     def flush(self) -> None:
-        """Reduce-scatters the gradients gathered so far (zeros for the others) into the shards' `.grad`."""
+        """Issues the reduce-scatter of the gradients gathered so far (zeros for the others), after waiting
+        for the one issued before it and adding that into its shards' `.grad` (one in flight at a time)."""
         if self._grads is None:
             return
         grads, got = self._grads, self._got
         self._grads, self._got = None, set()
         _, n, group_name, mesh_dim = self.args
+        for _ in range(len(_in_flight)):  # the one before had this block's backward to complete under
+            count_overlap("reduce_scatter waited late")
+        drain()  # one in flight at a time, as FSDP2: one block's gradient buffer, not two
         C._record("reduce_scatter", mesh_dim, grads, "backward")
-        local = C._reduce_scatter(grads.reshape(-1), 0, n, group_name)
+        _in_flight.append((self, start_reduce_scatter(grads.reshape(-1), n, group_name), got, grads))
+        count_overlap("reduce_scatter issued")
+        if not self.overlap:
+            drain()
+
+    def _flush_and_drain(self) -> None:
+        """End of the backward: flush a bucket some of whose parameters got no gradient, wait for all."""
+        self.flush()
+        drain()
+
+    def _accumulate(self, local: Tensor, got: set[int]) -> None:
         for i, (shard, o, k) in enumerate(zip(self.shards(), self.offsets, self.numels)):
             if i not in got:
                 continue
             part = local[o:o + k].view(self.padded[i])[:self.shapes[i][0]]
             shard.grad = part.to(shard.dtype, copy=True) if shard.grad is None else shard.grad.add_(part)
+
+
+# Reduce-scatters issued and not yet waited, oldest first: (bucket, pending, got, input buffer kept alive).
+_in_flight: list[tuple] = []
+
+
+def _finish_oldest() -> None:
+    bucket, pending, got, _ = _in_flight.pop(0)
+    bucket._accumulate(wait(pending), got)
+
+
+def drain() -> None:
+    """Waits for every reduce-scatter in flight and adds it into `.grad` (in issue order)."""
+    while _in_flight:
+        _finish_oldest()
 
 
 def _gather_arg(param: "torch.fx.Node", name: str):
@@ -160,6 +240,7 @@ def _full_rows(param: "torch.fx.Node") -> int | None:
 def register_buckets(graphs: list) -> list[FsdpBucket]:
     """Registers the block groups of a module's graphs: their fsdp_all_gathers go through them from now on."""
     out = []
+    overlap = any(n.target is torch.ops.fxpar.fsdp_prefetch.default for gm in graphs for n in gm.graph.nodes)
     for args, members in bucket_groups(graphs):
         if len(members) < 2:
             continue  # a bucket of one is the plain per-parameter path
@@ -168,6 +249,8 @@ def register_buckets(graphs: list) -> list[FsdpBucket]:
                             [_full_rows(node) for _, node in members])
         for i, s in enumerate(shards):
             register_fsdp_bucket(s, bucket, i)
+        bucket.prev = out[-1] if out else None
+        bucket.overlap = overlap
         out.append(bucket)
     return out
 

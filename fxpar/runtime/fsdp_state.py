@@ -16,10 +16,12 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from fxpar._torch.dispatch import is_fake
 from fxpar.ops.collectives import _all_gather, _record, _reduce_scatter, set_fsdp_runtime
+from fxpar.ops.overlap import prefetch_shards, wait
 
 __all__ = [
     "StepGather",
@@ -32,7 +34,24 @@ __all__ = [
     "reset_peak_gathered_bytes",
     "peak_gathered_bytes",
     "gathered_param_bytes",
+    "overlap_stats",
 ]
+
+
+_stats: dict[str, int] = {}
+
+
+def count_overlap(what: str) -> None:
+    _stats[what] = _stats.get(what, 0) + 1
+
+
+def overlap_stats(reset: bool = False) -> dict[str, int]:
+    """How issued collectives were used since the last reset: 'prefetched' gathers issued early
+    ('forward' / 'backward'), 'hit' (waited by their use), 'stale' (the shards changed: gathered again)."""
+    out = dict(_stats)
+    if reset:
+        _stats.clear()
+    return out
 
 
 _step_gathers: list["StepGather"] = []
@@ -211,9 +230,45 @@ def gathered_param_bytes() -> int:
 class _FsdpState:
     """The `FsdpRuntime` fxpar's runtime installs: buckets, step gathers and accounting above."""
 
+    def __init__(self) -> None:
+        # Per-parameter gathers issued by `fsdp_prefetch` and not yet waited on:
+        # data_ptr -> (pending, shard version, args, param_dtype).
+        self._pending: dict[int, tuple] = {}
+
+    def prefetch(self, shards: list[Tensor], args: tuple, param_dtype) -> None:
+        """Issues the gather of one FSDP unit (`fxpar.ops.overlap.fsdp_prefetch`); its waits take it."""
+        if _step_gathers or not shards or is_fake(shards[0]):  # a pipeline step gathers once per step
+            return
+        bucket = fsdp_bucket_of(shards[0])
+        if bucket is not None:
+            bucket[0].prefetch()
+            return
+        count_overlap("prefetched forward")
+        for s, (pending, version) in zip(shards, prefetch_shards(shards, args, param_dtype)):
+            self._pending[s.data_ptr()] = (pending, version, args, param_dtype, tuple(s.shape))
+
+    def _take_pending(self, shard: Tensor, args: tuple) -> Tensor | None:
+        entry = self._pending.pop(shard.data_ptr(), None) if self._pending else None
+        if entry is None:
+            return None
+        pending, version, pargs, _, shape = entry
+        full = wait(pending)  # waited even when stale: every issued collective completes
+        if version != shard._version or pargs != args or shape != tuple(shard.shape):
+            count_overlap("stale")
+            return None
+        count_overlap("hit")  # the shard changed since the issue: the op gathers it again
+        dim, n = args[0], args[1]
+        if dim != 0:
+            full = torch.cat(full.chunk(n, dim=0), dim=dim)
+        note_gathered(full, shard, args)
+        return full
+
     def gather(self, shard: Tensor, args: tuple) -> Tensor | None:
         if _step_gathers:  # a pipeline step that gathers each parameter once (see StepGather)
             return _step_gathers[-1].gather(shard, args)
+        full = self._take_pending(shard, args)
+        if full is not None:
+            return full
         bucket = fsdp_bucket_of(shard)
         if bucket is None:
             return None

@@ -1,0 +1,172 @@
+"""Overlapped collectives: what each issue node overlaps, and the checks that make reordering safe.
+
+An issue node (`fxpar.fsdp_prefetch`, `fxpar.passes.schedule_overlap`) starts
+the gather of an FSDP unit; the unit's `fsdp_all_gather` nodes wait on it.
+For a graph with issue nodes, `check_overlap` proves:
+
+    1. every issued shard is a parameter whose gather (its wait) comes after the
+       issue, and no shard is issued twice before its wait;
+    2. every wait precedes the first use of its value (graph order);
+    3. gathered bytes in flight stay within the estimate: at any node,
+           in_flight(node) = sum over units issued or waited and not yet dead of unit bytes
+       where a unit is dead after the last use of its waits; the estimate is the peak of
+       the same walk without issue nodes (each unit from its first wait) plus the largest
+       unit: FSDP2's prefetch of one unit (`in_flight_estimate`).
+
+Every rank issues the same collectives in the same order after reordering:
+`fxpar.analysis.fingerprint.collective_schedule` lists an issued gather at its
+issue node (its waits communicate nothing) and the other FSDP gathers where
+they stand, so the static cross-rank check and the run-time fingerprint
+compare the reordered order (two blocks' gathers have the same shapes: only
+the order tells them apart).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from fxpar.core.errors import GraphInvariantError, node_context
+from fxpar.core.fmt import fmt_bytes
+from fxpar.core.spec import get_info
+from fxpar.ops.overlap import ISSUE_OPS
+
+__all__ = ["issue_nodes", "issued_waits", "unit_bytes", "in_flight_peak", "in_flight_estimate", "check_overlap",
+           "overlap_lines"]
+
+_GATHER = torch.ops.fxpar.fsdp_all_gather.default
+
+
+def issue_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ISSUE_OPS]
+
+
+def issued_waits(issue: fx.Node) -> list[fx.Node]:
+    """The `fsdp_all_gather` nodes that wait on `issue`'s gather (one per shard it issues)."""
+    return [u for s in issue.args[0] for u in s.users if u.target is _GATHER]
+
+
+def _bytes(node: fx.Node) -> int:
+    v = node.meta.get("val")
+    return v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 0
+
+
+def unit_bytes(waits: list[fx.Node]) -> int:
+    """Bytes of the full (gathered) parameters of one unit on this rank."""
+    return sum(_bytes(w) for w in waits)
+
+
+def _units(gm: fx.GraphModule) -> list[list[fx.Node]]:
+    """Every FSDP unit's waits, in graph order: issued units by their issue node, the others one gather each."""
+    issued = {w: i for i in issue_nodes(gm) for w in issued_waits(i)}
+    units, seen = [], set()
+    for node in gm.graph.nodes:
+        if node.target is not _GATHER or node in seen:
+            continue
+        issue = issued.get(node)
+        waits = issued_waits(issue) if issue is not None else [node]
+        seen.update(waits)
+        units.append(waits)
+    return units
+
+
+def in_flight_estimate(gm: fx.GraphModule) -> int:
+    """The waiting schedule's peak plus one unit: what prefetching one unit ahead (FSDP2's default) may add."""
+    sizes = [unit_bytes(u) for u in _units(gm)]
+    return in_flight_peak(gm, issued=False)[0] + max(sizes, default=0)
+
+
+def in_flight_peak(gm: fx.GraphModule, *, issued: bool = True) -> tuple[int, fx.Node | None]:
+    """(most gathered bytes in flight at once, the node where that is reached), walking graph order.
+
+    A unit is in flight from its issue node (`issued=False`: from its first wait, the schedule without
+    overlap) to the last use of its waits.
+    """
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    starts = {w: i for i in issue_nodes(gm) for w in issued_waits(i)} if issued else {}
+    events: list[tuple[int, int]] = []  # (position, +bytes at start / -bytes after last use)
+    for waits in _units(gm):
+        first = min(order[w] for w in waits)
+        start = order[starts[waits[0]]] if waits[0] in starts else first
+        last = max((order[u] for w in waits for u in w.users), default=first)
+        events += [(start, unit_bytes(waits)), (last + 1, -unit_bytes(waits))]
+    nodes = list(gm.graph.nodes)
+    live = peak = 0
+    where = None
+    for pos, delta in sorted(events):  # frees before allocations at one position
+        live += delta
+        if live > peak:
+            peak, where = live, nodes[min(pos, len(nodes) - 1)]
+    return peak, where
+
+
+def check_overlap(gm: fx.GraphModule) -> None:
+    """The checks in the module docstring (nothing to check in a graph without issue nodes).
+
+    Raises:
+        GraphInvariantError: naming the issue or wait node at fault and the fix.
+    """
+    issues = issue_nodes(gm)
+    if not issues:
+        return
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    fix = "; rerun fxpar.passes.schedule_overlap on the graph without its issue nodes, or pass overlap=False"
+    issued: dict[fx.Node, fx.Node] = {}
+    for issue in issues:
+        for s in issue.args[0]:
+            if not isinstance(s, fx.Node) or s.op != "get_attr":
+                raise GraphInvariantError(f"{node_context(issue)}: issues a gather of {s}, not of a parameter{fix}")
+            if s in issued:
+                raise GraphInvariantError(f"{node_context(issue)}: issues the gather of {s.target} again, already "
+                                          f"issued by %{issued[s].name} before its wait{fix}")
+            issued[s] = issue
+            waits = [u for u in s.users if u.target is _GATHER]
+            if len(waits) != 1:
+                raise GraphInvariantError(f"{node_context(issue)}: {s.target} has {len(waits)} gathers to wait on "
+                                          f"its issued gather (expected 1){fix}")
+            if order[waits[0]] < order[issue]:
+                raise GraphInvariantError(f"{node_context(waits[0])}: waits on the gather of {s.target} before "
+                                          f"%{issue.name} issues it{fix}")
+    for issue in issues:
+        for w in issued_waits(issue):
+            early = [u for u in w.users if order[u] < order[w]]
+            if early:
+                raise GraphInvariantError(f"{node_context(early[0])}: uses %{w.name} before its wait{fix}")
+    peak, where = in_flight_peak(gm)
+    bound = in_flight_estimate(gm)
+    if peak > bound:
+        raise GraphInvariantError(
+            f"{node_context(where)}: {fmt_bytes(peak)} of gathered FSDP parameters in flight, over the estimate of "
+            f"{fmt_bytes(bound)} (the waiting schedule's peak plus one unit): a unit is issued more than one unit early{fix}")
+
+
+def overlap_lines(gm: fx.GraphModule) -> list[str]:
+    """explain(): for each issue node, the gather it starts and the computation it runs under."""
+    issues = issue_nodes(gm)
+    if not issues:
+        return []
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    nodes = list(gm.graph.nodes)
+    out = ["", "Overlap (fxpar.passes.schedule_overlap; overlap=False to turn off):"]
+    for issue in issues:
+        waits = issued_waits(issue)
+        first = min(waits, key=order.__getitem__)
+        between = nodes[order[issue] + 1:order[first]]
+        compute = [n for n in between if n.op == "call_function" and n.target is not _GATHER
+                   and n.target not in ISSUE_OPS]
+        modules = []
+        for n in compute:
+            info = get_info(n)
+            fqn = info.module_fqn if info is not None and info.module_fqn else "<root>"
+            if fqn not in modules:
+                modules.append(fqn)
+        info = get_info(issue)
+        unit = info.fsdp_bucket if info is not None and info.fsdp_bucket else issue.name
+        shown = ", ".join(modules[:4]) + (f", ... ({len(modules)} modules)" if len(modules) > 4 else "")
+        out.append(f"  all_gather(fsdp) of {unit} ({fmt_bytes(unit_bytes(waits))}) issued at %{issue.name}, "
+                   f"waited at %{first.name}: overlaps {len(compute)} ops of {shown or 'nothing'}")
+    out.append("  backward (the dual, at run time): each block's re-gather issued during the block after it, "
+               "each reduce-scatter waited one block late")
+    peak, _ = in_flight_peak(gm)
+    out.append(f"  gathered parameters in flight: peak {fmt_bytes(peak)} (estimate {fmt_bytes(in_flight_estimate(gm))})")
+    return out
