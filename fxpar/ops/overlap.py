@@ -62,7 +62,8 @@ def fsdp_prefetch(shards: list[Tensor], dim: int, group_size: int, group_name: s
     runtime = _fsdp_runtime[0] if _fsdp_runtime else None
     prefetch = getattr(runtime, "prefetch", None)
     if prefetch is not None:
-        prefetch([s.detach() for s in shards], (dim, group_size, group_name, mesh_dim), param_dtype)
+        # the shards themselves, not detached copies: the runtime finds an empty (uneven) shard by its object
+        prefetch(list(shards), (dim, group_size, group_name, mesh_dim), param_dtype)
 
 
 @fsdp_prefetch.register_fake

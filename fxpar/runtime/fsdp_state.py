@@ -245,15 +245,17 @@ class _FsdpState:
             return
         count_overlap("prefetched forward")
         for s, (pending, version) in zip(shards, prefetch_shards(shards, args, param_dtype)):
-            self._pending[s.data_ptr()] = (pending, version, args, param_dtype, tuple(s.shape))
+            self._pending[shard_ptr(s)] = (pending, version, args, param_dtype, tuple(s.shape))
 
     def _take_pending(self, shard: Tensor, args: tuple) -> Tensor | None:
-        entry = self._pending.pop(shard.data_ptr(), None) if self._pending else None
+        entry = self._pending.pop(shard_ptr(shard), None) if self._pending else None
         if entry is None:
             return None
         pending, version, pargs, _, shape = entry
         full = wait(pending)  # waited even when stale: every issued collective completes
-        if version != shard._version or pargs != args or shape != tuple(shard.shape):
+        # args: (dim, n, group, mesh_dim, full_size); the prefetch's are the first four, and it is never uneven
+        if version != shard._version or pargs != tuple(args[:4]) or args[4:5] not in ((), (None,)) \
+                or shape != tuple(shard.shape):
             count_overlap("stale")
             return None
         count_overlap("hit")  # the shard changed since the issue: the op gathers it again
