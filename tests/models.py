@@ -262,3 +262,60 @@ class BNStack(nn.Module):
         for block in self.blocks:
             x = block(x)
         return x
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = self.bn2(self.conv2(h))
+        return F.relu(h + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class ResNet(nn.Module):
+    """A small ResNet (torchvision's layout: stem, max pool, basic blocks, adaptive pool, flatten, fc)."""
+
+    def __init__(self, widths: tuple[int, ...] = (8, 16), blocks: int = 2, classes: int = 10,
+                 in_channels: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(widths[0])
+        layers, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            for j in range(blocks):
+                layers.append(BasicBlock(cin, w, 2 if i > 0 and j == 0 else 1))
+                cin = w
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.bn(self.stem(x))), 2)
+        x = self.layers(x)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class ConvNet1d(nn.Module):
+    """conv1d pairs with biases (the row-parallel conv's bias is added after the reduce) and avg pooling."""
+
+    def __init__(self, cin: int = 4, hidden: int = 16, classes: int = 6) -> None:
+        super().__init__()
+        self.up = nn.Conv1d(cin, hidden, 3, padding=1)
+        self.down = nn.Conv1d(hidden, cin, 3, padding=1)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.avg_pool1d(F.gelu(self.up(x)), 2)
+        h = self.down(h) + F.avg_pool1d(x, 2)
+        return self.fc(F.adaptive_max_pool1d(h, 1).flatten(1))

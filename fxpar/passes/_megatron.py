@@ -21,10 +21,11 @@ import torch.fx as fx
 from fxpar._torch.fx import is_higher_order
 from fxpar.core.spec import shape_key, size_key
 from fxpar.rules import tensor_args
+from fxpar.rules.conv import CONVS, conv_groups
 
 aten = torch.ops.aten
 
-PROJECTIONS = (aten.linear.default, aten.addmm.default)
+PROJECTIONS = (aten.linear.default, aten.addmm.default, *CONVS)
 # Ops that mix the sharded dim with others: a region containing one is not a pair.
 _BARRIERS = {
     aten.embedding.default, aten.layer_norm.default, aten.rms_norm.default, aten.mm.default,
@@ -34,20 +35,32 @@ _BARRIERS = {
 
 
 def is_projection(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in PROJECTIONS
+    # a grouped convolution mixes channels only within its groups: not a projection over them
+    return node.op == "call_function" and node.target in PROJECTIONS and (
+        node.target not in CONVS or conv_groups(node) == 1)
+
+
+def _weight_first(node: fx.Node) -> bool:
+    """linear(x, W[N, K]) and conv(x, W[Cout, Cin, *K]); addmm(b, x, W[K, N]) is the other way."""
+    return node.target != aten.addmm.default
 
 
 def proj_input(node: fx.Node) -> fx.Node:
-    return node.args[0] if node.target == aten.linear.default else node.args[1]
+    return node.args[0] if _weight_first(node) else node.args[1]
 
 
 def proj_weight(node: fx.Node) -> fx.Node:
-    return node.args[1] if node.target == aten.linear.default else node.args[2]
+    return node.args[1] if _weight_first(node) else node.args[2]
 
 
 def proj_out_features(node: fx.Node):
     w = proj_weight(node).meta["val"]
-    return w.shape[0] if node.target == aten.linear.default else w.shape[1]
+    return w.shape[0] if _weight_first(node) else w.shape[1]
+
+
+def proj_in_features(node: fx.Node):
+    w = proj_weight(node).meta["val"]
+    return w.shape[1] if _weight_first(node) else w.shape[0]
 
 
 @dataclass

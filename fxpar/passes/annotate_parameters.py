@@ -12,6 +12,9 @@ other mesh dim. How a style shards a tensor depends on how the graph uses it:
     linear bias [N]           Shard(0)    Replicate
     addmm weight [K, N]       Shard(1)    Shard(0)      (HF Conv1D)
     addmm bias [N]            Shard(0)    Replicate
+    conv weight [Co, Ci, *K]  Shard(0)    Shard(1)      (conv1d / conv2d / conv3d)
+    conv bias [Co]            Shard(0)    Replicate
+    batch_norm params [C]     Shard(0)    -             (weight, bias, running statistics)
     embedding weight [V, C]   Shard(1)    Shard(0)      (rowwise = vocab parallel)
 
 A projection whose output is split into k equal sections (a fused qkv) is
@@ -22,7 +25,9 @@ projection (GPT-2's wte / lm_head) takes the projection's placement.
 With an automatic plan (`Plan(auto_tp=True)`, what `plan=None` means), modules
 the plan does not name get styles from the graph: Megatron pairs
 (`fxpar.passes._megatron.find_pairs`) whose sizes and head counts divide by tp,
-and a projection feeding the graph output (the lm_head) column-wise.
+and a projection feeding the graph output (the lm_head) column-wise. A pair's
+projections may be convolutions (output channels colwise, input channels
+rowwise); a batch norm between them is channel-local and sharded with them.
 
 Before:  %up_weight = get_attr[target=up.weight]
 After:   same node, meta["fxpar"].spec.placements == (Shard(0),), local shape [N/tp, K]
@@ -43,7 +48,9 @@ from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.plan import TPStyle
 from fxpar.core.spec import NodeInfo, divides, make_spec, set_info
 from fxpar.passes._graph import module_fqns, param_nodes, uses_as
-from fxpar.passes._megatron import find_pairs, heads_of, is_projection, proj_out_features, proj_weight
+from fxpar.passes._megatron import (find_pairs, heads_of, is_projection, proj_in_features, proj_out_features,
+                                    proj_weight)
+from fxpar.rules.conv import CONVS
 
 aten = torch.ops.aten
 
@@ -55,14 +62,18 @@ def _use_placement(target, pos: int, style: TPStyle) -> Placement | None:
         return {1: Shard(0) if col else Shard(1), 2: Shard(0) if col else Replicate()}.get(pos)
     if target == aten.addmm.default:  # Conv1D: addmm(bias, x, weight[in, out])
         return {2: Shard(1) if col else Shard(0), 0: Shard(0) if col else Replicate()}.get(pos)
+    if target in CONVS:
+        return {1: Shard(0) if col else Shard(1), 2: Shard(0) if col else Replicate()}.get(pos)
+    if target == aten.batch_norm.default and pos in (1, 2, 3, 4) and col:
+        return Shard(0)  # per-channel parameters and running statistics, in a colwise region
     if target == aten.embedding.default and pos == 0:
         return Shard(1) if col else Shard(0)  # rowwise on an embedding is vocab parallel
     return None
 
 
 def _placement_for(node: fx.Node, style: TPStyle, module: str, fused: int = 0) -> Placement:
-    if style.kind == "replicate" or not node.users:
-        return Replicate()
+    if style.kind == "replicate" or not node.users or node.meta["val"].ndim == 0:
+        return Replicate()  # (a 0-dim tensor: BatchNorm's num_batches_tracked)
     uses = uses_as(node)
     if len(uses) > 1:
         uses = sorted(uses, key=lambda u: u[0] == aten.embedding.default)
@@ -72,7 +83,7 @@ def _placement_for(node: fx.Node, style: TPStyle, module: str, fused: int = 0) -
         unknown = sorted({str(t) for p, t in places if p is None})
         raise PlanError(
             f"style '{style}' on module '{module}': fxpar does not know how to shard its parameter '{name}' "
-            f"(used by {unknown}); '{style}' applies to Linear, Conv1D and Embedding modules. Map '{module}' to "
+            f"(used by {unknown}); '{style}' applies to Linear, Conv1D, Conv1d/2d/3d and Embedding modules (and BatchNorm as 'colwise'). Map '{module}' to "
             "'replicate' or to a style for its kind"
         )
     # A tied weight (embedding + lm_head) takes the projection's placement; the embedding rule accepts both.
@@ -98,7 +109,7 @@ def _auto_styles(gm: fx.GraphModule, taken: set[str], tp: int
 
     for pair in find_pairs(gm):
         sink_mod = module_of(pair.sink)
-        in_features = proj_weight(pair.sink).meta["val"].shape[1 if pair.sink.target == aten.linear.default else 0]
+        in_features = proj_in_features(pair.sink)
         if sink_mod is None or sink_mod in taken:
             continue
         if divides(in_features, tp) is not True:
@@ -127,6 +138,9 @@ def _auto_styles(gm: fx.GraphModule, taken: set[str], tp: int
             if k > 1:
                 fused[mod] = k
         styles[sink_mod] = TPStyle("rowwise")
+        for mod in _channel_norms(pair.region):
+            if mod not in taken:
+                styles[mod] = TPStyle("colwise")
     # The lm_head: a projection feeding the graph output, column parallel (its logits are gathered).
     for node in gm.graph.nodes:
         if is_projection(node) and _feeds_output(node):
@@ -134,6 +148,17 @@ def _auto_styles(gm: fx.GraphModule, taken: set[str], tp: int
             if mod and mod not in taken and mod not in styles and divides(proj_out_features(node), tp) is True:
                 styles[mod] = TPStyle("colwise")
     return styles, fused, notes
+
+
+def _channel_norms(region: set[fx.Node]) -> list[str]:
+    """Modules of the batch norms inside a pair's region: they act per channel, so they shard with it."""
+    mods = []
+    for node in region:
+        if node.target == aten.batch_norm.default:
+            params = [a for a in node.args[1:5] if isinstance(a, fx.Node)]
+            if params and all(a.op == "get_attr" for a in params):
+                mods.append(str(params[0].target).rpartition(".")[0])
+    return sorted(set(mods))
 
 
 def _feeds_output(node: fx.Node) -> bool:

@@ -162,3 +162,15 @@ def mul(op: OpInfo, cur) -> list[Strategy]:
 @register(aten.div.Tensor)
 def div(op: OpInfo, cur) -> list[Strategy]:
     return pointwise_strategies(op, cur, linear="div")
+
+
+@register(aten.add_.Tensor)
+def add_inplace(op: OpInfo, cur) -> list[Strategy]:
+    """In place (BatchNorm's num_batches_tracked += 1): the result is `self`, so it keeps self's
+    placement; a shard plus a scalar stays local, a Partial would add the scalar n times."""
+    c = cur[0]
+    out: list[Strategy] = []
+    if len(cur) == 1 and c is not None and c.is_shard():
+        out.append(Strategy((S(c.dim),), S(c.dim)))
+    out.append(Strategy(tuple(R for _ in cur), R))
+    return out
