@@ -319,3 +319,54 @@ class ConvNet1d(nn.Module):
         h = F.avg_pool1d(F.gelu(self.up(x)), 2)
         h = self.down(h) + F.avg_pool1d(x, 2)
         return self.fc(F.adaptive_max_pool1d(h, 1).flatten(1))
+
+
+class FusedChunkAttention(nn.Module):
+    """Self-attention with a fused qkv split by `chunk(3, dim=-1)` (q, k, v sections, not per head) and
+    optional q/k norms over head_dim (Qwen3's RMSNorm, or OLMo-style LayerNorm), then an MLP."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, *, qk_norm: str | None = None) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        norm = {None: None, "rms": lambda: nn.RMSNorm(self.head_dim),
+                "layer": lambda: nn.LayerNorm(self.head_dim)}[qk_norm]
+        self.q_norm = norm() if norm else None
+        self.k_norm = norm() if norm else None
+        self.mlp = MLPBlock(dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (t.view(B, T, self.heads, self.head_dim) for t in (q, k, v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        x = x + self.out(y.transpose(1, 2).reshape(B, T, C))
+        return self.mlp(x)
+
+
+class DecomposedQKNormAttention(nn.Module):
+    """q / k / v projections with a hand-written RMSNorm over head_dim on q and k (as Hugging Face's
+    Qwen3RMSNorm: pow, mean over the last dim, rsqrt, weight), then out."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.q_w = nn.Parameter(torch.rand(self.head_dim) + 0.5)
+        self.k_w = nn.Parameter(torch.rand(self.head_dim) + 0.5)
+
+    @staticmethod
+    def _rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        shape = (B, T, self.heads, self.head_dim)
+        q = self._rms(self.q(x).view(shape), self.q_w).transpose(1, 2)
+        k = self._rms(self.k(x).view(shape), self.k_w).transpose(1, 2)
+        v = self.v(x).view(shape).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + self.o(y.transpose(1, 2).reshape(B, T, C))

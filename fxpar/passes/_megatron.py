@@ -73,7 +73,71 @@ class Pair:
 
 
 def _region_op(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target not in _BARRIERS and not is_projection(node)
+    if node.op != "call_function" or is_projection(node):
+        return False
+    return node.target not in _BARRIERS or _head_local_norm(node)
+
+
+_NORMS = (aten.layer_norm.default, aten.rms_norm.default)
+_LAST_DIM_REDUCTIONS = (aten.mean.dim, aten.sum.dim_IntList, aten.amax.default)
+# ops between a head split and a norm that keep the head dim (D) last (unary: the walk follows args[0])
+_HEAD_PRESERVING = (aten.view.default, aten.reshape.default, aten.transpose.int, aten.contiguous.default,
+                    aten.clone.default, aten._to_copy.default, aten.to.dtype, aten.pow.Tensor_Scalar,
+                    aten.square.default, aten.abs.default, aten.alias.default, aten.detach.default)
+
+
+def _head_local_norm(node: fx.Node) -> bool:
+    """A norm over the head dim only (Qwen3's q_norm / k_norm on (B, T, H, D)): it acts per head.
+
+    True for a layer_norm / rms_norm over one trailing dim, or a mean / sum / amax over the last
+    dim only (a decomposed RMSNorm's statistics), whose input comes, through unary ops that keep
+    that dim last, from a view (..., H*D) -> (..., H, D) splitting a projection's features into
+    heads of size D: sharding the heads then leaves each norm whole.
+    """
+    if node.target in _NORMS:
+        if len(node.args[1]) != 1:
+            return False
+    elif node.target in _LAST_DIM_REDUCTIONS:
+        ndim = node.args[0].meta["val"].ndim
+        dims = node.args[1] if len(node.args) > 1 else None
+        if not isinstance(dims, (list, tuple)) or [d % ndim for d in dims] != [ndim - 1]:
+            return False
+    else:
+        return False
+    d = node.args[0].meta["val"].shape[-1]
+    cur = node.args[0]
+    for _ in range(16):
+        if cur.op != "call_function" or cur.target not in _HEAD_PRESERVING:
+            return False
+        if cur.target == aten.transpose.int:
+            ndim = cur.meta["val"].ndim
+            if ndim - 1 in {a % ndim for a in cur.args[1:3]}:
+                return False
+        if cur.target in (aten.view.default, aten.reshape.default):
+            i, o = cur.args[0].meta["val"], cur.meta["val"]
+            if o.ndim == i.ndim + 1 and shape_key(i.shape[:-1]) == shape_key(o.shape[:-2]):
+                return size_key(o.shape[-1]) == size_key(d)
+            if shape_key(i.shape[-1:]) != shape_key(o.shape[-1:]):
+                return False
+        cur = cur.args[0]
+    return False
+    d = node.args[0].meta["val"].shape[-1]
+    cur = node.args[0]
+    for _ in range(16):
+        if cur.op != "call_function" or cur.target not in _HEAD_PRESERVING:
+            return False
+        if cur.target == aten.transpose.int:
+            ndim = cur.meta["val"].ndim
+            if ndim - 1 in {a % ndim for a in cur.args[1:3]}:
+                return False
+        if cur.target in (aten.view.default, aten.reshape.default):
+            i, o = cur.args[0].meta["val"], cur.meta["val"]
+            if o.ndim == i.ndim + 1 and shape_key(i.shape[:-1]) == shape_key(o.shape[:-2]):
+                return size_key(o.shape[-1]) == size_key(d)
+            if shape_key(i.shape[-1:]) != shape_key(o.shape[-1:]):
+                return False
+        cur = cur.args[0]
+    return False
 
 
 def _source(node: fx.Node) -> fx.Node:
@@ -163,10 +227,10 @@ def _fused_sections(head: fx.Node, region: set[fx.Node]) -> int | None:
         if u.target in (aten.view.default, aten.reshape.default):
             cur = u
             continue
-        if u.target == aten.split.Tensor:
+        if u.target in (aten.split.Tensor, aten.chunk.default):  # split(qkv, C, -1), chunk(qkv, 3, -1)
             sections = u.meta["val"]
             sizes = {size_key(s.shape[-1]) for s in sections}
-            dim = u.args[2] if len(u.args) > 2 else 0
+            dim = u.args[2] if len(u.args) > 2 else u.kwargs.get("dim", 0)
             if len(sizes) == 1 and dim in (-1, cur.meta["val"].ndim - 1) and len(sections) > 1:
                 return len(sections)
         return None
@@ -187,7 +251,7 @@ def heads_of(head: fx.Node, region: set[fx.Node]) -> list:
                 if o.ndim == i.ndim + 1 and shape_key(i.shape[:-1]) == shape_key(o.shape[:-2]):
                     counts.append(o.shape[-2])
                     continue
-            if u.target == aten.split.Tensor:
+            if u.target in (aten.split.Tensor, aten.chunk.default):
                 for g in u.users:
                     frontier.append(g)
                 continue
