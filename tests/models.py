@@ -370,3 +370,37 @@ class DecomposedQKNormAttention(nn.Module):
         v = self.v(x).view(shape).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return x + self.o(y.transpose(1, 2).reshape(B, T, C))
+
+
+class RawParamMLP(nn.Module):
+    """An MLP block on raw nn.Parameters of one custom module: `x @ self.w_up`, `torch.einsum`, or
+    `F.linear(x, self.w)`; both halves of the Megatron pair live in the same module."""
+
+    def __init__(self, dim: int = 16, hidden: int = 32, *, kind: str = "matmul") -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "linear":  # F.linear's layout: [out, in]
+            self.w_up, self.w_down = nn.Parameter(torch.randn(hidden, dim) / 4), nn.Parameter(torch.randn(dim, hidden) / 4)
+        else:  # x @ W: [in, out]
+            self.w_up, self.w_down = nn.Parameter(torch.randn(dim, hidden) / 4), nn.Parameter(torch.randn(hidden, dim) / 4)
+        self.b_up = nn.Parameter(torch.randn(hidden) / 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "matmul":
+            h = x @ self.w_up + self.b_up
+            return x + F.gelu(h) @ self.w_down
+        if self.kind == "einsum":
+            h = torch.einsum("btd,dh->bth", x, self.w_up) + self.b_up
+            return x + torch.einsum("bth,hd->btd", F.gelu(h), self.w_down)
+        return x + F.linear(F.gelu(F.linear(x, self.w_up, self.b_up)), self.w_down)
+
+
+class RawParamStack(nn.Module):
+    def __init__(self, kind: str = "matmul", depth: int = 2) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([RawParamMLP(kind=kind) for _ in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x

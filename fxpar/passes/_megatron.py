@@ -35,9 +35,45 @@ _BARRIERS = {
 
 
 def is_projection(node: fx.Node) -> bool:
-    # a grouped convolution mixes channels only within its groups: not a projection over them
-    return node.op == "call_function" and node.target in PROJECTIONS and (
-        node.target not in CONVS or conv_groups(node) == 1)
+    if node.op != "call_function":
+        return False
+    if node.target in PROJECTIONS:
+        # a grouped convolution mixes channels only within its groups: not a projection over them
+        return node.target not in CONVS or conv_groups(node) == 1
+    return _raw_weight_dims(node) is not None
+
+
+def _is_weight(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr" and getattr(node.meta.get("val"), "ndim", 0) == 2
+
+
+def _raw_weight_dims(node: fx.Node) -> tuple[fx.Node, fx.Node, int, int] | None:
+    """(input, weight, weight's contracted dim, weight's output dim) of a matmul or einsum on a raw
+    2-D parameter (`x @ self.w`, `torch.einsum("btk,kn->btn", x, self.w)`), else None."""
+    if node.target == aten.matmul.default:
+        x, w = node.args[:2]
+        if _is_weight(w) and isinstance(x, fx.Node) and getattr(x.meta.get("val"), "ndim", 0) >= 2:
+            return x, w, 0, 1
+        return None
+    if node.target != aten.einsum.default or len(node.args) < 2 or len(node.args[1]) != 2:
+        return None
+    eq = node.args[0].replace(" ", "")
+    if "->" not in eq or "..." in eq:
+        return None
+    lhs, out = eq.split("->")
+    subs = lhs.split(",")
+    for wi in (1, 0):
+        w, x = node.args[1][wi], node.args[1][1 - wi]
+        ws, xs = subs[wi], subs[1 - wi]
+        if not _is_weight(w) or len(ws) != 2 or not isinstance(x, fx.Node):
+            continue
+        kept = [i for i, c in enumerate(ws) if c in out]
+        summed = [i for i, c in enumerate(ws) if c not in out and c in xs]
+        # the x @ W form: one weight letter contracted with x's last, the other kept last in the output
+        if len(kept) == 1 and len(summed) == 1 and xs[-1] == ws[summed[0]] and out[-1] == ws[kept[0]] \
+                and xs[:-1] == out[:-1]:
+            return x, w, summed[0], kept[0]
+    return None
 
 
 def _weight_first(node: fx.Node) -> bool:
@@ -46,21 +82,43 @@ def _weight_first(node: fx.Node) -> bool:
 
 
 def proj_input(node: fx.Node) -> fx.Node:
+    raw = _raw_weight_dims(node) if node.target not in PROJECTIONS else None
+    if raw is not None:
+        return raw[0]
     return node.args[0] if _weight_first(node) else node.args[1]
 
 
 def proj_weight(node: fx.Node) -> fx.Node:
+    raw = _raw_weight_dims(node) if node.target not in PROJECTIONS else None
+    if raw is not None:
+        return raw[1]
     return node.args[1] if _weight_first(node) else node.args[2]
 
 
+def proj_weight_dims(node: fx.Node) -> tuple[int, int]:
+    """(output-features dim, input-features dim) of the projection's weight."""
+    raw = _raw_weight_dims(node) if node.target not in PROJECTIONS else None
+    if raw is not None:
+        return raw[3], raw[2]
+    return (0, 1) if _weight_first(node) else (1, 0)
+
+
 def proj_out_features(node: fx.Node):
-    w = proj_weight(node).meta["val"]
-    return w.shape[0] if _weight_first(node) else w.shape[1]
+    return proj_weight(node).meta["val"].shape[proj_weight_dims(node)[0]]
 
 
 def proj_in_features(node: fx.Node):
-    w = proj_weight(node).meta["val"]
-    return w.shape[1] if _weight_first(node) else w.shape[0]
+    return proj_weight(node).meta["val"].shape[proj_weight_dims(node)[1]]
+
+
+def proj_bias(node: fx.Node) -> fx.Node | None:
+    if node.target == aten.linear.default or node.target in CONVS:
+        b = node.args[2] if len(node.args) > 2 else None
+    elif node.target == aten.addmm.default:
+        b = node.args[0]
+    else:
+        b = None
+    return b if isinstance(b, fx.Node) else None
 
 
 @dataclass
