@@ -53,6 +53,8 @@ def _run(name: str, train: bool, dims: tuple[int, ...], names: tuple[str, ...]) 
             "input_grad_err": ((xb.grad - xa.grad).abs().max() / xa.grad.abs().max()).item(),
             "stat_err": stat_err, "n_stats": len(stats), "fraction": local / total,
             "fwd_all_reduce": sum(1 for c in comms if c.op == "all_reduce" and c.direction == "forward"),
+            "all_reduce_bytes": {d: sum(c.nbytes for c in comms if c.op == "all_reduce" and c.direction == d)
+                                 for d in ("forward", "backward")},
             "fallbacks": pm.explain().count("Fallbacks (ops without a sharding rule, run replicated): 0")}
 
 
@@ -84,3 +86,8 @@ def test_convnet_equals_one_process(name, train, mesh):
 def test_resnet_tp_one_all_reduce_per_block():
     results = rank_pool(2).run(_run, "resnet", True, (2,), ("tp",))
     assert results[0]["fwd_all_reduce"] == 4  # one per basic block (its row-parallel conv2), nothing else
+    # the analytical minimum of channel-parallel blocks, float64: forward, each block's output
+    # (4, 8, 4, 4) x 2 and (4, 16, 2, 2) x 2; backward, each block's input gradient (4, 8, 4, 4) x 3
+    # and (4, 16, 2, 2), and the colwise fc's input gradient (4, 16)
+    assert results[0]["all_reduce_bytes"] == {"forward": (512 * 2 + 256 * 2) * 8,
+                                              "backward": (512 * 3 + 256 + 64) * 8}
