@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def _meshes(world: int) -> list[dict]:
     return out
 
 
-def _time_meshes(cfg: ModelConfig, meshes: list[dict], plans: list, warmup: int, iters: int) -> dict:
+def _time_meshes(cfg: ModelConfig, meshes: list[dict], settings: list[dict], warmup: int, iters: int) -> dict:
     """On every rank: one ParallelModule per mesh, AdamW steps interleaved; {mesh label: [(wall, cpu)]}."""
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -57,9 +58,9 @@ def _time_meshes(cfg: ModelConfig, meshes: list[dict], plans: list, warmup: int,
     model = build(cfg)
     ids, target = batch(cfg)
     variants = []
-    for mesh, plan in zip(meshes, plans):
+    for mesh, kwargs in zip(meshes, settings):
         dm = init_device_mesh("cpu", tuple(mesh.values()), mesh_dim_names=tuple(mesh))
-        pm = fxpar.parallelize(model, dm, example_inputs=(ids,), plan=plan)
+        pm = fxpar.parallelize(model, dm, example_inputs=(ids,), **kwargs)
         opt = torch.optim.AdamW(pm.parameters(), lr=1e-4)
 
         def run(pm=pm, opt=opt):
@@ -84,17 +85,22 @@ def run(world: int, cfg: ModelConfig, *, warmup: int, iters: int, local) -> dict
     chosen = dict(zip(ap.mesh_dim_names, ap.mesh_shape))
     if chosen not in meshes:
         meshes.append(chosen)
-    plans = [ap.plan if m == chosen else None for m in meshes]
+    # the chosen mesh runs as autoplan says (its plan, mixed precision and checkpointing); the others as planned by default
+    settings = [ap.parallelize_kwargs() if m == chosen else {"plan": None} for m in meshes]
     predicted = {}
-    for m in meshes:
-        report = fxpar.plan(model, m, example_inputs=(ids,), plan=plans[meshes.index(m)])
-        predicted[_label(m)] = estimate_module(report.module, report.mesh, local).step_s
+    for m, kwargs in zip(meshes, settings):
+        report = fxpar.plan(model, m, example_inputs=(ids,), plan=kwargs["plan"])
+        mp = kwargs.get("mp_policy")
+        predicted[_label(m)] = estimate_module(report.module, report.mesh, local,
+                                               activation_checkpointing=kwargs.get("activation_checkpointing"),
+                                               mp_dtype=mp.param_dtype if mp is not None else None).step_s
     with RankPool(world, timeout=1800) as pool:
-        per_rank = pool.run(_time_meshes, cfg, meshes, plans, warmup, iters)
+        per_rank = pool.run(_time_meshes, cfg, meshes, settings, warmup, iters)
     times = aggregate(per_rank)
     medians = {k: percentile(v["wall"], 50) for k, v in times.items()}
     fastest = min(medians, key=medians.get)
     return {"world": world, "model": cfg.describe(), "chosen": _label(chosen), "fastest": fastest,
+            "chosen_settings": ap.best.label, "load": os.getloadavg(),
             "ratio": medians[_label(chosen)] / medians[fastest], "measured_s": medians, "predicted_s": predicted,
             "plan_seconds": ap.seconds.get("total")}
 
@@ -109,8 +115,9 @@ def report(results: list[dict], local, out: Path) -> str:
              f"bandwidth {local.intra_bandwidth / 1e9:.2f} GB/s.", ""]
     for r in results:
         lines += [f"## {r['world']} ranks: {r['model']}", "",
-                  f"chosen **{r['chosen']}**, fastest measured **{r['fastest']}**: ratio **{r['ratio']:.3f}** "
-                  f"(autoplan took {r['plan_seconds']:.1f} s)", "",
+                  f"chosen **{r['chosen']}** ({r.get('chosen_settings', '')}), fastest measured **{r['fastest']}**: "
+                  f"ratio **{r['ratio']:.3f}** (autoplan took {r['plan_seconds']:.1f} s; load average after the "
+                  f"run {', '.join(f'{x:.1f}' for x in r.get('load', ()))} on this machine's 2 cores)", "",
                   "| mesh | measured step ms (median) | predicted ms | predicted / measured |", "|---|---|---|---|"]
         for k in sorted(r["measured_s"], key=r["measured_s"].get):
             m, p = r["measured_s"][k], r["predicted_s"].get(k, float("nan"))

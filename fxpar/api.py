@@ -63,7 +63,8 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
             the backward) or 'selective' (keep matmul and attention outputs, recompute the rest)
             (`fxpar.passes.checkpoint_activations`).
         batch_norm_per_microbatch: in a pipeline, accept BatchNorm in training mode computing its
-            statistics per microbatch (as torch.distributed.pipelining does; logged as a warning).
+            statistics per microbatch (as torch.distributed.pipelining does; logged as a warning),
+            and likewise other differentiable reductions over the batch dim (x - x.mean(0)).
             Default: a PlanError naming the module, since the unsplit model normalizes by the
             whole batch.
         compile: run this rank's rewritten graph through torch.compile: True for inductor (its C++

@@ -23,6 +23,7 @@ import argparse
 import importlib
 import importlib.util
 import os
+import signal
 import sys
 import threading
 import time
@@ -296,7 +297,34 @@ def torchrun_args(ns: argparse.Namespace) -> list[str]:
         if ns.master_addr is not None:
             argv.append(f"--master-addr={ns.master_addr}")
         argv.append(f"--master-port={ns.master_port}")
-    return argv + [ns.script, *ns.script_args]
+    # The script runs through fxpar.launch, which records an exception in torchrun's error file.
+    return argv + ["--module", "fxpar.launch", ns.script, *ns.script_args]
+
+
+def describe_failure(failures: dict) -> str:
+    """The rank that failed first (torchrun's ChildFailedError.failures), how it ended and its root cause.
+
+    First: a rank that raised (it wrote an error file; the earliest file), then one that ended
+    otherwise (an exit code, a signal), then one that ended by SIGTERM (torchrun stops the others so).
+    """
+    def order(item):
+        rank, f = item
+        recorded = os.path.isfile(f.error_file)
+        return (not recorded, f.exitcode == -signal.SIGTERM,
+                os.path.getmtime(f.error_file) if recorded else f.timestamp, rank)
+
+    rank, f = min(failures.items(), key=order)
+    if f.exitcode < 0:
+        how = f"killed by signal {f.signal_name()} ({-f.exitcode})"
+    else:
+        how = f"exit code {f.exitcode}"
+    message = f.message
+    if isinstance(message, dict):  # an error file written by torch.distributed.elastic's record
+        trace = str(message.get("extraInfo", {}).get("py_callstack", "")).rstrip()
+        message = str(message.get("message", "")) + ("\n" + trace if trace else "")
+    others = sorted(r for r in failures if r != rank)
+    also = f"; ranks {others} ended after it" if others else ""
+    return f"rank {rank} failed first ({how}){also}:\n{message}"
 
 
 def _cmd_run(ns: argparse.Namespace) -> int:
@@ -311,7 +339,7 @@ def _cmd_run(ns: argparse.Namespace) -> int:
     try:
         torchrun(argv)
     except ChildFailedError as e:
-        print(f"fxpar run: {e.name} failed on {len(e.failures)} rank(s); see their output above", file=sys.stderr)
+        print(f"fxpar run: {e.name} failed: {describe_failure(e.failures)}", file=sys.stderr)
         return 1
     return 0
 
@@ -345,11 +373,14 @@ def _cmd_diff(ns: argparse.Namespace) -> int:
 def _cmd_plan(ns: argparse.Namespace) -> int:
     model, args, kwargs = load_target(ns.target)
     ap = fxpar.autoplan(model, ns.world, example_inputs=args, example_kwargs=kwargs or None, device=ns.device,
-                        memory_gib=ns.memory_gib, global_batch=ns.global_batch)
+                        memory_gib=ns.memory_gib, global_batch=ns.global_batch,
+                        mixed_precision=not ns.no_mixed_precision)
     print(ap.explain(top=ns.top))
     mesh = ",".join(f"{k}={v}" for k, v in zip(ap.mesh_dim_names, ap.mesh_shape))
     print(f"\nmesh: {mesh}" + (f"; activation_checkpointing={ap.activation_checkpointing!r}"
-                                if ap.activation_checkpointing else ""))
+                                if ap.activation_checkpointing else "")
+          + (f"; mp_policy: param_dtype={ap.mp_policy.param_dtype}, reduce_dtype={ap.mp_policy.reduce_dtype}"
+             if ap.mp_policy is not None else ""))
     if ns.save_plan:
         print(f"wrote {fxpar.save_plan(ap.plan, ns.save_plan)}")
     return 0
@@ -449,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--device", default="local", help="h100, h200, a100 or local (measured; default)")
     pl.add_argument("--memory-gib", type=float, metavar="GIB", help="memory per device (default: the device's)")
     pl.add_argument("--global-batch", type=int, metavar="N", help="sequences per step (default: the example's)")
+    pl.add_argument("--no-mixed-precision", action="store_true",
+                    help="keep a float32 model's numerics: do not consider bfloat16 compute")
     pl.add_argument("--save-plan", metavar="FILE", help="write the chosen plan as JSON")
     pl.add_argument("--top", type=int, default=8, metavar="K", help="candidates to show (default 8)")
     pl.set_defaults(func=_cmd_plan)

@@ -404,3 +404,81 @@ class RawParamStack(nn.Module):
         for block in self.blocks:
             x = block(x)
         return x
+
+
+# --------------------------------------------------------------------------- mixture of experts (torchtitan-style)
+
+
+class TitanMoE(nn.Module):
+    """torchtitan's MoE layer in miniature: top-k token-choice router, routed experts, a shared expert.
+
+    As torchtitan (models/common/moe.py): softmax router scores, `expert_bias` (auxiliary-loss-free load
+    balancing, used for the choice only) and `tokens_per_expert` buffers, the latter counted with histc
+    and accumulated in forward; tokens sorted by expert and the experts' outputs combined with
+    scatter_add. `grouped_mm=True` runs the experts as torchtitan does, `torch._grouped_mm` on bf16 casts
+    of the stacked weights (the only dtype the op takes); otherwise a per-expert loop in the model's dtype.
+    """
+
+    def __init__(self, dim: int = 16, hidden: int = 32, experts: int = 4, top_k: int = 2, *,
+                 grouped_mm: bool = False) -> None:
+        super().__init__()
+        self.experts, self.top_k, self.grouped_mm = experts, top_k, grouped_mm
+        self.gate = nn.Linear(dim, experts, bias=False)
+        self.w1 = nn.Parameter(torch.randn(experts, hidden, dim) * dim ** -0.5)
+        self.w2 = nn.Parameter(torch.randn(experts, dim, hidden) * hidden ** -0.5)
+        self.w3 = nn.Parameter(torch.randn(experts, hidden, dim) * dim ** -0.5)
+        self.shared = GatedMLP(dim, hidden)
+        self.register_buffer("expert_bias", torch.linspace(-0.05, 0.05, experts))
+        self.register_buffer("tokens_per_expert", torch.zeros(experts))
+
+    def _experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x: tokens sorted by expert (N, D); counts[e] of them go to expert e."""
+        if self.grouped_mm:
+            offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+            xb = x.bfloat16()
+            h = F.silu(torch._grouped_mm(xb, self.w1.bfloat16().transpose(-2, -1), offs=offs))
+            h = h * torch._grouped_mm(xb, self.w3.bfloat16().transpose(-2, -1), offs=offs)
+            return torch._grouped_mm(h, self.w2.bfloat16().transpose(-2, -1), offs=offs).type_as(x)
+        # Which expert each sorted row belongs to, without a data-dependent split.
+        owner = torch.bucketize(torch.arange(x.shape[0], device=x.device), torch.cumsum(counts, 0), right=True)
+        out = torch.zeros_like(x)
+        for e in range(self.experts):
+            y = F.linear(F.silu(F.linear(x, self.w1[e])) * F.linear(x, self.w3[e]), self.w2[e])
+            out = out + y * (owner == e).unsqueeze(-1).to(x.dtype)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        flat = x.reshape(B * L, D)
+        scores = F.softmax(self.gate(flat), dim=-1)
+        _, ids = torch.topk(scores + self.expert_bias.to(scores.dtype), self.top_k, dim=-1)
+        weights = scores.gather(-1, ids)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        counts = torch.histc(ids.reshape(-1).float(), bins=self.experts, min=0, max=self.experts)
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert.add_(counts.to(self.tokens_per_expert.dtype))
+        order = torch.argsort(ids.reshape(-1), stable=True)
+        token = order // self.top_k
+        routed = self._experts(flat[token], counts.to(torch.int64)) * weights.reshape(-1)[order].unsqueeze(-1)
+        out = torch.zeros_like(flat).scatter_add(0, token.unsqueeze(-1).expand(-1, D), routed)
+        return out.reshape(B, L, D) + self.shared(x)
+
+
+class TitanMoELM(nn.Module):
+    """A small decoder of pre-norm MoE blocks (embedding, RMSNorm, TitanMoE, lm_head)."""
+
+    def __init__(self, vocab: int = 64, dim: int = 16, hidden: int = 32, experts: int = 4, top_k: int = 2,
+                 layers: int = 2, *, grouped_mm: bool = False) -> None:
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList([nn.ModuleDict({"norm": nn.RMSNorm(dim), "moe": TitanMoE(
+            dim, hidden, experts, top_k, grouped_mm=grouped_mm)}) for _ in range(layers)])
+        self.norm = nn.RMSNorm(dim)
+        self.output = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = h + layer["moe"](layer["norm"](h))
+        return self.output(self.norm(h))

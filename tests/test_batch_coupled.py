@@ -68,3 +68,31 @@ def test_batch_norm_numerics_equal_the_unsplit_model(case):
         # (in a pipeline, the running statistics were updated twice on the first step before stages
         # got static metadata: torch's metadata inference ran every stage once more)
         assert max(r["stats"].values(), default=0.0) < 1e-12, r
+
+
+class _Centered(torch.nn.Module):
+    """Blocks that subtract the batch mean (a batch-coupled op without a BatchNorm module)."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(dim, dim) for _ in range(2)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            h = block(x)
+            x = x + (h - h.mean(dim=0, keepdim=True))
+        return x
+
+
+def test_a_reduction_over_the_batch_in_a_pipeline_is_a_plan_error(make_fake_mesh, caplog):
+    """Found by tests/test_property_issue14.py: x - x.mean(0) at pp=2 gave gradients 100% off, silently."""
+    mesh = make_fake_mesh((2,), ("pp",))
+    x = torch.randn(8, 8)
+    with pytest.raises(fxpar.PlanError, match=r"aten\.mean\.dim at %mean in module '<root>' reduces over the "
+                                              r"batch dim in a pipeline with 2 microbatches") as e:
+        fxpar.parallelize(_Centered(), mesh, example_inputs=(x,), plan=fxpar.Plan(pp=["blocks.1"]))
+    assert "microbatches=1" in str(e.value) and "batch_norm_per_microbatch=True" in str(e.value)
+    with caplog.at_level(logging.WARNING, logger="fxpar.passes.split_stages"):
+        fxpar.parallelize(_Centered(), mesh, example_inputs=(x,), plan=fxpar.Plan(pp=["blocks.1"]),
+                          batch_norm_per_microbatch=True)
+    assert any("reduces over the batch dim" in r.getMessage() for r in caplog.records)

@@ -11,6 +11,7 @@ The slow check: a GPT-2-shaped model (16 layers, d=1024) on fsdp2 x tp2, memory 
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import resource
 
@@ -25,7 +26,8 @@ from models import MLPStack, TitanLlama, tiny_gpt2
 transformers = pytest.importorskip("transformers")
 
 SEED = 5
-MESHES = [((2,), ("tp",)), ((2,), ("fsdp",)), ((2, 2), ("dp", "tp"))]
+# fsdp3: uneven shards (GPT-2's 32 / 128 / 64 rows, Llama's 32 / 64 / 16 rows on 3 ranks), padded as FSDP2
+MESHES = [((2,), ("tp",)), ((2,), ("fsdp",)), ((2, 2), ("dp", "tp")), ((3,), ("fsdp",))]
 
 
 def _llama(device: str = "cpu") -> torch.nn.Module:
@@ -63,11 +65,11 @@ def _reference_init(kind: str, seed: int) -> torch.nn.Module:
     return model
 
 
-def _inputs(kind: str) -> torch.Tensor:
+def _inputs(kind: str, batch: int = 4) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     if kind == "mlp":
-        return torch.randn(4, 8, 16, generator=g, dtype=torch.float64)
-    return torch.randint(0, 96, (4, 8), generator=g)
+        return torch.randn(batch, 8, 16, generator=g, dtype=torch.float64)
+    return torch.randint(0, 96, (batch, 8), generator=g)
 
 
 def _out(y):
@@ -86,7 +88,7 @@ def _check(shape, names, folder: str) -> dict:
     mesh = torch.distributed.device_mesh.init_device_mesh("cpu", shape, mesh_dim_names=names)
     out = {}
     for kind in ("gpt2", "llama", "mlp"):
-        x = _inputs(kind)
+        x = _inputs(kind, 6 if 3 in shape else 4)
         pm = fxpar.parallelize(_build(kind, "meta"), mesh, example_inputs=(x,))
         assert all(p.device.type == "cpu" for p in pm.parameters())
         local = sum(p.numel() for p in pm.parameters())
@@ -140,9 +142,9 @@ def folder(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("shape,names", MESHES, ids=["tp2", "fsdp2", "dp2xtp2"])
+@pytest.mark.parametrize("shape,names", MESHES, ids=["tp2", "fsdp2", "dp2xtp2", "fsdp3-uneven"])
 def test_meta_model_init_load_save(shape, names, folder):
-    results = rank_pool(len(names) * 2 if len(shape) == 2 else 2).run(_check, shape, names, folder, timeout=240)
+    results = rank_pool(math.prod(shape)).run(_check, shape, names, folder, timeout=240)
     r = results[0]
     for kind in ("gpt2", "llama", "mlp"):
         assert r[f"{kind} init"] == 0.0, (kind, r)  # bit-equal to the single-process init

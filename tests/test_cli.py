@@ -136,11 +136,38 @@ def test_run_wraps_torchrun(tmp_path, capsys):
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["3 ['--flag', 'x']"] * 2
 
 
+_FAILING = (
+    "import os, signal, time, torch.distributed as dist\n"
+    "dist.init_process_group('gloo')\n"
+    "if dist.get_rank() == 1:\n"
+    "    if os.environ.get('HOW') == 'signal':\n"
+    "        os.kill(os.getpid(), signal.SIGKILL)\n"
+    "    raise ValueError('bad shard on rank 1')\n"
+    "time.sleep(60)  # rank 0 is stopped by torchrun\n")
+
+
+@pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
+@pytest.mark.parametrize("how", ["exception", pytest.param("signal", marks=pytest.mark.slow)])
+def test_run_names_the_failing_rank_and_its_root_cause(tmp_path, capsys, monkeypatch, how):
+    """Before: 'failed on 2 rank(s); see their output above', with rank 0 (stopped by torchrun) counted too."""
+    script = tmp_path / "fails.py"
+    script.write_text(_FAILING)
+    monkeypatch.setenv("HOW", how)
+    assert main(["run", "--nproc", "2", "-q", str(script)]) == 1
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("fxpar run:"))
+    if how == "exception":
+        assert "rank 1 failed first (exit code 1)" in line, err
+        assert "ValueError: bad shard on rank 1" in err and "fails.py" in err, err  # the exception and its trace
+    else:
+        assert "rank 1 failed first (killed by signal SIGKILL (9))" in line, err
+
+
 def test_run_multi_node_arguments():
     ns = build_parser().parse_args(["run", "--nproc", "8", "--nnodes", "2", "--node-rank", "1", "--master-addr",
                                     "10.0.0.1", "train.py", "--lr", "1"])
     assert torchrun_args(ns) == ["--nproc-per-node=8", "--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1",
-                                 "--master-port=29500", "train.py", "--lr", "1"]
+                                 "--master-port=29500", "--module", "fxpar.launch", "train.py", "--lr", "1"]
 
 
 def test_diff_names_what_changed(tmp_path, capsys):

@@ -170,10 +170,11 @@ def _uneven_fsdp() -> dict:
     return {"ok": report.ok, "report": str(report), "explain": pm.explain()}
 
 
-def test_fsdp_parameter_that_does_not_divide_stays_replicated():
+def test_fsdp_parameter_that_does_not_divide_is_sharded_unevenly():
+    # as FSDP2: 6 rows on fsdp=4 are chunks of 2, 2, 2, 0 (tests/test_uneven_shards.py trains such shards)
     r = rank_pool(4).run(_uneven_fsdp)[0]
     assert r["ok"], r["report"]
-    assert "not sharded on fsdp: dim 0 of local size (6,) does not divide by fsdp=4" in r["explain"]
+    assert "fsdp shards dim 0 unevenly: 6 rows in chunks of 2 over fsdp=4" in r["explain"]
 
 
 def _accumulate() -> float:

@@ -26,15 +26,31 @@ def test_unknown_style_is_a_plan_error():
         fxpar.Plan(tp={"a": "columnwise"})
 
 
+class _Lookup(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(30, 16)
+
+    def forward(self, ids):
+        return self.emb(ids)
+
+
 def test_non_divisible_dim_names_module_and_fix(make_fake_mesh):
+    # an embedding's vocab-parallel rows must divide (its rule computes chunk offsets); a Linear's need not
     mesh = make_fake_mesh((4,), ("tp",))
-    model = MLPStack(dim=16, hidden=30)
     with pytest.raises(fxpar.ShardingError) as e:
-        fxpar.parallelize(model, mesh, example_inputs=(torch.randn(2, 16),), plan=MEGATRON)
+        fxpar.parallelize(_Lookup(), mesh, example_inputs=(torch.randint(0, 30, (2, 3)),), plan={"emb": "rowwise"})
     msg = str(e.value)
-    assert "layers.0.up" in msg and "size 30" in msg and "tp=4" in msg
+    assert "'emb'" in msg and "size 30" in msg and "tp=4" in msg
     assert "use tp in [2, 3, 5, 6, 10, 15, 30]" in msg and "'replicate'" in msg
     assert "[annotate_parameters]" in msg
+
+
+def test_non_divisible_linear_is_sharded_unevenly(make_fake_mesh):
+    # 30 hidden features on tp=4: torch.chunk's 8, 8, 8, 6 (tests/test_uneven_shards.py checks the numerics)
+    mesh = make_fake_mesh((4,), ("tp",))
+    pm = fxpar.parallelize(MLPStack(dim=16, hidden=30), mesh, example_inputs=(torch.randn(2, 16),), plan=MEGATRON)
+    assert "colwise (uneven: 30 in chunks of 8 over tp=4)" in pm.explain()
 
 
 def test_automatic_plan_leaves_non_divisible_pairs_replicated(make_fake_mesh):

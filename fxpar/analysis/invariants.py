@@ -48,7 +48,7 @@ from fxpar.analysis.local_run import _hint_shape, _specs_of, local_fake_run
 from fxpar.core.dataflow import differentiable
 from fxpar.core.errors import FxparError, GraphInvariantError, node_context
 from fxpar.core.mesh import MeshInfo
-from fxpar.core.spec import TensorSpec, get_info, make_spec, placements_str
+from fxpar.core.spec import TensorSpec, get_info, make_spec, placements_str, rank_local_shape
 from fxpar.ops.collectives import BACKWARD_OF, COLLECTIVE_OPS, collective_args, transition_op
 from fxpar.rules import OpInfo, lookup, tensor_args
 
@@ -484,7 +484,9 @@ def _check_local_params(gm: fx.GraphModule, mesh: MeshInfo) -> None:
         if not isinstance(spec, TensorSpec):
             continue
         t = _fetch(gm, str(node.target))
-        if isinstance(t, torch.Tensor) and tuple(t.shape) != _hint_shape(spec.local_shape):
+        # an uneven shard's rows are this rank's chunk, fewer than the (padded) spec's on the last ranks
+        if isinstance(t, torch.Tensor) and tuple(t.shape) != _hint_shape(spec.local_shape) and \
+                tuple(t.shape) != rank_local_shape(spec, mesh.sizes, mesh.coordinate, mesh.names):
             raise GraphInvariantError(
                 f"{node_context(node)}: this rank holds {str(node.target)!r} with shape {list(t.shape)} but its "
                 f"placements {placements_str(spec.placements)} of {list(_hint_shape(spec.shape))} give local "

@@ -23,6 +23,7 @@ import torch.nn as nn
 from fxpar import passes as P
 from fxpar.analysis.invariants import check_graph
 from fxpar.analysis.plan_io import MODEL_KEY, ModelFingerprint, check_plan_fits
+from fxpar.analysis.precision import batch_split_narrowings, warn_narrowed_parameters
 from fxpar.capture import capture
 from fxpar.compiler import pass_manager
 from fxpar.compiler.pass_manager import GraphCheck, PassContext
@@ -167,10 +168,15 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
     manager = PassManager(passes if passes is not None else default_passes(plan), check=check, dump_dir=dump_dir)
     gm = manager.run(gm, ctx)
     if pipelined:
-        return PipelineModule(gm, mesh=mesh, mesh_info=spmd_info, plan=plan, history=manager.history,
+        pipe = PipelineModule(gm, mesh=mesh, mesh_info=spmd_info, plan=plan, history=manager.history,
                               pp_dim=mesh_info.names.index("pp") if mesh_info.has("pp") else None,
                               example_args=example_inputs, example_kwargs=example_kwargs,
                               reshard_after_forward=reshard_after_forward)
+        pipe.check_inputs = check is True
+        return pipe
+    data_dims = [d for d, name in enumerate(mesh_info.names) if name in ("dp", "fsdp") and mesh_info.sizes[d] > 1]
+    if data_dims:  # a parameter cast down, its gradient rounded per data shard
+        warn_narrowed_parameters(batch_split_narrowings(gm, data_dims), "data-parallel shards")
     if on_meta:
         allocate_local(gm, mesh_device(mesh))
     pm = ParallelModule(gm, mesh=mesh, mesh_info=mesh_info, plan=plan, history=manager.history,

@@ -8,6 +8,13 @@ read and written only through the accessors here. Placements are torch's own
 `local_shape` is what this rank holds. For a `Shard(d)` on a mesh dim of size n
 the local size of dim d is `global / n` (several mesh dims sharding one tensor
 dim divide it in mesh order).
+
+Uneven shards (a parameter dim that does not divide, as FSDP2 and DTensor
+allow): rank i holds chunk i of `torch.chunk`, ceil(global / n) rows each, the
+last ranks fewer or none (`chunk_bounds`). The spec's `local_shape` is then
+the padded size ceil(global / n), the same on every rank (what a padded
+collective moves, and the most any rank holds); a rank's own rows come from
+`chunk_bounds` / `rank_local_shape`.
 """
 
 from __future__ import annotations
@@ -37,6 +44,11 @@ __all__ = [
     "size_key",
     "shape_key",
     "local_size",
+    "chunk_bounds",
+    "chunk",
+    "pad_to",
+    "rank_local_shape",
+    "uncut_steps",
     "replicated",
     "placements_str",
     "Shard",
@@ -200,8 +212,64 @@ def divides(size: Any, n: int) -> bool | None:
 
 
 def local_size(size: Any, n: int) -> Any:
-    """The local size of a dim split evenly over n ranks."""
-    return size if n == 1 else size // n
+    """The local size of a dim split over n ranks: size / n, or ceil(size / n) padded for a static uneven size."""
+    if n == 1:
+        return size
+    if isinstance(size, torch.SymInt) or size % n == 0:
+        return size // n
+    return -(-size // n)
+
+
+def chunk_bounds(size: int, n: int, i: int) -> tuple[int, int]:
+    """(start, length) of chunk `i` of a dim of `size` split over `n` ranks, as `torch.chunk`, DTensor's
+    Shard and FSDP2 cut it: ceil(size / n) each, the last ranks fewer or none (3 rows on 4 ranks: 1, 1, 1, 0)."""
+    c = -(-size // n)
+    start = min(i * c, size)
+    return start, min(c, size - start)
+
+
+def chunk(t: torch.Tensor, n: int, dim: int, i: int) -> torch.Tensor:
+    """Chunk `i` of `n` of `t` along `dim` (`chunk_bounds`; empty where torch.chunk has no chunk `i`)."""
+    return t.narrow(dim, *chunk_bounds(t.size(dim), n, i))
+
+
+def pad_to(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """`x` with zeros appended along `dim` up to `size` (an uneven chunk padded for a collective)."""
+    if x.size(dim) == size:
+        return x
+    shape = list(x.shape)
+    shape[dim] = size - x.size(dim)
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
+def uncut_steps(shape: Sequence[Any], placements: Sequence[Placement], sizes: Sequence[int],
+                coordinate: Sequence[int], names: Sequence[str]) -> list[tuple[int, Placement, int]]:
+    """How to rebuild a full tensor from this rank's shard: (mesh dim, placement, size of the placement's dim
+    after gathering it), last cut first. Shards are cut in `shard_order` (fsdp last); an uneven cut's
+    gather strips its padding down to that size."""
+    cur = [size_hint(s) for s in shape]
+    steps = []
+    for m in shard_order(names):
+        p = placements[m]
+        if p.is_replicate() or not (p.is_shard() or isinstance(p, _StridedShard)):
+            continue
+        before = cur[p.dim]
+        cur[p.dim] = chunk_bounds(before, sizes[m], coordinate[m])[1] if p.is_shard() else before // sizes[m]
+        steps.append((m, p, before))
+    return steps[::-1]
+
+
+def rank_local_shape(spec: "TensorSpec", sizes: Sequence[int], coordinate: Sequence[int],
+                     names: Sequence[str]) -> tuple[int, ...]:
+    """The shape this rank holds of a tensor laid out as `spec` (its own rows of an uneven shard)."""
+    cur = [size_hint(s) for s in spec.shape]
+    for m in shard_order(names):
+        p = spec.placements[m]
+        if p.is_shard():
+            cur[p.dim] = chunk_bounds(cur[p.dim], sizes[m], coordinate[m])[1]
+        elif isinstance(p, _StridedShard):
+            cur[p.dim] //= sizes[m]
+    return tuple(cur)
 
 
 def replicated(ndim: int) -> tuple[Placement, ...]:

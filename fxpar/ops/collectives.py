@@ -42,6 +42,7 @@ from fxpar._torch.c10d import functional, resolve_process_group
 from fxpar._torch.fx import copy_codegen
 from fxpar._torch.placements import StridedShard as _StridedShard
 from fxpar.core.errors import ShardingError
+from fxpar.core.spec import chunk, pad_to
 
 __all__ = [
     "COLLECTIVE_OPS",
@@ -103,7 +104,18 @@ def _all_reduce(x: Tensor, group_name: str) -> Tensor:
     return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "sum", group_name))
 
 
-def _all_gather(x: Tensor, dim: int, n: int, group_name: str, split_factor: int = 1) -> Tensor:
+_pad = pad_to
+
+
+def _all_gather(x: Tensor, dim: int, n: int, group_name: str, split_factor: int = 1,
+                full_size: int | None = None) -> Tensor:
+    """Shards along `dim` -> the full tensor. `full_size`: an uneven shard (`fxpar.core.spec.chunk_bounds`):
+    each rank's chunk is padded to ceil(full_size / n) for the gather and the padding stripped after."""
+    if full_size is not None and split_factor == 1:
+        padded = -(-full_size // n)
+        if padded * n != full_size or x.size(dim) != padded:
+            out = _all_gather(_pad(x, dim, padded), dim, n, group_name)
+            return out.narrow(dim, 0, full_size).clone()  # its own storage: saved / freed as a whole (fsdp_state)
     out = _c10d.wait_tensor(_c10d.all_gather_into_tensor(x.contiguous(), n, group_name))
     if dim != 0:
         out = torch.cat(out.chunk(n, dim=0), dim=dim)
@@ -115,7 +127,10 @@ def _all_gather(x: Tensor, dim: int, n: int, group_name: str, split_factor: int 
     return out
 
 
-def _local_chunk(x: Tensor, dim: int, n: int, group_name: str, what: str, split_factor: int = 1) -> Tensor:
+def _local_chunk(x: Tensor, dim: int, n: int, group_name: str, what: str, split_factor: int = 1,
+                 uneven: bool = False) -> Tensor:
+    if uneven and split_factor == 1:  # this rank's torch.chunk rows (fxpar.core.spec.chunk_bounds), maybe none
+        return chunk(x, n, dim, _group_rank(group_name)).clone(memory_format=torch.contiguous_format)
     if x.size(dim) % (n * split_factor):
         raise ShardingError(
             f"{what}: dim {dim} of size {x.size(dim)} does not divide by the mesh dim size {n}"
@@ -128,7 +143,13 @@ def _local_chunk(x: Tensor, dim: int, n: int, group_name: str, what: str, split_
     return x.chunk(n, dim=dim)[r].clone(memory_format=torch.contiguous_format)  # never alias the input
 
 
-def _reduce_scatter(x: Tensor, dim: int, n: int, group_name: str) -> Tensor:
+def _reduce_scatter(x: Tensor, dim: int, n: int, group_name: str, local_size: int | None = None) -> Tensor:
+    """Sum over the group, this rank's chunk along `dim`. `local_size`: this rank's rows of an uneven shard
+    (`fxpar.core.spec.chunk_bounds`): `x` is padded to n x ceil(size / n) and the padding dropped after."""
+    if local_size is not None and (x.size(dim) % n or local_size != x.size(dim) // n):
+        padded = -(-x.size(dim) // n)
+        out = _reduce_scatter(_pad(x, dim, padded * n), dim, n, group_name)
+        return out.narrow(dim, 0, local_size)
     if x.size(dim) % n:
         raise ShardingError(
             f"reduce_scatter: dim {dim} of size {x.size(dim)} does not divide by the mesh dim size {n} at run time"
@@ -192,48 +213,60 @@ grad_all_reduce.register_autograd(_grad_all_reduce_bwd, setup_context=_save_grou
 
 
 @torch.library.custom_op("fxpar::all_gather", mutates_args=())
-def all_gather(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str, split_factor: int = 1) -> Tensor:
-    """Shard(dim) -> Replicate (section-wise for a strided shard). Backward: this rank's slice."""
-    _record("all_gather", mesh_dim, x, "forward")
-    return _all_gather(x, dim, group_size, group_name, split_factor)
+def all_gather(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str, split_factor: int = 1,
+               full_size: int = -1) -> Tensor:
+    """Shard(dim) -> Replicate (section-wise for a strided shard). Backward: this rank's slice.
+
+    `full_size` >= 0: an uneven shard (torch.chunk's rows, `fxpar.core.spec.chunk_bounds`) of a dim of
+    that size: padded for the collective, the padding stripped after."""
+    _record("all_gather", mesh_dim, _pad(x, dim, -(-full_size // group_size)) if full_size >= 0 else x, "forward")
+    return _all_gather(x, dim, group_size, group_name, split_factor, full_size=None if full_size < 0 else full_size)
 
 
 @all_gather.register_fake
-def _(x, dim, group_size, group_name, mesh_dim, split_factor=1):
+def _(x, dim, group_size, group_name, mesh_dim, split_factor=1, full_size=-1):
     shape = list(x.shape)
-    shape[dim] = shape[dim] * group_size
+    shape[dim] = full_size if full_size >= 0 else shape[dim] * group_size
     return x.new_empty(shape)
 
 
 def _save_shard_args(ctx, inputs, output):
     ctx.dim, ctx.group_size, ctx.group_name, ctx.mesh_dim = inputs[1:5]
     ctx.split_factor = inputs[5] if len(inputs) > 5 else 1
+    ctx.uneven = len(inputs) > 6 and inputs[6] >= 0
+    ctx.full_size = inputs[6] if ctx.uneven else None
 
 
 def _all_gather_bwd(ctx, grad):
-    local = _local_chunk(grad, ctx.dim, ctx.group_size, ctx.group_name, "all_gather backward", ctx.split_factor)
-    return local, None, None, None, None, None
+    local = _local_chunk(grad, ctx.dim, ctx.group_size, ctx.group_name, "all_gather backward", ctx.split_factor,
+                         uneven=ctx.uneven)
+    return local, None, None, None, None, None, None
 
 
 all_gather.register_autograd(_all_gather_bwd, setup_context=_save_shard_args)
 
 
 @torch.library.custom_op("fxpar::shard", mutates_args=())
-def shard(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str, split_factor: int = 1) -> Tensor:
-    """Replicate -> Shard(dim): keep this rank's chunk, no communication. Backward: all_gather."""
-    return _local_chunk(x, dim, group_size, group_name, f"shard along mesh dim '{mesh_dim}'", split_factor)
+def shard(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str, split_factor: int = 1,
+          full_size: int = -1) -> Tensor:
+    """Replicate -> Shard(dim): keep this rank's chunk (torch.chunk's rows if `full_size` >= 0: uneven), no
+    communication. Backward: all_gather (padded if uneven)."""
+    return _local_chunk(x, dim, group_size, group_name, f"shard along mesh dim '{mesh_dim}'", split_factor,
+                        uneven=full_size >= 0)
 
 
 @shard.register_fake
-def _(x, dim, group_size, group_name, mesh_dim, split_factor=1):
+def _(x, dim, group_size, group_name, mesh_dim, split_factor=1, full_size=-1):
     shape = list(x.shape)
-    shape[dim] = shape[dim] // group_size
+    shape[dim] = -(-shape[dim] // group_size)  # an uneven chunk's spec is its padded size
     return x.new_empty(shape)
 
 
 def _shard_bwd(ctx, grad):
+    full = ctx.full_size if ctx.uneven else None
     _record("all_gather", ctx.mesh_dim, grad, "backward")
-    return _all_gather(grad, ctx.dim, ctx.group_size, ctx.group_name, ctx.split_factor), None, None, None, None, None
+    out = _all_gather(grad, ctx.dim, ctx.group_size, ctx.group_name, ctx.split_factor, full_size=full)
+    return out, None, None, None, None, None, None
 
 
 shard.register_autograd(_shard_bwd, setup_context=_save_shard_args)
@@ -290,7 +323,8 @@ all_to_all.register_autograd(_all_to_all_bwd, setup_context=_save_a2a_args)
 
 @torch.library.custom_op("fxpar::fsdp_all_gather", mutates_args=())
 def fsdp_all_gather(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str,
-                    param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None) -> Tensor:
+                    param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None,
+                    full_size: int = -1) -> Tensor:
     """A parameter's FSDP shard -> the full parameter. Backward: reduce_scatter of its gradient.
 
     The fused form of all_gather followed by grad_all_reduce: the gathered parameter is used on
@@ -302,29 +336,36 @@ def fsdp_all_gather(x: Tensor, dim: int, group_size: int, group_name: str, mesh_
     `param_dtype` the shard is cast before the gather (half the bytes for bfloat16) and the full
     parameter comes out in it; with `reduce_dtype` the gradient is cast to it before the
     reduce_scatter; the shard's gradient comes back in the shard's own dtype (float32 master weights).
+
+    Uneven shards (`full_size` >= 0, the gathered size of `dim`, which does not divide by the group):
+    each rank holds its `chunk_bounds` rows, padded to ceil(full_size / group_size) for the gather, the
+    padding stripped after; the backward pads the gradient and keeps this rank's real rows, as FSDP2.
     """
-    args = (dim, group_size, group_name, mesh_dim)
+    args = (dim, group_size, group_name, mesh_dim, None if full_size < 0 else full_size)
     runtime = _fsdp_runtime[0] if _fsdp_runtime else None
     out = runtime.gather(x, args) if runtime is not None else None
     if out is None:
         src = x if param_dtype is None else x.to(param_dtype)
-        _record("all_gather", mesh_dim, src, "forward")
-        out = _all_gather(src, dim, group_size, group_name)
+        _record("all_gather", mesh_dim, _pad(src, dim, -(-full_size // group_size)) if full_size >= 0 else src,
+                "forward")
+        out = _all_gather(src, dim, group_size, group_name, full_size=args[4])
         if runtime is not None:
             runtime.gathered(out, src, args)  # re-gathered from the cast shard (reshard_after_forward)
     return out if param_dtype is None else out.to(param_dtype)
 
 
 @fsdp_all_gather.register_fake
-def _(x, dim, group_size, group_name, mesh_dim, param_dtype=None, reduce_dtype=None):
+def _(x, dim, group_size, group_name, mesh_dim, param_dtype=None, reduce_dtype=None, full_size=-1):
     shape = list(x.shape)
-    shape[dim] = shape[dim] * group_size
+    shape[dim] = full_size if full_size >= 0 else shape[dim] * group_size
     return x.new_empty(shape, dtype=param_dtype or x.dtype)
 
 
 def _save_fsdp_args(ctx, inputs, output):
     ctx.dim, ctx.group_size, ctx.group_name, ctx.mesh_dim = inputs[1:5]
     ctx.reduce_dtype = inputs[6] if len(inputs) > 6 else None
+    ctx.uneven = len(inputs) > 7 and inputs[7] >= 0
+    ctx.shard_shape = tuple(inputs[0].shape)
     ctx.shard_dtype = inputs[0].dtype
     runtime = _fsdp_runtime[0] if _fsdp_runtime else None
     ctx.fsdp = runtime.saved(inputs[0]) if runtime is not None else None
@@ -336,9 +377,12 @@ def _fsdp_all_gather_bwd(ctx, grad):
     runtime = _fsdp_runtime[0] if _fsdp_runtime else None
     out = runtime.backward(ctx.fsdp, ctx, grad) if runtime is not None and ctx.fsdp is not None else None
     if out is None:
-        _record("reduce_scatter", ctx.mesh_dim, grad, "backward")
-        out = _reduce_scatter(grad, ctx.dim, ctx.group_size, ctx.group_name)
-    return out.to(ctx.shard_dtype), None, None, None, None, None, None
+        local = ctx.shard_shape[ctx.dim] if ctx.uneven else None  # this rank's real rows of an uneven shard
+        _record("reduce_scatter", ctx.mesh_dim,
+                _pad(grad, ctx.dim, -(-grad.size(ctx.dim) // ctx.group_size) * ctx.group_size) if ctx.uneven else grad,
+                "backward")
+        out = _reduce_scatter(grad, ctx.dim, ctx.group_size, ctx.group_name, local_size=local)
+    return out.to(ctx.shard_dtype), None, None, None, None, None, None, None
 
 
 fsdp_all_gather.register_autograd(_fsdp_all_gather_bwd, setup_context=_save_fsdp_args)
@@ -353,7 +397,8 @@ class FsdpRuntime(Protocol):
     """
 
     def gather(self, shard: Tensor, args: tuple) -> Tensor | None:
-        """The full parameter, or None to let the op gather it (args: dim, group size, group, mesh dim)."""
+        """The full parameter, or None to let the op gather it (args: dim, group size, group, mesh dim,
+        the gathered size of an uneven shard or None)."""
 
     def gathered(self, full: Tensor, shard: Tensor, args: tuple) -> None:
         """Told of every full parameter the op gathered itself."""
@@ -465,8 +510,9 @@ def insert_transition(
     group_size: int,
     group_name: str,
     label: str,
+    full_size: int | None = None,
 ) -> fx.Node | None:
-    """Inserts the node that moves `x` from `src` to `dst` (at the graph's insert point)."""
+    """Inserts the node that moves `x` from `src` to `dst` (`full_size`: an uneven all_gather's dim size)."""
     op = transition_op(src, dst)
     if op is None:
         return None
@@ -480,6 +526,10 @@ def insert_transition(
     args = (dim, group_size, group_name, mesh_dim_name)
     if isinstance(strided, _StridedShard):
         args = (*args, strided.split_factor)
+    if full_size is not None:
+        if op not in ("all_gather", "shard") or isinstance(strided, _StridedShard):
+            raise ShardingError(f"{op} of an uneven shard of {label}: only all_gather and shard take uneven shards")
+        args = (*args, 1, int(full_size))
     return _make_node(graph, op, x, args, f"{prefix}_{label}")
 
 
@@ -489,16 +539,21 @@ def insert_grad_all_reduce(graph: fx.Graph, x: fx.Node, *, mesh_dim_name: str, g
 
 
 def insert_fsdp_all_gather(graph: fx.Graph, param: fx.Node, *, dim: int, mesh_dim_name: str, group_size: int,
-                           group_name: str) -> fx.Node:
-    """Inserts the gather of an FSDP-sharded parameter (reduce-scatter of its gradient backward)."""
-    return _make_node(graph, "fsdp_all_gather", param, (dim, group_size, group_name, mesh_dim_name),
-                      f"fsdpgather_{param.name}")
+                           group_name: str, full_size: int | None = None) -> fx.Node:
+    """Inserts the gather of an FSDP-sharded parameter (reduce-scatter of its gradient backward).
+
+    `full_size`: the gathered size of `dim` when it does not divide by `group_size` (uneven, padded shards).
+    """
+    args = (dim, group_size, group_name, mesh_dim_name)
+    if full_size is not None:
+        args = (*args, None, None, int(full_size))
+    return _make_node(graph, "fsdp_all_gather", param, args, f"fsdpgather_{param.name}")
 
 
 def set_fsdp_precision(node: fx.Node, *, param_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None) -> None:
     """Makes an `fsdp_all_gather` node gather in `param_dtype` and reduce its gradient in `reduce_dtype`."""
     assert node.target is torch.ops.fxpar.fsdp_all_gather.default, node
-    node.args = (*node.args[:5], param_dtype, reduce_dtype)
+    node.args = (*node.args[:5], param_dtype, reduce_dtype, *node.args[7:])
 
 
 def collective_args(node: fx.Node) -> dict:

@@ -32,8 +32,15 @@ rowwise); a batch norm between them is channel-local and sharded with them.
 Before:  %up_weight = get_attr[target=up.weight]
 After:   same node, meta["fxpar"].spec.placements == (Shard(0),), local shape [N/tp, K]
 
-Raises ShardingError when a sharded dim does not divide by the mesh size,
-naming the module and the sizes that would work.
+An nn.Linear's weight or bias (every use an aten.linear) whose plain sharded
+dim does not divide by tp is cut unevenly, as DTensor's Shard: torch.chunk's
+rows, ceil(size / tp) each, the last ranks fewer (a vocab of 50257 at tp=2:
+25129 + 25128). Rules that are exact on uneven shards (`allows_uneven`:
+linear, pointwise) keep them; any other op gets them gathered, padded.
+
+Raises ShardingError when any other sharded dim does not divide by the mesh
+size (fused sections, embeddings, Conv1D), naming the module and the sizes
+that would work.
 """
 
 from __future__ import annotations
@@ -235,11 +242,18 @@ def annotate_parameters(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             if isinstance(p, (Shard, _StridedShard)):
                 size = node.meta["val"].shape[p.dim]
                 n = mesh.sizes[tp_dim]
-                if divides(size, n * getattr(p, "split_factor", 1)) is not True:
+                # a Linear's plain Shard of a static size that does not divide is cut unevenly (torch.chunk's
+                # rows): exact through linear / pointwise ops, gathered (padded) before any other
+                uneven = type(p) is Shard and isinstance(size, int) and size % n != 0 and \
+                    all(u.target is aten.linear.default for u in node.users)
+                if uneven:
+                    style = f"{style} (uneven: {size} in chunks of {-(-size // n)} over tp={n})" \
+                        if " (uneven" not in str(style) else style
+                elif divides(size, n * getattr(p, "split_factor", 1)) is not True:
                     raise ShardingError(
                         f"'{style}' on module '{module}': dim {p.dim} of parameter '{fqn}' has size {size}, "
-                        f"which does not divide by tp={n}; use tp in {_divisors(int(size))} "
-                        f"or map '{module}' to 'replicate' in the plan"
+                        f"which does not divide by tp={n} (only an nn.Linear's plain shard may be uneven); use tp in "
+                        f"{_divisors(int(size))} or map '{module}' to 'replicate' in the plan"
                     )
             placements[tp_dim] = p
         spec = make_spec(node.meta["val"], tuple(placements), mesh.sizes)

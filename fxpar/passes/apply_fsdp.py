@@ -2,13 +2,16 @@
 
 Requires: param_placements. Provides: fsdp_params.
 
-Each parameter whose dim 0 (after any tensor-parallel split) divides by the
-fsdp size is stored as Shard(0) on `fsdp`; a `fsdp_all_gather` node right
-after its get_attr rebuilds the full (tensor-parallel local) parameter for its
-users, and its backward reduce-scatters the gradient: the design's
-all_gather + grad_all_reduce pair, fused. Parameters that do not divide stay
-Replicate on fsdp (their gradient is all-reduced like data parallel's) and
-explain() says so.
+Each parameter with a dim 0 (after any tensor-parallel split) is stored as
+Shard(0) on `fsdp`; a `fsdp_all_gather` node right after its get_attr rebuilds
+the full (tensor-parallel local) parameter for its users, and its backward
+reduce-scatters the gradient: the design's all_gather + grad_all_reduce pair,
+fused. A dim 0 that does not divide by fsdp is sharded unevenly, as FSDP2
+does: rank i holds chunk i of torch.chunk (ceil(rows / fsdp) rows, the last
+ranks fewer or none), the gather carries the full row count (`full_size`),
+pads each chunk for the collective and strips the padding. Scalars, fused
+(strided) dim 0s and symbolic sizes stay Replicate on fsdp (their gradient is
+all-reduced like data parallel's) and explain() says so.
 
 Before:  %w = get_attr[target=up.weight]                  # [R] on fsdp
          %linear = aten.linear(%x, %w)
@@ -65,24 +68,38 @@ def apply_fsdp(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if info is None or not node.users or not node.meta["val"].requires_grad:
             continue
         spec = info.spec
-        # dim 0 must divide, and carry no strided (fused-section) shard, whose gather would reorder it
-        if len(spec.local_shape) == 0 or divides(spec.local_shape[0], n) is not True \
-                or any(not p.is_replicate() and not p.is_shard() and p.dim == 0 for p in spec.placements):
-            why = f"not sharded on fsdp: dim 0 of local size {tuple(spec.local_shape)[:1]} does not divide by " \
-                  f"fsdp={n}" if divides(spec.local_shape[0] if spec.local_shape else 1, n) is not True \
-                else "not sharded on fsdp: dim 0 carries fused sections"
+        # dim 0 must have a static size (an uneven one is padded) and carry no strided (fused-section)
+        # shard, whose gather would reorder it
+        even = divides(spec.local_shape[0], n) if spec.local_shape else False
+        why = None
+        if not spec.local_shape:
+            why = "not sharded on fsdp: a scalar"
+        elif any(not p.is_replicate() and not p.is_shard() and p.dim == 0 for p in spec.placements):
+            why = "not sharded on fsdp: dim 0 carries fused sections"
+        elif even is not True and (not isinstance(spec.local_shape[0], int) or
+                                   any(p.is_shard() and p.dim == 0 and divides(spec.shape[0], mesh.sizes[m]) is not True
+                                       for m, p in enumerate(spec.placements) if m != f)):
+            # a symbolic size, or a tensor-parallel cut of dim 0 that is itself uneven (its rows differ by rank)
+            why = f"not sharded on fsdp: dim 0 of local size {spec.local_shape[0]} does not divide by fsdp={n}"
+        if why is not None:
             update_info(node, style=f"{info.style or 'replicate (default)'}; {why}")
             continue
         sharded = list(spec.placements)
         sharded[f] = Shard(0)
-        set_info(node, dataclasses.replace(info, spec=make_spec(node.meta["val"], tuple(sharded), mesh.sizes)))
+        style = info.style
+        if not even:
+            rows = spec.local_shape[0]
+            style = f"{style or 'replicate (default)'}; fsdp shards dim 0 unevenly: {rows} rows in chunks of " \
+                    f"{-(-rows // n)} over fsdp={n}, padded in the collectives"
+        set_info(node, dataclasses.replace(info, spec=make_spec(node.meta["val"], tuple(sharded), mesh.sizes),
+                                           style=style))
         users = list(node.users)
         # Gather right before the first use, so a gathered parameter lives only as long as its layer.
         order = {n: i for i, n in enumerate(gm.graph.nodes)} if order is None else order
         first = min(users, key=order.__getitem__)
         with gm.graph.inserting_before(first):
             gathered = insert_fsdp_all_gather(gm.graph, node, dim=0, mesh_dim_name="fsdp", group_size=n,
-                                              group_name=group)
+                                              group_name=group, full_size=None if even else spec.local_shape[0])
         gathered.meta["val"] = node.meta["val"]
         # role "param": downstream it is the parameter (its tp shard must not be gathered either)
         bucket = _unit(info.module_fqn) if unit == "block" else None

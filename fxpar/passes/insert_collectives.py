@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
-from torch.distributed.tensor.placement_types import Placement
+from torch.distributed.tensor.placement_types import Placement, Shard
 
 from fxpar.core.errors import ShardingError, module_fqn_of, node_context
 from fxpar.core.mesh import MeshInfo
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.spec import NodeInfo, get_info, make_spec, set_info
-from fxpar.ops.collectives import insert_grad_all_reduce, insert_transition, transition_op
+from fxpar.ops.collectives import collective_args, insert_grad_all_reduce, insert_transition, transition_op
 from fxpar.passes._graph import differentiable
 from fxpar.rules import replace_tensor_args, tensor_args
 
@@ -79,15 +79,38 @@ class _Inserter:
                                     f"'{self.mesh.names[m]}' but the op needs {dst}: {e}") from e
             if op is None:
                 continue
+            full_size = self._uneven(x, op, src, dst, m, consumer)
             with self.graph.inserting_before(consumer):
                 new = insert_transition(
                     self.graph, cur, src, dst, mesh_dim=m, mesh_dim_name=self.mesh.names[m],
-                    group_size=self.mesh.sizes[m], group_name=_group(self.mesh, m), label=x.name)
+                    group_size=self.mesh.sizes[m], group_name=_group(self.mesh, m), label=x.name,
+                    full_size=full_size)
             placements[m] = dst
             owner = consumer if op == "shard" else x
             cur = self._new(new, x, tuple(placements), owner, "collective")
         self.cache[key] = cur
         return cur
+
+    def _uneven(self, x: fx.Node, op: str, src: Placement, dst: Placement, m: int, consumer: fx.Node) -> int | None:
+        """The dim size an all_gather / shard of an uneven shard (torch.chunk's rows) rebuilds or cuts, else None.
+
+        Raises:
+            ShardingError: any other transition of an uneven shard (no padded reduce_scatter / all_to_all).
+        """
+        spec, n = get_info(x).spec, self.mesh.sizes[m]
+        dims = {p.dim for p in (src, dst) if isinstance(p, Shard)}
+        uneven = [d for d in dims if isinstance(spec.shape[d], int) and spec.shape[d] % n]
+        if not uneven:
+            return None
+        d = uneven[0]
+        nested = any(isinstance(p, Shard) and p.dim == d for k, p in enumerate(spec.placements) if k != m)
+        if op not in ("all_gather", "shard") or nested:
+            raise ShardingError(
+                f"{node_context(consumer)}: input %{x.name} would need a {op} of dim {d} (size {spec.shape[d]}), "
+                f"which does not divide by {self.mesh.names[m]}={n}, in module '{module_fqn_of(consumer)}': only "
+                "all_gather and a local cut take uneven shards; use a mesh dim size that divides it or map the "
+                "module to 'replicate' in the plan")
+        return int(spec.shape[d])
 
     def full_gradient_gather(self, a: fx.Node, consumer: fx.Node, info: NodeInfo) -> fx.Node:
         """An FSDP-gathered parameter used by an op that runs replicated on fsdp gets a plain all_gather.
@@ -105,10 +128,11 @@ class _Inserter:
         if key not in self.cache:
             shard = a.args[0]
             with self.graph.inserting_before(consumer):
+                full_size = collective_args(a).get("full_size", -1)  # an uneven shard: padded like its gather
                 new = insert_transition(
                     self.graph, shard, get_info(shard).spec.placements[f], get_info(a).spec.placements[f],
                     mesh_dim=f, mesh_dim_name="fsdp", group_size=self.mesh.sizes[f],
-                    group_name=_group(self.mesh, f), label=shard.name)
+                    group_name=_group(self.mesh, f), label=shard.name, full_size=full_size if full_size >= 0 else None)
             self.cache[key] = self._new(new, shard, tuple(get_info(a).spec.placements), consumer, "param")
         return self.cache[key]
 

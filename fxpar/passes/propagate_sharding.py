@@ -41,7 +41,7 @@ from fxpar.core.spec import NodeInfo, TensorSpec, divides, get_info, make_spec, 
 from fxpar.ops.collectives import COLLECTIVE_OPS, op_cost, transition_cost
 from fxpar.passes._graph import differentiable, is_tensor
 from fxpar.passes.shard_inputs import DATA_DIMS
-from fxpar.rules import OpInfo, Strategy, all_replicate, lookup, tensor_args
+from fxpar.rules import OpInfo, Strategy, all_replicate, allows_uneven, lookup, tensor_args
 
 
 def _bytes(val, placements, mesh: MeshInfo, skip: int) -> float:
@@ -55,16 +55,25 @@ def _bytes(val, placements, mesh: MeshInfo, skip: int) -> float:
     return numel * val.dtype.itemsize
 
 
-def _feasible(strategy: Strategy, op: OpInfo, n: int) -> bool:
-    """False if a required shard does not divide (statically known)."""
+def _feasible(strategy: Strategy, op: OpInfo, n: int, cur: tuple) -> bool:
+    """False if a required shard does not divide (statically known), unless the op's rule is exact on
+    uneven shards (`allows_uneven`: torch.chunk's rows) and each uneven input is already so sharded or
+    replicated (cut locally): a Partial or other shard would need an uneven reduce_scatter / all_to_all."""
     vals = list(op.in_vals)
     places = list(strategy.inputs)
     outs = op.out_val if isinstance(op.out_val, (tuple, list)) else (op.out_val,)
     out_places = strategy.output if isinstance(strategy.output, tuple) else (strategy.output,)
-    for v, p in [*zip(vals, places), *zip(outs, out_places)]:
+    uneven_ok = None
+    for i, (v, p) in enumerate([*zip(vals, places), *zip(outs, out_places)]):
         if isinstance(p, Shard) and isinstance(v, torch.Tensor):
-            if p.dim >= v.ndim or divides(v.shape[p.dim], n) is False:
+            if p.dim >= v.ndim:
                 return False
+            if divides(v.shape[p.dim], n) is False:
+                uneven_ok = allows_uneven(op.node.target) if uneven_ok is None else uneven_ok
+                have = cur[i] if i < len(cur) else p
+                if not uneven_ok or not isinstance(v.shape[p.dim], int) or have is None or \
+                        not (have == p or have.is_replicate()):
+                    return False
     return True
 
 
@@ -121,7 +130,7 @@ def _choose(node: fx.Node, in_nodes: list[fx.Node], mesh: MeshInfo,
             chosen.append(all_replicate(op))
             continue
         cur = [c[m] for c in cur_all]
-        options = [s for s in rule(op, tuple(cur)) if _feasible(s, op, mesh.sizes[m])]
+        options = [s for s in rule(op, tuple(cur)) if _feasible(s, op, mesh.sizes[m], tuple(cur))]
         if not options:
             options = [all_replicate(op)]
         best = min(options, key=lambda s: _price(s, cur, vals, node.meta["val"], mesh, m, cur_all, is_param, grads))

@@ -5,8 +5,10 @@ Requires: specs. Provides: local_params.
 For every parameter or buffer whose placements shard it, replaces the tensor
 on the GraphModule with this rank's chunk (a new Parameter, contiguous, so the
 full tensor can be freed): for each mesh dim m with Shard(d), chunk
-`coordinate[m]` of `mesh.sizes[m]` along d. Replicated tensors stay as the
-capture's private copies. Dry runs (no coordinate) keep full tensors.
+`coordinate[m]` of `mesh.sizes[m]` along d, as `torch.chunk` cuts it (an
+uneven dim: ceil(size / n) rows, the last ranks fewer or none; see
+`fxpar.core.spec.chunk_bounds`). Replicated tensors stay as the capture's
+private copies. Dry runs (no coordinate) keep full tensors.
 
 Tied weights share one get_attr node (torch.export dedups them), so they are
 sharded once and stay one Parameter object.
@@ -23,7 +25,7 @@ import torch.nn as nn
 
 from fxpar._torch.placements import StridedShard as _StridedShard
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
-from fxpar.core.spec import get_spec, shard_order
+from fxpar.core.spec import chunk, get_spec, shard_order
 from fxpar.passes._graph import param_nodes
 
 
@@ -33,7 +35,7 @@ def local_chunk(t: torch.Tensor, placements, sizes, coordinate, names=None) -> t
     for m in order:
         p, n, c = placements[m], sizes[m], coordinate[m]
         if p.is_shard():
-            t = t.chunk(n, dim=p.dim)[c]
+            t = chunk(t, n, p.dim, c)
         elif isinstance(p, _StridedShard):
             # section by section: chunk c of each of the split_factor sections
             t = torch.cat([sec.chunk(n, dim=p.dim)[c] for sec in t.chunk(p.split_factor, dim=p.dim)], dim=p.dim)
@@ -58,7 +60,8 @@ def shard_parameters(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         mod_name, _, name = str(node.target).rpartition(".")
         full = getattr(modules[mod_name], name)
         local = local_chunk(full.detach(), spec.placements, mesh.sizes, mesh.coordinate, mesh.names)
-        local = local.contiguous().clone()
+        # an empty uneven chunk keeps its parent's strides through contiguous(): give it its own
+        local = local.contiguous().clone() if local.numel() else local.new_empty(local.shape)
         new = nn.Parameter(local, requires_grad=full.requires_grad) if isinstance(full, nn.Parameter) else local
         for fqn in aliases.get(id(full), [str(node.target)]):
             mod_name, _, attr = fqn.rpartition(".")

@@ -75,6 +75,8 @@ from fxpar._torch.aten import BATCH_NORM_TRAINING_FLAG
 from fxpar._torch.fx import copy_codegen, pytree
 from fxpar._torch.pipelining import PIPE_SPLIT
 from fxpar.analysis.cost import DeviceModel, NodeCost, balance, evaluate, example_sizes, node_cost, value_bytes
+from fxpar.analysis.precision import narrowed_parameters, warn_narrowed_parameters
+from fxpar.core.dataflow import differentiable
 from fxpar.core.errors import PlanError, ScheduleError, block_of, module_fqn_of
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.spec import TensorSpec, get_info, set_info
@@ -161,6 +163,51 @@ def _check_batch_coupled(gm: fx.GraphModule, microbatches: int, *, allow: bool) 
                         f"model.get_submodule({fqn!r}).eval()) before parallelize; use microbatches=1 in the "
                         "plan; replace it with a per-sample norm (LayerNorm, GroupNorm); or accept per-microbatch "
                         "statistics explicitly with parallelize(..., batch_norm_per_microbatch=True)")
+
+
+def _batch_symbols(gm: fx.GraphModule) -> set:
+    syms: set = set()
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and isinstance(val, torch.Tensor) and val.ndim and \
+                isinstance(val.shape[0], torch.SymInt):
+            syms |= val.shape[0].node.expr.free_symbols
+    return syms
+
+
+def _has_batch(val: Any, syms: set) -> bool:
+    return isinstance(val, torch.Tensor) and any(
+        isinstance(s, torch.SymInt) and s.node.expr.free_symbols & syms for s in val.shape)
+
+
+def _check_batch_reductions(gm: fx.GraphModule, microbatches: int, *, allow: bool) -> None:
+    """A differentiable value reduced over the batch dim (x - x.mean(0)) would be reduced per microbatch.
+
+    Found by shape: an op whose tensor input has a size of the batch symbol and whose floating output
+    has none, on a path that carries gradients (integer or no-grad counts, as an MoE router's token
+    histogram, do not change per-example values and pass). Refused as BatchNorm is, or warned with
+    batch_norm_per_microbatch=True.
+    """
+    syms = _batch_symbols(gm) if microbatches > 1 else set()
+    if not syms:
+        return
+    grads = differentiable(gm)
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if node.op != "call_function" or node not in grads or not isinstance(val, torch.Tensor) \
+                or not val.dtype.is_floating_point or _has_batch(val, syms) \
+                or not any(_has_batch(a.meta.get("val"), syms) for a in node.all_input_nodes):
+            continue
+        fqn = module_fqn_of(node) or "<root>"
+        what = (f"{node.target} at %{node.name} in module '{fqn}' reduces over the batch dim in a pipeline with "
+                f"{microbatches} microbatches: it would see each microbatch's rows only, not the whole batch as "
+                "the unsplit model does")
+        if allow:
+            log.warning("%s; allowed by batch_norm_per_microbatch=True", what)
+            continue
+        raise PlanError(f"{what}. Ways out: reduce over other dims, use Plan(microbatches=1, schedule='gpipe'), "
+                        "or accept per-microbatch values explicitly with parallelize(..., "
+                        "batch_norm_per_microbatch=True)")
 
 
 # --------------------------------------------------------------------------- where to cut
@@ -354,6 +401,9 @@ def split_stages(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     coordinate = pp.coordinate if pp is not None else None
     _check_batch_dims(gm)
     _check_batch_coupled(gm, microbatches, allow=bool(ctx.options.get("batch_norm_per_microbatch", False)))
+    _check_batch_reductions(gm, microbatches, allow=bool(ctx.options.get("batch_norm_per_microbatch", False)))
+    if microbatches > 1:  # each microbatch's gradient of a parameter cast down is rounded on its own
+        warn_narrowed_parameters(narrowed_parameters(gm), f"{microbatches} microbatches")
 
     # ---- where to cut
     marker_starts = _take_pipe_splits(gm)

@@ -21,7 +21,7 @@ compute is between torchtitan's published Llama-3 8B MFU on H100 (about 0.38 to 
 the parallelism) and Megatron-LM's tables (0.41 to 0.48 for GPT models of 175B to 1T on A100);
 0.75 of link bandwidth is what NCCL's ring all-reduce bus bandwidth reaches on NVLink.
 
-"local" measures this machine in a few seconds (`measure_local`): float32 matmul throughput,
+"local" measures this machine in a few seconds (`measure_local`): float32 and bfloat16 matmul throughput,
 copy bandwidth, the overhead of an op (dispatch and autograd), and fxpar's all-reduce op's latency
 and bandwidth between two local gloo processes.
 """
@@ -112,6 +112,12 @@ def measure_local(*, seconds: float = 1.0) -> DeviceProfile:
         reps += 1
         elapsed = time.perf_counter() - start
     flops = 2 * 512 ** 3 * reps / elapsed
+    half = a.to(torch.bfloat16)  # mixed precision's compute: on a CPU often slower than float32
+    start, reps = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds / 4 or reps < 2:
+        torch.mm(half, half)
+        reps += 1
+    bf16_flops = 2 * 512 ** 3 * reps / (time.perf_counter() - start)
     big = torch.empty(8 << 20)  # 32 MiB
     start = time.perf_counter()
     for _ in range(4):
@@ -130,7 +136,8 @@ def measure_local(*, seconds: float = 1.0) -> DeviceProfile:
     latency = t[small]
     # a ring all-reduce of B bytes on 2 ranks moves B bytes each way: time = latency + B / bandwidth
     bandwidth = large * 4 / max(t[large] - latency, 1e-9)
-    return DeviceProfile("local", {torch.float32: flops, torch.float64: flops / 2}, mem_bw,
+    return DeviceProfile("local", {torch.float32: flops, torch.float64: flops / 2, torch.bfloat16: bf16_flops},
+                         mem_bw,
                          _local_memory_gib(), bandwidth, bandwidth, latency, latency, devices_per_node=1 << 16,
                          compute_efficiency=1.0, comm_efficiency=1.0, op_overhead=overhead)
 

@@ -35,7 +35,11 @@ of K units, and
                                                                             cut, one latency each way after
 
 (X the largest cut's activation bytes per step). The optimizer (AdamW) reads and writes about
-7 float32 values per local parameter element: t_opt = 28 P_local / B_eff. Memory per rank is
+7 float32 values per local parameter element: t_opt = 28 P_local / B_eff. Mixed precision (FSDP2's MixedPrecisionPolicy, param_dtype p, float32 reduce_dtype; `mp_dtype`,
+`_mp_scale`): every float32 compute node runs at F_eff(p) on b_p / 4 of its bytes, activations take
+b_p / 4 of their bytes, FSDP gathers and tensor-parallel activations (both ways) move b_p / 4 of
+theirs, and parameters, gradients, optimizer state and the FSDP / data-parallel gradient reductions
+stay float32. Memory per rank is
 `fxpar.analysis.memory` (parameters, gradients, AdamW state, buffers) plus activations: every
 floating-point value the forward's compute nodes produce, times the microbatches in flight per
 stage (M for GPipe, min(M, S - k) for 1F1B's stage k, divided by M); with "full" checkpointing
@@ -106,6 +110,9 @@ class Estimate:
                      f"optimizer {fmt_bytes(b['optimizer'])}, activations {fmt_bytes(b['activations'])}"
                      + (f" (checkpointing: {b['activation_checkpointing']})" if b.get("activation_checkpointing")
                         else ""))
+        if b.get("mp_dtype"):
+            lines.append(f"  mixed precision: compute and activations in {b['mp_dtype']}, parameters, gradients "
+                         "and optimizer state float32")
         lines.append(f"  communication per step: {fmt_bytes(b['comm_bytes'])}")
         return "\n".join(lines)
 
@@ -151,22 +158,63 @@ def _is_matmul(node: fx.Node) -> bool:
     return any(k in name for k in _MATMUL_NAMES)
 
 
-def _compute(gm: fx.GraphModule, hints: dict, device: DeviceProfile) -> tuple[float, float, float, int]:
-    """(forward seconds, the non-matmul part of it, forward FLOPs, ops counted) of one graph."""
+def _mp_scale(dtype: torch.dtype, mp: torch.dtype | None) -> tuple[torch.dtype, float]:
+    """(the compute dtype, the factor on bytes) of a value of `dtype` under mixed precision in `mp`."""
+    if mp is None or dtype != torch.float32 or mp == dtype:
+        return dtype, 1.0
+    return mp, mp.itemsize / dtype.itemsize
+
+
+def _shape_key(node: Any) -> str:
+    info = get_info(node) if isinstance(node, fx.Node) else None
+    spec = info.spec if info is not None else None
+    if isinstance(spec, TensorSpec):
+        return f"{spec.local_shape}{spec.dtype}"
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return f"{tuple(val.shape)}{val.dtype}" if isinstance(val, torch.Tensor) else type(val).__name__
+
+
+def _cost_key(node: fx.Node) -> tuple:
+    """What a node's FLOPs and bytes depend on: its op, its local shapes and dtypes. The module path with
+    its block index dropped makes the repeated blocks of a model (and of its pipeline stages) share one
+    evaluation of the symbolic cost."""
+    info = get_info(node)
+    fqn = info.module_fqn if info is not None else ""
+    block = block_of(fqn)
+    where = fqn[len(block):] if block else fqn
+    return (node.target, where, _shape_key(node), tuple(_shape_key(a) for a in node.all_input_nodes))
+
+
+def _node_values(node: fx.Node, hints: dict, memo: dict) -> tuple[float, float]:
+    key = _cost_key(node)
+    hit = memo.get(key)
+    if hit is None:
+        cost = node_cost(node)
+        hit = memo[key] = (evaluate(cost.flops, hints), evaluate(cost.mem_bytes, hints))
+    return hit
+
+
+def _compute(gm: fx.GraphModule, hints: dict, device: DeviceProfile,
+             mp: torch.dtype | None = None, memo: dict | None = None) -> tuple[float, float, float, int]:
+    """(forward seconds, the non-matmul part of it, forward FLOPs, ops counted) of one graph.
+
+    With `mp` (mixed precision's param_dtype), float32 compute runs in `mp`: its FLOP rate, its bytes.
+    `memo` keeps node costs by `_cost_key` across the graphs of one compiled module.
+    """
     total = cheap = flops_total = 0.0
     count = 0
     mem_bw = device.memory_bandwidth * MEMORY_EFFICIENCY
+    memo = {} if memo is None else memo
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        cost = node_cost(node)
-        flops, mem = evaluate(cost.flops, hints), evaluate(cost.mem_bytes, hints)
+        flops, mem = _node_values(node, hints, memo)
         if not flops and not mem:
             continue
         info = get_info(node)
         spec = info.spec if info is not None else None
-        dtype = spec.dtype if isinstance(spec, TensorSpec) else torch.float32
-        t = max(flops / device.flops(dtype), mem / mem_bw) + device.op_overhead
+        dtype, scale = _mp_scale(spec.dtype if isinstance(spec, TensorSpec) else torch.float32, mp)
+        t = max(flops / device.flops(dtype), scale * mem / mem_bw) + device.op_overhead
         total += t
         count += 1
         flops_total += flops
@@ -175,7 +223,7 @@ def _compute(gm: fx.GraphModule, hints: dict, device: DeviceProfile) -> tuple[fl
     return total, cheap, flops_total, count
 
 
-def _activations(gm: fx.GraphModule, hints: dict, checkpointing: str | None) -> float:
+def _activations(gm: fx.GraphModule, hints: dict, checkpointing: str | None, mp: torch.dtype | None = None) -> float:
     """Bytes of forward values autograd keeps, under a checkpointing mode (see the module docstring)."""
     per_block: dict[str | None, float] = {}
     kept = 0.0
@@ -185,7 +233,8 @@ def _activations(gm: fx.GraphModule, hints: dict, checkpointing: str | None) -> 
         if node.op != "call_function" or info is None or info.role != "compute" or node.target in VIEW_OPS:
             continue
         specs = info.spec if isinstance(info.spec, tuple) else (info.spec,)
-        nbytes = sum(s.nbytes(local=True) for s in specs if isinstance(s, TensorSpec) and s.dtype.is_floating_point)
+        nbytes = sum(s.nbytes(local=True) * _mp_scale(s.dtype, mp)[1] for s in specs
+                     if isinstance(s, TensorSpec) and s.dtype.is_floating_point)
         block = block_of(info.module_fqn)
         per_block[block] = per_block.get(block, 0.0) + nbytes
         if checkpointing == "selective" and _is_matmul(node):
@@ -194,7 +243,7 @@ def _activations(gm: fx.GraphModule, hints: dict, checkpointing: str | None) -> 
             ai = get_info(a)
             if a.op != "get_attr" and ai is not None and isinstance(ai.spec, TensorSpec) and \
                     ai.spec.dtype.is_floating_point and block is not None and block_of(ai.module_fqn) != block:
-                inputs[block] = inputs.get(block, 0.0) + ai.spec.nbytes(local=True)
+                inputs[block] = inputs.get(block, 0.0) + ai.spec.nbytes(local=True) * _mp_scale(ai.spec.dtype, mp)[1]
     if checkpointing is None:
         return sum(per_block.values())
     outside = per_block.pop(None, 0.0)  # embeddings, the head: not in a block, not checkpointed
@@ -219,12 +268,13 @@ class _GraphProfile:
 
 
 def _profile(g: fx.GraphModule, hints: dict, device: DeviceProfile, mesh: MeshInfo, spmd: MeshInfo,
-             reshard_after_forward: bool) -> _GraphProfile:
+             reshard_after_forward: bool, mp: torch.dtype | None = None, memo: dict | None = None) -> _GraphProfile:
     prof = _GraphProfile()
-    prof.fwd, prof.cheap, prof.flops, prof.nodes = _compute(g, hints, device)
+    prof.fwd, prof.cheap, prof.flops, prof.nodes = _compute(g, hints, device, mp, memo)
     # FSDP gathers of one block run as one collective each way (fsdp_unit='block'): one latency
     buckets: dict[tuple, list] = {}
     units = {n.name: get_info(n).fsdp_bucket for n in g.graph.nodes if get_info(n) is not None}
+    by_name = {n.name: n for n in g.graph.nodes} if mp else {}
     for coll in collectives(g, spmd):
         key = (coll.mesh_dim, coll.op, units.get(coll.node) or coll.node)
         acc = buckets.setdefault(key, [coll, 0.0, 0.0])
@@ -232,6 +282,9 @@ def _profile(g: fx.GraphModule, hints: dict, device: DeviceProfile, mesh: MeshIn
         acc[2] += coll.backward_bytes
     for (dim, op, _), (coll, fwd_bytes, bwd_bytes) in buckets.items():
         intra = _intra(mesh, dim, device)
+        # mixed precision: gathers and activations move param_dtype; FSDP reduces gradients in float32
+        scale = _mp_scale(torch.float32, mp)[1] if mp and _coll_dtype(by_name, coll.node) == torch.float32 else 1.0
+        fwd_bytes, bwd_bytes = fwd_bytes * scale, bwd_bytes * (1.0 if dim in _DATA_DIMS else scale)
         tf = _collective_time(op, coll.group_size, fwd_bytes, intra, device)
         tb = _collective_time(coll.backward_op, coll.group_size, bwd_bytes, intra, device)
         prof.comm_bytes += _moved(op, coll.group_size, fwd_bytes) + \
@@ -251,14 +304,20 @@ def _profile(g: fx.GraphModule, hints: dict, device: DeviceProfile, mesh: MeshIn
     return prof
 
 
+def _coll_dtype(by_name: dict, name: str) -> torch.dtype | None:
+    node = by_name.get(name)
+    val = node.meta.get("val") if node is not None else None
+    return val.dtype if isinstance(val, torch.Tensor) else None
+
+
 def _in_flight(schedule: str, m: int, s: int, k: int) -> float:
     return min(m, s - k) / m if schedule == "1f1b" else 1.0
 
 
 def estimate_module(pm: Any, mesh: MeshInfo, device: str | DeviceProfile = "h100", *,
                     microbatches: int | None = None, schedule: str | None = None,
-                    activation_checkpointing: str | None = None, dp_overlap: float = 0.8,
-                    fsdp_overlap: float = 0.0, reshard_after_forward: bool = True,
+                    activation_checkpointing: str | None = None, mp_dtype: torch.dtype | None = None,
+                    dp_overlap: float = 0.8, fsdp_overlap: float = 0.0, reshard_after_forward: bool = True,
                     cache: dict | None = None) -> Estimate:
     """The estimate of a compiled module (a dry run's `report.module`, or a real rank's).
 
@@ -268,6 +327,10 @@ def estimate_module(pm: Any, mesh: MeshInfo, device: str | DeviceProfile = "h100
         device: a profile name or DeviceProfile.
         microbatches, schedule: override the pipeline's (the graphs do not depend on them).
         activation_checkpointing: None, 'selective' or 'full'.
+        mp_dtype: price the module as if compiled with a MixedPrecisionPolicy of this param_dtype
+            (float32 reduce_dtype): float32 compute and activations in it, FSDP gathers and
+            tensor-parallel activations moved in it, parameters, gradients and optimizer state kept
+            float32 (module docstring). A module already compiled with the policy needs no mp_dtype.
         dp_overlap, fsdp_overlap: the fraction of the backward that hides data-parallel gradient
             all-reduces, and of FSDP communication that overlaps compute.
         cache: a dict kept across calls on the same module (the planner prices many variants of
@@ -291,9 +354,11 @@ def estimate_module(pm: Any, mesh: MeshInfo, device: str | DeviceProfile = "h100
         fwd[r] = cheap[r] = tp_fwd[r] = tp_bwd[r] = fsdp[r] = comm_bytes[r] = flops[r] = acts[r] = nodes[r] = 0.0
         tp_alpha[r] = 0.0
         for k, g in zip(stages or (None,) * len(graphs), graphs):
-            prof = cache.get(("graph", id(g)))
+            prof = cache.get(("graph", id(g), mp_dtype))
             if prof is None:
-                prof = cache[("graph", id(g))] = _profile(g, hints, device, mesh, spmd, reshard_after_forward)
+                prof = cache[("graph", id(g), mp_dtype)] = _profile(g, hints, device, mesh, spmd,
+                                                                    reshard_after_forward, mp_dtype,
+                                                                    cache.setdefault("node_costs", {}))
             fwd[r] += prof.fwd
             nodes[r] += prof.nodes
             cheap[r] += prof.cheap
@@ -305,9 +370,10 @@ def estimate_module(pm: Any, mesh: MeshInfo, device: str | DeviceProfile = "h100
             comm_bytes[r] += prof.comm_bytes
             for key, params in prof.sync.items():
                 sync.setdefault(key, {}).update(params)
-            a = cache.get(("acts", id(g), activation_checkpointing))
+            key = ("acts", id(g), activation_checkpointing, mp_dtype)
+            a = cache.get(key)
             if a is None:
-                a = cache[("acts", id(g), activation_checkpointing)] = _activations(g, hints, activation_checkpointing)
+                a = cache[key] = _activations(g, hints, activation_checkpointing, mp_dtype)
             acts[r] += a * (_in_flight(split.schedule, split.microbatches, split.num_stages, k) if split else 1.0)
     # data-parallel gradient all-reduce, per dim
     t_dp = 0.0
@@ -326,7 +392,8 @@ def estimate_module(pm: Any, mesh: MeshInfo, device: str | DeviceProfile = "h100
     t_opt = 28 * params_local / 4 / (device.memory_bandwidth * MEMORY_EFFICIENCY)  # 7 fp32 values per element
     recompute = {r: (fwd[r] + tp_fwd[r] if activation_checkpointing == "full" else
                      cheap[r] if activation_checkpointing == "selective" else 0.0) for r in fwd}
-    breakdown: dict[str, Any] = {"activation_checkpointing": activation_checkpointing}
+    breakdown: dict[str, Any] = {"activation_checkpointing": activation_checkpointing,
+                                 "mp_dtype": str(mp_dtype).replace("torch.", "") if mp_dtype else None}
     if split is None:
         r = next(iter(fwd))
         fsdp_exposed = (1 - fsdp_overlap) * fsdp[r]
@@ -367,7 +434,8 @@ def estimate_module(pm: Any, mesh: MeshInfo, device: str | DeviceProfile = "h100
 
 def estimate(model: nn.Module, mesh_shape: Any, mesh_dim_names: Any = None, *, example_inputs: tuple = (),
              example_kwargs: dict | None = None, plan: Any = None, device: str | DeviceProfile = "h100",
-             activation_checkpointing: str | None = None, fsdp_overlap: float = 0.0) -> Estimate:
+             activation_checkpointing: str | None = None, mp_policy: Any = None,
+             fsdp_overlap: float = 0.0) -> Estimate:
     """Predicts a plan's training step time and per-rank memory on a device, without running it.
 
     Args:
@@ -378,6 +446,8 @@ def estimate(model: nn.Module, mesh_shape: Any, mesh_dim_names: Any = None, *, e
         plan: a fxpar.Plan or None (automatic), as for parallelize.
         device: 'h100', 'h200', 'a100', 'local' (measured) or a DeviceProfile.
         activation_checkpointing: None, 'selective' or 'full'.
+        mp_policy: a torch.distributed.fsdp.MixedPrecisionPolicy (its param_dtype priced as
+            `estimate_module`'s mp_dtype), or None.
         fsdp_overlap: the fraction of FSDP communication hidden behind compute (0: fxpar's runtime
             today, which waits for each gather; about 0.9 for FSDP2's prefetching).
 
@@ -393,4 +463,4 @@ def estimate(model: nn.Module, mesh_shape: Any, mesh_dim_names: Any = None, *, e
     report = dry_run(model, mesh_shape, example_inputs=example_inputs, example_kwargs=example_kwargs, plan=plan,
                      check=False)
     return estimate_module(report.module, report.mesh, device, activation_checkpointing=activation_checkpointing,
-                           fsdp_overlap=fsdp_overlap)
+                           mp_dtype=getattr(mp_policy, "param_dtype", None), fsdp_overlap=fsdp_overlap)

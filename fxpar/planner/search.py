@@ -1,36 +1,45 @@
-"""autoplan: the mesh, schedule, microbatches and memory savers for a number of devices.
+"""autoplan: the mesh, per-module styles, schedule, microbatches, precision and memory savers for a number of devices.
 
 The space, for W devices with D per node and a model of L blocks:
 
     meshes     dp x fsdp x pp x tp = W with tp <= D (tensor parallel stays inside a node),
-               pp <= L / 2 (two blocks or more per stage), and the data ranks dp x fsdp dividing the global batch; the data ranks
-               split three ways: all dp, all fsdp, or fsdp inside the node's remaining devices
-               and dp across (HSDP)
+               pp <= L / 2 (two blocks or more per stage), and the data ranks dp x fsdp dividing the global
+               batch; the data ranks split three ways: all dp, all fsdp, or fsdp inside the node's
+               remaining devices and dp across (HSDP)
+    styles     per Megatron pair and lone projection: sharded on tp as the automatic plan shards it, or
+               replicated: an integer program per tp mesh (`fxpar.planner.styles`, solved by HiGHS
+               through `fxpar.planner.solve`) under the memory the rest of the mesh leaves
     pipelines  schedule in (1f1b, gpipe) x microbatches in (pp, 2 pp, 4 pp, 8 pp) dividing the
                local batch
-    memory     activation checkpointing in (None, selective, full) where parallelize takes it
+    precision  the model's dtype, or bfloat16 compute (FSDP2's MixedPrecisionPolicy, float32 master
+               weights and gradient reductions) for a float32 model (`mixed_precision=False`: not searched)
+    memory     activation checkpointing in (None, selective, full) without a pipeline (parallelize
+               refuses it with one); a pipeline whose time-balanced stages do not fit is cut again
+               under memory (`fxpar.planner.cuts`: an exact min-max partition of the blocks)
 
-Each mesh is compiled once (the passes on one capture of the model, as a dry run compiles it:
-about 0.2 to 1.5 s for Llama-3 8B here), and every pipeline and memory variant of it is priced on
-that graph by `fxpar.planner.estimate_module` (the graphs do not depend on them). In two phases:
-every (tp, pp) with all its data ranks FSDP first, then the other data splits of the best
-`TOP_TP_PP` (tp, pp) shapes within `FINALIST_SLACK` of the best only: the data split trades gather time for memory within a shape and
-rarely reorders the shapes, and it halves the compiles at 512 devices. A mesh whose
-parameters, gradients and AdamW state alone exceed the budget, 4 P / (tp pp fsdp) bytes for
-float32 parameters, is dropped before compiling. The space is a few hundred points even at 1,024
-devices, so it is enumerated rather than searched with a solver; the winner is the fastest
-predicted step within the memory budget (ties: less memory).
+Each mesh is compiled once with the automatic plan (the passes on one capture of the model, as a
+dry run compiles it), and every pipeline, precision and memory variant of it is priced on that graph
+by `fxpar.planner.estimate_module` (the graphs do not depend on them). Where the style program
+replicates some units (and not all: a tp dim that carries nothing copies a smaller mesh), the mesh is
+compiled again with that plan and priced the same way. In two phases: every (tp, pp) with all its
+data ranks FSDP first, pp growing per tp while the best step improves (past the best pp the bubble,
+transfers and per-microbatch gathers only grow), then the other data splits of the best `TOP_TP_PP`
+(tp, pp) shapes within `FINALIST_SLACK` of the best only: the data split trades gather time for
+memory within a shape and rarely reorders the shapes. A mesh whose parameters, gradients and AdamW
+state alone exceed the budget, 4 P / (tp pp fsdp) bytes for float32 parameters, is dropped before
+compiling. The winner is the fastest predicted step within the memory budget (ties: less memory).
+Expert parallelism (ep) is not searched yet.
 """
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from fxpar.api import parallelize
 from fxpar.capture import capture
@@ -38,8 +47,11 @@ from fxpar.compiler import compile_model
 from fxpar.core.errors import FxparError, PlanError, block_of
 from fxpar.core.plan import Plan
 from fxpar.dryrun import _split_pp_dry, dry_mesh
+from fxpar.planner.cuts import block_costs, memory_aware_cuts
 from fxpar.planner.devices import DeviceProfile, device_profile
-from fxpar.planner.predict import Estimate, estimate_module
+from fxpar.planner.predict import ACTIVATION_CHECKPOINTING, Estimate, estimate_module
+from fxpar.planner.solve import solver_available
+from fxpar.planner.styles import choose_styles, replicated_modules
 
 __all__ = ["Candidate", "AutoPlan", "autoplan", "MESH_ORDER"]
 
@@ -62,6 +74,9 @@ class Candidate:
         mesh: {dim: size} in MESH_ORDER, size-1 dims left out.
         schedule, microbatches: the pipeline's (None without pp).
         activation_checkpointing: None, 'selective' or 'full'.
+        mp_dtype: mixed precision's param_dtype (compute and activations; parameters stay float32), or None.
+        cuts: pipeline cut points chosen under memory (`fxpar.planner.cuts`); () for split_stages' own.
+        replicate: the modules the style ILP replicates where the automatic plan shards them on tp.
         estimate: the prediction (None when the mesh did not compile).
         fits: predicted memory within the budget.
         reason: why it was dropped, if it was.
@@ -74,13 +89,19 @@ class Candidate:
     estimate: Estimate | None = None
     fits: bool = False
     reason: str = ""
+    mp_dtype: torch.dtype | None = None
+    replicate: tuple[str, ...] = ()
+    cuts: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
         mesh = " x ".join(f"{k}{v}" for k, v in self.mesh.items()) or "1"
         pp = f", {self.schedule} m={self.microbatches}" if self.schedule else ""
         ac = f", ac={self.activation_checkpointing}" if self.activation_checkpointing else ""
-        return mesh + pp + ac
+        mp = f", {str(self.mp_dtype).replace('torch.', '')}" if self.mp_dtype else ""
+        styles = f", ilp: {len(self.replicate)} replicated" if self.replicate else ""
+        cuts = ", cuts under memory" if self.cuts else ""
+        return mesh + pp + ac + mp + styles + cuts
 
 
 @dataclass(frozen=True)
@@ -91,7 +112,9 @@ class AutoPlan:
         mesh_shape, mesh_dim_names: the mesh to build (`init_device_mesh(device, mesh_shape,
             mesh_dim_names=mesh_dim_names)`).
         plan: the plan to pass to parallelize (a ResolvedPlan: `fxpar.save_plan` writes it).
-        activation_checkpointing: the memory saver chosen (pass it to parallelize where it takes it).
+        activation_checkpointing: the memory saver chosen (pass it to parallelize).
+        mp_policy: the MixedPrecisionPolicy chosen (bfloat16 compute, float32 gradient reductions), or
+            None (pass it to parallelize as mp_policy=).
         predicted_step_s, predicted_memory_gib: the winner's estimate (memory of the most loaded rank).
         candidates: every point priced, fastest first.
         device: the device profile's name; memory_budget_gib: the budget used.
@@ -108,6 +131,11 @@ class AutoPlan:
     device: str = ""
     memory_budget_gib: float = 0.0
     seconds: dict = field(default_factory=dict)
+    mp_policy: Any = None
+
+    def parallelize_kwargs(self) -> dict:
+        """The keywords to pass to `fxpar.parallelize` besides the mesh: plan, mp_policy, activation_checkpointing."""
+        return {"plan": self.plan, "mp_policy": self.mp_policy, "activation_checkpointing": self.activation_checkpointing}
 
     @property
     def best(self) -> Candidate:
@@ -135,6 +163,13 @@ class AutoPlan:
                          f"{second.step_s / win.step_s:.2f} x slower" + (f" ({why})" if why else ""))
         elif fits:
             lines.append(f"chosen: {fits[0].label}, the only candidate within the budget")
+        mp = (f"MixedPrecisionPolicy(param_dtype={self.mp_policy.param_dtype}, "
+              f"reduce_dtype={self.mp_policy.reduce_dtype})" if self.mp_policy is not None else "None")
+        lines.append(f"apply: mesh {dict(zip(self.mesh_dim_names, self.mesh_shape))}, mp_policy={mp}, "
+                     f"activation_checkpointing={self.activation_checkpointing!r}"
+                     + (f", {len(self.best.replicate)} modules replicated by the style ILP "
+                        f"({', '.join(self.best.replicate[:4])}{', ...' if len(self.best.replicate) > 4 else ''})"
+                        if self.best.replicate else ""))
         lines.append(self.best.estimate.explain() if self.best.estimate else "")
         return "\n".join(lines)
 
@@ -185,10 +220,21 @@ def _state_bytes(model: nn.Module) -> float:
     return total
 
 
+def _mp_choices(model: nn.Module, mixed_precision: bool) -> tuple:
+    """None (the model's dtype), and bfloat16 compute where the model trains in float32."""
+    if mixed_precision and any(p.dtype == torch.float32 for p in model.parameters()):
+        return (None, torch.bfloat16)
+    return (None,)
+
+
+def _mp_policy(dtype: torch.dtype | None) -> Any:
+    return None if dtype is None else MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+
+
 def autoplan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), example_kwargs: dict | None = None,
              device: str | DeviceProfile = "local", memory_gib: float | None = None,
-             global_batch: int | None = None) -> AutoPlan:
-    """Chooses the mesh, the pipeline schedule and microbatches, and the memory savers for `world_size` devices.
+             global_batch: int | None = None, mixed_precision: bool = True) -> AutoPlan:
+    """Chooses the mesh, per-module styles, pipeline schedule and microbatches, and memory savers for `world_size` devices.
 
     Args:
         model: the model (may live on the meta device); never modified.
@@ -197,10 +243,12 @@ def autoplan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), e
         device: 'local' (this machine, measured), 'h100', 'h200', 'a100', or a DeviceProfile.
         memory_gib: memory per device to plan within (default: the device's).
         global_batch: the global batch (sequences per step), if not the example's.
+        mixed_precision: whether bfloat16 compute (a MixedPrecisionPolicy, float32 master weights and
+            gradient reductions) may be chosen for a float32 model; False keeps its numerics.
 
     Returns:
-        An AutoPlan (`.mesh_shape`, `.mesh_dim_names`, `.plan`, `.predicted_step_s`,
-        `.predicted_memory_gib`, `.candidates`, `.explain()`).
+        An AutoPlan (`.mesh_shape`, `.mesh_dim_names`, `.plan`, `.mp_policy`, `.activation_checkpointing`,
+        `.predicted_step_s`, `.predicted_memory_gib`, `.candidates`, `.explain()`).
 
     Raises:
         PlanError: no candidate fits the memory budget (the closest ones are named), or a bad argument.
@@ -217,64 +265,139 @@ def autoplan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), e
     start = time.perf_counter()
     captured = capture(model, inputs, example_kwargs)
     seconds["capture"] = time.perf_counter() - start
-    blocks = len({b for name, _ in model.named_modules() if (b := block_of(name)) is not None})
-    checkpointing = (None, "selective", "full") if "activation_checkpointing" in \
-        inspect.signature(parallelize).parameters else (None,)
+    blocks = list(dict.fromkeys(b for name, _ in model.named_modules() if (b := block_of(name)) is not None))
+    precisions = _mp_choices(model, mixed_precision)
     lower_bound = _state_bytes(model)
     candidates: list[Candidate] = []
-    timing = {"compile": 0.0, "price": 0.0}
+    timing = {"compile": 0.0, "price": 0.0, "ilp": 0.0}
+    ilp = solver_available()
+    style_memo: dict = {}
 
-    def evaluate(mesh: dict) -> None:
-        """Compile one mesh and price its pipeline and memory variants into `candidates`."""
-        shards = mesh.get("tp", 1) * mesh.get("pp", 1) * mesh.get("fsdp", 1)
-        if lower_bound / shards / 2 ** 30 > budget:
-            candidates.append(Candidate(mesh, reason=f"parameters, gradients and optimizer state alone need "
-                                                     f"{lower_bound / shards / 2 ** 30:.1f} GiB per device"))
-            return
-        t0 = time.perf_counter()
-        try:
-            pm = compile_model(model, None, dry_mesh(mesh), example_inputs=inputs, example_kwargs=example_kwargs,
-                               check=False, split_pp=_split_pp_dry, captured=captured)
-        except FxparError as e:
-            candidates.append(Candidate(mesh, reason=f"{type(e).__name__}: {e}"))
-            return
-        finally:
-            timing["compile"] += time.perf_counter() - t0
+    def price(mesh: dict, pm: Any, replicate: tuple[str, ...] = (), cuts: tuple[str, ...] = ()) -> list[Candidate]:
+        """Every pipeline, precision and memory variant of one compiled mesh."""
         t0 = time.perf_counter()
         pp = mesh.get("pp", 1)
         local_batch = batch // (mesh.get("dp", 1) * mesh.get("fsdp", 1))
         pipelines = [(None, None)] if pp == 1 else \
             [(s, pp * f) for s in SCHEDULE_CHOICES for f in MICROBATCH_FACTORS if local_batch % (pp * f) == 0]
+        # parallelize refuses activation checkpointing with a pipeline
+        checkpointing = ACTIVATION_CHECKPOINTING if pp == 1 else (None,)
         cache: dict = {}
+        out = []
         for schedule, m in pipelines:
-            for ac in checkpointing:
-                est = estimate_module(pm, dry_mesh(mesh), profile, microbatches=m, schedule=schedule,
-                                      activation_checkpointing=ac, cache=cache)
-                candidates.append(Candidate(mesh, schedule, m, ac, est, est.memory_gib <= budget))
+            for mp in precisions:
+                for ac in checkpointing:
+                    est = estimate_module(pm, dry_mesh(mesh), profile, microbatches=m, schedule=schedule,
+                                          activation_checkpointing=ac, mp_dtype=mp, cache=cache)
+                    out.append(Candidate(mesh, schedule, m, ac, est, est.memory_gib <= budget, mp_dtype=mp,
+                                         replicate=replicate, cuts=cuts))
         timing["price"] += time.perf_counter() - t0
+        return out
+
+    def compile_mesh(mesh: dict, plan: Plan | None) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return compile_model(model, None, dry_mesh(mesh), example_inputs=inputs, example_kwargs=example_kwargs,
+                                 plan=plan, check=False, split_pp=_split_pp_dry, captured=captured)
+        finally:
+            timing["compile"] += time.perf_counter() - t0
+
+    def evaluate(mesh: dict) -> None:
+        """Compile one mesh, price its variants, and the style ILP's plan of it where that differs."""
+        shards = mesh.get("tp", 1) * mesh.get("pp", 1) * mesh.get("fsdp", 1)
+        if lower_bound / shards / 2 ** 30 > budget:
+            candidates.append(Candidate(mesh, reason=f"parameters, gradients and optimizer state alone need "
+                                                     f"{lower_bound / shards / 2 ** 30:.1f} GiB per device"))
+            return
+        try:
+            pm = compile_mesh(mesh, None)
+        except FxparError as e:
+            candidates.append(Candidate(mesh, reason=f"{type(e).__name__}: {e}"))
+            return
+        variants = price(mesh, pm)
+        candidates.extend(variants)
+        if mesh.get("pp", 1) > 1 and not any(c.fits for c in variants):
+            candidates.extend(_recut(mesh, variants))
+        if mesh.get("tp", 1) > 1 and ilp:
+            replicate = _styles(mesh, variants)
+            if replicate:
+                try:
+                    candidates.extend(price(mesh, compile_mesh(mesh, Plan(tp=dict.fromkeys(replicate, "replicate"),
+                                                                          auto_tp=True)), replicate))
+                except FxparError as e:
+                    candidates.append(Candidate(mesh, reason=f"style ILP plan: {type(e).__name__}: {e}",
+                                                replicate=replicate))
+
+    def _recut(mesh: dict, variants: list[Candidate]) -> list[Candidate]:
+        """A pipeline whose time-balanced stages do not fit: cut again under memory, 1F1B, the most microbatches."""
+        m = max((c.microbatches for c in variants if c.schedule == "1f1b"), default=None)
+        if m is None:
+            return []
+        if "blocks" not in style_memo:
+            style_memo["blocks"] = block_costs(captured, blocks)
+        try:
+            ref = min((c for c in variants if c.schedule == "1f1b" and c.microbatches == m),
+                      key=lambda c: c.estimate.memory_gib)
+            cuts = tuple(memory_aware_cuts(style_memo["blocks"], blocks, mesh, microbatches=m,
+                                           budget_bytes=budget * 2 ** 30, calibrate_gib=ref.estimate.memory_gib))
+            pm = compile_mesh(mesh, Plan(pp=list(cuts), schedule="1f1b", microbatches=m, auto_tp=True))
+        except FxparError as e:
+            return [Candidate(mesh, "1f1b", m, reason=f"cuts under memory: {type(e).__name__}: {e}")]
+        return price(mesh, pm, cuts=cuts)
+
+    def _styles(mesh: dict, variants: list[Candidate]) -> tuple[str, ...]:
+        """The style ILP for the best variant of the automatic plan (the least memory if none fits)."""
+        t0 = time.perf_counter()
+        fitting = [c for c in variants if c.fits]
+        ref = min(fitting, key=lambda c: c.estimate.step_s) if fitting else \
+            min(variants, key=lambda c: c.estimate.memory_gib)
+        kept = {None: 1.0, "selective": 0.5, "full": 0.0}[ref.activation_checkpointing]
+        try:
+            found = choose_styles(captured, dry_mesh(mesh), profile, budget_bytes=budget * 2 ** 30,
+                                  total_bytes=ref.estimate.memory_gib * 2 ** 30, activations=kept,
+                                  mp_dtype=ref.mp_dtype, blocks=blocks, memo=style_memo)
+        except PlanError:
+            found = None  # no style choice fits: the automatic plan's candidates say by how much
+        timing["ilp"] += time.perf_counter() - t0
+        if not found or all(k == 1 for k in found[1].picks):
+            return ()  # every unit replicated: the tp dim would carry nothing (a smaller mesh, copied)
+        return replicated_modules(*found)
 
     # Phase 1: every (tp, pp) with its data ranks all FSDP (the least memory of its data splits).
     # Phase 2: the other data splits (all dp; FSDP in the node, dp across) of the best TOP_TP_PP of them.
-    meshes = _meshes(world_size, profile, blocks, batch)
+    meshes = _meshes(world_size, profile, len(blocks), batch)
     shape = lambda m: (m.get("tp", 1), m.get("pp", 1))  # noqa: E731
     first = {}
     for mesh in meshes:
         if shape(mesh) not in first or mesh.get("fsdp", 1) > first[shape(mesh)].get("fsdp", 1):
             first[shape(mesh)] = mesh
-    for mesh in first.values():
-        evaluate(mesh)
     best: dict[tuple, float] = {}
-    for c in candidates:
-        if c.estimate is not None and c.fits:
-            best[shape(c.mesh)] = min(best.get(shape(c.mesh), float("inf")), c.estimate.step_s)
+
+    def record(since: int) -> None:
+        for c in candidates[since:]:
+            if c.estimate is not None and c.fits:
+                best[shape(c.mesh)] = min(best.get(shape(c.mesh), float("inf")), c.estimate.step_s)
+
+    # Per tp, pp grows while the pipeline gets faster (or nothing fits yet): past the best pp the
+    # bubble, the point-to-point transfers and FSDP's per-microbatch gathers only grow.
+    for tp in sorted({k[0] for k in first}):
+        steps: list[tuple[int, float]] = []  # (pp, its best fitting step), pp ascending
+        for key in sorted(k for k in first if k[0] == tp):
+            if len(steps) >= 2 and steps[-1][1] > steps[-2][1]:
+                candidates.append(Candidate(first[key], reason=f"not compiled: with tp={tp}, pp={steps[-1][0]} was "
+                                                               f"slower than pp={steps[-2][0]}"))
+                continue
+            since = len(candidates)
+            evaluate(first[key])
+            record(since)
+            steps.append((key[1], best.get(key, float("inf"))))
     ranked = sorted(best, key=best.get)
     # only shapes close to the best: a data split moves a shape's step by FSDP's exposed gathers, not 25%
     finalists = [k for k in ranked[:TOP_TP_PP] if best[k] <= FINALIST_SLACK * best[ranked[0]]]
     for mesh in meshes:
         if shape(mesh) in finalists and mesh is not first[shape(mesh)]:
             evaluate(mesh)
-    compile_s, price_s = timing["compile"], timing["price"]
-    seconds["compile"], seconds["price"] = compile_s, price_s
+    seconds.update(timing)
     priced = [c for c in candidates if c.estimate is not None]
     priced.sort(key=lambda c: (not c.fits, c.estimate.step_s if c.fits else c.estimate.memory_gib,
                                c.estimate.memory_gib))
@@ -284,12 +407,15 @@ def autoplan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), e
             "; ".join(f"{'x'.join(map(str, c.mesh.values()))}: {c.reason}" for c in candidates[:3])
         raise PlanError(f"no plan of {world_size} devices fits {budget:.1f} GiB per device; closest: {closest}; "
                         "use more devices, a larger memory_gib, or a smaller global batch")
-    best = ordered[0]
+    win = ordered[0]
     t0 = time.perf_counter()
-    plan = Plan(schedule=best.schedule, microbatches=best.microbatches) if best.schedule else Plan()
-    final = compile_model(model, None, dry_mesh(best.mesh), example_inputs=inputs, example_kwargs=example_kwargs,
-                          plan=plan, check=False, split_pp=_split_pp_dry, captured=captured)
+    plan = Plan(tp=dict.fromkeys(win.replicate, "replicate"), auto_tp=True, schedule=win.schedule,
+                microbatches=win.microbatches, pp=list(win.cuts) or None)
+    final = compile_model(model, None, dry_mesh(win.mesh), example_inputs=inputs, example_kwargs=example_kwargs,
+                          plan=plan, check=False, split_pp=_split_pp_dry, captured=captured,
+                          mp_policy=_mp_policy(win.mp_dtype), activation_checkpointing=win.activation_checkpointing)
     seconds["compile"] += time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - start
-    return AutoPlan(tuple(best.mesh.values()), tuple(best.mesh), final.plan, best.activation_checkpointing,
-                    best.estimate.step_s, best.estimate.memory_gib, ordered, profile.name, budget, seconds)
+    return AutoPlan(tuple(win.mesh.values()), tuple(win.mesh), final.plan, win.activation_checkpointing,
+                    win.estimate.step_s, win.estimate.memory_gib, ordered, profile.name, budget, seconds,
+                    _mp_policy(win.mp_dtype))

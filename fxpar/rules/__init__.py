@@ -15,6 +15,7 @@ from fxpar.rules.registry import (
     S,
     Strategy,
     all_replicate,
+    allows_uneven,
     has_rule,
     lookup,
     lookup_localize,
@@ -37,4 +38,4 @@ from fxpar.rules import (  # noqa: F401,E402  (each family registers its rules o
 )
 
 __all__ = ["OpInfo", "Strategy", "RuleFn", "LocalizeFn", "register", "lookup", "lookup_localize", "tensor_args",
-           "replace_tensor_args", "has_rule", "all_replicate", "norm_dim", "P", "R", "S"]
+           "replace_tensor_args", "has_rule", "all_replicate", "allows_uneven", "norm_dim", "P", "R", "S"]

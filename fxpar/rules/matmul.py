@@ -24,7 +24,7 @@ from fxpar.rules.registry import OpInfo, P, R, S, Strategy, register
 aten = torch.ops.aten
 
 
-@register(aten.linear.default)
+@register(aten.linear.default, uneven=True)
 def linear(op: OpInfo, cur) -> list[Strategy]:
     x_val = op.in_vals[0]
     has_bias = len(op.in_vals) == 3
@@ -50,7 +50,7 @@ def linear(op: OpInfo, cur) -> list[Strategy]:
     return out
 
 
-@register(aten.mm.default)
+@register(aten.mm.default, uneven=True)
 def mm(op: OpInfo, cur) -> list[Strategy]:
     ca, cb = cur
     out: list[Strategy] = []
@@ -68,7 +68,7 @@ def mm(op: OpInfo, cur) -> list[Strategy]:
     return out
 
 
-@register(aten.addmm.default)
+@register(aten.addmm.default, uneven=True)
 def addmm(op: OpInfo, cur) -> list[Strategy]:
     bias_val = op.in_vals[0]
     _, ca, cb = cur

@@ -124,14 +124,17 @@ def pointwise_strategies(op: OpInfo, cur, *, linear: str | None) -> list[Strateg
     return strategies
 
 
-@register(*_NONLINEAR_UNARY, *_NONLINEAR_BINARY)
+@register(*_NONLINEAR_UNARY, *_NONLINEAR_BINARY, uneven=True)
 def nonlinear(op: OpInfo, cur) -> list[Strategy]:
     return pointwise_strategies(op, cur, linear=None)
 
 
-@register(*_LINEAR_UNARY)
+@register(*[op for op in _LINEAR_UNARY if op is not aten.native_dropout.default], uneven=True)
 def linear_unary(op: OpInfo, cur) -> list[Strategy]:
     return pointwise_strategies(op, cur, linear="unary")
+
+
+register(aten.native_dropout.default)(linear_unary)  # its random mask is drawn per chunk: even shards only
 
 
 def cast_strategies(op: OpInfo, cur) -> list[Strategy]:
@@ -144,22 +147,22 @@ def cast_strategies(op: OpInfo, cur) -> list[Strategy]:
     return pointwise_strategies(op, cur, linear=None if narrowing else "unary")
 
 
-@register(*_CASTS)
+@register(*_CASTS, uneven=True)
 def cast(op: OpInfo, cur) -> list[Strategy]:
     return cast_strategies(op, cur)
 
 
-@register(aten.add.Tensor, aten.sub.Tensor)
+@register(aten.add.Tensor, aten.sub.Tensor, uneven=True)
 def add(op: OpInfo, cur) -> list[Strategy]:
     return pointwise_strategies(op, cur, linear="add")
 
 
-@register(aten.mul.Tensor)
+@register(aten.mul.Tensor, uneven=True)
 def mul(op: OpInfo, cur) -> list[Strategy]:
     return pointwise_strategies(op, cur, linear="mul")
 
 
-@register(aten.div.Tensor)
+@register(aten.div.Tensor, uneven=True)
 def div(op: OpInfo, cur) -> list[Strategy]:
     return pointwise_strategies(op, cur, linear="div")
 

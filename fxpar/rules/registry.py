@@ -34,6 +34,7 @@ __all__ = [
     "RuleFn",
     "LocalizeFn",
     "register",
+    "allows_uneven",
     "lookup",
     "lookup_localize",
     "tensor_args",
@@ -89,10 +90,17 @@ LocalizeFn = Callable[[fx.Node, Any, Any], None]
 
 _RULES: dict[Any, RuleFn] = {}
 _LOCALIZERS: dict[Any, LocalizeFn] = {}
+_UNEVEN: set[Any] = set()
 
 
-def register(*ops: Any, localize: LocalizeFn | None = None) -> Callable[[RuleFn], RuleFn]:
-    """Registers `fn` as the rule of every op in `ops` (OpOverloads)."""
+def register(*ops: Any, localize: LocalizeFn | None = None, uneven: bool = False) -> Callable[[RuleFn], RuleFn]:
+    """Registers `fn` as the rule of every op in `ops` (OpOverloads).
+
+    `uneven=True`: the rule's strategies stay exact on uneven shards (torch.chunk's rows, a dim that does
+    not divide by the mesh dim): ops that compute element by element or contract over the sharded dim,
+    with no shape arguments and no arithmetic on chunk sizes or offsets (pointwise, linear, mm). Other ops
+    never see an uneven shard: propagate_sharding gathers it first.
+    """
 
     def deco(fn: RuleFn) -> RuleFn:
         for op in ops:
@@ -101,9 +109,16 @@ def register(*ops: Any, localize: LocalizeFn | None = None) -> Callable[[RuleFn]
             _RULES[op] = fn
             if localize is not None:
                 _LOCALIZERS[op] = localize
+            if uneven:
+                _UNEVEN.add(op)
         return fn
 
     return deco
+
+
+def allows_uneven(target: Any) -> bool:
+    """Whether `target`'s rule is exact on uneven shards (`register(..., uneven=True)`)."""
+    return target in _UNEVEN
 
 
 

@@ -66,13 +66,18 @@ def input_fingerprint(args: tuple, kwargs: dict) -> torch.Tensor:
     return torch.stack(values) if values else torch.zeros(0, dtype=torch.float64)
 
 
-def check_same_inputs(args: tuple, kwargs: dict, mesh_info: Any) -> None:
+def check_same_inputs(args: tuple, kwargs: dict, mesh_info: Any, *, groups: list | None = None) -> None:
     """Raises PlanError if the ranks of the mesh did not pass the same inputs.
+
+    Args:
+        args, kwargs: this rank's inputs (a pipeline passes its flat inputs and the target).
+        mesh_info: the mesh whose dims must agree.
+        groups: the process groups to compare over instead of `mesh_info`'s (a pipeline adds its pp group).
 
     Raises:
         PlanError: naming the first input tensor (in flattened order) that differs.
     """
-    groups = _groups(mesh_info)
+    groups = _groups(mesh_info) if groups is None else [g for g in groups if g.size() > 1]
     if not groups:
         return
     fp = input_fingerprint(args, kwargs)

@@ -19,6 +19,11 @@ time a ParallelModule registers its buckets here, and the custom op's kernels
               re-gathers the bucket's saved parameters at once; the rest come
               from that until the last one saved is unpacked
 
+Uneven shards (a dim 0 that does not divide by fsdp) take their padded size
+ceil(rows / fsdp) in the flat buffer on every rank, so the buffer has one
+size on every rank (FSDP2's padded shards); gathering strips the padding,
+reduce-scattering pads the gradient and keeps the rank's real rows.
+
 Every rank runs the same graph, so buckets fill and fire in the same order on
 every rank of the group. Bytes per step are those of per-parameter gathers;
 collectives per step drop from one per parameter to one per block.
@@ -43,14 +48,20 @@ __all__ = ["FsdpBucket", "register_buckets"]
 class FsdpBucket:
     """The FSDP-sharded parameters of one block, gathered and reduce-scattered together."""
 
-    def __init__(self, shards: list[Tensor], args: tuple, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, shards: list[Tensor], args: tuple, dtype: torch.dtype | None = None,
+                 full_rows: list[int | None] | None = None) -> None:
         self._shards = [weakref.ref(s) for s in shards]
         self.dtype = dtype  # mixed precision: gather in this dtype (the cast shards, half the bytes for bf16)
         self.args = args  # (dim 0, group size, group name, mesh dim), the same for every shard
-        self.numels = [s.numel() for s in shards]
+        n = args[1]
+        # each shard's gathered rows (dim 0); an uneven one is padded to ceil(rows / n) in the flat buffer
+        self.full_rows = [r if r is not None else s.shape[0] * n for r, s in zip(full_rows or [None] * len(shards),
+                                                                                shards)]
+        self.shapes = [tuple(s.shape) for s in shards]  # this rank's real rows
+        self.padded = [(-(-r // n), *shape[1:]) for r, shape in zip(self.full_rows, self.shapes)]
+        self.numels = [int(torch.Size(p).numel()) for p in self.padded]
         self.offsets = [sum(self.numels[:i]) for i in range(len(shards))]
         self.total = sum(self.numels)
-        self.shapes = [tuple(s.shape) for s in shards]
         self._full: dict[int, tuple[Tensor, int]] = {}  # forward: gathered, not yet taken (with the shard's version)
         self._regathered: dict[int, Tensor] = {}
         self._regather_versions: tuple = ()
@@ -67,12 +78,14 @@ class FsdpBucket:
     def _gather_all(self, direction: str) -> list[Tensor]:
         _, n, group_name, mesh_dim = self.args
         shards = self.shards()
-        flat = torch.cat([s.detach().reshape(-1) for s in shards])
+        flat = torch.cat([C._pad(s.detach(), 0, p[0]).reshape(-1) for s, p in zip(shards, self.padded)])
         flat = flat if self.dtype is None else flat.to(self.dtype)
         C._record("all_gather", mesh_dim, flat, direction)
         gathered = C._all_gather(flat, 0, n, group_name).view(n, self.total)
-        return [gathered[:, o:o + k].reshape(n * shape[0], *shape[1:]).contiguous()
-                for o, k, shape in zip(self.offsets, self.numels, self.shapes)]
+        out = [gathered[:, o:o + k].reshape(n * shape[0], *shape[1:]) for o, k, shape in
+               zip(self.offsets, self.numels, self.padded)]
+        # each its own storage (autograd saves it as its shard, fsdp_state): an uneven one's real rows copied out
+        return [t[:rows].clone() if rows != t.shape[0] else t.contiguous() for t, rows in zip(out, self.full_rows)]
 
     def gather(self, index: int) -> Tensor:
         """The full parameter `index`, from this forward's one gather of the bucket."""
@@ -107,7 +120,7 @@ class FsdpBucket:
             self._grads = grad.new_zeros(n, self.total)
             queue_autograd_callback(self.flush)
         o, k = self.offsets[index], self.numels[index]
-        self._grads[:, o:o + k].add_(grad.reshape(n, k))
+        self._grads[:, o:o + k].add_(C._pad(grad, 0, n * self.padded[index][0]).reshape(n, k))
         self._got.add(index)
         if len(self._got) == len(self.numels):
             self.flush()
@@ -125,16 +138,22 @@ class FsdpBucket:
         for i, (shard, o, k) in enumerate(zip(self.shards(), self.offsets, self.numels)):
             if i not in got:
                 continue
-            part = local[o:o + k].view(self.shapes[i])
+            part = local[o:o + k].view(self.padded[i])[:self.shapes[i][0]]
             shard.grad = part.to(shard.dtype, copy=True) if shard.grad is None else shard.grad.add_(part)
 
 
-def _gather_dtype(param: "torch.fx.Node") -> torch.dtype | None:
-    """The dtype a parameter's fsdp_all_gather gathers in (apply_mixed_precision's param_dtype), or None."""
+def _gather_arg(param: "torch.fx.Node", name: str):
+    """An argument of a parameter's fsdp_all_gather (param_dtype: apply_mixed_precision's; full_size: an
+    uneven shard's gathered rows, -1 when even), or None."""
     for user in param.users:
         if user.target is torch.ops.fxpar.fsdp_all_gather.default:
-            return C.collective_args(user).get("param_dtype")
+            return C.collective_args(user).get(name)
     return None
+
+
+def _full_rows(param: "torch.fx.Node") -> int | None:
+    rows = _gather_arg(param, "full_size")
+    return None if rows is None or rows < 0 else rows
 
 
 def register_buckets(graphs: list) -> list[FsdpBucket]:
@@ -144,7 +163,8 @@ def register_buckets(graphs: list) -> list[FsdpBucket]:
         if len(members) < 2:
             continue  # a bucket of one is the plain per-parameter path
         shards = [attr_of(gm, node.target) for gm, node in members]
-        bucket = FsdpBucket(shards, args, _gather_dtype(members[0][1]))
+        bucket = FsdpBucket(shards, args, _gather_arg(members[0][1], "param_dtype"),
+                            [_full_rows(node) for _, node in members])
         for i, s in enumerate(shards):
             register_fsdp_bucket(s, bucket, i)
         out.append(bucket)

@@ -23,6 +23,7 @@ from fxpar.ops.collectives import _all_gather, _record, _reduce_scatter, set_fsd
 
 __all__ = [
     "StepGather",
+    "shard_ptr",
     "register_fsdp_bucket",
     "fsdp_bucket_of",
     "note_gathered",
@@ -35,6 +36,12 @@ __all__ = [
 
 
 _step_gathers: list["StepGather"] = []
+
+
+def shard_ptr(shard: Tensor) -> int:
+    """A key for a shard that the op's kernel sees too: its data pointer, or (an empty uneven shard, whose
+    pointer is 0) minus its id: the kernel receives the parameter object itself."""
+    return shard.data_ptr() or -id(shard)
 
 
 class StepGather:
@@ -56,7 +63,7 @@ class StepGather:
 
     @staticmethod
     def _key(shard: Tensor) -> tuple:
-        return (shard.data_ptr(), tuple(shard.shape), shard.dtype)
+        return (shard_ptr(shard), tuple(shard.shape), shard.dtype)
 
     def __enter__(self) -> "StepGather":
         _step_gathers.append(self)
@@ -69,16 +76,15 @@ class StepGather:
         key = self._key(shard)
         full = self._full.get(key)
         if full is None:
-            dim, n, group_name, mesh_dim = args
+            dim, n, group_name, mesh_dim, full_size = args
             _record("all_gather", mesh_dim, shard, "forward")
-            full = self._full[key] = _all_gather(shard, dim, n, group_name)
+            full = self._full[key] = _all_gather(shard, dim, n, group_name, full_size=full_size)
             self._args[key] = args
             note_gathered(full, shard, args)
         return full.detach()  # a new tensor on the same storage: autograd gives each use its own history
 
     def accumulate(self, shard_key: int, ctx, grad: Tensor) -> Tensor:
-        shape = list(grad.shape)
-        shape[ctx.dim] //= ctx.group_size
+        shape = list(ctx.shard_shape)  # this rank's rows (fewer than grad.shape / n for an uneven shard)
         key = (shard_key, tuple(shape), grad.dtype)
         acc = self._grads.get(key)
         if acc is None:
@@ -95,9 +101,9 @@ class StepGather:
             acc = self._grads.pop(key, None)
             if acc is None:
                 continue
-            dim, n, group_name, mesh_dim = self._args[key]
+            dim, n, group_name, mesh_dim, full_size = self._args[key]
             _record("reduce_scatter", mesh_dim, acc, "backward")
-            shard = _reduce_scatter(acc, dim, n, group_name)
+            shard = _reduce_scatter(acc, dim, n, group_name, local_size=None if full_size is None else p.size(dim))
             shard = shard.to(p.dtype)  # reduced in the gradient's dtype (mixed precision: reduce_dtype)
             p.grad = shard if p.grad is None else p.grad.add_(shard)
         self._full.clear()
@@ -108,24 +114,24 @@ _fsdp_buckets: dict[int, tuple] = {}
 
 
 def register_fsdp_bucket(shard: Tensor, bucket: Any, index: int) -> None:
-    _fsdp_buckets[shard.data_ptr()] = (weakref.ref(shard), bucket, index)
+    _fsdp_buckets[shard_ptr(shard)] = (weakref.ref(shard), bucket, index)
 
 
 def fsdp_bucket_of(shard: Tensor) -> tuple | None:
     """(bucket, index) of a registered FSDP shard, or None."""
-    entry = _fsdp_buckets.get(shard.data_ptr()) if _fsdp_buckets else None
+    entry = _fsdp_buckets.get(shard_ptr(shard)) if _fsdp_buckets else None
     if entry is None:
         return None
     ref, bucket, index = entry
     t = ref()
-    if t is None or t.data_ptr() != shard.data_ptr() or tuple(t.shape) != tuple(shard.shape):
+    if t is None or shard_ptr(t) != shard_ptr(shard) or tuple(t.shape) != tuple(shard.shape):
         return None
     return bucket, index
 
 
 # Gathered FSDP parameters alive right now, for the runtime's memory accounting and for re-gathering
 # in the backward instead of keeping them (reshard_after_forward):
-# id(full) -> (weakref(full), shard, (dim, group_size, group_name, mesh_dim)).
+# id(full) -> (weakref(full), shard, (dim, group_size, group_name, mesh_dim, uneven full size or None)).
 _gathered: dict[int, tuple] = {}
 
 
@@ -152,7 +158,7 @@ class _Regather:
             self.bucket[0].unsaved()
 
     def __call__(self) -> Tensor:
-        dim, n, group_name, mesh_dim = self.args
+        dim, n, group_name, mesh_dim, full_size = self.args
         if self.bucket is not None:
             bucket, self.bucket = self.bucket, None
             full = bucket[0].regather(bucket[1])
@@ -160,7 +166,7 @@ class _Regather:
             note_gathered(full, self.shard, self.args)
             return full
         _record("all_gather", mesh_dim, self.shard, "backward")
-        full = _all_gather(self.shard, dim, n, group_name)
+        full = _all_gather(self.shard, dim, n, group_name, full_size=full_size)
         note_gathered(full, self.shard, self.args)
         return full
 
@@ -221,7 +227,7 @@ class _FsdpState:
     def saved(self, shard: Tensor) -> Any:
         if is_fake(shard):  # traced by torch.compile: the backward is traced as the op's own reduce-scatter
             return None
-        return shard.data_ptr(), (None if _step_gathers else fsdp_bucket_of(shard))
+        return shard_ptr(shard), (None if _step_gathers else fsdp_bucket_of(shard))
 
     def backward(self, token: Any, ctx: Any, grad: Tensor) -> Tensor | None:
         shard_key, bucket = token

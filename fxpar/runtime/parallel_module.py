@@ -22,7 +22,7 @@ from fxpar.analysis.plan_io import resolve_plan
 from fxpar.capture import CaptureInfo
 from fxpar.core.errors import PlanError
 from fxpar.core.mesh import MeshInfo
-from fxpar.core.spec import TensorSpec, get_info, get_spec, shard_order
+from fxpar.core.spec import TensorSpec, get_info, get_spec, uncut_steps
 from fxpar.ops.collectives import _all_gather, inference_graph_module
 from fxpar.runtime.checkpointing import checkpointed_graph_module
 from fxpar.runtime.agreement import check_same_inputs
@@ -345,12 +345,11 @@ class ParallelModule(nn.Module):
         if spec is None or all(p.is_replicate() for p in spec.placements):
             return local.detach().clone()
         full = local.detach()
-        # Shards were cut in shard_order (fsdp last); undo them in reverse.
-        for m in reversed(shard_order(self.mesh_info.names)):
-            p = spec.placements[m]
-            if not p.is_replicate():
-                full = _all_gather(full, p.dim, self.mesh_info.sizes[m], self.mesh_info.group_name(m),
-                                   getattr(p, "split_factor", 1))
+        # Shards were cut in shard_order (fsdp last); undo them in reverse, stripping uneven shards' padding.
+        info = self.mesh_info
+        for m, p, size in uncut_steps(spec.shape, spec.placements, info.sizes, info.coordinate, info.names):
+            full = _all_gather(full, p.dim, info.sizes[m], info.group_name(m), getattr(p, "split_factor", 1),
+                               full_size=size)
         return full
 
     def _full(self, grads: bool) -> dict[str, torch.Tensor]:

@@ -63,7 +63,6 @@ from torch.distributed.tensor.placement_types import Shard
 
 from fxpar._torch import pipelining as torch_pp
 from fxpar._torch.pipelining import ContiguousGradStage
-from fxpar._torch.c10d import resolve_process_group
 from fxpar._torch.fx import flat_input_function, out_spec_of, pytree
 from fxpar.analysis.explain import explain
 from fxpar.analysis.fingerprint import exchange
@@ -72,8 +71,8 @@ from fxpar.core.errors import PlanError, ScheduleError
 from fxpar.core.mesh import MeshInfo
 from fxpar.core.spec import TensorSpec, get_info
 from fxpar.core.stages import SCHEDULES, SPLIT_BACKWARD, stage_info, stage_ranks
-from fxpar.ops.collectives import _record
 from fxpar.runtime.fsdp_state import StepGather, pack_gathered, unpack_gathered
+from fxpar.runtime.agreement import check_same_inputs
 from fxpar.runtime.parallel_module import ParallelModule
 from fxpar.runtime.stages import Loss, output_nones, stage_io, with_nones
 from fxpar.runtime.grad_sync import sync_data_grads
@@ -288,6 +287,8 @@ class PipelineModule(ParallelModule):
                 raise ScheduleError(f"the target has batch size {t.shape[0] if t.ndim else 'none (a scalar)'}, "
                                     f"which does not split into {m} microbatches along dim 0; give a "
                                     f"target with one row per example")
+        if self.mesh is not None and (self.check_inputs or not self._fingerprint_checked):  # first run, check=True
+            check_same_inputs((flat, target), {}, self.mesh_info, groups=mesh_groups(self._pp_group, self.mesh_info))
 
     def _is_first(self) -> bool:
         return 0 in self.split.local_stages
@@ -340,7 +341,6 @@ class PipelineModule(ParallelModule):
         """Compares each local stage's collective schedule within its groups, once (see fxpar.analysis.fingerprint)."""
         if self._fingerprint_checked:
             return
-
         for gm in self.stage_modules:  # the same stages on every rank of a tp / dp / fsdp group
             exchange(gm, self.mesh_info)
         self._fingerprint_checked = True

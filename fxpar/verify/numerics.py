@@ -233,8 +233,9 @@ def _logical(node: fx.Node) -> fx.Node:
     return node
 
 
-def _gather_full(local: torch.Tensor, placements, mesh) -> list[torch.Tensor]:
-    """Every replica's full value of a local tensor with `placements` (one per replica along R dims)."""
+def _gather_full(local: torch.Tensor, placements, mesh, shape=None) -> list[torch.Tensor]:
+    """Every replica's full value of a local tensor with `placements` (one per replica along R dims);
+    `shape`: the global shape, for a dim split unevenly (torch.chunk's rows) by one mesh dim."""
     full = local.detach().contiguous()
     for m in reversed(range(mesh.ndim)):
         p = placements[m]
@@ -244,7 +245,10 @@ def _gather_full(local: torch.Tensor, placements, mesh) -> list[torch.Tensor]:
         if p.is_partial():
             full = _all_reduce(full, group)
         elif not p.is_replicate():
-            full = _all_gather(full, p.dim, n, group, getattr(p, "split_factor", 1))
+            alone = sum(q.is_shard() and q.dim == p.dim for q in placements) == 1
+            size = size_hint(shape[p.dim]) if shape is not None and p.is_shard() and alone else None
+            full = _all_gather(full, p.dim, n, group, getattr(p, "split_factor", 1),
+                               full_size=size if size is not None and size % n else None)
     copies = [full]
     for m in range(mesh.ndim):
         if placements[m].is_replicate() and mesh.sizes[m] > 1:
@@ -359,7 +363,7 @@ def _bisect(model: nn.Module, pm: nn.Module, inputs: tuple, kwargs: dict, target
         if not isinstance(want, torch.Tensor):
             continue
         # Every rank gathers the same nodes in the same order (no early exit), so collectives match.
-        rep = tol_compare(node.name, _gather_full(par_run.values[node.name], spec.placements, mesh), want)
+        rep = tol_compare(node.name, _gather_full(par_run.values[node.name], spec.placements, mesh, spec.shape), want)
         compared += 1
         if not rep.ok and first is None:
             first = _result(node, "forward", spec.placements, rep, 0, spec)
@@ -383,7 +387,7 @@ def _bisect(model: nn.Module, pm: nn.Module, inputs: tuple, kwargs: dict, target
                 continue
             if have is None:
                 continue
-            rep = tol_compare(f"grad {node.name}", _gather_full(have, gp, mesh), want)
+            rep = tol_compare(f"grad {node.name}", _gather_full(have, gp, mesh, spec.shape), want)
             compared += 1
             if not rep.ok and first is None:
                 first = _result(node, "backward", gp, rep, 0, spec)

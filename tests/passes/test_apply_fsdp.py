@@ -26,7 +26,7 @@ class Model(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([MLPBlock(16, 32) for _ in range(2)])
         self.head = nn.Linear(16, 4)
-        self.odd = nn.Linear(16, 3)    # 3 rows: not divisible by fsdp=2
+        self.odd = nn.Linear(16, 3)    # 3 rows: not divisible by fsdp=2, sharded unevenly (2 + 1)
         self.frozen = nn.Linear(16, 16)
         self.frozen.requires_grad_(False)
         self.register_buffer("scale", torch.ones(16))
@@ -39,7 +39,8 @@ class Model(nn.Module):
 
 
 SHARDED = [f"layers.{i}.{m}.{p}" for i in range(2) for m in ("up", "down") for p in ("weight", "bias")] + \
-    ["head.weight", "head.bias"]
+    ["head.weight", "head.bias", "odd.weight", "odd.bias"]
+UNEVEN = {"odd.weight", "odd.bias"}
 
 
 def _run(upto="apply_fsdp", mesh=MESH, **options):
@@ -51,8 +52,9 @@ def test_one_gather_per_shardable_parameter_on_the_fsdp_group():
     gathers = calls(gm, GATHER)
     assert sorted(str(g.args[0].target) for g in gathers) == sorted(SHARDED)
     for g in gathers:
-        # (shard, dim, group size, group, mesh dim)
-        assert g.args[1:] == (0, 2, "dryrun:fsdp", "fsdp")
+        # (shard, dim, group size, group, mesh dim[, param dtype, reduce dtype, rows of an uneven shard])
+        uneven = str(g.args[0].target) in UNEVEN
+        assert g.args[1:] == ((0, 2, "dryrun:fsdp", "fsdp", None, None, 3) if uneven else (0, 2, "dryrun:fsdp", "fsdp"))
         assert g.name == f"fsdpgather_{g.args[0].name}"
         # the stored shard feeds nothing but its gather
         assert list(g.args[0].users) == [g]
@@ -83,7 +85,8 @@ def test_specs_shard_is_one_over_fsdp_of_the_tensor_parallel_shard_and_the_gathe
         stored, gathered = get_spec(p), get_spec(g)
         assert stored.placements[FSDP] == Shard(0) and stored.placements[TP] == tp_local.placements[TP]
         assert stored.shape == tp_local.shape
-        assert stored.local_shape == (tp_local.local_shape[0] // 2, *tp_local.local_shape[1:])
+        # 1/fsdp of the rows; an uneven shard's spec holds the padded ceil(rows / fsdp)
+        assert stored.local_shape == (-(-tp_local.local_shape[0] // 2), *tp_local.local_shape[1:])
         assert gathered == tp_local  # the gather yields exactly this rank's tensor-parallel shard
         info = get_info(g)
         assert (info.role, info.param_fqn, info.origin) == ("param", get_info(p).param_fqn, "apply_fsdp")
@@ -93,7 +96,8 @@ def test_specs_shard_is_one_over_fsdp_of_the_tensor_parallel_shard_and_the_gathe
 def test_block_unit_buckets_gathers_by_block_and_other_modules_by_fqn():
     gm = _run()
     buckets = {str(g.args[0].target): get_info(g).fsdp_bucket for g in calls(gm, GATHER)}
-    assert buckets == {fqn: fqn.rsplit(".", 2)[0] if fqn.startswith("layers.") else "head" for fqn in SHARDED}
+    assert buckets == {fqn: fqn.rsplit(".", 2)[0] if fqn.startswith("layers.") else fqn.split(".")[0]
+                       for fqn in SHARDED}
 
 
 def test_param_unit_gathers_each_parameter_on_its_own():
@@ -102,23 +106,27 @@ def test_param_unit_gathers_each_parameter_on_its_own():
     assert {get_info(g).fsdp_bucket for g in calls(gm, GATHER)} == {None}
 
 
-def test_parameters_whose_rows_do_not_divide_stay_replicated_and_say_why():
+def test_parameters_whose_rows_do_not_divide_are_sharded_unevenly_and_say_so():
     gm = _run()
     for fqn in ("odd.weight", "odd.bias"):
         p = param(gm, fqn)
-        assert [u.target for u in p.users] != [GATHER]
-        assert get_spec(p).placements == (Replicate(), Replicate())
-        assert "not sharded on fsdp: dim 0 of local size (3,) does not divide by fsdp=2" in get_info(p).style
+        (g,) = p.users
+        assert g.target is GATHER and g.meta["val"].shape[0] == 3  # the gather rebuilds the 3 real rows
+        spec = get_spec(p)
+        assert spec.placements == (Shard(0), Replicate()) and spec.local_shape[0] == 2  # padded: ceil(3 / 2)
+        assert "fsdp shards dim 0 unevenly: 3 rows in chunks of 2 over fsdp=2" in get_info(p).style
 
 
-def test_divisibility_is_judged_on_the_tensor_parallel_shard():
-    # 6 rows divide by fsdp=2, but tp=2 leaves each rank 3 rows of up.weight
-    model = nn.Sequential(nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 16))
-    gm = run_upto("apply_fsdp", model, (torch.randn(4, 16),), MESH, {"0": "colwise", "2": "rowwise"},
+def test_unevenness_is_judged_on_the_tensor_parallel_shard():
+    # 6 rows divide by fsdp=2, but tp=2 leaves each rank 3 rows of 0.weight: an uneven fsdp cut of 3 rows;
+    # 5 rows on tp=2 are themselves uneven (3 + 2): rows that differ by rank stay replicated on fsdp
+    model = nn.Sequential(nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 5))
+    gm = run_upto("apply_fsdp", model, (torch.randn(4, 16),), MESH, {"0": "colwise", "2": "rowwise", "4": "colwise"},
                   dynamic=False)
-    gathered = {str(g.args[0].target) for g in calls(gm, GATHER)}
-    assert "0.weight" not in gathered and "2.weight" in gathered
-    assert "local size (3,)" in get_info(param(gm, "0.weight")).style
+    gathered = {str(g.args[0].target): g for g in calls(gm, GATHER)}
+    assert gathered["0.weight"].args[7] == 3 and len(gathered["2.weight"].args) == 5
+    assert "4.weight" not in gathered
+    assert "local size 3 does not divide by fsdp=2" in get_info(param(gm, "4.weight")).style
 
 
 def test_frozen_parameters_and_buffers_are_not_sharded():

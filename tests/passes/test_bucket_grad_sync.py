@@ -57,12 +57,22 @@ def test_buckets_fill_in_reverse_order_of_first_use_up_to_bucket_bytes():
     assert len(set(buckets)) < len(PARAMS)  # biases share with their neighbours
 
 
-def test_fsdp_gathered_parameters_need_no_sync_the_undivisible_ones_sync_on_fsdp():
-    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
-    gm = _run(model=model, mesh={"fsdp": 2}, plan={})
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seq = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+        self.scale = nn.Parameter(torch.ones(()))  # a scalar: no dim 0 to shard on fsdp
+
+    def forward(self, x):
+        return self.seq(x) * self.scale
+
+
+def test_fsdp_gathered_parameters_need_no_sync_the_replicated_ones_sync_on_fsdp():
+    gm = _run(model=_Scaled(), mesh={"fsdp": 2}, plan={})
     assert calls(gm, F) == []
-    assert get_info(param(gm, "0.weight")).grad_sync is None  # its gather's backward reduce-scatters
-    assert get_info(param(gm, "2.weight")).grad_sync == GradSyncInfo(("fsdp",), 0)
+    assert get_info(param(gm, "seq.0.weight")).grad_sync is None  # its gather's backward reduce-scatters
+    assert get_info(param(gm, "seq.2.weight")).grad_sync is None  # 3 rows: an uneven shard, reduce-scattered too
+    assert get_info(param(gm, "scale")).grad_sync == GradSyncInfo(("fsdp",), 0)
 
 
 def test_no_data_parallel_dim_nothing_to_bucket():
