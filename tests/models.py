@@ -264,6 +264,148 @@ class BNStack(nn.Module):
         return x
 
 
+class BasicBlock(nn.Module):
+    """ResNet's basic block: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = self.bn2(self.conv2(h))
+        return F.relu(h + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class ResNet(nn.Module):
+    """A small ResNet (torchvision's layout: stem, max pool, basic blocks, adaptive pool, flatten, fc)."""
+
+    def __init__(self, widths: tuple[int, ...] = (8, 16), blocks: int = 2, classes: int = 10,
+                 in_channels: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(widths[0])
+        layers, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            for j in range(blocks):
+                layers.append(BasicBlock(cin, w, 2 if i > 0 and j == 0 else 1))
+                cin = w
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.bn(self.stem(x))), 2)
+        x = self.layers(x)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class ConvNet1d(nn.Module):
+    """conv1d pairs with biases (the row-parallel conv's bias is added after the reduce) and avg pooling."""
+
+    def __init__(self, cin: int = 4, hidden: int = 16, classes: int = 6) -> None:
+        super().__init__()
+        self.up = nn.Conv1d(cin, hidden, 3, padding=1)
+        self.down = nn.Conv1d(hidden, cin, 3, padding=1)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.avg_pool1d(F.gelu(self.up(x)), 2)
+        h = self.down(h) + F.avg_pool1d(x, 2)
+        return self.fc(F.adaptive_max_pool1d(h, 1).flatten(1))
+
+
+class FusedChunkAttention(nn.Module):
+    """Self-attention with a fused qkv split by `chunk(3, dim=-1)` (q, k, v sections, not per head) and
+    optional q/k norms over head_dim (Qwen3's RMSNorm, or OLMo-style LayerNorm), then an MLP."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, *, qk_norm: str | None = None) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        norm = {None: None, "rms": lambda: nn.RMSNorm(self.head_dim),
+                "layer": lambda: nn.LayerNorm(self.head_dim)}[qk_norm]
+        self.q_norm = norm() if norm else None
+        self.k_norm = norm() if norm else None
+        self.mlp = MLPBlock(dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (t.view(B, T, self.heads, self.head_dim) for t in (q, k, v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        x = x + self.out(y.transpose(1, 2).reshape(B, T, C))
+        return self.mlp(x)
+
+
+class DecomposedQKNormAttention(nn.Module):
+    """q / k / v projections with a hand-written RMSNorm over head_dim on q and k (as Hugging Face's
+    Qwen3RMSNorm: pow, mean over the last dim, rsqrt, weight), then out."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.q_w = nn.Parameter(torch.rand(self.head_dim) + 0.5)
+        self.k_w = nn.Parameter(torch.rand(self.head_dim) + 0.5)
+
+    @staticmethod
+    def _rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        shape = (B, T, self.heads, self.head_dim)
+        q = self._rms(self.q(x).view(shape), self.q_w).transpose(1, 2)
+        k = self._rms(self.k(x).view(shape), self.k_w).transpose(1, 2)
+        v = self.v(x).view(shape).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + self.o(y.transpose(1, 2).reshape(B, T, C))
+
+
+class RawParamMLP(nn.Module):
+    """An MLP block on raw nn.Parameters of one custom module: `x @ self.w_up`, `torch.einsum`, or
+    `F.linear(x, self.w)`; both halves of the Megatron pair live in the same module."""
+
+    def __init__(self, dim: int = 16, hidden: int = 32, *, kind: str = "matmul") -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "linear":  # F.linear's layout: [out, in]
+            self.w_up, self.w_down = nn.Parameter(torch.randn(hidden, dim) / 4), nn.Parameter(torch.randn(dim, hidden) / 4)
+        else:  # x @ W: [in, out]
+            self.w_up, self.w_down = nn.Parameter(torch.randn(dim, hidden) / 4), nn.Parameter(torch.randn(hidden, dim) / 4)
+        self.b_up = nn.Parameter(torch.randn(hidden) / 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "matmul":
+            h = x @ self.w_up + self.b_up
+            return x + F.gelu(h) @ self.w_down
+        if self.kind == "einsum":
+            h = torch.einsum("btd,dh->bth", x, self.w_up) + self.b_up
+            return x + torch.einsum("bth,hd->btd", F.gelu(h), self.w_down)
+        return x + F.linear(F.gelu(F.linear(x, self.w_up, self.b_up)), self.w_down)
+
+
+class RawParamStack(nn.Module):
+    def __init__(self, kind: str = "matmul", depth: int = 2) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([RawParamMLP(kind=kind) for _ in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
 # --------------------------------------------------------------------------- mixture of experts (torchtitan-style)
 
 

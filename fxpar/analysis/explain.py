@@ -256,7 +256,7 @@ def explain(pm, *inputs, **kwargs) -> str:
     lines.append("")
     lines.append("Parameters (module: style; tensor placements local shape):")
     by_module: dict[str, list[str]] = defaultdict(list)
-    styles: dict[str, str] = {}
+    styles: dict[str, dict[str, str]] = defaultdict(dict)  # module -> parameter name -> style
     seen: set[tuple[str, str]] = set()  # a tied weight held by several stages is one parameter
     for node in (n for g in graphs for n in g.graph.nodes):
         info = get_info(node)
@@ -266,9 +266,13 @@ def explain(pm, *inputs, **kwargs) -> str:
             name = str(node.target).rpartition(".")[2]
             by_module[info.module_fqn].append(
                 f"{name} {placements_str(info.spec.placements)} {list(info.spec.local_shape)}")
-            styles[info.module_fqn] = info.style or "replicate (default)"
+            styles[info.module_fqn][name] = info.style or "replicate (default)"
     for module in sorted(by_module, key=natural_key):
-        lines.append(f"  {module or '<root>'}: {styles[module]}; " + ", ".join(by_module[module]))
+        distinct = list(dict.fromkeys(styles[module].values()))
+        # a custom module's raw Parameters may play different parts (x @ self.w_up ... @ self.w_down)
+        style = distinct[-1] if len(distinct) == 1 else \
+            ", ".join(f"{name} {st}" for name, st in styles[module].items())
+        lines.append(f"  {module or '<root>'}: {style}; " + ", ".join(by_module[module]))
 
     colls = [c for g in graphs for c in collectives(g, mesh)]
     lines.append("")

@@ -36,6 +36,7 @@ import torch.nn as nn
 from torch.export import Dim
 
 from fxpar._torch.fx import pytree
+from fxpar.capture.autograd_functions import check_autograd_functions
 from fxpar.core.errors import CaptureError
 
 __all__ = ["CaptureInfo", "capture", "capture_info", "LOSS_TARGET"]
@@ -235,6 +236,7 @@ def capture(
             "see torch.export's docs for the op named above."
         ) from e
     gm = ep.module()
+    check_autograd_functions(gm)
     aliases = _copy_state(gm)
     buffers = tuple(fqn for fqn, _ in gm.named_buffers())
     gm.meta["fxpar"] = CaptureInfo(aliases, buffers, type(user_model).__name__, dynamic, notes,

@@ -12,6 +12,9 @@ other mesh dim. How a style shards a tensor depends on how the graph uses it:
     linear bias [N]           Shard(0)    Replicate
     addmm weight [K, N]       Shard(1)    Shard(0)      (HF Conv1D)
     addmm bias [N]            Shard(0)    Replicate
+    conv weight [Co, Ci, *K]  Shard(0)    Shard(1)      (conv1d / conv2d / conv3d)
+    conv bias [Co]            Shard(0)    Replicate
+    batch_norm params [C]     Shard(0)    -             (weight, bias, running statistics)
     embedding weight [V, C]   Shard(1)    Shard(0)      (rowwise = vocab parallel)
 
 A projection whose output is split into k equal sections (a fused qkv) is
@@ -26,6 +29,8 @@ and a projection feeding the graph output or a captured loss (the lm_head) colum
 token embedding, if untied, vocab parallel (rowwise: rows sharded; `propagate_sharding` reduces
 its Partial output right after the lookup). Position and type tables stay replicated: sharding one
 would add a collective per step to save 1/tp of a small table.
+A pair's projections may be convolutions (output channels colwise, input channels
+rowwise); a batch norm between them is channel-local and sharded with them.
 
 Before:  %up_weight = get_attr[target=up.weight]
 After:   same node, meta["fxpar"].spec.placements == (Shard(0),), local shape [N/tp, K]
@@ -53,38 +58,59 @@ from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.plan import TPStyle
 from fxpar.core.spec import NodeInfo, divides, make_spec, set_info, size_hint
 from fxpar.ops.moe import moe_experts
-from fxpar.passes._graph import module_fqns, param_nodes, uses_as
-from fxpar.passes._megatron import find_pairs, heads_of, is_projection, proj_out_features, proj_weight
+from fxpar.passes._graph import module_fqns, param_nodes
+from fxpar.passes._megatron import (find_pairs, heads_of, is_projection, proj_bias, proj_in_features,
+                                    proj_out_features, proj_weight, proj_weight_dims)
+from fxpar.rules.conv import CONVS
 
 aten = torch.ops.aten
 
 
-def _use_placement(target, pos: int, style: TPStyle) -> Placement | None:
-    """How `style` shards a tensor used as argument `pos` of `target` (None: unknown use)."""
+def _use_placement(user: fx.Node, pos: int, style: TPStyle) -> Placement | None:
+    """How `style` shards a tensor used as argument `pos` of `user` (None: unknown use)."""
     col = style.kind == "colwise"
+    target = user.target
+    if target in (aten.matmul.default, aten.einsum.default) and is_projection(user):  # x @ W on a raw Parameter
+        out_dim, in_dim = proj_weight_dims(user)
+        return Shard(out_dim) if col else Shard(in_dim)
     if target == aten.linear.default:
         return {1: Shard(0) if col else Shard(1), 2: Shard(0) if col else Replicate()}.get(pos)
     if target == aten.addmm.default:  # Conv1D: addmm(bias, x, weight[in, out])
         return {2: Shard(1) if col else Shard(0), 0: Shard(0) if col else Replicate()}.get(pos)
+    if target in CONVS:
+        return {1: Shard(0) if col else Shard(1), 2: Shard(0) if col else Replicate()}.get(pos)
+    if target == aten.batch_norm.default and pos in (1, 2, 3, 4) and col:
+        return Shard(0)  # per-channel parameters and running statistics, in a colwise region
+    if target == aten.add.Tensor and user.meta["val"].ndim >= 1:
+        # a raw bias added to a projection's output (x @ self.w + self.b): sharded with its features
+        other = user.args[1 - pos] if pos in (0, 1) else None
+        if isinstance(other, fx.Node) and is_projection(other) and user.args[pos].meta["val"].ndim == 1 \
+                and user.args[pos].meta["val"].shape[0] == proj_out_features(other):
+            return Shard(0) if col else Replicate()
     if target == aten.embedding.default and pos == 0:
         return Shard(1) if col else Shard(0)  # rowwise on an embedding is vocab parallel
     return None
 
 
-def _placement_for(node: fx.Node, style: TPStyle, module: str, fused: int = 0) -> Placement:
-    if style.kind == "replicate" or not node.users:
+def _placement_for(node: fx.Node, style: TPStyle, module: str, fused: int = 0, *, auto: bool = False
+                   ) -> Placement:
+    """The tp placement of parameter `node` under `style`; an automatic style leaves a parameter of
+    unknown use replicated (always correct), a style the plan names raises PlanError instead."""
+    if style.kind == "replicate" or not node.users or node.meta["val"].ndim == 0:
+        return Replicate()  # (a 0-dim tensor: BatchNorm's num_batches_tracked)
+    uses = {(user, i) for user in node.users for i, a in enumerate(user.args)
+            if a is node or isinstance(a, (list, tuple)) and node in a}
+    uses = sorted(uses, key=lambda u: (u[0].target == aten.embedding.default, u[0].name))
+    places = [(_use_placement(u, i, style), u.target) for u, i in uses]
+    if any(p is None for p, _ in places) and auto:
         return Replicate()
-    uses = uses_as(node)
-    if len(uses) > 1:
-        uses = sorted(uses, key=lambda u: u[0] == aten.embedding.default)
-    places = [(_use_placement(t, i, style), t) for t, i in uses]
     if any(p is None for p, _ in places):
         name = str(node.target).rpartition(".")[2]
         unknown = sorted({str(t) for p, t in places if p is None})
         raise PlanError(
             f"style '{style}' on module '{module}': fxpar does not know how to shard its parameter '{name}' "
-            f"(used by {unknown}); '{style}' applies to Linear, Conv1D and Embedding modules. Map '{module}' to "
-            "'replicate' or to a style for its kind"
+            f"(used by {unknown}); '{style}' applies to Linear, Conv1D, Conv1d/2d/3d and Embedding modules "
+            f"(and BatchNorm as 'colwise'). Map '{module}' to 'replicate' or to a style for its kind"
         )
     # A tied weight (embedding + lm_head) takes the projection's placement; the embedding rule accepts both.
     p = places[0][0]
@@ -94,14 +120,25 @@ def _placement_for(node: fx.Node, style: TPStyle, module: str, fused: int = 0) -
 
 
 def _auto_styles(gm: fx.GraphModule, taken: set[str], tp: int
-                 ) -> tuple[dict[str, TPStyle], dict[str, int], dict[str, str]]:
+                 ) -> tuple[dict[str, TPStyle], dict[str, int], dict[str, str], dict[str, TPStyle]]:
     """Megatron pairs and the lm_head found in the graph, for modules the plan does not name.
 
-    Returns (module -> style, module -> fused sections, module -> why it stays replicated).
+    Returns (module -> style, module -> fused sections, module -> why it stays replicated,
+    parameter -> style of the projection using it: a custom module holding raw Parameters may hold
+    both halves of a pair).
     """
     styles: dict[str, TPStyle] = {}
     fused: dict[str, int] = {}
     notes: dict[str, str] = {}
+    by_param: dict[str, TPStyle] = {}
+
+    def own(proj: fx.Node, style: TPStyle) -> None:
+        # its weight, its bias, and a raw bias added to its output (x @ self.w + self.b)
+        added = [a for u in proj.users if u.target == aten.add.Tensor for a in u.args
+                 if isinstance(a, fx.Node) and a.op == "get_attr" and a.meta["val"].ndim == 1]
+        for p in (proj_weight(proj), proj_bias(proj), *added):
+            if p is not None and p.op == "get_attr":
+                by_param[str(p.target)] = style
 
     def module_of(proj: fx.Node) -> str | None:
         w = proj_weight(proj)
@@ -109,7 +146,7 @@ def _auto_styles(gm: fx.GraphModule, taken: set[str], tp: int
 
     for pair in find_pairs(gm):
         sink_mod = module_of(pair.sink)
-        in_features = proj_weight(pair.sink).meta["val"].shape[1 if pair.sink.target == aten.linear.default else 0]
+        in_features = proj_in_features(pair.sink)
         if sink_mod is None or sink_mod in taken:
             continue
         if divides(in_features, tp) is not True:
@@ -122,6 +159,9 @@ def _auto_styles(gm: fx.GraphModule, taken: set[str], tp: int
             k = pair.fused.get(h, 1)
             if mod is None or mod in taken:
                 continue
+            if mod == sink_mod and k > 1:
+                notes[mod] = "a fused projection and its row-parallel partner in one module"
+                continue
             bad_heads = [c for c in heads_of(h, pair.region) if divides(c, tp) is not True]
             if divides(proj_out_features(h), tp * k) is not True:
                 notes[mod] = f"{proj_out_features(h)} output features do not divide by tp={tp}" + \
@@ -129,15 +169,20 @@ def _auto_styles(gm: fx.GraphModule, taken: set[str], tp: int
             elif bad_heads:
                 notes[mod] = f"{bad_heads[0]} heads do not divide by tp={tp}"
             else:
-                heads.append((mod, k))
+                heads.append(((mod, k), h))
         if not heads:
             notes.setdefault(sink_mod, "its column-parallel partners could not be sharded")
             continue
-        for mod, k in heads:
+        for (mod, k), h in heads:
             styles[mod] = TPStyle("colwise")
+            own(h, styles[mod])
             if k > 1:
                 fused[mod] = k
         styles[sink_mod] = TPStyle("rowwise")
+        own(pair.sink, styles[sink_mod])
+        for mod in _channel_norms(pair.region):
+            if mod not in taken:
+                styles[mod] = TPStyle("colwise")
     # The token embedding, untied: vocab parallel (rows sharded, a masked lookup reduced right after it).
     emb = _token_embedding(gm)
     if emb is not None:
@@ -156,7 +201,19 @@ def _auto_styles(gm: fx.GraphModule, taken: set[str], tp: int
             mod = module_of(node)
             if mod and mod not in taken and mod not in styles and divides(proj_out_features(node), tp) is True:
                 styles[mod] = TPStyle("colwise")
-    return styles, fused, notes
+                own(node, styles[mod])
+    return styles, fused, notes, by_param
+
+
+def _channel_norms(region: set[fx.Node]) -> list[str]:
+    """Modules of the batch norms inside a pair's region: they act per channel, so they shard with it."""
+    mods = []
+    for node in region:
+        if node.target == aten.batch_norm.default:
+            params = [a for a in node.args[1:5] if isinstance(a, fx.Node)]
+            if params and all(a.op == "get_attr" for a in params):
+                mods.append(str(params[0].target).rpartition(".")[0])
+    return sorted(set(mods))
 
 
 _LOSSES = (aten.cross_entropy_loss.default, aten.nll_loss_forward.default, aten.nll_loss_nd.default)
@@ -235,16 +292,19 @@ def annotate_parameters(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     tp_dim = mesh.names.index("tp") if mesh.has("tp") else None
     fused: dict[str, int] = {}
     notes: dict[str, str] = {}
+    by_param: dict[str, TPStyle] = {}
+    explicit = set(styles)
     if ctx.plan.auto_tp and tp_dim is not None:
-        auto, fused, notes = _auto_styles(gm, set(styles), mesh.sizes[tp_dim])
+        auto, fused, notes, by_param = _auto_styles(gm, explicit, mesh.sizes[tp_dim])
         styles = {**auto, **styles}
     for node in param_nodes(gm):
         fqn = str(node.target)
         module = fqn.rpartition(".")[0]
-        style = styles.get(module)
+        style = styles.get(module) if module in explicit else by_param.get(fqn, styles.get(module))
         placements = [Replicate() for _ in mesh.names]
         if style is not None and tp_dim is not None:
-            p = _placement_for(node, style, module, fused.get(module, getattr(style, "sections", 0)))
+            p = _placement_for(node, style, module, fused.get(module, getattr(style, "sections", 0)),
+                               auto=module not in explicit)
             if isinstance(p, (Shard, _StridedShard)):
                 size = node.meta["val"].shape[p.dim]
                 n = mesh.sizes[tp_dim]

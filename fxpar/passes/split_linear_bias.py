@@ -10,7 +10,8 @@ Megatron adds it.
 Before:  %y = aten.linear(%h, %down_weight, %down_bias)        # weight Shard(1)
 After:   %y_nobias = aten.linear(%h, %down_weight)
          %y  = aten.add.Tensor(%y_nobias, %down_bias)
-(and likewise addmm(bias, x, w) with w Shard(0) -> add(mm(x, w), bias): HF's Conv1D)
+(and likewise addmm(bias, x, w) with w Shard(0) -> add(mm(x, w), bias): HF's Conv1D;
+and conv2d(x, w, b) with w Shard(1) -> add(conv2d(x, w, None), view(b, [-1, 1, 1])))
 
 With `Plan(sequence_parallel=True)`, a Conv1D's bias is added after the view that
 restores (B, T, C) (the same elementwise sum): the Partial product then reaches
@@ -27,6 +28,7 @@ import torch.fx as fx
 
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.spec import get_spec
+from fxpar.rules.conv import CONVS
 
 aten = torch.ops.aten
 
@@ -41,6 +43,9 @@ def split_linear_bias(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         elif node.target == aten.addmm.default and not node.kwargs:  # Conv1D: addmm(bias, x, w[in, out])
             b, x, w = node.args[:3]
             target, args, reduced_dim = aten.mm.default, (x, w), 0
+        elif node.target in CONVS and len(node.args) >= 3 and node.args[2] is not None and not node.kwargs:
+            x, w, b = node.args[:3]
+            target, args, reduced_dim = node.target, (x, w, None, *node.args[3:]), 1
         else:
             continue
         w_spec = get_spec(w) if isinstance(w, fx.Node) else None
@@ -49,6 +54,12 @@ def split_linear_bias(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         with gm.graph.inserting_before(node):
             mm = gm.graph.create_node("call_function", target, args, name=f"{node.name}_nobias")
             mm.meta.update({k: v for k, v in node.meta.items() if k != "fxpar"})
+            if target in CONVS:  # the bias broadcasts over the spatial dims: (Co,) -> (Co, 1, ..., 1)
+                shape = [-1] + [1] * (w.meta["val"].ndim - 2)
+                b_view = gm.graph.create_node("call_function", aten.view.default, (b, shape), name=f"{node.name}_bias")
+                b_view.meta.update({k: v for k, v in node.meta.items() if k not in ("fxpar", "val")})
+                b_view.meta["val"] = b.meta["val"].view(shape)
+                b = b_view
         node.target = aten.add.Tensor
         node.args = (mm, b)
         modified = True

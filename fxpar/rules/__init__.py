@@ -1,6 +1,6 @@
 """Sharding rules per op family, in one table (`fxpar.rules.registry`).
 
-Importing this package registers every family: attention, dropout,
+Importing this package registers every family: attention, conv, dropout,
 embedding, indexing, loss, matmul, moe, norms, pointwise, reductions, views. A new op
 gets its rule in the family module it belongs to, registered with
 `@register(op, ...)`, and a test in tests/rules/.
@@ -26,6 +26,7 @@ from fxpar.rules.registry import (
 )
 from fxpar.rules import (  # noqa: F401,E402  (each family registers its rules on import)
     attention,
+    conv,
     dropout,
     embedding,
     indexing,

@@ -64,7 +64,7 @@ def bmm(op: OpInfo, cur) -> list[Strategy]:
 
 @register(aten.matmul.default)
 def matmul(op: OpInfo, cur) -> list[Strategy]:
-    """Batched matmul with broadcasting batch dims: (..., m, k) x (..., k, n)."""
+    """Batched matmul with broadcasting batch dims: (..., m, k) x (..., k, n), or (..., k) x (k, n)."""
     a, b = op.in_vals
     nd = op.out_val.ndim
     out: list[Strategy] = []
@@ -81,6 +81,13 @@ def matmul(op: OpInfo, cur) -> list[Strategy]:
             out.append(Strategy((R, S(nd - 1)), S(nd - 1)))
         if (ca is not None and ca.is_shard(nd - 1)) or (cb is not None and cb.is_shard(nd - 2)):
             out.append(Strategy((S(nd - 1), S(nd - 2)), P))
+    elif b.ndim == 2 and a.ndim > 2:  # x (..., k) @ W (k, n): a projection on a raw Parameter
+        if cb is not None and cb.is_shard(1):
+            out.append(Strategy((R, S(1)), S(nd - 1)))
+        if (ca is not None and ca.is_shard(a.ndim - 1)) or (cb is not None and cb.is_shard(0)):
+            out.append(Strategy((S(a.ndim - 1), S(0)), P))
+        if ca is not None and ca.is_shard() and ca.dim < a.ndim - 1:
+            out.append(Strategy((S(ca.dim), R), S(ca.dim)))
     if ca is not None and ca.is_partial():
         out.append(Strategy((P, R), P))
     if cb is not None and cb.is_partial():

@@ -104,6 +104,36 @@ def split(op: OpInfo, cur) -> list[Strategy]:
     return out
 
 
+@register(aten.chunk.default)
+def chunk(op: OpInfo, cur) -> list[Strategy]:
+    """chunk(x, chunks, dim): split into equal sections; its argument is a count, nothing to localize.
+    GPT-NeoX-style `qkv.chunk(3, dim=-1)` on a fused projection sharded section by section."""
+    x = op.in_vals[0]
+    dim = norm_dim(op.arg(2, "dim", 0), x.ndim)
+    n_out = len(op.out_val)
+    out = _follow_except(op, cur, dim, linear=True, n_out=n_out)
+    c = cur[0]
+    sizes = {size_key(v.shape[dim]) for v in op.out_val}
+    if c is not None and _is_strided(c, dim, n_out) and len(sizes) == 1:
+        out.insert(0, Strategy((c,), tuple(S(dim) for _ in range(n_out))))
+    return out
+
+
+@register(aten.unbind.int)
+def unbind(op: OpInfo, cur) -> list[Strategy]:
+    """unbind(x, dim): the outputs lose `dim`; other dims keep their shard (one index lower past dim)."""
+    dim = norm_dim(op.arg(1, "dim", 0), op.in_vals[0].ndim)
+    n_out = len(op.out_val)
+    c = cur[0]
+    out: list[Strategy] = []
+    if c is not None and c.is_shard() and c.dim != dim:
+        out.append(Strategy((S(c.dim),), tuple(S(c.dim - (c.dim > dim)) for _ in range(n_out))))
+    if c is not None and c.is_partial():
+        out.append(Strategy((P,), tuple(P for _ in range(n_out))))
+    out.append(Strategy((R,), tuple(R for _ in range(n_out))))
+    return out
+
+
 def _is_strided(p, dim: int, sections: int) -> bool:
 
     return isinstance(p, _StridedShard) and p.dim == dim and p.split_factor == sections

@@ -1,4 +1,4 @@
-"""Matrix products: linear, mm, addmm.
+"""Matrix products: linear, mm, addmm, einsum.
 
 For y = x @ W^T (+ b) with x (..., K), W (N, K), the exact strategies on one
 mesh dim are Megatron's:
@@ -90,4 +90,41 @@ def addmm(op: OpInfo, cur) -> list[Strategy]:
     if ca is not None and ca.is_shard(0):
         out.append(Strategy((bias_for(0), S(0), R), S(0)))
     out.append(Strategy((R, R, R), R))
+    return out
+
+
+def _einsum_subscripts(op: OpInfo) -> tuple[list[str], str] | None:
+    """(input subscripts, output subscripts) of an explicit einsum without '...' or repeated letters."""
+    eq = str(op.args[0]).replace(" ", "")
+    if "->" not in eq or "..." in eq:
+        return None
+    lhs, out = eq.split("->")
+    ins = lhs.split(",")
+    if len(ins) != len(op.in_vals) or any(len(set(t)) != len(t) for t in [*ins, out]):
+        return None
+    if any(len(t) != v.ndim for t, v in zip(ins, op.in_vals)):
+        return None
+    return ins, out
+
+
+@register(aten.einsum.default)
+def einsum(op: OpInfo, cur) -> list[Strategy]:
+    """einsum is multilinear: sharding a letter shards every operand that has it (the others
+    Replicate); the output is sharded on that letter where it keeps it, Partial where it sums it
+    away. One Partial operand (the others Replicate) gives a Partial output."""
+    parsed = _einsum_subscripts(op)
+    out: list[Strategy] = []
+    if parsed is not None:
+        ins, res = parsed
+        letters = []
+        for sub, c in zip(ins, cur):
+            if c is not None and c.is_shard() and sub[c.dim] not in letters:
+                letters.append(sub[c.dim])
+        for L in letters:
+            placed = tuple(S(sub.index(L)) if L in sub else R for sub in ins)
+            out.append(Strategy(placed, S(res.index(L)) if L in res else P))
+        partial = [i for i, c in enumerate(cur) if c is not None and c.is_partial()]
+        if len(partial) == 1:
+            out.append(Strategy(tuple(P if i == partial[0] else R for i in range(len(cur))), P))
+    out.append(Strategy(tuple(R for _ in cur), R))
     return out

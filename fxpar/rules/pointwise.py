@@ -176,3 +176,15 @@ def inplace_div_mul(op: OpInfo, cur) -> list[Strategy]:
     linear = "div" if op.node.target == aten.div_.Tensor else "mul"
     return [s for s in pointwise_strategies(op, cur, linear=linear)
             if cur[0] is not None and s.inputs[0] == cur[0] and s.output == cur[0]]
+
+
+@register(aten.add_.Tensor)
+def add_inplace(op: OpInfo, cur) -> list[Strategy]:
+    """In place (BatchNorm's num_batches_tracked += 1): the result is `self`, so it keeps self's
+    placement; a shard plus a scalar stays local, a Partial would add the scalar n times."""
+    c = cur[0]
+    out: list[Strategy] = []
+    if len(cur) == 1 and c is not None and c.is_shard():
+        out.append(Strategy((S(c.dim),), S(c.dim)))
+    out.append(Strategy(tuple(R for _ in cur), R))
+    return out
