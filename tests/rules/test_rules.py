@@ -58,7 +58,8 @@ def test_batch_norm_keeps_the_batch_sharded_in_eval_mode_only():
     ev = node_of(bn(False), *args, target=aten.batch_norm.default)
     assert strategies(ev, [Shard(0), R, R, R, R])[0] == ((Shard(0), R, R, R, R), Shard(0))
     assert strategies(ev, [Shard(2), R, R, R, R])[0] == ((Shard(2), R, R, R, R), Shard(2))
-    assert [s for s in strategies(ev, [Shard(1), R, R, R, R])] == [((R, R, R, R, R), R)]  # channels whole
+    # channels sharded: statistics per channel, parameters and running statistics sharded with them
+    assert strategies(ev, [Shard(1), R, R, R, R])[0] == ((Shard(1), *[Shard(0)] * 4), Shard(1))
     tr = node_of(bn(True), *args, target=aten.batch_norm.default)
     assert strategies(tr, [Shard(0), R, R, R, R]) == [((R, R, R, R, R), R)]  # batch statistics: whole batch
 
