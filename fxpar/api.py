@@ -29,7 +29,7 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
                 input_layout: str = "full", reshard_after_forward: bool = True, fsdp_unit: str = "block",
                 check: bool | None = None, dump_dir: str | None = None, mp_policy: Any = None,
                 activation_checkpointing: str | None = None, batch_norm_per_microbatch: bool = False,
-                compile: bool | str = False) -> ParallelModule:
+                compile: bool | str = False, offload_policy: Any = None) -> ParallelModule:
     """Compiles `model` for this rank of `mesh`.
 
     Args:
@@ -72,6 +72,11 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
             pipelines. Under compile, FSDP keeps gathered parameters for the backward
             (reshard_after_forward's saved-tensor hooks do not apply inside a compiled graph).
 
+        offload_policy: a `torch.distributed.fsdp.CPUOffloadPolicy` (FSDP2's meaning): trainable
+            parameter shards, their gradients and the optimizer state live on the CPU; each use copies
+            the shard to the mesh's device before the FSDP all-gather, the reduce-scattered gradient
+            comes back to the CPU (`fxpar.passes.offload_parameters`). Not with dp > 1 (use fsdp).
+
     Returns:
         A ParallelModule holding this rank's rewritten GraphModule.
 
@@ -88,7 +93,8 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
                          example_kwargs=example_kwargs, plan=plan, passes=passes, input_layout=input_layout,
                          reshard_after_forward=reshard_after_forward, fsdp_unit=fsdp_unit, check=check,
                          dump_dir=dump_dir, mp_policy=mp_policy, activation_checkpointing=activation_checkpointing,
-                         batch_norm_per_microbatch=batch_norm_per_microbatch, compile=compile)
+                         batch_norm_per_microbatch=batch_norm_per_microbatch, compile=compile,
+                         offload_policy=offload_policy)
 
 
 def check(pm: ParallelModule, *, ranks: list | None = None) -> None:

@@ -3,7 +3,7 @@
 One public pass per module, named like the module. The default pipeline, in
 data-flow order: shard_inputs -> annotate_parameters -> apply_fsdp ->
 split_linear_bias -> propagate_sharding -> insert_collectives ->
-apply_mixed_precision -> localize_shapes -> bucket_grad_sync -> shard_parameters -> checkpoint_activations -> split_stages.
+apply_mixed_precision -> localize_shapes -> bucket_grad_sync -> shard_parameters -> offload_parameters -> split_stages -> checkpoint_activations.
 """
 
 from fxpar.passes.annotate_parameters import annotate_parameters
@@ -13,6 +13,7 @@ from fxpar.passes.bucket_grad_sync import bucket_grad_sync
 from fxpar.passes.checkpoint_activations import checkpoint_activations
 from fxpar.passes.insert_collectives import insert_collectives
 from fxpar.passes.localize_shapes import localize_shapes
+from fxpar.passes.offload_parameters import offload_parameters
 from fxpar.passes.propagate_sharding import propagate_sharding
 from fxpar.passes.shard_inputs import shard_inputs
 from fxpar.passes.shard_parameters import shard_parameters
@@ -31,5 +32,6 @@ __all__ = [
     "insert_collectives",
     "localize_shapes",
     "shard_parameters",
+    "offload_parameters",
     "split_stages",
 ]
