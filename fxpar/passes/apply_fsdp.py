@@ -20,10 +20,6 @@ After:   %w = get_attr[target=up.weight]                  # [S(0)] on fsdp: 1/fs
 Shards are cut tensor-parallel first and fsdp second (`shard_parameters`), so
 gathering over fsdp yields exactly this rank's tensor-parallel shard.
 
-A weight used in several blocks (a tied embedding / lm_head) gets one gather per
-block, each outside the per-block buckets: each use's gradient is reduce-scattered
-by its own backward, so no full gradient of it is held across the backward.
-
 Each gather node records its communication unit in `fsdp_bucket`
 (`options["fsdp_unit"]`): 'block' (the default) names the block its
 parameter belongs to (`h.3`, `layers.7`; other modules by their FQN), and the
@@ -40,7 +36,7 @@ import dataclasses
 import torch.fx as fx
 from torch.distributed.tensor.placement_types import Replicate, Shard
 
-from fxpar.core.errors import PlanError, block_of, module_fqn_of
+from fxpar.core.errors import PlanError, block_of
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.spec import NodeInfo, divides, get_info, make_spec, set_info, update_info
 from fxpar.ops.collectives import insert_fsdp_all_gather
@@ -80,32 +76,18 @@ def apply_fsdp(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         sharded = list(spec.placements)
         sharded[f] = Shard(0)
         set_info(node, dataclasses.replace(info, spec=make_spec(node.meta["val"], tuple(sharded), mesh.sizes)))
+        users = list(node.users)
+        # Gather right before the first use, so a gathered parameter lives only as long as its layer.
         order = {n: i for i, n in enumerate(gm.graph.nodes)} if order is None else order
-        uses = _uses_by_block(node)
-        for users in uses.values():
-            # Gather right before the first use, so a gathered parameter lives only as long as its layer.
-            first = min(users, key=order.__getitem__)
-            with gm.graph.inserting_before(first):
-                gathered = insert_fsdp_all_gather(gm.graph, node, dim=0, mesh_dim_name="fsdp", group_size=n,
-                                                  group_name=group)
-            gathered.meta["val"] = node.meta["val"]
-            # role "param": downstream it is the parameter (its tp shard must not be gathered either).
-            # A weight used in several blocks (tied wte / lm_head) is gathered once per block, on its own.
-            bucket = _unit(info.module_fqn) if unit == "block" and len(uses) == 1 else None
-            set_info(gathered, NodeInfo(spec=spec, module_fqn=info.module_fqn, role="param",
-                                        param_fqn=info.param_fqn, origin="apply_fsdp", fsdp_bucket=bucket))
-            for u in users:
-                u.replace_input_with(node, gathered)
+        first = min(users, key=order.__getitem__)
+        with gm.graph.inserting_before(first):
+            gathered = insert_fsdp_all_gather(gm.graph, node, dim=0, mesh_dim_name="fsdp", group_size=n,
+                                              group_name=group)
+        gathered.meta["val"] = node.meta["val"]
+        # role "param": downstream it is the parameter (its tp shard must not be gathered either)
+        bucket = _unit(info.module_fqn) if unit == "block" else None
+        set_info(gathered, NodeInfo(spec=spec, module_fqn=info.module_fqn, role="param", param_fqn=info.param_fqn,
+                                    origin="apply_fsdp", fsdp_bucket=bucket))
+        for u in users:
+            u.replace_input_with(node, gathered)
     return PassResult(gm, True)
-
-
-def _uses_by_block(node: fx.Node) -> dict[str, list[fx.Node]]:
-    """The users of a parameter grouped by block: one group, or one per block for a weight used in several.
-
-    Each group gets its own gather, so each use's backward reduce-scatters its gradient right away
-    instead of holding a full (tensor-parallel local) gradient from the last use's backward to the
-    first's (GPT-2's tied wte / lm_head: from the logits to the embedding)."""
-    groups: dict[str, list[fx.Node]] = {}
-    for u in node.users:
-        groups.setdefault(_unit(module_fqn_of(u)), []).append(u)
-    return groups
