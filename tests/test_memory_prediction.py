@@ -7,7 +7,7 @@ Predicted (`fxpar.analysis.memory.memory_per_rank`) against measured on gloo ran
   param_dtype copies, FSDP's gathered parameters in flight, workspace, gradients) against the peak
   bytes of tensor storages alive at once during `pm.step` (`fxpar.testing.memory.LiveBytes`,
   deterministic, per rank): the prediction is an upper bound, at most 1.35 x the measured peak
-  (measured 1.08 to 1.28 x on these configurations; it counts every gradient next to every saved
+  (measured 1.12 to 1.26 x on these configurations; it counts every gradient next to every saved
   activation, though the backward frees activations as gradients appear).
 """
 
@@ -71,7 +71,8 @@ def _check(results: list[dict]) -> None:
         assert "training step: activations" in r["explain"]
 
 
-@pytest.mark.parametrize("shape,names", [((2,), ("fsdp",)), ((2,), ("tp",))], ids=["fsdp2", "tp2"])
+@pytest.mark.parametrize("shape,names", [((2,), ("fsdp",)), pytest.param((2,), ("tp",), marks=pytest.mark.slow)],
+                         ids=["fsdp2", "tp2"])
 def test_step_peak_prediction_bounds_measured_peak(shape, names):
     results = rank_pool(2).run(_measure, shape, names, [(None, False), ("full", False), ("selective", False),
                                                          (None, True)], timeout=600)

@@ -22,7 +22,7 @@ plus its own workspace, held while that region's backward runs (instead of the w
 workspace: the peak is max(workspace, recompute) on top of what is kept).
 
     kept(gm)      = sum over distinct kept bases b of local_bytes(b)           (`saved_bytes`)
-    workspace(gm) = 2 x the largest floating value (a gradient in, a gradient out)
+    workspace(gm) = 2 x the largest floating activation (a gradient in, a gradient out)
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def saved_bytes(gm: fx.GraphModule) -> SavedBytes:
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        if node.target not in VIEW_OPS:
+        if node.target not in VIEW_OPS and _kind(node) == "activation":  # gathered weights: memory's F
             largest = max(largest, _bytes(node))
             if node.name in region_of:
                 largest_in[region_of[node.name]] = max(largest_in[region_of[node.name]], _bytes(node))

@@ -21,7 +21,10 @@ and what a training step holds on top of the state, at the example batch (`fxpar
     gathered    F = FSDP's gathered parameters (param_dtype) and their unsharded gradients in flight:
                     2 x the largest gather bucket with reshard_after_forward, else all buckets + the largest
     workspace   W = 2 x the largest value (a gradient in and a gradient out of one op)
-    step peak   A + max(R, W) + C + F + G, an upper bound: it counts every gradient next to every
+    grad buckets B_g = the flat buffers of the data-parallel gradient all-reduce (bucket_grad_sync):
+                    the bytes of the gradients it syncs, all buckets in flight at once
+    step peak   A + max(R, W) + C + F + G + B_g, an upper bound (the loss computed outside the graph, as
+                pm.step(loss_fn=...) runs it, is not counted): it counts every gradient next to every
                 activation, though gradients grow while activations are freed
     peak        P + O + B + step peak
 
@@ -69,6 +72,7 @@ class RankMemory:
         recompute, param_copies, gathered, workspace: R, C, F, W of the module docstring.
         offload: parameters, gradients and optimizer state live in host memory (CPUOffloadPolicy).
         offload_staging: device bytes of the shards (and gradients) copied in for one bucket.
+        grad_buckets: flat buffers of the data-parallel gradient all-reduce (bucket_grad_sync), B_g.
     """
 
     pp_rank: int | None
@@ -86,6 +90,7 @@ class RankMemory:
     workspace: int = 0
     offload: bool = False
     offload_staging: int = 0
+    grad_buckets: int = 0
 
     @property
     def total(self) -> int:
@@ -96,7 +101,7 @@ class RankMemory:
     def step_peak(self) -> int:
         """What a training step adds to the parameters, optimizer state and buffers, at most."""
         return (self.activations + max(self.recompute, self.workspace) + self.param_copies + self.gathered
-                + self.gradients)
+                + self.gradients + self.grad_buckets)
 
     @property
     def peak(self) -> int:
@@ -154,7 +159,7 @@ def memory_per_rank(pm, mesh: MeshInfo | None = None, *,
     offload = getattr(pm, "offload_policy", None) is not None
     out = []
     for pp_rank, (stages, graphs) in stage_graphs(pm).items():
-        params = grads = opt = buffers = 0
+        params = grads = opt = buffers = synced = 0
         by_dtype: dict[str, int] = {}
         seen: set[tuple] = set()
         largest_shards = 0
@@ -179,6 +184,7 @@ def memory_per_rank(pm, mesh: MeshInfo | None = None, *,
                 largest_shards = max(largest_shards, local)
                 if t.requires_grad:
                     grads += local
+                    synced += local if info.grad_sync else 0
                     per = optimizer_bytes_per_element if optimizer_bytes_per_element is not None \
                         else ADAMW_STATES * t.element_size()
                     opt += t.numel() * per
@@ -186,7 +192,7 @@ def memory_per_rank(pm, mesh: MeshInfo | None = None, *,
         gathered, staging = _gathered(graphs, reshard)
         out.append(RankMemory(pp_rank, others, stages, params, grads, opt, buffers, saved[0],
                               tuple(sorted(by_dtype.items())), saved[1], saved[2], gathered, saved[3],
-                              offload, 2 * staging if offload else 0))
+                              offload, 2 * staging if offload else 0, synced))
     return out
 
 
@@ -262,7 +268,8 @@ def memory_lines(memory: list[RankMemory]) -> list[str]:
                      + (f", buffers {fmt_bytes(m.buffers)}" if m.buffers else "") + f"; state {fmt_bytes(m.total)}")
         step = [f"activations {fmt_bytes(m.activations)}"]
         for what, n in (("recompute", m.recompute), ("param_dtype copies", m.param_copies),
-                        ("FSDP gathered", m.gathered), ("workspace", m.workspace)):
+                        ("FSDP gathered", m.gathered), ("gradient all-reduce buckets", m.grad_buckets),
+                        ("workspace", m.workspace)):
             if n:
                 step.append(f"{what} {fmt_bytes(n)}")
         lines.append(f"    training step: {', '.join(step)}; peak ~{fmt_bytes(m.peak)}")
