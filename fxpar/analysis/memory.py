@@ -189,7 +189,7 @@ def memory_per_rank(pm, mesh: MeshInfo | None = None, *,
                         else ADAMW_STATES * t.element_size()
                     opt += t.numel() * per
         saved = _saved(pm, stages, graphs)
-        gathered, staging = _gathered(graphs, reshard)
+        gathered, staging = _gathered(graphs, reshard, offload)
         out.append(RankMemory(pp_rank, others, stages, params, grads, opt, buffers, saved[0],
                               tuple(sorted(by_dtype.items())), saved[1], saved[2], gathered, saved[3],
                               offload, 2 * staging if offload else 0, synced))
@@ -204,10 +204,13 @@ def _tensor_key(t: torch.Tensor) -> tuple:
         return (id(t),)
 
 
-def _gathered(graphs: list[fx.GraphModule], reshard: bool) -> tuple[int, int]:
-    """(F of the module docstring, the largest bucket's local shard bytes)."""
+def _gathered(graphs: list[fx.GraphModule], reshard: bool, offload: bool) -> tuple[int, int]:
+    """(F of the module docstring, the largest bucket's local shard bytes); with offload, one parameter a bucket."""
     buckets = []
-    for _, members in bucket_groups(graphs):
+    groups = bucket_groups(graphs)
+    if offload:  # the runtime gathers the device copies one by one (fxpar.passes.offload_parameters)
+        groups = [(args, [m]) for args, members in groups for m in members]
+    for _, members in groups:
         full = shard = 0
         for g, param in members:
             gather = next(u for u in param.users if u.target is torch.ops.fxpar.fsdp_all_gather.default)
