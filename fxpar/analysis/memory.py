@@ -28,6 +28,9 @@ and what a training step holds on top of the state, at the example batch (`fxpar
                 activation, though gradients grow while activations are freed
     peak        P + O + B + step peak
 
+Known gap: with input_layout="local" the batch symbol is hinted at the local batch, and the
+local shapes of batch-sharded activations floor to zero, so A, R and W are missing there.
+
 With a CPUOffloadPolicy (`offload`), P, G and O live in host memory and the device holds
 B + A + max(R, W) + C + F plus a device copy of one bucket's shards and gradient (`device_peak`, `host`).
 """
