@@ -418,10 +418,8 @@ def _memory_lines(res: dict) -> list[str]:
                 "storages alive at once; `step` = what the step creates: gathered parameters, activations, "
                 "gradients), next to fxpar's prediction (explain()'s training step, an upper bound):", ""]
         out += _table(["mesh", "side", "params", "step", "params + step", "predicted step"], peaks)
-        out += ["The prediction is under the measured step here: this section runs `input_layout=\"local\"`, "
-                "whose batch size is hinted at the local size, and the memory model's local shapes of "
-                "batch-sharded activations floor to zero (an open item; with `input_layout=\"full\"` "
-                "`tests/test_memory_prediction.py` bounds the measured peak within 1.35 x).", ""]
+        out += ["The prediction is the graph's (the loss, which `pm.step(loss_fn=...)` computes outside the graph, "
+                "is not in it); `tests/test_memory_prediction.py` checks it bounds the measured peak within 1.35 x.", ""]
     out += ["`bytes at set-up` counts every collective issued while the parallel module is built "
             "(fxpar: each rank cuts its own shards from its own copy; torch `parallelize_module` scatters from "
             "rank 0 by default, `src_data_rank=0`; DDP broadcasts rank 0's parameters).", ""]

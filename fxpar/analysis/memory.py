@@ -28,8 +28,8 @@ and what a training step holds on top of the state, at the example batch (`fxpar
                 activation, though gradients grow while activations are freed
     peak        P + O + B + step peak
 
-Known gap: with input_layout="local" the batch symbol is hinted at the local batch, and the
-local shapes of batch-sharded activations floor to zero, so A, R and W are missing there.
+With input_layout="local" the example inputs are one rank's shard while the graph's batch symbol
+is the global batch: it is bound to the example size x the data-parallel shards (`_local_layout_bindings`).
 
 With a CPUOffloadPolicy (`offload`), P, G and O live in host memory and the device holds
 B + A + max(R, W) + C + F plus a device copy of one bucket's shards and gradient (`device_peak`, `host`).
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import sympy
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -51,7 +52,7 @@ from fxpar.analysis.plan_io import full_mesh
 from fxpar.core.dataflow import attr_of
 from fxpar.core.fmt import fmt_bytes
 from fxpar.core.mesh import MeshInfo
-from fxpar.core.spec import TensorSpec, get_info
+from fxpar.core.spec import SIZE_BINDINGS, TensorSpec, get_info
 from fxpar.core.stages import stage_info
 
 __all__ = ["ADAMW_BYTES_PER_ELEMENT", "ADAMW_STATES", "RankMemory", "stage_graphs", "memory_per_rank",
@@ -154,6 +155,37 @@ def memory_per_rank(pm, mesh: MeshInfo | None = None, *,
     Returns:
         One RankMemory per pp rank (one for every rank without a pipeline).
     """
+    token = SIZE_BINDINGS.set({**(SIZE_BINDINGS.get() or {}), **_local_layout_bindings(pm)})
+    try:
+        return _memory_per_rank(pm, mesh, optimizer_bytes_per_element)
+    finally:
+        SIZE_BINDINGS.reset(token)
+
+
+def _local_layout_bindings(pm) -> dict:
+    """With input_layout='local' the example inputs are one rank's batch shard, but the graph's batch
+    symbol is the global batch: bind it to the example size x the data-parallel shards."""
+    if getattr(pm, "input_layout", "full") != "local":
+        return {}
+    out: dict = {}
+    for _, graphs in stage_graphs(pm).values():
+        for g in graphs:
+            for node in g.graph.nodes:
+                info = get_info(node)
+                if node.op != "placeholder" or info is None or not isinstance(info.spec, TensorSpec):
+                    continue
+                factor: dict[int, int] = {}
+                for m, p in enumerate(info.spec.placements):
+                    if p.is_shard():
+                        factor[p.dim] = factor.get(p.dim, 1) * pm.mesh_info.sizes[m]
+                for d, n in factor.items():
+                    size = info.spec.shape[d]
+                    if isinstance(size, torch.SymInt) and size.node.expr.is_symbol and size.node.hint is not None:
+                        out[size.node.expr] = sympy.Integer(int(size.node.hint) * n)
+    return out
+
+
+def _memory_per_rank(pm, mesh: MeshInfo | None, optimizer_bytes_per_element: int | None) -> list[RankMemory]:
     sizes = dict(zip(mesh.names, mesh.sizes)) if mesh is not None else dict(full_mesh(pm))
     others = 1
     for name, s in sizes.items():
