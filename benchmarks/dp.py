@@ -63,6 +63,8 @@ def _global_mean(x: torch.Tensor) -> float:
 def dp_rank(cfg: ModelConfig, opts: dict) -> dict:
     """Rank body of section 3 (every rank runs it)."""
     import fxpar
+    from fxpar.analysis.memory import memory_per_rank
+    from fxpar.testing.memory import LiveBytes
     from torch.distributed.device_mesh import init_device_mesh
 
     n, rank = dist.get_world_size(), dist.get_rank()
@@ -120,6 +122,14 @@ def dp_rank(cfg: ModelConfig, opts: dict) -> dict:
         out["comms"][name] = H.summarize_comms(records)
         params = list(m.parameters())
         out["memory"][name] = {"params": H.tensor_bytes(params), "grads": H.tensor_bytes(p.grad for p in params)}
+        # The step's peak from the tensors: gathered parameters, activations, gradients (all created by it),
+        # and for fxpar the memory model's prediction of it (explain()'s "training step").
+        m.zero_grad(set_to_none=True)
+        with LiveBytes() as live:
+            step()
+        out["memory"][name]["step_peak"] = live.peak
+        if name in opts["fxpar_sides"]:
+            out["memory"][name]["predicted_step_peak"] = memory_per_rank(m)[0].step_peak
 
     variants = [H.Variant(name, step, (lambda mm: lambda: mm.zero_grad(set_to_none=True))(m))
                 for name, (step, m) in sides.items()]

@@ -30,7 +30,7 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
                 check: bool | None = None, dump_dir: str | None = None, mp_policy: Any = None,
                 activation_checkpointing: str | None = None, batch_norm_per_microbatch: bool = False,
                 compile: bool | str = False, loss_fn: Any = None, example_target: Any = None,
-                overlap: bool = True) -> ParallelModule:
+                overlap: bool = True, offload_policy: Any = None) -> ParallelModule:
     """Compiles `model` for this rank of `mesh`.
 
     Args:
@@ -86,6 +86,11 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
             use, sharing the parameters). Not for pipelines yet (PlanError).
         example_target: an example target (with loss_fn), shaped like the real ones.
 
+        offload_policy: a `torch.distributed.fsdp.CPUOffloadPolicy` (FSDP2's meaning): trainable
+            parameter shards, their gradients and the optimizer state live on the CPU; each use copies
+            the shard to the mesh's device before the FSDP all-gather, the reduce-scattered gradient
+            comes back to the CPU (`fxpar.passes.offload_parameters`). Not with dp > 1 (use fsdp).
+
     Returns:
         A ParallelModule holding this rank's rewritten GraphModule.
 
@@ -103,7 +108,7 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
                          reshard_after_forward=reshard_after_forward, fsdp_unit=fsdp_unit, check=check,
                          dump_dir=dump_dir, mp_policy=mp_policy, activation_checkpointing=activation_checkpointing,
                          batch_norm_per_microbatch=batch_norm_per_microbatch, compile=compile, loss_fn=loss_fn,
-                         example_target=example_target, overlap=overlap)
+                         example_target=example_target, overlap=overlap, offload_policy=offload_policy)
 
 
 def check(pm: ParallelModule, *, ranks: list | None = None) -> None:

@@ -30,7 +30,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxpar.analysis.explain import explain
-from fxpar.analysis.memory import ADAMW_BYTES_PER_ELEMENT, RankMemory, memory_per_rank
+from fxpar.analysis.memory import RankMemory, memory_per_rank
 from fxpar.analysis.schedule import TimelineEntry, schedule_lines, schedule_order, simulate_schedule
 from fxpar.compiler import compile_model
 from fxpar.core.errors import PlanError
@@ -133,7 +133,8 @@ class DryRunReport:
             n *= s
         return n
 
-    def memory(self, *, optimizer_bytes_per_element: int = ADAMW_BYTES_PER_ELEMENT) -> list[RankMemory]:
+    def memory(self, *, optimizer_bytes_per_element: int | None = None) -> list[RankMemory]:
+        """Memory per pp rank (`fxpar.analysis.memory`); optimizer state AdamW's unless given."""
         return memory_per_rank(self.module, self.mesh, optimizer_bytes_per_element=optimizer_bytes_per_element)
 
     def timeline(self) -> list[TimelineEntry]:
@@ -173,7 +174,9 @@ def _has_meta(model: nn.Module) -> bool:
 
 def plan(model: nn.Module, mesh_shape: Any, *, example_inputs: tuple = (), example_kwargs: dict | None = None,
          plan: Any = None, passes: list | None = None, input_layout: str = "full", check: bool | None = None,
-         progress: Callable[[str], None] | None = None) -> DryRunReport:
+         progress: Callable[[str], None] | None = None, mp_policy: Any = None,
+         activation_checkpointing: str | None = None, reshard_after_forward: bool = True,
+         fsdp_unit: str = "block", offload_policy: Any = None) -> DryRunReport:
     """Plans `model` for a mesh of the given sizes without a process group (a dry run).
 
     Runs the same capture and passes as `fxpar.parallelize` for rank 0 of the
@@ -192,6 +195,8 @@ def plan(model: nn.Module, mesh_shape: Any, *, example_inputs: tuple = (), examp
         check: run the invariant checks after every pass (default: as parallelize, but off for
             meta-device models, whose checks run on CPU fake tensors).
         progress: called with 'capture', 'passes' and 'done' as each step starts.
+        mp_policy, activation_checkpointing, reshard_after_forward, fsdp_unit, offload_policy: as for
+            parallelize; the memory per rank (`.memory()`, explain()) shows their effect.
 
     Returns:
         A DryRunReport: `.explain()`, `.plan` (the resolved plan), `.memory()`,
@@ -219,7 +224,10 @@ def plan(model: nn.Module, mesh_shape: Any, *, example_inputs: tuple = (), examp
     start = time.perf_counter()
     module = compile_model(model, None, mesh_info, example_inputs=example_inputs, example_kwargs=example_kwargs,
                            plan=plan, passes=passes, input_layout=input_layout, check=check,
-                           split_pp=_split_pp_dry, progress=step)
+                           split_pp=_split_pp_dry, progress=step, mp_policy=mp_policy,
+                           activation_checkpointing=activation_checkpointing,
+                           reshard_after_forward=reshard_after_forward, fsdp_unit=fsdp_unit,
+                           offload_policy=offload_policy)
     step("done")
     for (name, t0), (_, t1) in zip(marks, marks[1:]):
         seconds[name] = t1 - t0

@@ -73,8 +73,8 @@ def _step(shape, names, mode, *, n_layer=2, n_embd=32, batch=4, seq=16, dtype=to
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
-@pytest.mark.parametrize("shape,names", [((2,), ("tp",)), ((2,), ("dp",)), ((2,), ("fsdp",))],
-                         ids=["tp2", "dp2", "fsdp2"])
+@pytest.mark.parametrize("shape,names", [((2,), ("tp",)), ((2,), ("dp",)), ((2,), ("fsdp",)), ((2,), ("pp",))],
+                         ids=["tp2", "dp2", "fsdp2", "pp2"])
 def test_gradients_bit_equal_to_no_checkpointing_float64(shape, names, mode):
     for r in rank_pool(2).run(_step, shape, names, mode, timeout=300):
         assert r["same_keys"] and r["loss_equal"]

@@ -56,13 +56,16 @@ def _bf16_step(shape, names) -> dict:
     }
 
 
-@pytest.mark.parametrize("shape,names", [((4,), ("fsdp",)), ((2, 2), ("dp", "tp")), ((2, 2), ("fsdp", "tp"))],
-                         ids=["fsdp4", "dp2xtp2", "fsdp2xtp2"])
+@pytest.mark.parametrize("shape,names", [((4,), ("fsdp",)), ((2, 2), ("dp", "tp")), ((2, 2), ("fsdp", "tp")),
+                                         ((2, 2), ("pp", "tp")), ((2, 2), ("fsdp", "pp"))],
+                         ids=["fsdp4", "dp2xtp2", "fsdp2xtp2", "pp2xtp2", "fsdp2xpp2"])
 def test_bf16_policy_keeps_fp32_weights_and_computes_in_bf16(shape, names):
     results = rank_pool(4).run(_bf16_step, shape, names, timeout=300)
+    # (a pipeline's automatic split of this 2-block model may leave a stage without parameters)
+    assert set().union(*(r["param_dtypes"] for r in results)) == {"torch.float32"}
     for r in results:
-        assert r["param_dtypes"] == {"torch.float32"}, r["param_dtypes"]
-        assert r["grad_dtypes"] == {"torch.float32"}, r["grad_dtypes"]
+        assert r["param_dtypes"] <= {"torch.float32"}, r["param_dtypes"]
+        assert r["grad_dtypes"] == r["param_dtypes"], r["grad_dtypes"]
         worst = max(r["rel"].values())
         # within bf16 rounding of the float32 model's gradients, and not equal: the compute is bf16
         assert worst <= 5e-2, sorted(r["rel"].items(), key=lambda kv: -kv[1])[:5]

@@ -191,10 +191,13 @@ def _training_lines(gm, graphs) -> list[str]:
                    f"gradients reduced in {_dtype(policy.reduce_dtype)}; outputs {_dtype(policy.output_dtype)}")
     ac = gm.meta.get("activation_checkpointing")
     if ac is not None:
-        blocks = sorted({r.block for r in ac.regions})
+        # a pipeline's stages hold their own regions (checkpoint_activations runs per stage)
+        regions = [r for g in {id(x): x for x in (gm, *graphs)}.values()
+                   for r in getattr(g.meta.get("activation_checkpointing"), "regions", ())]
+        blocks = sorted({r.block for r in regions})
         what = "keeps each block's inputs, recomputes its forward (and its collectives) in the backward" \
             if ac.mode == "full" else "keeps matmul, attention and reducing-collective outputs, recomputes the rest"
-        out.append(f"Activation checkpointing: {ac.mode}: {len(ac.regions)} regions in {len(blocks)} blocks; {what}")
+        out.append(f"Activation checkpointing: {ac.mode}: {len(regions)} regions in {len(blocks)} blocks; {what}")
     return out
 
 

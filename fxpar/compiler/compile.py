@@ -32,6 +32,7 @@ from fxpar.core.mesh import MeshInfo
 from fxpar.core.plan import Plan, as_plan
 from fxpar.core.stages import split_pp_mesh
 from fxpar.runtime.init_weights import compute_buffers
+from fxpar.runtime.offload import offload_parameters_to_host
 from fxpar.runtime.materialize import allocate_local, fake_copy, has_meta, mesh_device, meta_skeleton
 from fxpar.runtime.agreement import broadcast_state
 from fxpar.runtime.parallel_module import ParallelModule
@@ -74,9 +75,10 @@ def default_passes(plan: Plan | None = None) -> list:
         P.localize_shapes,
         P.bucket_grad_sync,
         P.shard_parameters,
-        P.schedule_overlap,  # a no-op without fsdp
-        P.checkpoint_activations,  # a no-op without activation_checkpointing
+        P.schedule_overlap,  # a no-op without fsdp (or with offload_policy)
+        P.offload_parameters,  # a no-op without offload_policy
         P.split_stages,  # a no-op without a pipeline
+        P.checkpoint_activations,  # a no-op without activation_checkpointing; per stage in a pipeline
     ]
 
 
@@ -109,7 +111,7 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
                   captured: fx.GraphModule | None = None, mp_policy: Any = None,
                   activation_checkpointing: str | None = None, batch_norm_per_microbatch: bool = False,
                   compile: bool | str = False, loss_fn: Callable | None = None,
-                  example_target: Any = None, overlap: bool = True) -> ParallelModule:
+                  example_target: Any = None, overlap: bool = True, offload_policy: Any = None) -> ParallelModule:
     """The compile path `parallelize` and dry runs (`fxpar.plan`) share: capture, passes, module.
 
     A dry run passes `mesh=None` and a `MeshInfo` built from sizes, so it
@@ -175,7 +177,8 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
         progress("passes")
     options = {"input_layout": input_layout, "pp": pp_info, "fsdp_unit": fsdp_unit, "mp_policy": mp_policy,
                "activation_checkpointing": activation_checkpointing,
-               "batch_norm_per_microbatch": batch_norm_per_microbatch, "overlap": overlap}
+               "batch_norm_per_microbatch": batch_norm_per_microbatch, "overlap": overlap,
+               "offload_policy": offload_policy}
     ctx = PassContext(mesh=spmd_info, plan=plan, device_mesh=spmd_mesh, options=options)
     manager = PassManager(passes if passes is not None else default_passes(plan), check=check, dump_dir=dump_dir)
     gm = manager.run(gm, ctx)
@@ -191,9 +194,12 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
         warn_narrowed_parameters(batch_split_narrowings(gm, data_dims), "data-parallel shards")
     if on_meta:
         allocate_local(gm, mesh_device(mesh))
+    if offload_policy is not None and mesh is not None:
+        offload_parameters_to_host(gm, pin_memory=bool(offload_policy.pin_memory))
     pm = ParallelModule(gm, mesh=mesh, mesh_info=mesh_info, plan=plan, history=manager.history,
                         example_args=example_inputs, example_kwargs=example_kwargs, input_layout=input_layout,
-                        reshard_after_forward=reshard_after_forward, compile_backend=backend)
+                        reshard_after_forward=reshard_after_forward, compile_backend=backend,
+                        offload_policy=offload_policy)
     pm.set_source_model(skeleton)
     pm.check_inputs = check is True
     if captured is None and not on_meta:

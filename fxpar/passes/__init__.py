@@ -3,7 +3,8 @@
 One public pass per module, named like the module. The default pipeline, in
 data-flow order: fuse_experts -> shard_inputs -> annotate_parameters -> apply_fsdp ->
 split_linear_bias -> decompose_loss -> propagate_sharding -> insert_collectives ->
-apply_mixed_precision -> localize_shapes -> bucket_grad_sync -> shard_parameters -> schedule_overlap -> checkpoint_activations -> split_stages.
+apply_mixed_precision -> localize_shapes -> bucket_grad_sync -> shard_parameters -> schedule_overlap ->
+offload_parameters -> split_stages -> checkpoint_activations.
 """
 
 from fxpar.passes.annotate_parameters import annotate_parameters
@@ -15,6 +16,7 @@ from fxpar.passes.decompose_loss import decompose_loss
 from fxpar.passes.fuse_experts import fuse_experts
 from fxpar.passes.insert_collectives import insert_collectives
 from fxpar.passes.localize_shapes import localize_shapes
+from fxpar.passes.offload_parameters import offload_parameters
 from fxpar.passes.propagate_sharding import propagate_sharding
 from fxpar.passes.shard_inputs import shard_inputs
 from fxpar.passes.schedule_overlap import schedule_overlap
@@ -36,6 +38,9 @@ __all__ = [
     "insert_collectives",
     "localize_shapes",
     "shard_parameters",
-    "schedule_overlap",
+data-flow order: fuse_experts -> shard_inputs -> annotate_parameters -> apply_fsdp ->
+split_linear_bias -> decompose_loss -> propagate_sharding -> insert_collectives ->
+apply_mixed_precision -> localize_shapes -> bucket_grad_sync -> shard_parameters -> schedule_overlap ->
+offload_parameters -> split_stages -> checkpoint_activations.
     "split_stages",
 ]

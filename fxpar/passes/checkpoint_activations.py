@@ -1,6 +1,7 @@
 """checkpoint_activations: choose the regions whose activations are recomputed in the backward.
 
 Requires: local_params (the finished, sharded graph). Provides: activation_checkpointing.
+Runs after split_stages: in a pipeline each stage module gets its own plan (its blocks' regions).
 
 `options["activation_checkpointing"]`:
 
@@ -37,6 +38,7 @@ import torch.fx as fx
 from fxpar.core.errors import PlanError, block_of
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.spec import get_info
+from fxpar.core.stages import stage_info
 
 __all__ = ["checkpoint_activations", "CheckpointPlan", "CheckpointRegion", "AC_KEY", "AC_MODES"]
 
@@ -72,9 +74,23 @@ def checkpoint_activations(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         return PassResult(gm, False)
     if mode not in AC_MODES:
         raise PlanError(f"activation_checkpointing={mode!r}: use None, 'full' or 'selective'")
-    if ctx.options.get("pp") is not None:
-        raise PlanError("activation_checkpointing with a pipeline (pp) is not supported yet; "
-                        "use activation_checkpointing=None with pp, or a mesh without pp")
+    split = stage_info(gm)
+    if split is None and ctx.options.get("pp") is not None:
+        raise PlanError("checkpoint_activations runs per pipeline stage: put it after split_stages in the pass "
+                        "list (fxpar.default_passes() does)")
+    if split is None:
+        gm.meta[AC_KEY] = _plan(gm, mode)
+        return PassResult(gm, True)
+    # A pipeline: each stage recomputes its own blocks (cuts fall between blocks, so no region spans two).
+    for k in range(split.num_stages):
+        stage = gm.get_submodule(f"stage_{k}")
+        stage.meta[AC_KEY] = _plan(stage, mode)
+    gm.meta[AC_KEY] = CheckpointPlan(mode, ())
+    return PassResult(gm, True)
+
+
+def _plan(gm: fx.GraphModule, mode: str) -> CheckpointPlan:
+    """The regions of one graph: maximal runs of consecutive call_function nodes of one block."""
     regions: list[CheckpointRegion] = []
     run: list[str] = []
     current = None
@@ -89,5 +105,4 @@ def checkpoint_activations(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             run.append(node.name)
     if current is not None and run:
         regions.append(CheckpointRegion(current, tuple(run)))
-    gm.meta[AC_KEY] = CheckpointPlan(mode, tuple(r for r in regions if len(r.nodes) > 1))
-    return PassResult(gm, True)
+    return CheckpointPlan(mode, tuple(r for r in regions if len(r.nodes) > 1))

@@ -68,7 +68,7 @@ def fsdp_units(gm: fx.GraphModule) -> list[list[fx.Node]]:
 @fx_pass(requires=("local_params",), provides=("overlap",))
 def schedule_overlap(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if not ctx.options.get("overlap", True) or ctx.options.get("pp") is not None \
-            or ctx.options.get("activation_checkpointing"):
+            or ctx.options.get("activation_checkpointing") or ctx.options.get("offload_policy") is not None:
         return PassResult(gm, False)
     if any(n.target is _PREFETCH for n in gm.graph.nodes):
         return PassResult(gm, False)  # already scheduled

@@ -28,7 +28,7 @@ from fxpar._torch.fx import copy_codegen
 from fxpar.core.dataflow import attr_of
 from fxpar.passes.checkpoint_activations import AC_KEY, CheckpointPlan
 
-__all__ = ["checkpointed_graph_module", "run_region", "SAVED_OPS"]
+__all__ = ["checkpointed_graph_module", "run_region", "SAVED_OPS", "stage_for_run"]
 
 aten = torch.ops.aten
 SAVED_OPS = frozenset({
@@ -110,3 +110,15 @@ def checkpointed_graph_module(gm: fx.GraphModule) -> fx.GraphModule | None:
     out = fx.GraphModule(objects, graph, class_name=type(gm).__name__)
     out.meta.update(gm.meta)
     return out
+
+
+def stage_for_run(stage: fx.GraphModule, train: bool) -> fx.GraphModule:
+    """A pipeline stage as a schedule runs it: for training, its checkpoint regions outlined
+    (built once per stage graph, sharing the stage's parameters); else the stage itself."""
+    if not train:
+        return stage
+    cached = stage.__dict__.get("_fxpar_checkpointed")
+    if cached is None or cached[0] is not stage.code:
+        cached = (stage.code, checkpointed_graph_module(stage) or stage)
+        stage.__dict__["_fxpar_checkpointed"] = cached
+    return cached[1]

@@ -57,7 +57,7 @@ class ParallelModule(nn.Module):
     def __init__(self, graph_module: fx.GraphModule, *, mesh: Any, mesh_info: MeshInfo, plan: Any,
                  history: list, example_args: tuple = (), example_kwargs: dict | None = None,
                  input_layout: str = "full", reshard_after_forward: bool = True,
-                 compile_backend: str | None = None) -> None:
+                 compile_backend: str | None = None, offload_policy: Any = None) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.mesh = mesh
@@ -69,6 +69,7 @@ class ParallelModule(nn.Module):
         self.input_layout = input_layout
         self.reshard_after_forward = reshard_after_forward
         self.compile_backend = compile_backend  # torch.compile's backend for this rank's graphs, or None
+        self.offload_policy = offload_policy  # CPUOffloadPolicy: parameters on the host (passes/offload_parameters)
         self._grad_sync = self._hook_grad_sync()
         self._fsdp_buckets = self._register_fsdp_buckets()
         self.training = self.capture_info.training  # the mode the graph was captured in
@@ -167,8 +168,9 @@ class ParallelModule(nn.Module):
     def _register_fsdp_buckets(self) -> list:
         """Groups the FSDP gathers apply_fsdp tagged with one block into one collective each way."""
         # A compiled graph traces the gathers' backward (plain reduce-scatters): no buckets to hand them to.
+        # With CPU offload the gathers read device copies of the shards, gathered one by one.
         return register_buckets(self._stage_graphs()) if self.mesh is not None and self.compile_backend is None \
-            else []
+            and self.offload_policy is None else []
 
     def _stage_graphs(self) -> list[fx.GraphModule]:
         return [self.graph_module]

@@ -74,7 +74,7 @@ from fxpar.core.stages import SCHEDULES, SPLIT_BACKWARD, stage_info, stage_ranks
 from fxpar.runtime.fsdp_state import StepGather, pack_gathered, unpack_gathered
 from fxpar.runtime.agreement import check_same_inputs
 from fxpar.runtime.parallel_module import ParallelModule
-from fxpar.runtime.stages import Loss, output_nones, stage_io, with_nones
+from fxpar.runtime.stages import Loss, output_nones, stage_for_run, stage_io, with_nones
 from fxpar.runtime.grad_sync import sync_data_grads
 from fxpar.runtime.step_failure import GuardedStage, StepFailure, guard_loss, mesh_groups
 
@@ -203,8 +203,8 @@ class PipelineModule(ParallelModule):
                         groups[fqn] = group
         return groups
 
-    def _local_stage(self, index: int) -> fx.GraphModule:
-        return self.graph_module.get_submodule(f"stage_{index}")
+    def _local_stage(self, index: int, train: bool = False) -> fx.GraphModule:  # train: checkpoint regions outlined
+        return stage_for_run(self.graph_module.get_submodule(f"stage_{index}"), train)
 
     def _schedule(self, kind: str, loss: Loss | None, shapes: tuple, flat: list | None = None) -> Any:
         """torch's schedule for this rank's stages, built once per (kind, input shapes, loss scale).
@@ -227,8 +227,8 @@ class PipelineModule(ParallelModule):
         io = stage_io(self.graph_module, split.num_stages, split.microbatches, flat, train=kind == "train") \
             if flat is not None else None
         # With static metadata a failing stage can stand in zeros and let the schedule finish (step_failure).
-        stages = [ContiguousGradStage(GuardedStage(self._local_stage(k), io[k][1], self._failure, k) if io else
-                                      self._local_stage(k), k, split.num_stages, self._device, group=self._pp_group,
+        stages = [ContiguousGradStage(GuardedStage(self._local_stage(k, kind == "train"), io[k][1], self._failure, k)
+                                      if io else self._local_stage(k, kind == "train"), k, split.num_stages, self._device, group=self._pp_group,
                                       **({"input_args": io[k][0], "output_args": io[k][1]} if io else {}))
                   for k in split.local_stages]
         if kind == "forward" and spec.multi:

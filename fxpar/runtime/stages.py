@@ -11,8 +11,9 @@ import torch.nn as nn
 
 from fxpar._torch.dispatch import FakeTensorMode
 from fxpar._torch.fx import pytree
+from fxpar.runtime.checkpointing import stage_for_run
 
-__all__ = ["Loss", "stage_io"]
+__all__ = ["Loss", "stage_io", "stage_for_run"]
 
 log = logging.getLogger(__name__)
 
