@@ -38,9 +38,7 @@ __all__ = [
     "insert_collectives",
     "localize_shapes",
     "shard_parameters",
-data-flow order: fuse_experts -> shard_inputs -> annotate_parameters -> apply_fsdp ->
-split_linear_bias -> decompose_loss -> propagate_sharding -> insert_collectives ->
-apply_mixed_precision -> localize_shapes -> bucket_grad_sync -> shard_parameters -> schedule_overlap ->
-offload_parameters -> split_stages -> checkpoint_activations.
+    "schedule_overlap",
+    "offload_parameters",
     "split_stages",
 ]
