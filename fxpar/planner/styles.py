@@ -65,7 +65,7 @@ def _module(proj: fx.Node) -> str | None:
 
 def style_units(captured: fx.GraphModule, tp: int) -> list[StyleUnit]:
     """The units the automatic plan shards at `tp`, in graph order (module docstring)."""
-    auto, _, _ = _auto_styles(captured, set(), tp)
+    auto = _auto_styles(captured, set(), tp)[0]
     units = []
     claimed = set()
     for pair in find_pairs(captured):

@@ -81,8 +81,8 @@ def test_cases_are_plain_picklable_data(case):
 
 
 @pytest.mark.parametrize("style, widths, tp, error", [
-    ("colwise", (8, 6), 4, "does not divide by tp=4"),
-    ("rowwise", (6, 8), 4, "does not divide by tp=4"),
+    ("colwise", (8, 6), 4, None),  # a width tp does not divide: uneven (torch.chunk) shards, no error
+    ("rowwise", (6, 8), 4, None),
     ("colwise", (8, 8), 4, None),
     ("replicate", (5, 7), 4, None),
 ])
