@@ -77,8 +77,8 @@ def schedule_overlap(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     order = {n: i for i, n in enumerate(graph.nodes)}
     for before, unit in zip(units, units[1:]):
         a = collective_args(unit[0])
-        if _uneven_unbucketed(unit):
-            continue  # a per-parameter prefetch gathers equal shards only (buckets pad theirs)
+        if _uneven(unit):
+            continue  # not prefetched: a per-parameter prefetch gathers equal shards only
         shards = [g.args[0] for g in unit]
         anchor = point = before[0]
         for s in shards:  # get_attr nodes have no inputs: move those that come later up to the issue point
@@ -98,10 +98,10 @@ def schedule_overlap(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, len(units) > 1)
 
 
-def _uneven_unbucketed(unit: list[fx.Node]) -> bool:
-    info = get_info(unit[0])
-    bucketed = info is not None and info.fsdp_bucket is not None
-    return not bucketed and any(collective_args(g).get("full_size", -1) not in (None, -1) for g in unit)
+def _uneven(unit: list[fx.Node]) -> bool:
+    """A unit with an uneven (padded) shard. The runtime may gather a unit per parameter (no bucket
+    registered for it), where shards of different sizes would mismatch across ranks."""
+    return any(collective_args(g).get("full_size", -1) not in (None, -1) for g in unit)
 
 
 def _unit_name(unit: list[fx.Node]) -> str:
