@@ -40,6 +40,7 @@ collectives per step drop from one per parameter to one per block.
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -186,11 +187,11 @@ class FsdpBucket:
         grads, got = self._grads, self._got
         self._grads, self._got = None, set()
         _, n, group_name, mesh_dim = self.args
-        for _ in range(len(_in_flight)):  # the one before had this block's backward to complete under
+        for _ in range(len(_in_flight())):  # the one before had this block's backward to complete under
             count_overlap("reduce_scatter waited late")
         drain()  # one in flight at a time, as FSDP2: one block's gradient buffer, not two
         C._record("reduce_scatter", mesh_dim, grads, "backward")
-        _in_flight.append((self, start_reduce_scatter(grads.reshape(-1), n, group_name), got, grads))
+        _in_flight().append((self, start_reduce_scatter(grads.reshape(-1), n, group_name), got, grads))
         count_overlap("reduce_scatter issued")
         if not self.overlap:
             drain()
@@ -209,17 +210,26 @@ class FsdpBucket:
 
 
 # Reduce-scatters issued and not yet waited, oldest first: (bucket, pending, got, input buffer kept alive).
-_in_flight: list[tuple] = []
+# Per thread: the in-process simulator runs each rank's backward on its own thread, and one rank draining
+# another's queue added gradients into that rank's `.grad` after it had read them (found by test_property).
+_local = threading.local()
+
+
+def _in_flight() -> list[tuple]:
+    queue = getattr(_local, "in_flight", None)
+    if queue is None:
+        queue = _local.in_flight = []
+    return queue
 
 
 def _finish_oldest() -> None:
-    bucket, pending, got, _ = _in_flight.pop(0)
+    bucket, pending, got, _ = _in_flight().pop(0)
     bucket._accumulate(wait(pending), got)
 
 
 def drain() -> None:
-    """Waits for every reduce-scatter in flight and adds it into `.grad` (in issue order)."""
-    while _in_flight:
+    """Waits for every reduce-scatter in flight on this thread and adds it into `.grad` (in issue order)."""
+    while _in_flight():
         _finish_oldest()
 
 
