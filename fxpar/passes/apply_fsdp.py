@@ -76,10 +76,12 @@ def apply_fsdp(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             why = "not sharded on fsdp: a scalar"
         elif any(not p.is_replicate() and not p.is_shard() and p.dim == 0 for p in spec.placements):
             why = "not sharded on fsdp: dim 0 carries fused sections"
-        elif even is not True and (not isinstance(spec.local_shape[0], int) or
-                                   any(p.is_shard() and p.dim == 0 and divides(spec.shape[0], mesh.sizes[m]) is not True
-                                       for m, p in enumerate(spec.placements) if m != f)):
-            # a symbolic size, or a tensor-parallel cut of dim 0 that is itself uneven (its rows differ by rank)
+        elif any(p.is_shard() and p.dim == 0 and divides(spec.shape[0], mesh.sizes[m]) is not True
+                 for m, p in enumerate(spec.placements) if m != f):
+            # a tensor-parallel cut of dim 0 that is itself uneven: its rows differ by rank, even where the
+            # padded local size divides by fsdp (3 rows at tp=2: 2 and 1, split over fsdp=2 as 1+1 and 1+0)
+            why = f"not sharded on fsdp: dim 0 is cut unevenly by another mesh dim ({spec.shape[0]} rows)"
+        elif even is not True and not isinstance(spec.local_shape[0], int):
             why = f"not sharded on fsdp: dim 0 of local size {spec.local_shape[0]} does not divide by fsdp={n}"
         if why is not None:
             update_info(node, style=f"{info.style or 'replicate (default)'}; {why}")

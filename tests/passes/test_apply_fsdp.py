@@ -126,7 +126,7 @@ def test_unevenness_is_judged_on_the_tensor_parallel_shard():
     gathered = {str(g.args[0].target): g for g in calls(gm, GATHER)}
     assert gathered["0.weight"].args[7] == 3 and len(gathered["2.weight"].args) == 5
     assert "4.weight" not in gathered
-    assert "local size 3 does not divide by fsdp=2" in get_info(param(gm, "4.weight")).style
+    assert "dim 0 is cut unevenly by another mesh dim (5 rows)" in get_info(param(gm, "4.weight")).style
 
 
 def test_frozen_parameters_and_buffers_are_not_sharded():
