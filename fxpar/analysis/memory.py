@@ -235,7 +235,7 @@ def _tensor_key(t: torch.Tensor) -> tuple:
     """One key per tensor, shared by tied names (one storage) and by one object under two names."""
     try:
         return storage_key(t), t.storage_offset(), t.numel()
-    except (RuntimeError, NotImplementedError):
+    except (RuntimeError, NotImplementedError):  # a tensor without storage (meta / fake / functional)
         return (id(t),)
 
 

@@ -179,23 +179,6 @@ def _head_local_norm(node: fx.Node) -> bool:
                 return False
         cur = cur.args[0]
     return False
-    d = node.args[0].meta["val"].shape[-1]
-    cur = node.args[0]
-    for _ in range(16):
-        if cur.op != "call_function" or cur.target not in _HEAD_PRESERVING:
-            return False
-        if cur.target == aten.transpose.int:
-            ndim = cur.meta["val"].ndim
-            if ndim - 1 in {a % ndim for a in cur.args[1:3]}:
-                return False
-        if cur.target in (aten.view.default, aten.reshape.default):
-            i, o = cur.args[0].meta["val"], cur.meta["val"]
-            if o.ndim == i.ndim + 1 and shape_key(i.shape[:-1]) == shape_key(o.shape[:-2]):
-                return size_key(o.shape[-1]) == size_key(d)
-            if shape_key(i.shape[-1:]) != shape_key(o.shape[-1:]):
-                return False
-        cur = cur.args[0]
-    return False
 
 
 def _source(node: fx.Node) -> fx.Node:
