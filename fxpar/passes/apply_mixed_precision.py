@@ -41,6 +41,7 @@ gradient-dual checks see through (a sum of gradients commutes with a cast).
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import logging
 import operator
 
@@ -93,8 +94,9 @@ def _compute_uses(node: fx.Node):
         frontier.extend(u for u in v.users if u.op == "call_function" and u.target in COLLECTIVE_OPS)
 
 
-def _cast_params(gm: fx.GraphModule, dtype: torch.dtype, reduce_dtype: torch.dtype | None) -> int:
-    casts = 0
+def _cast_params(gm: fx.GraphModule, dtype: torch.dtype, reduce_dtype: torch.dtype | None) -> set[torch.dtype]:
+    """Casts every floating parameter to `dtype` at its uses; returns the dtypes they had."""
+    was: set[torch.dtype] = set()
     for node in list(gm.graph.nodes):
         if node.op != "get_attr" or not _floating(node) or not node.users:
             continue
@@ -107,7 +109,7 @@ def _cast_params(gm: fx.GraphModule, dtype: torch.dtype, reduce_dtype: torch.dty
         if _GATHER not in chain and _REDUCING.isdisjoint(chain):
             # only gathers / slices on the way: cast first, so they move param_dtype bytes
             _insert_cast(gm, node, list(node.users), dtype, node.name)
-            casts += 1
+            was.add(val.dtype)
             continue
         for v, users in uses:
             if v.op == "call_function" and v.target is _GATHER:
@@ -116,16 +118,20 @@ def _cast_params(gm: fx.GraphModule, dtype: torch.dtype, reduce_dtype: torch.dty
                 set_info(v, dataclasses.replace(get_info(v), spec=dataclasses.replace(get_info(v).spec, dtype=dtype)))
             else:
                 _insert_cast(gm, v, users, dtype, node.name)
-            casts += 1
-    return casts
+        was.add(val.dtype)
+    return was
 
 
-def _cast_inputs(gm: fx.GraphModule, dtype: torch.dtype) -> None:
+def _cast_inputs(gm: fx.GraphModule, dtype: torch.dtype) -> set[torch.dtype]:
+    """Casts every floating graph input to `dtype`; returns the dtypes they had."""
+    was: set[torch.dtype] = set()
     for node in list(gm.graph.nodes):
         if node.op == "placeholder" and _floating(node) and node.meta["val"].dtype != dtype:
+            was.add(node.meta["val"].dtype)
             # after its slices (shard_inputs): each rank casts only its batch shard
             for v, users in list(_compute_uses(node)):
                 _insert_cast(gm, v, users, dtype, node.name)
+    return was
 
 
 def _cast_outputs(gm: fx.GraphModule, dtype: torch.dtype) -> None:
@@ -135,62 +141,151 @@ def _cast_outputs(gm: fx.GraphModule, dtype: torch.dtype) -> None:
             _insert_cast(gm, value, [out], dtype, f"out_{value.name}")
 
 
-# The model's own casts, captured with the dtype the model had at capture: `.to(value.dtype)`,
-# `.type_as(...)`, export's dtype assertions. Target dtype = argument position, or keyword.
-_MODEL_CASTS = {aten._to_copy.default: "dtype", aten.to.dtype: 1, aten.to.dtype_layout: "dtype",
-                aten._assert_tensor_metadata.default: "dtype"}
+# The model's own casts: where their target dtype is (argument position, or keyword).
+_MODEL_CASTS = {aten._to_copy.default: "dtype", aten.to.dtype: 1, aten.to.dtype_layout: "dtype", aten.to.device: 2}
+_ASSERT = aten._assert_tensor_metadata.default  # export's check of a cast's *input* dtype
 
 
-def _follow_compute_dtype(node: fx.Node, retyped: set[fx.Node], was: dict) -> None:
-    """A model cast to the dtype its input had at capture (`x.to(value.dtype)`, a float32 model's
-    `.float()`) now casts to the input's new (compute) dtype: the capture baked the model's dtype in,
-    FSDP2 in eager mode would have seen the compute dtype."""
-    src = node.args[0] if node.args else None
-    if src not in retyped:
-        return
-    key = _MODEL_CASTS[node.target]
-    target = node.kwargs.get(key) if isinstance(key, str) else (node.args[key] if len(node.args) > key else None)
-    old, new = was.get(src), src.meta["val"].dtype
-    if target is None or target != old or old == new:
-        return
+def _arg(node: fx.Node, key):
     if isinstance(key, str):
-        node.kwargs = {**node.kwargs, key: new}
+        return node.kwargs.get(key)
+    return node.args[key] if len(node.args) > key else None
+
+
+def _set_arg(node: fx.Node, key, value) -> None:
+    if isinstance(key, str):
+        node.kwargs = {**node.kwargs, key: value}
     else:
-        node.args = (*node.args[:key], new, *node.args[key + 1:])
+        node.args = (*node.args[:key], value, *node.args[key + 1:])
 
 
-def _refresh_dtypes(gm: fx.GraphModule, retyped: set[fx.Node], was: dict) -> None:
-    """Re-derives `meta["val"]` (and the spec's dtype) of every node downstream of a changed dtype.
+def _ours(node: fx.Node) -> bool:
+    """A cast this pass made, or an FSDP gather it set to param_dtype: its dtype is final."""
+    if node.op != "call_function":
+        return False
+    info = get_info(node)
+    return node.target is _GATHER and len(node.args) > 5 and node.args[5] is not None or (
+        info is not None and info.origin == "apply_mixed_precision")
 
-    Runs each op on the global FakeTensors of its inputs (collectives keep their input's dtype, or
-    cast to their param_dtype); the shapes do not change, only dtypes.
+
+def _derive_dtypes(gm: fx.GraphModule, follow: set[fx.Node], dtype: torch.dtype) -> dict:
+    """Every node's value (`meta["val"]` with the dtype it has now) when the casts in `follow` cast
+    to `dtype` and the other model casts keep the dtype they state.
+
+    Runs each op whose input dtypes changed on the global FakeTensors of its inputs (collectives keep
+    their input's dtype); the shapes do not change, only dtypes. Reads the graph, changes nothing.
     """
+    vals, changed = {}, set()
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in _MODEL_CASTS:
-            _follow_compute_dtype(node, retyped, was)
-        if node.op != "call_function" or node.meta.get("val") is None:
+        old = vals[node] = node.meta.get("val")
+        if node.op != "call_function" or old is None:
             continue
-        if node.target is _GATHER or get_info(node) is not None and get_info(node).origin == "apply_mixed_precision":
-            continue  # dtype set where the cast was made
-        old = node.meta["val"]
-        if node.target in COLLECTIVE_OPS:
-            new = old.to(node.args[0].meta["val"].dtype) if isinstance(old, torch.Tensor) else old
+        if _ours(node):
+            changed.add(node)
+            continue
+        if node in follow:
+            new = old.to(dtype)
+        elif node.target in _MODEL_CASTS:
+            continue  # a cast that keeps its meaning: its output dtype is what the model states
+        elif node.target in COLLECTIVE_OPS:
+            new = old.to(vals[node.args[0]].dtype) if isinstance(old, torch.Tensor) else old
+        elif not any(a in changed for a in node.all_input_nodes):
+            continue
         elif node.target is operator.getitem:
-            src = node.args[0].meta.get("val")
+            src = vals[node.args[0]]
             new = src[node.args[1]] if isinstance(src, (tuple, list)) else old
         else:
-            changed = any(a in retyped for a in node.all_input_nodes)
-            if not changed:
-                continue
-            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: a.meta.get("val"))
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: vals[a])
             try:
                 new = node.target(*args, **kwargs)
             except Exception:  # noqa: BLE001 - an op that does not run on global FakeTensors keeps its dtype
                 log.debug("apply_mixed_precision: could not re-derive the dtype of %s", node.name, exc_info=True)
                 continue
-        if _set_dtypes(node, old, new):
-            retyped.add(node)
-            was[node] = old.dtype if isinstance(old, torch.Tensor) else None
+        if _dtypes(new) != _dtypes(old) and len(_dtypes(new)) == len(_dtypes(old)):
+            vals[node] = _with_dtypes(old, new)
+            changed.add(node)
+    return vals
+
+
+def _meets_compute(cast: fx.Node, starts: list[fx.Node], vals: dict, dtype: torch.dtype, order: dict) -> bool:
+    """Does the value of `cast`, used by `starts`, meet a value in the compute dtype (an op's other
+    input) before it reaches another model cast? Walks in graph order, so an input's membership of
+    the walked region is decided before the node that reads it."""
+    region, heap = {cast}, [(order[u], u.name, u) for u in starts]
+    heapq.heapify(heap)
+    while heap:
+        _, _, node = heapq.heappop(heap)
+        if node in region or node.op != "call_function" or node.target in _MODEL_CASTS or not any(_dtypes(vals[node])):
+            continue  # another cast (or the output) ends the walk; so does a size (sym_size feeds every view)
+        for a in node.all_input_nodes:
+            if a not in region and dtype in _dtypes(vals.get(a)):
+                return True
+        region.add(node)
+        for u in node.users:
+            heapq.heappush(heap, (order[u], u.name, u))
+    return False
+
+
+def _retype(gm: fx.GraphModule, dtype: torch.dtype, capture_dtypes: set[torch.dtype]) -> None:
+    """Decides which of the model's casts follow the compute dtype, then re-derives every dtype.
+
+    The graph was captured with the model's parameters in their own dtype (float32), so a cast the
+    model wrote against an activation's dtype (`cos.to(x.dtype)` for rotary, RMSNorm's
+    `.to(input_dtype)`, `softmax(..., dtype=float32).to(query.dtype)`) is recorded as a cast to
+    float32, the same as a deliberate `.float()`. FSDP2 in eager mode runs the model on param_dtype
+    parameters, where the first kind casts to param_dtype and the second still to float32. The graph
+    tells them apart by where the value goes: a cast to the capture dtype whose value meets a value
+    in the compute dtype (the other input of an op) before it reaches another model cast is a cast
+    *to the compute dtype*, and follows it; one whose value only feeds its own computation up to the
+    next cast (a norm's statistics, the rotary table, a loss on `logits.float()`) keeps its dtype.
+
+    A cast that was a no-op at capture returned its input itself, so the tracer recorded every later
+    use of that tensor as a use of the cast: RMSNorm's `hidden.to(torch.float32)` is also the
+    residual branch's input. Such a cast's users are judged one by one: those that meet the compute
+    dtype read the cast's input instead (the residual stays bfloat16, as in eager), the others keep
+    the upcast; where all of them meet it, the cast follows the compute dtype.
+
+    Found as a least fixed point (more casts following only ever makes more values bfloat16): a cast
+    that follows can make another one meet the compute dtype (RMSNorm's `.to(input_dtype)` makes q
+    bfloat16, which the rotary `cos.to(x.dtype)` then meets). A few rounds, whatever the depth.
+    """
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    candidates = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _MODEL_CASTS
+                  and not _ours(n) and _arg(n, _MODEL_CASTS[n.target]) in capture_dtypes]
+    follow: set[fx.Node] = set()
+    rewired = 0
+    while True:
+        vals = _derive_dtypes(gm, follow, dtype)
+        more = False
+        for c in candidates:
+            if c in follow or not c.users:
+                continue
+            if _dtypes(c.args[0].meta.get("val")) == _dtypes(c.meta.get("val")):  # a no-op at capture
+                meeting = [u for u in c.users if _meets_compute(c, [u], vals, dtype, order)]
+                if meeting and len(meeting) == len(c.users):
+                    follow.add(c)
+                else:
+                    for u in meeting:
+                        u.replace_input_with(c, c.args[0])
+                    rewired += len(meeting)
+                more |= bool(meeting)
+            elif _meets_compute(c, list(c.users), vals, dtype, order):
+                follow.add(c)
+                more = True
+        if not more:
+            break
+    for c in follow:
+        _set_arg(c, _MODEL_CASTS[c.target], dtype)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is _ASSERT and node.args:
+            src = node.args[0]
+            if node.kwargs.get("dtype") == _dtypes(src.meta.get("val"))[0] != _dtypes(vals[src])[0]:
+                node.kwargs = {**node.kwargs, "dtype": _dtypes(vals[src])[0]}
+    for node in gm.graph.nodes:
+        if vals.get(node) is not node.meta.get("val") and not _ours(node):
+            _set_dtypes(node, vals[node])
+    log.debug("apply_mixed_precision: %d of %d model casts follow %s (%s); %d uses of no-op casts read their "
+              "input", len(follow), len(candidates), dtype, sorted(c.name for c in follow), rewired)
 
 
 def _dtypes(val) -> tuple:
@@ -198,27 +293,29 @@ def _dtypes(val) -> tuple:
     return tuple(v.dtype if isinstance(v, torch.Tensor) else None for v in vals)
 
 
-def _set_dtypes(node: fx.Node, old, new) -> bool:
-    if _dtypes(old) == _dtypes(new) or len(_dtypes(old)) != len(_dtypes(new)):
-        return False
+def _with_dtypes(old, new):
+    """`old` (a FakeTensor or a tuple of them) with the dtypes of `new`."""
     if isinstance(old, torch.Tensor):
-        node.meta["val"] = old.to(new.dtype)
-    else:
-        node.meta["val"] = type(old)(o.to(n.dtype) if isinstance(o, torch.Tensor) and isinstance(n, torch.Tensor)
-                                     else o for o, n in zip(old, new))
+        return old.to(new.dtype)
+    return type(old)(o.to(n.dtype) if isinstance(o, torch.Tensor) and isinstance(n, torch.Tensor) else o
+                     for o, n in zip(old, new))
+
+
+def _set_dtypes(node: fx.Node, val) -> None:
+    """Sets `meta["val"]` and the spec's dtype(s)."""
+    node.meta["val"] = val
     info = get_info(node)
     if info is None:
-        return True
-    dts = _dtypes(node.meta["val"])
+        return
+    dts = _dtypes(val)
     if isinstance(info.spec, TensorSpec):
         spec = dataclasses.replace(info.spec, dtype=dts[0])
     elif isinstance(info.spec, tuple):
         spec = tuple(dataclasses.replace(s, dtype=d) if s is not None and d is not None else s
                      for s, d in zip(info.spec, dts))
     else:
-        return True
+        return
     set_info(node, dataclasses.replace(info, spec=spec))
-    return True
 
 
 @fx_pass(requires=("collectives",), provides=("mixed_precision",))
@@ -228,13 +325,10 @@ def apply_mixed_precision(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         return PassResult(gm, False)
     gm.meta[MP_POLICY_KEY] = policy
     if policy.param_dtype is not None:
-        _cast_params(gm, policy.param_dtype, policy.reduce_dtype)
+        capture_dtypes = _cast_params(gm, policy.param_dtype, policy.reduce_dtype)
         if policy.cast_forward_inputs:
-            _cast_inputs(gm, policy.param_dtype)
-    retyped = {n for n in gm.graph.nodes if n.op == "call_function" and (
-        n.target is _GATHER and len(n.args) > 5 or get_info(n) is not None and get_info(n).origin == "apply_mixed_precision")}
-    was = {n: n.args[0].meta["val"].dtype for n in retyped}
-    _refresh_dtypes(gm, retyped, was)
+            capture_dtypes |= _cast_inputs(gm, policy.param_dtype)
+        _retype(gm, policy.param_dtype, capture_dtypes)
     if policy.output_dtype is not None:
         _cast_outputs(gm, policy.output_dtype)
     return PassResult(gm, True)

@@ -251,7 +251,7 @@ class _FsdpState:
         entry = self._pending.pop(shard_ptr(shard), None) if self._pending else None
         if entry is None:
             return None
-        pending, version, pargs, _, shape = entry
+        pending, version, pargs, param_dtype, shape = entry
         full = wait(pending)  # waited even when stale: every issued collective completes
         # args: (dim, n, group, mesh_dim, full_size); the prefetch's are the first four, and it is never uneven
         if version != shard._version or pargs != tuple(args[:4]) or args[4:5] not in ((), (None,)) \
@@ -262,7 +262,8 @@ class _FsdpState:
         dim, n = args[0], args[1]
         if dim != 0:
             full = torch.cat(full.chunk(n, dim=0), dim=dim)
-        note_gathered(full, shard, args)
+        # re-gathered in the backward from what was gathered: the shard cast to param_dtype, as fsdp_all_gather
+        note_gathered(full, shard if param_dtype is None else shard.to(param_dtype), args)
         return full
 
     def gather(self, shard: Tensor, args: tuple) -> Tensor | None:
