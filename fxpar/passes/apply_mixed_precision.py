@@ -17,7 +17,19 @@ FSDP2's meaning:
   data-parallel bucketed all-reduce of `.grad`) in the parameter's dtype;
 - floating graph inputs are cast to `param_dtype` (`cast_forward_inputs`);
 - graph outputs are cast to `output_dtype` if set;
-- buffers are left alone (as FSDP2 does).
+- buffers are left alone (as FSDP2 does);
+- the model's own casts to its capture dtype mean what they would in FSDP2's eager
+  run on param_dtype parameters (`_retype`): a cast to the activations' dtype
+  (`cos.to(x.dtype)`, RMSNorm's `.to(input_dtype)`) casts to `param_dtype`, a
+  deliberate upcast (`hidden.to(torch.float32)`, `.float()` before a loss) stays.
+
+Before:  %to_6 = aten.to.dtype(%embedding, torch.float32)      # RMSNorm upcast; also the residual
+         %pow_1 = aten.pow(%to_6, 2) ... %mul_3 = aten.mul(%to_6, %rsqrt)
+         %to_7 = aten.to.dtype(%mul_3, torch.float32)          # .to(input_dtype)
+         %add_6 = aten.add(%to_6, %linear_3)                   # residual
+After:   %to_6 = aten.to.dtype(%embedding, torch.float32)      # bfloat16 -> float32 statistics
+         %to_7 = aten.to.dtype(%mul_3, torch.bfloat16)
+         %add_6 = aten.add(%embedding, %linear_3)              # bfloat16, as in eager
 
 A parameter already in `param_dtype` is not touched, so a bfloat16 model runs as
 before. Afterwards the dtypes of every downstream value (`meta["val"]` and the
