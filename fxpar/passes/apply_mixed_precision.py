@@ -180,43 +180,57 @@ def _ours(node: fx.Node) -> bool:
         info is not None and info.origin == "apply_mixed_precision")
 
 
-def _derive_dtypes(gm: fx.GraphModule, follow: set[fx.Node], dtype: torch.dtype) -> dict:
+def _derive_dtypes(gm: fx.GraphModule, follow: set[fx.Node], dtype: torch.dtype, prev: dict | None = None,
+                   dirty: set[fx.Node] = frozenset()) -> dict:
     """Every node's value (`meta["val"]` with the dtype it has now) when the casts in `follow` cast
     to `dtype` and the other model casts keep the dtype they state.
 
     Runs each op whose input dtypes changed on the global FakeTensors of its inputs (collectives keep
     their input's dtype); the shapes do not change, only dtypes. Reads the graph, changes nothing.
+    With `prev` (the values of the round before) only the `dirty` nodes (casts that follow now, users
+    given another input) and what their dtype changes reach are run again.
     """
-    vals, changed = {}, set()
+    vals, changed, moved = {}, set(), set()
     for node in gm.graph.nodes:
-        old = vals[node] = node.meta.get("val")
-        if node.op != "call_function" or old is None:
+        old = node.meta.get("val")
+        if prev is not None and node not in dirty and not any(a in moved for a in node.all_input_nodes):
+            vals[node] = prev[node]
+            if vals[node] is not old or _ours(node):
+                changed.add(node)
             continue
-        if _ours(node):
+        vals[node] = _derive_one(node, old, vals, changed, follow, dtype)
+        if vals[node] is not old or _ours(node):  # (ours are made in param_dtype: changed since capture)
             changed.add(node)
-            continue
-        if node in follow:
-            new = old.to(dtype)
-        elif node.target in _MODEL_CASTS:
-            continue  # a cast that keeps its meaning: its output dtype is what the model states
-        elif node.target in COLLECTIVE_OPS:
-            new = old.to(vals[node.args[0]].dtype) if isinstance(old, torch.Tensor) else old
-        elif not any(a in changed for a in node.all_input_nodes):
-            continue
-        elif node.target is operator.getitem:
-            src = vals[node.args[0]]
-            new = src[node.args[1]] if isinstance(src, (tuple, list)) else old
-        else:
-            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: vals[a])
-            try:
-                new = node.target(*args, **kwargs)
-            except Exception:  # noqa: BLE001 - an op that does not run on global FakeTensors keeps its dtype
-                log.debug("apply_mixed_precision: could not re-derive the dtype of %s", node.name, exc_info=True)
-                continue
-        if _dtypes(new) != _dtypes(old) and len(_dtypes(new)) == len(_dtypes(old)):
-            vals[node] = _with_dtypes(old, new)
-            changed.add(node)
+        if prev is not None and _dtypes(vals[node]) != _dtypes(prev[node]):
+            moved.add(node)
     return vals
+
+
+def _derive_one(node: fx.Node, old, vals: dict, changed: set[fx.Node], follow: set[fx.Node], dtype: torch.dtype):
+    """`node`'s value given its inputs' (`old`, the captured one, where its dtype does not change)."""
+    if node.op != "call_function" or old is None or _ours(node):
+        return old
+    if node in follow:
+        new = old.to(dtype)
+    elif node.target in _MODEL_CASTS:
+        return old  # a cast that keeps its meaning: its output dtype is what the model states
+    elif node.target in COLLECTIVE_OPS:
+        new = old.to(vals[node.args[0]].dtype) if isinstance(old, torch.Tensor) else old
+    elif not any(a in changed for a in node.all_input_nodes):
+        return old
+    elif node.target is operator.getitem:
+        src = vals[node.args[0]]
+        new = src[node.args[1]] if isinstance(src, (tuple, list)) else old
+    else:
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: vals[a])
+        try:
+            new = node.target(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - an op that does not run on global FakeTensors keeps its dtype
+            log.debug("apply_mixed_precision: could not re-derive the dtype of %s", node.name, exc_info=True)
+            return old
+    if _dtypes(new) != _dtypes(old) and len(_dtypes(new)) == len(_dtypes(old)):
+        return _with_dtypes(old, new)
+    return old
 
 
 def _meets_compute(cast: fx.Node, starts: list[fx.Node], vals: dict, dtype: torch.dtype, order: dict) -> bool:
@@ -266,9 +280,9 @@ def _retype(gm: fx.GraphModule, dtype: torch.dtype, capture_dtypes: set[torch.dt
                   and not _ours(n) and _arg(n, _MODEL_CASTS[n.target]) in capture_dtypes]
     follow: set[fx.Node] = set()
     rewired = 0
+    vals = _derive_dtypes(gm, follow, dtype)
     while True:
-        vals = _derive_dtypes(gm, follow, dtype)
-        more = False
+        dirty: set[fx.Node] = set()
         for c in candidates:
             if c in follow or not c.users:
                 continue
@@ -276,16 +290,18 @@ def _retype(gm: fx.GraphModule, dtype: torch.dtype, capture_dtypes: set[torch.dt
                 meeting = [u for u in c.users if _meets_compute(c, [u], vals, dtype, order)]
                 if meeting and len(meeting) == len(c.users):
                     follow.add(c)
+                    dirty.add(c)
                 else:
                     for u in meeting:
                         u.replace_input_with(c, c.args[0])
                     rewired += len(meeting)
-                more |= bool(meeting)
+                    dirty.update(meeting)
             elif _meets_compute(c, list(c.users), vals, dtype, order):
                 follow.add(c)
-                more = True
-        if not more:
+                dirty.add(c)
+        if not dirty:
             break
+        vals = _derive_dtypes(gm, follow, dtype, vals, dirty)
     for c in follow:
         _set_arg(c, _MODEL_CASTS[c.target], dtype)
     for node in gm.graph.nodes:
