@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 
 from fxpar._torch.fx import pytree
+from fxpar.analysis.fingerprint import moe_ep_exchanges
 from fxpar.analysis.fsdp import bucket_groups
 from fxpar.analysis.overlap import overlap_lines
 from fxpar.analysis.memory import grad_sync_lines, memory_lines, memory_per_rank
@@ -26,13 +27,13 @@ from fxpar.analysis.schedule import explain_stages, pipeline_order_of
 from fxpar.core.errors import block_of
 from fxpar.analysis.plan_io import full_mesh
 from fxpar.core.fmt import fmt_bytes, natural_key
-from fxpar.core.spec import SIZE_BINDINGS, TensorSpec, get_info, placements_str, size_hint
+from fxpar.core.spec import SIZE_BINDINGS, TensorSpec, get_info, placements_str
 from fxpar.core.stages import stage_info
 from fxpar.ops.collectives import BACKWARD_OF, COLLECTIVE_OPS
 from fxpar.ops.transitions import collective_args
-from fxpar.ops.moe import moe_all_to_all_bytes, moe_experts
+from fxpar.ops.moe import moe_experts
 
-__all__ = ["CollectiveInfo", "collectives", "param_memory", "explain"]
+__all__ = ["CollectiveInfo", "collectives", "moe_collectives", "param_memory", "explain"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class CollectiveInfo:
     forward_bytes: int
     backward_op: str | None
     backward_bytes: int
+    note: str = ""  # what a collective inside an op is ('counts', 'dispatch' or 'combine' of a MoE node)
 
 
 def _payload(op: str, spec: TensorSpec, n: int) -> int:
@@ -59,10 +61,29 @@ def _payload(op: str, spec: TensorSpec, n: int) -> int:
     return local
 
 
-def collectives(gm: fx.GraphModule, mesh) -> list[CollectiveInfo]:
-    """Every fxpar collective in graph order, with bytes per step at the example sizes."""
+def moe_collectives(node: fx.Node) -> list[CollectiveInfo]:
+    """The ep all-to-alls inside one `moe_experts` node (fxpar.ops.moe), each with its backward dual; [] off ep."""
+    exchanges = moe_ep_exchanges(node)
+    if not exchanges:
+        return []
+    info, n, dim = get_info(node), node.kwargs["ep_size"], node.kwargs.get("ep_mesh_dim", "ep")
+    dual = {e.name: e for e in exchanges if e.direction == "backward"}
+    return [CollectiveInfo(node.name, "all_to_all", dim, n, info.module_fqn if info is not None else "", e.nbytes,
+                           "all_to_all" if e.name in dual else None, dual[e.name].nbytes if e.name in dual else 0,
+                           note=e.name + (" (balanced routing)" if e.name == "combine" else ""))
+            for e in exchanges if e.direction == "forward"]
+
+
+def collectives(gm: fx.GraphModule, mesh, *, moe: bool = False) -> list[CollectiveInfo]:
+    """Every fxpar collective in graph order, with bytes per step at the example sizes.
+
+    With moe=True, also the all-to-alls a `moe_experts` node issues inside itself on ep (`moe_collectives`).
+    """
     out = []
     for node in gm.graph.nodes:
+        if moe and node.op == "call_function" and node.target is moe_experts:
+            out.extend(moe_collectives(node))
+            continue
         if node.op != "call_function" or node.target not in COLLECTIVE_OPS:
             continue
         op = COLLECTIVE_OPS[node.target]
@@ -208,19 +229,15 @@ def _expert_lines(graphs: list[fx.GraphModule]) -> list[str]:
         for n in g.graph.nodes:
             if n.target is not moe_experts:
                 continue
-            x, idx, down = n.args[0].meta["val"], n.args[1].meta["val"], n.args[5]
+            down = n.args[5]
             info, ep = get_info(down), n.kwargs.get("ep_size", 1)
             where = info.style if info is not None and info.style else "experts: see the parameters above"
-            tokens = int(size_hint(x.shape[0]))
             if ep > 1:
-                local = tokens  # x's rows here are this rank's tokens (the spec's local shape)
-                xs = get_info(n.args[0])
-                if xs is not None and xs.spec is not None:
-                    local = int(size_hint(xs.spec.local_shape[0]))
-                nbytes = moe_all_to_all_bytes(local, int(size_hint(idx.shape[1])), int(size_hint(x.shape[1])),
-                                              x.dtype.itemsize, ep)
-                comm = (f"all_to_all({n.kwargs['ep_mesh_dim']}, n={ep}) dispatch + combine "
-                        f"~{fmt_bytes(nbytes)} fwd, the same bwd (balanced routing; the real split follows the router)")
+                parts = moe_collectives(n)
+                fwd, bwd = sum(c.forward_bytes for c in parts), sum(c.backward_bytes for c in parts)
+                comm = (f"all_to_all({n.kwargs['ep_mesh_dim']}, n={ep}) dispatch + combine (+ counts) inside the "
+                        f"node: {fmt_bytes(fwd)} fwd, {fmt_bytes(bwd)} bwd (combine at balanced routing; the real "
+                        "split follows the router)")
             else:
                 comm = "no token exchange"
             lines.append(f"  %{n.name} [{get_info(n).module_fqn if get_info(n) else ''}]: {where}; {comm}")
@@ -277,15 +294,19 @@ def explain(pm, *inputs, **kwargs) -> str:
             ", ".join(f"{name} {st}" for name, st in styles[module].items())
         lines.append(f"  {module or '<root>'}: {style}; " + ", ".join(by_module[module]))
 
-    colls = [c for g in graphs for c in collectives(g, mesh)]
+    colls = [c for g in graphs for c in collectives(g, mesh, moe=True)]
     lines.append("")
-    lines.append(f"Collectives ({len(colls)} nodes; bytes are each rank's payload per step at the example sizes):")
+    inside = sum(bool(c.note) for c in colls)
+    inside = f", {inside} all_to_all inside MoE nodes" if inside else ""
+    lines.append(f"Collectives ({len(colls) - sum(bool(c.note) for c in colls)} nodes{inside}; bytes are each rank's "
+                 "payload per step at the example sizes):")
     fwd_total = bwd_total = 0
     for c in colls:
         fwd = f"fwd {c.op}({c.mesh_dim}, n={c.group_size}) {fmt_bytes(c.forward_bytes)}" if c.forward_bytes \
             else f"fwd {c.op} (no communication)"
         bwd = f"bwd {c.backward_op} {fmt_bytes(c.backward_bytes)}" if c.backward_op else "bwd none"
-        lines.append(f"  %{c.node} [{c.module or '<root>'}]: {fwd}; {bwd}")
+        inside = f" (inside the node: {c.note})" if c.note else ""
+        lines.append(f"  %{c.node} [{c.module or '<root>'}]{inside}: {fwd}; {bwd}")
         fwd_total += c.forward_bytes
         bwd_total += c.backward_bytes
     counts = defaultdict(int)

@@ -8,7 +8,8 @@ One training step of this rank's graph, replayed in graph order on two lanes
                           or the measured seconds of `profile[n.name]` when given;
                           the backward replays the ops in reverse at 2 t(n)
     blocking collective   on the comm lane from max(c, m) for bytes / L; both clocks move to its end
-                          (an all_reduce, a tp all_gather, an unissued FSDP gather, their duals)
+                          (an all_reduce, a tp all_gather, an unissued FSDP gather, their duals, and the
+                          all-to-alls inside a MoE node on ep: counts and dispatch before it, combine after)
     issued collective     an FSDP unit's gather starts at its issue node (`fsdp_prefetch`) at max(c, m),
                           the compute lane runs on; the unit's first wait moves c to max(c, its end)
     dp bucket             a data-parallel gradient bucket (`bucket_grad_sync`) starts when the backward
@@ -38,7 +39,7 @@ import torch
 import torch.fx as fx
 
 from fxpar.analysis.cost import DeviceModel, evaluate, example_sizes, node_cost
-from fxpar.analysis.explain import collectives
+from fxpar.analysis.explain import collectives, moe_collectives
 from fxpar.analysis.fsdp import bucket_groups
 from fxpar.analysis.overlap import issued_waits, unit_bytes
 from fxpar.analysis.schedule import schedule_order, simulate_schedule
@@ -46,6 +47,7 @@ from fxpar.core.fmt import fmt_bytes
 from fxpar.core.spec import TensorSpec, get_info
 from fxpar.core.stages import stage_info
 from fxpar.ops.collectives import COLLECTIVE_OPS
+from fxpar.ops.moe import moe_experts
 from fxpar.ops.overlap import ISSUE_OPS
 
 __all__ = ["Bar", "Overlap", "Timeline", "rank_timeline", "KIND_COLORS"]
@@ -228,6 +230,27 @@ class _Replay:
         return bar
 
     def _op(self, node: fx.Node, direction: str) -> None:
+        """A compute op; a MoE node on ep between its exchanges (counts, dispatch | op | combine; duals reversed)."""
+        exchanges = moe_collectives(node) if node.target is moe_experts else []
+        if direction == "backward":
+            exchanges = [c for c in reversed(exchanges) if c.backward_op]
+        for c in exchanges:
+            if c.note.startswith("combine") == (direction == "forward"):
+                continue  # after the op
+            self._moe_comm(c, direction)
+        self._compute(node, direction)
+        for c in exchanges:
+            if c.note.startswith("combine") == (direction == "forward"):
+                self._moe_comm(c, direction)
+
+    def _moe_comm(self, c, direction: str) -> None:
+        nbytes = c.forward_bytes if direction == "forward" else c.backward_bytes
+        name = c.note.split(" ")[0]
+        self._comm(f"all_to_all({c.mesh_dim}) %{c.node} {name}" + (" (dual)" if direction == "backward" else ""),
+                   nbytes, node=c.node, module=c.module, key=f"{c.node}.{name}" + (
+                       ".backward" if direction == "backward" else ""))
+
+    def _compute(self, node: fx.Node, direction: str) -> None:
         t = self._compute_time(node, direction)
         if t <= 0:
             return
