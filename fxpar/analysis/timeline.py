@@ -377,6 +377,9 @@ def _pipeline(pm, split, device: DeviceModel) -> Timeline:
         cut = e.stage + 1 if e.kind == "F" else e.stage if e.kind in ("B", "I") else None
         if cut is None or not 0 < cut < split.num_stages:
             continue
+        receiver = cut if e.kind == "F" else cut - 1
+        if split.stages[receiver].rank == e.rank:
+            continue  # the next stage runs on this rank (V schedules): a hand-over, no transfer
         nbytes = split.stages[cut].recv_bytes_value / mb
         t0 = max(end, comm_free[e.rank])
         what = "activation" if e.kind == "F" else "gradient"
