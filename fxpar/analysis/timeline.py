@@ -194,6 +194,7 @@ class _Replay:
                 fwd_bwd[0] += c.forward_bytes
                 fwd_bwd[1] += c.backward_bytes
         self.units_done: set[tuple[str, int]] = set()
+        self.forward_time: dict[fx.Node, float] = {}  # the backward reuses the forward's estimate
 
     def _unit_first(self, node: fx.Node, direction: str) -> int | None:
         """The bytes of `node`'s FSDP unit if it is the unit's first collective this way, 0 if not; None: no unit."""
@@ -208,12 +209,15 @@ class _Replay:
     def _compute_time(self, node: fx.Node, direction: str) -> float:
         if direction == "backward" and f"{node.name}.backward" in self.profile:
             return float(self.profile[f"{node.name}.backward"])
-        if node.name in self.profile:
-            t = float(self.profile[node.name])
-        else:
-            cost = node_cost(node)
-            t = max(evaluate(cost.flops, self.hints) / self.device.flops,
-                    evaluate(cost.mem_bytes, self.hints) / self.device.mem_bandwidth)
+        t = self.forward_time.get(node)
+        if t is None:
+            if node.name in self.profile:
+                t = float(self.profile[node.name])
+            else:
+                cost = node_cost(node)
+                t = max(evaluate(cost.flops, self.hints) / self.device.flops,
+                        evaluate(cost.mem_bytes, self.hints) / self.device.mem_bandwidth)
+            self.forward_time[node] = t
         return 2 * t if direction == "backward" else t
 
     def _comm(self, label: str, nbytes: float, *, node: str = "", module: str = "", kind: str = "collective",
