@@ -149,6 +149,6 @@ def test_a_rank_with_another_expert_count_or_group_is_caught_naming_the_node(moe
     world, pms, x = moe_ranks()
     node = _moe_nodes(pms[1])[0]
     node.kwargs = {**node.kwargs, "ep_group": "not-the-ep-group"}
-    with pytest.raises(fxpar.GraphInvariantError, match=r"exchanges tokens on group 'not-the-ep-group', but this rank's "
-                                                        r"'ep' group is"):
+    with pytest.raises(fxpar.GraphInvariantError,
+                       match=r"exchanges tokens on group 'not-the-ep-group', but this rank's 'ep' group is"):
         fxpar.check(pms[0], ranks=pms)

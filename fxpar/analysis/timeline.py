@@ -144,7 +144,8 @@ class Timeline:
             out.append("Overlap (a collective issued before its wait, and the compute under it):")
             for o in self.overlaps:
                 shown = ", ".join(o.modules[:4]) + (f", ... ({len(o.modules)} modules)" if len(o.modules) > 4 else "")
-                out.append(f"  {o.collective}: issued at {o.issue} {clock(o.start)}, waited at {o.wait} {clock(o.end)}; "
+                out.append(f"  {o.collective}: issued at {o.issue} {clock(o.start)}, "
+                           f"waited at {o.wait} {clock(o.end)}; "
                            f"under it {len(o.ops)} ops of {shown or 'nothing'}")
         return "\n".join(out)
 
@@ -290,7 +291,8 @@ class _Replay:
                 unit = self._unit_first(node, "forward")
                 nbytes = unit if unit is not None else c.forward_bytes if c is not None else 0
                 if nbytes:
-                    what = f"of {get_info(node).fsdp_bucket or node.args[0].target}" if unit is not None else f"%{node.name}"
+                    what = f"of {get_info(node).fsdp_bucket or node.args[0].target}" if unit is not None \
+                        else f"%{node.name}"
                     op = "all_gather" if c.op == "fsdp_all_gather" else c.op  # as the issued ones print
                     self._comm(f"{op}({c.mesh_dim}) {what}", nbytes, node=node.name, module=c.module)
             else:
@@ -355,7 +357,8 @@ class _Replay:
                     buckets.append(self._comm(f"grad all_reduce({', '.join(key[1])}) bucket {key[0]}",
                                               waiting[key][1], kind="bucket", block=False))
         for bar in buckets:  # the window is the all-reduce in flight; the step waits for it at the end
-            ops = [b for b in self.bars if b.lane == "compute" and b.kind == "backward" and bar.start <= b.start < bar.end]
+            ops = [b for b in self.bars
+                   if b.lane == "compute" and b.kind == "backward" and bar.start <= b.start < bar.end]
             self.overlaps.append(Overlap(bar.label, "its last gradient", "the end of the backward", bar.start,
                                          bar.end, tuple(b.node for b in ops),
                                          tuple(dict.fromkeys(b.module or "<root>" for b in ops))))
