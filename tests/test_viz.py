@@ -230,6 +230,12 @@ def test_timeline_runs_data_parallel_buckets_under_the_rest_of_the_backward():
     assert "bucket 0" in buckets[0].label and buckets[0].nbytes >= 16 * 2**20
     assert t.makespan >= max(b.end for b in buckets)  # the step waits for every bucket
     assert "grad all_reduce(dp) bucket 0: issued at its last gradient" in t.text()
+    text = report.explain()  # explain() says the same from graph order
+    assert "Overlap of the data-parallel gradient buckets" in text
+    assert "grad all_reduce(dp) bucket 0 (16.00 MiB): issued after the backward of %linear_" in text
+    section = text.split("Overlap of the data-parallel gradient buckets")[1].split("\n\n")[0].splitlines()[1:]
+    assert len(section) == len(buckets) and "ops of blocks.0.norm, blocks.0.up" in section[0]
+    assert "overlaps nothing: the step waits for it at the end of the backward" in section[-1]
 
 
 def test_timeline_of_a_pipeline_has_lanes_per_pp_rank(pipelined, tmp_path):

@@ -244,6 +244,34 @@ def _expert_lines(graphs: list[fx.GraphModule]) -> list[str]:
     return ["", "Experts (fused MoE nodes):", *lines] if lines else []
 
 
+def _bucket_overlap_lines(gm: fx.GraphModule) -> list[str]:
+    """Each data-parallel gradient bucket and the backward it runs under: the ops before its parameters'
+    first use in graph order, whose backward runs after the bucket's last gradient is produced."""
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    fill: dict[tuple, list] = {}  # bucket -> [first use of its earliest parameter, bytes]
+    for node in nodes:
+        info = get_info(node)
+        sync = info.grad_sync if info is not None and node.op == "get_attr" else None
+        if not sync or not node.users or not isinstance(info.spec, TensorSpec):
+            continue
+        entry = fill.setdefault((sync.bucket, sync.dims), [len(nodes), 0])
+        entry[0] = min(entry[0], min(order[u] for u in node.users))
+        entry[1] += info.spec.nbytes(local=True)
+    out = []
+    for (bucket, dims), (first, nbytes) in sorted(fill.items()):
+        under = [n for n in nodes[:first] if n.op == "call_function" and n.target not in COLLECTIVE_OPS
+                 and isinstance(n.meta.get("val"), torch.Tensor)]
+        modules = list(dict.fromkeys((get_info(n).module_fqn if get_info(n) else "") or "<root>" for n in under))
+        shown = ", ".join(modules[:4]) + (f", ... ({len(modules)} modules)" if len(modules) > 4 else "")
+        what = f"overlaps the backward of {len(under)} ops of {shown}" if under else \
+            "overlaps nothing: the step waits for it at the end of the backward"
+        out.append(f"  grad all_reduce({', '.join(dims)}) bucket {bucket} ({fmt_bytes(nbytes)}): issued after the "
+                   f"backward of %{nodes[first].name}; {what}")
+    return ["", "Overlap of the data-parallel gradient buckets (backward, fxpar.runtime.grad_sync):", *out] \
+        if out else []
+
+
 def _loss_lines(pm, graphs: list[fx.GraphModule]) -> list[str]:
     """Whether the loss is captured and runs on vocab shards, and whether sequence parallel is on."""
     out = []
@@ -267,6 +295,7 @@ def explain(pm, *inputs, **kwargs) -> str:
     gm = pm.graph_module
     graphs = _graphs(pm)
     mesh = pm.mesh_info
+    split = stage_info(gm)
     whole = ", ".join(f"{name}={size}" for name, size in full_mesh(pm))  # pp included
     lines = [f"fxpar plan for {gm.meta['fxpar'].model_class} on mesh ({whole})"]
     lines.extend(_training_lines(gm, graphs))
@@ -328,6 +357,8 @@ def explain(pm, *inputs, **kwargs) -> str:
     lines.append(f"Parameter memory per rank: {fmt_bytes(local)} of {fmt_bytes(full)} total ({ratio:.3f} of the model)")
     lines.extend(memory_lines(memory_per_rank(pm)))
     lines.extend(grad_sync_lines(pm))
+    if split is None:
+        lines.extend(_bucket_overlap_lines(gm))
     lines.extend(_fsdp_unit_lines(graphs))
     for g in graphs:
         lines.extend(overlap_lines(g))
@@ -339,7 +370,6 @@ def explain(pm, *inputs, **kwargs) -> str:
     for n, info in fallbacks:
         lines.append(f"  %{n.name} {n.target} in '{info.module_fqn or '<root>'}'")
 
-    split = stage_info(gm)
     if split is not None:
         lines.append("")
         lines.extend(explain_stages(split, pipeline_order=pipeline_order_of(pm)))
