@@ -154,7 +154,7 @@ def _moe_volume(num_experts: int) -> dict:
             "sched": sched, "explain": pm.explain()}
 
 
-@pytest.mark.parametrize("num_experts", [4, 8])
+@pytest.mark.parametrize("num_experts", [4, pytest.param(8, marks=pytest.mark.slow)])
 def test_moe_all_to_all_bytes_equal_the_static_accounting(num_experts):
     """Every all-to-all the ep exchange runs is one the schedule lists, in its order, with the bytes
     explain() gives: exact for counts, the forward dispatch and the backward combine; the combine forward
