@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 import fxpar
-from fxpar.runtime.fsdp_state import overlap_stats
+from fxpar.core.spec import get_info
+from fxpar.runtime.fsdp_state import begin_forward, overlap_stats
 from fxpar.testing import rank_pool
 from tests.models import MLPStack, mse
 
@@ -98,3 +99,59 @@ def test_overlap_fsdp2_x_tp2_is_bit_equal():
         assert r["worst_grad"] == 0.0 and r["same_losses"] and r["out"] == 0.0 and r["ok"], r
         assert r["same_comms"] and r["issues"] == (0, 3), r
 
+
+
+def _prefetch_then_gather_another():
+    """A prefetch of shard `a`, then the gather of `b`: another tensor at the same address, shape and
+    version counter (a's transpose). The gather must not take a's prefetched gather."""
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (2,), mesh_dim_names=("fsdp",))
+    group = mesh.get_group("fsdp").group_name
+    rank = dist.get_rank()
+    a = torch.arange(16, dtype=torch.float64).reshape(4, 4) + 100 * rank
+    b = a.t()
+    assert b.data_ptr() == a.data_ptr() and b.shape == a.shape and b._version == a._version
+    overlap_stats(reset=True)
+    torch.ops.fxpar.fsdp_prefetch([a], 0, 2, group, "fsdp", None)
+    got = torch.ops.fxpar.fsdp_all_gather(b, 0, 2, group, "fsdp")
+    expected = torch.cat([b + 100 * (r - rank) for r in range(2)])
+    stats = overlap_stats(reset=True)
+    begin_forward()  # a's gather, still pending, is waited and dropped as the next forward starts
+    return dict(diff=float((got - expected).abs().max()), stats=stats, dropped=overlap_stats(reset=True))
+
+
+def test_prefetch_is_taken_only_by_its_own_shard():
+    for r in rank_pool(2).run(_prefetch_then_gather_another):
+        assert r["diff"] == 0.0, r  # keyed by data pointer, the gather of b returned a's rows
+        assert r["stats"] == {"prefetched forward": 1} and r["dropped"] == {"stale": 1}, r
+
+
+def _stale_prefetch_across_forwards(fsdp_unit):
+    """A prefetch no forward took (issued outside one: as a forward that raised before its waits leaves
+    it), then the shards change through `.data` (no version bump): the next forward gathers them anew."""
+    torch.manual_seed(0)
+    model = MLPStack(16, 32, 4).double()
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (2,), mesh_dim_names=("fsdp",))
+    group = mesh.get_group("fsdp").group_name
+    x = torch.randn(8, 16, dtype=torch.float64)
+    pm = fxpar.parallelize(model, mesh, example_inputs=(x,), fsdp_unit=fsdp_unit)
+    gm = pm.graph_module
+    gathers = [n for n in gm.graph.nodes if n.target is GATHER]
+    unit = [n for n in gathers if get_info(n).fsdp_bucket == get_info(gathers[0]).fsdp_bucket]
+    shards = [gm.get_parameter(str(n.args[0].target)) for n in (unit[:1] if fsdp_unit == "param" else unit)]
+    overlap_stats(reset=True)
+    torch.ops.fxpar.fsdp_prefetch(shards, 0, 2, group, "fsdp", None)  # the first unit: the graph never prefetches it
+    if fsdp_unit == "block":  # the block gathered, one parameter taken: the others wait in the bucket
+        torch.ops.fxpar.fsdp_all_gather(shards[-1], 0, 2, group, "fsdp")
+    with torch.no_grad():
+        for s in shards:
+            s.data.mul_(2)  # through .data: the shard's version counter does not move
+    out = pm(x).detach()
+    stats = overlap_stats(reset=True)
+    return dict(diff=float((out - pm(x).detach()).abs().max()), stats=stats)
+
+
+@pytest.mark.parametrize("fsdp_unit", ["param", "block"])
+def test_prefetch_left_by_an_earlier_forward_is_not_taken(fsdp_unit):
+    for r in rank_pool(2).run(_stale_prefetch_across_forwards, fsdp_unit):
+        assert r["diff"] == 0.0, r  # the first forward used the gather of the shards before they changed
+        assert r["stats"].get("stale") == 1, r

@@ -52,9 +52,10 @@ from fxpar.core.dataflow import attr_of
 from fxpar.ops import collectives as C
 from fxpar.ops.overlap import start_all_gather, start_reduce_scatter, wait  # registers fxpar::fsdp_prefetch
 from fxpar.ops.transitions import collective_args
+from fxpar.runtime import fsdp_state
 from fxpar.runtime.fsdp_state import count_overlap, register_fsdp_bucket
 
-__all__ = ["FsdpBucket", "register_buckets", "drain"]
+__all__ = ["FsdpBucket", "register_buckets", "drain", "begin_forward"]
 
 
 class FsdpBucket:
@@ -129,6 +130,18 @@ class FsdpBucket:
             wait(self._pending[1])
         self._issue("forward")
         count_overlap("prefetched forward")
+
+    def begin_forward(self) -> None:
+        """Forgets what a forward that did not finish left: its gathered parameters not taken and a gather
+        in flight (waited: every issued collective completes). Their shards may have changed since without
+        a version bump (`.data`)."""
+        if self._full:
+            self._full = {}
+            count_overlap("stale")
+        if self._pending is not None:
+            wait(self._pending[1])
+            self._pending = None
+            count_overlap("stale")
 
     def _prefetch_regather(self) -> None:
         if self._saved > 0 and not self._regathered and self._pending is None:
@@ -231,6 +244,13 @@ def drain() -> None:
     """Waits for every reduce-scatter in flight on this thread and adds it into `.grad` (in issue order)."""
     while _in_flight():
         _finish_oldest()
+
+
+def begin_forward(buckets: list[FsdpBucket]) -> None:
+    """A module's forward starts: nothing a forward before it issued or gathered and left is taken by it."""
+    fsdp_state.begin_forward()
+    for bucket in buckets:
+        bucket.begin_forward()
 
 
 def _gather_arg(param: "torch.fx.Node", name: str):
