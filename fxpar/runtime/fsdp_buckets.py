@@ -75,6 +75,7 @@ class FsdpBucket:
         self.numels = [int(torch.Size(p).numel()) for p in self.padded]
         self.offsets = [sum(self.numels[:i]) for i in range(len(shards))]
         self.total = sum(self.numels)
+        self.even = all(r == n * p[0] for r, p in zip(self.full_rows, self.padded))
         self._full: dict[int, tuple[Tensor, int]] = {}  # forward: gathered, not yet taken (with the shard's version)
         self._regathered: dict[int, Tensor] = {}
         self._regather_versions: tuple = ()
@@ -119,6 +120,11 @@ class FsdpBucket:
             done = wait(pending[1])
         n = self.args[1]
         gathered = done.view(n, self.total)
+        if self.even:  # one copy-out op for the block (FSDP2's split_with_sizes_copy), each its own storage
+            full = [gathered.new_empty((n * shape[0], *shape[1:])) for shape in self.padded]
+            torch.split_with_sizes_copy(gathered, self.numels, dim=1,
+                                        out=[t.view(n, k) for t, k in zip(full, self.numels)])
+            return full
         out = [gathered[:, o:o + k].reshape(n * shape[0], *shape[1:]) for o, k, shape in
                zip(self.offsets, self.numels, self.padded)]
         # each its own storage (autograd saves it as its shard, fsdp_state): an uneven one's real rows copied out
