@@ -125,7 +125,7 @@ def _bucket_tensors(pm):
     def inside():
         out = []
         for b in pm._fsdp_buckets:
-            out += [b._pending[1].out] if b._pending else []
+            out += [b._pending[1]] if b._pending else []
             out += [t for t, _ in b._full.values()] + list(b._regathered.values())
             out += list(b._grads.values()) if b._grads else []
         for _, pending, _, grads in fsdp_buckets._in_flight():

@@ -191,3 +191,23 @@ def test_overlap_keeps_the_step_peak_of_waiting():
         assert overlapped <= waiting + PEAK_SLACK, r
         assert r["worst"] == 0.0, r
         assert r["stats"].get("prefetched backward") == 3 and r["stats"].get("reduce_scatter waited late") == 3, r
+
+
+def _bucket_of_another():
+    """The gather of a registered bucket shard's transpose (same address, shape and version counter) is
+    not handed to the bucket: it is gathered as itself."""
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (2,), mesh_dim_names=("fsdp",))
+    x = torch.randn(8, 16, dtype=torch.float64)
+    pm = fxpar.parallelize(MLPStack(16, 32, 2).double(), mesh, example_inputs=(x,))  # up: (32, 16) -> (16, 16)
+    group = mesh.get_group("fsdp").group_name
+    square = next(p for p in pm.parameters() if p.dim() == 2 and p.size(0) == p.size(1))
+    b = square.detach().t()
+    got = torch.ops.fxpar.fsdp_all_gather(b, 0, 2, group, "fsdp")
+    expected = torch.empty(2 * b.size(0), b.size(1), dtype=b.dtype)
+    dist.all_gather_into_tensor(expected, b.contiguous())
+    return float((got - expected).abs().max())
+
+
+def test_bucket_takes_only_its_own_shards():
+    for diff in rank_pool(2).run(_bucket_of_another):
+        assert diff == 0.0  # keyed by data pointer, the transpose was gathered as the registered shard

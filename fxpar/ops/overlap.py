@@ -28,16 +28,15 @@ waited late).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from fxpar._torch.c10d import functional, resolve_process_group
+from fxpar._torch.c10d import functional
 from fxpar.ops.collectives import _fsdp_runtime, _record
 
-__all__ = ["ISSUE_OPS", "FlatGather", "start_all_gather", "start_flat_all_gather", "start_reduce_scatter", "wait",
+__all__ = ["ISSUE_OPS", "start_all_gather", "start_flat_all_gather", "start_reduce_scatter", "wait",
            "prefetch_shards"]
 
 _c10d = functional
@@ -48,29 +47,13 @@ def start_all_gather(x: Tensor, n: int, group_name: str) -> Tensor:
     return _c10d.all_gather_into_tensor(x.contiguous(), n, group_name)
 
 
-class FlatGather(NamedTuple):
-    """A flat all-gather in flight (`start_flat_all_gather`): `out` is valid after `wait`."""
-
-    out: Tensor
-    work: Any
-
-
 def start_flat_all_gather(pieces: list[Tensor], n: int, group_name: str,
-                          dtype: torch.dtype | None = None) -> FlatGather:
-    """Issues the all-gather of `pieces`, flattened and concatenated, as FSDP2's all_gather_copy_in does: the
-    output [n * numel] is allocated once and the pieces are copied into this rank's slice of it, which is the
-    gather's input. No separate input buffer is held while the gather is in flight, and one copy, not two."""
-    group = resolve_process_group(group_name)
-    numel = sum(p.numel() for p in pieces)
-    dtype = dtype or pieces[0].dtype
-    out = pieces[0].new_empty(n * numel, dtype=dtype)
-    mine = out.narrow(0, group.rank() * numel, numel)
-    flat = [p.reshape(-1) for p in pieces]
-    if all(p.dtype == dtype for p in pieces):
-        torch.cat(flat, out=mine)
-    else:  # mixed precision: the shards cast to param_dtype
-        mine.copy_(torch.cat(flat))
-    return FlatGather(out, dist.all_gather_into_tensor(out, mine, group=group, async_op=True))
+                          dtype: torch.dtype | None = None) -> Tensor:
+    """Issues the all-gather of `pieces`, flattened and concatenated into one buffer (in `dtype`): [n * numel]
+    after `wait`. One functional collective (the in-process simulator meets ranks there, not in c10d's
+    in-place API, which would let the input be the output's own slice as FSDP2's all_gather_copy_in does)."""
+    flat = torch.cat([p.reshape(-1) for p in pieces])
+    return start_all_gather(flat if dtype is None else flat.to(dtype), n, group_name)
 
 
 def start_reduce_scatter(x: Tensor, n: int, group_name: str) -> Tensor:
@@ -78,11 +61,8 @@ def start_reduce_scatter(x: Tensor, n: int, group_name: str) -> Tensor:
     return _c10d.reduce_scatter_tensor(x.contiguous(), "sum", n, group_name)
 
 
-def wait(pending: Tensor | FlatGather) -> Tensor:
+def wait(pending: Tensor) -> Tensor:
     """Waits for a collective `start_*` issued; returns its result."""
-    if isinstance(pending, FlatGather):
-        pending.work.wait()
-        return pending.out
     return _c10d.wait_tensor(pending)
 
 

@@ -10,9 +10,9 @@ time a ParallelModule registers its buckets here, and the custom op's kernels
               buffer [n, local numel]; each parameter's node takes its full
               tensor out of it (contiguous, its own storage, so it is freed
               after its layer like a per-parameter gather)
-    backward  each node's gradient goes into the bucket's flat buffer and the
-              node returns zeros for its shard; the last gradient of the bucket
-              reduce-scatters the buffer once and adds each shard's part into
+    backward  each node's gradient is kept by the bucket and the node returns
+              zeros for its shard; the last gradient of the bucket copies them
+              into one flat buffer and reduce-scatters it once and adds each shard's part into
               `.grad` (a callback at the end of the backward flushes buckets
               some of whose parameters got no gradient)
     re-gather (reshard_after_forward) the first parameter autograd unpacks
@@ -21,9 +21,11 @@ time a ParallelModule registers its buckets here, and the custom op's kernels
 
 Overlap (`schedule_overlap` puts an `fsdp_prefetch` issue node for block
 i+1 after block i's first gather): `prefetch` issues the bucket's gather and
-its first `gather` waits on it. The backward is the dual: re-gathering
-block i issues the re-gather of block i-1 (`prev`) before returning, and a
-full bucket's reduce-scatter is issued without waiting; it is waited just
+its first `gather` waits on it. The backward is the dual: once half of
+block i's gradients are in, the re-gather of block i-1 (`prev`) is issued
+(not at block i's own re-gather: there, at the top of its backward, all of
+block i's activations are alive and a second gathered block would raise the
+step's peak), and a full bucket's reduce-scatter is issued without waiting; it is waited just
 before the next one is issued (one in flight, as FSDP2) or at the end of the backward,
 and its result added into `.grad` in issue order, so sums are bit-equal to
 the waiting path.
@@ -101,7 +103,7 @@ class FsdpBucket:
         shards = self.shards()
         pending = start_flat_all_gather([C._pad(s.detach(), 0, p[0]) for s, p in zip(shards, self.padded)], n,
                                         group_name, self.dtype)
-        C._record("all_gather", mesh_dim, pending.out.narrow(0, 0, self.total), direction)
+        C._record("all_gather", mesh_dim, pending.narrow(0, 0, self.total), direction)
         self._pending = (direction, pending, tuple(s._version for s in shards))
 
     def _gather_all(self, direction: str) -> list[Tensor]:

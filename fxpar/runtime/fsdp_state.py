@@ -144,8 +144,7 @@ def fsdp_bucket_of(shard: Tensor) -> tuple | None:
     if entry is None:
         return None
     ref, bucket, index = entry
-    t = ref()
-    if t is None or shard_ptr(t) != shard_ptr(shard) or tuple(t.shape) != tuple(shard.shape):
+    if ref() is not shard:  # another tensor at the registered shard's address (a view, a reuse of freed memory)
         return None
     return bucket, index
 
