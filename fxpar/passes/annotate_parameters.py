@@ -258,15 +258,20 @@ def _token_embedding(gm: fx.GraphModule) -> fx.Node | None:
 
 
 def _feeds_output(node: fx.Node) -> bool:
-    """Whether `node` (through views) is a graph output or the input of a captured loss."""
-    cur = node
+    """Whether `node` (through views) is a graph output or the input of a captured loss (also through a
+    log_softmax: a hand-written cross-entropy, which `decompose_loss` runs on vocab shards)."""
+    cur, log_probs = node, False
     while True:
-        if any(u.op == "output" or (u.target in _LOSSES and u.args[0] is cur) for u in cur.users):
+        # a hand-written loss: nll_loss(log_softmax(logits)), or log_softmax(logits).gather(-1, target)
+        if any(u.op == "output" or (u.target in _LOSSES and u.args[0] is cur)
+               or (log_probs and u.target == aten.gather.default and u.args[0] is cur) for u in cur.users):
             return True
         if len(cur.users) != 1:
             return False
         (cur,) = cur.users
-        if cur.target not in (aten.view.default, aten.reshape.default, aten.slice.Tensor):
+        log_probs |= cur.target in (aten.log_softmax.int, aten._log_softmax.default)
+        if cur.target not in (aten.view.default, aten.reshape.default, aten.slice.Tensor, aten.log_softmax.int,
+                              aten._log_softmax.default):
             return False
 
 
