@@ -340,5 +340,5 @@ def grad_sync_lines(pm) -> list[str]:
     dims = sorted({d for _, ds in buckets for d in ds})
     when = ("once per step after the pipeline schedule" if stage_info(pm.graph_module) is not None
             else "asynchronous in the backward")
-    return [f"Data-parallel gradient all-reduce (bucketed, {when}; all stages): "
+    return [f"{'Data-parallel' if set(dims) - {'tp'} else 'Sequence-parallel'} gradient all-reduce (bucketed, {when}; all stages): "
             f"{len(buckets)} bucket{'s' if len(buckets) > 1 else ''}, {fmt_bytes(total)} per step over {', '.join(dims)}"]
