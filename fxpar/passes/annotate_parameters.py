@@ -62,7 +62,7 @@ from fxpar.passes._embedding_sums import partner_tables
 from fxpar.passes._graph import module_fqns, param_nodes
 from fxpar.passes._megatron import (find_pairs, heads_of, is_projection, proj_bias, proj_in_features,
                                     proj_out_features, proj_weight, proj_weight_dims)
-from fxpar.rules.conv import CONVS
+from fxpar.rules.conv import CONVS, conv_groups
 
 aten = torch.ops.aten
 
@@ -181,7 +181,7 @@ def _auto_styles(gm: fx.GraphModule, taken: set[str], tp: int
                 fused[mod] = k
         styles[sink_mod] = TPStyle("rowwise")
         own(pair.sink, styles[sink_mod])
-        for mod in _channel_norms(pair.region):
+        for mod in _channel_norms(pair.region, tp):
             if mod not in taken:
                 styles[mod] = TPStyle("colwise")
     # The token embedding, untied: vocab parallel (rows sharded, a masked lookup reduced right after it).
@@ -229,10 +229,14 @@ def _shard_partner_tables(emb: fx.Node, styles: dict, notes: dict, taken: set[st
             styles[mod] = TPStyle("rowwise")
 
 
-def _channel_norms(region: set[fx.Node]) -> list[str]:
-    """Modules of the batch norms inside a pair's region: they act per channel, so they shard with it."""
+def _channel_norms(region: set[fx.Node], tp: int) -> list[str]:
+    """Modules of the batch norms and grouped convs (groups dividing by tp: a depthwise conv) inside a
+    pair's region: they act per channel or per group of channels, so they shard with it."""
     mods = []
     for node in region:
+        if node.target in CONVS and conv_groups(node) > 1 and conv_groups(node) % tp == 0 \
+                and isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr":
+            mods.append(str(node.args[1].target).rpartition(".")[0])
         if node.target == aten.batch_norm.default:
             params = [a for a in node.args[1:5] if isinstance(a, fx.Node)]
             if params and all(a.op == "get_attr" for a in params):
