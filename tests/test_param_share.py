@@ -23,7 +23,7 @@ import fxpar
 from fxpar.analysis.replicated import replicated_parameters
 from fxpar.testing.simulate import check_equivalence
 
-from tests.models import ConvNet1d, ResNet, TitanLlama, TitanMoEStack, tiny_gpt2
+from tests.models import ConvNet1d, MobileNetLike, ResNet, TitanLlama, TitanMoEStack, tiny_gpt2
 
 T = pytest.importorskip("transformers")
 
@@ -60,6 +60,7 @@ MODELS = {
     "gpt_neox": (lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**SMALL, use_cache=False)), _ids),
     "roberta": (lambda: T.RobertaForMaskedLM(T.RobertaConfig(**SMALL)), _ids),
     "phi3": (lambda: T.Phi3ForCausalLM(T.Phi3Config(**SMALL, num_key_value_heads=4, **CAUSAL, pad_token_id=0)), _ids),
+    "mobilenet": (MobileNetLike, lambda: torch.randn(4, 3, 6, 6)),  # exact at tp=2 in test_convnets
 }
 ADDED = ["mistral", "gpt_neox", "roberta", "phi3", "vit"]  # not verified at tp=2 elsewhere
 
