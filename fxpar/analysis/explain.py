@@ -22,10 +22,12 @@ from fxpar._torch.fx import pytree
 from fxpar.analysis.fingerprint import moe_ep_exchanges
 from fxpar.analysis.fsdp import bucket_groups
 from fxpar.analysis.overlap import overlap_lines
-from fxpar.analysis.memory import grad_sync_lines, memory_lines, memory_per_rank
+from fxpar.analysis.memory import grad_sync_lines, memory_lines, memory_per_rank, tensor_key
 from fxpar.analysis.schedule import explain_stages, pipeline_order_of
+from fxpar.core.dataflow import attr_of
 from fxpar.core.errors import block_of
 from fxpar.analysis.plan_io import full_mesh
+from fxpar.analysis.replicated import replicated_lines
 from fxpar.core.fmt import fmt_bytes, natural_key
 from fxpar.core.spec import SIZE_BINDINGS, TensorSpec, get_info, placements_str
 from fxpar.core.stages import stage_info
@@ -105,15 +107,19 @@ def param_memory(gm: fx.GraphModule) -> tuple[int, int]:
     """(full bytes of all parameters, bytes this rank holds), tied tensors counted once."""
     full = local = 0
     seen = set()
-    for node in gm.graph.nodes:
-        if node.op != "get_attr" or id(node) in seen:
-            continue
+    # a tied weight is one tensor under two FQNs; the get_attr of the name the graph no longer reads
+    # may carry a stale (replicated) spec, so live nodes count first and the tensor decides its size
+    for node in sorted((n for n in gm.graph.nodes if n.op == "get_attr"), key=lambda n: not n.users):
         info = get_info(node)
         if info is None or not isinstance(info.spec, TensorSpec) or info.role != "param":
             continue
-        seen.add(id(node))
+        t = attr_of(gm, node.target)
+        key = tensor_key(t) if isinstance(t, torch.Tensor) else (id(node),)
+        if key in seen:
+            continue
+        seen.add(key)
         full += info.spec.nbytes()
-        local += info.spec.nbytes(local=True)
+        local += t.numel() * t.element_size() if isinstance(t, torch.Tensor) else info.spec.nbytes(local=True)
     return full, local
 
 
@@ -355,6 +361,7 @@ def explain(pm, *inputs, **kwargs) -> str:
     lines.append("")
     ratio = local / full if full else 1.0
     lines.append(f"Parameter memory per rank: {fmt_bytes(local)} of {fmt_bytes(full)} total ({ratio:.3f} of the model)")
+    lines.extend(replicated_lines(graphs, mesh))
     lines.extend(memory_lines(memory_per_rank(pm)))
     lines.extend(grad_sync_lines(pm))
     if split is None:
