@@ -137,3 +137,46 @@ def test_llama_three_heads_on_tp2_trains_exactly():  # same model's numerics in 
     assert comms["backward all_reduce"] == 2 + 1, comms
     assert comms["backward all_gather"] == 0, comms
     assert "model.layers.0.self_attn.o_proj: rowwise (uneven heads: 3 heads of 2+1 over tp=2)" in results[0]["explain"]
+
+
+# --------------------------------------------------------------------------- fused qkv viewed as (B, T, 3, H, D)
+
+
+class ViewUnbindAttention(torch.nn.Module):
+    """timm / ViT-style attention: one qkv Linear viewed as (B, T, 3, H, D), then unbound (or permuted first)."""
+
+    def __init__(self, dim: int, heads: int, permute: bool) -> None:
+        super().__init__()
+        self.heads, self.permute = heads, permute
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.heads, C // self.heads)
+        if self.permute:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(o.transpose(1, 2).reshape(B, T, C))
+
+
+@pytest.mark.parametrize("permute", [False, True], ids=["unbind", "permute-unbind"])
+@pytest.mark.parametrize("heads", [4, 3], ids=["even", "uneven"])
+def test_fused_qkv_viewed_then_unbound_is_sharded_by_heads(heads, permute):
+    torch.manual_seed(0)
+    model = ViewUnbindAttention(8 * heads, heads, permute).double()
+    x = torch.randn(2, 5, 8 * heads, dtype=torch.float64)
+    target = torch.randn(2, 5, 8 * heads, dtype=torch.float64)
+    world = sim_world({"tp": 2})
+    pms = world.parallelize(model, example_inputs=(x,))
+    reports = world.run(lambda r: fxpar.verify(model, pms[r], x, target=target, loss_fn=F.mse_loss,
+                                               rtol=RTOL, atol=RTOL))
+    for rank, rep in enumerate(reports):
+        assert rep.ok, f"rank {rank}:\n{rep}"
+    text = pms[0].explain()
+    want = "qkv: colwise (fused x3)" if heads == 4 else "qkv: colwise (uneven heads: 3 heads of 2+1 over tp=2)"
+    assert want in text, text
+    assert "all_gather" not in text.split("Collectives")[1].split("Fallbacks")[0]
+    assert "Fallbacks (ops without a sharding rule, run replicated): 0" in text

@@ -40,7 +40,7 @@ import operator
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.distributed.tensor.placement_types import Shard
+from torch.distributed.tensor.placement_types import Replicate, Shard
 
 from fxpar.capture.export import capture_info
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
@@ -186,14 +186,13 @@ def _rewritable(gm: fx.GraphModule, pair: Pair, tp: int, taken: set[str], aliase
     if any(p.target not in (aten.linear.default, aten.addmm.default) for p in projs):
         return None
     for p in projs:
-        w = proj_weight(p)
-        params = [w, proj_bias(p)] if p is not pair.sink else [w]
-        for t in params:
+        for t in (proj_weight(p), proj_bias(p)):
             if t is None:
                 continue
             info = get_info(t)
+            # the sink may have been given the lm_head's automatic colwise (it feeds the output): overridden
             if t.op != "get_attr" or len(t.users) != 1 or info is None or info.spec is None \
-                    or not all(pl.is_replicate() for pl in info.spec.placements) \
+                    or (p is not pair.sink and not all(pl.is_replicate() for pl in info.spec.placements)) \
                     or str(t.target).rpartition(".")[0] in taken or id(_attr(gm, t)) in aliased:
                 return None
     heads = []
@@ -273,7 +272,7 @@ def _rewrite(gm: fx.GraphModule, pair: Pair, heads: list[_Head], merge: fx.Node,
             eq = f"{lead}c,c{sec}hd->{lead}{sec}hd"
         if b is not None:
             _reshape_param(gm, b, (*kshape, n_heads, dim), len(kshape), tp_index, mesh_sizes, f"colwise ({why})")
-        first = hd.views[0] if not hd.stacked else hd.views[0]
+        first = hd.views[0]
         with graph.inserting_before(min(hd.views, key=_order(graph))):
             y = _new(graph, aten.einsum.default, (eq, [x, w]), h, f"{h.name}_heads")
             if b is not None:
@@ -298,9 +297,10 @@ def _rewrite(gm: fx.GraphModule, pair: Pair, heads: list[_Head], merge: fx.Node,
         o = w.meta["val"].shape[1]
         _reshape_param(gm, w, (n_heads, dim, o), 0, tp_index, mesh_sizes, f"rowwise ({why})")
         eq = f"{lead}hd,hdo->{lead}o"
-    if b is not None:
+    if b is not None:  # added once, after the all-reduce
         info = get_info(b)
-        set_info(b, dataclasses.replace(info, style=f"rowwise ({why})"))
+        spec = make_spec(b.meta["val"], tuple(Replicate() for _ in mesh_sizes), mesh_sizes)
+        set_info(b, dataclasses.replace(info, spec=spec, origin="unflatten_heads", style=f"rowwise ({why})"))
     with graph.inserting_before(sink):
         y = _new(graph, aten.einsum.default, (eq, [x4, w]), sink, f"{sink.name}_heads")
         if sink.meta["val"].ndim != y.meta["val"].ndim:

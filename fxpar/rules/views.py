@@ -85,6 +85,20 @@ def _kept_dim(in_shape, out_shape, d: int) -> int | None:
     return None
 
 
+def _sections_dim(in_shape, out_shape, d: int, k: int) -> int | None:
+    """The output dim e of size k that a view splits input dim d into (k, out[e+1], ...), or None."""
+    pre = _prod(in_shape[:d])
+    for e in range(len(out_shape) - 1):
+        if _eq(out_shape[e], k) and _eq(_prod(out_shape[:e]), pre):
+            acc = out_shape[e]
+            for j in range(e + 1, len(out_shape)):
+                acc = acc * out_shape[j]
+                if _eq(acc, in_shape[d]):
+                    return e
+            return None
+    return None
+
+
 def localize_shape_arg(node: fx.Node, spec: TensorSpec, mesh_sizes, coordinate=None) -> None:
     """Rewrites a view / expand shape argument (args[1]) to this rank's local sizes.
 
@@ -146,6 +160,11 @@ def view(op: OpInfo, cur) -> list[Strategy]:
         e = view_dim(in_shape, out_shape, c.dim, op.mesh_size)
         if e is not None and _eq(in_shape[c.dim], out_shape[e]):
             out.append(Strategy((c,), _StridedShard(e, split_factor=c.split_factor)))
+        # or one that makes its sections a dim: (..., k*H*D) -> (..., k, H, D) shards H (fused qkv viewed
+        # then unbound: chunk r of each section is heads r*H/n.. of each)
+        e = _sections_dim(in_shape, out_shape, c.dim, c.split_factor)
+        if e is not None and divides(out_shape[e + 1], op.mesh_size) is True:
+            out.append(Strategy((c,), S(e + 1)))
     if c is not None and c.is_partial():
         out.append(Strategy((P,), P))
     out.append(Strategy((R,), R))
