@@ -180,3 +180,52 @@ def test_fused_qkv_viewed_then_unbound_is_sharded_by_heads(heads, permute):
     assert want in text, text
     assert "all_gather" not in text.split("Collectives")[1].split("Fallbacks")[0]
     assert "Fallbacks (ops without a sharding rule, run replicated): 0" in text
+
+
+# --------------------------------------------------------------------------- checkpoints and init: the model's shapes
+
+
+def _checkpoints(folder: str) -> dict:
+    """A tp=2 module of 3-head Llama saved (DCP, safetensors) and loaded into a differently initialized one."""
+    import os
+
+    from safetensors import safe_open
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
+    torch.manual_seed(0)
+    model = llama(3)
+    ids, _ = _data()
+    pm = fxpar.parallelize(model, mesh, example_inputs=(ids,))
+    torch.manual_seed(1)
+    other = fxpar.parallelize(llama(3), mesh, example_inputs=(ids,))
+    want = model.state_dict()
+
+    def worst(full):
+        return max((full[k] - v).abs().max().item() for k, v in want.items())
+
+    out = {}
+    fxpar.checkpoint.save(pm, os.path.join(folder, "dcp"))
+    fxpar.checkpoint.load(other, os.path.join(folder, "dcp"))
+    out["dcp"] = worst(other.full_state_dict())
+    if dist.get_rank() == 0:
+        dcp_to_torch_save(os.path.join(folder, "dcp"), os.path.join(folder, "model.pt"))
+        saved = torch.load(os.path.join(folder, "model.pt"), weights_only=False)
+        out["dcp shapes"] = {k: tuple(saved[k].shape) == tuple(v.shape) for k, v in want.items()}
+    dist.barrier()
+    fxpar.checkpoint.save_hf(pm, os.path.join(folder, "hf"))
+    with safe_open(os.path.join(folder, "hf", "model.safetensors"), framework="pt") as f:
+        out["hf"] = max((f.get_tensor(k) - v).abs().max().item() for k, v in want.items() if k in f.keys())
+    other.init_weights(seed=3)  # the model's own init, written into the (H, D, C) shards
+    out["init changed"] = worst(other.full_state_dict())
+    fxpar.checkpoint.load_hf(other, os.path.join(folder, "hf"))
+    out["hf load"] = worst(other.full_state_dict())
+    return out
+
+
+def test_checkpoints_keep_the_models_shapes(tmp_path):
+    results = rank_pool(2).run(_checkpoints, str(tmp_path), timeout=240)
+    for rank, r in enumerate(results):
+        assert r["dcp"] == 0.0 and r["hf"] == 0.0 and r["hf load"] == 0.0, (rank, r)
+        assert r["init changed"] > 0, (rank, r)
+    assert all(results[0]["dcp shapes"].values()), results[0]["dcp shapes"]
