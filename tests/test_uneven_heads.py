@@ -229,3 +229,15 @@ def test_checkpoints_keep_the_models_shapes(tmp_path):
         assert r["dcp"] == 0.0 and r["hf"] == 0.0 and r["hf load"] == 0.0, (rank, r)
         assert r["init changed"] > 0, (rank, r)
     assert all(results[0]["dcp shapes"].values()), results[0]["dcp shapes"]
+
+
+def test_grouped_query_attention_with_uneven_heads():
+    # 6 q heads and 3 kv heads on tp=4: 2, 2, 2, 0 q heads and 1, 1, 1, 0 kv heads, each rank its own kv
+    torch.manual_seed(0)
+    pms, reports = _sim(llama(6, kv_heads=3), 4)
+    for rank, rep in enumerate(reports):
+        assert rep.ok, f"rank {rank}:\n{rep}"
+    text = pms[0].explain()
+    assert "self_attn.q_proj: colwise (uneven heads: 6 heads of 2+2+2+0 over tp=4)" in text, text
+    assert "self_attn.k_proj: colwise (uneven heads: 3 heads of 1+1+1+0 over tp=4)" in text, text
+    assert "all_gather" not in text.split("Collectives")[1].split("lm_head")[0]

@@ -22,9 +22,11 @@ Only the stored shape changes: `CaptureInfo.param_shapes` keeps each
 reshaped parameter's own shape, and full state dicts / gradients are returned
 in it. The rewritten graph computes the same function on one process.
 
-Applies to automatic plans (modules the plan does not name), pairs whose
-q, k, v have the same head count (grouped-query attention whose kv heads do
-not divide tp keeps its current layout) and whose projections are used once.
+Applies to automatic plans (modules the plan does not name) and pairs whose
+projections are used once. Grouped-query attention qualifies where each
+rank's kv chunk is the kv heads of its q chunk (`consistent_heads`: 6 q and 3
+kv heads at tp=4 hold 2, 2, 2, 0 and 1, 1, 1, 0); otherwise it keeps its
+current layout.
 Pipelines (pp > 1) keep the replicated attention.
 
 Before:  %linear = aten.linear(%x, %q_weight)                    # q_weight (H*D, C): Replicate
@@ -202,16 +204,21 @@ def _rewritable(gm: fx.GraphModule, pair: Pair, tp: int, taken: set[str], aliase
         if head is None:
             return None
         heads.append(head)
-    shapes = {(hd.heads, hd.dim) for hd in heads}
-    if len(shapes) != 1:
-        return None  # grouped-query attention (kv heads fewer than q heads): not cut by heads here
-    ((n_heads, dim),) = shapes
-    if n_heads % tp == 0:
-        return None  # heads divide: annotate_parameters shards them evenly (or had another reason not to)
+    n_heads, dim = max(hd.heads for hd in heads), heads[0].dim
+    if n_heads % tp == 0 or any(hd.dim != dim or not consistent_heads(n_heads, hd.heads, tp) for hd in heads):
+        return None  # heads divide (annotate_parameters shards them evenly), or kv chunks not the q chunks' kv
     merge = _merge_of(pair.sink, n_heads, dim)
     if merge is None:
         return None
     return heads, merge
+
+
+def consistent_heads(q_heads: int, kv_heads: int, tp: int) -> bool:
+    """Whether torch.chunk's kv heads on each rank are the kv heads of its q heads (grouped-query
+    attention, q_heads / kv_heads q heads per kv head): ceil(q / tp) == ceil(kv / tp) * group."""
+    if q_heads % kv_heads:
+        return False
+    return -(-q_heads // tp) == -(-kv_heads // tp) * (q_heads // kv_heads)
 
 
 def _leading_source(x: fx.Node) -> fx.Node:
@@ -250,9 +257,9 @@ def _rewrite(gm: fx.GraphModule, pair: Pair, heads: list[_Head], merge: fx.Node,
              shapes: dict[str, tuple[int, ...]]) -> None:
     graph = gm.graph
     tp = mesh_sizes[tp_index]
-    n_heads, dim = heads[0].heads, heads[0].dim
-    why = _split(n_heads, tp)
+    n_heads, dim = max(hd.heads for hd in heads), heads[0].dim
     for hd in heads:
+        why = _split(hd.heads, tp)
         h = hd.proj
         x = _leading_source(proj_input(h))
         w, b = proj_weight(h), proj_bias(h)
@@ -264,14 +271,14 @@ def _rewrite(gm: fx.GraphModule, pair: Pair, heads: list[_Head], merge: fx.Node,
             if t is not None:
                 shapes[str(t.target)] = tuple(t.meta["val"].shape)
         if _weight_first(h):  # linear: (F, C) -> ([k,] H, D, C)
-            _reshape_param(gm, w, (*kshape, n_heads, dim, c), len(kshape), tp_index, mesh_sizes, f"colwise ({why})")
+            _reshape_param(gm, w, (*kshape, hd.heads, dim, c), len(kshape), tp_index, mesh_sizes, f"colwise ({why})")
             eq = f"{lead}c,{sec}hdc->{lead}{sec}hd"
         else:  # Conv1D addmm: (C, F) -> (C, [k,] H, D)
-            _reshape_param(gm, w, (c, *kshape, n_heads, dim), 1 + len(kshape), tp_index, mesh_sizes,
+            _reshape_param(gm, w, (c, *kshape, hd.heads, dim), 1 + len(kshape), tp_index, mesh_sizes,
                            f"colwise ({why})")
             eq = f"{lead}c,c{sec}hd->{lead}{sec}hd"
         if b is not None:
-            _reshape_param(gm, b, (*kshape, n_heads, dim), len(kshape), tp_index, mesh_sizes, f"colwise ({why})")
+            _reshape_param(gm, b, (*kshape, hd.heads, dim), len(kshape), tp_index, mesh_sizes, f"colwise ({why})")
         first = hd.views[0]
         with graph.inserting_before(min(hd.views, key=_order(graph))):
             y = _new(graph, aten.einsum.default, (eq, [x, w]), h, f"{h.name}_heads")
@@ -283,6 +290,7 @@ def _rewrite(gm: fx.GraphModule, pair: Pair, heads: list[_Head], merge: fx.Node,
                 for i, v in enumerate(hd.views):
                     sel = _new(graph, aten.select.int, (y, len(lead), i), v, f"{v.name}_heads")
                     v.replace_all_uses_with(sel)
+    why = _split(n_heads, tp)
     sink = pair.sink
     w = proj_weight(sink)
     b = proj_bias(sink)

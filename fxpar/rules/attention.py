@@ -31,16 +31,24 @@ def _mask_placement(mask, out, d: int):
     return S(j)
 
 
+def _chunks_agree(q_heads, kv_heads, n: int) -> bool:
+    """torch.chunk's kv heads on each rank are the kv heads of its q heads: ceil(q/n) == ceil(kv/n) * q/kv."""
+    if not isinstance(q_heads, int) or not isinstance(kv_heads, int) or q_heads % kv_heads:
+        return False
+    return -(-q_heads // n) == -(-kv_heads // n) * (q_heads // kv_heads)
+
+
 @register(aten.scaled_dot_product_attention.default, uneven=True)
 def sdpa(op: OpInfo, cur) -> list[Strategy]:
     """Uneven heads (torch.chunk's heads, `unflatten_heads`) are exact when q, k and v have the same
-    head count; with fewer kv heads their chunks would not be the kv heads of the q chunks."""
+    head count, or fewer kv heads whose chunks are the kv heads of the q chunks (`_chunks_agree`)."""
     q = op.in_vals[0]
     n_tensors = len(op.in_vals)
     out: list[Strategy] = []
     for d in (1, 0):  # heads first: tensor parallel; then batch: data parallel
-        sizes = {size_key(v.shape[d]) for v in op.in_vals[:3]}
-        if len(sizes) > 1 and any(divides(v.shape[d], op.mesh_size) is False for v in op.in_vals[:3]):
+        sizes = [v.shape[d] for v in op.in_vals[:3]]
+        if len({size_key(s) for s in sizes}) > 1 and any(divides(s, op.mesh_size) is False for s in sizes) \
+                and not _chunks_agree(sizes[0], sizes[1], op.mesh_size):
             continue
         if any(c is not None and c.is_shard(d) for c in cur[:3]):
             ins = [S(d), S(d), S(d)]

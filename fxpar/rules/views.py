@@ -76,12 +76,35 @@ def _view_dim(in_shape, out_shape, d: int, n: int) -> int | None:
     return None
 
 
-def _kept_dim(in_shape, out_shape, d: int) -> int | None:
-    """The output dim that keeps input dim d whole (same size, same flat offset), or None."""
+def _ceil(a: int, n: int) -> int:
+    return -(-a // n)
+
+
+def _uneven_dim(in_shape, out_shape, d: int, n: int) -> int | None:
+    """The output dim e an uneven Shard(d) (torch.chunk's rows: chunk i is [i*c, (i+1)*c), c = ceil(size / n))
+    maps to, or None. Exact when the output dim starts at the same flat offset and its own torch.chunk is the
+    input's scaled: kept whole; merged with the g elements of the dims after d where ceil(size*g / n) ==
+    ceil(size / n) * g (kv heads merged with their q-head repeats); or split with out[e] cut alike."""
+    size = in_shape[d]
+    if not isinstance(size, int):
+        return None
     pre = _prod(in_shape[:d])
     for e in range(len(out_shape)):
-        if _eq(out_shape[e], in_shape[d]) and _eq(_prod(out_shape[:e]), pre):
+        if not _eq(_prod(out_shape[:e]), pre) or (_eq(out_shape[e], 1) and size != 1):
+            continue
+        if not isinstance(out_shape[e], int):
+            return None
+        if out_shape[e] == size:
             return e
+        if out_shape[e] > size and out_shape[e] % size == 0:  # merged with the dims after d
+            g = out_shape[e] // size
+            if divides(_prod(in_shape[d + 1:]), g) is True and _ceil(out_shape[e], n) == _ceil(size, n) * g:
+                return e
+        elif size % out_shape[e] == 0:  # split: out[e] outermost
+            g = size // out_shape[e]
+            if _ceil(size, n) == _ceil(out_shape[e], n) * g:
+                return e
+        return None
     return None
 
 
@@ -142,14 +165,15 @@ def _localize_view(node: fx.Node, info, mesh) -> None:
 
 @register(aten.view.default, aten.reshape.default, aten._unsafe_view.default, localize=_localize_view, uneven=True)
 def view(op: OpInfo, cur) -> list[Strategy]:
-    """An uneven shard (torch.chunk's rows, e.g. whole heads: `unflatten_heads`) passes only where the
-    view keeps its dim whole: merged with others or split, its chunks would not be contiguous blocks."""
+    """An uneven shard (torch.chunk's rows, e.g. whole heads: `unflatten_heads`) passes only where each
+    rank's chunk stays the output's torch.chunk (`_uneven_dim`): 12 heads of 64 merged at tp=8 would be
+    chunks of 128 rows where torch.chunk cuts 96."""
     (c,) = cur[:1]
     out: list[Strategy] = []
     if c is not None and c.is_shard():
         in_shape, out_shape = tuple(op.in_vals[0].shape), tuple(op.out_val.shape)
         if divides(in_shape[c.dim], op.mesh_size) is False:
-            e = _kept_dim(in_shape, out_shape, c.dim)
+            e = _uneven_dim(in_shape, out_shape, c.dim, op.mesh_size)
         else:
             e = view_dim(in_shape, out_shape, c.dim, op.mesh_size)
         if e is not None:

@@ -35,3 +35,15 @@ def test_sdpa_does_not_cut_uneven_heads_of_unequal_counts():
     same = node_of(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), kv, kv, kv,
                    target=aten.scaled_dot_product_attention.default)
     assert strategies(same, [Shard(1), Shard(1), Shard(1)], n=2)[0][1] == Shard(1)
+
+
+def test_view_merges_or_splits_an_uneven_shard_where_torch_chunk_agrees():
+    # 3 kv heads repeated twice, on tp=4: chunks of 1 kv head are chunks of 2 of the 6 merged heads
+    kv = torch.randn(2, 3, 2, 5, 4)
+    merge = node_of(lambda x: x.view(2, 6, 5, 4), kv, target=aten.view.default)
+    assert strategies(merge, [Shard(1)], n=4)[0] == ((Shard(1),), Shard(1))
+    # on tp=2 they are not: 2 kv heads (4 merged) against torch.chunk's 3 of 6
+    assert strategies(merge, [Shard(1)], n=2) == [((R,), R)]
+    # and back: 6 heads split as (3, 2) on tp=4
+    split = node_of(lambda x: x.view(2, 3, 2, 5, 4), torch.randn(2, 6, 5, 4), target=aten.view.default)
+    assert strategies(split, [Shard(1)], n=4)[0] == ((Shard(1),), Shard(1))
