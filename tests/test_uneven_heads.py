@@ -241,3 +241,17 @@ def test_grouped_query_attention_with_uneven_heads():
     assert "self_attn.q_proj: colwise (uneven heads: 6 heads of 2+2+2+0 over tp=4)" in text, text
     assert "self_attn.k_proj: colwise (uneven heads: 3 heads of 1+1+1+0 over tp=4)" in text, text
     assert "all_gather" not in text.split("Collectives")[1].split("lm_head")[0]
+
+
+@pytest.mark.parametrize("mesh", [{"dp": 2, "tp": 2}, {"fsdp": 2, "tp": 2}], ids=["dp2xtp2", "fsdp2xtp2"])
+def test_uneven_heads_compose_with_data_parallel_and_fsdp(mesh):
+    torch.manual_seed(0)
+    model = gpt2(3)
+    g = torch.Generator().manual_seed(2)
+    ids, target = torch.randint(0, VOCAB, (4, 8), generator=g), torch.randint(0, VOCAB, (4, 8), generator=g)
+    world = sim_world(mesh)
+    pms = world.parallelize(model, example_inputs=(ids,))
+    reports = world.run(lambda r: fxpar.verify(model, pms[r], ids, target=target, loss_fn=ce, rtol=RTOL, atol=RTOL))
+    for rank, rep in enumerate(reports):
+        assert rep.ok, f"rank {rank}:\n{rep}"
+    assert "c_attn: " in pms[0].explain() and "uneven heads: 3 heads of 2+1 over tp=2" in pms[0].explain()
