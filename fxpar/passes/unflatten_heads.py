@@ -161,8 +161,7 @@ def _fake(target, args):
 
 
 def _new(graph: fx.Graph, target, args: tuple, like: fx.Node, name: str) -> fx.Node:
-    node = graph.call_function(target, args)
-    node.name = graph._graph_namespace.create_name(name, None)
+    node = graph.create_node("call_function", target, args, name=name)  # made unique by the graph
     node.meta["val"] = _fake(target, args)
     for key in _META_KEYS:
         if key in like.meta:
