@@ -255,3 +255,17 @@ def test_uneven_heads_compose_with_data_parallel_and_fsdp(mesh):
     for rank, rep in enumerate(reports):
         assert rep.ok, f"rank {rank}:\n{rep}"
     assert "c_attn: " in pms[0].explain() and "uneven heads: 3 heads of 2+1 over tp=2" in pms[0].explain()
+
+
+# Found by tests/test_property.py: one eager-attention head on tp=2 is cut 1, 0; matmul's batch dims of
+# size 1 were taken for broadcasting (Replicate) while the output kept the shard.
+@pytest.mark.parametrize("tp, dim", [(2, 4), (3, 6)])
+def test_a_single_head_cut_over_tp(tp, dim):
+    from fxpar.testing.strategies import BlockSpec, Case, ModelSpec, check_case
+
+    block = BlockSpec("attention", heads=1, kv_heads=1, eager=True, causal=False, act="gelu", bias=False,
+                      residual=False)
+    case = Case(mesh=(("tp", tp),), model=ModelSpec(dim=dim, blocks=(block,), vocab=0, head=2, tied=False),
+                plan=None, auto=True, batch=(2, 3), seed=0)
+    result = check_case(case)
+    assert result.error is None and result.reports

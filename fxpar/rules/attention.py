@@ -89,8 +89,11 @@ def matmul(op: OpInfo, cur) -> list[Strategy]:
     if a.ndim == nd and b.ndim == nd:
         for d in range(nd - 2):  # batch-like dims (heads, batch): shard both
             if (ca is not None and ca.is_shard(d)) or (cb is not None and cb.is_shard(d)):
-                pa = S(d) if not statically_known_true(a.shape[d] == 1) else R
-                pb = S(d) if not statically_known_true(b.shape[d] == 1) else R
+                # a size-1 dim broadcasts (Replicate) unless the output's is size 1 too: then it is the
+                # dim itself (one head cut unevenly over tp: 1, 0, ...)
+                single = statically_known_true(op.out_val.shape[d] == 1)
+                pa = S(d) if single or not statically_known_true(a.shape[d] == 1) else R
+                pb = S(d) if single or not statically_known_true(b.shape[d] == 1) else R
                 out.append(Strategy((pa, pb), S(d)))
         if ca is not None and ca.is_shard(nd - 2):
             out.append(Strategy((S(nd - 2), R), S(nd - 2)))
