@@ -223,6 +223,7 @@ def _checkpoints(folder: str) -> dict:
     return out
 
 
+@pytest.mark.slow  # 21 s (50 s on the loaded box): two gloo ranks save and load DCP and safetensors
 def test_checkpoints_keep_the_models_shapes(tmp_path):
     results = rank_pool(2).run(_checkpoints, str(tmp_path), timeout=240)
     for rank, r in enumerate(results):
