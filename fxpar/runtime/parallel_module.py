@@ -409,6 +409,8 @@ class ParallelModule(nn.Module):
             if t is None:
                 continue
             full = self._gather(t, specs.get(id(p)))
+            if fqn in self.capture_info.param_shapes:  # stored by heads (unflatten_heads): the model's shape
+                full = full.reshape(self.capture_info.param_shapes[fqn])
             for name in aliases.get(fqn, (fqn,)):
                 out[name] = full
         if not grads:
