@@ -127,8 +127,8 @@ def _bucket_tensors(pm):
         for b in pm._fsdp_buckets:
             out += [b._pending[1]] if b._pending else []
             out += [t for t, _ in b._full.values()] + list(b._regathered.values())
-            out += [b._grads] if b._grads is not None else []
-        for _, pending, _, grads in fsdp_buckets._in_flight:
+            out += list(b._grads.values()) if b._grads else []
+        for _, pending, _, grads in fsdp_buckets._in_flight():
             out += [pending, grads]
         return out
     return inside

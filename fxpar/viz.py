@@ -4,6 +4,7 @@
     fxpar.viz.graph_html(pm, "graph.html")        # self-contained page: the graph, a legend, a search box
     fxpar.viz.memory_chart(report, "memory.png")  # stacked bars per pp rank (matplotlib)
     fxpar.viz.schedule_chart(report, "pp.svg")    # the pipeline schedule as a timeline (matplotlib)
+    fxpar.viz.timeline_chart(report, "step.svg")  # a rank's compute / comm lanes and overlaps; timeline_text
 
 Every function takes a ParallelModule (a real rank's) or a `DryRunReport`.
 
@@ -42,6 +43,7 @@ from fxpar.analysis.explain import collectives
 from fxpar.analysis.memory import memory_per_rank
 from fxpar.analysis.plan_io import full_mesh as _full_mesh
 from fxpar.analysis.schedule import schedule_order, simulate_schedule
+from fxpar.analysis.timeline import KIND_COLORS, rank_timeline
 from fxpar.core.errors import FxparError
 from fxpar.core.fmt import fmt_bytes
 from fxpar.core.spec import TensorSpec, get_info, placements_str, size_hint
@@ -50,7 +52,8 @@ from fxpar.dryrun import DryRunReport
 from fxpar.ops.collectives import COLLECTIVE_OPS
 from fxpar.ops.transitions import collective_args
 
-__all__ = ["VizNode", "graph_nodes", "graph_dot", "graph_svg", "graph_html", "memory_chart", "schedule_chart"]
+__all__ = ["VizNode", "graph_nodes", "graph_dot", "graph_svg", "graph_html", "memory_chart", "schedule_chart",
+           "timeline_chart", "timeline_text"]
 
 log = logging.getLogger(__name__)
 
@@ -568,4 +571,30 @@ def schedule_chart(obj: Any, path: str | Path) -> Path:
                loc="outside lower center", ncols=len(kinds))
     ax.set_title(f"'{split.schedule}': {split.num_stages} stages on {split.pp_size} pp ranks, {split.microbatches} "
                  f"microbatches; bubble {bubble:.1%}\n{_title(pm)}", fontsize=9)
+    return _save(fig, path)
+
+
+
+
+def timeline_text(obj: Any, **kwargs) -> str:
+    """This rank's step as text (`Timeline.text`); kwargs: `fxpar.analysis.timeline.rank_timeline`'s."""
+    return rank_timeline(_module(obj), **kwargs).text()
+
+
+def timeline_chart(obj: Any, path: str | Path, **kwargs) -> Path:
+    """A rank's step: compute / comm lanes, op and collective bars, overlaps shaded (SVG ids '<kind>:<node>')."""
+    t = rank_timeline(_module(obj), **kwargs)
+    (k, unit), row, seen = t.unit, {lane: i for i, lane in enumerate(t.lanes)}, set()
+    ax = (fig := _figure(14.0, 0.6 * len(t.lanes) + 1.8)).add_subplot(
+        title=t.title, xlabel=f"{unit}, " + ("measured" if t.measured else "estimated (fxpar.analysis.cost)"),
+        yticks=range(len(t.lanes)), yticklabels=list(t.lanes), ylim=(len(t.lanes) - 0.5, -0.5))
+    for i, o in enumerate(t.overlaps):
+        ax.axvspan(o.start * k, o.end * k, color="#fde68a", alpha=0.5, gid=f"overlap:{o.issue}",
+                   label=None if i else "overlap (issue to wait)")
+    for b in t.bars:
+        ax.barh(row[b.lane], (b.end - b.start) * k, left=b.start * k, height=0.7, color=KIND_COLORS[b.kind],
+                edgecolor="white", linewidth=0.3, gid=f"{b.kind}:{b.node or b.label}", label=None if b.kind in seen
+                else b.kind)
+        seen.add(b.kind)
+    fig.legend(fontsize=7, loc="outside lower center", ncols=len(seen) + 1)
     return _save(fig, path)

@@ -542,3 +542,54 @@ class TitanMoEStack(nn.Module):
         for norm, moe in zip(self.norms, self.moes):
             x = x + moe(norm(x))
         return self.out(x)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand -> BN -> ReLU6 -> 3x3 depthwise (groups == channels) -> BN -> ReLU6 ->
+    1x1 project -> BN, plus the input. The depthwise conv sits between the Megatron pair's convs."""
+
+    def __init__(self, dim: int = 8, expand: int = 4) -> None:
+        super().__init__()
+        hidden = dim * expand
+        self.expand = nn.Conv2d(dim, hidden, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.dw = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False)
+        self.bn2 = nn.BatchNorm2d(hidden)
+        self.project = nn.Conv2d(hidden, dim, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu6(self.bn1(self.expand(x)))
+        h = F.relu6(self.bn2(self.dw(h)))
+        return x + self.bn3(self.project(h))
+
+
+class MobileNetLike(nn.Module):
+    """A stem, inverted residual blocks (one with a grouped, not depthwise, middle conv), pooling and a head."""
+
+    def __init__(self, dim: int = 8, blocks: int = 2, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 3, padding=1, bias=False)
+        self.blocks = nn.Sequential(*[InvertedResidual(dim) for _ in range(blocks)])
+        self.blocks[-1].dw = nn.Conv2d(4 * dim, 4 * dim, 3, padding=1, groups=4, bias=True)  # 4 groups of 8
+        self.fc = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt's block: 7x7 depthwise conv -> channels-last LayerNorm -> Linear 4x -> GELU -> Linear -> residual."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+        h = self.pwconv2(F.gelu(self.pwconv1(h)))
+        return x + h.permute(0, 3, 1, 2)

@@ -80,3 +80,75 @@ def test_a_missing_collective_at_the_end_says_so():
     with pytest.raises(fxpar.GraphInvariantError) as e:
         world.run(lambda r: pms[r](x))
     assert "(nothing: this rank has only 1 collectives on 'tp')" in str(e.value)
+
+
+# --------------------------------------------------------------------------- MoE token exchange (issue 17)
+
+
+@pytest.fixture(scope="module")
+def moe_ranks():
+    """TitanMoEStack on ep=2 in one process: each rank's module, fresh per test (`_moe()`)."""
+    from models import TitanMoEStack
+
+    def make():
+        torch.manual_seed(0)
+        x = torch.randn(4, 4, 16, dtype=torch.float64)
+        world = SimWorld({"ep": 2})
+        return world, world.parallelize(TitanMoEStack().double(), example_inputs=(x,)), x
+    return make
+
+
+def _moe_nodes(pm):
+    from fxpar.ops.moe import moe_experts
+
+    return [n for n in pm.graph_module.graph.nodes if n.target is moe_experts]
+
+
+def test_the_schedule_lists_the_all_to_alls_inside_each_moe_node(moe_ranks):
+    world, pms, x = moe_ranks()
+    sched = [s for s in collective_schedule(pms[0].graph_module, pms[0].mesh_info) if s.op == "all_to_all"]
+    # per node: counts, dispatch, combine forward; the duals of combine and dispatch backward, last node first
+    assert [(s.direction, s.node, s.splits.split(":")[0]) for s in sched] == [
+        ("forward", "moe_experts", "counts"), ("forward", "moe_experts", "dispatch"),
+        ("forward", "moe_experts", "combine"),
+        ("forward", "moe_experts_1", "counts"), ("forward", "moe_experts_1", "dispatch"),
+        ("forward", "moe_experts_1", "combine"),
+        ("backward", "moe_experts_1", "combine"), ("backward", "moe_experts_1", "dispatch"),
+        ("backward", "moe_experts", "combine"), ("backward", "moe_experts", "dispatch")]
+    assert all(s.mesh_dim == "ep" and s.group == pms[0].mesh_info.group_names[0] for s in sched)
+    assert sched[0].shape == ("4",) and sched[0].dtype == "int64" and "2 counts to each of 2" in sched[0].splits
+    assert sched[1].shape[1] == "16" and sched[1].dtype == "float64" and "2 of 4 experts" in sched[1].splits
+    assert sched[2].shape == ("R", "16")
+    fxpar.check(pms[0], ranks=pms)  # the ranks agree (at run time on gloo: tests/test_moe.py, test_comm_volume.py)
+
+
+def test_a_rank_whose_moe_node_skips_the_exchange_is_caught_by_check_and_at_the_first_forward(moe_ranks):
+    world, pms, x = moe_ranks()
+    node = _moe_nodes(pms[1])[1]
+    node.kwargs = {}  # rank 1 computes moes.1 with its own experts only, exchanging nothing
+    pms[1].graph_module.recompile()
+    with pytest.raises(fxpar.GraphInvariantError) as e:
+        fxpar.check(pms[0], ranks=pms)
+    msg = str(e.value)
+    assert "issue different collectives" in msg and "mesh dim 'ep'" in msg
+    assert "rank 0: forward all_to_all(ep) [4] int64 splits counts" in msg and "at %moe_experts_1" in msg
+    assert "rank 1: forward all_gather(ep)" in msg or "rank 1: backward" in msg, msg
+    with pytest.raises(fxpar.GraphInvariantError, match="collective order differs across the ranks of mesh dim 'ep'"):
+        world.run(lambda r: pms[r](x))
+
+
+def test_a_rank_with_another_expert_count_or_group_is_caught_naming_the_node(moe_ranks):
+    world, pms, x = moe_ranks()
+    node = _moe_nodes(pms[1])[0]
+    node.args = (*node.args[:6], 8, *node.args[7:])  # num_experts 4 -> 8 on rank 1 only
+    with pytest.raises(fxpar.GraphInvariantError) as e:
+        fxpar.check(pms[0], ranks=pms)
+    assert "%moe_experts" in str(e.value) and "routes over num_experts=8" in str(e.value)
+    assert "moes.0.experts" in str(e.value) and "recompile the module" in str(e.value)
+
+    world, pms, x = moe_ranks()
+    node = _moe_nodes(pms[1])[0]
+    node.kwargs = {**node.kwargs, "ep_group": "not-the-ep-group"}
+    with pytest.raises(fxpar.GraphInvariantError,
+                       match=r"exchanges tokens on group 'not-the-ep-group', but this rank's 'ep' group is"):
+        fxpar.check(pms[0], ranks=pms)

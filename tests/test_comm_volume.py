@@ -11,7 +11,8 @@ step on tp ranks sends exactly
 
 (`benchmarks.models.megatron_tp_bytes`), a forward alone its forward part,
 building the module sends nothing, and every sharded parameter holds exactly
-1/tp of its tensor.
+1/tp of its tensor. A MoE model on ep runs exactly the all-to-alls its
+collective schedule and explain() list for the `moe_experts` nodes, with their bytes.
 """
 
 from __future__ import annotations
@@ -123,3 +124,60 @@ def test_bytes_per_step_equal_the_megatron_formula(name, tp):
         linear = {fqn for fqn in r["shards"] if fqn.endswith("weight") and r["shards"][fqn][1] >= DIM * DIM
                   and any(k in fqn for k in ("attn", "attention", "mlp", "feed_forward"))}
         assert len(linear) >= 4 * LAYERS and linear <= sharded, sorted(linear - sharded)
+
+
+# --------------------------------------------------------------------------- MoE token exchange on ep (issue 17)
+
+
+def _moe_volume(num_experts: int) -> dict:
+    from fxpar.analysis.explain import moe_collectives
+    from fxpar.analysis.fingerprint import collective_schedule
+    from fxpar.ops.moe import moe_experts
+
+    from tests.models import TitanMoEStack, mse
+
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (2,), mesh_dim_names=("ep",))
+    torch.manual_seed(0)
+    model = TitanMoEStack(num_experts=num_experts).double()
+    x, y = torch.randn(4, 4, 16, dtype=torch.float64), torch.randn(4, 4, 16, dtype=torch.float64)
+    pm = fxpar.parallelize(model, mesh, example_inputs=(x,))
+    fxpar.check(pm)
+    with torch.no_grad():
+        pm(x)  # the fingerprint exchange
+    with fxpar.count_comms() as train:
+        pm.step(x, target=y, loss_fn=mse)
+    nodes = [n for n in pm.graph_module.graph.nodes if n.target is moe_experts]
+    static = [(c.note.split(" ")[0], c.forward_bytes, c.backward_bytes) for n in nodes for c in moe_collectives(n)]
+    sched = [(s.direction, s.splits.split(":")[0]) for s in collective_schedule(pm.graph_module, pm.mesh_info)
+             if s.op == "all_to_all"]
+    return {"run": [(r.direction, r.nbytes) for r in train if r.op == "moe_all_to_all"], "static": static,
+            "sched": sched, "explain": pm.explain()}
+
+
+@pytest.mark.parametrize("num_experts", [4, pytest.param(8, marks=pytest.mark.slow)])
+def test_moe_all_to_all_bytes_equal_the_static_accounting(num_experts):
+    """Every all-to-all the ep exchange runs is one the schedule lists, in its order, with the bytes
+    explain() gives: exact for counts, the forward dispatch and the backward combine; the combine forward
+    and dispatch backward vary with the routing, and summed over the group equal the dispatch."""
+    results = rank_pool(2).run(_moe_volume, num_experts, timeout=240)
+    layers, rows = 2, 4 * 4 // 2 * 2  # batch over ep, top-2
+    for r in results:
+        run = r["run"]
+        assert [d for d, _ in run] == ["forward"] * 3 * layers + ["backward"] * 2 * layers
+        assert [d for d, _ in r["sched"]] == [d for d, _ in run]  # one schedule entry per exchange run
+        static = r["static"]
+        assert [name for name, _, _ in static] == ["counts", "dispatch", "combine"] * layers
+        fwd, bwd = run[:3 * layers], run[3 * layers:]
+        for i in range(layers):
+            (_, counts, _), (_, dispatch, dispatch_back), (_, combine, combine_back) = static[3 * i:3 * i + 3]
+            assert fwd[3 * i][1] == counts == num_experts * 8
+            assert fwd[3 * i + 1][1] == dispatch == rows * 16 * 8
+            # the backward runs the last layer first, the combine's dual before the dispatch's
+            assert bwd[2 * (layers - 1 - i)][1] == combine_back == dispatch
+        assert f"fwd all_to_all x{3 * layers}" in r["explain"] and f"bwd all_to_all x{2 * layers}" in r["explain"]
+        assert "(inside the node: dispatch): fwd all_to_all(ep, n=2)" in r["explain"]
+    for i in range(layers):  # what the ranks received in the dispatch, they sent back in the combine
+        combine = sum(r["run"][3 * i + 2][1] for r in results)
+        dispatch = sum(r["run"][3 * i + 1][1] for r in results)
+        back = sum(r["run"][3 * layers + 2 * (layers - 1 - i) + 1][1] for r in results)
+        assert combine == dispatch == back == sum(r["static"][3 * i + 2][1] for r in results)

@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 import fxpar
 from fxpar.testing import rank_pool
-from models import ConvNet1d, ResNet, mse
+from fxpar.core.spec import get_spec
+from models import ConvNeXtBlock, ConvNet1d, MobileNetLike, ResNet, mse
 
 MODELS = {
     # name: (factory, input shape, target shape)
@@ -91,3 +92,46 @@ def test_resnet_tp_one_all_reduce_per_block():
     # and (4, 16, 2, 2), and the colwise fc's input gradient (4, 16)
     assert results[0]["all_reduce_bytes"] == {"forward": (512 * 2 + 256 * 2) * 8,
                                               "backward": (512 * 3 + 256 + 64) * 8}
+
+
+def _run_grouped(name: str, train: bool, plan) -> dict:
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
+    torch.manual_seed(0)
+    model = {"mobilenet": MobileNetLike, "convnext": ConvNeXtBlock}[name]().double().train(train)
+    x = torch.randn(4, 8 if name == "convnext" else 3, 6, 6, dtype=torch.double)
+    pm = fxpar.parallelize(model, mesh, example_inputs=(x,), plan=plan)
+    fxpar.check(pm)
+    t = torch.randn(*((4, 10) if name == "mobilenet" else x.shape), dtype=torch.double)  # no forward: BN stats
+    report = fxpar.verify(model, pm, x, target=t, loss_fn=mse)
+    groups = {str(n.target): get_spec(n).placements[0] for n in pm.graph_module.graph.nodes
+              if n.op == "get_attr" and ("dw" in str(n.target)) and get_spec(n) is not None}
+    local_groups = [n.args[6] for n in pm.graph_module.graph.nodes
+                    if n.target == torch.ops.aten.conv2d.default and len(n.args) > 6 and n.args[6] > 1]
+    return {"ok": report.ok, "report": str(report), "placements": {k: str(v) for k, v in groups.items()},
+            "local_groups": local_groups,
+            "fraction": sum(p.numel() for p in pm.parameters()) / sum(p.numel() for p in model.parameters())}
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_depthwise_and_grouped_convs_shard_by_groups_inside_a_pair(train):
+    """MobileNet's inverted residuals at tp=2: the depthwise (32 groups) and grouped (4 groups) convs
+    between the 1x1 expand (colwise) and project (rowwise) convs run on each rank's groups."""
+    results = rank_pool(2).run(_run_grouped, "mobilenet", train, None)
+    for rank, r in enumerate(results):
+        assert r["ok"], f"rank {rank}:\n{r['report']}"
+    r = results[0]
+    assert r["placements"] == {"blocks.0.dw.weight": "S(0)", "blocks.1.dw.weight": "S(0)",
+                               "blocks.1.dw.bias": "S(0)"}, r["placements"]
+    assert r["local_groups"] == [16, 2]  # 32 / 2 depthwise, 4 / 2 grouped
+    assert r["fraction"] <= 0.55, r["fraction"]
+
+
+def test_convnext_depthwise_conv_colwise_by_plan():
+    """A depthwise conv before a channels-last LayerNorm, sharded by the plan: its channels are
+    gathered for the norm; exact in float64."""
+    results = rank_pool(2).run(_run_grouped, "convnext", True, {"dwconv": "colwise", "pwconv1": "colwise",
+                                                                "pwconv2": "rowwise"})
+    for rank, r in enumerate(results):
+        assert r["ok"], f"rank {rank}:\n{r['report']}"
+    assert results[0]["placements"] == {"dwconv.weight": "S(0)", "dwconv.bias": "S(0)"}
+    assert results[0]["local_groups"] == [4]

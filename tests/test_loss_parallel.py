@@ -39,13 +39,13 @@ def _data():
     return ids, target
 
 
-def _run(mesh: dict, plan: fxpar.Plan):
+def _run(mesh: dict, plan: fxpar.Plan, loss=ce):
     """(model, every rank's (loss, full grads, model output), collectives run, rank 0's module)."""
     torch.manual_seed(0)
     model = tiny_gpt2(dtype=torch.float64, vocab_size=VOCAB)
     ids, target = _data()
     with SimWorld(mesh) as world:
-        pms = simulate_parallelize(model, world, example_inputs=(ids,), plan=plan, loss_fn=ce, example_target=target,
+        pms = simulate_parallelize(model, world, example_inputs=(ids,), plan=plan, loss_fn=loss, example_target=target,
                                    check=True)
         for pm in pms:  # forward's graph (the model alone), compiled here: capture is not thread-safe
             pm.model_graph_module()
@@ -63,9 +63,9 @@ def _run(mesh: dict, plan: fxpar.Plan):
     return model, [(*r, out) for r, out in zip(results, logits)], records, pms[0]
 
 
-def _check_equal(model, results):
+def _check_equal(model, results, loss=ce):
     ids, target = _data()
-    ref = ce(model(ids), target)
+    ref = loss(model(ids), target)
     ref.backward()
     for loss, grads, logits in results:
         torch.testing.assert_close(loss, ref.detach(), rtol=1e-10, atol=0)
@@ -75,7 +75,7 @@ def _check_equal(model, results):
             torch.testing.assert_close(g, model.get_parameter(fqn).grad, rtol=1e-10, atol=1e-13, msg=fqn)
 
 
-def _check_bytes(records, pm):
+def _check_bytes(records, pm, *, explained=True):
     full_logits = B * T * VOCAB * 8
     forward_all_reduces = [r.nbytes for r in records if r.direction == "forward" and r.op == "all_reduce"]
     assert forward_all_reduces and max(forward_all_reduces) <= 1024, forward_all_reduces
@@ -92,7 +92,8 @@ def _check_bytes(records, pm):
     # Megatron-SP: the backward of the gather before a column-parallel matmul is a reduce-scatter
     assert all(c.backward_op == "reduce_scatter" for c in static if c.op == "sp_all_gather")
     text = pm.explain()
-    assert "all_reduce_max" in text and "cross-entropy on vocab shards" in text and "Sequence parallel: on" in text
+    assert "all_reduce_max" in text and "Sequence parallel: on" in text
+    assert not explained or "cross-entropy on vocab shards" in text
 
 
 PLAN = dict(auto_tp=True, sequence_parallel=True, loss_parallel=True)
@@ -111,6 +112,37 @@ def test_gpt2_dp2_tp2_sequence_and_loss_parallel_equal_one_process():
     _check_bytes(records, pm)
     # the batch stays sharded on dp: only the loss's sum and count cross dp in the forward
     assert all(r.nbytes <= 8 for r in records if r.direction == "forward" and r.mesh_dim == "dp")
+
+
+def nll_of_log_softmax(out, target):
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    return F.nll_loss(F.log_softmax(logits, -1).reshape(-1, VOCAB), target.reshape(-1))
+
+
+def nll_of_flat_log_softmax_sum(out, target):
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    return F.nll_loss(logits.reshape(-1, VOCAB).log_softmax(dim=1), target.reshape(-1), reduction="sum")
+
+
+def gathered_log_probs(out, target):
+    """`logits.log_softmax(-1).gather(...)`: the pick written by hand, ignored positions masked."""
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    valid = target != -100
+    picked = logits.log_softmax(-1).gather(-1, (target * valid).unsqueeze(-1)).squeeze(-1)
+    return -(picked * valid).sum() / valid.sum()
+
+
+@pytest.mark.parametrize("loss", [nll_of_log_softmax, nll_of_flat_log_softmax_sum, gathered_log_probs],
+                         ids=lambda f: f.__name__)
+def test_hand_written_log_softmax_losses_run_on_vocab_shards(loss):
+    """nll_loss(log_softmax(..)) and log_softmax(..).gather(..) at tp=2 with SP and LP: exact, logits never gathered."""
+    model, results, records, pm = _run({"tp": 2}, fxpar.Plan(**PLAN), loss)
+    _check_equal(model, results, loss)
+    _check_bytes(records, pm, explained=False)
+    gm = pm.graph_module
+    assert not any(n.target in (torch.ops.aten.log_softmax.int, torch.ops.aten._log_softmax.default,
+                                torch.ops.aten.nll_loss_nd.default) for n in gm.graph.nodes)
+    assert any(n.target == torch.ops.fxpar.vocab_parallel_gather.default for n in gm.graph.nodes)
 
 
 def test_loss_parallel_is_automatic_and_can_be_turned_off():

@@ -190,3 +190,30 @@ def test_router_aux_loss_exact_at_dp_x_ep():
         assert r["ok"], r["report"]
         got, want = r["aux"]
         assert got == pytest.approx(want, rel=1e-12) and want > 0
+
+
+def test_the_ep_exchange_is_listed_in_explain_the_schedule_and_the_timeline():
+    """A dry run at ep=4: every moe_experts node's three all-to-alls, with bytes from its arguments."""
+    from fxpar.analysis.fingerprint import collective_schedule
+    from fxpar.analysis.timeline import rank_timeline
+    from fxpar.core.fmt import fmt_bytes
+
+    x, _, _ = inputs("titan")
+    report = fxpar.plan(TitanMoEStack(num_experts=8).double(), {"ep": 4}, example_inputs=(x,))
+    gm = report.graph_module
+    fused = [n.name for n in gm.graph.nodes if n.target is moe_experts]
+    assert len(fused) == 2
+    sched = [s for s in collective_schedule(gm, report.module.mesh_info) if s.op == "all_to_all"]
+    assert len(sched) == 5 * 2 and {s.node for s in sched} == set(fused) and all(s.mesh_dim == "ep" for s in sched)
+    rows = 16 // 4 * 2  # 16 tokens over ep=4, top-2
+    text = report.explain()
+    for name in fused:
+        assert f"%{name} [moes.{fused.index(name)}.experts] (inside the node: counts): fwd all_to_all(ep, n=4) 64 B; " \
+               "bwd none" in text
+        size = fmt_bytes(rows * 16 * 8)  # (T k, H) float64 rows
+        assert f"%{name} [moes.{fused.index(name)}.experts] (inside the node: dispatch): fwd all_to_all(ep, n=4) " \
+               f"{size}; bwd all_to_all {size}" in text
+    assert "fwd all_to_all x6" in text and "bwd all_to_all x4" in text
+    bars = [b for b in rank_timeline(report.module).lane("comm") if b.node in fused]
+    assert [b.label.split()[-1] for b in bars if "(dual)" not in b.label] == ["counts", "dispatch", "combine"] * 2
+    assert sum("(dual)" in b.label for b in bars) == 4 and all(b.nbytes > 0 for b in bars)

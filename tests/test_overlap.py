@@ -10,9 +10,11 @@ import torch
 import torch.distributed as dist
 
 import fxpar
-from fxpar.runtime.fsdp_state import overlap_stats
+from fxpar.core.spec import get_info
+from fxpar.runtime.fsdp_state import begin_forward, overlap_stats
 from fxpar.testing import rank_pool
-from tests.models import MLPStack, mse
+from fxpar.testing.memory import LiveBytes
+from tests.models import BlockStack, MLPStack, mse
 
 PREFETCH = torch.ops.fxpar.fsdp_prefetch.default
 GATHER = torch.ops.fxpar.fsdp_all_gather.default
@@ -98,3 +100,114 @@ def test_overlap_fsdp2_x_tp2_is_bit_equal():
         assert r["worst_grad"] == 0.0 and r["same_losses"] and r["out"] == 0.0 and r["ok"], r
         assert r["same_comms"] and r["issues"] == (0, 3), r
 
+
+
+def _prefetch_then_gather_another():
+    """A prefetch of shard `a`, then the gather of `b`: another tensor at the same address, shape and
+    version counter (a's transpose). The gather must not take a's prefetched gather."""
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (2,), mesh_dim_names=("fsdp",))
+    group = mesh.get_group("fsdp").group_name
+    rank = dist.get_rank()
+    a = torch.arange(16, dtype=torch.float64).reshape(4, 4) + 100 * rank
+    b = a.t()
+    assert b.data_ptr() == a.data_ptr() and b.shape == a.shape and b._version == a._version
+    overlap_stats(reset=True)
+    torch.ops.fxpar.fsdp_prefetch([a], 0, 2, group, "fsdp", None)
+    got = torch.ops.fxpar.fsdp_all_gather(b, 0, 2, group, "fsdp")
+    expected = torch.cat([b + 100 * (r - rank) for r in range(2)])
+    stats = overlap_stats(reset=True)
+    begin_forward()  # a's gather, still pending, is waited and dropped as the next forward starts
+    return dict(diff=float((got - expected).abs().max()), stats=stats, dropped=overlap_stats(reset=True))
+
+
+def test_prefetch_is_taken_only_by_its_own_shard():
+    for r in rank_pool(2).run(_prefetch_then_gather_another):
+        assert r["diff"] == 0.0, r  # keyed by data pointer, the gather of b returned a's rows
+        assert r["stats"] == {"prefetched forward": 1} and r["dropped"] == {"stale": 1}, r
+
+
+def _stale_prefetch_across_forwards(fsdp_unit):
+    """A prefetch no forward took (issued outside one: as a forward that raised before its waits leaves
+    it), then the shards change through `.data` (no version bump): the next forward gathers them anew."""
+    torch.manual_seed(0)
+    model = MLPStack(16, 32, 4).double()
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (2,), mesh_dim_names=("fsdp",))
+    group = mesh.get_group("fsdp").group_name
+    x = torch.randn(8, 16, dtype=torch.float64)
+    pm = fxpar.parallelize(model, mesh, example_inputs=(x,), fsdp_unit=fsdp_unit)
+    gm = pm.graph_module
+    gathers = [n for n in gm.graph.nodes if n.target is GATHER]
+    unit = [n for n in gathers if get_info(n).fsdp_bucket == get_info(gathers[0]).fsdp_bucket]
+    shards = [gm.get_parameter(str(n.args[0].target)) for n in (unit[:1] if fsdp_unit == "param" else unit)]
+    overlap_stats(reset=True)
+    torch.ops.fxpar.fsdp_prefetch(shards, 0, 2, group, "fsdp", None)  # the first unit: the graph never prefetches it
+    if fsdp_unit == "block":  # the block gathered, one parameter taken: the others wait in the bucket
+        torch.ops.fxpar.fsdp_all_gather(shards[-1], 0, 2, group, "fsdp")
+    with torch.no_grad():
+        for s in shards:
+            s.data.mul_(2)  # through .data: the shard's version counter does not move
+    out = pm(x).detach()
+    stats = overlap_stats(reset=True)
+    return dict(diff=float((out - pm(x).detach()).abs().max()), stats=stats)
+
+
+@pytest.mark.parametrize("fsdp_unit", ["param", "block"])
+def test_prefetch_left_by_an_earlier_forward_is_not_taken(fsdp_unit):
+    for r in rank_pool(2).run(_stale_prefetch_across_forwards, fsdp_unit):
+        assert r["diff"] == 0.0, r  # the first forward used the gather of the shards before they changed
+        assert r["stats"].get("stale") == 1, r
+
+
+# Bytes a step may hold with overlap beyond without it (`LiveBytes` counts storages: deterministic).
+# What it allows is small per-step bookkeeping, not a block: one block of the model below gathered is
+# (2 * 64 * 256 + 256 + 3 * 64) * 8 bytes = 260 KiB (float64).
+PEAK_SLACK = 16 * 1024
+
+
+def _step_peaks():
+    model = BlockStack(4, 64, 256, seed=0).double()
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (2,), mesh_dim_names=("fsdp",))
+    x, y = torch.randn(256, 64, dtype=torch.float64), torch.randn(256, 64, dtype=torch.float64)
+    out = {}
+    for overlap in (False, True):
+        pm = fxpar.parallelize(model, mesh, example_inputs=(x,), input_layout="local", overlap=overlap)
+        pm.step(x, target=y, loss_fn=mse)  # first step: fingerprints, lazily built state
+        pm.zero_grad(set_to_none=True)
+        overlap_stats(reset=True)
+        with LiveBytes() as mem:
+            pm.step(x, target=y, loss_fn=mse)
+        out[overlap] = dict(peak=mem.peak, stats=overlap_stats(reset=True),
+                            grads=[p.grad.clone() for p in pm.parameters()])
+    worst = max(float((a - b).abs().max()) for a, b in zip(out[False]["grads"], out[True]["grads"]))
+    return dict(peaks=(out[False]["peak"], out[True]["peak"]), stats=out[True]["stats"], worst=worst)
+
+
+def test_overlap_keeps_the_step_peak_of_waiting():
+    """A prefetched re-gather issued at the top of a block's backward (all its activations alive) held two
+    blocks gathered at the step's peak; the block's whole gradient buffer, allocated at its first gradient,
+    held the rest of its gradient there too."""
+    for r in rank_pool(2).run(_step_peaks):
+        waiting, overlapped = r["peaks"]
+        assert overlapped <= waiting + PEAK_SLACK, r
+        assert r["worst"] == 0.0, r
+        assert r["stats"].get("prefetched backward") == 3 and r["stats"].get("reduce_scatter waited late") == 3, r
+
+
+def _bucket_of_another():
+    """The gather of a registered bucket shard's transpose (same address, shape and version counter) is
+    not handed to the bucket: it is gathered as itself."""
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (2,), mesh_dim_names=("fsdp",))
+    x = torch.randn(8, 16, dtype=torch.float64)
+    pm = fxpar.parallelize(MLPStack(16, 32, 2).double(), mesh, example_inputs=(x,))  # up: (32, 16) -> (16, 16)
+    group = mesh.get_group("fsdp").group_name
+    square = next(p for p in pm.parameters() if p.dim() == 2 and p.size(0) == p.size(1))
+    b = square.detach().t()
+    got = torch.ops.fxpar.fsdp_all_gather(b, 0, 2, group, "fsdp")
+    expected = torch.empty(2 * b.size(0), b.size(1), dtype=b.dtype)
+    dist.all_gather_into_tensor(expected, b.contiguous())
+    return float((got - expected).abs().max())
+
+
+def test_bucket_takes_only_its_own_shards():
+    for diff in rank_pool(2).run(_bucket_of_another):
+        assert diff == 0.0  # keyed by data pointer, the transpose was gathered as the registered shard

@@ -141,3 +141,129 @@ def test_readme_shows_pictures_that_render():
         else:
             ET.parse(path)
     ET.parse(root / "docs/img/mlp_graph.svg")
+
+
+# --------------------------------------------------------------------------- the step timeline
+
+def _xs(g: ET.Element) -> tuple[float, float]:
+    """The x extent of a matplotlib patch group (its path's coordinates)."""
+    import re
+
+    d = g.find(f".//{SVG}path").get("d")
+    nums = [float(v) for v in re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", d)]
+    return min(nums[0::2]), max(nums[0::2])
+
+
+@pytest.fixture(scope="module")
+def fsdp_overlap():
+    return fxpar.plan(BlockStack(), {"fsdp": 2}, example_inputs=(torch.randn(8, 4, 32),))
+
+
+def test_timeline_shows_each_prefetch_running_under_the_block_before(fsdp_overlap, tmp_path):
+    from fxpar.analysis.timeline import rank_timeline
+
+    t = rank_timeline(fsdp_overlap.module)
+    assert t.lanes == ("compute", "comm")
+    gm = fsdp_overlap.graph_module
+    forward = [b for b in t.lane("compute") if b.kind == "forward"]
+    matmuls = (torch.ops.aten.linear.default, torch.ops.aten.addmm.default)
+    linears = [n.name for n in gm.graph.nodes if n.target in matmuls]
+    assert len(linears) == 8 and set(linears) <= {b.node for b in forward}  # every block's two matmuls are bars
+    assert len([b for b in t.lane("compute") if b.kind == "backward"]) == len(forward)  # the backward replays them
+    issued = [b for b in t.lane("comm") if b.kind == "issued"]
+    assert [b.node for b in issued] == ["prefetch_blocks_1", "prefetch_blocks_2", "prefetch_blocks_3"]
+    assert len(t.overlaps) == 3
+    for k, o in enumerate(t.overlaps):
+        # the gather of block k+1 is in flight from its issue to its wait, and block k computes meanwhile
+        assert o.issue == f"%prefetch_blocks_{k + 1}" and o.wait == f"%fsdpgather_blocks_{k + 1}_norm_weight"
+        assert o.start == issued[k].start < o.end
+        block = {b.node for b in forward if b.module.startswith(f"blocks.{k}")}
+        assert set(o.ops) == block and len(block) >= 5, (o.ops, block)
+        assert {n for n in linears if get_module(gm, n).startswith(f"blocks.{k}.")} <= set(o.ops)
+        assert all(o.start <= b.start and b.end <= o.end + 1e-15 for b in forward if b.node in o.ops)
+    # an unissued unit (block 0) blocks the compute lane: nothing computes before its gather ends
+    first = t.lane("comm")[0]
+    assert first.kind == "collective" and "of blocks.0" in first.label and forward[0].start >= first.end
+
+    text = viz.timeline_text(fsdp_overlap)
+    assert "all_gather(fsdp) of blocks.1: issued at %prefetch_blocks_1" in text
+    assert "under it 5 ops of blocks.0.norm, blocks.0.up" in text and "compute |" in text and "comm |" in text
+
+    root = ET.parse(viz.timeline_chart(fsdp_overlap, tmp_path / "step.svg")).getroot()
+    groups = {g.get("id"): g for g in root.iter(f"{SVG}g") if ":" in (g.get("id") or "")}
+    assert sum(i.startswith("forward:") for i in groups) == len({b.node for b in forward})
+    assert sum(i.startswith("issued:") for i in groups) == 3 and any(i.startswith("backward:") for i in groups)
+    lo, hi = _xs(groups["overlap:%prefetch_blocks_1"])
+    for op in t.overlaps[0].ops:  # the shaded window covers block 0's bars, not block 1's
+        a, b = _xs(groups[f"forward:{op}"])
+        assert lo - 1e-6 <= a and b <= hi + 1e-6, op
+    outside = next(b.node for b in forward if b.module.startswith("blocks.1"))
+    assert _xs(groups[f"forward:{outside}"])[0] >= hi - 1e-6
+    png = viz.timeline_chart(fsdp_overlap, tmp_path / "step.png")
+    import matplotlib.image
+
+    assert matplotlib.image.imread(png).shape[1] > 800
+
+
+def get_module(gm, name: str) -> str:
+    node = next(n for n in gm.graph.nodes if n.name == name)
+    return node.meta["fxpar"].module_fqn
+
+
+def test_timeline_runs_data_parallel_buckets_under_the_rest_of_the_backward():
+    from fxpar.analysis.timeline import rank_timeline
+
+    with torch.device("meta"):  # 16 MiB weights: one 25 MB bucket each
+        model = BlockStack(depth=2, dim=1024, hidden=4096)
+    report = fxpar.plan(model, {"dp": 2}, example_inputs=(torch.randn(8, 4, 1024, device="meta"),))
+    t = rank_timeline(report.module)
+    buckets = [b for b in t.lane("comm") if b.kind == "bucket"]
+    syncs = {n.meta["fxpar"].grad_sync.bucket for n in report.graph_module.graph.nodes
+             if n.op == "get_attr" and n.meta["fxpar"].grad_sync is not None}
+    assert len(buckets) == len(syncs) >= 3
+    backward = [b for b in t.lane("compute") if b.kind == "backward"]
+    # the first bucket (the last block's gradients) is in flight while block 0's backward runs
+    assert buckets[0].start < backward[-1].end
+    first = next(o for o in t.overlaps if o.collective == buckets[0].label)
+    assert first.ops and all(b.kind == "backward" for b in backward if b.node in first.ops)
+    assert any(m.startswith("blocks.0") for m in first.modules)
+    assert "bucket 0" in buckets[0].label and buckets[0].nbytes >= 16 * 2**20
+    assert t.makespan >= max(b.end for b in buckets)  # the step waits for every bucket
+    assert "grad all_reduce(dp) bucket 0: issued at its last gradient" in t.text()
+    text = report.explain()  # explain() says the same from graph order
+    assert "Overlap of the data-parallel gradient buckets" in text
+    assert "grad all_reduce(dp) bucket 0 (16.00 MiB): issued after the backward of %linear_" in text
+    section = text.split("Overlap of the data-parallel gradient buckets")[1].split("\n\n")[0].splitlines()[1:]
+    assert len(section) == len(buckets) and "ops of blocks.0.norm, blocks.0.up" in section[0]
+    assert "overlaps nothing: the step waits for it at the end of the backward" in section[-1]
+
+
+def test_timeline_of_a_pipeline_has_lanes_per_pp_rank(pipelined, tmp_path):
+    from fxpar.analysis.timeline import rank_timeline
+
+    t = rank_timeline(pipelined.module)
+    split = fxpar.core.stages.stage_info(pipelined.graph_module)
+    assert t.lanes == ("pp0 compute", "pp0 comm", "pp1 compute", "pp1 comm")
+    f = [b for b in t.bars if b.kind == "forward"]
+    assert len(f) == len([b for b in t.bars if b.kind == "backward"]) == split.num_stages * split.microbatches
+    sends = [b for b in t.bars if b.kind == "p2p"]
+    assert len(sends) == 2 * (split.num_stages - 1) * split.microbatches and all(b.nbytes > 0 for b in sends)
+    assert all(s.lane == "pp0 comm" for s in sends if "activation" in s.label)
+    assert "bubble 33.3%" in t.title
+    root = ET.parse(viz.timeline_chart(pipelined, tmp_path / "pp.svg")).getroot()
+    ids = [g.get("id") for g in root.iter(f"{SVG}g") if ":" in (g.get("id") or "")]
+    assert sum(i.startswith("forward:F") for i in ids) == len(f)
+    assert sum(i.startswith("p2p:") for i in ids) == len(sends)
+
+
+def test_timeline_takes_measured_times(fsdp_overlap):
+    from fxpar.analysis.timeline import rank_timeline
+
+    t0 = rank_timeline(fsdp_overlap.module)
+    op = next(b for b in t0.lane("compute") if b.kind == "forward")
+    t = rank_timeline(fsdp_overlap.module, profile={op.node: 1e-3, f"{op.node}.backward": 5e-3}, backward=True)
+    bars = {(b.kind, b.node): b for b in t.lane("compute")}
+    assert bars[("forward", op.node)].end - bars[("forward", op.node)].start == pytest.approx(1e-3)
+    assert bars[("backward", op.node)].end - bars[("backward", op.node)].start == pytest.approx(5e-3)
+    assert t.measured and "measured (profile)" in t.text() and t.unit == (1e3, "ms")
+    assert not [b for b in rank_timeline(fsdp_overlap.module, backward=False).bars if b.kind == "backward"]

@@ -19,20 +19,23 @@ import torch
 import torch.fx as fx
 
 from fxpar._torch.fx import pytree
+from fxpar.analysis.fingerprint import moe_ep_exchanges
 from fxpar.analysis.fsdp import bucket_groups
 from fxpar.analysis.overlap import overlap_lines
-from fxpar.analysis.memory import grad_sync_lines, memory_lines, memory_per_rank
+from fxpar.analysis.memory import grad_sync_lines, memory_lines, memory_per_rank, tensor_key
 from fxpar.analysis.schedule import explain_stages, pipeline_order_of
+from fxpar.core.dataflow import attr_of
 from fxpar.core.errors import block_of
 from fxpar.analysis.plan_io import full_mesh
+from fxpar.analysis.replicated import replicated_lines
 from fxpar.core.fmt import fmt_bytes, natural_key
-from fxpar.core.spec import SIZE_BINDINGS, TensorSpec, get_info, placements_str, size_hint
+from fxpar.core.spec import SIZE_BINDINGS, TensorSpec, get_info, placements_str
 from fxpar.core.stages import stage_info
 from fxpar.ops.collectives import BACKWARD_OF, COLLECTIVE_OPS
 from fxpar.ops.transitions import collective_args
-from fxpar.ops.moe import moe_all_to_all_bytes, moe_experts
+from fxpar.ops.moe import moe_experts
 
-__all__ = ["CollectiveInfo", "collectives", "param_memory", "explain"]
+__all__ = ["CollectiveInfo", "collectives", "moe_collectives", "param_memory", "explain"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class CollectiveInfo:
     forward_bytes: int
     backward_op: str | None
     backward_bytes: int
+    note: str = ""  # what a collective inside an op is ('counts', 'dispatch' or 'combine' of a MoE node)
 
 
 def _payload(op: str, spec: TensorSpec, n: int) -> int:
@@ -59,10 +63,29 @@ def _payload(op: str, spec: TensorSpec, n: int) -> int:
     return local
 
 
-def collectives(gm: fx.GraphModule, mesh) -> list[CollectiveInfo]:
-    """Every fxpar collective in graph order, with bytes per step at the example sizes."""
+def moe_collectives(node: fx.Node) -> list[CollectiveInfo]:
+    """The ep all-to-alls inside one `moe_experts` node (fxpar.ops.moe), each with its backward dual; [] off ep."""
+    exchanges = moe_ep_exchanges(node)
+    if not exchanges:
+        return []
+    info, n, dim = get_info(node), node.kwargs["ep_size"], node.kwargs.get("ep_mesh_dim", "ep")
+    dual = {e.name: e for e in exchanges if e.direction == "backward"}
+    return [CollectiveInfo(node.name, "all_to_all", dim, n, info.module_fqn if info is not None else "", e.nbytes,
+                           "all_to_all" if e.name in dual else None, dual[e.name].nbytes if e.name in dual else 0,
+                           note=e.name + (" (balanced routing)" if e.name == "combine" else ""))
+            for e in exchanges if e.direction == "forward"]
+
+
+def collectives(gm: fx.GraphModule, mesh, *, moe: bool = False) -> list[CollectiveInfo]:
+    """Every fxpar collective in graph order, with bytes per step at the example sizes.
+
+    With moe=True, also the all-to-alls a `moe_experts` node issues inside itself on ep (`moe_collectives`).
+    """
     out = []
     for node in gm.graph.nodes:
+        if moe and node.op == "call_function" and node.target is moe_experts:
+            out.extend(moe_collectives(node))
+            continue
         if node.op != "call_function" or node.target not in COLLECTIVE_OPS:
             continue
         op = COLLECTIVE_OPS[node.target]
@@ -84,15 +107,19 @@ def param_memory(gm: fx.GraphModule) -> tuple[int, int]:
     """(full bytes of all parameters, bytes this rank holds), tied tensors counted once."""
     full = local = 0
     seen = set()
-    for node in gm.graph.nodes:
-        if node.op != "get_attr" or id(node) in seen:
-            continue
+    # a tied weight is one tensor under two FQNs; the get_attr of the name the graph no longer reads
+    # may carry a stale (replicated) spec, so live nodes count first and the tensor decides its size
+    for node in sorted((n for n in gm.graph.nodes if n.op == "get_attr"), key=lambda n: not n.users):
         info = get_info(node)
         if info is None or not isinstance(info.spec, TensorSpec) or info.role != "param":
             continue
-        seen.add(id(node))
+        t = attr_of(gm, node.target)
+        key = tensor_key(t) if isinstance(t, torch.Tensor) else (id(node),)
+        if key in seen:
+            continue
+        seen.add(key)
         full += info.spec.nbytes()
-        local += info.spec.nbytes(local=True)
+        local += t.numel() * t.element_size() if isinstance(t, torch.Tensor) else info.spec.nbytes(local=True)
     return full, local
 
 
@@ -208,23 +235,47 @@ def _expert_lines(graphs: list[fx.GraphModule]) -> list[str]:
         for n in g.graph.nodes:
             if n.target is not moe_experts:
                 continue
-            x, idx, down = n.args[0].meta["val"], n.args[1].meta["val"], n.args[5]
+            down = n.args[5]
             info, ep = get_info(down), n.kwargs.get("ep_size", 1)
             where = info.style if info is not None and info.style else "experts: see the parameters above"
-            tokens = int(size_hint(x.shape[0]))
             if ep > 1:
-                local = tokens  # x's rows here are this rank's tokens (the spec's local shape)
-                xs = get_info(n.args[0])
-                if xs is not None and xs.spec is not None:
-                    local = int(size_hint(xs.spec.local_shape[0]))
-                nbytes = moe_all_to_all_bytes(local, int(size_hint(idx.shape[1])), int(size_hint(x.shape[1])),
-                                              x.dtype.itemsize, ep)
-                comm = (f"all_to_all({n.kwargs['ep_mesh_dim']}, n={ep}) dispatch + combine "
-                        f"~{fmt_bytes(nbytes)} fwd, the same bwd (balanced routing; the real split follows the router)")
+                parts = moe_collectives(n)
+                fwd, bwd = sum(c.forward_bytes for c in parts), sum(c.backward_bytes for c in parts)
+                comm = (f"all_to_all({n.kwargs['ep_mesh_dim']}, n={ep}) dispatch + combine (+ counts) inside the "
+                        f"node: {fmt_bytes(fwd)} fwd, {fmt_bytes(bwd)} bwd (combine at balanced routing; the real "
+                        "split follows the router)")
             else:
                 comm = "no token exchange"
             lines.append(f"  %{n.name} [{get_info(n).module_fqn if get_info(n) else ''}]: {where}; {comm}")
     return ["", "Experts (fused MoE nodes):", *lines] if lines else []
+
+
+def _bucket_overlap_lines(gm: fx.GraphModule) -> list[str]:
+    """Each data-parallel gradient bucket and the backward it runs under: the ops before its parameters'
+    first use in graph order, whose backward runs after the bucket's last gradient is produced."""
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    fill: dict[tuple, list] = {}  # bucket -> [first use of its earliest parameter, bytes]
+    for node in nodes:
+        info = get_info(node)
+        sync = info.grad_sync if info is not None and node.op == "get_attr" else None
+        if not sync or not node.users or not isinstance(info.spec, TensorSpec):
+            continue
+        entry = fill.setdefault((sync.bucket, sync.dims), [len(nodes), 0])
+        entry[0] = min(entry[0], min(order[u] for u in node.users))
+        entry[1] += info.spec.nbytes(local=True)
+    out = []
+    for (bucket, dims), (first, nbytes) in sorted(fill.items()):
+        under = [n for n in nodes[:first] if n.op == "call_function" and n.target not in COLLECTIVE_OPS
+                 and isinstance(n.meta.get("val"), torch.Tensor)]
+        modules = list(dict.fromkeys((get_info(n).module_fqn if get_info(n) else "") or "<root>" for n in under))
+        shown = ", ".join(modules[:4]) + (f", ... ({len(modules)} modules)" if len(modules) > 4 else "")
+        what = f"overlaps the backward of {len(under)} ops of {shown}" if under else \
+            "overlaps nothing: the step waits for it at the end of the backward"
+        out.append(f"  grad all_reduce({', '.join(dims)}) bucket {bucket} ({fmt_bytes(nbytes)}): issued after the "
+                   f"backward of %{nodes[first].name}; {what}")
+    return ["", "Overlap of the data-parallel gradient buckets (backward, fxpar.runtime.grad_sync):", *out] \
+        if out else []
 
 
 def _loss_lines(pm, graphs: list[fx.GraphModule]) -> list[str]:
@@ -250,6 +301,7 @@ def explain(pm, *inputs, **kwargs) -> str:
     gm = pm.graph_module
     graphs = _graphs(pm)
     mesh = pm.mesh_info
+    split = stage_info(gm)
     whole = ", ".join(f"{name}={size}" for name, size in full_mesh(pm))  # pp included
     lines = [f"fxpar plan for {gm.meta['fxpar'].model_class} on mesh ({whole})"]
     lines.extend(_training_lines(gm, graphs))
@@ -277,15 +329,19 @@ def explain(pm, *inputs, **kwargs) -> str:
             ", ".join(f"{name} {st}" for name, st in styles[module].items())
         lines.append(f"  {module or '<root>'}: {style}; " + ", ".join(by_module[module]))
 
-    colls = [c for g in graphs for c in collectives(g, mesh)]
+    colls = [c for g in graphs for c in collectives(g, mesh, moe=True)]
     lines.append("")
-    lines.append(f"Collectives ({len(colls)} nodes; bytes are each rank's payload per step at the example sizes):")
+    inside = sum(bool(c.note) for c in colls)
+    inside = f", {inside} all_to_all inside MoE nodes" if inside else ""
+    lines.append(f"Collectives ({len(colls) - sum(bool(c.note) for c in colls)} nodes{inside}; bytes are each rank's "
+                 "payload per step at the example sizes):")
     fwd_total = bwd_total = 0
     for c in colls:
         fwd = f"fwd {c.op}({c.mesh_dim}, n={c.group_size}) {fmt_bytes(c.forward_bytes)}" if c.forward_bytes \
             else f"fwd {c.op} (no communication)"
         bwd = f"bwd {c.backward_op} {fmt_bytes(c.backward_bytes)}" if c.backward_op else "bwd none"
-        lines.append(f"  %{c.node} [{c.module or '<root>'}]: {fwd}; {bwd}")
+        inside = f" (inside the node: {c.note})" if c.note else ""
+        lines.append(f"  %{c.node} [{c.module or '<root>'}]{inside}: {fwd}; {bwd}")
         fwd_total += c.forward_bytes
         bwd_total += c.backward_bytes
     counts = defaultdict(int)
@@ -305,8 +361,11 @@ def explain(pm, *inputs, **kwargs) -> str:
     lines.append("")
     ratio = local / full if full else 1.0
     lines.append(f"Parameter memory per rank: {fmt_bytes(local)} of {fmt_bytes(full)} total ({ratio:.3f} of the model)")
+    lines.extend(replicated_lines(graphs, mesh))
     lines.extend(memory_lines(memory_per_rank(pm)))
     lines.extend(grad_sync_lines(pm))
+    if split is None:
+        lines.extend(_bucket_overlap_lines(gm))
     lines.extend(_fsdp_unit_lines(graphs))
     for g in graphs:
         lines.extend(overlap_lines(g))
@@ -318,7 +377,6 @@ def explain(pm, *inputs, **kwargs) -> str:
     for n, info in fallbacks:
         lines.append(f"  %{n.name} {n.target} in '{info.module_fqn or '<root>'}'")
 
-    split = stage_info(gm)
     if split is not None:
         lines.append("")
         lines.extend(explain_stages(split, pipeline_order=pipeline_order_of(pm)))

@@ -12,6 +12,14 @@ the order can be compared before anything runs:
                             then the communicating backward duals in reverse order
     fingerprint           = (len(schedule), blake2b(schedule))
 
+A `moe_experts` node with experts split over ep (`fxpar.ops.moe`) exchanges its
+tokens inside itself; its all-to-alls are in the schedule all the same, from its
+arguments (`fxpar.ops.moe.ep_exchanges`): counts, dispatch and combine on the ep
+dim where the node stands, their duals in the backward, each with its split-size
+structure (so two ranks that disagree on the experts per rank or the routed rows
+differ). A node whose ep group or size is not the mesh's for that dim is an error
+at once: its members would never meet.
+
 `exchange` runs on a ParallelModule's first forward: one all_gather of the
 16-byte fingerprint per mesh dim. Only when fingerprints differ do two more
 all_gathers follow (every entry's hash, then the text of the first differing
@@ -33,14 +41,16 @@ import torch
 import torch.fx as fx
 
 from fxpar._torch.c10d import functional, resolve_process_group
-from fxpar.core.errors import GraphInvariantError
+from fxpar.core.errors import GraphInvariantError, node_context
 from fxpar.core.mesh import MeshInfo
-from fxpar.core.spec import TensorSpec, get_info
+from fxpar.core.spec import TensorSpec, get_info, size_hint
 from fxpar.ops.collectives import BACKWARD_OF, COLLECTIVE_OPS
+from fxpar.ops.moe import ep_exchanges, moe_experts
 from fxpar.ops.overlap import ISSUE_OPS
 from fxpar.ops.transitions import collective_args
 
-__all__ = ["CollectiveSig", "collective_schedule", "schedule_fingerprint", "first_difference", "exchange"]
+__all__ = ["CollectiveSig", "collective_schedule", "schedule_fingerprint", "first_difference", "exchange",
+           "moe_ep_exchanges"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +74,8 @@ class CollectiveSig:
         dtype: its dtype.
         node: the graph node that issues it (or whose backward does).
         module: the user module that node belongs to.
+        splits: how its split sizes are made, for all-to-alls with uneven splits (the MoE token
+            exchange); '' for the others.
     """
 
     direction: str
@@ -74,14 +86,17 @@ class CollectiveSig:
     dtype: str
     node: str
     module: str
+    splits: str = ""
 
     def key(self) -> tuple:
         """What must agree across the ranks of a group (the group name is per rank, so left out)."""
-        return (self.direction, self.op, self.mesh_dim, self.shape, self.dtype, self.node)
+        key = (self.direction, self.op, self.mesh_dim, self.shape, self.dtype, self.node)
+        return key + (self.splits,) if self.splits else key
 
     def __str__(self) -> str:
         where = f" in '{self.module}'" if self.module else ""
-        return (f"{self.direction} {self.op}({self.mesh_dim}) [{', '.join(self.shape)}] {self.dtype} "
+        splits = f" splits {self.splits}" if self.splits else ""
+        return (f"{self.direction} {self.op}({self.mesh_dim}) [{', '.join(self.shape)}] {self.dtype}{splits} "
                 f"at %{self.node}{where}")
 
 
@@ -101,6 +116,9 @@ def collective_schedule(gm: fx.GraphModule, mesh: MeshInfo) -> list[CollectiveSi
         reverse graph order.
     """
     forward, backward = [], []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is moe_experts and node.kwargs.get("ep_size", 1) > 1:
+            _check_ep_group(node, mesh)
     issued = {s for n in gm.graph.nodes if n.op == "call_function" and n.target in ISSUE_OPS for s in n.args[0]}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in ISSUE_OPS:
@@ -110,6 +128,11 @@ def collective_schedule(gm: fx.GraphModule, mesh: MeshInfo) -> list[CollectiveSi
             forward.append(CollectiveSig("forward", "all_gather", mesh_dim=a["mesh_dim"], group=a["group_name"],
                                          shape=tuple(str(tuple(str(d) for d in sh)) for sh in shapes), dtype=dtype,
                                          node=node.name, module=getattr(get_info(node), "module_fqn", "")))
+            continue
+        if node.op == "call_function" and node.target is moe_experts and node.kwargs.get("ep_size", 1) > 1:
+            sigs = _moe_sigs(node)
+            forward.extend(s for s in sigs if s.direction == "forward")
+            backward.extend(s for s in reversed(sigs) if s.direction == "backward")  # reversed once more below
             continue
         if node.op != "call_function" or node.target not in COLLECTIVE_OPS:
             continue
@@ -134,6 +157,60 @@ def collective_schedule(gm: fx.GraphModule, mesh: MeshInfo) -> list[CollectiveSi
             backward.append(CollectiveSig("backward", dual, shape=_shape(out_spec.local_shape if out_spec else ()),
                                           **common))
     return forward + backward[::-1]
+
+
+def _local_shape(node: fx.Node) -> tuple:
+    info = get_info(node)
+    if info is not None and isinstance(info.spec, TensorSpec):
+        return tuple(info.spec.local_shape)
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else ()
+
+
+def moe_ep_exchanges(node: fx.Node) -> list:
+    """The all-to-alls of a `moe_experts` node on ep (`fxpar.ops.moe.ep_exchanges`), from its arguments; [] off ep."""
+    kw = node.kwargs
+    if node.target is not moe_experts or kw.get("ep_size", 1) <= 1:
+        return []
+    x, idx = node.args[0], node.args[1]
+    tokens, hidden = _local_shape(x)[:2]
+    k = _local_shape(idx)[1]
+    num_experts = kw.get("num_experts", node.args[6] if len(node.args) > 6 else None)
+    return ep_exchanges(int(num_experts), int(kw["ep_size"]), tokens * k, hidden, x.meta["val"].dtype,
+                        rows_hint=int(size_hint(tokens)) * int(size_hint(k)), hidden_hint=int(size_hint(hidden)))
+
+
+def _moe_sigs(node: fx.Node) -> list[CollectiveSig]:
+    kw = node.kwargs
+    info = get_info(node)
+    common = dict(op="all_to_all", mesh_dim=kw.get("ep_mesh_dim", "ep"), group=kw.get("ep_group", ""),
+                  node=node.name, module=info.module_fqn if info is not None else "")
+    return [CollectiveSig(e.direction, shape=_shape(e.shape), dtype=str(e.dtype).replace("torch.", ""),
+                          splits=f"{e.name}: {e.splits} (n={kw['ep_size']})", **common)
+            for e in moe_ep_exchanges(node)]
+
+
+def _check_ep_group(node: fx.Node, mesh: MeshInfo) -> None:
+    """The node's ep group and size are the mesh's for its ep dim, and its experts split evenly over it."""
+    kw = node.kwargs
+    dim, size, group = kw.get("ep_mesh_dim", "ep"), kw["ep_size"], kw.get("ep_group", "")
+    fix = ("; the ep exchange runs inside the node on the group in its arguments: recompile the module "
+           "(fxpar.rules.moe sets them from the mesh), and never edit one rank's graph")
+    if dim not in mesh.names:
+        raise GraphInvariantError(f"{node_context(node)}: exchanges tokens on mesh dim {dim!r}, which the mesh "
+                                  f"{mesh.names} does not have{fix}")
+    m = mesh.names.index(dim)
+    if size != mesh.sizes[m]:
+        raise GraphInvariantError(f"{node_context(node)}: ep_size={size} but mesh dim {dim!r} has {mesh.sizes[m]} "
+                                  f"ranks{fix}")
+    if mesh.group_names is not None and group != mesh.group_names[m]:
+        raise GraphInvariantError(f"{node_context(node)}: exchanges tokens on group {group!r}, but this rank's "
+                                  f"{dim!r} group is {mesh.group_names[m]!r}{fix}")
+    num_experts = kw.get("num_experts", node.args[6] if len(node.args) > 6 else None)
+    local = _local_shape(node.args[5])[:1]
+    if num_experts is not None and local and int(size_hint(local[0])) * size != int(num_experts):
+        raise GraphInvariantError(f"{node_context(node)}: holds {local[0]} experts on each of {size} ep ranks but "
+                                  f"routes over num_experts={num_experts}{fix}")
 
 
 def _entry_hash(sig: CollectiveSig) -> int:

@@ -204,7 +204,7 @@ def _memory_per_rank(pm, mesh: MeshInfo | None, optimizer_bytes_per_element: int
                 if node.op != "get_attr" or info is None or not isinstance(info.spec, TensorSpec):
                     continue
                 t = attr_of(g, node.target)
-                key = _tensor_key(t)
+                key = tensor_key(t)
                 if key in seen:  # a tied weight (two FQNs, or two stages of one rank) is one tensor
                     continue
                 seen.add(key)
@@ -231,7 +231,7 @@ def _memory_per_rank(pm, mesh: MeshInfo | None, optimizer_bytes_per_element: int
     return out
 
 
-def _tensor_key(t: torch.Tensor) -> tuple:
+def tensor_key(t: torch.Tensor) -> tuple:
     """One key per tensor, shared by tied names (one storage) and by one object under two names."""
     try:
         return storage_key(t), t.storage_offset(), t.numel()
@@ -340,5 +340,5 @@ def grad_sync_lines(pm) -> list[str]:
     dims = sorted({d for _, ds in buckets for d in ds})
     when = ("once per step after the pipeline schedule" if stage_info(pm.graph_module) is not None
             else "asynchronous in the backward")
-    return [f"Data-parallel gradient all-reduce (bucketed, {when}; all stages): "
+    return [f"{'Data-parallel' if set(dims) - {'tp'} else 'Sequence-parallel'} gradient all-reduce (bucketed, {when}; all stages): "
             f"{len(buckets)} bucket{'s' if len(buckets) > 1 else ''}, {fmt_bytes(total)} per step over {', '.join(dims)}"]

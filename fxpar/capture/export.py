@@ -61,6 +61,8 @@ class CaptureInfo:
         training: the mode (`model.training`) the model was captured in.
         loss: whether the graph is the model followed by its loss (`capture(..., loss_fn=)`): it
             takes the target as the keyword `fxpar_target` and returns the scalar loss.
+        param_shapes: parameters a pass stores in another shape (`unflatten_heads`: (H*D, C) as
+            (H, D, C)), FQN -> the model's own shape; full state dicts and gradients use it.
     """
 
     param_aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -70,6 +72,7 @@ class CaptureInfo:
     notes: tuple[str, ...] = ()
     training: bool = True
     loss: bool = False
+    param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def capture_info(gm: fx.GraphModule) -> CaptureInfo:

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 from fxpar.core.errors import PlanError
+from fxpar.passes.shard_parameters import local_chunk
 from fxpar.runtime.materialize import LocalTensor, local_slices, local_tensors
 
 __all__ = ["load_hf", "save_hf", "LoadReport"]
@@ -133,6 +134,13 @@ def _load_one(file: str, key: str, entry: LocalTensor, pm: Any) -> None:
     with safe_open(file, framework="pt", device="cpu") as f:
         if not entry.full_shape:
             part = f.get_tensor(key)
+        elif entry.stored_as is not None:  # stored by heads (unflatten_heads): read whole, cut as the graph holds it
+            full = f.get_tensor(key)
+            if tuple(full.shape) != entry.stored_as:
+                raise PlanError(f"{key} in {file} has shape {tuple(full.shape)}; the model's {entry.fqns[0]} is "
+                                f"{entry.stored_as}")
+            part = local_chunk(full.reshape(entry.full_shape), entry.spec.placements, pm.mesh_info.sizes,
+                               pm.mesh_info.coordinate, pm.mesh_info.names)
         else:
             sl = f.get_slice(key)
             shape = tuple(sl.get_shape())
@@ -240,7 +248,7 @@ def save_hf(pm: Any, path: str, *, max_shard_size: int | str = "5GB", dtype: tor
     def out_dtype(entry: LocalTensor) -> torch.dtype:
         return dtype if dtype is not None and entry.local.is_floating_point() else entry.local.dtype
 
-    items = [(name, out_dtype(e), e.full_shape) for name, e in tensors]
+    items = [(name, out_dtype(e), e.model_shape) for name, e in tensors]  # a reshaped one's bytes are the same
     _, sizes = _header(items)
     limit = _parse_size(max_shard_size)
     groups: list[list[int]] = [[]]

@@ -21,11 +21,26 @@ The exchange on ep is data-dependent (how many tokens go where), so it runs insi
 this node rather than as a separate graph node; the node prints with its ep group and
 mesh dim, and `count_comms` records each all-to-all ("moe_all_to_all"). Its autograd
 dual is the reverse exchange (`_TokenExchange`).
+
+What the node communicates is fixed by its arguments all the same, and `ep_exchanges`
+describes it for the static checks, the collective-order fingerprint, explain() and
+the timeline: per forward, on the ep group, in this order
+
+    counts    all_to_all_single of the (E,) int64 tokens-per-expert, E/ep values to each rank
+    dispatch  all_to_all_single of the (T k, H) routed rows, sorted by expert; split sizes: the
+              rows for each rank's experts (from counts)
+    combine   all_to_all_single of the (R, H) rows this rank computed back to their sources
+              (the dispatch's splits swapped; R = rows received, T k under balanced routing)
+
+and per backward the duals of combine then dispatch (counts carry no gradient).
+Each rank's dispatch payload is exactly T k H itemsize (its rows for its own experts included);
+the combine's R varies with the routing, but summed over the group it equals the dispatch's sum.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +49,7 @@ from torch import Tensor
 from fxpar._torch.c10d import functional as _c10d
 from fxpar.ops.collectives import record_comm
 
-__all__ = ["moe_experts", "ACTIVATIONS", "moe_all_to_all_bytes"]
+__all__ = ["moe_experts", "ACTIVATIONS", "moe_all_to_all_bytes", "EpExchange", "ep_exchanges"]
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh")}
 
@@ -45,6 +60,52 @@ def moe_all_to_all_bytes(tokens: int, top_k: int, hidden: int, itemsize: int, ep
     Each of the tokens * top_k rows of `hidden` values leaves the rank with probability (n-1)/n.
     The backward sends the same again."""
     return 2 * (ep_size - 1) / ep_size * tokens * top_k * hidden * itemsize
+
+
+@dataclass(frozen=True)
+class EpExchange:
+    """One all-to-all a `moe_experts` node issues on its ep group (see the module docstring).
+
+    Attributes:
+        direction: 'forward', or 'backward' for an exchange's dual.
+        name: 'counts', 'dispatch' or 'combine'.
+        shape: the tensor this rank sends in: sizes or size expressions; 'R' is the rows received
+            in the dispatch (data-dependent).
+        dtype: its dtype.
+        splits: how its split sizes are made.
+        nbytes: this rank's payload: exact for counts, for dispatch forward and for combine backward;
+            for the others the balanced-routing expectation (R = T k), exact summed over the group.
+    """
+
+    direction: str
+    name: str
+    shape: tuple[Any, ...]
+    dtype: torch.dtype
+    splits: str
+    nbytes: int
+
+
+def ep_exchanges(num_experts: int, ep_size: int, rows: Any, hidden: Any, dtype: torch.dtype, *,
+                 rows_hint: int | None = None, hidden_hint: int | None = None) -> list[EpExchange]:
+    """The all-to-alls of one `moe_experts` node with ep_size > 1, forward in issue order, then backward in issue order.
+
+    Args:
+        num_experts: E. ep_size: ranks on the ep dim.
+        rows: T k, this rank's routed rows (an int or a size expression). hidden: H.
+        dtype: the tokens' dtype. rows_hint, hidden_hint: their example values, for the bytes.
+    """
+    t = int(rows_hint if rows_hint is not None else rows)
+    h = int(hidden_hint if hidden_hint is not None else hidden)
+    local, size = num_experts // ep_size, t * h * dtype.itemsize
+    by_router = f"router counts: rows for each rank's {local} of {num_experts} experts"
+    out = [EpExchange("forward", "counts", (num_experts,), torch.int64, f"equal: {local} counts to each of {ep_size}",
+                      num_experts * torch.int64.itemsize),
+           EpExchange("forward", "dispatch", (rows, hidden), dtype, by_router, size),
+           EpExchange("forward", "combine", ("R", hidden), dtype, "the dispatch's, swapped", size)]
+    if dtype.is_floating_point:
+        out += [EpExchange("backward", "combine", (rows, hidden), dtype, "the dispatch's", size),
+                EpExchange("backward", "dispatch", ("R", hidden), dtype, "the dispatch's, swapped", size)]
+    return out
 
 
 class _TokenExchange(torch.autograd.Function):

@@ -21,8 +21,9 @@ The issue node is marked side-effecting (as `wait_tensor` is, by importing
 `torch.distributed._functional_collectives`), so dead-code elimination never
 drops it even though nothing uses its (empty) result.
 
-`start_all_gather` / `wait` are the eager halves the runtime uses, forward and
-backward (re-gathers prefetched, reduce-scatters waited late).
+`start_all_gather` / `start_flat_all_gather` / `wait` are the eager halves the
+runtime uses, forward and backward (re-gathers prefetched, reduce-scatters
+waited late).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from torch import Tensor
 from fxpar._torch.c10d import functional
 from fxpar.ops.collectives import _fsdp_runtime, _record
 
-__all__ = ["ISSUE_OPS", "start_all_gather", "start_reduce_scatter", "wait", "prefetch_shards"]
+__all__ = ["ISSUE_OPS", "start_all_gather", "start_flat_all_gather", "start_reduce_scatter", "wait",
+           "prefetch_shards"]
 
 _c10d = functional
 
@@ -43,6 +45,15 @@ _c10d = functional
 def start_all_gather(x: Tensor, n: int, group_name: str) -> Tensor:
     """Issues an all-gather along dim 0; the result is valid only after `wait`."""
     return _c10d.all_gather_into_tensor(x.contiguous(), n, group_name)
+
+
+def start_flat_all_gather(pieces: list[Tensor], n: int, group_name: str,
+                          dtype: torch.dtype | None = None) -> Tensor:
+    """Issues the all-gather of `pieces`, flattened and concatenated into one buffer (in `dtype`): [n * numel]
+    after `wait`. One functional collective (the in-process simulator meets ranks there, not in c10d's
+    in-place API, which would let the input be the output's own slice as FSDP2's all_gather_copy_in does)."""
+    flat = torch.cat([p.reshape(-1) for p in pieces])
+    return start_all_gather(flat if dtype is None else flat.to(dtype), n, group_name)
 
 
 def start_reduce_scatter(x: Tensor, n: int, group_name: str) -> Tensor:

@@ -1,7 +1,7 @@
 """fxpar's pass library, importable as `fxpar.passes`.
 
 One public pass per module, named like the module. The default pipeline, in
-data-flow order: fuse_experts -> shard_inputs -> annotate_parameters -> apply_fsdp ->
+data-flow order: fuse_experts -> shard_inputs -> annotate_parameters -> unflatten_heads -> apply_fsdp ->
 split_linear_bias -> decompose_loss -> propagate_sharding -> insert_collectives ->
 apply_mixed_precision -> localize_shapes -> bucket_grad_sync -> shard_parameters -> schedule_overlap ->
 offload_parameters -> split_stages -> checkpoint_activations.
@@ -23,11 +23,13 @@ from fxpar.passes.schedule_overlap import schedule_overlap
 from fxpar.passes.shard_parameters import shard_parameters
 from fxpar.passes.split_linear_bias import split_linear_bias
 from fxpar.passes.split_stages import split_stages
+from fxpar.passes.unflatten_heads import unflatten_heads
 
 __all__ = [
     "fuse_experts",
     "shard_inputs",
     "annotate_parameters",
+    "unflatten_heads",
     "apply_fsdp",
     "apply_mixed_precision",
     "bucket_grad_sync",

@@ -266,6 +266,11 @@ def _fused_sections(head: fx.Node, region: set[fx.Node]) -> int | None:
             return None
         u = users[0]
         if u.target in (aten.view.default, aten.reshape.default):
+            i, o = cur.meta["val"], u.meta["val"]
+            # qkv.view(B, T, 3, H, D) (then unbind or permute): k sections as a dim of their own
+            if o.ndim == i.ndim + 2 and shape_key(i.shape[:-1]) == shape_key(o.shape[:-3]) \
+                    and isinstance(o.shape[-3], int) and o.shape[-3] > 1:
+                return o.shape[-3]
             cur = u
             continue
         if u.target in (aten.split.Tensor, aten.chunk.default):  # split(qkv, C, -1), chunk(qkv, 3, -1)
@@ -290,6 +295,10 @@ def heads_of(head: fx.Node, region: set[fx.Node]) -> list:
                 i, o = u.args[0].meta["val"], u.meta["val"]
                 # (..., F) -> (..., H, D): the feature dim split into heads
                 if o.ndim == i.ndim + 1 and shape_key(i.shape[:-1]) == shape_key(o.shape[:-2]):
+                    counts.append(o.shape[-2])
+                    continue
+                # (..., k*H*D) -> (..., k, H, D): fused sections viewed at once
+                if o.ndim == i.ndim + 2 and shape_key(i.shape[:-1]) == shape_key(o.shape[:-3]):
                     counts.append(o.shape[-2])
                     continue
             if u.target in (aten.split.Tensor, aten.chunk.default):

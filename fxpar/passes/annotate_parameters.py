@@ -27,8 +27,8 @@ the plan does not name get styles from the graph: Megatron pairs
 (`fxpar.passes._megatron.find_pairs`) whose sizes and head counts divide by tp,
 and a projection feeding the graph output or a captured loss (the lm_head) column-wise, and the
 token embedding, if untied, vocab parallel (rowwise: rows sharded; `propagate_sharding` reduces
-its Partial output right after the lookup). Position and type tables stay replicated: sharding one
-would add a collective per step to save 1/tp of a small table.
+its Partial output right after the lookup). Position and type tables summed with it are row
+parallel too: their Partial lookups add to its Partial, reduced once (`_embedding_sums`).
 A pair's projections may be convolutions (output channels colwise, input channels
 rowwise); a batch norm between them is channel-local and sharded with them.
 
@@ -58,10 +58,11 @@ from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.plan import TPStyle
 from fxpar.core.spec import NodeInfo, divides, make_spec, set_info, size_hint
 from fxpar.ops.moe import moe_experts
+from fxpar.passes._embedding_sums import partner_tables
 from fxpar.passes._graph import module_fqns, param_nodes
 from fxpar.passes._megatron import (find_pairs, heads_of, is_projection, proj_bias, proj_in_features,
                                     proj_out_features, proj_weight, proj_weight_dims)
-from fxpar.rules.conv import CONVS
+from fxpar.rules.conv import CONVS, conv_groups
 
 aten = torch.ops.aten
 
@@ -180,7 +181,7 @@ def _auto_styles(gm: fx.GraphModule, taken: set[str], tp: int
                 fused[mod] = k
         styles[sink_mod] = TPStyle("rowwise")
         own(pair.sink, styles[sink_mod])
-        for mod in _channel_norms(pair.region):
+        for mod in _channel_norms(pair.region, tp):
             if mod not in taken:
                 styles[mod] = TPStyle("colwise")
     # The token embedding, untied: vocab parallel (rows sharded, a masked lookup reduced right after it).
@@ -202,13 +203,40 @@ def _auto_styles(gm: fx.GraphModule, taken: set[str], tp: int
             if mod and mod not in taken and mod not in styles and divides(proj_out_features(node), tp) is True:
                 styles[mod] = TPStyle("colwise")
                 own(node, styles[mod])
+    if emb is not None:
+        _shard_partner_tables(emb, styles, notes, taken, tp)
     return styles, fused, notes, by_param
 
 
-def _channel_norms(region: set[fx.Node]) -> list[str]:
-    """Modules of the batch norms inside a pair's region: they act per channel, so they shard with it."""
+def _shard_partner_tables(emb: fx.Node, styles: dict, notes: dict, taken: set[str], tp: int) -> None:
+    """Position / type tables summed with a vocab-parallel token embedding: row parallel too.
+
+    Their Partial lookups add to the token lookup's Partial, reduced once at the sum's root
+    (`fxpar.passes._embedding_sums`), so sharding them costs no collective."""
+    weight = emb.args[0]
+    tok = styles.get(str(weight.target).rpartition(".")[0])
+    if tok is None or tok.kind == "replicate":
+        return
+    for table in partner_tables(emb):
+        mod = str(table.target).rpartition(".")[0]
+        if not mod or mod in taken or mod in styles:
+            continue
+        if any(u.target != aten.embedding.default for u in table.users):
+            notes[mod] = "it is also used by other ops than its lookup"
+        elif divides(table.meta["val"].shape[0], tp) is not True:
+            notes[mod] = f"its {table.meta['val'].shape[0]} rows do not divide by tp={tp}"
+        else:
+            styles[mod] = TPStyle("rowwise")
+
+
+def _channel_norms(region: set[fx.Node], tp: int) -> list[str]:
+    """Modules of the batch norms and grouped convs (groups dividing by tp: a depthwise conv) inside a
+    pair's region: they act per channel or per group of channels, so they shard with it."""
     mods = []
     for node in region:
+        if node.target in CONVS and conv_groups(node) > 1 and conv_groups(node) % tp == 0 \
+                and isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr":
+            mods.append(str(node.args[1].target).rpartition(".")[0])
         if node.target == aten.batch_norm.default:
             params = [a for a in node.args[1:5] if isinstance(a, fx.Node)]
             if params and all(a.op == "get_attr" for a in params):
@@ -234,15 +262,20 @@ def _token_embedding(gm: fx.GraphModule) -> fx.Node | None:
 
 
 def _feeds_output(node: fx.Node) -> bool:
-    """Whether `node` (through views) is a graph output or the input of a captured loss."""
-    cur = node
+    """Whether `node` (through views) is a graph output or the input of a captured loss (also through a
+    log_softmax: a hand-written cross-entropy, which `decompose_loss` runs on vocab shards)."""
+    cur, log_probs = node, False
     while True:
-        if any(u.op == "output" or (u.target in _LOSSES and u.args[0] is cur) for u in cur.users):
+        # a hand-written loss: nll_loss(log_softmax(logits)), or log_softmax(logits).gather(-1, target)
+        if any(u.op == "output" or (u.target in _LOSSES and u.args[0] is cur)
+               or (log_probs and u.target == aten.gather.default and u.args[0] is cur) for u in cur.users):
             return True
         if len(cur.users) != 1:
             return False
         (cur,) = cur.users
-        if cur.target not in (aten.view.default, aten.reshape.default, aten.slice.Tensor):
+        log_probs |= cur.target in (aten.log_softmax.int, aten._log_softmax.default)
+        if cur.target not in (aten.view.default, aten.reshape.default, aten.slice.Tensor, aten.log_softmax.int,
+                              aten._log_softmax.default):
             return False
 
 

@@ -7,7 +7,8 @@ used on batch-sharded activations passes through `grad_all_reduce` (its
 gradient is partial on each rank). Issued one by one in the backward, those
 all-reduces are many small, blocking calls. This pass removes the
 `grad_all_reduce` nodes that sit directly on parameters and records, on each
-parameter's node, the gradient synchronisation it needs and its bucket: buckets
+parameter's node, the gradient synchronisation it needs and its bucket (with `Plan(sequence_parallel=True)` also the tp f of parameters read by
+sequence-sharded activations: norm weights, row-parallel biases): buckets
 of about `bucket_bytes` (default 25 MB, `options["bucket_bytes"]`) in reverse
 order of first use, which is the order the backward produces gradients. The
 runtime (`fxpar.runtime.grad_sync`) all-reduces a bucket asynchronously as soon as all
@@ -53,13 +54,17 @@ def _every_use_reduced(param: fx.Node, dim: str) -> bool:
 @fx_pass(requires=("collectives",), provides=("grad_buckets",))
 def bucket_grad_sync(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     cap = int(ctx.options.get("bucket_bytes", DEFAULT_BUCKET_BYTES))
+    # Under sequence parallel a replicated parameter read by sequence-sharded activations (a norm's
+    # weight, a row-parallel bias) has a partial gradient on tp as a dp parameter has on dp: one
+    # small f per parameter, bucketed the same way (the sum is the same sum, bit for bit).
+    dims = DATA_DIMS + (("tp",) if getattr(ctx.plan, "sequence_parallel", False) else ())
     # Group every data-parallel f by the parameter it leads to (through any collectives) and dim.
     groups: dict[tuple[fx.Node, str], list[tuple[fx.Node, bool]]] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not _F:
             continue
         dim = collective_args(node)["mesh_dim"]
-        if dim not in DATA_DIMS:
+        if dim not in dims:
             continue
         base, only_f = node.args[0], True
         while base.op == "call_function" and base.target in COLLECTIVE_OPS:

@@ -124,6 +124,101 @@ def _decompose(graph: fx.Graph, ce: fx.Node) -> None:
     graph.erase_node(ce)
 
 
+_LOG_SOFTMAX = (aten.log_softmax.int, aten._log_softmax.default)
+_NLL = (aten.nll_loss_nd.default, aten.nll_loss_forward.default, aten.nll_loss.default)
+
+
+def _log_softmax_dim(node: fx.Node) -> int | None:
+    """The normalized dim of a log_softmax that keeps its input's dtype (None: another node or a cast)."""
+    if node.op != "call_function" or node.target not in _LOG_SOFTMAX:
+        return None
+    if node.target == aten.log_softmax.int:
+        dtype = node.args[2] if len(node.args) > 2 else node.kwargs.get("dtype")
+        if dtype is not None and dtype != node.args[0].meta["val"].dtype:
+            return None
+    elif node.args[2]:  # _log_softmax(x, dim, half_to_float=True)
+        return None
+    ndim = node.args[0].meta["val"].ndim
+    return node.args[1] % ndim if ndim else None
+
+
+def _decompose_log_softmax(graph: fx.Graph, ls: fx.Node, dim: int) -> fx.Node:
+    """log_softmax(x, V) on vocab shards: x - max - log(sum(exp(x - max))), only (.., 1) statistics reduced."""
+    x = ls.args[0]
+    b = _Builder(graph, ls)
+    shift = b(aten.amax.default, (b(aten.detach.default, (x,), "detach"), [dim], True), "max")
+    z = b(aten.sub.Tensor, (x, shift), "shifted")
+    lse = b(aten.log.default, (b(aten.sum.dim_IntList, (b(aten.exp.default, (z,), "exp"), [dim], True), "sumexp"),),
+            "lse")
+    out = b(aten.sub.Tensor, (z, lse), "log_probs")
+    ls.replace_all_uses_with(out)
+    graph.erase_node(ls)
+    return out
+
+
+def _nll_args(node: fx.Node) -> tuple[fx.Node | None, int, int]:
+    """(class weight, reduction, ignore_index) of an nll_loss node, whatever its overload."""
+    args = list(node.args) + [None] * (5 - len(node.args))
+    weight = node.kwargs.get("weight", args[2])
+    reduction = node.kwargs.get("reduction", args[3] if args[3] is not None else 1)
+    ignore = node.kwargs.get("ignore_index", args[4] if args[4] is not None else -100)
+    return weight, reduction, ignore
+
+
+def _decompose_nll(graph: fx.Graph, nll: fx.Node) -> None:
+    """nll_loss on vocab-sharded log-probs: the target pick (a Partial, reduced) masked and reduced."""
+    _, reduction, ignore = _nll_args(nll)
+    lp, t = nll.args[0], nll.args[1]
+    b = _Builder(graph, nll)
+    valid = b(aten.ne.Scalar, (t, ignore), "valid")
+    safe = b(aten.mul.Tensor, (t, valid), "safe_target")
+    safe = b(aten.view.default, (safe, [b(aten.sym_size.int, (lp, 0), "rows")]), "row_target")
+    picked = b(aten.gather.default, (lp, 1, b(aten.unsqueeze.default, (safe, 1), "index")), "target_logp")
+    rows = b(aten.mul.Tensor, (b(aten.neg.default, (b(aten.squeeze.dim, (picked, 1), "picked"),), "nll"), valid),
+             "masked")
+    if reduction == 0:
+        out = rows
+    else:
+        out = b(aten.sum.default, (rows,), "sum")
+        if reduction == 1:
+            out = b(aten.div.Tensor, (out, b(aten.sum.default, (valid,), "count")), "mean")
+    nll.replace_all_uses_with(out)
+    graph.erase_node(nll)
+
+
+def _decompose_log_softmax_losses(gm: fx.GraphModule, tp: int | None) -> bool:
+    """Hand-written losses on a vocab-sharded head, run as vocab-parallel cross-entropy runs:
+
+        nll_loss(log_softmax(logits, -1), t)          log_softmax and nll_loss both decomposed
+        log_softmax(logits, -1).gather(-1, t[..., None])   log_softmax decomposed; the gather's rule
+                                                       picks on vocab shards (`fxpar::vocab_parallel_gather`)
+
+    A log_softmax over the vocabulary of a column-parallel head's logits (through views) is written
+    as its max / sum-exp statistics, so the logits are never gathered; an nll_loss reading such
+    log-probs (through views; (N, C) with (N,) targets, no class weights) becomes the masked pick.
+    """
+    log_probs: set[fx.Node] = set()
+    for node in list(gm.graph.nodes):
+        dim = _log_softmax_dim(node)
+        x = node.args[0] if dim is not None else None
+        if x is None or dim != x.meta["val"].ndim - 1 or not _vocab_sharded(x, tp):
+            continue
+        log_probs.add(_decompose_log_softmax(gm.graph, node, dim))
+    if not log_probs:
+        return False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _NLL:
+            continue
+        src = node.args[0]
+        while src.op == "call_function" and src.target in _VIEWS:
+            src = src.args[0]
+        weight, _, _ = _nll_args(node)
+        if src in log_probs and weight is None and node.args[0].meta["val"].ndim == 2 \
+                and node.args[1].meta["val"].ndim == 1:
+            _decompose_nll(gm.graph, node)
+    return True
+
+
 @fx_pass(requires=("param_placements",), provides=("loss_parallel",))
 def decompose_loss(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     setting = ctx.plan.loss_parallel
@@ -148,6 +243,7 @@ def decompose_loss(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         _decompose(gm.graph, node)
         modified = True
+    modified |= _decompose_log_softmax_losses(gm, tp)
     if modified:
         gm.graph.lint()
         gm.recompile()

@@ -52,6 +52,7 @@ from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.spec import NodeInfo, TensorSpec, divides, get_info, make_spec, set_info, size_hint, size_key
 from fxpar.ops.collectives import COLLECTIVE_OPS
 from fxpar.ops.transitions import insert_transition, op_cost, transition_cost
+from fxpar.passes._embedding_sums import sum_root
 from fxpar.passes._graph import differentiable, is_tensor
 from fxpar.passes.shard_inputs import DATA_DIMS
 from fxpar.rules import OpInfo, Strategy, all_replicate, allows_uneven, lookup, tensor_args
@@ -358,6 +359,7 @@ def propagate_sharding(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     replicate = tuple(Replicate() for _ in mesh.names)
     sp_dim = mesh.names.index("tp") if ctx.plan.sequence_parallel and mesh.has("tp") else None
     memo = _Memo(mesh, differentiable(gm), sp_dim)
+    sum_roots: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             if is_tensor(node) and get_info(node) is None:
@@ -381,8 +383,13 @@ def propagate_sharding(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val))
             if tensors:
                 _annotate_call(node, memo)
-                if node.target == torch.ops.aten.embedding.default:
-                    _reduce_lookup(gm.graph, node, mesh, sp_dim)
+                if node.target == torch.ops.aten.embedding.default or node in sum_roots:
+                    # an embedding sum (wte + wpe) is reduced once, at its root: Partial + Partial
+                    root = sum_root(node)
+                    if root is node:
+                        _reduce_lookup(gm.graph, node, mesh, sp_dim)
+                    else:
+                        sum_roots.add(root)
             elif lookup(node.target) is not None and tensor_args(node):
                 # No tensor output, but it reads tensors: a buffer updated in place inside a no_grad block
                 # (a router's tokens-per-expert counter). Its inputs come whole, as its rule runs it.

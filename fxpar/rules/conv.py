@@ -12,8 +12,14 @@ channel dim in the role of the feature dim:
     P          R      none     P         linear in x
     R          R      R        R
 
-(the channel dim is 0 for an unbatched input). A grouped convolution mixes
-channels within its groups only; it gets the batch and replicated strategies.
+(the channel dim is 0 for an unbatched input). A grouped convolution (groups = g > 1,
+depthwise when g == channels) mixes channels within its groups only, so it shards by
+groups where g divides by the mesh size: each rank holds g / n whole groups, their
+input channels, output channels and bias, and runs a conv with g / n groups
+(`_localize_conv` rewrites the argument):
+
+    x          W      b        y
+    S(1)       S(0)   S(0)     S(1)      groups (channels) sharded; no communication
 Pooling acts on the trailing spatial dims: any other dim keeps its shard, and
 average pooling (linear) passes a Partial through; max pooling does not.
 """
@@ -34,7 +40,25 @@ def conv_groups(node) -> int:
     return node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
 
 
-@register(*CONVS)
+def _localize_conv(node, info, mesh) -> None:
+    """A grouped conv sharded by groups runs its local groups: groups / n for each mesh dim that shards them."""
+    groups = conv_groups(node)
+    if groups == 1:
+        return
+    n = 1
+    for m, p in enumerate(info.input_placements[1]):
+        if p.is_shard(0):
+            n *= mesh.sizes[m]
+    if n == 1:
+        return
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    defaults = (None, None, None, 1, 0, 1, 1)  # an int stands for every spatial dim
+    args = [node.args[i] if i < len(node.args) else node.kwargs.get(names[i], defaults[i]) for i in range(7)]
+    args[6] = groups // n
+    node.args, node.kwargs = tuple(args), {}
+
+
+@register(*CONVS, localize=_localize_conv)
 def conv(op: OpInfo, cur) -> list[Strategy]:
     x_val, w_val = op.in_vals[0], op.in_vals[1]
     has_bias = len(op.in_vals) == 3
@@ -45,7 +69,11 @@ def conv(op: OpInfo, cur) -> list[Strategy]:
     def strat(x, w, b, y):
         return Strategy((x, w, b) if has_bias else (x, w), y)
 
-    if conv_groups(op.node) == 1:
+    groups = conv_groups(op.node)
+    if groups > 1 and groups % op.mesh_size == 0 and (cw is not None and cw.is_shard(0)
+                                                      or cx is not None and cx.is_shard(cdim)):
+        out.append(strat(S(cdim), S(0), S(0), S(cdim)))
+    if groups == 1:
         if cw is not None and cw.is_shard(0):
             out.append(strat(R, S(0), S(0), S(cdim)))
         if not has_bias and (cw is not None and cw.is_shard(1) or cx is not None and cx.is_shard(cdim)):

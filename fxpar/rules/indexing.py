@@ -55,7 +55,7 @@ def _localize_split(node: fx.Node, info, mesh) -> None:
         node.args = (node.args[0], size, *node.args[2:])
 
 
-@register(aten.slice.Tensor)
+@register(aten.slice.Tensor, uneven=True)
 def slice_(op: OpInfo, cur) -> list[Strategy]:
     dim = norm_dim(op.arg(1, "dim", 0), op.in_vals[0].ndim)
     # a full-range slice is a view of the whole dim: sharding may pass through it too
@@ -65,7 +65,7 @@ def slice_(op: OpInfo, cur) -> list[Strategy]:
     return _follow_except(op, cur, dim, linear=True)
 
 
-@register(aten.select.int)
+@register(aten.select.int, uneven=True)
 def select(op: OpInfo, cur) -> list[Strategy]:
     dim = norm_dim(op.args[1], op.in_vals[0].ndim)
     c = cur[0]
@@ -78,7 +78,7 @@ def select(op: OpInfo, cur) -> list[Strategy]:
     return out
 
 
-@register(aten.cat.default)
+@register(aten.cat.default, uneven=True)
 def cat(op: OpInfo, cur) -> list[Strategy]:
     dim = norm_dim(op.arg(1, "dim", 0), op.out_val.ndim)
     out: list[Strategy] = []
@@ -119,7 +119,7 @@ def chunk(op: OpInfo, cur) -> list[Strategy]:
     return out
 
 
-@register(aten.unbind.int)
+@register(aten.unbind.int, uneven=True)
 def unbind(op: OpInfo, cur) -> list[Strategy]:
     """unbind(x, dim): the outputs lose `dim`; other dims keep their shard (one index lower past dim)."""
     dim = norm_dim(op.arg(1, "dim", 0), op.in_vals[0].ndim)

@@ -107,11 +107,12 @@ def _einsum_subscripts(op: OpInfo) -> tuple[list[str], str] | None:
     return ins, out
 
 
-@register(aten.einsum.default)
+@register(aten.einsum.default, uneven=True)
 def einsum(op: OpInfo, cur) -> list[Strategy]:
     """einsum is multilinear: sharding a letter shards every operand that has it (the others
     Replicate); the output is sharded on that letter where it keeps it, Partial where it sums it
-    away. One Partial operand (the others Replicate) gives a Partial output."""
+    away. One Partial operand (the others Replicate) gives a Partial output. Exact on uneven shards:
+    every operand cuts the letter into the same torch.chunk pieces."""
     parsed = _einsum_subscripts(op)
     out: list[Strategy] = []
     if parsed is not None:

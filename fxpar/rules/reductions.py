@@ -75,7 +75,7 @@ def amax(op: OpInfo, cur) -> list[Strategy]:
     return strategies
 
 
-@register(aten._softmax.default, aten._log_softmax.default, aten.softmax.int, aten.log_softmax.int)
+@register(aten._softmax.default, aten._log_softmax.default, aten.softmax.int, aten.log_softmax.int, uneven=True)
 def softmax(op: OpInfo, cur) -> list[Strategy]:
     c = cur[0]
     dim = norm_dim(op.args[1], op.in_vals[0].ndim)

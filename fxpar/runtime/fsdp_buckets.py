@@ -10,9 +10,9 @@ time a ParallelModule registers its buckets here, and the custom op's kernels
               buffer [n, local numel]; each parameter's node takes its full
               tensor out of it (contiguous, its own storage, so it is freed
               after its layer like a per-parameter gather)
-    backward  each node's gradient goes into the bucket's flat buffer and the
-              node returns zeros for its shard; the last gradient of the bucket
-              reduce-scatters the buffer once and adds each shard's part into
+    backward  each node's gradient is kept by the bucket and the node returns
+              zeros for its shard; the last gradient of the bucket copies them
+              into one flat buffer and reduce-scatters it once and adds each shard's part into
               `.grad` (a callback at the end of the backward flushes buckets
               some of whose parameters got no gradient)
     re-gather (reshard_after_forward) the first parameter autograd unpacks
@@ -21,9 +21,11 @@ time a ParallelModule registers its buckets here, and the custom op's kernels
 
 Overlap (`schedule_overlap` puts an `fsdp_prefetch` issue node for block
 i+1 after block i's first gather): `prefetch` issues the bucket's gather and
-its first `gather` waits on it. The backward is the dual: re-gathering
-block i issues the re-gather of block i-1 (`prev`) before returning, and a
-full bucket's reduce-scatter is issued without waiting; it is waited just
+its first `gather` waits on it. The backward is the dual: once half of
+block i's gradients are in, the re-gather of block i-1 (`prev`) is issued
+(not at block i's own re-gather: there, at the top of its backward, all of
+block i's activations are alive and a second gathered block would raise the
+step's peak), and a full bucket's reduce-scatter is issued without waiting; it is waited just
 before the next one is issued (one in flight, as FSDP2) or at the end of the backward,
 and its result added into `.grad` in issue order, so sums are bit-equal to
 the waiting path.
@@ -50,11 +52,12 @@ from fxpar._torch.c10d import queue_autograd_callback
 from fxpar.analysis.fsdp import bucket_groups
 from fxpar.core.dataflow import attr_of
 from fxpar.ops import collectives as C
-from fxpar.ops.overlap import start_all_gather, start_reduce_scatter, wait  # registers fxpar::fsdp_prefetch
+from fxpar.ops.overlap import start_flat_all_gather, start_reduce_scatter, wait  # registers fxpar::fsdp_prefetch
 from fxpar.ops.transitions import collective_args
+from fxpar.runtime import fsdp_state
 from fxpar.runtime.fsdp_state import count_overlap, register_fsdp_bucket
 
-__all__ = ["FsdpBucket", "register_buckets", "drain"]
+__all__ = ["FsdpBucket", "register_buckets", "drain", "begin_forward"]
 
 
 class FsdpBucket:
@@ -74,15 +77,16 @@ class FsdpBucket:
         self.numels = [int(torch.Size(p).numel()) for p in self.padded]
         self.offsets = [sum(self.numels[:i]) for i in range(len(shards))]
         self.total = sum(self.numels)
+        self.even = all(r == n * p[0] for r, p in zip(self.full_rows, self.padded))
         self._full: dict[int, tuple[Tensor, int]] = {}  # forward: gathered, not yet taken (with the shard's version)
         self._regathered: dict[int, Tensor] = {}
         self._regather_versions: tuple = ()
         self._saved = 0  # parameters autograd saved as shards and has not unpacked yet
-        self._grads: Tensor | None = None
-        self._got: set[int] = set()
+        self._grads: dict[int, Tensor] | None = None  # this backward's full gradients so far, by index
         self._pending: tuple | None = None  # an issued gather: (direction, pending tensor, shard versions)
         self.prev: FsdpBucket | None = None  # the bucket before this one in the forward (backward prefetch)
         self.overlap = False  # the graph was scheduled for overlap: prefetch re-gathers, wait reduce-scatters late
+        self._prefetch_prev = False  # re-gathered in this backward: prefetch `prev`'s re-gather (see `regather`)
 
     def shards(self) -> list[Tensor]:
         out = [r() for r in self._shards]
@@ -96,10 +100,11 @@ class FsdpBucket:
     def _issue(self, direction: str) -> None:
         """Issues the bucket's gather (one flat buffer) without waiting for it."""
         _, n, group_name, mesh_dim = self.args
-        flat = torch.cat([C._pad(s.detach(), 0, p[0]).reshape(-1) for s, p in zip(self.shards(), self.padded)])
-        flat = flat if self.dtype is None else flat.to(self.dtype)
-        C._record("all_gather", mesh_dim, flat, direction)
-        self._pending = (direction, start_all_gather(flat, n, group_name), self._versions())
+        shards = self.shards()
+        pending = start_flat_all_gather([C._pad(s.detach(), 0, p[0]) for s, p in zip(shards, self.padded)], n,
+                                        group_name, self.dtype)
+        C._record("all_gather", mesh_dim, pending.narrow(0, 0, self.total), direction)
+        self._pending = (direction, pending, tuple(s._version for s in shards))
 
     def _gather_all(self, direction: str) -> list[Tensor]:
         """Every full parameter of the bucket: the issued gather if it is still current, else a new one."""
@@ -117,6 +122,11 @@ class FsdpBucket:
             done = wait(pending[1])
         n = self.args[1]
         gathered = done.view(n, self.total)
+        if self.even:  # one copy-out op for the block (FSDP2's split_with_sizes_copy), each its own storage
+            full = [gathered.new_empty((n * shape[0], *shape[1:])) for shape in self.padded]
+            torch.split_with_sizes_copy(gathered, self.numels, dim=1,
+                                        out=[t.view(n, k) for t, k in zip(full, self.numels)])
+            return full
         out = [gathered[:, o:o + k].reshape(n * shape[0], *shape[1:]) for o, k, shape in
                zip(self.offsets, self.numels, self.padded)]
         # each its own storage (autograd saves it as its shard, fsdp_state): an uneven one's real rows copied out
@@ -129,6 +139,19 @@ class FsdpBucket:
             wait(self._pending[1])
         self._issue("forward")
         count_overlap("prefetched forward")
+
+    def begin_forward(self) -> None:
+        """Forgets what a forward that did not finish left: its gathered parameters not taken and a gather
+        in flight (waited: every issued collective completes). Their shards may have changed since without
+        a version bump (`.data`)."""
+        self._prefetch_prev = False
+        if self._full:
+            self._full = {}
+            count_overlap("stale")
+        if self._pending is not None:
+            wait(self._pending[1])
+            self._pending = None
+            count_overlap("stale")
 
     def _prefetch_regather(self) -> None:
         if self._saved > 0 and not self._regathered and self._pending is None:
@@ -162,20 +185,26 @@ class FsdpBucket:
         if index not in self._regathered or versions != self._regather_versions:
             self._regathered = dict(enumerate(self._gather_all("backward")))
             self._regather_versions = versions
-            if self.overlap and self.prev is not None:  # the block the backward reaches next: gather it during this one
-                self.prev._prefetch_regather()
+            # the block the backward reaches next is gathered during this one, from when half of this block's
+            # gradients are in (`reduce`): at the top of a block's backward its activations are all still alive,
+            # and a second block gathered there raised the step's peak by a block (FSDP2 prefetches there)
+            self._prefetch_prev = self.overlap and self.prev is not None
         return self._regathered[index]
 
     def reduce(self, index: int, grad: Tensor) -> Tensor:
         """Takes parameter `index`'s full gradient; returns the zeros autograd adds to its shard."""
-        _, n, _, _ = self.args
         if self._grads is None:
-            self._grads = grad.new_zeros(n, self.total)
+            self._grads = {}
             queue_autograd_callback(self._flush_and_drain)
-        o, k = self.offsets[index], self.numels[index]
-        self._grads[:, o:o + k].add_(C._pad(grad, 0, n * self.padded[index][0]).reshape(n, k))
-        self._got.add(index)
-        if len(self._got) == len(self.numels):
+        # Each gradient is kept as it comes and copied into the flat buffer at the flush: a buffer of the whole
+        # block allocated at its first gradient held all of it through the block's backward, at the top of the
+        # backward, where the activations peak (FSDP2 keeps per-parameter gradients until its copy-in too).
+        prev = self._grads.get(index)
+        self._grads[index] = grad.detach() if prev is None else prev + grad
+        if self._prefetch_prev and 2 * len(self._grads) >= len(self.numels):
+            self._prefetch_prev = False
+            self.prev._prefetch_regather()
+        if len(self._grads) == len(self.numels):
             self.flush()
         return grad.new_zeros(self.shapes[index])
 
@@ -184,14 +213,19 @@ class FsdpBucket:
         for the one issued before it and adding that into its shards' `.grad` (one in flight at a time)."""
         if self._grads is None:
             return
-        grads, got = self._grads, self._got
-        self._grads, self._got = None, set()
+        grads, self._grads = self._grads, None
+        self._prefetch_prev = False
+        got = set(grads)
         _, n, group_name, mesh_dim = self.args
         for _ in range(len(_in_flight())):  # the one before had this block's backward to complete under
             count_overlap("reduce_scatter waited late")
         drain()  # one in flight at a time, as FSDP2: one block's gradient buffer, not two
-        C._record("reduce_scatter", mesh_dim, grads, "backward")
-        _in_flight().append((self, start_reduce_scatter(grads.reshape(-1), n, group_name), got, grads))
+        some = next(iter(grads.values()))
+        flat = torch.cat([C._pad(grads.pop(i), 0, n * p[0]).reshape(n, k) if i in grads else some.new_zeros(n, k)
+                          for i, (p, k) in enumerate(zip(self.padded, self.numels))], dim=1)  # [n, local numel]
+        del grads, some
+        C._record("reduce_scatter", mesh_dim, flat, "backward")
+        _in_flight().append((self, start_reduce_scatter(flat.reshape(-1), n, group_name), got, flat))
         count_overlap("reduce_scatter issued")
         if not self.overlap:
             drain()
@@ -231,6 +265,13 @@ def drain() -> None:
     """Waits for every reduce-scatter in flight on this thread and adds it into `.grad` (in issue order)."""
     while _in_flight():
         _finish_oldest()
+
+
+def begin_forward(buckets: list[FsdpBucket]) -> None:
+    """A module's forward starts: nothing a forward before it issued or gathered and left is taken by it."""
+    fsdp_state.begin_forward()
+    for bucket in buckets:
+        bucket.begin_forward()
 
 
 def _gather_arg(param: "torch.fx.Node", name: str):

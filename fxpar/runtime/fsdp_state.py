@@ -13,6 +13,7 @@ tests can read the peak bytes of gathered parameters.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any
 
@@ -35,6 +36,7 @@ __all__ = [
     "peak_gathered_bytes",
     "gathered_param_bytes",
     "overlap_stats",
+    "begin_forward",
 ]
 
 
@@ -142,8 +144,7 @@ def fsdp_bucket_of(shard: Tensor) -> tuple | None:
     if entry is None:
         return None
     ref, bucket, index = entry
-    t = ref()
-    if t is None or shard_ptr(t) != shard_ptr(shard) or tuple(t.shape) != tuple(shard.shape):
+    if ref() is not shard:  # another tensor at the registered shard's address (a view, a reuse of freed memory)
         return None
     return bucket, index
 
@@ -231,9 +232,27 @@ class _FsdpState:
     """The `FsdpRuntime` fxpar's runtime installs: buckets, step gathers and accounting above."""
 
     def __init__(self) -> None:
-        # Per-parameter gathers issued by `fsdp_prefetch` and not yet waited on:
-        # data_ptr -> (pending, shard version, args, param_dtype).
-        self._pending: dict[int, tuple] = {}
+        # Per-parameter gathers issued by `fsdp_prefetch` and not yet waited on, per thread (the in-process
+        # simulator runs each rank on its own thread): id(shard) -> (weakref(shard), pending, shard version,
+        # args, param_dtype, shape). Keyed by the shard object, not its data pointer: another tensor at the
+        # same address (a transposed view, a new tensor in a freed shard's memory) is not the shard that was
+        # gathered.
+        self._local = threading.local()
+
+    def _pending(self) -> dict[int, tuple]:
+        pending = getattr(self._local, "pending", None)
+        if pending is None:
+            pending = self._local.pending = {}
+        return pending
+
+    def begin_forward(self) -> None:
+        """Drops (after waiting) the prefetches a forward left untaken: one that raised before its waits, or
+        a prefetch issued outside a forward. Their shards may have changed without a version bump (`.data`)."""
+        pending = self._pending()
+        while pending:
+            _, entry = pending.popitem()
+            wait(entry[1])
+            count_overlap("stale")
 
     def prefetch(self, shards: list[Tensor], args: tuple, param_dtype) -> None:
         """Issues the gather of one FSDP unit (`fxpar.ops.overlap.fsdp_prefetch`); its waits take it."""
@@ -244,21 +263,27 @@ class _FsdpState:
             bucket[0].prefetch()
             return
         count_overlap("prefetched forward")
+        table = self._pending()
         for s, (pending, version) in zip(shards, prefetch_shards(shards, args, param_dtype)):
-            self._pending[shard_ptr(s)] = (pending, version, args, param_dtype, tuple(s.shape))
+            old = table.pop(id(s), None)
+            if old is not None:  # prefetched twice without a wait between: the first completes unused
+                wait(old[1])
+                count_overlap("stale")
+            table[id(s)] = (weakref.ref(s), pending, version, args, param_dtype, tuple(s.shape))
 
     def _take_pending(self, shard: Tensor, args: tuple) -> Tensor | None:
-        entry = self._pending.pop(shard_ptr(shard), None) if self._pending else None
+        table = self._pending()
+        entry = table.pop(id(shard), None) if table else None
         if entry is None:
             return None
-        pending, version, pargs, param_dtype, shape = entry
+        ref, pending, version, pargs, param_dtype, shape = entry
         full = wait(pending)  # waited even when stale: every issued collective completes
         # args: (dim, n, group, mesh_dim, full_size); the prefetch's are the first four, and it is never uneven
-        if version != shard._version or pargs != tuple(args[:4]) or args[4:5] not in ((), (None,)) \
-                or shape != tuple(shard.shape):
-            count_overlap("stale")
+        if ref() is not shard or version != shard._version or pargs != tuple(args[:4]) \
+                or args[4:5] not in ((), (None,)) or shape != tuple(shard.shape):
+            count_overlap("stale")  # another tensor, or the shard changed since the issue: the op gathers it again
             return None
-        count_overlap("hit")  # the shard changed since the issue: the op gathers it again
+        count_overlap("hit")
         dim, n = args[0], args[1]
         if dim != 0:
             full = torch.cat(full.chunk(n, dim=0), dim=dim)
@@ -296,4 +321,10 @@ class _FsdpState:
         return None
 
 
-set_fsdp_runtime(_FsdpState())
+_state = _FsdpState()
+set_fsdp_runtime(_state)
+
+
+def begin_forward() -> None:
+    """Called by the runtime as a forward starts: per-parameter prefetches left from before are dropped."""
+    _state.begin_forward()

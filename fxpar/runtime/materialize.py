@@ -141,12 +141,20 @@ class LocalTensor:
         local: this rank's tensor (written in place).
         spec: its placements and shapes (None: replicated, the whole tensor).
         is_param: a parameter (else a buffer).
+        stored_as: for a parameter the graph stores in another shape than the model's
+            (`unflatten_heads`: (H*D, C) as (H, D, C)), the model's own shape; else None.
     """
 
     fqns: tuple[str, ...]
     local: torch.Tensor
     spec: TensorSpec | None
     is_param: bool
+    stored_as: tuple[int, ...] | None = None
+
+    @property
+    def model_shape(self) -> tuple[int, ...]:
+        """The shape the model (and its checkpoints) give this tensor."""
+        return self.stored_as if self.stored_as is not None else self.full_shape
 
     @property
     def full_shape(self) -> tuple[int, ...]:
@@ -180,10 +188,12 @@ def local_tensors(gm: fx.GraphModule) -> dict[str, LocalTensor]:
         for fqn, t in items:
             groups.setdefault(id(t), []).append(fqn)
             tensors[id(t)] = (t, is_param)
+    reshaped = getattr(gm.meta.get("fxpar"), "param_shapes", None) or {}
     out = {}
     for key, fqns in groups.items():
         t, is_param = tensors[key]
-        entry = LocalTensor(tuple(fqns), t, specs.get(key), is_param)
+        stored_as = next((tuple(reshaped[f]) for f in fqns if f in reshaped), None)
+        entry = LocalTensor(tuple(fqns), t, specs.get(key), is_param, stored_as)
         for fqn in fqns:
             out[fqn] = entry
     return out
@@ -222,7 +232,9 @@ def local_slices(entry: LocalTensor, mesh: MeshInfo) -> list[list[tuple[int, int
 
 
 def write_full(entry: LocalTensor, full: torch.Tensor, mesh: MeshInfo) -> None:
-    """Writes this rank's slice of the full tensor `full` into the entry's local tensor, in place."""
+    """Writes this rank's slice of the full tensor `full` (in the model's shape) into the entry's local tensor."""
+    if entry.stored_as is not None and tuple(full.shape) == entry.stored_as:
+        full = full.reshape(entry.full_shape)
     if tuple(full.shape) != entry.full_shape:
         raise ValueError(f"{entry.fqns[0]}: got a tensor of shape {tuple(full.shape)}, the model's is "
                          f"{entry.full_shape}")

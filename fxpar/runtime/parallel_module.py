@@ -27,7 +27,7 @@ from fxpar.ops.collectives import _all_gather
 from fxpar.ops.transitions import inference_graph_module
 from fxpar.runtime.checkpointing import checkpointed_graph_module
 from fxpar.runtime.agreement import check_same_inputs
-from fxpar.runtime.fsdp_buckets import register_buckets
+from fxpar.runtime.fsdp_buckets import begin_forward, register_buckets
 from fxpar.runtime.state_dict import load_model_state_dict, model_state_dict
 from fxpar.runtime.fsdp_state import pack_gathered, unpack_gathered
 from fxpar.runtime.grad_sync import GradSync
@@ -112,6 +112,7 @@ class ParallelModule(nn.Module):
 
             exchange(self.graph_module, self.mesh_info)
             self._fingerprint_checked = True
+        begin_forward(self._fsdp_buckets)  # prefetches an earlier forward left untaken are not this one's
         if self.compile_backend is not None:  # saved-tensor hooks do not reach inside a compiled graph
             graph = self._training_graph() if torch.is_grad_enabled() else self._inference_graph()
             return self._compiled(graph)(*args, **kwargs)
@@ -408,6 +409,8 @@ class ParallelModule(nn.Module):
             if t is None:
                 continue
             full = self._gather(t, specs.get(id(p)))
+            if fqn in self.capture_info.param_shapes:  # stored by heads (unflatten_heads): the model's shape
+                full = full.reshape(self.capture_info.param_shapes[fqn])
             for name in aliases.get(fqn, (fqn,)):
                 out[name] = full
         if not grads:

@@ -62,7 +62,7 @@ from fxpar._torch.placements import StridedShard as _StridedShard
 from fxpar._torch.placements import local_shape_and_offset as compute_local_shape_and_global_offset
 from fxpar.core.dataflow import attr_of
 from fxpar.core.errors import CheckpointError, block_of
-from fxpar.core.spec import TensorSpec, get_spec, shard_order, size_hint
+from fxpar.core.spec import TensorSpec, chunk, get_spec, shard_order, size_hint
 from fxpar.ops.collectives import _all_gather
 
 __all__ = ["model_state_dict", "load_model_state_dict", "OPTIM_STATE", "OPTIM_GROUPS", "EXTRA"]
@@ -87,12 +87,15 @@ class _Layout:
         placements: placements on `mesh`, Replicate where the tensor is gathered before saving.
         shape: the global shape.
         gather: (module mesh dim, placement) gathered before saving, in gathering order (undo the last cut first).
+        stored_as: the graph's shape of a parameter it stores in another shape than the model's
+            (`unflatten_heads`: (H, D, C) for the model's (H*D, C)); gathered whole and saved in `shape`.
     """
 
     mesh: DeviceMesh | None
     placements: tuple[Placement, ...]
     shape: tuple[int, ...]
     gather: tuple[tuple[int, Placement], ...] = ()
+    stored_as: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -150,10 +153,16 @@ def _dcp_mesh(pm) -> tuple[DeviceMesh | None, list[int]]:
     return out
 
 
-def _layout(pm, spec: TensorSpec | None, local: torch.Tensor) -> _Layout:
-    """How `local`, laid out as `spec` on pm's mesh, maps onto a DTensor DCP can reshard (module docstring)."""
+def _layout(pm, spec: TensorSpec | None, local: torch.Tensor, model_shape: tuple[int, ...] | None = None) -> _Layout:
+    """How `local`, laid out as `spec` on pm's mesh, maps onto a DTensor DCP can reshard (module docstring).
+
+    `model_shape`: the model's shape of a tensor the graph stores otherwise (saved gathered, in that shape)."""
     mesh, order = _dcp_mesh(pm)
     shape = tuple(size_hint(s) for s in spec.shape) if spec is not None else tuple(local.shape)
+    if model_shape is not None and tuple(model_shape) != shape:
+        cut = [m for m in order if spec is not None and not spec.placements[m].is_replicate()]
+        return _Layout(mesh, tuple(Replicate() for _ in order) if mesh is not None else (), tuple(model_shape),
+                       tuple((m, spec.placements[m]) for m in reversed(cut)), stored_as=shape)
     if mesh is None:
         return _Layout(None, (), shape)
     if spec is None or all(p.is_replicate() for p in spec.placements):
@@ -194,8 +203,11 @@ def _to_dcp(pm, value: torch.Tensor, layout: _Layout) -> torch.Tensor:
     """The DTensor (or plain tensor) DCP saves for this rank's `value`; gathers where the layout says."""
     value = value.detach()
     for m, p in layout.gather:
+        full = layout.stored_as[p.dim] if layout.stored_as is not None and p.is_shard() else None  # maybe uneven
         value = _all_gather(value, p.dim, pm.mesh_info.sizes[m], pm.mesh_info.group_name(m),
-                            getattr(p, "split_factor", 1))
+                            getattr(p, "split_factor", 1), full_size=full)
+    if layout.stored_as is not None:
+        value = value.reshape(layout.shape)
     return _wrap(value, layout)
 
 
@@ -215,6 +227,8 @@ def _target(pm, like: torch.Tensor, layout: _Layout, dtype: torch.dtype,
     """
     if into is not None and not layout.gather and dtype == into.dtype:
         buf = into.detach()
+    elif layout.stored_as is not None:  # gathered whole, in the model's shape
+        buf = torch.empty(layout.shape, dtype=dtype, device=like.device)
     else:
         sizes = list(like.shape)
         for m, p in layout.gather:
@@ -226,18 +240,21 @@ def _target(pm, like: torch.Tensor, layout: _Layout, dtype: torch.dtype,
 def _from_dcp(pm, buf: torch.Tensor, layout: _Layout) -> torch.Tensor:
     """This rank's shard of a loaded buffer: the gathered dims cut again, in fxpar's cut order."""
     info = pm.mesh_info
+    if layout.stored_as is not None:
+        buf = buf.reshape(layout.stored_as)
     for m, p in reversed(layout.gather):
         n, c = info.sizes[m], info.coordinate[m]
         if isinstance(p, _StridedShard):
             buf = torch.cat([s.chunk(n, dim=p.dim)[c] for s in buf.chunk(p.split_factor, dim=p.dim)], dim=p.dim)
         else:
-            buf = buf.chunk(n, dim=p.dim)[c]
+            buf = chunk(buf, n, p.dim, c)  # torch.chunk's rows, an empty one past the last chunk
     return buf
 
 
 def _tensors(pm) -> list[_Tensor]:
     """This rank's parameters and persistent buffers, each once, with their FQNs and layouts."""
     aliases = {name: names for names in pm.capture_info.param_aliases.values() for name in names}
+    reshaped = pm.capture_info.param_shapes
     graphs = pm._stage_graphs()
     # A tensor's spec: from a get_attr node that uses it and whose local shape is the tensor's (a tied
     # weight's unused alias node can carry a stale one).
@@ -269,7 +286,8 @@ def _tensors(pm) -> list[_Tensor]:
                 by_id[id(t)] = entry
                 continue
             spec = specs.get(id(t), (0, None))[1]
-            entry = _Tensor(fqns, [t], _layout(pm, spec, t), is_param)
+            stored = next((reshaped[f] for f in (name, *fqns) if f in reshaped), None)
+            entry = _Tensor(fqns, [t], _layout(pm, spec, t, stored), is_param)
             by_fqn[fqns[0]] = by_id[id(t)] = entry
     out = sorted(by_fqn.values(), key=lambda e: e.fqns[0])  # one order on every rank of a group
     return out

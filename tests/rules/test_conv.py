@@ -33,11 +33,28 @@ def test_conv1d_unbatched_and_grouped():
     un = node_of(lambda x, w: F.conv1d(x, w), torch.randn(4, 9), w, target=aten.conv1d.default)
     assert strategies(un, [R, Shard(0)])[0] == ((R, Shard(0)), Shard(0))  # channels are dim 0
     assert ((Shard(0), Shard(1)), P) in strategies(un, [Shard(0), Shard(1)])
-    # a grouped conv mixes channels within groups: only batch and replicated
+    # a grouped conv mixes channels within groups: sharded by whole groups where they divide, no
+    # input- or output-channel split across groups
     g = node_of(lambda x, w: F.conv1d(x, w, groups=2), torch.randn(2, 4, 9), torch.randn(6, 2, 3),
                 target=aten.conv1d.default)
-    assert strategies(g, [R, Shard(0)]) == [((R, R), R)]
+    assert strategies(g, [R, Shard(0)]) == [((Shard(1), Shard(0)), Shard(1)), ((R, R), R)]
+    assert strategies(g, [Shard(1), R])[0] == ((Shard(1), Shard(0)), Shard(1))
+    assert strategies(g, [R, Shard(0)], n=4) == [((R, R), R)]  # 2 groups on 4 ranks
+    assert all(out != P for _, out in strategies(g, [Shard(1), Shard(1)]))
     assert strategies(g, [Shard(0), R])[0] == ((Shard(0), R), Shard(0))
+
+
+def test_depthwise_conv_localizes_its_groups():
+    """A depthwise conv sharded by groups runs groups / n on each rank (the localize step)."""
+    from types import SimpleNamespace
+
+    from fxpar.rules.registry import lookup_localize
+
+    dw = node_of(lambda x, w, b: F.conv2d(x, w, b, padding=1, groups=8), torch.randn(2, 8, 5, 5),
+                 torch.randn(8, 1, 3, 3), torch.randn(8), target=aten.conv2d.default)
+    info = SimpleNamespace(input_placements=((Shard(1),), (Shard(0),), (Shard(0),)))
+    lookup_localize(aten.conv2d.default)(dw, info, SimpleNamespace(sizes=(4,)))
+    assert dw.args[6] == 2 and dw.args[4] == [1, 1] and not dw.kwargs
 
 
 def test_batch_norm_channels_and_batch():

@@ -1,0 +1,399 @@
+"""A rank's step as a timeline: compute and communication lanes, and which collective runs under which ops.
+
+One training step of this rank's graph, replayed in graph order on two lanes
+(a compute stream and a communication stream, as a GPU runs them):
+
+    compute op n          on the compute lane, from its clock c:   [c, c + t(n)]
+                          t(n) = Max(FLOPs / F, Mem / B)  (fxpar.analysis.cost, `DeviceModel`),
+                          or the measured seconds of `profile[n.name]` when given;
+                          the backward replays the ops in reverse at 2 t(n)
+    blocking collective   on the comm lane from max(c, m) for bytes / L; both clocks move to its end
+                          (an all_reduce, a tp all_gather, an unissued FSDP gather, their duals, and the
+                          all-to-alls inside a MoE node on ep: counts and dispatch before it, combine after)
+    issued collective     an FSDP unit's gather starts at its issue node (`fsdp_prefetch`) at max(c, m),
+                          the compute lane runs on; the unit's first wait moves c to max(c, its end)
+    dp bucket             a data-parallel gradient bucket (`bucket_grad_sync`) starts when the backward
+                          has produced its last gradient (after the backward of its parameters' first
+                          use); the step ends when every bucket is done
+    FSDP reduce-scatter   in the backward with overlap scheduled: issued at its gather's dual, waited
+                          one unit late, so it runs on the comm lane only
+
+with L = `DeviceModel.mesh_bandwidth` and bytes each rank's payload (as
+`explain()` counts it). An `Overlap` is the window from an issue to its wait:
+the collective and the compute ops that run inside it. A pipeline (pp > 1)
+is drawn per pp rank from torch's action order (`fxpar.analysis.schedule.simulate_schedule`),
+each forward taking the stage's estimated time per microbatch, each backward
+twice that, and each send of an activation or gradient over a cut on that
+rank's comm lane while its next action computes.
+
+The times are a model, for the picture and the text (`Timeline.text()`),
+not a promise; `profile` puts measured times in their place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.fx as fx
+
+from fxpar.analysis.cost import DeviceModel, evaluate, example_sizes, node_cost
+from fxpar.analysis.explain import collectives, moe_collectives
+from fxpar.analysis.fsdp import bucket_groups
+from fxpar.analysis.overlap import issued_waits, unit_bytes
+from fxpar.analysis.schedule import schedule_order, simulate_schedule
+from fxpar.core.fmt import fmt_bytes
+from fxpar.core.spec import TensorSpec, get_info
+from fxpar.core.stages import stage_info
+from fxpar.ops.collectives import COLLECTIVE_OPS
+from fxpar.ops.moe import moe_experts
+from fxpar.ops.overlap import ISSUE_OPS
+
+__all__ = ["Bar", "Overlap", "Timeline", "rank_timeline", "KIND_COLORS"]
+
+_GATHER = torch.ops.fxpar.fsdp_all_gather.default
+
+KIND_COLORS = {"forward": "#3b82f6", "backward": "#ef4444", "collective": "#dc2626", "issued": "#f97316",
+               "bucket": "#10b981", "p2p": "#8b5cf6", "wait": "#d1d5db"}
+"""A bar's colour by kind in pictures of a timeline (fxpar.viz.timeline_chart)."""
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One op or collective on a lane.
+
+    Attributes:
+        lane: 'compute' or 'comm' (a pipeline: 'pp<r> compute' / 'pp<r> comm').
+        label: what it is ('addmm_3', 'all_reduce(tp) %allreduce_x', 'F1.0').
+        kind: 'forward', 'backward', 'collective', 'issued', 'bucket', 'p2p', 'wait'.
+        start, end: seconds from the start of the step.
+        node: the graph node ('' for pipeline actions and buckets).
+        module: its module FQN.
+        nbytes: a collective's payload per rank (0 for compute).
+    """
+
+    lane: str
+    label: str
+    kind: str
+    start: float
+    end: float
+    node: str = ""
+    module: str = ""
+    nbytes: int = 0
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """A collective in flight from its issue to its wait, and the compute ops that run meanwhile."""
+
+    collective: str
+    issue: str
+    wait: str
+    start: float
+    end: float
+    ops: tuple[str, ...]
+    modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """This rank's step on its lanes (see the module docstring)."""
+
+    title: str
+    lanes: tuple[str, ...]
+    bars: tuple[Bar, ...]
+    overlaps: tuple[Overlap, ...]
+    measured: bool = False
+
+    @property
+    def makespan(self) -> float:
+        return max((b.end for b in self.bars), default=0.0)
+
+    @property
+    def unit(self) -> tuple[float, str]:
+        """(factor, name): the time unit that suits this step (seconds * factor are in it)."""
+        span = self.makespan
+        return (1.0, "s") if span >= 1 else (1e3, "ms") if span >= 1e-3 else (1e6, "us")
+
+    def lane(self, name: str) -> list[Bar]:
+        return [b for b in self.bars if b.lane == name]
+
+    def text(self, *, width: int = 60) -> str:
+        """The timeline as text: one row per lane drawn to scale, the collectives, and the overlaps."""
+        span = self.makespan or 1.0
+        cell = span / width
+        scale, unit = self.unit
+        clock = lambda seconds: f"{seconds * scale:.3f} {unit}"  # noqa: E731
+        source = "measured (profile)" if self.measured else "estimated (fxpar.analysis.cost)"
+        out = [f"Timeline: {self.title}; step {clock(span)}, times {source}"]
+        for lane in self.lanes:
+            row = [" "] * width
+            for b in self.lane(lane):
+                mark = {"forward": "f", "backward": "b", "wait": "."}.get(b.kind, "#")
+                for i in range(int(b.start / cell), max(int(b.start / cell) + 1, int(b.end / cell))):
+                    row[min(i, width - 1)] = mark
+            out.append(f"  {lane:>12} |{''.join(row)}|")
+        out.append("  (f forward op, b backward op, # communication, . waiting)")
+        comm = [b for b in self.bars if b.nbytes or b.kind in ("collective", "issued", "bucket", "p2p")]
+        if comm:
+            out.append("Communication:")
+            out += [f"  {clock(b.start)} - {clock(b.end)}  {b.lane}: {b.label} {fmt_bytes(b.nbytes)}"
+                    + (f" [{b.module}]" if b.module else "") for b in comm]
+        if self.overlaps:
+            out.append("Overlap (a collective issued before its wait, and the compute under it):")
+            for o in self.overlaps:
+                shown = ", ".join(o.modules[:4]) + (f", ... ({len(o.modules)} modules)" if len(o.modules) > 4 else "")
+                out.append(f"  {o.collective}: issued at {o.issue} {clock(o.start)}, "
+                           f"waited at {o.wait} {clock(o.end)}; "
+                           f"under it {len(o.ops)} ops of {shown or 'nothing'}")
+        return "\n".join(out)
+
+
+def rank_timeline(pm, *, device: DeviceModel | None = None, profile: Mapping[str, float] | None = None,
+                  backward: bool = True) -> Timeline:
+    """This rank's step as a Timeline (a pipeline: every pp rank's, from the schedule).
+
+    Args:
+        pm: a ParallelModule (a dry run's `report.module` too).
+        device: the device the times are estimated for (default: `DeviceModel()`).
+        profile: measured seconds per forward node name (a node missing from it is estimated;
+            '<name>.backward' gives its backward, else twice the forward).
+        backward: include the backward (a training step); False: a forward alone.
+    """
+    device = device or DeviceModel()
+    split = stage_info(pm.graph_module)
+    if split is not None:
+        return _pipeline(pm, split, device)
+    gm = pm.graph_module
+    hints = example_sizes(gm)
+    model = gm.meta["fxpar"].model_class if "fxpar" in gm.meta else type(pm).__name__
+    mesh = ", ".join(f"{k}={v}" for k, v in zip(pm.mesh_info.names, pm.mesh_info.sizes))
+    title = f"{model} on ({mesh}), one {'training step' if backward else 'forward'}"
+    return _Replay(gm, pm.mesh_info, device, hints, dict(profile or {})).run(backward, title)
+
+
+class _Replay:
+    """The two-clock walk of the module docstring over one graph."""
+
+    def __init__(self, gm, mesh, device, hints, profile):
+        self.gm, self.device, self.hints, self.profile = gm, device, hints, profile
+        self.payload = {c.node: c for c in collectives(gm, mesh)}
+        self.bars: list[Bar] = []
+        self.overlaps: list[Overlap] = []
+        self.c = self.m = 0.0
+        # FSDP gathers run as one collective per unit (fxpar.runtime.fsdp_buckets): the unit's first gather
+        # carries the unit's bytes forward, and its first dual met in the backward the unit's reduce-scatter
+        self.unit: dict[str, int] = {}
+        self.unit_bytes: dict[int, list[int]] = {}
+        gathers = {n.args[0]: n for n in gm.graph.nodes if n.target is _GATHER}
+        for i, (_, members) in enumerate(bucket_groups([gm])):
+            for _, param in members:
+                c = self.payload[gathers[param].name]
+                self.unit[c.node] = i
+                fwd_bwd = self.unit_bytes.setdefault(i, [0, 0])
+                fwd_bwd[0] += c.forward_bytes
+                fwd_bwd[1] += c.backward_bytes
+        self.units_done: set[tuple[str, int]] = set()
+        self.forward_time: dict[fx.Node, float] = {}  # the backward reuses the forward's estimate
+
+    def _unit_first(self, node: fx.Node, direction: str) -> int | None:
+        """The bytes of `node`'s FSDP unit if it is the unit's first collective this way, 0 if not; None: no unit."""
+        i = self.unit.get(node.name)
+        if i is None:
+            return None
+        if (direction, i) in self.units_done:
+            return 0
+        self.units_done.add((direction, i))
+        return self.unit_bytes[i][direction == "backward"]
+
+    def _compute_time(self, node: fx.Node, direction: str) -> float:
+        if direction == "backward" and f"{node.name}.backward" in self.profile:
+            return float(self.profile[f"{node.name}.backward"])
+        t = self.forward_time.get(node)
+        if t is None:
+            if node.name in self.profile:
+                t = float(self.profile[node.name])
+            else:
+                cost = node_cost(node)
+                t = max(evaluate(cost.flops, self.hints) / self.device.flops,
+                        evaluate(cost.mem_bytes, self.hints) / self.device.mem_bandwidth)
+            self.forward_time[node] = t
+        return 2 * t if direction == "backward" else t
+
+    def _comm(self, label: str, nbytes: float, *, node: str = "", module: str = "", kind: str = "collective",
+              start: float | None = None, block: bool = True, key: str = "") -> Bar:
+        t0 = max(self.c if start is None else start, self.m)
+        dur = float(self.profile.get(key or node or label, nbytes / self.device.mesh_bandwidth))
+        bar = Bar("comm", label, kind, t0, t0 + dur, node, module, int(nbytes))
+        self.bars.append(bar)
+        self.m = bar.end
+        if block:
+            if bar.start > self.c:
+                self.bars.append(Bar("compute", f"wait {label}", "wait", self.c, bar.start, node, module))
+            self.c = bar.end
+        return bar
+
+    def _op(self, node: fx.Node, direction: str) -> None:
+        """A compute op; a MoE node on ep between its exchanges (counts, dispatch | op | combine; duals reversed)."""
+        exchanges = moe_collectives(node) if node.target is moe_experts else []
+        if direction == "backward":
+            exchanges = [c for c in reversed(exchanges) if c.backward_op]
+        for c in exchanges:
+            if c.note.startswith("combine") == (direction == "forward"):
+                continue  # after the op
+            self._moe_comm(c, direction)
+        self._compute(node, direction)
+        for c in exchanges:
+            if c.note.startswith("combine") == (direction == "forward"):
+                self._moe_comm(c, direction)
+
+    def _moe_comm(self, c, direction: str) -> None:
+        nbytes = c.forward_bytes if direction == "forward" else c.backward_bytes
+        name = c.note.split(" ")[0]
+        self._comm(f"all_to_all({c.mesh_dim}) %{c.node} {name}" + (" (dual)" if direction == "backward" else ""),
+                   nbytes, node=c.node, module=c.module, key=f"{c.node}.{name}" + (
+                       ".backward" if direction == "backward" else ""))
+
+    def _compute(self, node: fx.Node, direction: str) -> None:
+        t = self._compute_time(node, direction)
+        if t <= 0:
+            return
+        info = get_info(node)
+        self.bars.append(Bar("compute", node.name, direction, self.c, self.c + t, node.name,
+                             info.module_fqn if info is not None else ""))
+        self.c += t
+
+    def _wait(self, until: float, label: str, node: str) -> None:
+        if until > self.c:
+            self.bars.append(Bar("compute", f"wait {label}", "wait", self.c, until, node))
+            self.c = until
+
+    def run(self, backward: bool, title: str) -> Timeline:
+        nodes = list(self.gm.graph.nodes)
+        issued: dict[fx.Node, tuple[fx.Node, Bar]] = {}
+        for node in nodes:
+            if node.op != "call_function":
+                continue
+            if node.target in ISSUE_OPS:
+                waits = issued_waits(node)
+                info = get_info(node)
+                unit = info.fsdp_bucket if info is not None and info.fsdp_bucket else node.name
+                mesh_dim = node.args[4]
+                bar = self._comm(f"all_gather({mesh_dim}) of {unit}", unit_bytes(waits), node=node.name,
+                                 module=info.module_fqn if info is not None else "", kind="issued", block=False)
+                for w in waits:
+                    issued[w] = (node, bar)
+            elif node in issued:
+                self._close(*issued.pop(node), node)
+            elif node.target in COLLECTIVE_OPS:
+                c = self.payload.get(node.name)
+                unit = self._unit_first(node, "forward")
+                nbytes = unit if unit is not None else c.forward_bytes if c is not None else 0
+                if nbytes:
+                    what = f"of {get_info(node).fsdp_bucket or node.args[0].target}" if unit is not None \
+                        else f"%{node.name}"
+                    op = "all_gather" if c.op == "fsdp_all_gather" else c.op  # as the issued ones print
+                    self._comm(f"{op}({c.mesh_dim}) {what}", nbytes, node=node.name, module=c.module)
+            else:
+                self._op(node, "forward")
+        if backward:
+            self._backward(nodes)
+        return Timeline(title, ("compute", "comm"), tuple(self.bars), tuple(self.overlaps), bool(self.profile))
+
+    def _close(self, issue: fx.Node, bar: Bar, wait: fx.Node) -> None:
+        """The first wait of an issued unit: the window [issue, wait] and the ops that ran in it."""
+        if any(o.issue == f"%{issue.name}" for o in self.overlaps):
+            return
+        start, end = bar.start, self.c
+        ops = [b for b in self.bars if b.lane == "compute" and b.kind == "forward" and b.start >= start
+               and b.end <= end + 1e-15]
+        modules = tuple(dict.fromkeys(b.module or "<root>" for b in ops))
+        self.overlaps.append(Overlap(bar.label, f"%{issue.name}", f"%{wait.name}", start, end,
+                                     tuple(b.node for b in ops), modules))
+        self._wait(bar.end, bar.label, wait.name)
+
+    def _backward(self, nodes: list[fx.Node]) -> None:
+        """Ops in reverse at twice their time, the duals that communicate, dp buckets as they fill."""
+        overlap = any(n.target in ISSUE_OPS for n in nodes)
+        first_use: dict[str, fx.Node] = {}
+        for node in nodes:
+            for a in node.all_input_nodes:
+                if a.op == "get_attr":
+                    first_use.setdefault(str(a.target), node)
+        waiting: dict[tuple, list[int]] = {}  # bucket -> [parameters still to finish, bytes]
+        bucket_of: dict[str, tuple] = {}
+        for node in nodes:
+            info = get_info(node)
+            sync = info.grad_sync if info is not None and node.op == "get_attr" else None
+            if sync and isinstance(info.spec, TensorSpec) and str(node.target) not in bucket_of:
+                key = bucket_of[str(node.target)] = (sync.bucket, sync.dims)
+                entry = waiting.setdefault(key, [0, 0])
+                entry[0] += 1
+                entry[1] += info.spec.nbytes(local=True)
+        buckets: list[Bar] = []
+        for node in reversed(nodes):
+            if node.op != "call_function" or node.target in ISSUE_OPS:
+                continue
+            if node.target in COLLECTIVE_OPS:
+                c = self.payload.get(node.name)
+                unit = self._unit_first(node, "backward")
+                nbytes = unit if unit is not None else c.backward_bytes if c is not None else 0
+                if c is not None and c.backward_op and nbytes:
+                    what = f"of {get_info(node).fsdp_bucket or node.args[0].target}" if unit is not None \
+                        else f"%{node.name}"
+                    # with overlap scheduled, FSDP's reduce-scatters are waited one unit late: never blocking here
+                    self._comm(f"{c.backward_op}({c.mesh_dim}) {what} (dual)", nbytes, node=node.name,
+                               module=c.module, key=f"{node.name}.backward",
+                               block=not (overlap and node.target is _GATHER))
+            else:
+                self._op(node, "backward")
+            for a in node.all_input_nodes:  # its gradient is complete after the backward of its first use
+                key = bucket_of.get(str(a.target)) if a.op == "get_attr" else None
+                if key is None or first_use.get(str(a.target)) is not node:
+                    continue
+                waiting[key][0] -= 1
+                if waiting[key][0] == 0:
+                    buckets.append(self._comm(f"grad all_reduce({', '.join(key[1])}) bucket {key[0]}",
+                                              waiting[key][1], kind="bucket", block=False))
+        for bar in buckets:  # the window is the all-reduce in flight; the step waits for it at the end
+            ops = [b for b in self.bars
+                   if b.lane == "compute" and b.kind == "backward" and bar.start <= b.start < bar.end]
+            self.overlaps.append(Overlap(bar.label, "its last gradient", "the end of the backward", bar.start,
+                                         bar.end, tuple(b.node for b in ops),
+                                         tuple(dict.fromkeys(b.module or "<root>" for b in ops))))
+        if buckets:
+            self._wait(self.m, "gradient buckets", "")
+
+
+def _pipeline(pm, split, device: DeviceModel) -> Timeline:
+    """Every pp rank's actions from torch's order, scaled by the stages' estimated times."""
+    entries, bubble = simulate_schedule(schedule_order(split), split.num_stages)
+    mb = max(split.microbatches, 1)
+    unit = sum(s.time_value for s in split.stages) / len(split.stages) / mb or 1.0
+    bars, lanes = [], []
+    for r in range(split.pp_size):
+        lanes += [f"pp{r} compute", f"pp{r} comm"]
+    comm_free = {r: 0.0 for r in range(split.pp_size)}
+    for e in sorted(entries, key=lambda e: (e.start, e.rank)):
+        kind = "forward" if e.kind == "F" else "backward"
+        start, end = e.start * unit, e.end * unit
+        bars.append(Bar(f"pp{e.rank} compute", f"{e.kind}{e.stage}.{e.microbatch}", kind, start, end,
+                        module=split.stages[e.stage].first_module))
+        # an activation goes forward over the cut after the stage, its gradient back over the cut before it
+        cut = e.stage + 1 if e.kind == "F" else e.stage if e.kind in ("B", "I") else None
+        if cut is None or not 0 < cut < split.num_stages:
+            continue
+        receiver = cut if e.kind == "F" else cut - 1
+        if split.stages[receiver].rank == e.rank:
+            continue  # the next stage runs on this rank (V schedules): a hand-over, no transfer
+        nbytes = split.stages[cut].recv_bytes_value / mb
+        t0 = max(end, comm_free[e.rank])
+        what = "activation" if e.kind == "F" else "gradient"
+        bar = Bar(f"pp{e.rank} comm", f"send {what} {e.stage}->{cut if e.kind == 'F' else cut - 1} mb {e.microbatch}",
+                  "p2p", t0, t0 + nbytes / device.mesh_bandwidth, nbytes=int(nbytes))
+        comm_free[e.rank] = bar.end
+        bars.append(bar)
+    title = (f"{split.schedule}: {split.num_stages} stages on {split.pp_size} pp ranks, {split.microbatches} "
+             f"microbatches" + (f", bubble {bubble:.1%}" if bubble is not None else ""))
+    return Timeline(title, tuple(lanes), tuple(bars), ())
