@@ -24,6 +24,7 @@ from fxpar.core.errors import PlanError
 from fxpar.core.mesh import MeshInfo
 from fxpar.core.spec import TensorSpec, get_info, get_spec, uncut_steps
 from fxpar.ops.collectives import _all_gather
+from fxpar.ops.traceable import traceable_graph_module
 from fxpar.ops.transitions import inference_graph_module
 from fxpar.runtime.checkpointing import checkpointed_graph_module
 from fxpar.runtime.agreement import check_same_inputs
@@ -124,11 +125,16 @@ class ParallelModule(nn.Module):
         return self._training_graph()(*args, **kwargs)
 
     def _compiled(self, graph: fx.GraphModule) -> Any:
-        """torch.compile of one of this rank's graphs, built once per graph (recompiled per input shape)."""
+        """torch.compile of one of this rank's graphs, built once per graph (recompiled per input shape).
+
+        What is compiled is the graph with its tp collectives lowered to torch's functional collectives
+        (`traceable_graph_module`): inductor sees each issue and its wait, fuses around them and may move
+        the waits."""
         cache = self.__dict__.setdefault("_compiled_graphs", {})
         entry = cache.get(id(graph))
         if entry is None or entry[0] is not graph:
-            entry = cache[id(graph)] = (graph, torch.compile(graph, backend=self.compile_backend, dynamic=False))
+            compiled = torch.compile(traceable_graph_module(graph), backend=self.compile_backend, dynamic=False)
+            entry = cache[id(graph)] = (graph, compiled)
         return entry[1]
 
     def _training_graph(self) -> fx.GraphModule:
