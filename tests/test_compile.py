@@ -114,3 +114,33 @@ def test_pipelines_are_refused_with_the_way_out():
         fxpar.compiler.compile_model(MLPStack(16, 32, 4), None, fxpar.dryrun.dry_mesh({"pp": 2}),
                                      example_inputs=(torch.randn(8, 16),), compile=True,
                                      split_pp=fxpar.dryrun._split_pp_dry)
+
+
+def _backward_code():
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    model = BlockStack(2, 32, 64).double()
+    x, y = torch.randn(4, 8, 32, dtype=torch.float64), torch.randn(4, 8, 32, dtype=torch.float64)
+    pm = fxpar.parallelize(model, mesh, example_inputs=(x,), compile=True)
+    _, codes = run_and_get_code(lambda: pm.step(x, target=y, loss_fn=mse))
+    return codes
+
+
+@pytest.mark.slow  # an inductor compile of a training step: about a minute on 2 loaded cores
+def test_inductor_overlaps_a_backward_all_reduce_with_weight_gradient_matmuls():
+    """The compiled step issues an input gradient's all-reduce, runs matmuls, then waits (inductor's reordering)."""
+    codes = rank_pool(2).run(_backward_code, timeout=600)[0]
+    overlapped = 0
+    for code in codes:
+        pending = False
+        for line in code[code.index("def call("):].splitlines():
+            if "_c10d_functional.all_reduce_.default(" in line:
+                pending, between = True, 0
+            elif pending and "extern_kernels.mm(" in line:
+                between += 1
+            elif pending and "_c10d_functional.wait_tensor.default(" in line:
+                overlapped += between > 0
+                pending = False
+    assert overlapped >= 1, codes

@@ -35,7 +35,15 @@ from fxpar.runtime.grad_sync import GradSync
 from fxpar.runtime.init_weights import InitReport, init_weights
 from fxpar.runtime.materialize import LocalTensor
 
-__all__ = ["ParallelModule"]
+__all__ = ["ParallelModule", "INDUCTOR_OPTIONS"]
+
+INDUCTOR_OPTIONS = {"reorder_for_compute_comm_overlap": True,
+                    "reorder_for_compute_comm_overlap_passes": ["sink_waits", "raise_comms",
+                                                                "reorder_compute_for_overlap"]}
+"""inductor options of fxpar's compiled graphs (torch.compile's `options=`, this compile only, no global
+config): its scheduler issues each collective as early and waits as late as the dependencies allow, and
+moves independent compute between (in a tp backward, weight-gradient matmuls run while the input
+gradient's all-reduce is in flight). The flag alone runs no pass on torch 2.13: the list is explicit."""
 
 
 class ParallelModule(nn.Module):
@@ -70,6 +78,8 @@ class ParallelModule(nn.Module):
         self.input_layout = input_layout
         self.reshard_after_forward = reshard_after_forward
         self.compile_backend = compile_backend  # torch.compile's backend for this rank's graphs, or None
+        # torch.compile's options= for them (inductor only; read when a graph is first compiled)
+        self.compile_options = dict(INDUCTOR_OPTIONS) if compile_backend == "inductor" else None
         self.offload_policy = offload_policy  # CPUOffloadPolicy: parameters on the host (passes/offload_parameters)
         self._grad_sync = self._hook_grad_sync()
         self._fsdp_buckets = self._register_fsdp_buckets()
@@ -133,7 +143,8 @@ class ParallelModule(nn.Module):
         cache = self.__dict__.setdefault("_compiled_graphs", {})
         entry = cache.get(id(graph))
         if entry is None or entry[0] is not graph:
-            compiled = torch.compile(traceable_graph_module(graph), backend=self.compile_backend, dynamic=False)
+            compiled = torch.compile(traceable_graph_module(graph), backend=self.compile_backend, dynamic=False,
+                                     options=self.compile_options or None)
             entry = cache[id(graph)] = (graph, compiled)
         return entry[1]
 
