@@ -129,8 +129,10 @@ def _backward_code():
 
 
 @pytest.mark.slow  # an inductor compile of a training step: about a minute on 2 loaded cores
-def test_inductor_overlaps_a_backward_all_reduce_with_weight_gradient_matmuls():
-    """The compiled step issues an input gradient's all-reduce, runs matmuls, then waits (inductor's reordering)."""
+def test_inductor_overlaps_every_block_backward_all_reduce_with_weight_gradient_matmuls():
+    """Each block's input-gradient all-reduce is issued, weight-gradient matmuls run, then it is waited.
+
+    (inductor's own pass, without fxpar's cost estimate, overlaps only the last block's.)"""
     codes = rank_pool(2).run(_backward_code, timeout=600)[0]
     overlapped = 0
     for code in codes:
@@ -143,4 +145,4 @@ def test_inductor_overlaps_a_backward_all_reduce_with_weight_gradient_matmuls():
             elif pending and "_c10d_functional.wait_tensor.default(" in line:
                 overlapped += between > 0
                 pending = False
-    assert overlapped >= 1, codes
+    assert overlapped >= 2, codes  # both blocks of the BlockStack

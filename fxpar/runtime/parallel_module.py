@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch.distributed.tensor.placement_types import Shard
 
 from fxpar._torch.fx import pytree
+from fxpar._torch.inductor import overlap_comms
 from fxpar.analysis.explain import explain
 from fxpar.analysis.fingerprint import exchange
 from fxpar.analysis.plan_io import resolve_plan
@@ -38,12 +39,11 @@ from fxpar.runtime.materialize import LocalTensor
 __all__ = ["ParallelModule", "INDUCTOR_OPTIONS"]
 
 INDUCTOR_OPTIONS = {"reorder_for_compute_comm_overlap": True,
-                    "reorder_for_compute_comm_overlap_passes": ["sink_waits", "raise_comms",
-                                                                "reorder_compute_for_overlap"]}
+                    "reorder_for_compute_comm_overlap_passes": ["sink_waits", "raise_comms", overlap_comms]}
 """inductor options of fxpar's compiled graphs (torch.compile's `options=`, this compile only, no global
 config): its scheduler issues each collective as early and waits as late as the dependencies allow, and
-moves independent compute between (in a tp backward, weight-gradient matmuls run while the input
-gradient's all-reduce is in flight). The flag alone runs no pass on torch 2.13: the list is explicit."""
+runs independent compute between (`fxpar._torch.inductor.overlap_comms`: in a tp backward, each block's
+weight-gradient matmuls run while its input gradient's all-reduce is in flight)."""
 
 
 class ParallelModule(nn.Module):
