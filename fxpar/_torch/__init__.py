@@ -11,4 +11,5 @@ is one folder to read; `tests/test_layering.py` keeps it that way.
     fx          pytree in/out code generation of exported graphs, pytree helpers, higher-order ops
     pipelining  torch.distributed.pipelining's schedule IR and schedule internals
     placements  DTensor placements not yet public (_StridedShard)
+    inductor    the comm / compute reordering pass of compiled graphs
 """

@@ -21,6 +21,9 @@ registered autograd formula is the dual from DESIGN.md:
       -> Replicate, used on   (all_gather then the
       batch-sharded data      f above, fused)
 
+Under `compile=True` the tp ops are lowered to torch's functional collectives, issue and wait as
+separate nodes, with the same duals (`fxpar.ops.traceable`), so inductor can schedule them.
+
 The graph is the same on every rank of a group: a rank's own index comes from
 its process group at run time, never from a constant baked into the graph.
 

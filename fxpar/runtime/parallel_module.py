@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch.distributed.tensor.placement_types import Shard
 
 from fxpar._torch.fx import pytree
+from fxpar._torch.inductor import overlap_comms
 from fxpar.analysis.explain import explain
 from fxpar.analysis.fingerprint import exchange
 from fxpar.analysis.plan_io import resolve_plan
@@ -24,6 +25,7 @@ from fxpar.core.errors import PlanError
 from fxpar.core.mesh import MeshInfo
 from fxpar.core.spec import TensorSpec, get_info, get_spec, uncut_steps
 from fxpar.ops.collectives import _all_gather
+from fxpar.ops.traceable import traceable_graph_module
 from fxpar.ops.transitions import inference_graph_module
 from fxpar.runtime.checkpointing import checkpointed_graph_module
 from fxpar.runtime.agreement import check_same_inputs
@@ -34,7 +36,14 @@ from fxpar.runtime.grad_sync import GradSync
 from fxpar.runtime.init_weights import InitReport, init_weights
 from fxpar.runtime.materialize import LocalTensor
 
-__all__ = ["ParallelModule"]
+__all__ = ["ParallelModule", "INDUCTOR_OPTIONS"]
+
+INDUCTOR_OPTIONS = {"reorder_for_compute_comm_overlap": True,
+                    "reorder_for_compute_comm_overlap_passes": ["sink_waits", "raise_comms", overlap_comms]}
+"""inductor options of fxpar's compiled graphs (torch.compile's `options=`, this compile only, no global
+config): its scheduler issues each collective as early and waits as late as the dependencies allow, and
+runs independent compute between (`fxpar._torch.inductor.overlap_comms`: in a tp backward, each block's
+weight-gradient matmuls run while its input gradient's all-reduce is in flight)."""
 
 
 class ParallelModule(nn.Module):
@@ -69,6 +78,8 @@ class ParallelModule(nn.Module):
         self.input_layout = input_layout
         self.reshard_after_forward = reshard_after_forward
         self.compile_backend = compile_backend  # torch.compile's backend for this rank's graphs, or None
+        # torch.compile's options= for them (inductor only; read when a graph is first compiled)
+        self.compile_options = dict(INDUCTOR_OPTIONS) if compile_backend == "inductor" else None
         self.offload_policy = offload_policy  # CPUOffloadPolicy: parameters on the host (passes/offload_parameters)
         self._grad_sync = self._hook_grad_sync()
         self._fsdp_buckets = self._register_fsdp_buckets()
@@ -125,11 +136,17 @@ class ParallelModule(nn.Module):
         return self._training_graph()(*args, **kwargs)
 
     def _compiled(self, graph: fx.GraphModule) -> Any:
-        """torch.compile of one of this rank's graphs, built once per graph (recompiled per input shape)."""
+        """torch.compile of one of this rank's graphs, built once per graph (recompiled per input shape).
+
+        What is compiled is the graph with its tp collectives lowered to torch's functional collectives
+        (`traceable_graph_module`): inductor sees each issue and its wait, fuses around them and may move
+        the waits."""
         cache = self.__dict__.setdefault("_compiled_graphs", {})
         entry = cache.get(id(graph))
         if entry is None or entry[0] is not graph:
-            entry = cache[id(graph)] = (graph, torch.compile(graph, backend=self.compile_backend, dynamic=False))
+            compiled = torch.compile(traceable_graph_module(graph), backend=self.compile_backend, dynamic=False,
+                                     options=self.compile_options or None)
+            entry = cache[id(graph)] = (graph, compiled)
         return entry[1]
 
     def _training_graph(self) -> fx.GraphModule:

@@ -1,0 +1,296 @@
+"""fxpar's tensor-parallel collectives in a form torch.compile traces: issue and wait as separate nodes.
+
+Each `fxpar::*` collective (`fxpar.ops.collectives`) is one custom op that
+waits inside itself; inductor sees it as an opaque kernel, runs it through
+Python on every call, and can neither fuse around it nor move its wait.
+`traceable_graph_module` returns a copy of a rank's graph whose collectives
+call the functions below instead: `torch.autograd.Function`s whose forward
+and backward are torch's functional collectives (`_c10d_functional.all_reduce`
+/ `all_gather_into_tensor` / `reduce_scatter_tensor` / `all_to_all_single`,
+each followed by its own `wait_tensor`). Dynamo traces them, AOT autograd puts
+the duals into the backward graph, and inductor lowers the pairs to its
+collective kernels, where its comm-reordering passes may issue early and wait
+late. The duals are DESIGN.md's, the same as the custom ops':
+
+    fxpar op          forward                           backward
+    all_reduce        all_reduce + wait                 identity
+    all_reduce_max    all_reduce(max) + wait            none
+    grad_all_reduce   identity                          all_reduce + wait
+    all_gather(d)     all_gather_into_tensor + wait     this rank's slice
+    sp_all_gather(d)  all_gather_into_tensor + wait     reduce_scatter_tensor + wait
+    shard(d)          this rank's slice                 all_gather_into_tensor + wait
+    reduce_scatter(d) reduce_scatter_tensor + wait      all_gather_into_tensor + wait
+    all_to_all(a->b)  all_to_all_single + wait          all_to_all_single(b->a) + wait
+
+(torch's own autograd formulas on `_c10d_functional` are the adjoints, e.g.
+all_reduce's backward is an all_reduce: not Megatron's "g", so the ops run
+under `autograd.Function`s, where those formulas never apply.)
+
+A collective this module does not lower keeps its custom op (exact, opaque):
+uneven shards (`full_size` >= 0), strided shards (`split_factor` > 1), and
+FSDP gathers, whose runtime (`FsdpRuntime`) buckets and re-gathers them.
+
+The copy is per rank: a `shard` / `all_gather` backward slices this rank's
+chunk, whose index is read from the process group when the copy is made (a
+constant of that rank's compiled graph; the graph module itself stays the
+same on every rank). Comm counting (`count_comms`) does not see lowered
+collectives: they run inside compiled code.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.fx as fx
+from torch import Tensor
+
+from fxpar._torch.c10d import functional, group_rank
+from fxpar._torch.fx import copy_codegen
+
+__all__ = ["traceable_graph_module", "LOWERED_OPS", "lowered_collectives"]
+
+_c10d = functional  # importing fxpar._torch.c10d imports torch's functional collectives: wait_tensor is kept by DCE
+
+
+# --------------------------------------------------------------------------- the collectives, issue + wait
+
+
+def _all_reduce(x: Tensor, group_name: str, op: str = "sum") -> Tensor:
+    return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), op, group_name))
+
+
+def _all_gather(x: Tensor, dim: int, n: int, group_name: str) -> Tensor:
+    out = _c10d.wait_tensor(_c10d.all_gather_into_tensor(x.contiguous(), n, group_name))
+    if dim != 0:  # gathered rank-major along dim 0
+        out = torch.cat(out.chunk(n, dim=0), dim=dim)
+    return out
+
+
+def _reduce_scatter(x: Tensor, dim: int, n: int, group_name: str) -> Tensor:
+    if dim != 0:
+        x = torch.cat(x.chunk(n, dim=dim), dim=0)
+    return _c10d.wait_tensor(_c10d.reduce_scatter_tensor(x.contiguous(), "sum", n, group_name))
+
+
+def _chunk(x: Tensor, dim: int, n: int, rank: int) -> Tensor:
+    size = x.size(dim) // n
+    return x.narrow(dim, rank * size, size).contiguous()
+
+
+def _all_to_all(x: Tensor, src_dim: int, dst_dim: int, n: int, group_name: str) -> Tensor:
+    pieces = torch.cat([c.contiguous() for c in x.chunk(n, dim=dst_dim)], dim=0)
+    splits = [pieces.size(0) // n] * n
+    out = _c10d.wait_tensor(_c10d.all_to_all_single(pieces, splits, splits, group_name))
+    return torch.cat(out.chunk(n, dim=0), dim=src_dim)
+
+
+class _AllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group_name: str) -> Tensor:
+        return _all_reduce(x, group_name)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+class _AllReduceMax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group_name: str) -> Tensor:
+        return _all_reduce(x, group_name, "max")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return None, None  # the shift of a vocab-parallel log-softmax: detached in the graph
+
+
+class _GradAllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group_name: str) -> Tensor:
+        ctx.group_name = group_name
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _all_reduce(grad, ctx.group_name), None
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int, n: int, group_name: str, rank: int) -> Tensor:
+        ctx.args = (dim, n, rank)
+        return _all_gather(x, dim, n, group_name)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _chunk(grad, *ctx.args), None, None, None, None
+
+
+class _SpAllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int, n: int, group_name: str) -> Tensor:
+        ctx.args = (dim, n, group_name)
+        return _all_gather(x, dim, n, group_name)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _reduce_scatter(grad, *ctx.args), None, None, None
+
+
+class _Shard(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int, n: int, group_name: str, rank: int) -> Tensor:
+        ctx.args = (dim, n, group_name)
+        return _chunk(x, dim, n, rank)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _all_gather(grad, *ctx.args), None, None, None, None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int, n: int, group_name: str) -> Tensor:
+        ctx.args = (dim, n, group_name)
+        return _reduce_scatter(x, dim, n, group_name)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _all_gather(grad, *ctx.args), None, None, None
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, src_dim: int, dst_dim: int, n: int, group_name: str) -> Tensor:
+        ctx.args = (src_dim, dst_dim, n, group_name)
+        return _all_to_all(x, src_dim, dst_dim, n, group_name)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        src, dst, n, group_name = ctx.args
+        return _all_to_all(grad, dst, src, n, group_name), None, None, None, None
+
+
+# --------------------------------------------------------------------------- graph-level entry points
+# One plain function per fxpar op, called by the lowered graph's nodes (their printed names say what they do).
+
+
+def tp_all_reduce(x: Tensor, group_name: str, mesh_dim: str) -> Tensor:
+    return _AllReduce.apply(x, group_name)
+
+
+def tp_all_reduce_max(x: Tensor, group_name: str, mesh_dim: str) -> Tensor:
+    return _AllReduceMax.apply(x, group_name)
+
+
+def tp_grad_all_reduce(x: Tensor, group_name: str, mesh_dim: str) -> Tensor:
+    return _GradAllReduce.apply(x, group_name)
+
+
+def tp_all_gather(x: Tensor, dim: int, n: int, group_name: str, mesh_dim: str, rank: int) -> Tensor:
+    return _AllGather.apply(x, dim, n, group_name, rank)
+
+
+def tp_sp_all_gather(x: Tensor, dim: int, n: int, group_name: str, mesh_dim: str) -> Tensor:
+    return _SpAllGather.apply(x, dim, n, group_name)
+
+
+def tp_shard(x: Tensor, dim: int, n: int, group_name: str, mesh_dim: str, rank: int) -> Tensor:
+    return _Shard.apply(x, dim, n, group_name, rank)
+
+
+def tp_reduce_scatter(x: Tensor, dim: int, n: int, group_name: str, mesh_dim: str) -> Tensor:
+    return _ReduceScatter.apply(x, dim, n, group_name)
+
+
+def tp_all_to_all(x: Tensor, src_dim: int, dst_dim: int, n: int, group_name: str, mesh_dim: str) -> Tensor:
+    return _AllToAll.apply(x, src_dim, dst_dim, n, group_name)
+
+
+def _even(args: tuple, split_at: int = 5) -> bool:
+    """No strided sections (split_factor == 1) and an even shard (full_size < 0)."""
+    rest = args[split_at:]
+    return (len(rest) < 1 or rest[0] == 1) and (len(rest) < 2 or rest[1] < 0)
+
+
+def _with_rank(args: tuple) -> tuple:
+    """(x, dim, n, group, mesh_dim[, 1, -1]) -> (x, dim, n, group, mesh_dim, this rank's index in group)."""
+    return (*args[:5], group_rank(args[3]))
+
+
+_fxpar = torch.ops.fxpar
+LOWERED_OPS: dict[object, tuple[Callable, Callable[[tuple], bool], Callable[[tuple], tuple]]] = {
+    # fxpar op: (lowered function, which calls it lowers, their arguments)
+    _fxpar.all_reduce.default: (tp_all_reduce, lambda a: True, lambda a: a),
+    _fxpar.all_reduce_max.default: (tp_all_reduce_max, lambda a: True, lambda a: a),
+    _fxpar.grad_all_reduce.default: (tp_grad_all_reduce, lambda a: True, lambda a: a),
+    _fxpar.all_gather.default: (tp_all_gather, _even, _with_rank),
+    _fxpar.sp_all_gather.default: (tp_sp_all_gather, lambda a: True, lambda a: a),
+    _fxpar.shard.default: (tp_shard, _even, _with_rank),
+    _fxpar.reduce_scatter.default: (tp_reduce_scatter, lambda a: True, lambda a: a),
+    _fxpar.all_to_all.default: (tp_all_to_all, lambda a: True, lambda a: a),
+}
+"""The fxpar collectives `traceable_graph_module` lowers, and on which arguments."""
+
+
+def _args(node: fx.Node) -> tuple:
+    """The node's arguments, keywords folded in by the op's schema (defaults left out)."""
+    schema = node.target._schema
+    out = list(node.args)
+    for arg in schema.arguments[len(out):]:
+        if arg.name not in node.kwargs:
+            break
+        out.append(node.kwargs[arg.name])
+    return tuple(out)
+
+
+def lowered_collectives(gm: fx.GraphModule) -> list[fx.Node]:
+    """The collective nodes of `gm` (and of its subgraphs) that `traceable_graph_module` lowers."""
+    out = []
+    for mod in gm.modules():
+        if isinstance(mod, fx.GraphModule):
+            for node in mod.graph.nodes:
+                entry = LOWERED_OPS.get(node.target) if node.op == "call_function" else None
+                if entry is not None and entry[1](_args(node)):
+                    out.append(node)
+    return out
+
+
+def _lower_graph(graph: fx.Graph) -> fx.Graph:
+    out = fx.Graph(owning_module=None, tracer_cls=graph._tracer_cls)
+    env: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        entry = LOWERED_OPS.get(node.target) if node.op == "call_function" else None
+        args = _args(node) if entry is not None else ()
+        if entry is not None and entry[1](args):
+            fn, _, convert = entry
+            # named as the inserting pass named it (allreduce_attn_out, ...)
+            new = out.create_node("call_function", fn, fx.node.map_arg(convert(args), lambda a: env[a]), {},
+                                  name=node.name)
+            new.meta = dict(node.meta)
+            env[node] = new
+            continue
+        env[node] = out.node_copy(node, lambda a: env[a])
+    copy_codegen(graph, out)  # the capture's pytree in/out handling
+    return out
+
+
+def traceable_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of this rank's `gm` whose tp collectives are functional collectives torch.compile traces.
+
+    Parameters and buffers are `gm`'s own tensor objects (shared, so optimizer
+    steps and `load_state_dict` reach the copy); subgraphs (activation-checkpoint
+    regions, higher-order ops' bodies) are lowered too. The same collectives run
+    in the same order on every rank, with the same values and gradients as `gm`.
+    """
+    out = fx.GraphModule(gm, _lower_graph(gm.graph), class_name=type(gm).__name__)
+    for name, mod in list(out.named_children()):
+        if isinstance(mod, fx.GraphModule) and lowered_collectives(mod):
+            setattr(out, name, traceable_graph_module(mod))
+    out.meta.update(gm.meta)
+    return out
+
+for _fn in (tp_all_reduce, tp_all_reduce_max, tp_grad_all_reduce, tp_all_gather, tp_sp_all_gather, tp_shard,
+            tp_reduce_scatter, tp_all_to_all):
+    torch.fx.node.has_side_effect(_fn)  # as the custom ops they replace: DCE never drops a collective
