@@ -301,6 +301,7 @@ def autoplan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), e
     ilp = solver_available()
     style_memo: dict = {}
     node_costs: dict = {}
+    kept: dict = {}  # the compiled module of the fastest fitting candidate so far
 
     def price(mesh: dict, pm: Any, replicate: tuple[str, ...] = (), cuts: tuple[str, ...] = ()) -> list[Candidate]:
         """Every pipeline, precision and memory variant of one compiled mesh."""
@@ -321,6 +322,9 @@ def autoplan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), e
                     out.append(Candidate(mesh, schedule, m, ac, est, est.memory_gib <= budget, mp_dtype=mp,
                                          replicate=replicate, cuts=cuts))
         timing["price"] += time.perf_counter() - t0
+        fitting = [c.estimate.step_s for c in out if c.fits]
+        if fitting and min(fitting) < kept.get("step", float("inf")):  # the winner so far: its plan is read back
+            kept.update(step=min(fitting), key=(tuple(mesh.items()), replicate, cuts), pm=pm)
         return out
 
     def compile_mesh(mesh: dict, plan: Plan | None) -> Any:
@@ -454,9 +458,15 @@ def autoplan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), e
     t0 = time.perf_counter()
     plan = Plan(tp=dict.fromkeys(win.replicate, "replicate"), auto_tp=True, schedule=win.schedule,
                 microbatches=win.microbatches, pp=list(win.cuts) or None)
-    final = compile_model(model, None, dry_mesh(win.mesh), example_inputs=inputs, example_kwargs=example_kwargs,
-                          plan=plan, check=False, split_pp=_split_pp_dry, captured=captured,
-                          mp_policy=_mp_policy(win.mp_dtype), activation_checkpointing=win.activation_checkpointing)
+    if "pp" not in win.mesh and kept.get("key") == (tuple(win.mesh.items()), win.replicate, win.cuts):
+        # Without a pipeline the resolved plan (styles, mesh) does not depend on the precision or the
+        # checkpointing the winner was priced with: read it from the module its estimate came from.
+        final = kept["pm"]
+    else:  # a pipeline's schedule and microbatches are the winner's own: compile it as chosen
+        final = compile_model(model, None, dry_mesh(win.mesh), example_inputs=inputs, example_kwargs=example_kwargs,
+                              plan=plan, check=False, split_pp=_split_pp_dry, captured=captured,
+                              mp_policy=_mp_policy(win.mp_dtype),
+                              activation_checkpointing=win.activation_checkpointing)
     seconds["compile"] += time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - start
     try:
