@@ -53,7 +53,8 @@ def run(name: str, profile: bool = False) -> dict:
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     out = {"model": builder, "world": world, "wall_s": wall, "cpu_s": cpu, "load_before": load_before,
            "load_after": os.getloadavg(), "seconds": ap.seconds, "candidates": len(ap.candidates),
-           "compiled": sum(1 for c in ap.candidates if c.estimate is not None), "chosen": chosen(ap)}
+           "compiled": sum(1 for c in ap.candidates if c.estimate is not None), "chosen": chosen(ap),
+           "not_compiled": [f"{c.label}: {c.reason}" for c in ap.candidates if c.estimate is None]}
     if prof:
         prof.dump_stats(f"/tmp/planner_speed_{name}.prof")
         pstats.Stats(prof).sort_stats("cumulative").print_stats(40)

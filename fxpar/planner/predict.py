@@ -15,7 +15,11 @@ with FLOPs and Mem from `fxpar.analysis.cost.node_cost`. Each collective node c 
 on its mesh dim d (n ranks): moved = 2 (n-1)/n B for all-reduce, (n-1)/n B for all-gather,
 reduce-scatter and all-to-all, B the full tensor's bytes; alpha and beta are the link latency and
 bandwidth, inside a node when the ranks of d and of every dim after it fit on one node (the last
-mesh dim is the innermost), across nodes otherwise. Tensor-parallel collectives block compute;
+mesh dim is the innermost), across nodes otherwise. Tensor-parallel collectives block compute,
+and so do expert parallelism's token exchanges, which run inside each fused MoE node (`_moe_exchange`):
+two all-to-alls (dispatch, combine) forward and two backward, each 2 alpha(ep) (ep-1) + S / beta(ep) per
+pair with S = `fxpar.ops.moe.moe_all_to_all_bytes` (T local tokens, k slots, width H, balanced routing),
+reported as ep_comm; a MoE node computes 2 T k 3 H I FLOPs (I its local expert width, `_moe_flops`).
 FSDP gathers and their reduce-scatters are exposed by (1 - fsdp_overlap) (0 today: each gather
 waits where it is issued); the data-parallel gradient all-reduce (bucketed, asynchronous in the
 backward) is exposed by max(0, t_dp - dp_overlap t_bwd) without a pipeline, and whole after the

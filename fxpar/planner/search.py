@@ -5,7 +5,9 @@ The space, for W devices with D per node and a model of L blocks:
     meshes     dp x fsdp x pp x tp = W with tp <= D (tensor parallel stays inside a node),
                pp <= L / 2 (two blocks or more per stage), and the data ranks dp x fsdp dividing the global
                batch; the data ranks split three ways: all dp, all fsdp, or fsdp inside the node's
-               remaining devices and dp across (HSDP)
+               remaining devices and dp across (HSDP); for a model with experts (the MoE layers
+               `fuse_experts` recognises) also ep x (the rest all fsdp or all dp), ep dividing the
+               data ranks and the number of experts (ep borrows data ranks: tokens split, experts by index)
     styles     per Megatron pair and lone projection: sharded on tp as the automatic plan shards it, or
                replicated: an integer program per tp mesh (`fxpar.planner.styles`, solved by HiGHS
                through `fxpar.planner.solve`) under the memory the rest of the mesh leaves
@@ -27,8 +29,10 @@ transfers and per-microbatch gathers only grow), then the other data splits of t
 (tp, pp) shapes within `FINALIST_SLACK` of the best only: the data split trades gather time for
 memory within a shape and rarely reorders the shapes. A mesh whose parameters, gradients and AdamW
 state alone exceed the budget, 4 P / (tp pp fsdp) bytes for float32 parameters, is dropped before
-compiling. The winner is the fastest predicted step within the memory budget (ties: less memory).
-Expert parallelism (ep) is not searched yet.
+compiling; with ep, the expert weights' share of it is divided by ep too. A (tp, ep) whose pipelines fit
+nothing stops adding stages once its least memory stops shrinking (`autoplan`'s loop, with the numbers).
+The winner is the fastest predicted step within the memory budget (ties: less memory). A shape is
+(tp, pp, ep): expert parallelism is a phase-1 dim of its own, not only a data split of the finalists.
 """
 
 from __future__ import annotations
@@ -67,6 +71,9 @@ TOP_TP_PP = 3
 """(tp, pp) shapes whose other data splits are compiled too (phase 2 of the search)..."""
 FINALIST_SLACK = 1.25
 """... if their best step is within this factor of the best shape's."""
+PIPELINE_MEMORY_SLACK = 0.75
+"""A pipeline is not compiled when `_pipelined_memory`'s guess exceeds the budget by 1 / this: a third
+over leaves room for the guess's error (about 1% on Llama-3 70B) and for stages unlike the average."""
 
 
 @dataclass(frozen=True)
@@ -245,6 +252,30 @@ def _experts(captured: Any) -> tuple[int, frozenset]:
     counts = {int(n.meta["val"].shape[0]) for named in found.values() for n in named.values()}
     names = frozenset(str(n.target) for named in found.values() for n in named.values())
     return (min(counts), names) if counts else (0, frozenset())
+
+
+def _pipelined_memory(mesh: dict, flat: dict | None, candidates: list[Candidate], batch: int) -> float | None:
+    """About the least memory (GiB) a pipeline on `mesh` can need, from the priced mesh `flat` of the same
+    tp and ep without pp (None if that was not priced, or `mesh` takes no pipeline).
+
+    At a fixed world size and global batch, S stages divide the data ranks by S: a rank's parameter, gradient
+    and optimizer state is the same as without pp (1/S of the blocks, S times fewer FSDP shards), and its
+    stage runs S times the local batch through 1/S of the blocks. 1F1B's first stage keeps min(M, S) of M
+    microbatches in flight, so with the most microbatches M = S f that divide the local batch it holds
+    A / f of the activations A the mesh without pp holds without checkpointing (which a pipeline cannot
+    use): state + A / f. (Llama-3 70B on 512: 417, 309, 255, 228 GiB at tp = 1, 2, 4, 8 against 414, 308,
+    255, 228 compiled at pp=2.)
+    """
+    if flat is None:
+        return None
+    stages = mesh["pp"]
+    local = batch // _data(mesh)
+    factors = [f for f in MICROBATCH_FACTORS if local % (stages * f) == 0]
+    priced = [c.estimate for c in candidates if c.mesh == flat and c.estimate is not None
+              and c.activation_checkpointing is None]
+    if not factors or not priced:
+        return None
+    return min(e.memory_gib - e.breakdown["activations"] / 2 ** 30 * (1 - 1 / max(factors)) for e in priced)
 
 
 def _mp_choices(model: nn.Module, mixed_precision: bool) -> tuple:
@@ -433,6 +464,11 @@ def autoplan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), e
                 candidates.append(Candidate(first[key], reason=f"not compiled: with {where}, nothing fits at "
                                                                f"pp={steps[-1][0]} and it needs no less memory than "
                                                                f"pp={steps[-2][0]}"))
+                continue
+            guess = _pipelined_memory(first[key], first.get((tp, 1, ep)), candidates, batch) if key[1] > 1 else None
+            if guess is not None and guess * PIPELINE_MEMORY_SLACK > budget:
+                candidates.append(Candidate(first[key], reason=f"not compiled: with {where} and no pipeline, "
+                                                               f"pp={key[1]} would need about {guess:.1f} GiB"))
                 continue
             since = len(candidates)
             evaluate(first[key])
