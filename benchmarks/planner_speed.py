@@ -4,6 +4,9 @@
     python -m benchmarks.planner_speed --profile 70b   # one of them under cProfile (top 40 by cumulative time)
     python -m benchmarks.planner_speed --json out.json # also writes the figures and chosen plans
 
+Each run asserts that autoplan still chooses what it chose before it was made faster (EXPECTED: the
+mesh, memory savers, styles and the predicted step and memory to 1e-9).
+
 Other engineers share this machine's 2 cores, so each row reports the process CPU time
 (time.process_time) next to the wall time, and the load average (os.getloadavg) before and after:
 CPU time is what the planner's own work costs; wall time is what a user waits under that load.
@@ -26,6 +29,14 @@ if __package__ in (None, ""):
 import fxpar  # noqa: E402
 
 RUNS = {"8b": ("llama3_8b", 64), "70b": ("llama3_70b", 512)}
+EXPECTED = {  # what autoplan chose before it was made faster (commit cd9b45f): the speed-ups must keep it
+    "llama3_8b": {"mesh": {"dp": 32, "tp": 2}, "activation_checkpointing": "selective", "mp_dtype": "None",
+                  "schedule": None, "replicate": [], "cuts": [], "predicted_step_s": 1.6081938328925163,
+                  "predicted_memory_gib": 75.82092332839966},
+    "llama3_70b": {"mesh": {"fsdp": 256, "tp": 2}, "activation_checkpointing": "full", "mp_dtype": "None",
+                   "schedule": None, "replicate": [], "cuts": [], "predicted_step_s": 21.9428001639824,
+                   "predicted_memory_gib": 52.93909525871277},
+}
 
 
 def chosen(ap) -> dict:
@@ -55,6 +66,10 @@ def run(name: str, profile: bool = False) -> dict:
            "load_after": os.getloadavg(), "seconds": ap.seconds, "candidates": len(ap.candidates),
            "compiled": sum(1 for c in ap.candidates if c.estimate is not None), "chosen": chosen(ap),
            "not_compiled": [f"{c.label}: {c.reason}" for c in ap.candidates if c.estimate is None]}
+    want, got = EXPECTED[builder], out["chosen"]
+    for key, value in want.items():
+        same = abs(got[key] - value) <= 1e-9 * value if isinstance(value, float) else got[key] == value
+        assert same, f"{builder}: {key} {got[key]!r}, before {value!r}"
     if prof:
         prof.dump_stats(f"/tmp/planner_speed_{name}.prof")
         pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
