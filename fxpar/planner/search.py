@@ -121,7 +121,8 @@ class AutoPlan:
     Attributes:
         mesh_shape, mesh_dim_names: the mesh to build (`init_device_mesh(device, mesh_shape,
             mesh_dim_names=mesh_dim_names)`).
-        plan: the plan to pass to parallelize (a ResolvedPlan: `fxpar.save_plan` writes it).
+        plan: the plan to pass to parallelize (a ResolvedPlan: `fxpar.save_plan` writes it; the Plan as
+            compiled where `resolve_plan` cannot write a style yet, as MoE experts sharded on tp).
         activation_checkpointing: the memory saver chosen (pass it to parallelize).
         mp_policy: the MixedPrecisionPolicy chosen (bfloat16 compute, float32 gradient reductions), or
             None (pass it to parallelize as mp_policy=).
