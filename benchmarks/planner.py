@@ -109,7 +109,8 @@ def report(results: list[dict], local, out: Path) -> str:
     lines = ["# The planner against every mesh", "",
              "`python -m benchmarks.planner`: `fxpar.autoplan(..., device=\"local\")` picks a mesh; every mesh of the",
              "same ranks then trains the same model (AdamW steps), interleaved in one run on local gloo ranks. Ratio:",
-             "the chosen mesh's median step over the fastest mesh's (target <= 1.10).", "",
+             "the chosen mesh's median step over the fastest mesh's (target <= 1.10). How long autoplan takes on",
+             "Llama-3 8B / 70B at 64 / 512 devices: PLANNER_SPEED.md (`python -m benchmarks.planner_speed`).", "",
              f"Local profile (measured): {local.flops(torch.float32) / 1e9:.1f} GFLOP/s float32 matmul, "
              f"{local.memory_bandwidth / 1e9:.1f} GB/s copy, all-reduce latency {local.intra_latency * 1e6:.0f} us, "
              f"bandwidth {local.intra_bandwidth / 1e9:.2f} GB/s.", ""]

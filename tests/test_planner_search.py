@@ -183,3 +183,22 @@ def test_pipeline_cuts_move_blocks_off_the_first_stage_under_memory():
                              calibrate_gib=e_bal) == ["blocks.1"]
     with pytest.raises(fxpar.PlanError):
         memory_aware_cuts(costs, blocks, mesh, microbatches=2, budget_bytes=0.8 * e_cut * 2 ** 30, calibrate_gib=e_bal)
+
+
+def test_a_pipelines_memory_is_guessed_from_the_mesh_without_it():
+    """autoplan skips compiling pipelines far over the budget by this guess: state as without pp, and the
+    activations without checkpointing divided by the microbatches per stage (1F1B's first stage)."""
+    from fxpar.planner.search import Candidate, _pipelined_memory
+
+    model = BlockStack(depth=4, dim=64, hidden=256)
+    x = torch.randn(8, 128, 64)
+    flat, piped = {"fsdp": 4}, {"pp": 2, "fsdp": 2}
+    r1 = fxpar.plan(model, flat, example_inputs=(x,))
+    e1 = estimate_module(r1.module, r1.mesh, "h100")
+    guess = _pipelined_memory(piped, flat, [Candidate(flat, estimate=e1)], 8)
+    # 4 sequences per data rank, 2 stages: 4 microbatches, 2 in flight on the first stage
+    r2 = fxpar.plan(model, piped, example_inputs=(x,), plan=fxpar.Plan(schedule="1f1b", microbatches=4))
+    e2 = estimate_module(r2.module, r2.mesh, "h100")
+    assert e2.memory_gib < e1.memory_gib
+    assert guess == pytest.approx(e2.memory_gib, rel=0.02)  # 1927 against 1928 MiB
+    assert _pipelined_memory(piped, flat, [], 8) is None  # nothing priced without pp: no guess

@@ -75,7 +75,7 @@ def memory_aware_cuts(costs: dict, blocks: list[str], mesh: dict, *, microbatche
     """
     stages = mesh["pp"]
     shard = mesh.get("tp", 1)
-    data = mesh.get("dp", 1) * mesh.get("fsdp", 1)
+    data = mesh.get("dp", 1) * mesh.get("fsdp", 1) * mesh.get("ep", 1)  # ep borrows data ranks
     fsdp = mesh.get("fsdp", 1)
     t = [costs[b][0] / (shard * data) for b in blocks]
     a = [costs[b][1] / (shard * data) * kept for b in blocks]

@@ -15,7 +15,11 @@ with FLOPs and Mem from `fxpar.analysis.cost.node_cost`. Each collective node c 
 on its mesh dim d (n ranks): moved = 2 (n-1)/n B for all-reduce, (n-1)/n B for all-gather,
 reduce-scatter and all-to-all, B the full tensor's bytes; alpha and beta are the link latency and
 bandwidth, inside a node when the ranks of d and of every dim after it fit on one node (the last
-mesh dim is the innermost), across nodes otherwise. Tensor-parallel collectives block compute;
+mesh dim is the innermost), across nodes otherwise. Tensor-parallel collectives block compute,
+and so do expert parallelism's token exchanges, which run inside each fused MoE node (`_moe_exchange`):
+two all-to-alls (dispatch, combine) forward and two backward, each 2 alpha(ep) (ep-1) + S / beta(ep) per
+pair with S = `fxpar.ops.moe.moe_all_to_all_bytes` (T local tokens, k slots, width H, balanced routing),
+reported as ep_comm; a MoE node computes 2 T k 3 H I FLOPs (I its local expert width, `_moe_flops`).
 FSDP gathers and their reduce-scatters are exposed by (1 - fsdp_overlap) (0 today: each gather
 waits where it is issued); the data-parallel gradient all-reduce (bucketed, asynchronous in the
 backward) is exposed by max(0, t_dp - dp_overlap t_bwd) without a pipeline, and whole after the
@@ -57,7 +61,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxpar.analysis.cost import VIEW_OPS, evaluate, example_sizes, node_cost
+from fxpar.analysis.cost import VIEW_OPS, evaluate, example_sizes, node_cost, size_expr
 from fxpar.analysis.explain import collectives
 from fxpar.analysis.memory import memory_per_rank, stage_graphs
 from fxpar.analysis.schedule import schedule_order, simulate_schedule
@@ -67,6 +71,7 @@ from fxpar.core.mesh import MeshInfo
 from fxpar.core.spec import TensorSpec, get_info
 from fxpar.core.stages import stage_info
 from fxpar.dryrun import plan as dry_run
+from fxpar.ops.moe import moe_all_to_all_bytes, moe_experts
 from fxpar.planner.devices import DeviceProfile, device_profile
 
 __all__ = ["Estimate", "estimate", "estimate_module", "ACTIVATION_CHECKPOINTING"]
@@ -101,7 +106,8 @@ class Estimate:
         mesh = " x ".join(f"{k}{v}" for k, v in self.mesh.items()) or "1 rank"
         lines = [f"estimate on {self.device}, mesh {mesh}: step {self.step_s * 1e3:.2f} ms, "
                  f"memory {self.memory_gib:.2f} GiB (most loaded rank)"]
-        terms = ("compute_s", "recompute_s", "tp_comm_s", "fsdp_exposed_s", "dp_exposed_s", "p2p_s", "optimizer_s")
+        terms = ("compute_s", "recompute_s", "tp_comm_s", "ep_comm_s", "fsdp_exposed_s", "dp_exposed_s", "p2p_s",
+                 "optimizer_s")
         lines.append("  " + ", ".join(f"{k[:-2]} {b[k] * 1e3:.2f} ms" for k in terms if b.get(k)))
         if b.get("bubble") is not None:
             lines.append(f"  pipeline: schedule {b['schedule']}, {b['microbatches']} microbatches, "
@@ -165,28 +171,37 @@ def _mp_scale(dtype: torch.dtype, mp: torch.dtype | None) -> tuple[torch.dtype, 
     return mp, mp.itemsize / dtype.itemsize
 
 
-def _shape_key(node: Any) -> str:
+def _shape_key(node: Any) -> Any:
     info = get_info(node) if isinstance(node, fx.Node) else None
     spec = info.spec if info is not None else None
     if isinstance(spec, TensorSpec):
-        return f"{spec.local_shape}{spec.dtype}"
+        return tuple(size_expr(s) for s in spec.local_shape), spec.dtype
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return f"{tuple(val.shape)}{val.dtype}" if isinstance(val, torch.Tensor) else type(val).__name__
+    return (tuple(size_expr(s) for s in val.shape), val.dtype) if isinstance(val, torch.Tensor) else type(val).__name__
 
 
-def _cost_key(node: fx.Node) -> tuple:
+def _cost_key(node: fx.Node, shapes: dict) -> tuple:
     """What a node's FLOPs and bytes depend on: its op, its local shapes and dtypes. The module path with
     its block index dropped makes the repeated blocks of a model (and of its pipeline stages) share one
-    evaluation of the symbolic cost."""
+    evaluation of the symbolic cost. `shapes` keeps each node's shape key for the graph being priced (a
+    node is an input of several others)."""
     info = get_info(node)
     fqn = info.module_fqn if info is not None else ""
     block = block_of(fqn)
     where = fqn[len(block):] if block else fqn
-    return (node.target, where, _shape_key(node), tuple(_shape_key(a) for a in node.all_input_nodes))
+    inputs = tuple(_shape_key_of(a, shapes) for a in node.all_input_nodes)
+    return node.target, where, _shape_key_of(node, shapes), inputs
 
 
-def _node_values(node: fx.Node, hints: dict, memo: dict) -> tuple[float, float]:
-    key = _cost_key(node)
+def _shape_key_of(node: fx.Node, shapes: dict) -> Any:
+    key = shapes.get(node)
+    if key is None:
+        key = shapes[node] = _shape_key(node)
+    return key
+
+
+def _node_values(node: fx.Node, hints: dict, memo: dict, shapes: dict) -> tuple[float, float]:
+    key = _cost_key(node, shapes)
     hit = memo.get(key)
     if hit is None:
         cost = node_cost(node)
@@ -205,10 +220,13 @@ def _compute(gm: fx.GraphModule, hints: dict, device: DeviceProfile,
     count = 0
     mem_bw = device.memory_bandwidth * MEMORY_EFFICIENCY
     memo = {} if memo is None else memo
+    shapes: dict = {}
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        flops, mem = _node_values(node, hints, memo)
+        flops, mem = _node_values(node, hints, memo, shapes)
+        if node.target is moe_experts:
+            flops = _moe_flops(node, hints)
         if not flops and not mem:
             continue
         info = get_info(node)
@@ -221,6 +239,36 @@ def _compute(gm: fx.GraphModule, hints: dict, device: DeviceProfile,
         if not _is_matmul(node):
             cheap += t
     return total, cheap, flops_total, count
+
+
+def _moe_flops(node: fx.Node, hints: dict) -> float:
+    """FLOPs of a fused MoE node on this rank: every one of its T tokens' k slots through one expert's three
+    matmuls (gate, up: H -> I; down: I -> H), 2 T k 3 H I with T and I local (balanced routing under ep:
+    a rank computes as many slots as it sends)."""
+    x, idx, down = node.args[0], node.args[1], node.args[5]
+    tokens = evaluate(size_expr(_local(x)[0]), hints)
+    _, hidden, inter = (evaluate(size_expr(s), hints) for s in _local(down))
+    return 2.0 * tokens * int(idx.meta["val"].shape[1]) * 3 * hidden * inter
+
+
+def _local(node: fx.Node) -> tuple:
+    info = get_info(node)
+    return info.spec.local_shape if info is not None and isinstance(info.spec, TensorSpec) else \
+        tuple(node.meta["val"].shape)
+
+
+def _moe_exchange(node: fx.Node, hints: dict, mp: torch.dtype | None) -> tuple[int, float]:
+    """(ep, bytes this rank sends per forward) of a fused MoE node's token all-to-alls (dispatch and combine;
+    the backward sends as much again): `fxpar.ops.moe.moe_all_to_all_bytes` under balanced routing."""
+    ep = int(node.kwargs.get("ep_size", 1))
+    if ep <= 1:
+        return ep, 0.0
+    x, idx = node.args[0], node.args[1]
+    dtype, scale = _mp_scale(x.meta["val"].dtype, mp)
+    tokens = evaluate(size_expr(_local(x)[0]), hints)
+    hidden = evaluate(size_expr(_local(x)[1]), hints)
+    return ep, scale * moe_all_to_all_bytes(tokens, int(idx.meta["val"].shape[1]), hidden,
+                                            x.meta["val"].dtype.itemsize, ep)
 
 
 def _activations(gm: fx.GraphModule, hints: dict, checkpointing: str | None, mp: torch.dtype | None = None) -> float:
@@ -262,6 +310,7 @@ class _GraphProfile:
     tp_fwd: float = 0.0
     tp_bwd: float = 0.0
     tp_alpha: float = 0.0  # the latency part of tp_fwd + tp_bwd: paid again by every microbatch
+    ep: float = 0.0  # the part of tp_fwd + tp_bwd that is expert parallelism's token all-to-alls
     fsdp: float = 0.0
     comm_bytes: float = 0.0
     sync: dict = field(default_factory=dict)  # (bucket, dims) -> {parameter: local bytes}
@@ -297,6 +346,16 @@ def _profile(g: fx.GraphModule, hints: dict, device: DeviceProfile, mesh: MeshIn
             latency, _ = device.link(intra)
             prof.tp_alpha += latency * (coll.group_size - 1) * ((tf > 0) + (tb > 0))
     for node in g.graph.nodes:
+        if node.target is moe_experts:  # the token exchange runs inside the node: blocking, both ways
+            ep, sent = _moe_exchange(node, hints, mp)
+            if sent:
+                latency, bandwidth = device.link(_intra(mesh, "ep", device))
+                t = 2 * latency * (ep - 1) + sent / bandwidth  # two exchanges, each as `_collective_time`
+                prof.tp_fwd += t
+                prof.tp_bwd += t
+                prof.ep += 2 * t
+                prof.tp_alpha += 4 * latency * (ep - 1)
+                prof.comm_bytes += 2 * sent
         info = get_info(node)
         if node.op == "get_attr" and info is not None and info.grad_sync is not None:
             prof.sync.setdefault((info.grad_sync.bucket, info.grad_sync.dims), {})[node.target] = \
@@ -349,10 +408,11 @@ def estimate_module(pm: Any, mesh: MeshInfo, device: str | DeviceProfile = "h100
     ranks = stage_graphs(pm)
     fwd, cheap, tp_fwd, tp_bwd, fsdp, comm_bytes, flops, acts, nodes = {}, {}, {}, {}, {}, {}, {}, {}, {}
     tp_alpha: dict = {}
+    ep_comm: dict = {}
     sync: dict[tuple, dict] = {}  # (bucket, dims) -> {parameter: local bytes}
     for r, (stages, graphs) in ranks.items():
         fwd[r] = cheap[r] = tp_fwd[r] = tp_bwd[r] = fsdp[r] = comm_bytes[r] = flops[r] = acts[r] = nodes[r] = 0.0
-        tp_alpha[r] = 0.0
+        tp_alpha[r] = ep_comm[r] = 0.0
         for k, g in zip(stages or (None,) * len(graphs), graphs):
             prof = cache.get(("graph", id(g), mp_dtype))
             if prof is None:
@@ -366,6 +426,7 @@ def estimate_module(pm: Any, mesh: MeshInfo, device: str | DeviceProfile = "h100
             tp_fwd[r] += prof.tp_fwd
             tp_bwd[r] += prof.tp_bwd
             tp_alpha[r] += prof.tp_alpha
+            ep_comm[r] += prof.ep
             fsdp[r] += prof.fsdp
             comm_bytes[r] += prof.comm_bytes
             for key, params in prof.sync.items():
@@ -399,7 +460,8 @@ def estimate_module(pm: Any, mesh: MeshInfo, device: str | DeviceProfile = "h100
         fsdp_exposed = (1 - fsdp_overlap) * fsdp[r]
         dp_exposed = max(0.0, t_dp - dp_overlap * 2 * fwd[r])
         step = 3 * fwd[r] + recompute[r] + tp_fwd[r] + tp_bwd[r] + fsdp_exposed + dp_exposed + t_opt
-        breakdown.update(compute_s=3 * fwd[r], recompute_s=recompute[r], tp_comm_s=tp_fwd[r] + tp_bwd[r],
+        breakdown.update(compute_s=3 * fwd[r], recompute_s=recompute[r],
+                         tp_comm_s=tp_fwd[r] + tp_bwd[r] - ep_comm[r], ep_comm_s=ep_comm[r],
                          fsdp_exposed_s=fsdp_exposed, dp_exposed_s=dp_exposed, optimizer_s=t_opt, bubble=None)
     else:
         m, s = split.microbatches, split.num_stages
@@ -420,7 +482,8 @@ def estimate_module(pm: Any, mesh: MeshInfo, device: str | DeviceProfile = "h100
         fsdp_exposed = (1 - fsdp_overlap) * max(fsdp.values()) * (m if reshard_after_forward else 1)
         step = makespan * unit * stretch + t_p2p + fsdp_exposed + t_dp + t_opt
         breakdown.update(compute_s=makespan * unit, recompute_s=makespan * unit * (stretch - 1),
-                         tp_comm_s=max(tp_fwd[r] + tp_bwd[r] for r in fwd), fsdp_exposed_s=fsdp_exposed,
+                         tp_comm_s=max(tp_fwd[r] + tp_bwd[r] - ep_comm[r] for r in fwd),
+                         ep_comm_s=max(ep_comm.values()), fsdp_exposed_s=fsdp_exposed,
                          dp_exposed_s=t_dp, p2p_s=t_p2p, optimizer_s=t_opt, bubble=bubble,
                          schedule=split.schedule, microbatches=m)
     worst = max(fwd, key=lambda r: by_rank[r].total + acts[r] if r in by_rank else 0.0)

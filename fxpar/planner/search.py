@@ -5,7 +5,9 @@ The space, for W devices with D per node and a model of L blocks:
     meshes     dp x fsdp x pp x tp = W with tp <= D (tensor parallel stays inside a node),
                pp <= L / 2 (two blocks or more per stage), and the data ranks dp x fsdp dividing the global
                batch; the data ranks split three ways: all dp, all fsdp, or fsdp inside the node's
-               remaining devices and dp across (HSDP)
+               remaining devices and dp across (HSDP); for a model with experts (the MoE layers
+               `fuse_experts` recognises) also ep x (the rest all fsdp or all dp), ep dividing the
+               data ranks and the number of experts (ep borrows data ranks: tokens split, experts by index)
     styles     per Megatron pair and lone projection: sharded on tp as the automatic plan shards it, or
                replicated: an integer program per tp mesh (`fxpar.planner.styles`, solved by HiGHS
                through `fxpar.planner.solve`) under the memory the rest of the mesh leaves
@@ -27,8 +29,10 @@ transfers and per-microbatch gathers only grow), then the other data splits of t
 (tp, pp) shapes within `FINALIST_SLACK` of the best only: the data split trades gather time for
 memory within a shape and rarely reorders the shapes. A mesh whose parameters, gradients and AdamW
 state alone exceed the budget, 4 P / (tp pp fsdp) bytes for float32 parameters, is dropped before
-compiling. The winner is the fastest predicted step within the memory budget (ties: less memory).
-Expert parallelism (ep) is not searched yet.
+compiling; with ep, the expert weights' share of it is divided by ep too. A (tp, ep) whose pipelines fit
+nothing stops adding stages once its least memory stops shrinking (`autoplan`'s loop, with the numbers).
+The winner is the fastest predicted step within the memory budget (ties: less memory). A shape is
+(tp, pp, ep): expert parallelism is a phase-1 dim of its own, not only a data split of the finalists.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from fxpar.compiler import compile_model
 from fxpar.core.errors import FxparError, PlanError, block_of
 from fxpar.core.plan import Plan
 from fxpar.dryrun import _split_pp_dry, dry_mesh
+from fxpar.passes.fuse_experts import _expert_modules
 from fxpar.planner.cuts import block_costs, memory_aware_cuts
 from fxpar.planner.devices import DeviceProfile, device_profile
 from fxpar.planner.predict import ACTIVATION_CHECKPOINTING, Estimate, estimate_module
@@ -55,8 +60,10 @@ from fxpar.planner.styles import choose_styles, replicated_modules
 
 __all__ = ["Candidate", "AutoPlan", "autoplan", "MESH_ORDER"]
 
-MESH_ORDER = ("dp", "pp", "fsdp", "tp")
-"""Mesh dims from outermost to innermost: tensor parallel and FSDP on the fastest links."""
+MESH_ORDER = ("dp", "pp", "fsdp", "ep", "tp")
+"""Mesh dims from outermost to innermost: tensor parallel, expert parallel and FSDP on the fastest links."""
+DATA_DIMS = ("dp", "fsdp", "ep")
+"""The dims that split the batch (ep borrows data ranks: tokens split, experts by index)."""
 
 SCHEDULE_CHOICES = ("1f1b", "gpipe")
 MICROBATCH_FACTORS = (1, 2, 4, 8)
@@ -64,6 +71,9 @@ TOP_TP_PP = 3
 """(tp, pp) shapes whose other data splits are compiled too (phase 2 of the search)..."""
 FINALIST_SLACK = 1.25
 """... if their best step is within this factor of the best shape's."""
+PIPELINE_MEMORY_SLACK = 0.75
+"""A pipeline is not compiled when `_pipelined_memory`'s guess exceeds the budget by 1 / this: a third
+over leaves room for the guess's error (about 1% on Llama-3 70B) and for stages unlike the average."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +121,8 @@ class AutoPlan:
     Attributes:
         mesh_shape, mesh_dim_names: the mesh to build (`init_device_mesh(device, mesh_shape,
             mesh_dim_names=mesh_dim_names)`).
-        plan: the plan to pass to parallelize (a ResolvedPlan: `fxpar.save_plan` writes it).
+        plan: the plan to pass to parallelize (a ResolvedPlan: `fxpar.save_plan` writes it; the Plan as
+            compiled where `resolve_plan` cannot write a style yet, as MoE experts sharded on tp).
         activation_checkpointing: the memory saver chosen (pass it to parallelize).
         mp_policy: the MixedPrecisionPolicy chosen (bfloat16 compute, float32 gradient reductions), or
             None (pass it to parallelize as mp_policy=).
@@ -156,7 +167,7 @@ class AutoPlan:
                          + ("" if c.fits else "  (over budget)"))
         if len(fits) > 1:
             win, second = fits[0].estimate, fits[1].estimate
-            terms = ("compute_s", "recompute_s", "tp_comm_s", "fsdp_exposed_s", "dp_exposed_s", "p2p_s")
+            terms = ("compute_s", "recompute_s", "tp_comm_s", "ep_comm_s", "fsdp_exposed_s", "dp_exposed_s", "p2p_s")
             gaps = sorted(((second.breakdown.get(k) or 0.0) - (win.breakdown.get(k) or 0.0), k) for k in terms)
             why = ", ".join(f"{k[:-2]} {d * 1e3:+.3f} ms" for d, k in reversed(gaps) if d > 0)
             lines.append(f"chosen: {fits[0].label}; the runner-up ({fits[1].label}) is "
@@ -193,7 +204,17 @@ def _rebatch(inputs: tuple, global_batch: int | None) -> tuple:
     return tuple(out)
 
 
-def _meshes(world: int, device: DeviceProfile, blocks: int, batch: int) -> list[dict]:
+def _data(mesh: dict) -> int:
+    """How many ways the batch is split."""
+    n = 1
+    for d in DATA_DIMS:
+        n *= mesh.get(d, 1)
+    return n
+
+
+def _meshes(world: int, device: DeviceProfile, blocks: int, batch: int, experts: int = 0) -> list[dict]:
+    """Every mesh of the space (module docstring); with `experts` > 1, also ep carved out of the data ranks,
+    ep dividing the number of experts, the rest all FSDP or all dp."""
     out = []
     for tp in _divisors(world):
         if tp > device.devices_per_node:
@@ -206,18 +227,56 @@ def _meshes(world: int, device: DeviceProfile, blocks: int, batch: int) -> list[
                 continue
             inside = max(1, device.devices_per_node // tp)
             hybrid = max(d for d in _divisors(data) if d <= inside)
-            for dp, fsdp in {(data, 1), (1, data), (data // hybrid, hybrid)}:
-                sizes = {"dp": dp, "pp": pp, "fsdp": fsdp, "tp": tp}
+            splits = {(data, 1, 1), (1, data, 1), (data // hybrid, hybrid, 1)}
+            if experts > 1:
+                splits |= {s for ep in _divisors(data) if ep > 1 and experts % ep == 0
+                           for s in ((data // ep, 1, ep), (1, data // ep, ep))}
+            for dp, fsdp, ep in sorted(splits):
+                sizes = {"dp": dp, "pp": pp, "fsdp": fsdp, "ep": ep, "tp": tp}
                 out.append({k: sizes[k] for k in MESH_ORDER if sizes[k] > 1} or {"dp": 1})
     return out
 
 
-def _state_bytes(model: nn.Module) -> float:
-    """Parameters, gradients and AdamW's two float32 states: a lower bound of what training holds."""
-    total = 0.0
-    for p in model.parameters():
-        total += p.numel() * (2 * p.element_size() + 8)
-    return total
+def _state_bytes(model: nn.Module, experts: frozenset = frozenset()) -> tuple[float, float]:
+    """Parameters, gradients and AdamW's two float32 states, a lower bound of what training holds:
+    (the parameters other than `experts`, the `experts`' (FQNs) which ep also shards)."""
+    total = [0.0, 0.0]
+    for name, p in model.named_parameters():
+        total[name in experts] += p.numel() * (2 * p.element_size() + 8)
+    return total[0], total[1]
+
+
+def _experts(captured: Any) -> tuple[int, frozenset]:
+    """(the number of experts, the FQNs of the stacked expert weights) of the MoE layers fuse_experts recognises;
+    (0, {}) without experts (the smallest count where layers differ: ep must divide every layer's)."""
+    found = _expert_modules(captured)
+    counts = {int(n.meta["val"].shape[0]) for named in found.values() for n in named.values()}
+    names = frozenset(str(n.target) for named in found.values() for n in named.values())
+    return (min(counts), names) if counts else (0, frozenset())
+
+
+def _pipelined_memory(mesh: dict, flat: dict | None, candidates: list[Candidate], batch: int) -> float | None:
+    """About the least memory (GiB) a pipeline on `mesh` can need, from the priced mesh `flat` of the same
+    tp and ep without pp (None if that was not priced, or `mesh` takes no pipeline).
+
+    At a fixed world size and global batch, S stages divide the data ranks by S: a rank's parameter, gradient
+    and optimizer state is the same as without pp (1/S of the blocks, S times fewer FSDP shards), and its
+    stage runs S times the local batch through 1/S of the blocks. 1F1B's first stage keeps min(M, S) of M
+    microbatches in flight, so with the most microbatches M = S f that divide the local batch it holds
+    A / f of the activations A the mesh without pp holds without checkpointing (which a pipeline cannot
+    use): state + A / f. (Llama-3 70B on 512: 417.3, 309.7, 256.0, 229.2 GiB at tp = 1, 2, 4, 8 against
+    414.4, 307.9, 254.7, 228.1 compiled at pp=2.)
+    """
+    if flat is None:
+        return None
+    stages = mesh["pp"]
+    local = batch // _data(mesh)
+    factors = [f for f in MICROBATCH_FACTORS if local % (stages * f) == 0]
+    priced = [c.estimate for c in candidates if c.mesh == flat and c.estimate is not None
+              and c.activation_checkpointing is None]
+    if not factors or not priced:
+        return None
+    return min(e.memory_gib - e.breakdown["activations"] / 2 ** 30 * (1 - 1 / max(factors)) for e in priced)
 
 
 def _mp_choices(model: nn.Module, mixed_precision: bool) -> tuple:
@@ -267,22 +326,25 @@ def autoplan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), e
     seconds["capture"] = time.perf_counter() - start
     blocks = list(dict.fromkeys(b for name, _ in model.named_modules() if (b := block_of(name)) is not None))
     precisions = _mp_choices(model, mixed_precision)
-    lower_bound = _state_bytes(model)
+    num_experts, expert_params = _experts(captured)
+    dense_state, expert_state = _state_bytes(model, expert_params)
     candidates: list[Candidate] = []
     timing = {"compile": 0.0, "price": 0.0, "ilp": 0.0}
     ilp = solver_available()
     style_memo: dict = {}
+    node_costs: dict = {}
+    kept: dict = {}  # the compiled module of the fastest fitting candidate so far
 
     def price(mesh: dict, pm: Any, replicate: tuple[str, ...] = (), cuts: tuple[str, ...] = ()) -> list[Candidate]:
         """Every pipeline, precision and memory variant of one compiled mesh."""
         t0 = time.perf_counter()
         pp = mesh.get("pp", 1)
-        local_batch = batch // (mesh.get("dp", 1) * mesh.get("fsdp", 1))
+        local_batch = batch // _data(mesh)
         pipelines = [(None, None)] if pp == 1 else \
             [(s, pp * f) for s in SCHEDULE_CHOICES for f in MICROBATCH_FACTORS if local_batch % (pp * f) == 0]
         # parallelize refuses activation checkpointing with a pipeline
         checkpointing = ACTIVATION_CHECKPOINTING if pp == 1 else (None,)
-        cache: dict = {}
+        cache: dict = {"node_costs": node_costs}  # node costs depend on local shapes only: shared by every mesh
         out = []
         for schedule, m in pipelines:
             for mp in precisions:
@@ -292,6 +354,9 @@ def autoplan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), e
                     out.append(Candidate(mesh, schedule, m, ac, est, est.memory_gib <= budget, mp_dtype=mp,
                                          replicate=replicate, cuts=cuts))
         timing["price"] += time.perf_counter() - t0
+        fitting = [c.estimate.step_s for c in out if c.fits]
+        if fitting and min(fitting) < kept.get("step", float("inf")):  # the winner so far: its plan is read back
+            kept.update(step=min(fitting), key=(tuple(mesh.items()), replicate, cuts), pm=pm)
         return out
 
     def compile_mesh(mesh: dict, plan: Plan | None) -> Any:
@@ -305,9 +370,10 @@ def autoplan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), e
     def evaluate(mesh: dict) -> None:
         """Compile one mesh, price its variants, and the style ILP's plan of it where that differs."""
         shards = mesh.get("tp", 1) * mesh.get("pp", 1) * mesh.get("fsdp", 1)
-        if lower_bound / shards / 2 ** 30 > budget:
+        lower_bound = (dense_state + expert_state / mesh.get("ep", 1)) / shards
+        if lower_bound / 2 ** 30 > budget:
             candidates.append(Candidate(mesh, reason=f"parameters, gradients and optimizer state alone need "
-                                                     f"{lower_bound / shards / 2 ** 30:.1f} GiB per device"))
+                                                     f"{lower_bound / 2 ** 30:.1f} GiB per device"))
             return
         try:
             pm = compile_mesh(mesh, None)
@@ -365,32 +431,50 @@ def autoplan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), e
 
     # Phase 1: every (tp, pp) with its data ranks all FSDP (the least memory of its data splits).
     # Phase 2: the other data splits (all dp; FSDP in the node, dp across) of the best TOP_TP_PP of them.
-    meshes = _meshes(world_size, profile, len(blocks), batch)
-    shape = lambda m: (m.get("tp", 1), m.get("pp", 1))  # noqa: E731
+    meshes = _meshes(world_size, profile, len(blocks), batch, num_experts)
+    shape = lambda m: (m.get("tp", 1), m.get("pp", 1), m.get("ep", 1))  # noqa: E731
     first = {}
     for mesh in meshes:
         if shape(mesh) not in first or mesh.get("fsdp", 1) > first[shape(mesh)].get("fsdp", 1):
             first[shape(mesh)] = mesh
     best: dict[tuple, float] = {}
+    least: dict[tuple, float] = {}  # the least memory of any priced variant, per shape
 
     def record(since: int) -> None:
         for c in candidates[since:]:
-            if c.estimate is not None and c.fits:
-                best[shape(c.mesh)] = min(best.get(shape(c.mesh), float("inf")), c.estimate.step_s)
+            if c.estimate is not None:
+                least[shape(c.mesh)] = min(least.get(shape(c.mesh), float("inf")), c.estimate.memory_gib)
+                if c.fits:
+                    best[shape(c.mesh)] = min(best.get(shape(c.mesh), float("inf")), c.estimate.step_s)
 
-    # Per tp, pp grows while the pipeline gets faster (or nothing fits yet): past the best pp the
-    # bubble, the point-to-point transfers and FSDP's per-microbatch gathers only grow.
-    for tp in sorted({k[0] for k in first}):
-        steps: list[tuple[int, float]] = []  # (pp, its best fitting step), pp ascending
-        for key in sorted(k for k in first if k[0] == tp):
+    # Per tp, pp grows while the pipeline gets faster: past the best pp the bubble, the point-to-point
+    # transfers and FSDP's per-microbatch gathers only grow. While nothing fits, pp grows while the
+    # least memory shrinks: at a fixed world size and global batch, more stages mean fewer data ranks
+    # and a larger local batch, so a stage's state and its activations in flight stay about the same
+    # (Llama-3 70B on 512, tp=8: 228.1, 228.6, 229.6, 231.6 GiB at pp=2, 4, 8, 16).
+    for tp, ep in sorted({(k[0], k[2]) for k in first}):
+        steps: list[tuple[int, float, float]] = []  # (pp, its best fitting step, its least memory), pp ascending
+        where = f"tp={tp}" + (f", ep={ep}" if ep > 1 else "")
+        for key in sorted(k for k in first if (k[0], k[2]) == (tp, ep)):
             if len(steps) >= 2 and steps[-1][1] > steps[-2][1]:
-                candidates.append(Candidate(first[key], reason=f"not compiled: with tp={tp}, pp={steps[-1][0]} was "
+                candidates.append(Candidate(first[key], reason=f"not compiled: with {where}, pp={steps[-1][0]} was "
                                                                f"slower than pp={steps[-2][0]}"))
+                continue
+            if len(steps) >= 2 and steps[-1][1] == steps[-2][1] == float("inf") and steps[-2][0] > 1 \
+                    and steps[-1][2] >= steps[-2][2]:
+                candidates.append(Candidate(first[key], reason=f"not compiled: with {where}, nothing fits at "
+                                                               f"pp={steps[-1][0]} and it needs no less memory than "
+                                                               f"pp={steps[-2][0]}"))
+                continue
+            guess = _pipelined_memory(first[key], first.get((tp, 1, ep)), candidates, batch) if key[1] > 1 else None
+            if guess is not None and guess * PIPELINE_MEMORY_SLACK > budget:
+                candidates.append(Candidate(first[key], reason=f"not compiled: guessed from {where} without pp, "
+                                                               f"pp={key[1]} would need about {guess:.1f} GiB"))
                 continue
             since = len(candidates)
             evaluate(first[key])
             record(since)
-            steps.append((key[1], best.get(key, float("inf"))))
+            steps.append((key[1], best.get(key, float("inf")), least.get(key, float("inf"))))
     ranked = sorted(best, key=best.get)
     # only shapes close to the best: a data split moves a shape's step by FSDP's exposed gathers, not 25%
     finalists = [k for k in ranked[:TOP_TP_PP] if best[k] <= FINALIST_SLACK * best[ranked[0]]]
@@ -411,11 +495,21 @@ def autoplan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), e
     t0 = time.perf_counter()
     plan = Plan(tp=dict.fromkeys(win.replicate, "replicate"), auto_tp=True, schedule=win.schedule,
                 microbatches=win.microbatches, pp=list(win.cuts) or None)
-    final = compile_model(model, None, dry_mesh(win.mesh), example_inputs=inputs, example_kwargs=example_kwargs,
-                          plan=plan, check=False, split_pp=_split_pp_dry, captured=captured,
-                          mp_policy=_mp_policy(win.mp_dtype), activation_checkpointing=win.activation_checkpointing)
+    if "pp" not in win.mesh and kept.get("key") == (tuple(win.mesh.items()), win.replicate, win.cuts):
+        # Without a pipeline the resolved plan (styles, mesh) does not depend on the precision or the
+        # checkpointing the winner was priced with: read it from the module its estimate came from.
+        final = kept["pm"]
+    else:  # a pipeline's schedule and microbatches are the winner's own: compile it as chosen
+        final = compile_model(model, None, dry_mesh(win.mesh), example_inputs=inputs, example_kwargs=example_kwargs,
+                              plan=plan, check=False, split_pp=_split_pp_dry, captured=captured,
+                              mp_policy=_mp_policy(win.mp_dtype),
+                              activation_checkpointing=win.activation_checkpointing)
     seconds["compile"] += time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - start
-    return AutoPlan(tuple(win.mesh.values()), tuple(win.mesh), final.plan, win.activation_checkpointing,
+    try:
+        resolved = final.plan
+    except PlanError:  # plan_io cannot write some styles yet (MoE experts under tp): the plan as compiled
+        resolved = plan
+    return AutoPlan(tuple(win.mesh.values()), tuple(win.mesh), resolved, win.activation_checkpointing,
                     win.estimate.step_s, win.estimate.memory_gib, ordered, profile.name, budget, seconds,
                     _mp_policy(win.mp_dtype))

@@ -171,7 +171,9 @@ def style_program(captured: fx.GraphModule, mesh: MeshInfo, device: DeviceProfil
     if "hints" not in memo:
         memo["hints"] = example_sizes(captured)
     hints = memo["hints"]
-    data = (mesh.size("dp") if mesh.has("dp") else 1) * (mesh.size("fsdp") if mesh.has("fsdp") else 1)
+    data = 1
+    for d in ("dp", "fsdp", "ep"):  # the dims that split the batch (ep borrows data ranks)
+        data *= mesh.size(d) if mesh.has(d) else 1
     fsdp = mesh.size("fsdp") if mesh.has("fsdp") else 1
     pp = mesh.size("pp") if mesh.has("pp") else 1
     order = {b: i for i, b in enumerate(blocks or [])}
