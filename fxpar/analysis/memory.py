@@ -22,8 +22,12 @@ and what a training step holds on top of the state, at the example batch (`fxpar
                     2 x the largest gather bucket with reshard_after_forward, else all buckets + the largest
     workspace   W = 2 x the largest value (a gradient in and a gradient out of one op)
     grad buckets B_g = the flat buffers of the data-parallel gradient all-reduce (bucket_grad_sync):
-                    the bytes of the gradients it syncs, all buckets in flight at once
-    step peak   A + max(R, W) + C + F + G + B_g, an upper bound (the loss computed outside the graph, as
+                    the bytes of the gradients it syncs, all buckets in flight at once (a tied weight
+                    is synced if any of its names is)
+    partial grads T = 2 x the largest gradient autograd sums over several uses (a tied wte / lm_head,
+                    a gathered weight read twice): two partial gradients alive next to their sum
+                    (`_partial_grads`)
+    step peak   A + max(R, W) + C + F + G + B_g + T, an upper bound (the loss computed outside the graph, as
                 pm.step(loss_fn=...) runs it, is not counted): it counts every gradient next to every
                 activation, though gradients grow while activations are freed
     peak        P + O + B + step peak
@@ -54,6 +58,11 @@ from fxpar.core.fmt import fmt_bytes
 from fxpar.core.mesh import MeshInfo
 from fxpar.core.spec import SIZE_BINDINGS, TensorSpec, get_info
 from fxpar.core.stages import stage_info
+from fxpar.ops.collectives import COLLECTIVE_OPS
+
+aten = torch.ops.aten
+_CHAIN = frozenset({*COLLECTIVE_OPS, *VIEW_OPS, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout})
+"""Ops between a parameter and its compute uses: its gradient flows back through them whole."""
 
 __all__ = ["ADAMW_BYTES_PER_ELEMENT", "ADAMW_STATES", "RankMemory", "stage_graphs", "memory_per_rank",
            "activation_bytes", "memory_lines", "grad_sync_lines"]
@@ -77,6 +86,7 @@ class RankMemory:
         offload: parameters, gradients and optimizer state live in host memory (CPUOffloadPolicy).
         offload_staging: device bytes of the shards (and gradients) copied in for one bucket.
         grad_buckets: flat buffers of the data-parallel gradient all-reduce (bucket_grad_sync), B_g.
+        partial_grads: a multi-use parameter's partial gradients before autograd sums them, T.
     """
 
     pp_rank: int | None
@@ -95,6 +105,7 @@ class RankMemory:
     offload: bool = False
     offload_staging: int = 0
     grad_buckets: int = 0
+    partial_grads: int = 0
 
     @property
     def total(self) -> int:
@@ -105,7 +116,7 @@ class RankMemory:
     def step_peak(self) -> int:
         """What a training step adds to the parameters, optimizer state and buffers, at most."""
         return (self.activations + max(self.recompute, self.workspace) + self.param_copies + self.gathered
-                + self.gradients + self.grad_buckets)
+                + self.gradients + self.grad_buckets + self.partial_grads)
 
     @property
     def peak(self) -> int:
@@ -198,6 +209,8 @@ def _memory_per_rank(pm, mesh: MeshInfo | None, optimizer_bytes_per_element: int
         by_dtype: dict[str, int] = {}
         seen: set[tuple] = set()
         largest_shards = 0
+        synced_keys = {_tensor_key(attr_of(g, node.target)) for g in graphs for node in g.graph.nodes
+                       if node.op == "get_attr" and get_info(node) is not None and get_info(node).grad_sync}
         for g in graphs:
             for node in g.graph.nodes:
                 info = get_info(node)
@@ -219,7 +232,8 @@ def _memory_per_rank(pm, mesh: MeshInfo | None, optimizer_bytes_per_element: int
                 largest_shards = max(largest_shards, local)
                 if t.requires_grad:
                     grads += local
-                    synced += local if info.grad_sync else 0
+                    # bucket_grad_sync marks the tied weight on one of its names, maybe not this one
+                    synced += local if key in synced_keys else 0
                     per = optimizer_bytes_per_element if optimizer_bytes_per_element is not None \
                         else ADAMW_STATES * t.element_size()
                     opt += t.numel() * per
@@ -227,7 +241,7 @@ def _memory_per_rank(pm, mesh: MeshInfo | None, optimizer_bytes_per_element: int
         gathered, staging = _gathered(graphs, reshard, offload)
         out.append(RankMemory(pp_rank, others, stages, params, grads, opt, buffers, saved[0],
                               tuple(sorted(by_dtype.items())), saved[1], saved[2], gathered, saved[3],
-                              offload, 2 * staging if offload else 0, synced))
+                              offload, 2 * staging if offload else 0, synced, _partial_grads(graphs)))
     return out
 
 
@@ -237,6 +251,39 @@ def tensor_key(t: torch.Tensor) -> tuple:
         return storage_key(t), t.storage_offset(), t.numel()
     except (RuntimeError, NotImplementedError):  # a tensor without storage (meta / fake / functional)
         return (id(t),)
+
+
+def _partial_grads(graphs: list[fx.GraphModule]) -> int:
+    """T of the module docstring: 2 x the largest gradient summed over several uses.
+
+    Autograd adds a value's gradients from its uses out of place: at each addition the running sum,
+    the new partial gradient and their sum are alive, the sum being the gradient counted elsewhere
+    (G, or F for a gathered weight). A parameter's uses are those of all its names (a tied weight);
+    a value on its chain (an FSDP gather, a cast, a view, a collective) read twice sums at its size.
+    """
+    uses: dict[tuple, list[int]] = {}
+    largest = 0
+    for g in graphs:
+        for node in g.graph.nodes:
+            if node.op != "get_attr":
+                continue
+            t = attr_of(g, node.target)
+            if not isinstance(t, nn.Parameter) or not t.requires_grad:
+                continue
+            entry = uses.setdefault(_tensor_key(t), [0, t.numel() * t.element_size()])
+            entry[0] += len(node.users)
+            frontier, seen = list(node.users), set()
+            while frontier:
+                u = frontier.pop()
+                if u in seen or u.op != "call_function" or u.target not in _CHAIN:
+                    continue
+                seen.add(u)
+                info = get_info(u)
+                if len(u.users) > 1 and info is not None and isinstance(info.spec, TensorSpec):
+                    largest = max(largest, info.spec.nbytes(local=True))
+                frontier.extend(u.users)
+    largest = max([largest] + [nbytes for n, nbytes in uses.values() if n > 1])
+    return 2 * largest
 
 
 def _gathered(graphs: list[fx.GraphModule], reshard: bool, offload: bool) -> tuple[int, int]:
@@ -307,6 +354,7 @@ def memory_lines(memory: list[RankMemory]) -> list[str]:
         step = [f"activations {fmt_bytes(m.activations)}"]
         for what, n in (("recompute", m.recompute), ("param_dtype copies", m.param_copies),
                         ("FSDP gathered", m.gathered), ("gradient all-reduce buckets", m.grad_buckets),
+                        ("partial gradients of multi-use parameters", m.partial_grads),
                         ("workspace", m.workspace)):
             if n:
                 step.append(f"{what} {fmt_bytes(n)}")

@@ -143,6 +143,10 @@ def _local_chunk(x: Tensor, dim: int, n: int, group_name: str, what: str, split_
     return x.chunk(n, dim=dim)[r].clone(memory_format=torch.contiguous_format)  # never alias the input
 
 
+RS_CHUNK_BYTES = 4 * 1024 * 1024
+"""Reduce-scatters of CPU tensors larger than this go in chunks of about this size (`_reduce_scatter`)."""
+
+
 def _reduce_scatter(x: Tensor, dim: int, n: int, group_name: str, local_size: int | None = None) -> Tensor:
     """Sum over the group, this rank's chunk along `dim`. `local_size`: this rank's rows of an uneven shard
     (`fxpar.core.spec.chunk_bounds`): `x` is padded to n x ceil(size / n) and the padding dropped after."""
@@ -156,7 +160,21 @@ def _reduce_scatter(x: Tensor, dim: int, n: int, group_name: str, local_size: in
         )
     if dim != 0:
         x = torch.cat(x.chunk(n, dim=dim), dim=0)
-    return _c10d.wait_tensor(_c10d.reduce_scatter_tensor(x.contiguous(), "sum", n, group_name))
+    x = x.contiguous()
+    rows = x.size(0) // n
+    pieces = -(-x.numel() * x.element_size() // RS_CHUNK_BYTES) if x.device.type == "cpu" else 1
+    if pieces <= 1 or rows < 2:
+        return _c10d.wait_tensor(_c10d.reduce_scatter_tensor(x, "sum", n, group_name))
+    # gloo (the CPU backend) reduce-scatters through a full-size temporary: a large gradient (a tied
+    # embedding's, gathered over fsdp) goes in row chunks, each rank's rows j0:j1 at once, so the
+    # temporary is one chunk. Every element is summed over the same ranks as in one call.
+    step = -(-rows // pieces)
+    grouped = x.view(n, rows, *x.shape[1:])
+    out = x.new_empty(rows, *x.shape[1:])
+    for j in range(0, rows, step):
+        piece = grouped[:, j:j + step].reshape(-1, *x.shape[1:])
+        out[j:j + step].copy_(_c10d.wait_tensor(_c10d.reduce_scatter_tensor(piece, "sum", n, group_name)))
+    return out
 
 
 def _all_to_all(x: Tensor, src_dim: int, dst_dim: int, n: int, group_name: str) -> Tensor:

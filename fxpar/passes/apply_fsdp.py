@@ -39,7 +39,7 @@ import dataclasses
 import torch.fx as fx
 from torch.distributed.tensor.placement_types import Replicate, Shard
 
-from fxpar.core.errors import PlanError, block_of
+from fxpar.core.errors import PlanError, block_of, module_fqn_of
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.spec import NodeInfo, divides, get_info, make_spec, set_info, update_info
 from fxpar.ops.transitions import insert_fsdp_all_gather
@@ -95,18 +95,33 @@ def apply_fsdp(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                     f"{-(-rows // n)} over fsdp={n}, padded in the collectives"
         set_info(node, dataclasses.replace(info, spec=make_spec(node.meta["val"], tuple(sharded), mesh.sizes),
                                            style=style))
-        users = list(node.users)
-        # Gather right before the first use, so a gathered parameter lives only as long as its layer.
         order = {n: i for i, n in enumerate(gm.graph.nodes)} if order is None else order
-        first = min(users, key=order.__getitem__)
-        with gm.graph.inserting_before(first):
-            gathered = insert_fsdp_all_gather(gm.graph, node, dim=0, mesh_dim_name="fsdp", group_size=n,
-                                              group_name=group, full_size=None if even else spec.local_shape[0])
-        gathered.meta["val"] = node.meta["val"]
-        # role "param": downstream it is the parameter (its tp shard must not be gathered either)
-        bucket = _unit(info.module_fqn) if unit == "block" else None
-        set_info(gathered, NodeInfo(spec=spec, module_fqn=info.module_fqn, role="param", param_fqn=info.param_fqn,
-                                    origin="apply_fsdp", fsdp_bucket=bucket))
-        for u in users:
-            u.replace_input_with(node, gathered)
+        uses = _uses_by_block(node)
+        for users in uses.values():
+            # Gather right before the first use, so a gathered parameter lives only as long as its layer.
+            first = min(users, key=order.__getitem__)
+            with gm.graph.inserting_before(first):
+                gathered = insert_fsdp_all_gather(gm.graph, node, dim=0, mesh_dim_name="fsdp", group_size=n,
+                                                  group_name=group, full_size=None if even else spec.local_shape[0])
+            gathered.meta["val"] = node.meta["val"]
+            # role "param": downstream it is the parameter (its tp shard must not be gathered either).
+            # A weight used in several blocks (tied wte / lm_head) is gathered once per block, on its own.
+            bucket = _unit(info.module_fqn) if unit == "block" and len(uses) == 1 else None
+            set_info(gathered, NodeInfo(spec=spec, module_fqn=info.module_fqn, role="param",
+                                        param_fqn=info.param_fqn, origin="apply_fsdp", fsdp_bucket=bucket))
+            for u in users:
+                u.replace_input_with(node, gathered)
     return PassResult(gm, True)
+
+
+def _uses_by_block(node: fx.Node) -> dict[str, list[fx.Node]]:
+    """The users of a parameter grouped by block: one group, or one per block for a weight used in several.
+
+    Each group gets its own gather, so each use's backward reduce-scatters its gradient right away
+    instead of holding the full (tensor-parallel local) gradient of the last use's backward until the
+    first use's, and the gathered weight is not held between its uses in the forward (GPT-2's tied
+    wte / lm_head: from the embedding to the logits, and back)."""
+    groups: dict[str, list[fx.Node]] = {}
+    for u in node.users:
+        groups.setdefault(_unit(module_fqn_of(u)), []).append(u)
+    return groups

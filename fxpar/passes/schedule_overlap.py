@@ -80,6 +80,8 @@ def schedule_overlap(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if _uneven(unit):
             continue  # not prefetched: a per-parameter prefetch gathers equal shards only
         shards = [g.args[0] for g in unit]
+        if any(sum(u.target is _GATHER for u in s.users) > 1 for s in shards):
+            continue  # a weight gathered once per use (tied, apply_fsdp): one prefetch has one wait
         anchor = point = before[0]
         for s in shards:  # get_attr nodes have no inputs: move those that come later up to the issue point
             if order[s] > order[anchor]:

@@ -50,12 +50,17 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # An output on an input's storage (a view, an in-place op) allocated nothing: counted already if
+        # created inside the block, and not counted if it existed before (a parameter's `.t()` saved for
+        # the backward, a `.grad` accumulated into).
+        inputs = {id(t.untyped_storage()) for t in pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
         for t in pytree.tree_leaves(out):
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
                 continue
             st = t.untyped_storage()
             key, n = id(st), st.nbytes()
-            if key in self._live or not n:
+            if key in self._live or key in inputs or not n:
                 continue
             device = t.device.type
             self._live[key] = (device, n)
