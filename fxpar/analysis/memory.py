@@ -209,7 +209,7 @@ def _memory_per_rank(pm, mesh: MeshInfo | None, optimizer_bytes_per_element: int
         by_dtype: dict[str, int] = {}
         seen: set[tuple] = set()
         largest_shards = 0
-        synced_keys = {_tensor_key(attr_of(g, node.target)) for g in graphs for node in g.graph.nodes
+        synced_keys = {tensor_key(attr_of(g, node.target)) for g in graphs for node in g.graph.nodes
                        if node.op == "get_attr" and get_info(node) is not None and get_info(node).grad_sync}
         for g in graphs:
             for node in g.graph.nodes:
@@ -270,7 +270,7 @@ def _partial_grads(graphs: list[fx.GraphModule]) -> int:
             t = attr_of(g, node.target)
             if not isinstance(t, nn.Parameter) or not t.requires_grad:
                 continue
-            entry = uses.setdefault(_tensor_key(t), [0, t.numel() * t.element_size()])
+            entry = uses.setdefault(tensor_key(t), [0, t.numel() * t.element_size()])
             entry[0] += len(node.users)
             frontier, seen = list(node.users), set()
             while frontier:
