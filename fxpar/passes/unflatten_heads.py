@@ -326,7 +326,9 @@ def _order(graph: fx.Graph):
 @fx_pass(requires=("param_placements",), provides=("head_params",))
 def unflatten_heads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     mesh = ctx.mesh
-    if not ctx.plan.auto_tp or not mesh.has("tp") or mesh.size("tp") == 1 or (mesh.has("pp") and mesh.size("pp") > 1):
+    pp = ctx.options.get("pp")  # a pipeline's passes see the mesh without its pp dim
+    pipelined = (mesh.has("pp") and mesh.size("pp") > 1) or (pp is not None and pp.size > 1)
+    if not ctx.plan.auto_tp or not mesh.has("tp") or mesh.size("tp") == 1 or pipelined:
         return PassResult(gm, False)
     tp_index, tp = mesh.names.index("tp"), mesh.size("tp")
     taken = set(ctx.plan.resolve_tp(module_fqns(gm))) if ctx.plan.tp else set()

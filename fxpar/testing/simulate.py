@@ -366,6 +366,15 @@ class SimWorld:
 
     # ------------------------------------------------------------------ teardown
 
+    def reregister(self) -> None:
+        """Registers again any of this world's groups that torch forgot: destroying the default process
+        group (a test's fake mesh teardown) unregisters every named group, the shared worlds' too."""
+        for pg in self._pgs:
+            try:
+                torch_c10d.resolve_process_group(pg.group_name)
+            except RuntimeError:
+                torch_c10d.register_process_group(pg.group_name, pg)
+
     def close(self) -> None:
         """Unregisters the simulated groups. Idempotent."""
         if self._closed:
@@ -397,6 +406,7 @@ def sim_world(mesh: Mapping[str, int]) -> SimWorld:
     world = _SHARED.get(key)
     if world is None or world._closed:
         world = _SHARED[key] = SimWorld(dict(key))
+    world.reregister()
     return world
 
 
