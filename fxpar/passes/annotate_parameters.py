@@ -217,14 +217,25 @@ def _shard_partner_tables(emb: fx.Node, styles: dict, notes: dict, taken: set[st
     tok = styles.get(str(weight.target).rpartition(".")[0])
     if tok is None or tok.kind == "replicate":
         return
+    shardable, kept = [], []
     for table in partner_tables(emb):
         mod = str(table.target).rpartition(".")[0]
         if not mod or mod in taken or mod in styles:
+            kept.append(mod)
             continue
         if any(u.target != aten.embedding.default for u in table.users):
             notes[mod] = "it is also used by other ops than its lookup"
+            kept.append(mod)
         elif divides(table.meta["val"].shape[0], tp) is not True:
             notes[mod] = f"its {table.meta['val'].shape[0]} rows do not divide by tp={tp}"
+            kept.append(mod)
+        else:
+            shardable.append(mod)
+    for mod in shardable:
+        if kept:
+            # A replicated table in the sum makes the Partial reduce before it is added, and a sharded
+            # one after it would reduce a second time: all of the sum's tables or none.
+            notes[mod] = f"{', '.join(m or '<root>' for m in kept)} in the same sum stays replicated (one all-reduce, not two)"
         else:
             styles[mod] = TPStyle("rowwise")
 

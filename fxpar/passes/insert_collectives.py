@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
-from torch.distributed.tensor.placement_types import Placement, Shard
+from torch.distributed.tensor.placement_types import Placement, Replicate, Shard
 
 from fxpar.core.errors import ShardingError, module_fqn_of, node_context
 from fxpar.core.mesh import MeshInfo
@@ -88,17 +88,29 @@ class _Inserter:
                                     f"'{self.mesh.names[m]}' but the op needs {dst}: {e}") from e
             if op is None:
                 continue
-            full_size = self._uneven(x, op, src, dst, m, consumer)
-            with self.graph.inserting_before(consumer):
-                new = insert_transition(
-                    self.graph, cur, src, dst, mesh_dim=m, mesh_dim_name=self.mesh.names[m],
-                    group_size=self.mesh.sizes[m], group_name=_group(self.mesh, m), label=x.name,
-                    full_size=full_size)
-            placements[m] = dst
-            owner = consumer if op == "shard" else x
-            cur = self._new(new, x, tuple(placements), owner, "collective")
+            steps = [(src, dst)]
+            if op == "all_to_all" and self._uneven_dims(x, src, dst, m):
+                # No padded all_to_all: an uneven shard moves dims as a gather, then a local cut (exact).
+                steps = [(src, Replicate()), (Replicate(), dst)]
+            for s, d in steps:
+                step_op = transition_op(s, d)
+                full_size = self._uneven(x, step_op, s, d, m, consumer)
+                with self.graph.inserting_before(consumer):
+                    new = insert_transition(
+                        self.graph, cur, s, d, mesh_dim=m, mesh_dim_name=self.mesh.names[m],
+                        group_size=self.mesh.sizes[m], group_name=_group(self.mesh, m), label=x.name,
+                        full_size=full_size)
+                placements[m] = d
+                owner = consumer if step_op == "shard" else x
+                cur = self._new(new, x, tuple(placements), owner, "collective")
         self.cache[key] = cur
         return cur
+
+    def _uneven_dims(self, x: fx.Node, src: Placement, dst: Placement, m: int) -> list[int]:
+        """The dims of a src -> dst transition on mesh dim m that do not divide by its size."""
+        spec, n = get_info(x).spec, self.mesh.sizes[m]
+        dims = {p.dim for p in (src, dst) if isinstance(p, Shard)}
+        return [d for d in dims if isinstance(spec.shape[d], int) and spec.shape[d] % n]
 
     def _uneven(self, x: fx.Node, op: str, src: Placement, dst: Placement, m: int, consumer: fx.Node) -> int | None:
         """The dim size an all_gather / shard of an uneven shard (torch.chunk's rows) rebuilds or cuts, else None.
@@ -178,8 +190,8 @@ class _Inserter:
                 self.cache[key] = view
             return self.cache[key]
         if x.target is not torch.ops.fxpar.all_gather.default or x.args[4] != self.mesh.names[m] \
-                or (len(x.args) > 5 and x.args[5] != 1):
-            return None
+                or (len(x.args) > 5 and x.args[5] != 1) or (len(x.args) > 6 and x.args[6] >= 0):
+            return None  # an uneven gather (full_size >= 0) keeps all_gather + f: no padded reduce-scatter
         key = (x, "sp", m)
         if key not in self.cache:
             src = x.args[0]
