@@ -114,12 +114,7 @@ def _decompose(graph: fx.Graph, ce: fx.Node) -> None:
     picked = b(aten.gather.default, (z, 1, b(aten.unsqueeze.default, (safe, 1), "index")), "target_logit")
     rows = b(aten.squeeze.dim, (b(aten.sub.Tensor, (lse, picked), "nll"), 1), "rows")
     rows = b(aten.mul.Tensor, (rows, valid), "masked")
-    if reduction == 0:
-        out = rows
-    else:
-        out = b(aten.sum.default, (rows,), "sum")
-        if reduction == 1:
-            out = b(aten.div.Tensor, (out, b(aten.sum.default, (valid,), "count")), "mean")
+    out = _reduce(b, rows, valid, reduction)
     ce.replace_all_uses_with(out)
     graph.erase_node(ce)
 
@@ -176,12 +171,7 @@ def _decompose_nll(graph: fx.Graph, nll: fx.Node) -> None:
     picked = b(aten.gather.default, (lp, 1, b(aten.unsqueeze.default, (safe, 1), "index")), "target_logp")
     rows = b(aten.mul.Tensor, (b(aten.neg.default, (b(aten.squeeze.dim, (picked, 1), "picked"),), "nll"), valid),
              "masked")
-    if reduction == 0:
-        out = rows
-    else:
-        out = b(aten.sum.default, (rows,), "sum")
-        if reduction == 1:
-            out = b(aten.div.Tensor, (out, b(aten.sum.default, (valid,), "count")), "mean")
+    out = _reduce(b, rows, valid, reduction)
     nll.replace_all_uses_with(out)
     graph.erase_node(nll)
 
@@ -248,3 +238,13 @@ def decompose_loss(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         gm.graph.lint()
         gm.recompile()
     return PassResult(gm, modified)
+
+
+def _reduce(b, rows: fx.Node, valid: fx.Node, reduction: int) -> fx.Node:
+    """Per-row losses reduced as the loss op's `reduction` says: 0 none, 1 mean over valid rows, 2 sum."""
+    if reduction == 0:
+        return rows
+    out = b(aten.sum.default, (rows,), "sum")
+    if reduction == 1:
+        out = b(aten.div.Tensor, (out, b(aten.sum.default, (valid,), "count")), "mean")
+    return out
