@@ -110,3 +110,46 @@ def test_per_parameter_units_reduce_scatter_each_parameter_where_its_gradient_is
     comm = _fsdp_comm(t)
     assert len([c for c in comm if c[0] == "rs"]) == 4 * 6 and {c[2] for c in comm} == {"collective"}
     assert len([c for c in comm if c[0] == "gather"]) == 4 * 6  # each weight re-gathered alone, blocking
+
+
+# --------------------------------------------------------------------------- measured profiles (2 gloo ranks)
+
+def _measured():
+    from fxpar.analysis.timeline import measure_profile
+    from tests.models import mse
+
+    torch.manual_seed(0)
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (2,), mesh_dim_names=("fsdp",))
+    model = BlockStack().double()
+    x, y = torch.randn(8, 4, 32, dtype=torch.float64), torch.randn(8, 4, 32, dtype=torch.float64)
+    pm = fxpar.parallelize(model, mesh, example_inputs=(x,))
+    pm.step(x, target=y, loss_fn=mse)
+    plain = [p.grad.clone() for p in pm.parameters()]
+    pm.zero_grad()
+    profile = measure_profile(pm, x, target=y, loss_fn=mse, warmup=0, iters=1)  # one step: its gradients
+    watched = [p.grad.clone() for p in pm.parameters()]
+    t = rank_timeline(pm, profile=profile)
+    gm = pm.graph_module
+    ops = [n for n in gm.graph.nodes if n.op == "call_function" and hasattr(n.target, "_schema")]
+    forward = {b.node: b.end - b.start for b in t.lane("compute") if b.kind == "forward"}
+    backward = {b.node: b.end - b.start for b in t.lane("compute") if b.kind == "backward"}
+    return dict(profile=profile, ops=[(n.name, str(n.target)) for n in ops], forward=forward, backward=backward,
+                measured=t.measured, same=all(torch.equal(a, b) for a, b in zip(plain, watched)),
+                matmuls=[n.name for n in ops if n.target in (torch.ops.aten.addmm.default, torch.ops.aten.linear.default)])
+
+
+def test_measured_profile_times_every_node_and_the_timeline_draws_it():
+    from fxpar.testing import rank_pool
+
+    for r in rank_pool(2).run(_measured):
+        profile = r["profile"]
+        timed = [name for name, target in r["ops"] if "fsdp_prefetch" not in target]
+        assert set(timed) <= set(profile), sorted(set(timed) - set(profile))  # every op call matched to its node
+        assert not [name for name, target in r["ops"] if "fsdp_prefetch" in target and name in profile]
+        assert all(profile[n] > 0 for n in timed)
+        assert all(profile[f"{n}.backward"] > 0 for n in r["matmuls"]) and len(r["matmuls"]) == 8
+        assert r["same"]  # watching changes nothing: the gradients are bit-equal to a plain step's
+        assert r["measured"]
+        for n in r["matmuls"]:  # the timeline's bars are the measured times
+            assert r["forward"][n] == pytest.approx(profile[n], rel=1e-12)
+            assert r["backward"][n] == pytest.approx(profile[f"{n}.backward"], rel=1e-12)

@@ -31,7 +31,9 @@ twice that, and each send of an activation or gradient over a cut on that
 rank's comm lane while its next action computes.
 
 The times are a model, for the picture and the text (`Timeline.text()`),
-not a promise; `profile` puts measured times in their place.
+not a promise; `profile` puts measured times in their place
+(`measure_profile(pm, *inputs, target=..., loss_fn=...)`, fxpar.analysis.profile, times
+each node of a real step on this rank).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from fxpar.analysis.cost import DeviceModel, evaluate, example_sizes, node_cost
 from fxpar.analysis.explain import collectives, moe_collectives
 from fxpar.analysis.fsdp import bucket_groups
 from fxpar.analysis.overlap import issued_waits, unit_bytes
+from fxpar.analysis.profile import measure_profile
 from fxpar.analysis.schedule import schedule_order, simulate_schedule
 from fxpar.core.fmt import fmt_bytes
 from fxpar.core.spec import TensorSpec, get_info
@@ -54,7 +57,7 @@ from fxpar.ops.collectives import COLLECTIVE_OPS
 from fxpar.ops.moe import moe_experts
 from fxpar.ops.overlap import ISSUE_OPS
 
-__all__ = ["Bar", "Overlap", "Timeline", "rank_timeline", "KIND_COLORS"]
+__all__ = ["Bar", "Overlap", "Timeline", "rank_timeline", "measure_profile", "KIND_COLORS"]
 
 _GATHER = torch.ops.fxpar.fsdp_all_gather.default
 
