@@ -57,7 +57,7 @@ from fxpar.ops.collectives import COLLECTIVE_OPS
 from fxpar.ops.moe import moe_experts
 from fxpar.ops.overlap import ISSUE_OPS
 
-__all__ = ["Bar", "Overlap", "Timeline", "rank_timeline", "measure_profile", "KIND_COLORS"]
+__all__ = ["Bar", "Overlap", "Timeline", "rank_timeline", "backward_order", "measure_profile", "KIND_COLORS"]
 
 _GATHER = torch.ops.fxpar.fsdp_all_gather.default
 
@@ -114,6 +114,7 @@ class Timeline:
     bars: tuple[Bar, ...]
     overlaps: tuple[Overlap, ...]
     measured: bool = False
+    backward_from: int = -1  # bars[backward_from:] are the backward's (-1: no backward)
 
     @property
     def makespan(self) -> float:
@@ -181,6 +182,25 @@ def rank_timeline(pm, *, device: DeviceModel | None = None, profile: Mapping[str
     title = f"{model} on ({mesh}), one {'training step' if backward else 'forward'}"
     return _Replay(gm, pm.mesh_info, device, hints, dict(profile or {}),
                    reshard_after_forward=getattr(pm, "reshard_after_forward", True)).run(backward, title)
+
+
+def backward_order(pm) -> list[tuple[tuple[str, ...], str, int]]:
+    """The backward's collectives in the order this rank issues them at run time: FSDP re-gathers and
+    per-unit reduce-scatters (`_FsdpBackward`), dp gradient buckets, the other duals; each as
+    (mesh dims, label, bytes). The comm lane runs in issue order. [] for a pipeline (its FSDP gathers
+    once per step: `StepGather`).
+
+    Ranks of a group must agree on it: the runtime buckets FSDP parameters by the graph's `fsdp_bucket`
+    tags, which the forward's collective fingerprint does not see (`fxpar.analysis.module_checks.check_ranks`).
+    """
+    if stage_info(pm.graph_module) is not None:
+        return []
+    t = rank_timeline(pm)
+    out = []
+    for b in sorted((b for b in t.bars[t.backward_from:] if b.lane == "comm"), key=lambda b: b.start):
+        dims = b.label.split("(", 1)[1].split(")", 1)[0] if "(" in b.label else ""
+        out.append((tuple(d.strip() for d in dims.split(",")), b.label, b.nbytes))
+    return out
 
 
 class _Replay:
@@ -313,9 +333,10 @@ class _Replay:
                     self._comm(f"{op}({c.mesh_dim}) {what}", nbytes, node=node.name, module=c.module)
             else:
                 self._op(node, "forward")
+        first = len(self.bars) if backward else -1
         if backward:
             self._backward(nodes)
-        return Timeline(title, ("compute", "comm"), tuple(self.bars), tuple(self.overlaps), bool(self.profile))
+        return Timeline(title, ("compute", "comm"), tuple(self.bars), tuple(self.overlaps), bool(self.profile), first)
 
     def _close(self, issue: fx.Node, bar: Bar, wait: fx.Node) -> None:
         """The first wait of an issued unit: the window [issue, wait] and the ops that ran in it."""
