@@ -174,3 +174,45 @@ def test_gathered_bytes_the_runtime_holds_stay_within_the_estimate():
             assert p["peak"] <= p["estimate"], (name, p)
         # one float64 block of BlockStack is 65.75 KiB: the backward holds one block re-gathered at a time
         assert r["overlap"]["runtime"] == r["waiting"]["runtime"]
+
+
+# --------------------------------------------------------------------------- a pipeline: stages differ per pp rank
+
+def _pipeline_gathers_swapped(plant: bool) -> dict:
+    import torch.distributed as dist
+
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (2, 2), mesh_dim_names=("fsdp", "pp"))
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4, 32, dtype=torch.float64), torch.randn(8, 4, 32, dtype=torch.float64)
+    pm = fxpar.parallelize(BlockStack().double(), mesh, example_inputs=(x,))
+    stages = [getattr(s, "graph_module", s) for s in pm.stage_modules]
+    names = [[n.name for n in gm.graph.nodes if n.target is GATHER] for gm in stages]
+    fxpar.check(pm)
+    if plant and dist.get_rank() >= 2:  # fsdp rank 1 of each pp stage (mesh (fsdp, pp)) gathers two weights swapped
+        for gm in stages:
+            a, b = [n for n in gm.graph.nodes if n.target is GATHER][:2]
+            b.args[0].append(b)  # b right after its shard, ahead of a: still valid on this rank alone
+            gm.graph.lint()
+            gm.recompile()
+        fxpar.check(pm)
+    try:
+        loss = float(pm.step(x, target=y, loss_fn=mse))
+        error = ""
+    except fxpar.GraphInvariantError as e:
+        loss, error = None, str(e)
+    return dict(rank=dist.get_rank(), coordinate=list(pm.mesh_info.coordinate), gathers=names, loss=loss, error=error)
+
+
+@pytest.mark.slow  # 4 gloo ranks, twice
+def test_a_pipeline_whose_stages_differ_per_rank_is_compared_within_each_group():
+    from fxpar.testing import rank_pool
+
+    clean = rank_pool(4).run(_pipeline_gathers_swapped, False, timeout=300)
+    assert all(r["error"] == "" and r["loss"] == clean[0]["loss"] for r in clean)
+    by_pp = {r["rank"] % 2: r["gathers"] for r in clean}  # mesh (fsdp, pp): the pp coordinate is rank % 2
+    assert by_pp[0] != by_pp[1] and all(by_pp.values())  # the pp ranks run different stages, each with gathers
+    planted = rank_pool(4).run(_pipeline_gathers_swapped, True, timeout=300)
+    for r in planted:  # every rank of every fsdp group stops before the step runs, naming the first difference
+        assert "collective order differs across the ranks of mesh dim 'fsdp'" in r["error"], r
+        # a pipeline's FSDP gathers are not issued early: their order shows in their reduce-scatter duals
+        assert "backward reduce_scatter(fsdp)" in r["error"] and "at %fsdpgather_" in r["error"] and r["loss"] is None
