@@ -153,3 +153,17 @@ def test_measured_profile_times_every_node_and_the_timeline_draws_it():
         for n in r["matmuls"]:  # the timeline's bars are the measured times
             assert r["forward"][n] == pytest.approx(profile[n], rel=1e-12)
             assert r["backward"][n] == pytest.approx(profile[f"{n}.backward"], rel=1e-12)
+
+
+def test_chart_draws_the_backward_collectives(overlapped, tmp_path):
+    import xml.etree.ElementTree as ET
+
+    pytest.importorskip("matplotlib", reason="charts need matplotlib (in the 'test' and 'viz' extras)")
+    from fxpar import viz
+
+    root = ET.parse(viz.timeline_chart(overlapped, tmp_path / "step.svg")).getroot()
+    ids = [g.get("id") or "" for g in root.iter("{http://www.w3.org/2000/svg}g")]
+    # three prefetched re-gathers (blocks 2, 1, 0) and the four reduce-scatters waited late, each a bar ...
+    assert sum(i.startswith("regather:") for i in ids) == 3 and sum(i.startswith("reduce_scatter:") for i in ids) == 4
+    # ... and each window shaded: three forward prefetches, three re-gathers, four reduce-scatters
+    assert sum(i.startswith("overlap:") for i in ids) == 10
