@@ -124,7 +124,7 @@ def measure_profile(pm, *inputs: Any, target: Any = None, loss_fn: Callable | No
         {node name: forward seconds, node name + '.backward': backward seconds} (module docstring).
 
     Raises:
-        PlanError: for a pipeline or a compiled module.
+        PlanError: for a pipeline, a compiled module, or a captured loss without `target`.
     """
     if stage_info(pm.graph_module) is not None:
         raise PlanError(f"measure_profile({type(pm).__name__}): a pipeline's stages run per microbatch under "
@@ -132,6 +132,9 @@ def measure_profile(pm, *inputs: Any, target: Any = None, loss_fn: Callable | No
     if getattr(pm, "compile_backend", None) is not None:
         raise PlanError(f"measure_profile({type(pm).__name__}): compiled graphs run as fused kernels, not node by "
                         "node; measure the module parallelized with compile=False")
+    if target is None and getattr(getattr(pm, "capture_info", None), "loss", False):
+        raise PlanError(f"measure_profile({type(pm).__name__}): this module's graph ends in its captured loss, and "
+                        "its forward runs another graph (the model alone); pass target= to measure the step")
     nodes = _timed_nodes(pm.graph_module)
     runs: list[dict[str, float]] = []
     for i in range(warmup + iters):
