@@ -422,7 +422,9 @@ class _FsdpBackward:
 
         re-gather        (reshard_after_forward) a unit is gathered again before the first backward op
                          that uses one of its gathered parameters (directly or through a view): autograd
-                         unpacks it there. Blocking, unless it was prefetched:
+                         unpacks it there. Not through a collective: grad_all_reduce (dp x fsdp) returns
+                         a clone, which autograd saves as it is (fxpar.runtime.fsdp_state.pack_gathered
+                         knows only gathered tensors and their views). Blocking, unless it was prefetched:
         prefetch         with overlap scheduled, once half of unit u's parameters have their gradient,
                          the re-gather of the unit before it (u-1, bucketed ones) is issued; its first
                          use waits on it. The window is the rest of u's backward.
