@@ -104,8 +104,10 @@ def _out_of_range(backend):
     return None
 
 
-def test_out_of_range_ids_fail_in_the_compiled_lookup():
-    for message in rank_pool(2).run(_out_of_range, "aot_eager", timeout=600):
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["aot_eager", "inductor"])  # inductor: its in-kernel assert throws
+def test_out_of_range_ids_fail_in_the_compiled_lookup(backend):
+    for message in rank_pool(2).run(_out_of_range, backend, timeout=600):
         assert message is not None and "index out of range" in message
 
 
