@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import fxpar
-from fxpar.analysis.plan_io import ExpertsStyle, HeadsStyle, ResolvedPlan, parse_style
+from fxpar.analysis.plan_io import ExpertsStyle, HeadsStyle, parse_style
 from fxpar.core.plan import TPStyle
 from fxpar.core.stages import stage_info
 from fxpar.testing import rank_pool
