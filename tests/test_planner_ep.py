@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fxpar
+from fxpar.analysis.plan_io import ExpertsStyle, ResolvedPlan
 from fxpar.ops.moe import moe_all_to_all_bytes, moe_experts
 from fxpar.planner import PROFILES
 from fxpar.testing import run_ranks
@@ -68,6 +69,10 @@ def test_autoplan_chooses_ep_where_it_pays_and_the_plan_runs():
     assert {(("ep", 2),), (("tp", 2),), (("fsdp", 2),)} <= meshes  # ep was compared with the other dims
     assert not any(c.fits for c in ap.candidates if c.mesh == {"dp": 2})
     assert ap.best.estimate.breakdown["ep_comm_s"] > 0 and ap.predicted_memory_gib <= tight
+    # the plan is resolved (it used to fall back to the plan as compiled): it names the experts' placement
+    assert isinstance(ap.plan, ResolvedPlan) and ap.plan.mesh == (("ep", 2),)
+    assert {k: str(s) for k, s in ap.plan.tp if isinstance(s, ExpertsStyle)} == \
+        {f"moes.{i}.experts": f"experts: experts by index over ep ({EXPERTS} / 2)" for i in range(DEPTH)}
     results = run_ranks(_run, 2, ap.mesh_shape, ap.mesh_dim_names, ap.parallelize_kwargs(), timeout=300)
     for ok, worst, ep_sizes in results:
         assert ok, worst

@@ -17,12 +17,22 @@ nbytes = numel * itemsize):
                                               v [.., S, Ev]                  (`_attention_flops`)
              =  2 * numel(O) * (C_in / groups) * prod(kernel)
                                               convolution                    (`_conv_flops`)
+             =  2 * T * k * 3 * H * I         a fused MoE node (`moe_experts`): each of the T local
+                                              tokens' k routed slots through one expert's gate,
+                                              up (H -> I) and down (I -> H) matmuls, I the local
+                                              expert width (balanced routing under ep: a rank
+                                              computes as many slots as it sends)  (`_moe_cost`)
              =  0                             views, getitem, embedding,
                                               collectives                    (`_ZERO_FLOP`)
              =  sum numel(outputs)            everything else (elementwise,
                                               norms, reductions)             (`node_cost`)
     Mem(n)   =  sum nbytes(I_i) + nbytes(O)    bytes read and written; 0 for views
+                + T * k * (2 H + 3 I) * itemsize
+                                              a MoE node's routed rows and expert hidden values
     Comm(n)  =  nbytes(O)                     fxpar collectives (payload per rank)
+             =  2 (ep - 1) / ep * T * k * H * itemsize
+                                              a MoE node's token dispatch and combine on ep
+                                              (`fxpar.ops.moe.moe_all_to_all_bytes`)
 
     Time(n)  =  Max(FLOPs(n) / F, Mem(n) / B) + Comm(n) / L_mesh            (`DeviceModel.time`)
 
@@ -68,6 +78,7 @@ import torch.fx as fx
 
 from fxpar.core.spec import TensorSpec, get_info
 from fxpar.ops.collectives import COLLECTIVE_OPS
+from fxpar.ops.moe import moe_all_to_all_bytes, moe_experts
 
 __all__ = ["DeviceModel", "NodeCost", "node_cost", "size_expr", "value_bytes", "example_sizes", "evaluate", "balance"]
 
@@ -198,6 +209,19 @@ def _conv_flops(node: fx.Node) -> sympy.Expr:
     return 2 * _numel(out) * _numel(w[1:])
 
 
+def _moe_cost(node: fx.Node, mem: sympy.Expr) -> NodeCost:
+    """A fused MoE node: its experts' matmuls on the routed slots, their rows, its ep exchange (docstring)."""
+    x, idx, down = node.args[0], node.args[1], node.args[5]
+    tokens, hidden = _local_shape(x)
+    inter = _local_shape(down)[2]  # w_down: (E / ep, H, I / tp)
+    slots = tokens * int(idx.meta["val"].shape[1])
+    itemsize = x.meta["val"].dtype.itemsize
+    ep = int(node.kwargs.get("ep_size", 1))
+    comm = moe_all_to_all_bytes(slots, 1, hidden, itemsize, ep) if ep > 1 else sympy.Integer(0)
+    return NodeCost(flops=2 * slots * 3 * hidden * inter, mem_bytes=mem + slots * (2 * hidden + 3 * inter) * itemsize,
+                    comm_bytes=comm)
+
+
 def node_cost(node: fx.Node) -> NodeCost:
     """FLOPs, memory bytes and collective bytes of one node, symbolically (see the module docstring)."""
     if node.op not in ("call_function", "call_module"):
@@ -214,6 +238,8 @@ def node_cost(node: fx.Node) -> NodeCost:
     in_bytes = sum((value_bytes(a) for a in node.all_input_nodes if a.op != "get_attr" or
                     isinstance(a.meta.get("val"), torch.Tensor)), sympy.Integer(0))
     mem = in_bytes + out_bytes
+    if target is moe_experts:
+        return _moe_cost(node, mem)
     if target in _MATMULS:
         flops = _matmul_flops(node)
     elif target in _ATTENTION:

@@ -45,6 +45,8 @@ __all__ = [
     "MODEL_KEY",
     "ModelFingerprint",
     "SectionedStyle",
+    "HeadsStyle",
+    "ExpertsStyle",
     "ResolvedPlan",
     "parse_style",
     "resolve_plan",
@@ -176,17 +178,70 @@ class SectionedStyle(TPStyle):
         return f"{self.kind} (fused x{self.sections})"
 
 
-# 'colwise', 'colwise (fused x3)', 'replicate (not sharded: why)', each maybe with apply_fsdp's '; ...' note.
+@dataclass(frozen=True)
+class HeadsStyle(TPStyle):
+    """Column- or row-wise by whole attention heads whose count does not divide tp (`passes.unflatten_heads`).
+
+    `annotate_parameters` leaves such a module replicated and `unflatten_heads` cuts it by heads
+    (torch.chunk's: GPT-2's 12 heads at tp=8 are 2+2+2+2+2+2+0+0), as the automatic plan does; a
+    resolved plan names the attention's projections with this style so that it reloads the same.
+
+    Attributes:
+        split: what the pass recorded, e.g. 'uneven heads: 3 heads of 2+1 over tp=2' (informational: the
+            pass cuts by the heads of the mesh the plan is used on).
+    """
+
+    split: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kind == "replicate" or not str(self.split).startswith("uneven heads"):
+            raise PlanError(f"style '{self}': uneven heads apply to 'colwise' (q, k, v) and 'rowwise' (the output "
+                            "projection), e.g. 'colwise (uneven heads: 3 heads of 2+1 over tp=2)'")
+
+    def __str__(self) -> str:
+        return f"{self.kind} ({self.split})"
+
+
+@dataclass(frozen=True)
+class ExpertsStyle(TPStyle):
+    """Stacked MoE expert weights (a fused `moe_experts` node): placed by the mesh, not by a tp kind.
+
+    The experts go by index over 'ep' and by feature over 'tp' (gate / up colwise, down rowwise) where
+    the sizes divide (`annotate_parameters._expert_placements`), as for a module no plan names; a
+    resolved plan names them with this style so that the saved file says so. `kind` is 'replicate'
+    and is not read.
+
+    Attributes:
+        description: what annotate_parameters recorded, e.g. 'experts: experts by index over ep (4 / 2)'.
+    """
+
+    description: str = "experts"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kind != "replicate" or not str(self.description).startswith("experts"):
+            raise PlanError(f"style {self.description!r}: an experts style reads 'experts: ...' "
+                            "(as annotate_parameters records it)")
+
+    def __str__(self) -> str:
+        return self.description
+
+
+# 'colwise', 'colwise (fused x3)', 'replicate (not sharded: why)', 'colwise (uneven: 50 in chunks of 25 over
+# tp=2)', 'rowwise (uneven heads: 3 heads of 2+1 over tp=2)', each maybe with apply_fsdp's '; ...' note.
 _STYLE_RE = re.compile(r"^(?P<kind>[a-z_]+)(?: \(fused x(?P<k>\d+)\))?(?: \(not sharded: (?P<why>.*?)\))?"
-                       r"(?P<rest>; .*)?$")
+                       r"(?: \((?P<heads>uneven heads: [^)]*)\))?(?: \(uneven: [^)]*\))?(?P<rest>; .*)?$")
 
 
 def parse_style(text: str, *, key: str = "") -> tuple[TPStyle, str | None]:
     """A style and its note from the text `annotate_parameters` records and saved plans hold.
 
     Args:
-        text: 'colwise', 'rowwise', 'replicate', 'colwise (fused x3)', or
-            'replicate (not sharded: <why>)'.
+        text: 'colwise', 'rowwise', 'replicate', 'colwise (fused x3)',
+            'replicate (not sharded: <why>)', 'colwise (uneven: <cut>)' (a Linear cut
+            unevenly: the plain style, the pass cuts it again), 'colwise (uneven heads: <cut>)'
+            (a HeadsStyle) or 'experts: <how>' (an ExpertsStyle).
         key: the module it belongs to, for the error message.
 
     Returns:
@@ -195,12 +250,15 @@ def parse_style(text: str, *, key: str = "") -> tuple[TPStyle, str | None]:
     Raises:
         PlanError: text that is not a style.
     """
-    m = _STYLE_RE.match(str(text).strip())
+    text = str(text).strip()
+    if text.startswith("experts"):
+        return ExpertsStyle("replicate", text.split("; ", 1)[0]), None
+    m = _STYLE_RE.match(text)
     if m is None or m.group("kind") not in TP_STYLES:
         raise PlanError(f"plan entry {key!r}: {text!r} is not a tensor-parallel style; use one of {TP_STYLES} "
                         "or 'colwise (fused xK)' for a projection whose output is K fused sections")
-    kind, k = m.group("kind"), m.group("k")
-    style = SectionedStyle(kind, int(k)) if k else TPStyle(kind)
+    kind, k, heads = m.group("kind"), m.group("k"), m.group("heads")
+    style = SectionedStyle(kind, int(k)) if k else HeadsStyle(kind, heads) if heads else TPStyle(kind)
     return style, m.group("why")
 
 

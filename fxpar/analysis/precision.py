@@ -9,9 +9,9 @@ rounded to the narrow dtype and the parts are then summed in the parameter's dty
     split:    g = sum over parts of widen(round(sum over the part))
 
 No schedule can round the whole batch's sum once (torch.distributed.pipelining, DDP and FSDP do the
-same), so fxpar keeps torch's behaviour and says so: a warning naming the parameter, the cast and
-its module. The difference is of the narrow dtype's precision (bf16: up to about 4e-3 of the
-largest gradient; float32: about 1e-7).
+same), so fxpar keeps torch's behaviour and says so: one warning per kind of cast, naming how many
+parameters and the first few with their casts and modules. The difference is of the narrow dtype's
+precision (bf16: up to about 4e-3 of the largest gradient; float32: about 1e-7).
 """
 
 from __future__ import annotations
@@ -77,17 +77,29 @@ def batch_split_narrowings(gm: fx.GraphModule, data_dims: Sequence[int]) -> list
     return out
 
 
+_NAMED = 3  # parameters named in a warning; the rest are counted (all of them at DEBUG)
+
+
 def warn_narrowed_parameters(found: list[tuple[fx.Node, str]], split: str) -> None:
-    """One warning per parameter in `found`; `split` says how the batch is split ('2 microbatches')."""
-    seen: set[str] = set()
+    """One warning per kind of cast (source dtype -> narrow dtype) in `found`, not one per parameter.
+
+    Each warning names how many parameters are cast that way and the first few (with the cast node and
+    module); the full list goes to DEBUG. A bf16 mixed-precision Llama casts every weight, which used to
+    print one warning per parameter per rank. `split` says how the batch is split ('2 microbatches').
+    """
+    kinds: dict[tuple[torch.dtype, torch.dtype], dict[str, fx.Node]] = {}
     for node, param in found:
-        if param in seen:
-            continue
-        seen.add(param)
         src, dst = node.all_input_nodes[0].meta["val"].dtype, node.meta["val"].dtype
-        log.warning("parameter '%s' is cast from %s to %s at %%%s in module '%s': with the batch split into %s "
-                    "its gradient is rounded to %s once per part, then summed, not rounded once over the whole "
-                    "batch as in the unsplit model (a difference of %s's precision). For gradients equal to the "
-                    "unsplit model compute in the parameter's dtype%s", param, src, dst, node.name,
-                    module_fqn_of(node) or "<root>", split, dst, dst,
+        kinds.setdefault((src, dst), {}).setdefault(param, node)
+    for (src, dst), params in kinds.items():
+        named = ", ".join(f"'{param}' at %{node.name} in module '{module_fqn_of(node) or '<root>'}'"
+                          for param, node in list(params.items())[:_NAMED])
+        more = f" and {len(params) - _NAMED} more" if len(params) > _NAMED else ""
+        count = f"{len(params)} parameter{'s' if len(params) > 1 else ''}"
+        log.warning("%s cast from %s to %s (%s%s): with the batch split into %s each one's gradient is rounded to "
+                    "%s once per part, then summed, not rounded once over the whole batch as in the unsplit model "
+                    "(a difference of %s's precision). For gradients equal to the unsplit model compute in the "
+                    "parameters' dtype%s", count, src, dst, named, more, split, dst, dst,
                     ", or use Plan(microbatches=1, schedule='gpipe')" if "microbatch" in split else "")
+        log.debug("all %s cast from %s to %s with the batch split into %s: %s", count, src, dst, split,
+                  ", ".join(params))

@@ -44,6 +44,9 @@ linear, pointwise) keep them; any other op gets them gathered, padded.
 Raises ShardingError when any other sharded dim does not divide by the mesh
 size (fused sections, embeddings, Conv1D), naming the module and the sizes
 that would work.
+
+A saved plan's `ExpertsStyle` places stacked experts as for an unnamed module (by the mesh); its
+`HeadsStyle` leaves the attention replicated here, for `unflatten_heads` to cut by whole heads.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ import torch.fx as fx
 from torch.distributed.tensor.placement_types import Placement, Replicate, Shard
 
 from fxpar._torch.placements import StridedShard as _StridedShard
+from fxpar.analysis.plan_io import ExpertsStyle, HeadsStyle
 from fxpar.core.errors import PlanError, ShardingError
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.plan import TPStyle
@@ -330,7 +334,7 @@ def _divisors(size: int, limit: int = 64) -> list[int]:
 def annotate_parameters(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     mesh = ctx.mesh
     styles = ctx.plan.resolve_tp(module_fqns(gm)) if ctx.plan.tp else {}
-    if styles and not mesh.has("tp"):
+    if any(not isinstance(s, ExpertsStyle) for s in styles.values()) and not mesh.has("tp"):
         raise PlanError(f"the plan has tensor-parallel styles but the mesh {mesh.names} has no 'tp' dim; "
                         "name a mesh dim 'tp' or drop the tp part of the plan")
     tp_dim = mesh.names.index("tp") if mesh.has("tp") else None
@@ -345,6 +349,9 @@ def annotate_parameters(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         fqn = str(node.target)
         module = fqn.rpartition(".")[0]
         style = styles.get(module) if module in explicit else by_param.get(fqn, styles.get(module))
+        heads = style if isinstance(style, HeadsStyle) else None
+        if isinstance(style, (ExpertsStyle, HeadsStyle)):  # placed by the mesh / cut by unflatten_heads
+            style = None
         placements = [Replicate() for _ in mesh.names]
         if style is not None and tp_dim is not None:
             p = _placement_for(node, style, module, fused.get(module, getattr(style, "sections", 0)),
@@ -376,6 +383,8 @@ def annotate_parameters(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             text += f" (fused x{fused[module]})"
         if style is None and module in notes:
             text = f"replicate (not sharded: {notes[module]})"
+        if heads is not None:  # unflatten_heads records the cut where it applies
+            text = f"replicate (not sharded: saved as {heads.kind} by uneven heads, not cut by unflatten_heads here)"
         set_info(node, NodeInfo(spec=spec, module_fqn=module, role="param", param_fqn=fqn,
                                 origin="annotate_parameters", style=text))
     return PassResult(gm, True)

@@ -22,8 +22,9 @@ Only the stored shape changes: `CaptureInfo.param_shapes` keeps each
 reshaped parameter's own shape, and full state dicts / gradients are returned
 in it. The rewritten graph computes the same function on one process.
 
-Applies to automatic plans (modules the plan does not name) and pairs whose
-projections are used once. Grouped-query attention qualifies where each
+Applies to automatic plans (modules the plan does not name), and to the
+modules a saved plan names with a `HeadsStyle` ('colwise (uneven heads: …)'),
+in pairs whose projections are used once. Grouped-query attention qualifies where each
 rank's kv chunk is the kv heads of its q chunk (`consistent_heads`: 6 q and 3
 kv heads at tp=4 hold 2, 2, 2, 0 and 1, 1, 1, 0); otherwise it keeps its
 current layout.
@@ -44,6 +45,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.distributed.tensor.placement_types import Replicate, Shard
 
+from fxpar.analysis.plan_io import HeadsStyle
 from fxpar.capture.export import capture_info
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.spec import chunk_bounds, get_info, make_spec, set_info, shape_key, size_key
@@ -318,6 +320,10 @@ def _rewrite(gm: fx.GraphModule, pair: Pair, heads: list[_Head], merge: fx.Node,
     graph.eliminate_dead_code()
 
 
+def _module(proj: fx.Node) -> str:
+    return str(proj_weight(proj).target).rpartition(".")[0]
+
+
 def _order(graph: fx.Graph):
     index = {n: i for i, n in enumerate(graph.nodes)}
     return lambda n: index[n]
@@ -328,13 +334,17 @@ def unflatten_heads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     mesh = ctx.mesh
     pp = ctx.options.get("pp")  # a pipeline's passes see the mesh without its pp dim
     pipelined = (mesh.has("pp") and mesh.size("pp") > 1) or (pp is not None and pp.size > 1)
-    if not ctx.plan.auto_tp or not mesh.has("tp") or mesh.size("tp") == 1 or pipelined:
+    named = ctx.plan.resolve_tp(module_fqns(gm)) if ctx.plan.tp else {}
+    by_heads = {m for m, style in named.items() if isinstance(style, HeadsStyle)}  # a saved plan's choice
+    if not (ctx.plan.auto_tp or by_heads) or not mesh.has("tp") or mesh.size("tp") == 1 or pipelined:
         return PassResult(gm, False)
     tp_index, tp = mesh.names.index("tp"), mesh.size("tp")
-    taken = set(ctx.plan.resolve_tp(module_fqns(gm))) if ctx.plan.tp else set()
+    taken = set(named) - by_heads
     aliased = _aliased(gm)
     shapes: dict[str, tuple[int, ...]] = {}
     for pair in find_pairs(gm):
+        if not ctx.plan.auto_tp and not {_module(p) for p in [*pair.heads, pair.sink]} <= by_heads:
+            continue  # an explicit plan cuts only the attention it names by heads
         found = _rewritable(gm, pair, tp, taken, aliased)
         if found is not None:
             _rewrite(gm, pair, *found, tp_index, mesh.sizes, shapes)

@@ -19,7 +19,7 @@ mesh dim is the innermost), across nodes otherwise. Tensor-parallel collectives 
 and so do expert parallelism's token exchanges, which run inside each fused MoE node (`_moe_exchange`):
 two all-to-alls (dispatch, combine) forward and two backward, each 2 alpha(ep) (ep-1) + S / beta(ep) per
 pair with S = `fxpar.ops.moe.moe_all_to_all_bytes` (T local tokens, k slots, width H, balanced routing),
-reported as ep_comm; a MoE node computes 2 T k 3 H I FLOPs (I its local expert width, `_moe_flops`).
+reported as ep_comm; a MoE node computes 2 T k 3 H I FLOPs (I its local expert width; node_cost).
 FSDP gathers and their reduce-scatters are exposed by (1 - fsdp_overlap) (0 today: each gather
 waits where it is issued); the data-parallel gradient all-reduce (bucketed, asynchronous in the
 backward) is exposed by max(0, t_dp - dp_overlap t_bwd) without a pipeline, and whole after the
@@ -225,8 +225,6 @@ def _compute(gm: fx.GraphModule, hints: dict, device: DeviceProfile,
         if node.op != "call_function":
             continue
         flops, mem = _node_values(node, hints, memo, shapes)
-        if node.target is moe_experts:
-            flops = _moe_flops(node, hints)
         if not flops and not mem:
             continue
         info = get_info(node)
@@ -239,16 +237,6 @@ def _compute(gm: fx.GraphModule, hints: dict, device: DeviceProfile,
         if not _is_matmul(node):
             cheap += t
     return total, cheap, flops_total, count
-
-
-def _moe_flops(node: fx.Node, hints: dict) -> float:
-    """FLOPs of a fused MoE node on this rank: every one of its T tokens' k slots through one expert's three
-    matmuls (gate, up: H -> I; down: I -> H), 2 T k 3 H I with T and I local (balanced routing under ep:
-    a rank computes as many slots as it sends)."""
-    x, idx, down = node.args[0], node.args[1], node.args[5]
-    tokens = evaluate(size_expr(_local(x)[0]), hints)
-    _, hidden, inter = (evaluate(size_expr(s), hints) for s in _local(down))
-    return 2.0 * tokens * int(idx.meta["val"].shape[1]) * 3 * hidden * inter
 
 
 def _local(node: fx.Node) -> tuple:

@@ -121,8 +121,7 @@ class AutoPlan:
     Attributes:
         mesh_shape, mesh_dim_names: the mesh to build (`init_device_mesh(device, mesh_shape,
             mesh_dim_names=mesh_dim_names)`).
-        plan: the plan to pass to parallelize (a ResolvedPlan: `fxpar.save_plan` writes it; the Plan as
-            compiled where `resolve_plan` cannot write a style yet, as MoE experts sharded on tp).
+        plan: the plan to pass to parallelize (a ResolvedPlan: `fxpar.save_plan` writes it).
         activation_checkpointing: the memory saver chosen (pass it to parallelize).
         mp_policy: the MixedPrecisionPolicy chosen (bfloat16 compute, float32 gradient reductions), or
             None (pass it to parallelize as mp_policy=).
@@ -506,10 +505,6 @@ def autoplan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), e
                               activation_checkpointing=win.activation_checkpointing)
     seconds["compile"] += time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - start
-    try:
-        resolved = final.plan
-    except PlanError:  # plan_io cannot write some styles yet (MoE experts under tp): the plan as compiled
-        resolved = plan
-    return AutoPlan(tuple(win.mesh.values()), tuple(win.mesh), resolved, win.activation_checkpointing,
+    return AutoPlan(tuple(win.mesh.values()), tuple(win.mesh), final.plan, win.activation_checkpointing,
                     win.estimate.step_s, win.estimate.memory_gib, ordered, profile.name, budget, seconds,
                     _mp_policy(win.mp_dtype))
