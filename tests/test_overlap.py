@@ -91,6 +91,12 @@ def test_overlap_is_bit_equal_to_waiting(case):
             assert overlapped["reduce_scatter waited late"] == 6, overlapped
             if kwargs.get("reshard_after_forward", True):
                 assert overlapped["prefetched backward"] == 6, overlapped
+        if units == 16 and "compile" not in kwargs:
+            # per parameter: each of the 16 reduce-scatters but the first of a step waited when the next is
+            # issued; each re-gather issued under the backward of the weight after it: the 7 weights autograd
+            # saved (not the first layer's, whose input needs no gradient), all but the first one reached
+            assert overlapped["reduce_scatter waited late"] == 2 * 15, overlapped
+            assert overlapped["prefetched backward"] == 2 * 6, overlapped
         assert "issued at %prefetch_" in r["explain"] and "overlaps" in r["explain"], r["explain"]
 
 

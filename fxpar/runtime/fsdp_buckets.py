@@ -51,8 +51,10 @@ from torch import Tensor
 from fxpar._torch.c10d import queue_autograd_callback
 from fxpar.analysis.fsdp import bucket_groups
 from fxpar.core.dataflow import attr_of
+from fxpar.core.errors import block_of
+from fxpar.core.spec import get_info
 from fxpar.ops import collectives as C
-from fxpar.ops.overlap import start_flat_all_gather, start_reduce_scatter, wait  # registers fxpar::fsdp_prefetch
+from fxpar.ops.overlap import start_all_gather, start_flat_all_gather, start_reduce_scatter, wait  # registers fxpar::fsdp_prefetch
 from fxpar.ops.transitions import collective_args
 from fxpar.runtime import fsdp_state
 from fxpar.runtime.fsdp_state import count_overlap, register_fsdp_bucket
@@ -87,6 +89,7 @@ class FsdpBucket:
         self.prev: FsdpBucket | None = None  # the bucket before this one in the forward (backward prefetch)
         self.overlap = False  # the graph was scheduled for overlap: prefetch re-gathers, wait reduce-scatters late
         self._prefetch_prev = False  # re-gathered in this backward: prefetch `prev`'s re-gather (see `regather`)
+        self.keep = False  # not resharded after the forward: autograd keeps the gathered parameters (`_tail`)
 
     def shards(self) -> list[Tensor]:
         out = [r() for r in self._shards]
@@ -101,9 +104,12 @@ class FsdpBucket:
         """Issues the bucket's gather (one flat buffer) without waiting for it."""
         _, n, group_name, mesh_dim = self.args
         shards = self.shards()
-        pending = start_flat_all_gather([C._pad(s.detach(), 0, p[0]) for s, p in zip(shards, self.padded)], n,
-                                        group_name, self.dtype)
-        C._record("all_gather", mesh_dim, pending.narrow(0, 0, self.total), direction)
+        pieces = [C._pad(s.detach(), 0, p[0]) for s, p in zip(shards, self.padded)]
+        if len(pieces) == 1:  # one parameter, gathered in its own shape: the result is the full parameter
+            pending = start_all_gather(pieces[0] if self.dtype is None else pieces[0].to(self.dtype), n, group_name)
+        else:
+            pending = start_flat_all_gather(pieces, n, group_name, self.dtype)
+        C._record("all_gather", mesh_dim, pending.reshape(-1).narrow(0, 0, self.total), direction)
         self._pending = (direction, pending, tuple(s._version for s in shards))
 
     def _gather_all(self, direction: str) -> list[Tensor]:
@@ -121,6 +127,8 @@ class FsdpBucket:
             pending, self._pending = self._pending, None
             done = wait(pending[1])
         n = self.args[1]
+        if self.even and len(self.padded) == 1:  # one parameter (`_issue`): the gathered buffer is it
+            return [done]
         gathered = done.view(n, self.total)
         if self.even:  # one copy-out op for the block (FSDP2's split_with_sizes_copy), each its own storage
             full = [gathered.new_empty((n * shape[0], *shape[1:])) for shape in self.padded]
@@ -154,8 +162,13 @@ class FsdpBucket:
             count_overlap("stale")
 
     def _prefetch_regather(self) -> None:
-        if self._saved > 0 and not self._regathered and self._pending is None:
-            self._issue("backward")
+        """Issues the backward's re-gather of the nearest bucket before this one (this one included) that
+        autograd saved: one whose parameters no backward needs (biases) is passed over."""
+        bucket = self
+        while bucket is not None and bucket._saved == 0 and not bucket.keep:
+            bucket = bucket.prev
+        if bucket is not None and not bucket.keep and not bucket._regathered and bucket._pending is None:
+            bucket._issue("backward")
             count_overlap("prefetched backward")
 
     def gather(self, index: int) -> Tensor:
@@ -181,14 +194,19 @@ class FsdpBucket:
             self._saved, self._regathered = 0, {}
 
     def regather(self, index: int) -> Tensor:
-        versions = tuple(s._version for s in self.shards())
-        if index not in self._regathered or versions != self._regather_versions:
+        shard = self._shards[index]()
+        if index not in self._regathered or shard is None or shard._version != self._regather_versions[index]:
+            self._regather_versions = self._versions()
             self._regathered = dict(enumerate(self._gather_all("backward")))
-            self._regather_versions = versions
             # the block the backward reaches next is gathered during this one, from when half of this block's
             # gradients are in (`reduce`): at the top of a block's backward its activations are all still alive,
-            # and a second block gathered there raised the step's peak by a block (FSDP2 prefetches there)
+            # and a second block gathered there raised the step's peak by a block (FSDP2 prefetches there).
+            # One parameter (fsdp_unit='param') is small: the one before it is issued now, under this one's
+            # backward (its gradient comes only after that backward, when the next one is about to be needed).
             self._prefetch_prev = self.overlap and self.prev is not None
+            if self._prefetch_prev and len(self.numels) == 1:
+                self._prefetch_prev = False
+                self.prev._prefetch_regather()
         return self._regathered[index]
 
     def reduce(self, index: int, grad: Tensor) -> Tensor:
@@ -196,6 +214,8 @@ class FsdpBucket:
         if self._grads is None:
             self._grads = {}
             queue_autograd_callback(self._flush_and_drain)
+            if self.keep:  # never re-gathered (`regather` arms this): the block before it is prefetched from here
+                self._prefetch_prev = self.overlap and self.prev is not None
         # Each gradient is kept as it comes and copied into the flat buffer at the flush: a buffer of the whole
         # block allocated at its first gradient held all of it through the block's backward, at the top of the
         # backward, where the activations peak (FSDP2 keeps per-parameter gradients until its copy-in too).
@@ -292,10 +312,15 @@ def register_buckets(graphs: list) -> list[FsdpBucket]:
     """Registers the block groups of a module's graphs: their fsdp_all_gathers go through them from now on."""
     out = []
     overlap = any(n.target is torch.ops.fxpar.fsdp_prefetch.default for gm in graphs for n in gm.graph.nodes)
+    seen: set[int] = set()
     for args, members in bucket_groups(graphs):
-        if len(members) < 2:
-            continue  # a bucket of one is the plain per-parameter path
         shards = [attr_of(gm, node.target) for gm, node in members]
+        if any(id(s) in seen for s in shards):
+            # a weight gathered once per use (tied, apply_fsdp: never in a block's group): its first use's
+            # bucket of one takes every use, each use's gradient reduce-scattered as it comes
+            assert len(shards) == 1, [node.target for _, node in members]
+            continue
+        seen.update(id(s) for s in shards)
         bucket = FsdpBucket(shards, args, _gather_arg(members[0][1], "param_dtype"),
                             [_full_rows(node) for _, node in members])
         for i, s in enumerate(shards):
@@ -303,5 +328,27 @@ def register_buckets(graphs: list) -> list[FsdpBucket]:
         bucket.prev = out[-1] if out else None
         bucket.overlap = overlap
         out.append(bucket)
+    if len(graphs) == 1:
+        for bucket in _tail(graphs[0], out):
+            bucket.keep = True
     return out
+
+
+def _tail(gm, buckets: list[FsdpBucket]) -> list[FsdpBucket]:
+    """The buckets the backward needs first, kept gathered from the forward instead of gathered again.
+
+    The last block (fsdp_unit='block'; with 'param' units, the parameters after it only) and the parameters
+    gathered after it: the logits layer and the final norm, FSDP2's root, which it does not reshard after
+    the forward. Their re-gathers would come at the top of the backward, where nothing runs under them.
+    """
+    gathers = [n for n in gm.graph.nodes if n.target is torch.ops.fxpar.fsdp_all_gather.default]
+    infos = [get_info(n) for n in gathers]
+    blocks = [block_of(i.module_fqn) if i is not None else None for i in infos]
+    last = next((b for b in reversed(blocks) if b is not None), None)
+    if last is None:
+        return []  # no blocks: keeping every parameter is reshard_after_forward=False, not a tail
+    whole = infos[blocks.index(last)].fsdp_bucket is not None  # the last block gathered as one unit
+    start = blocks.index(last) if whole else len(blocks) - blocks[::-1].index(last)
+    shards = {id(attr_of(gm, n.args[0].target)) for n in gathers[start:]}
+    return [b for b in buckets if any(id(s) in shards for s in b.shards())]
 
