@@ -57,7 +57,7 @@ from fxpar.ops import collectives as C
 from fxpar.ops.overlap import start_all_gather, start_flat_all_gather, start_reduce_scatter, wait  # registers fxpar::fsdp_prefetch
 from fxpar.ops.transitions import collective_args
 from fxpar.runtime import fsdp_state
-from fxpar.runtime.fsdp_state import count_overlap, register_fsdp_bucket
+from fxpar.runtime.fsdp_state import count_overlap, fsdp_bucket_of, register_fsdp_bucket
 
 __all__ = ["FsdpBucket", "register_buckets", "drain", "begin_forward"]
 
@@ -90,6 +90,7 @@ class FsdpBucket:
         self.overlap = False  # the graph was scheduled for overlap: prefetch re-gathers, wait reduce-scatters late
         self._prefetch_prev = False  # re-gathered in this backward: prefetch `prev`'s re-gather (see `regather`)
         self.keep = False  # not resharded after the forward: autograd keeps the gathered parameters (`_tail`)
+        self.uses = 1  # gathers of the bucket per forward: more than one for a weight gathered once per use (tied)
 
     def shards(self) -> list[Tensor]:
         out = [r() for r in self._shards]
@@ -183,7 +184,14 @@ class FsdpBucket:
             wait(self._pending[1])  # a re-gather prefetched for a backward that did not come
             self._pending = None
         self._full = {i: (t, v) for i, (t, v) in enumerate(zip(self._gather_all("forward"), versions))}
-        return self._full.pop(index)[0]
+        full, version = self._full.pop(index)
+        if self.keep and self.uses > 1:
+            # a tied weight the backward needs first (GPT's wte / lm_head): the logits take the embedding's
+            # gather, as FSDP2 keeps its root gathered, instead of gathering it again at the end of the forward
+            # (kept alive until then; the peak is at the logits, where it is alive either way). A tensor of its
+            # own: each use's op output gets its own autograd history
+            self._full[index] = (full.detach(), version)
+        return full
 
     def saved(self) -> None:
         self._saved += 1
@@ -319,6 +327,7 @@ def register_buckets(graphs: list) -> list[FsdpBucket]:
             # a weight gathered once per use (tied, apply_fsdp: never in a block's group): its first use's
             # bucket of one takes every use, each use's gradient reduce-scattered as it comes
             assert len(shards) == 1, [node.target for _, node in members]
+            fsdp_bucket_of(shards[0])[0].uses += 1
             continue
         seen.update(id(s) for s in shards)
         bucket = FsdpBucket(shards, args, _gather_arg(members[0][1], "param_dtype"),
@@ -335,20 +344,17 @@ def register_buckets(graphs: list) -> list[FsdpBucket]:
 
 
 def _tail(gm, buckets: list[FsdpBucket]) -> list[FsdpBucket]:
-    """The buckets the backward needs first, kept gathered from the forward instead of gathered again.
+    """The buckets of the parameters gathered after the last block (the final norm, the logits layer): FSDP2's
+    root, which it does not reshard after the forward. The backward needs them first: re-gathered, they
+    would be gathered at the top of the backward with nothing to run under them.
 
-    The last block (fsdp_unit='block'; with 'param' units, the parameters after it only) and the parameters
-    gathered after it: the logits layer and the final norm, FSDP2's root, which it does not reshard after
-    the forward. Their re-gathers would come at the top of the backward, where nothing runs under them.
+    The last block itself is resharded (as FSDP2 does): kept, it was alive at the logits, the step's peak
+    (+3 MiB on benchmarks/overlap.py's GPT, over FSDP2's peak).
     """
     gathers = [n for n in gm.graph.nodes if n.target is torch.ops.fxpar.fsdp_all_gather.default]
-    infos = [get_info(n) for n in gathers]
-    blocks = [block_of(i.module_fqn) if i is not None else None for i in infos]
-    last = next((b for b in reversed(blocks) if b is not None), None)
+    blocks = [block_of(i.module_fqn) if (i := get_info(n)) is not None else None for n in gathers]
+    last = max((i for i, b in enumerate(blocks) if b is not None), default=None)
     if last is None:
         return []  # no blocks: keeping every parameter is reshard_after_forward=False, not a tail
-    whole = infos[blocks.index(last)].fsdp_bucket is not None  # the last block gathered as one unit
-    start = blocks.index(last) if whole else len(blocks) - blocks[::-1].index(last)
-    shards = {id(attr_of(gm, n.args[0].target)) for n in gathers[start:]}
+    shards = {id(attr_of(gm, n.args[0].target)) for n in gathers[last + 1:]}
     return [b for b in buckets if any(id(s) in shards for s in b.shards())]
-

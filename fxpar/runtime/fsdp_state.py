@@ -151,7 +151,8 @@ def fsdp_bucket_of(shard: Tensor) -> tuple | None:
 
 # Gathered FSDP parameters alive right now, for the runtime's memory accounting and for re-gathering
 # in the backward instead of keeping them (reshard_after_forward):
-# id(full) -> (weakref(full), shard, (dim, group_size, group_name, mesh_dim, uneven full size or None), bytes).
+# id(full) -> (weakref(full), shard, (dim, group_size, group_name, mesh_dim, uneven full size or None),
+# (storage pointer, storage bytes)).
 _gathered: dict[int, tuple] = {}
 
 
@@ -163,11 +164,19 @@ _peak = [0]
 _live = [0]
 
 
+# Tensors noted per storage: two tensors on one storage (a kept gather handed to a second use) count once.
+_storage_users: dict[int, int] = {}
+
+
 def _forget(key: int, ref: weakref.ref) -> None:
     entry = _gathered.get(key)
     if entry is not None and entry[0] is ref:  # not a newer tensor noted under a freed one's id
         del _gathered[key]
-        _live[0] -= entry[3]
+        ptr, nbytes = entry[3]
+        _storage_users[ptr] -= 1
+        if not _storage_users[ptr]:
+            del _storage_users[ptr]
+            _live[0] -= nbytes
 
 
 def note_gathered(full: Tensor, shard: Tensor, args: tuple) -> None:
@@ -177,9 +186,12 @@ def note_gathered(full: Tensor, shard: Tensor, args: tuple) -> None:
         return  # noted already (a full parameter handed out twice)
     if entry is not None:  # a freed tensor's id, its callback not run yet
         _forget(key, entry[0])
-    nbytes = full.numel() * full.element_size()
-    _gathered[key] = (weakref.ref(full, lambda ref: _forget(key, ref)), shard, args, nbytes)
-    _live[0] += nbytes
+    storage = full.untyped_storage()
+    ptr, nbytes = storage.data_ptr(), storage.nbytes()
+    _gathered[key] = (weakref.ref(full, lambda ref: _forget(key, ref)), shard, args, (ptr, nbytes))
+    _storage_users[ptr] = _storage_users.get(ptr, 0) + 1
+    if _storage_users[ptr] == 1:
+        _live[0] += nbytes
     if _live[0] > _peak[0]:
         _peak[0] = _live[0]
 
