@@ -30,6 +30,15 @@ before the next one is issued (one in flight, as FSDP2) or at the end of the bac
 and its result added into `.grad` in issue order, so sums are bit-equal to
 the waiting path.
 
+Every unit is a bucket: a block, or with fsdp_unit='param' one parameter (gathered in its own shape, no
+copy in or out), so both units get the backward prefetch (a parameter's re-gather is issued as the one
+after it is re-gathered, passing over those autograd did not save: biases) and the late-waited
+reduce-scatters. A weight gathered once per use (tied wte / lm_head) has one bucket for all its uses.
+
+What is gathered after the last block (the final norm, the logits layer: FSDP2's root) is kept from the
+forward to the backward instead of re-gathered at its top (`keep`, `_tail`), and a kept tied weight's
+later uses in the forward take its first use's gather.
+
 Uneven shards (a dim 0 that does not divide by fsdp) take their padded size
 ceil(rows / fsdp) in the flat buffer on every rank, so the buffer has one
 size on every rank (FSDP2's padded shards); gathering strips the padding,
