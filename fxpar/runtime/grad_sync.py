@@ -39,8 +39,9 @@ from fxpar.runtime.fsdp_state import fsdp_bucket_of
 
 __all__ = ["GradSync", "sync_data_grads", "take_shard_grad"]
 
-# Marked parameters of live GradSyncs, for the FSDP runtime's reduce-scatters:
-# id(param) -> (weakref(param), GradSync, its _Bucket).
+# Marked parameters of live GradSyncs, for the FSDP runtime's reduce-scatters, all weakly (a module
+# dropped without `remove` keeps nothing alive): id(param) -> (weakref(param), weakref(GradSync),
+# weakref(its _Bucket)).
 _marked: dict[int, tuple] = {}
 
 
@@ -51,7 +52,9 @@ def take_shard_grad(shard: torch.Tensor, grad: torch.Tensor) -> bool:
     entry = _marked.get(id(shard)) if _marked else None
     if entry is None or entry[0]() is not shard:
         return False
-    _, sync, bucket = entry
+    sync, bucket = entry[1](), entry[2]()
+    if sync is None or bucket is None:
+        return False
     sync._land(bucket, shard, grad)
     return True
 
@@ -86,7 +89,9 @@ class GradSync:
         self._handles = [p.register_hook(self._make_hook(b, p)) for b in self.buckets for p in b.params]
         for b in self.buckets:
             for p in b.params:
-                _marked[id(p)] = (weakref.ref(p), self, b)
+                key = id(p)
+                _marked[key] = (weakref.ref(p, lambda _, k=key: _marked.pop(k, None)), weakref.ref(self),
+                                weakref.ref(b))
 
     def _queue_finish(self) -> None:
         if not self._queued:
@@ -186,7 +191,7 @@ class GradSync:
         for b in self.buckets:
             for p in b.params:
                 entry = _marked.get(id(p))
-                if entry is not None and entry[1] is self:
+                if entry is not None and entry[1]() is self:
                     del _marked[id(p)]
 
 
