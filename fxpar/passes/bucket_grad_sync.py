@@ -18,6 +18,23 @@ backward, so communication overlaps the rest of the backward.
 Before:  %gradallreduce_w = fxpar.grad_all_reduce(%w, '1', 'dp')
          %linear = aten.linear(%x, %gradallreduce_w)
 After:   %linear = aten.linear(%x, %w)          # meta["fxpar"].grad_sync = GradSyncInfo(dims=("dp",), bucket=0)
+
+On a dp x fsdp (HSDP) mesh the f sits on the parameter's FSDP gather instead: its backward all-reduced
+the FULL gathered gradient over dp (fsdp times the bytes HSDP needs), and its forward, a clone, was what
+autograd saved, so the runtime never re-gathered those weights (`pack_gathered` matches the gathered
+tensor itself) and every block's full weights stayed alive from the forward to the backward. Both sums
+are linear, so the f moves off the gather onto the shard, as FSDP2's HSDP does: the gather's backward
+reduce-scatters over fsdp, and the runtime all-reduces the SHARD's gradient over dp (equal up to
+summation order). A gather with casts after it (apply_mixed_precision) or a tensor-parallel f of its
+own over it (sequence parallel) is the same chain; apply_mixed_precision cast such a parameter after
+its f, so once the f is gone the casts fold into the gather's param_dtype / reduce_dtype, as on fsdp
+alone (half the gathered bytes for bfloat16, and the gathered tensor is what autograd saves):
+
+Before:  %fsdpgather_w = fxpar.fsdp_all_gather(%w, 0, 2, '2', 'fsdp')
+         %gradallreduce_fsdpgather_w = fxpar.grad_all_reduce(%fsdpgather_w, '1', 'dp')
+         %linear = aten.linear(%x, %gradallreduce_fsdpgather_w)
+After:   %fsdpgather_w = fxpar.fsdp_all_gather(%w, 0, 2, '2', 'fsdp')
+         %linear = aten.linear(%x, %fsdpgather_w)    # %w: grad_sync = GradSyncInfo(dims=("dp",), bucket=0)
 """
 
 from __future__ import annotations
@@ -30,11 +47,54 @@ import torch.fx as fx
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.spec import GradSyncInfo, get_info, set_info
 from fxpar.ops.collectives import COLLECTIVE_OPS
-from fxpar.ops.transitions import collective_args
+from fxpar.ops.transitions import collective_args, set_fsdp_precision
 
 DATA_DIMS = ("dp", "fsdp", "ep")
 DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
 _F = torch.ops.fxpar.grad_all_reduce.default
+_GATHER = torch.ops.fxpar.fsdp_all_gather.default
+aten = torch.ops.aten  # ATen op names (aten._to_copy) are public op names, as in apply_mixed_precision
+
+
+def _synced_source(f: fx.Node) -> fx.Node | None:
+    """The parameter whose gradient the runtime may sum in place of the f `f`, or None.
+
+    Below `f` only other fs, then the parameter itself or its one FSDP gather: the gather's backward
+    (a reduce-scatter over fsdp) is linear and commutes with the sum over `f`'s dim, so the shard's
+    gradient summed after it is the same sum. Any other collective in between (a local slice for a
+    tensor-parallel use of a tied weight) reduces its own contribution already, and the runtime would
+    sum that part a second time.
+    """
+    base = f.args[0]
+    while base.op == "call_function" and base.target is _F:
+        base = base.args[0]
+    if base.op == "call_function" and base.target is _GATHER:
+        base = base.args[0]
+    return base if base.op == "get_attr" else None
+
+
+def _fold_casts(gather: fx.Node, reduce_dtype: torch.dtype | None) -> None:
+    """apply_mixed_precision's casts right after an FSDP gather (its f removed) -> the gather's own dtypes."""
+    users = list(gather.users)
+    if not users or len(gather.args) > 5 and gather.args[5] is not None:
+        return
+    dtypes = set()
+    for u in users:
+        info = get_info(u)
+        if u.target is not aten._to_copy.default or info is None or \
+                info.origin != "apply_mixed_precision" or set(u.kwargs) != {"dtype"}:
+            return
+        dtypes.add(u.kwargs["dtype"])
+    if len(dtypes) != 1:
+        return
+    dtype = dtypes.pop()
+    set_fsdp_precision(gather, param_dtype=dtype, reduce_dtype=reduce_dtype)
+    gather.meta["val"] = gather.meta["val"].to(dtype)
+    info = get_info(gather)
+    set_info(gather, dataclasses.replace(info, spec=dataclasses.replace(info.spec, dtype=dtype)))
+    for u in users:
+        u.replace_all_uses_with(gather)
+        gather.graph.erase_node(u)
 
 
 def _every_use_reduced(param: fx.Node, dim: str) -> bool:
@@ -66,28 +126,33 @@ def bucket_grad_sync(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         dim = collective_args(node)["mesh_dim"]
         if dim not in dims:
             continue
-        base, only_f = node.args[0], True
+        base = node.args[0]
         while base.op == "call_function" and base.target in COLLECTIVE_OPS:
-            only_f = only_f and base.target is _F
             base = base.args[0]
         if base.op == "get_attr":
-            groups.setdefault((base, dim), []).append((node, only_f))
+            groups.setdefault((base, dim), []).append((node, _synced_source(node) is base))
     # A parameter is synced by the runtime on a dim only if every f of it on that dim sits directly on
-    # it: an f behind another collective (a local slice for a tensor-parallel use of a tied weight)
-    # reduces its own contribution already, and the runtime would sum that part a second time.
+    # it or on its FSDP gather (`_synced_source`).
     # And only if every use of it goes through such an f: the runtime's hook sees the parameter's
     # whole gradient, and a use replicated on the dim (a tied lm_head after a gathered batch) already
     # gives every rank its full gradient, which the runtime would sum over the dim again.
     synced: dict[fx.Node, list[str]] = {}
+    gathers: set[fx.Node] = set()
     for (param, dim), fs in groups.items():
         if not all(only_f for _, only_f in fs) or not _every_use_reduced(param, dim):
             continue
         for node, _ in fs:
+            if node.args[0].target is _GATHER:
+                gathers.add(node.args[0])
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
         synced.setdefault(param, []).append(dim)
     if not synced:
         return PassResult(gm, False)
+    policy = ctx.options.get("mp_policy")
+    for gather in gathers:
+        if not any(u.target is _F for u in gather.users):  # every f on it gone (a tp one may stay)
+            _fold_casts(gather, getattr(policy, "reduce_dtype", None))
     # The backward produces gradients roughly in reverse order of first use.
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     first_use = {p: min(order[u] for u in p.users) for p in synced}

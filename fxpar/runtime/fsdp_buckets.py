@@ -67,6 +67,7 @@ from fxpar.ops.overlap import start_all_gather, start_flat_all_gather, start_red
 from fxpar.ops.transitions import collective_args
 from fxpar.runtime import fsdp_state
 from fxpar.runtime.fsdp_state import count_overlap, fsdp_bucket_of, register_fsdp_bucket
+from fxpar.runtime.grad_sync import take_shard_grad
 
 __all__ = ["FsdpBucket", "register_buckets", "drain", "begin_forward"]
 
@@ -277,6 +278,8 @@ class FsdpBucket:
             if i not in got:
                 continue
             part = local[o:o + k].view(self.padded[i])[:self.shapes[i][0]]
+            if take_shard_grad(shard, part):  # HSDP: runtime.grad_sync sums it over dp, then adds it into .grad
+                continue
             shard.grad = part.to(shard.dtype, copy=True) if shard.grad is None else shard.grad.add_(part)
 
 

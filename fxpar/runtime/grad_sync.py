@@ -12,10 +12,22 @@ of the backward and sets `.grad` to the set-aside gradient plus the sum. So a
 backward adds exactly the all-reduced gradient of this backward to `.grad`:
 gradient accumulation over several backwards stays exact, as with the
 per-parameter `grad_all_reduce` the pass replaced.
+
+HSDP (dp x fsdp): a marked FSDP shard whose block is gathered and
+reduce-scattered as one bucket (`fxpar.runtime.fsdp_buckets`) gets zeros from
+autograd; its real gradient is the block's reduce-scatter, which the FSDP
+runtime hands here (`take_shard_grad`) when it lands instead of adding it into
+`.grad`. That lands during the backward (or in the FSDP runtime's own end-of-
+backward callback), so the bucket is all-reduced over dp as soon as its shards
+are all in, and `_finish` runs once more at the end of the callbacks, after
+the FSDP runtime's. A shard gathered on its own (`fsdp_unit="param"`, a block
+of one parameter) gets its reduce-scattered gradient from autograd, as any
+parameter.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 
 import torch
@@ -23,8 +35,28 @@ import torch.distributed as dist
 
 from fxpar._torch.c10d import queue_autograd_callback, resolve_process_group
 from fxpar.ops.collectives import _record
+from fxpar.runtime.fsdp_state import fsdp_bucket_of
 
-__all__ = ["GradSync", "sync_data_grads"]
+__all__ = ["GradSync", "sync_data_grads", "take_shard_grad"]
+
+# Marked parameters of live GradSyncs, for the FSDP runtime's reduce-scatters, all weakly (a module
+# dropped without `remove` keeps nothing alive): id(param) -> (weakref(param), weakref(GradSync),
+# weakref(its _Bucket)).
+_marked: dict[int, tuple] = {}
+
+
+def take_shard_grad(shard: torch.Tensor, grad: torch.Tensor) -> bool:
+    """The FSDP runtime's reduce-scatter of `shard`'s gradient landed: True if a GradSync sums it over its
+    data-parallel dims first (and adds the sum into `.grad` at the end of the backward), False if the
+    caller adds it into `.grad` itself."""
+    entry = _marked.get(id(shard)) if _marked else None
+    if entry is None or entry[0]() is not shard:
+        return False
+    sync, bucket = entry[1](), entry[2]()
+    if sync is None or bucket is None:
+        return False
+    sync._land(bucket, shard, grad)
+    return True
 
 
 class _Bucket:
@@ -38,6 +70,8 @@ class _Bucket:
         self.flat: torch.Tensor | None = None
         self.got: set = set()
         self.before: dict = {}  # param -> its .grad from earlier backwards (accumulation)
+        self.landed: set = set()  # params whose gradient the FSDP runtime handed over (`take_shard_grad`)
+        self.late: list = []  # (param, gradient) landed after the bucket was issued: summed at the end
         self.work = None
 
 
@@ -51,13 +85,43 @@ class GradSync:
             grouped[(bucket, dims)].append(p)
         self.buckets = [_Bucket(ps, dims) for (_, dims), ps in sorted(grouped.items(), key=lambda kv: kv[0])]
         self._queued = False
+        self._deferred = False  # `_finish` re-queued behind the FSDP runtime's callbacks in this backward
         self._handles = [p.register_hook(self._make_hook(b, p)) for b in self.buckets for p in b.params]
+        for b in self.buckets:
+            for p in b.params:
+                key = id(p)
+                _marked[key] = (weakref.ref(p, lambda _, k=key: _marked.pop(k, None)), weakref.ref(self),
+                                weakref.ref(b))
+
+    def _queue_finish(self) -> None:
+        if not self._queued:
+            self._queued = True
+            queue_autograd_callback(self._finish)
+
+    def _land(self, bucket: _Bucket, param: torch.nn.Parameter, grad: torch.Tensor) -> None:
+        """An FSDP shard's reduce-scattered gradient (`take_shard_grad`): into its bucket; `.grad` untouched."""
+        self._queue_finish()
+        if bucket.work is not None:  # a second reduce-scatter of it after its bucket went: summed at the end
+            bucket.late.append((param, grad.to(param.dtype, copy=True)))
+            return
+        if bucket.flat is None:
+            bucket.flat = grad.new_empty(bucket.numel, dtype=param.dtype)
+        start, n = bucket.offsets[param]
+        slot = bucket.flat[start:start + n]
+        if param in bucket.got:
+            slot.add_(grad.reshape(-1))
+        else:
+            slot.copy_(grad.reshape(-1))
+            bucket.got.add(param)
+        bucket.landed.add(param)
+        if len(bucket.got) == len(bucket.params):
+            self._launch(bucket)
 
     def _make_hook(self, bucket: _Bucket, param: torch.nn.Parameter):
         def hook(grad: torch.Tensor) -> torch.Tensor:
-            if not self._queued:
-                self._queued = True
-                queue_autograd_callback(self._finish)
+            if fsdp_bucket_of(param) is not None:
+                return None  # the zeros the FSDP runtime gives a bucketed shard: its gradient lands in `_land`
+            self._queue_finish()
             if bucket.flat is None:
                 bucket.flat = grad.new_empty(bucket.numel)  # every slot is written before the all-reduce
             start, n = bucket.offsets[param]
@@ -88,6 +152,13 @@ class GradSync:
         bucket.work = works[-1]
 
     def _finish(self) -> None:
+        # FSDP shards' gradients land in the FSDP runtime's end-of-backward callbacks, all queued during the
+        # backward: run once more after them.
+        if not self._deferred and any(fsdp_bucket_of(p) is not None for b in self.buckets for p in b.params):
+            self._deferred = True
+            queue_autograd_callback(self._finish)
+            return
+        self._deferred = False
         # Buckets some of whose parameters got no gradient in this backward go now (the same on every
         # rank: every rank runs the same graph).
         for bucket in self.buckets:
@@ -100,16 +171,28 @@ class GradSync:
             for p in bucket.got:
                 start, n = bucket.offsets[p]
                 reduced = bucket.flat[start:start + n].view_as(p)
-                before = bucket.before.get(p)
+                # a landed shard's .grad is its earlier backwards' gradient plus autograd's zeros
+                before = p.grad if p in bucket.landed else bucket.before.get(p)
                 # one bucket's views share its buffer, which lives as long as any of them: it holds
                 # exactly the bucket's gradients
                 p.grad = reduced if before is None else before.add_(reduced)
+            for p, late in bucket.late:
+                for name in bucket.dims:
+                    _record("all_reduce", name, late, "backward")
+                    dist.all_reduce(late, group=resolve_process_group(self.mesh.group_name(self.mesh.index(name))))
+                p.grad = late if p.grad is None else p.grad.add_(late)
             bucket.flat, bucket.got, bucket.before, bucket.work = None, set(), {}, None
+            bucket.landed, bucket.late = set(), []
         self._queued = False
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+        for b in self.buckets:
+            for p in b.params:
+                entry = _marked.get(id(p))
+                if entry is not None and entry[1]() is self:
+                    del _marked[id(p)]
 
 
 def sync_data_grads(data_synced: list, mesh_info) -> None:
