@@ -105,6 +105,8 @@ _DIM_ARG = {  # ops that act along one dim given as an argument (position): fine
     fxp.reduce_scatter.default: (1,), fxp.all_to_all.default: (1, 2),
 }
 _DIMS_ARG = {aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default, aten.var.correction}
+_SYNC_COMMS = {fxp.all_gather.default, fxp.sp_all_gather.default, fxp.reduce_scatter.default, fxp.all_to_all.default}
+"""Collectives that communicate in the forward and have no issued form yet."""
 _SYM_OPS = {aten.sym_size.int, operator.mul, operator.add, operator.sub, operator.floordiv, operator.mod,
             operator.neg}
 
@@ -246,6 +248,10 @@ class _Split:
                 self.tainted.add(n)
         if not any(n.target is _ALL_REDUCE for n in self.region):
             return "no all-reduce in the batch-split region"
+        last = max(self.index[n] for n in self.region if n.target is _ALL_REDUCE)
+        for n in self.region:  # each would run once per chunk, waited where it stands: k times the calls, no overlap
+            if n.target in _SYNC_COMMS and self.index[n] < last:
+                return f"%{n.name} ({COLLECTIVE_OPS[n.target]}) is not issued async (sequence parallel)"
         for n in self.nodes:  # another collective would change its place among the split ones
             if n.op == "call_function" and n.target in COLLECTIVE_OPS and n not in self.region \
                     and n not in self.tainted:
@@ -403,6 +409,7 @@ class _Split:
                                     fx.node.map_arg(n.kwargs, look), name=f"{n.name}_c{c}")
                 new.meta = dict(n.meta)
                 _propagate(new, n, fake_mode, rows[c])
+                new.args = _sized(n, new.args)  # after the FakeTensor run: values hold global shapes
                 ce[n] = new
         joined: dict[fx.Node, fx.Node] = {}
 
@@ -421,6 +428,18 @@ class _Split:
             if n in self.tainted or n.op == "output":
                 env[n] = g.node_copy(n, join)
         return g
+
+
+def _sized(n: fx.Node, args: tuple) -> tuple:
+    """A view's -1 replaced by its local size where that is a constant: a chunk may be empty (a batch smaller
+    than the chunk count), and a view of 0 elements cannot infer a -1."""
+    info = get_info(n)
+    spec = info.spec if info is not None else None
+    if n.target not in _VIEWS or not isinstance(spec, TensorSpec) or -1 not in list(args[1]):
+        return args
+    sizes = [spec.local_shape[i] if s == -1 and isinstance(spec.local_shape[i], int) else s
+             for i, s in enumerate(args[1])]
+    return (args[0], sizes, *args[2:])
 
 
 def _flat(args: Any, kwargs: Any) -> list:
