@@ -8,8 +8,9 @@ chunks and replaces each chunk's all-reduce by two nodes:
     ... chunk 1 computes while chunk 0's sum is in flight ...
     %allreduce_linear_3_c0 = fxpar.ops.async_tp.wait_issued(%allreduce_start_linear_3_c0)     # wait
 
-`all_reduce_start` issues torch's functional `all_reduce` (a fresh output tensor,
-valid only after its wait) and returns it without waiting; the wait node calls torch's
+`all_reduce_start` issues c10d's `all_reduce(async_op=True)` on a copy of its input
+(valid only after its wait; the Work is registered for torch's functional
+`wait_tensor`) and returns it without waiting; the wait node calls torch's
 `wait_tensor` on it. The gradient dual is `fxpar::all_reduce`'s (DESIGN.md,
 Partial -> Replicate): identity, split over the two nodes (the issue's backward
 and `wait_tensor`'s are both the identity), so the gradients are those of the
@@ -26,7 +27,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fxpar._torch.c10d import functional
+import torch.distributed as dist
+
+from fxpar._torch.c10d import functional, register_work, resolve_process_group
 from fxpar.ops.collectives import COLLECTIVE_OPS, _record
 
 __all__ = ["ASYNC_OPS", "WAIT_OP", "all_reduce_start", "wait_issued"]
@@ -38,7 +41,10 @@ _c10d = functional
 def all_reduce_start(x: Tensor, group_name: str, mesh_dim: str) -> Tensor:
     """Partial -> Replicate, issued: the sum over the group, valid only after `wait_tensor`. Backward: identity."""
     _record("all_reduce", mesh_dim, x, "forward")
-    return _c10d.all_reduce(x.contiguous(), "sum", group_name)
+    out = x.clone(memory_format=torch.contiguous_format)
+    # c10d's async_op returns at once; the functional all_reduce (gloo, CPU) runs most of the collective first
+    register_work(out, dist.all_reduce(out, group=resolve_process_group(group_name), async_op=True))
+    return out
 
 
 @all_reduce_start.register_fake

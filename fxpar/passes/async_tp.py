@@ -51,8 +51,10 @@ Gated by the cost model (`fxpar.analysis.cost`): only when every all-reduce's
 chunk has at least `min_chunk_bytes` and the stage after it at least
 `min_chunk_flops` per chunk to hide it. Off with `overlap=False`, under
 `compile=True` (inductor schedules its own collectives), with pipelines,
-FSDP, activation checkpointing or offloading, and in graphs with another
-collective outside the split region (it would move).
+FSDP, activation checkpointing or offloading, with sequence parallel (its
+all-gathers and reduce-scatters have no issued form yet), and in graphs with
+a collective that does not depend on the batch (it would move before the split
+region).
 """
 
 from __future__ import annotations
@@ -101,8 +103,7 @@ _DIM_ARG = {  # ops that act along one dim given as an argument (position): fine
     aten.transpose.int: (1, 2), aten.softmax.int: (1,), aten._softmax.default: (1,), aten.log_softmax.int: (1,),
     aten._log_softmax.default: (1,), aten.slice.Tensor: (1,), aten.narrow.default: (1,), aten.select.int: (1,),
     aten.squeeze.dim: (1,), aten.cumsum.default: (1,),
-    fxp.all_gather.default: (1,), fxp.sp_all_gather.default: (1,), fxp.shard.default: (1,),
-    fxp.reduce_scatter.default: (1,), fxp.all_to_all.default: (1, 2),
+    fxp.shard.default: (1,),
 }
 _DIMS_ARG = {aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default, aten.var.correction}
 _SYNC_COMMS = {fxp.all_gather.default, fxp.sp_all_gather.default, fxp.reduce_scatter.default, fxp.all_to_all.default}
@@ -248,17 +249,14 @@ class _Split:
                 self.tainted.add(n)
         if not any(n.target is _ALL_REDUCE for n in self.region):
             return "no all-reduce in the batch-split region"
-        last = max(self.index[n] for n in self.region if n.target is _ALL_REDUCE)
-        for n in self.region:  # each would run once per chunk, waited where it stands: k times the calls, no overlap
+        last = max(self.index[n] for n in self.nodes if n.target is _ALL_REDUCE)
+        for n in self.nodes:  # the region would end there, the all-reduces after it unsplit
             if n.target in _SYNC_COMMS and self.index[n] < last:
-                return f"%{n.name} ({COLLECTIVE_OPS[n.target]}) is not issued async (sequence parallel)"
-        for n in self.nodes:  # another collective would change its place among the split ones
+                return f"%{n.name} ({COLLECTIVE_OPS[n.target]}) is not issued async yet (sequence parallel)"
+        for n in self.nodes:  # one independent of the batch would move before the split ones (an FSDP gather)
             if n.op == "call_function" and n.target in COLLECTIVE_OPS and n not in self.region \
                     and n not in self.tainted:
                 return f"collective %{n.name} outside the batch-split region"
-            if n in self.tainted and n.op == "call_function" and n.target in COLLECTIVE_OPS:
-                first = min((i for i in self.region if i.target is _ALL_REDUCE), key=self.index.__getitem__)
-                return f"collective %{n.name} after the region would move past %{first.name}"
         for n in self.region:
             if self._scalar(n) and any(u not in self.region for u in n.users) and \
                     not all(i in self.roots or (self._scalar(i) and i in self.region) for i in n.all_input_nodes):
@@ -297,6 +295,8 @@ class _Split:
         ndim = val.dim()
         if t in _POINTWISE:
             return all(self._broadcasts(x, ndim) for x in _flat(a, n.kwargs))
+        if t in _SYNC_COMMS:  # joined first: one collective on the whole batch (a logits gather at the end)
+            return False
         x0 = a[0] if a else None
         if not self._split_tensor(x0):
             if t is aten.embedding.default or t is fxp.vocab_parallel_embedding.default:
@@ -422,6 +422,10 @@ class _Split:
                 else:
                     joined[x] = _new(g, aten.cat.default, ([chunk_env[c][x] for c in range(self.k)], 0),
                                      f"{x.name}_joined", fake_mode, like=x, keep_val=True)
+                    info = get_info(joined[x])
+                    if info is not None and isinstance(info.spec, TensorSpec):  # cat keeps x's placements
+                        set_info(joined[x], dataclasses.replace(
+                            info, input_placements=(info.spec.placements,) * self.k, role="compute"))
             return joined[x]
 
         for n in self.nodes:
