@@ -89,6 +89,9 @@ def _split_vs_unsplit(plan_kwargs):
     out["same_order"] = all(k == keys for k in everyone)
     out["fwd_all_reduces"] = sum(s.direction == "forward" and s.op == "all_reduce" for s in sched)
     out["explain"] = [ln for ln in split.explain().splitlines() if "issued at %allreduce_start" in ln]
+    gm = split.graph_module
+    gm.graph.eliminate_dead_code()  # issued collectives are side-effecting: dead-code elimination keeps them
+    out["after_dce"] = (_count(split, START), _count(split, WAIT_OP))
     return out
 
 
@@ -104,7 +107,7 @@ def test_split_is_exact_and_communicates_the_same_bytes():
         assert split_bytes == plain_bytes, r["bytes"]  # the same bytes, in chunks
         split_calls, plain_calls = r["calls"]
         assert split_calls["forward", "all_reduce"] == 2 * plain_calls["forward", "all_reduce"], r["calls"]
-        assert r["same_order"] and r["fwd_all_reduces"] == 10, r
+        assert r["same_order"] and r["fwd_all_reduces"] == 10 and r["after_dce"] == (10, 10), r
         assert len(r["explain"]) == 10 and all("overlaps" in ln and "overlaps 0 ops" not in ln
                                                for ln in r["explain"][1:]), r["explain"]
 
@@ -169,3 +172,34 @@ def _benchmark_size_is_split():
 def test_default_gate_splits_the_benchmark_size():
     # benchmarks/overlap.py's GPT (here 2 of its 4 blocks): 512 KiB all-reduce chunks, 30+ MFLOP per chunk stage
     assert rank_pool(2).run(_benchmark_size_is_split) == [10, 10]
+
+
+class BatchCoupled(torch.nn.Module):
+    """A Megatron MLP, a step that mixes the rows of the batch, another Megatron MLP."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.up1, self.down1 = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+        self.up2, self.down2 = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        h = x + self.down1(torch.nn.functional.gelu(self.up1(x)))
+        h = h - h.mean(0, keepdim=True)  # couples the rows: the split must end here
+        return h + self.down2(torch.nn.functional.gelu(self.up2(h)))
+
+
+def _batch_coupled():
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    torch.manual_seed(0)
+    model = BatchCoupled().double()
+    x, y = torch.randn(6, 5, 16, dtype=torch.float64), torch.randn(6, 5, 16, dtype=torch.float64)
+    plan = {"up*": "colwise", "down*": "rowwise"}
+    pm = fxpar.parallelize(model, mesh, example_inputs=(x,), plan=plan, passes=_passes(), check=True)
+    fxpar.check(pm)
+    report = fxpar.verify(model, pm, x, target=y, loss_fn=torch.nn.functional.mse_loss, rtol=1e-10, atol=1e-12)
+    return _count(pm, START), _count(pm, ALL_REDUCE), report.ok, str(report.worst)
+
+
+def test_rows_mixed_by_an_op_end_the_split():
+    for starts, left, ok, worst in rank_pool(2).run(_batch_coupled):
+        assert starts == 2 and left == 1 and ok, (starts, left, worst)  # the first MLP split, the second not

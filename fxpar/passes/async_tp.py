@@ -268,7 +268,8 @@ class _Split:
         return isinstance(v, (torch.SymInt, int)) and not (size_expr(v).free_symbols & self.batch.free_symbols)
 
     def _scalar(self, n: fx.Node) -> bool:
-        return isinstance(n, fx.Node) and n.op == "call_function" and n.target in _SYM_OPS and isinstance(n.meta.get("val"), (torch.SymInt, int))
+        return isinstance(n, fx.Node) and n.op == "call_function" and n.target in _SYM_OPS \
+            and isinstance(n.meta.get("val"), (torch.SymInt, int))
 
     def _split_tensor(self, a: Any) -> bool:
         return isinstance(a, fx.Node) and a in self.region and isinstance(a.meta.get("val"), torch.Tensor)
@@ -293,6 +294,9 @@ class _Split:
             return False
         t, a = n.target, n.args
         ndim = val.dim()
+        if t not in _VIEWS and t is not aten.expand.default and \
+                any(self._batch_scalar(x) for x in _flat(a, n.kwargs)):
+            return False  # the batch size as a value (x / B): a chunk would use its own
         if t in _POINTWISE:
             return all(self._broadcasts(x, ndim) for x in _flat(a, n.kwargs))
         if t in _SYNC_COMMS:  # joined first: one collective on the whole batch (a logits gather at the end)
@@ -308,13 +312,13 @@ class _Split:
             return not self._any_split(*rest)
         if t in (aten.layer_norm.default, aten.rms_norm.default):
             return len(a[1]) < in_ndim and not self._any_split(*rest)
-        if t in _VIEWS:
-            return _dim0(x0.meta["val"]) == self.batch and all(self._scalar(s) or not isinstance(s, fx.Node)
-                                                                or s not in self.region for s in a[1])
+        if t in _VIEWS:  # the chunk's rows at index 0 of the size (or -1); every other size the same per chunk
+            return _dim0(x0.meta["val"]) == self.batch and self._sizes_follow(a[1])
         if t in _DIM_ARG:
             dims = [a[p] if p < len(a) else None for p in _DIM_ARG[t]]
             return all(isinstance(d, int) and _norm(d, in_ndim) != 0 for d in dims) \
-                and not self._any_split(a[1:], n.kwargs, scalars_ok=True)
+                and not self._any_split(a[1:], n.kwargs, scalars_ok=True) \
+                and not any(self._batch_scalar(x) for x in _flat(a[1:], n.kwargs))
         if t is aten.permute.default:
             return _norm(a[1][0], in_ndim) == 0
         if t is aten.unsqueeze.default:
@@ -324,7 +328,7 @@ class _Split:
             return isinstance(dims, (list, tuple)) and len(dims) > 0 and \
                 all(_norm(d, in_ndim) != 0 for d in dims)
         if t is aten.expand.default:
-            return self._scalar_or_const(a[1][0]) and _dim0(x0.meta["val"]) == self.batch
+            return _dim0(x0.meta["val"]) == self.batch and self._sizes_follow(a[1])
         if t is aten.scaled_dot_product_attention.default:
             q, k, v = a[:3]
             mask = a[3] if len(a) > 3 else n.kwargs.get("attn_mask")
@@ -333,13 +337,23 @@ class _Split:
                 (mask is None or self._split_tensor(mask) or self._broadcasts(mask, 4))
         if t is aten.dropout.default:
             return a[1] == 0.0 or not a[2]
-        if t is aten.matmul.default:
+        if t is aten.matmul.default:  # dim 0 a batch dim of both, or a weight: never contracted over
             other = a[1].meta.get("val") if isinstance(a[1], fx.Node) else None
-            return self._split_tensor(a[1]) or (isinstance(other, torch.Tensor) and other.dim() <= 2)
+            if not isinstance(other, torch.Tensor) or in_ndim < 2:
+                return False
+            if self._split_tensor(a[1]):
+                return in_ndim >= 3 and other.dim() == in_ndim
+            return other.dim() <= 2
         return False
 
-    def _scalar_or_const(self, s: Any) -> bool:
-        return not isinstance(s, fx.Node) or self._scalar(s)
+    def _batch_scalar(self, x: Any) -> bool:
+        """A size derived from the batch (the chunk's rows in a copy)."""
+        return isinstance(x, fx.Node) and x in self.region and self._scalar(x) and not self._batch_free_scalar(x)
+
+    def _sizes_follow(self, sizes: Any) -> bool:
+        """A view / expand size list: no split tensor in it, and a batch-derived size at index 0 only."""
+        return isinstance(sizes, (list, tuple)) and len(sizes) > 0 and \
+            not any(self._split_tensor(s) for s in sizes) and not any(self._batch_scalar(s) for s in sizes[1:])
 
     def _any_split(self, args: Any, kwargs: Any = None, *, scalars_ok: bool = False) -> bool:
         return any(self._split_tensor(x) or (not scalars_ok and isinstance(x, fx.Node) and x in self.region
