@@ -108,6 +108,8 @@ _DIM_ARG = {  # ops that act along one dim given as an argument (position): fine
 _DIMS_ARG = {aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default, aten.var.correction}
 _SYNC_COMMS = {fxp.all_gather.default, fxp.sp_all_gather.default, fxp.reduce_scatter.default, fxp.all_to_all.default}
 """Collectives that communicate in the forward and have no issued form yet."""
+_HEAVY = {aten.linear.default, aten.matmul.default, aten.scaled_dot_product_attention.default}
+"""The ops whose FLOPs the gate counts as work to overlap."""
 _SYM_OPS = {aten.sym_size.int, operator.mul, operator.add, operator.sub, operator.floordiv, operator.mod,
             operator.neg}
 
@@ -121,7 +123,7 @@ class AsyncTP:
         min_chunk_bytes: smallest all-reduce chunk worth splitting for (below it, the collective's
             fixed latency dominates and k calls cost more than one).
         min_chunk_flops: smallest compute per chunk and stage that must be there to hide a chunk's
-            all-reduce (matmul FLOPs and elementwise work, `fxpar.analysis.cost.node_cost`).
+            all-reduce (matmul and attention FLOPs, `fxpar.analysis.cost.node_cost`).
     """
 
     chunks: int = 2
@@ -369,11 +371,12 @@ class _Split:
         return [(n, evaluate(node_cost(n).comm_bytes, hints)) for n in self._async()]
 
     def stage_costs(self, hints: dict) -> list[float]:
-        """FLOPs of the split region per stage (the nodes between two consecutive all-reduces)."""
+        """Matmul and attention FLOPs of the split region per stage (between two consecutive all-reduces):
+        the work that can hide a chunk's all-reduce (a norm or a bias add alone is too short to)."""
         cuts = [self.index[n] for n in self._async()]
         out = [0.0] * (len(cuts) + 1)
         for n in self.region:
-            if n.op == "call_function" and n.target not in COLLECTIVE_OPS:
+            if n.op == "call_function" and n.target in _HEAVY:
                 out[sum(c < self.index[n] for c in cuts)] += evaluate(node_cost(n).flops, hints)
         return out
 
