@@ -203,3 +203,23 @@ def _batch_coupled():
 def test_rows_mixed_by_an_op_end_the_split():
     for starts, left, ok, worst in rank_pool(2).run(_batch_coupled):
         assert starts == 2 and left == 1 and ok, (starts, left, worst)  # the first MLP split, the second not
+
+
+def test_ranks_agree_statically_and_a_rank_with_another_order_is_caught():
+    from fxpar.testing.simulate import SimWorld
+
+    world = SimWorld({"tp": 2})
+    model = build(TINY).double()
+    ids, _ = batch(TINY)
+    pms = world.parallelize(model, example_inputs=(ids,), passes=_passes())
+    assert [_count(pm, START) for pm in pms] == [10, 10]
+    fxpar.check(pms[0], ranks=pms)  # the same collectives in the same order on every rank, without running
+    with torch.no_grad():
+        ref = model(ids)
+        assert all(_rel(out, ref) < 1e-10 for out in world.run(lambda r: pms[r](ids)))
+    starts = [n for n in pms[1].graph_module.graph.nodes if n.target is START]
+    starts[3].append(starts[2])  # rank 1 issues chunk 1's all-reduce before chunk 0's
+    pms[1].graph_module.recompile()
+    with pytest.raises(fxpar.GraphInvariantError, match="issue different collectives") as e:
+        fxpar.check(pms[0], ranks=pms)
+    assert "allreduce_start_linear_3_nobias_c0" in str(e.value), str(e.value)
