@@ -76,10 +76,9 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
         overlap: with fsdp, issue each block's gather during the block before it, re-gather the
             block before during each block's backward, and wait each reduce-scatter one block late
             (`fxpar.passes.schedule_overlap`); False gathers and reduces where each value is used.
-            Results are bit-equal either way. With tp (eager, where the cost model says it pays), the
-            batch runs in 2 chunks whose all-reduces are issued async, each under the other chunk's
-            compute (`fxpar.passes.async_tp`); False keeps one all-reduce per value, waited where
-            issued. Equal to float64 rounding (each row computed by the same ops).
+            Results are bit-equal either way. With tp, `fxpar.passes.AsyncTP()` in `passes=` (off in
+            the default pipeline) runs the batch in 2 chunks whose all-reduces are issued async, each
+            under the other chunk's compute; overlap=False turns that off too.
 
         loss_fn: capture `loss_fn(model(*inputs), target)` into the graph, so the passes see the loss:
             cross-entropy on a vocab-sharded head then runs on vocab shards (`Plan(loss_parallel=)`),

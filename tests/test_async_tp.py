@@ -144,7 +144,9 @@ def _gate_and_switches():
     model = build(TINY).double()
     ids, _ = batch(TINY)
     return {
-        "default_gate": _count(fxpar.parallelize(model, mesh, example_inputs=(ids,)), START),
+        "default": _count(fxpar.parallelize(model, mesh, example_inputs=(ids,)), START),
+        "default_gate": _count(fxpar.parallelize(model, mesh, example_inputs=(ids,), passes=_passes(P.AsyncTP())),
+                               START),
         "overlap_false": _count(fxpar.parallelize(model, mesh, example_inputs=(ids,), passes=_passes(),
                                                   overlap=False), START),
         "compiled": _count(fxpar.parallelize(model, mesh, example_inputs=(ids,), passes=_passes(),
@@ -158,20 +160,25 @@ def _gate_and_switches():
 
 def test_gate_and_switches():
     for r in rank_pool(2).run(_gate_and_switches):
-        # 4 x 16 tokens of width 64: 4 KiB chunks, under the default min_chunk_bytes: not worth splitting
-        assert r == {"default_gate": 0, "overlap_false": 0, "compiled": 0, "forced": 10, "one_chunk": 0}, r
+        # default pipeline: off; AsyncTP()'s gate: 4 x 16 tokens of width 64 are 4 KiB chunks, under
+        # min_chunk_bytes, not worth splitting
+        assert r == {"default": 0, "default_gate": 0, "overlap_false": 0, "compiled": 0, "forced": 10,
+                     "one_chunk": 0}, r
 
 
 def _benchmark_size_is_split():
     mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
     cfg = ModelConfig("gpt2", layers=2, dim=256, heads=8, hidden=1024, vocab=1024, batch=8, seq=128)
-    pm = fxpar.parallelize(build(cfg), mesh, example_inputs=(batch(cfg)[0],))
-    return _count(pm, START)
+    ids = batch(cfg)[0]
+    on = fxpar.parallelize(build(cfg), mesh, example_inputs=(ids,), passes=_passes(P.AsyncTP()))
+    default = fxpar.parallelize(build(cfg), mesh, example_inputs=(ids,))
+    return _count(on, START), _count(default, START)
 
 
 def test_default_gate_splits_the_benchmark_size():
-    # benchmarks/overlap.py's GPT (here 2 of its 4 blocks): 512 KiB all-reduce chunks, 30+ MFLOP per chunk stage
-    assert rank_pool(2).run(_benchmark_size_is_split) == [10, 10]
+    # benchmarks/overlap.py's GPT (here 2 of its 4 blocks): 512 KiB all-reduce chunks, 30+ MFLOP per chunk
+    # stage, split by AsyncTP()'s default gate; the default pipeline leaves it unsplit (async_tp is off)
+    assert rank_pool(2).run(_benchmark_size_is_split) == [(10, 0), (10, 0)]
 
 
 class BatchCoupled(torch.nn.Module):

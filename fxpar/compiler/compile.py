@@ -77,7 +77,7 @@ def default_passes(plan: Plan | None = None) -> list:
         P.bucket_grad_sync,
         P.shard_parameters,
         P.schedule_overlap,  # a no-op without fsdp (or with offload_policy)
-        P.async_tp,  # tp all-reduces overlapped across batch chunks; off under compile=True
+        P.async_tp,  # off (chunks=1) until measured faster; AsyncTP() splits the batch for tp overlap
         P.offload_parameters,  # a no-op without offload_policy
         P.split_stages,  # a no-op without a pipeline
         P.checkpoint_activations,  # a no-op without activation_checkpointing; per stage in a pipeline

@@ -47,9 +47,10 @@ all-reduce's backward is the identity, as `fxpar.all_reduce`'s); every rank has
 the same graph, so the same collectives in the same order; the bytes communicated
 are the same, in k times as many collectives for those inside the split region.
 
-Gated by the cost model (`fxpar.analysis.cost`): only when every all-reduce's
-chunk has at least `min_chunk_bytes` and the stage after it at least
-`min_chunk_flops` per chunk to hide it. Off with `overlap=False`, under
+Off in the default pipeline (`async_tp` has chunks=1: not measured faster yet, see
+there); `AsyncTP()` turns it on. Gated by the cost model (`fxpar.analysis.cost`):
+only when every all-reduce's chunk has at least `min_chunk_bytes` and the stage
+after it at least `min_chunk_flops` per chunk to hide it. Off with `overlap=False`, under
 `compile=True` (inductor schedules its own collectives), with pipelines,
 FSDP, activation checkpointing or offloading, with sequence parallel (its
 all-gathers and reduce-scatters have no issued form yet), and in graphs with
@@ -116,7 +117,7 @@ _SYM_OPS = {aten.sym_size.int, operator.mul, operator.add, operator.sub, operato
 
 @dataclass(frozen=True)
 class AsyncTP:
-    """The pass, with its options (`async_tp` is the default instance).
+    """The pass, with its options (`async_tp`, the default pipeline's instance, is off: chunks=1).
 
     Attributes:
         chunks: batch chunks k (each all-reduce becomes k, of 1/k of the bytes).
@@ -164,7 +165,11 @@ class AsyncTP:
         return None
 
 
-async_tp = AsyncTP()
+async_tp = AsyncTP(chunks=1)
+"""The default pipeline's instance: off. Measured on 2 gloo ranks (benchmarks/overlap.py's GPT, interleaved,
+a loaded 2-core machine) the split forward was within noise of the unsplit one and the training step about 10%
+slower (k times the backward all-reduces, 2x the autograd nodes). Turn it on with
+`passes=[AsyncTP() if p is async_tp else p for p in fxpar.default_passes()]`."""
 
 
 def _off_reason(gm: fx.GraphModule, ctx: PassContext) -> str | None:
