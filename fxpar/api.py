@@ -76,7 +76,9 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
         overlap: with fsdp, issue each block's gather during the block before it, re-gather the
             block before during each block's backward, and wait each reduce-scatter one block late
             (`fxpar.passes.schedule_overlap`); False gathers and reduces where each value is used.
-            Results are bit-equal either way.
+            Results are bit-equal either way. With tp, `fxpar.passes.AsyncTP()` in `passes=` (off in
+            the default pipeline) runs the batch in 2 chunks whose all-reduces are issued async, each
+            under the other chunk's compute; overlap=False turns that off too.
 
         loss_fn: capture `loss_fn(model(*inputs), target)` into the graph, so the passes see the loss:
             cross-entropy on a vocab-sharded head then runs on vocab shards (`Plan(loss_parallel=)`),

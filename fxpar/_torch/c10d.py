@@ -7,7 +7,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives  # noqa: F401  (marks wait_tensor side-effecting for DCE)
-from torch._C._distributed_c10d import _create_work_from_future, _register_process_group, _unregister_process_group
+from torch._C._distributed_c10d import (_create_work_from_future, _register_process_group, _register_work,
+                                        _unregister_process_group)
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "register_process_group",
     "unregister_process_group",
     "work_from_future",
+    "register_work",
     "queue_autograd_callback",
 ]
 
@@ -53,6 +55,15 @@ def work_from_future(future) -> dist.Work:
 
     Waits for: a public Work constructor."""
     return _create_work_from_future(future)
+
+
+def register_work(tensor: torch.Tensor, work: dist.Work) -> None:
+    """Makes `functional.wait_tensor(tensor)` wait on `work` (an `async_op=True` collective writing `tensor`).
+
+    gloo's functional `all_reduce` on CPU does not return before the collective has mostly run; c10d's
+    `all_reduce(async_op=True)` does, and this hands its Work to the functional wait.
+    Waits for: a public way to wrap a Work as a functional collective's pending tensor."""
+    _register_work(tensor, work)
 
 
 def queue_autograd_callback(fn: Callable[[], None]) -> None:

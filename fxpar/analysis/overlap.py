@@ -24,6 +24,14 @@ issue node (its waits communicate nothing) and the other FSDP gathers where
 they stand, so the static cross-rank check and the run-time fingerprint
 compare the reordered order (two blocks' gathers have the same shapes: only
 the order tells them apart).
+
+Issued tensor-parallel all-reduces (`fxpar.all_reduce_start`, `fxpar.passes.async_tp`)
+are checked by `check_async`: each has exactly one user, its wait
+(`fxpar.ops.async_tp.wait_issued`), and every wait waits on an issued
+collective; so no op reads a sum still in flight, and the wait precedes every
+use of the value (graph order). The issue node is one of `COLLECTIVE_OPS` (an
+all_reduce): the fingerprint lists it where it is issued, so the cross-rank
+check compares the interleaved order.
 """
 
 from __future__ import annotations
@@ -35,11 +43,12 @@ import torch.fx as fx
 
 from fxpar.core.errors import GraphInvariantError, node_context
 from fxpar.core.fmt import fmt_bytes
-from fxpar.core.spec import get_info
+from fxpar.core.spec import get_info, size_hint
+from fxpar.ops.async_tp import ASYNC_OPS, WAIT_OP
 from fxpar.ops.overlap import ISSUE_OPS
 
 __all__ = ["issue_nodes", "issued_waits", "unit_bytes", "in_flight_peak", "in_flight_estimate", "check_overlap",
-           "overlap_lines", "is_wait", "check_issue_waits"]
+           "overlap_lines", "is_wait", "check_issue_waits", "check_async", "async_issues"]
 
 _GATHER = torch.ops.fxpar.fsdp_all_gather.default
 
@@ -164,6 +173,7 @@ def check_overlap(gm: fx.GraphModule) -> None:
         GraphInvariantError: naming the issue or wait node at fault and the fix.
     """
     check_issue_waits(gm)
+    check_async(gm)
     issues = issue_nodes(gm)
     if not issues:
         return
@@ -198,11 +208,89 @@ def check_overlap(gm: fx.GraphModule) -> None:
             f"{fmt_bytes(bound)} (the waiting schedule's peak plus one unit): a unit is issued more than one unit early{fix}")
 
 
+def async_issues(gm: fx.GraphModule) -> list[fx.Node]:
+    """The issued tp collectives of `gm` (`fxpar.all_reduce_start`), in graph order."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ASYNC_OPS]
+
+
+def check_async(gm: fx.GraphModule) -> None:
+    """Every issued tp collective is read by its one wait only, and every wait waits on an issued collective.
+
+    Raises:
+        GraphInvariantError: naming the node that reads a value in flight (or the wait at fault) and the fix.
+    """
+    fix = "; rerun fxpar.passes.async_tp on the graph before it, or pass overlap=False"
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is WAIT_OP:
+            src = node.args[0] if node.args else None
+            if not isinstance(src, fx.Node) or src.target not in ASYNC_OPS:
+                raise GraphInvariantError(f"{node_context(node)}: waits on {src}, which is not an issued collective{fix}")
+            continue
+        if node.target not in ASYNC_OPS:
+            continue
+        waits = [u for u in node.users if u.target is WAIT_OP]
+        early = [u for u in node.users if u.target is not WAIT_OP]
+        if early:
+            where = f"before its wait %{waits[0].name}" if waits else "which is never waited"
+            raise GraphInvariantError(f"{node_context(early[0])}: reads %{node.name}, an all-reduce still in flight "
+                                      f"({where}); read the wait's value instead{fix}")
+        if len(waits) != 1:
+            raise GraphInvariantError(f"{node_context(node)}: issued collective with {len(waits)} waits (expected "
+                                      f"1){fix}")
+
+
+def _compute_between(nodes: list[fx.Node], start: int, end: int) -> tuple[list[fx.Node], str]:
+    """The ops strictly between two positions and the modules they belong to (for explain)."""
+    compute = [n for n in nodes[start + 1:end] if n.op == "call_function" and n.target is not _GATHER
+               and n.target not in ISSUE_OPS and n.target not in ASYNC_OPS and n.target is not WAIT_OP]
+    modules: list[str] = []
+    for n in compute:
+        info = get_info(n)
+        fqn = info.module_fqn if info is not None and info.module_fqn else "<root>"
+        if fqn not in modules:
+            modules.append(fqn)
+    shown = ", ".join(modules[:4]) + (f", ... ({len(modules)} modules)" if len(modules) > 4 else "")
+    return compute, shown or "nothing"
+
+
+def _async_lines(gm: fx.GraphModule) -> list[str]:
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    out = []
+    for issue in async_issues(gm):
+        wait = next(iter(issue.users))
+        compute, shown = _compute_between(nodes, order[issue], order[wait])
+        a = dict(zip(("x", "group_name", "mesh_dim"), issue.args))
+        src = issue.args[0].meta.get("val") if isinstance(issue.args[0], fx.Node) else None
+        nbytes = _local_bytes(issue.args[0]) if isinstance(issue.args[0], fx.Node) else 0
+        out.append(f"  {ASYNC_OPS[issue.target]}({a.get('mesh_dim')}) of %{issue.args[0].name} ({fmt_bytes(nbytes)}) "
+                   f"issued at %{issue.name}, waited at %{wait.name}: overlaps {len(compute)} ops of {shown}"
+                   if src is not None else f"  %{issue.name}: waited at %{wait.name}")
+    return out
+
+
+def _local_bytes(node: fx.Node) -> int:
+    info = get_info(node)
+    spec = info.spec if info is not None else None
+    if spec is not None and hasattr(spec, "local_shape"):
+        numel = 1
+        for s in spec.local_shape:
+            numel *= size_hint(s)
+        return numel * spec.dtype.itemsize
+    return _bytes(node)
+
+
 def overlap_lines(gm: fx.GraphModule) -> list[str]:
-    """explain(): for each issue node, the gather it starts and the computation it runs under."""
+    """explain(): for each issue node, the collective it starts and the computation it runs under."""
     issues = issue_nodes(gm)
+    tp = _async_lines(gm)
+    if tp:
+        tp = ["", "Tensor-parallel overlap (fxpar.passes.async_tp: the batch in chunks, each chunk's all-reduce "
+                  "issued async; overlap=False to turn off):", *tp]
     if not issues:
-        return []
+        return tp
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     nodes = list(gm.graph.nodes)
     out = ["", "Overlap (fxpar.passes.schedule_overlap; overlap=False to turn off):"]
@@ -227,4 +315,4 @@ def overlap_lines(gm: fx.GraphModule) -> list[str]:
                "each reduce-scatter waited one block late")
     peak, _ = in_flight_peak(gm)
     out.append(f"  gathered parameters in flight: peak {fmt_bytes(peak)} (estimate {fmt_bytes(in_flight_estimate(gm))})")
-    return out
+    return out + tp

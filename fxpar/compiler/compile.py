@@ -77,6 +77,7 @@ def default_passes(plan: Plan | None = None) -> list:
         P.bucket_grad_sync,
         P.shard_parameters,
         P.schedule_overlap,  # a no-op without fsdp (or with offload_policy)
+        P.async_tp,  # off (chunks=1) until measured faster; AsyncTP() splits the batch for tp overlap
         P.offload_parameters,  # a no-op without offload_policy
         P.split_stages,  # a no-op without a pipeline
         P.checkpoint_activations,  # a no-op without activation_checkpointing; per stage in a pipeline
@@ -179,7 +180,7 @@ def compile_model(model: nn.Module, mesh: Any, mesh_info: MeshInfo, *, example_i
     options = {"input_layout": input_layout, "pp": pp_info, "fsdp_unit": fsdp_unit, "mp_policy": mp_policy,
                "activation_checkpointing": activation_checkpointing,
                "batch_norm_per_microbatch": batch_norm_per_microbatch, "overlap": overlap,
-               "offload_policy": offload_policy}
+               "offload_policy": offload_policy, "compile": backend}
     ctx = PassContext(mesh=spmd_info, plan=plan, device_mesh=spmd_mesh, options=options)
     manager = PassManager(passes if passes is not None else default_passes(plan), check=check, dump_dir=dump_dir)
     gm = manager.run(gm, ctx)

@@ -4,12 +4,13 @@ One public pass per module, named like the module. The default pipeline, in
 data-flow order: fuse_experts -> shard_inputs -> annotate_parameters -> unflatten_heads -> apply_fsdp ->
 split_linear_bias -> decompose_loss -> propagate_sharding -> insert_collectives ->
 apply_mixed_precision -> localize_shapes -> bucket_grad_sync -> shard_parameters -> schedule_overlap ->
-offload_parameters -> split_stages -> checkpoint_activations.
+async_tp -> offload_parameters -> split_stages -> checkpoint_activations.
 """
 
 from fxpar.passes.annotate_parameters import annotate_parameters
 from fxpar.passes.apply_fsdp import apply_fsdp
 from fxpar.passes.apply_mixed_precision import apply_mixed_precision
+from fxpar.passes.async_tp import AsyncTP, async_tp
 from fxpar.passes.bucket_grad_sync import bucket_grad_sync
 from fxpar.passes.checkpoint_activations import checkpoint_activations
 from fxpar.passes.decompose_loss import decompose_loss
@@ -41,6 +42,8 @@ __all__ = [
     "localize_shapes",
     "shard_parameters",
     "schedule_overlap",
+    "async_tp",
+    "AsyncTP",
     "offload_parameters",
     "split_stages",
 ]
