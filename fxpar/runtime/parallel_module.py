@@ -26,6 +26,7 @@ from fxpar.core.mesh import MeshInfo
 from fxpar.core.spec import TensorSpec, get_info, get_spec, uncut_steps
 from fxpar.ops.collectives import _all_gather
 from fxpar.ops.traceable import traceable_graph_module
+from fxpar.ops.traceable_fsdp import fsdp_group_names, reshard_fsdp_gathers, traceable_fsdp_graph_module
 from fxpar.ops.transitions import inference_graph_module
 from fxpar.runtime.checkpointing import checkpointed_graph_module
 from fxpar.runtime.agreement import check_same_inputs
@@ -44,6 +45,19 @@ INDUCTOR_OPTIONS = {"reorder_for_compute_comm_overlap": True,
 config): its scheduler issues each collective as early and waits as late as the dependencies allow, and
 runs independent compute between (`fxpar._torch.inductor.overlap_comms`: in a tp backward, each block's
 weight-gradient matmuls run while its input gradient's all-reduce is in flight)."""
+
+
+class _Resharded:
+    """A compiled graph with FSDP units, compiled (on its first call, and on any recompile) with their
+    gathers tagged for AOT autograd's partitioner: re-gathered in the backward (reshard_after_forward)
+    or saved."""
+
+    def __init__(self, compiled: Any, groups: set[str], reshard: bool) -> None:
+        self.compiled, self.groups, self.reshard = compiled, groups, reshard
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with reshard_fsdp_gathers(self.groups, reshard=self.reshard):
+            return self.compiled(*args, **kwargs)
 
 
 class ParallelModule(nn.Module):
@@ -139,13 +153,18 @@ class ParallelModule(nn.Module):
         """torch.compile of one of this rank's graphs, built once per graph (recompiled per input shape).
 
         What is compiled is the graph with its tp collectives lowered to torch's functional collectives
-        (`traceable_graph_module`): inductor sees each issue and its wait, fuses around them and may move
-        the waits."""
+        (`traceable_graph_module`) and its FSDP gathers to one functional all-gather per unit
+        (`traceable_fsdp_graph_module`): inductor sees each issue and its wait, fuses around them and may move
+        them."""
         cache = self.__dict__.setdefault("_compiled_graphs", {})
         entry = cache.get(id(graph))
         if entry is None or entry[0] is not graph:
-            compiled = torch.compile(traceable_graph_module(graph), backend=self.compile_backend, dynamic=False,
+            lowered = traceable_fsdp_graph_module(traceable_graph_module(graph))
+            compiled = torch.compile(lowered, backend=self.compile_backend, dynamic=False,
                                      options=self.compile_options or None)
+            groups = fsdp_group_names(lowered)
+            if groups:  # FSDP units (fxpar.ops.traceable_fsdp): re-gathered in the backward, not saved
+                compiled = _Resharded(compiled, groups, self.reshard_after_forward)
             entry = cache[id(graph)] = (graph, compiled)
         return entry[1]
 
