@@ -7,8 +7,8 @@ import torch
 
 import fxpar
 from fxpar.ops.traceable import traceable_graph_module
-from fxpar.ops.traceable_fsdp import (fsdp_gather_unit, fsdp_group_names, fsdp_units_of, reshard_fsdp_gathers,
-                                      traceable_fsdp_graph_module)
+from fxpar.ops.traceable_fsdp import (fsdp_gather_unit, fsdp_group_names, fsdp_units_of, prefetch_fsdp_gathers,
+                                      reshard_fsdp_gathers, traceable_fsdp_graph_module)
 from fxpar.testing import rank_pool
 from tests.models import BlockStack, mse
 
@@ -67,7 +67,7 @@ def test_compiled_fsdp_equals_eager_and_unsplit(shape, names, backend, dim, mp):
 
 def _compiler_graphs(reshard: bool):
     """Forward and backward graphs AOT autograd hands the compiler for this rank's lowered fsdp graph."""
-    from functorch.compile import make_boxed_func
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
 
     mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (2,), mesh_dim_names=("fsdp",))
@@ -79,13 +79,19 @@ def _compiler_graphs(reshard: bool):
     left = [str(n.target) for n in lowered.graph.nodes if str(n.target).startswith("fxpar.fsdp")]
     calls = sum(n.target is fsdp_gather_unit for n in lowered.graph.nodes)
     kept = lowered.graph.eliminate_dead_code() is False
-    graphs = []
+    graphs, moved = [], []
 
     def keep(gm, example_inputs):
         graphs.append(gm)
+        # the post-grad pass inductor runs (here on aot_eager's graphs, which then run: exactness covers it)
+        moved.append(prefetch_fsdp_gathers(gm.graph, fsdp_group_names(lowered)))
+        gm.graph.lint()
+        gm.recompile()
         return make_boxed_func(gm)
 
-    compiled = torch.compile(lowered, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), dynamic=False)
+    # inductor's partitioner (min-cut): it puts each recomputed gather right before its use
+    backend = aot_autograd(fw_compiler=keep, bw_compiler=keep, partition_fn=min_cut_rematerialization_partition)
+    compiled = torch.compile(lowered, backend=backend, dynamic=False)
     with reshard_fsdp_gathers(fsdp_group_names(lowered), reshard=reshard):
         loss = mse(compiled(x), y)
     loss.backward()
@@ -109,7 +115,10 @@ def _compiler_graphs(reshard: bool):
             gathered.add(n)
     out = next(n for n in fw.graph.nodes if n.op == "output").args[0]
     saved = [a for a in out[1:] if isinstance(a, torch.fx.Node)]
-    return {"units": len(units), "calls": calls, "left": left, "kept": kept, "exact": exact,
+    comm_order = [["AG" if n.target == ops[0] else "RS" for n in gm.graph.nodes if n.target in ops[:2]]
+                  for gm in graphs]
+    return {"units": len(units), "calls": calls, "left": left, "kept": kept, "exact": exact, "moved": moved,
+            "comm_order": comm_order,
             "counts": [[count(gm, op) for op in ops] for gm in graphs],
             "saved_from_gathers": sum(a in gathered for a in saved)}
 
@@ -117,7 +126,8 @@ def _compiler_graphs(reshard: bool):
 @pytest.mark.parametrize("reshard", [True, False], ids=["reshard", "keep"])
 def test_fsdp_units_reach_the_compiler_as_one_gather_and_one_reduce_scatter_each(reshard):
     """One all-gather per block forward, its reduce-scatter in the backward, each with its own wait; with
-    reshard_after_forward the backward gathers each block again and the forward saves no full parameter."""
+    reshard_after_forward the backward gathers each block again (one block ahead: before the reduce-scatter of
+    the block after it) and the forward saves no full parameter."""
     for r in rank_pool(2).run(_compiler_graphs, reshard, timeout=600):
         assert not r["left"] and r["kept"] and r["exact"], r
         assert r["units"] == r["calls"] == 2, r  # one per block of the BlockStack
@@ -126,5 +136,45 @@ def test_fsdp_units_reach_the_compiler_as_one_gather_and_one_reduce_scatter_each
         assert bw_rs == 2 and bw_ag == (2 if reshard else 0) and bw_wait == bw_ag + bw_rs, r
         if reshard:  # shards and activations only: nothing computed from a gathered parameter is kept
             assert r["saved_from_gathers"] == 0, r
+            # block 0's re-gather comes before block 1's reduce-scatter (inductor's own post-grad graph puts it
+            # after: test_prefetch_moves_each_regather_ahead_of_the_reduce_scatter_before_it)
+            assert r["moved"][0] == 0 and r["comm_order"][1] == ["AG", "AG", "RS", "RS"], r
         else:
             assert r["saved_from_gathers"] > 0, r
+            assert r["moved"] == [0, 0] and r["comm_order"][1] == ["RS", "RS"], r
+
+
+def _backward_like_graph():
+    """A backward as inductor's post-grad graph orders it: each block's re-gather right before its use,
+    after the reduce-scatter of the block after it."""
+    g = torch.fx.Graph()
+    shard1, shard0, grad = g.placeholder("primals_1"), g.placeholder("primals_2"), g.placeholder("tangents_1")
+    gather1 = g.call_function(_funcol.all_gather_into_tensor.default, (shard1, 2, "fsdp_group"))
+    w1 = g.call_function(_funcol.wait_tensor.default, (gather1,))
+    d1 = g.call_function(torch.ops.aten.mm.default, (grad, w1))
+    rs1 = g.call_function(_funcol.reduce_scatter_tensor.default, (d1, "sum", 2, "fsdp_group"))
+    g.call_function(_funcol.wait_tensor.default, (rs1,))
+    flat0 = g.call_function(torch.ops.aten.cat.default, ([shard0],))  # the unit's flat buffer
+    gather0 = g.call_function(_funcol.all_gather_into_tensor.default, (flat0, 2, "fsdp_group"))
+    w0 = g.call_function(_funcol.wait_tensor.default, (gather0,))
+    d0 = g.call_function(torch.ops.aten.mm.default, (d1, w0))
+    rs0 = g.call_function(_funcol.reduce_scatter_tensor.default, (d0, "sum", 2, "fsdp_group"))
+    g.output(g.call_function(_funcol.wait_tensor.default, (rs0,)))
+    return g, rs1, w0
+
+
+def test_prefetch_moves_each_regather_ahead_of_the_reduce_scatter_before_it():
+    g, rs1, w0 = _backward_like_graph()
+    names = {_funcol.all_gather_into_tensor.default: "AG", _funcol.reduce_scatter_tensor.default: "RS"}
+
+    def order():
+        return [names[n.target] for n in g.nodes if n.target in names]
+
+    assert order() == ["AG", "RS", "AG", "RS"]
+    assert prefetch_fsdp_gathers(g, {"other_group"}) == 0 and order() == ["AG", "RS", "AG", "RS"]
+    assert prefetch_fsdp_gathers(g, {"fsdp_group"}) == 1
+    g.lint()  # every node still after its inputs: the gather's flat buffer moved with it
+    assert order() == ["AG", "AG", "RS", "RS"]
+    nodes = list(g.nodes)
+    assert nodes.index(w0) > nodes.index(rs1)  # only the issue moves: block 0 is waited where it is used
+    assert prefetch_fsdp_gathers(g, {"fsdp_group"}) == 0  # already in place

@@ -30,6 +30,14 @@ unpacks it, MUST_RECOMPUTE in AOT autograd's joint graph (SimpleFSDP's
 backward instead of saving the full parameters; they are freed after their last
 use in the forward.
 
+Backward prefetch: inductor keeps the collectives in graph order, one in flight
+at a time (each waits for the one before), and the partitioner puts block
+i-1's re-gather after block i's reduce-scatter, so the re-gather would wait
+where it is issued. `prefetch_fsdp_gathers` (a post-grad pass of the compile)
+moves each re-gather ahead of the reduce-scatter before it: block i-1 is
+gathered while block i's backward computes, and block i's reduce-scatter is in
+flight during block i-1's, as FSDP2's backward prefetch.
+
 Left as `fsdp_all_gather` custom ops (exact, opaque): gathers along a dim other
 than 0 (apply_fsdp gathers dim 0 only) and gathers inside subgraphs
 (activation-checkpoint regions).
@@ -51,7 +59,7 @@ from fxpar._torch.fx import copy_codegen
 from fxpar.core.spec import get_info
 
 __all__ = ["fsdp_gather_unit", "traceable_fsdp_graph_module", "fsdp_units_of", "fsdp_group_names",
-           "reshard_fsdp_gathers", "recompute_fsdp_gathers"]
+           "reshard_fsdp_gathers", "recompute_fsdp_gathers", "prefetch_fsdp_gathers"]
 
 _c10d = functional  # importing fxpar._torch.c10d imports torch's functional collectives: wait_tensor is kept by DCE
 _GATHER = torch.ops.fxpar.fsdp_all_gather.default
@@ -297,3 +305,54 @@ def reshard_fsdp_gathers(groups: set[str], *, reshard: bool = True) -> Iterator[
     """Compiles inside the block re-gather FSDP parameters in the backward (reshard=True) or keep them."""
     with joint_graph_pass(lambda joint: recompute_fsdp_gathers(joint, groups, save=not reshard)):
         yield
+
+
+def _is_reduce_scatter(node: fx.Node, groups: set[str]) -> bool:
+    return (node.op == "call_function" and node.target is _c10d.reduce_scatter_tensor.default
+            and node.args[3] in groups)
+
+
+def _is_collective(node: fx.Node) -> bool:
+    target = getattr(node, "target", None)
+    return node.op == "call_function" and getattr(target, "namespace", None) == "_c10d_functional"
+
+
+def prefetch_fsdp_gathers(graph: fx.Graph, groups: set[str]) -> int:
+    """Moves each FSDP gather that follows a reduce-scatter on its group ahead of it; returns how many moved.
+
+    A post-grad pass (inductor's `post_grad_custom_post_pass`) on the forward and backward graphs:
+    in the backward, block i-1's re-gather comes right after block i's reduce-scatter; it moves, with
+    the cast / pad / concatenation of shards feeding it (none of which reads anything computed after
+    the reduce-scatter's inputs), right before it. Values do not change; every rank's graph is the
+    same, so every rank moves the same gathers and issues the same collectives in the same order.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    moved = 0
+    last_rs = None
+    for node in list(graph.nodes):
+        if _is_reduce_scatter(node, groups):
+            last_rs = node
+            continue
+        if not _is_gather(node, groups):
+            if _is_collective(node) and node.target is not _c10d.wait_tensor.default:
+                last_rs = None  # another collective between: keep the order
+            continue
+        if last_rs is not None:
+            chain, todo, ok = set(), [node], True
+            while todo and ok:
+                m = todo.pop()
+                for i in m.all_input_nodes:
+                    if order[i] < order[last_rs] or i in chain:
+                        continue
+                    if i is last_rs or _is_collective(i) or i.op == "placeholder":
+                        ok = False  # reads the reduce-scatter or another collective: stays
+                        break
+                    chain.add(i)
+                    todo.append(i)
+            if ok:
+                for m in sorted(chain, key=order.__getitem__):
+                    last_rs.prepend(m)
+                last_rs.prepend(node)
+                moved += 1
+        last_rs = None
+    return moved

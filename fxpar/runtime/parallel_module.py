@@ -8,6 +8,7 @@ communication of the computation itself.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
@@ -26,7 +27,8 @@ from fxpar.core.mesh import MeshInfo
 from fxpar.core.spec import TensorSpec, get_info, get_spec, uncut_steps
 from fxpar.ops.collectives import _all_gather
 from fxpar.ops.traceable import traceable_graph_module
-from fxpar.ops.traceable_fsdp import fsdp_group_names, reshard_fsdp_gathers, traceable_fsdp_graph_module
+from fxpar.ops.traceable_fsdp import (fsdp_group_names, prefetch_fsdp_gathers, reshard_fsdp_gathers,
+                                      traceable_fsdp_graph_module)
 from fxpar.ops.transitions import inference_graph_module
 from fxpar.runtime.checkpointing import checkpointed_graph_module
 from fxpar.runtime.agreement import check_same_inputs
@@ -160,9 +162,11 @@ class ParallelModule(nn.Module):
         entry = cache.get(id(graph))
         if entry is None or entry[0] is not graph:
             lowered = traceable_fsdp_graph_module(traceable_graph_module(graph))
-            compiled = torch.compile(lowered, backend=self.compile_backend, dynamic=False,
-                                     options=self.compile_options or None)
             groups = fsdp_group_names(lowered)
+            options = dict(self.compile_options) if self.compile_options else None
+            if groups and options is not None:  # each block's backward re-gather issued one block ahead
+                options["post_grad_custom_post_pass"] = functools.partial(prefetch_fsdp_gathers, groups=groups)
+            compiled = torch.compile(lowered, backend=self.compile_backend, dynamic=False, options=options)
             if groups:  # FSDP units (fxpar.ops.traceable_fsdp): re-gathered in the backward, not saved
                 compiled = _Resharded(compiled, groups, self.reshard_after_forward)
             entry = cache[id(graph)] = (graph, compiled)
