@@ -38,9 +38,11 @@ moves each re-gather ahead of the reduce-scatter before it: block i-1 is
 gathered while block i's backward computes, and block i's reduce-scatter is in
 flight during block i-1's, as FSDP2's backward prefetch.
 
-Left as `fsdp_all_gather` custom ops (exact, opaque): gathers along a dim other
-than 0 (apply_fsdp gathers dim 0 only) and gathers inside subgraphs
-(activation-checkpoint regions).
+Left as `fsdp_all_gather` custom ops (exact, opaque, their gathered parameters
+saved for the backward): gathers along a dim other than 0 (apply_fsdp gathers
+dim 0 only), gathers of a shard that is not a parameter of the graph itself (a
+device copy under CPU offload) and gathers inside subgraphs (activation-checkpoint
+regions).
 """
 
 from __future__ import annotations
@@ -171,7 +173,8 @@ def fsdp_units_of(graph: fx.Graph) -> list[list[fx.Node]]:
     units: list[list[fx.Node]] = []
     last = None
     for node in graph.nodes:
-        if node.op != "call_function" or node.target is not _GATHER or _fsdp_args(node)["dim"] != 0:
+        if node.op != "call_function" or node.target is not _GATHER or _fsdp_args(node)["dim"] != 0 \
+                or node.args[0].op != "get_attr":  # a shard copied first (CPU offload): left to the op
             continue
         here = _key(node)
         if here[0] is not None and here == last and all(g.args[0] is not node.args[0] for g in units[-1]):
