@@ -3,16 +3,25 @@ side by side in the same 2 gloo rank processes (`harness.interleave`), on sectio
 
     python -m benchmarks.fsdp_compile_prefetch 16      # 16 timed iterations per side; about 5 minutes
 """
-import time, torch, torch.distributed as dist
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+import benchmarks.fsdp_compile_prefetch as ab  # the rank body by its module name (ranks are spawned)
 import fxpar
-from fxpar.testing import run_ranks
 import fxpar.runtime.parallel_module as PM
 from benchmarks import harness as H
-from benchmarks.models import build, batch, cross_entropy
+from benchmarks.models import batch, build, cross_entropy
 from benchmarks.overlap import CONFIG
-import benchmarks.fsdp_compile_prefetch as ab
+from fxpar.testing import run_ranks
 
-def body(iters):
+
+def body(iters: int) -> dict:
+    """Rank body: both sides compiled on their first step (the pass swapped in for the compile only), timed."""
     cfg = CONFIG
     n, r = dist.get_world_size(), dist.get_rank()
     mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (n,), mesh_dim_names=("fsdp",))
@@ -32,7 +41,6 @@ def body(iters):
     return H.interleave(variants, warmup=2, iters=iters)
 
 if __name__ == "__main__":
-    import sys
     ranks = run_ranks(ab.body, 2, int(sys.argv[1]), timeout=1500)
     times = H.aggregate(ranks)
     names = list(times)
