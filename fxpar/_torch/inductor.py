@@ -12,7 +12,7 @@ that block's weight-gradient matmuls run, and only then comes the wait.
 
 from __future__ import annotations
 
-__all__ = ["overlap_comms"]
+__all__ = ["overlap_comms", "collective_order"]
 
 # Relative costs (arbitrary units): only their order matters to the greedy scheduler.
 _COLLECTIVE, _GEMM, _OTHER = 1.0, 0.3, 0.01
@@ -41,3 +41,23 @@ def overlap_comms(snodes: list) -> list:
 
     with _config.patch(estimate_op_runtime=_estimate):
         return _comms.reorder_compute_for_overlap(snodes)
+
+
+def collective_order(snodes: list) -> list[tuple[str, tuple, tuple]]:
+    """The collectives of a scheduler-node order (their waits left out), as (op, input sizes, constant args):
+    what a rank issues, in the order inductor's reordering left them (`fxpar.verify.compiled_order`).
+
+    Waits for: a public view of inductor's scheduled nodes (torch._inductor.scheduler / comms).
+    """
+    from torch._inductor import comms as _comms
+
+    out = []
+    for snode in snodes:
+        for sub in snode.get_nodes():
+            node = getattr(sub, "node", None)
+            name = str(getattr(node, "python_kernel_name", "") or "")
+            if node is None or not _comms.contains_collective(sub) or name.endswith("wait_tensor.default"):
+                continue
+            sizes = tuple(tuple(str(d) for d in i.get_size()) for i in getattr(node, "inputs", ()) if hasattr(i, "get_size"))
+            out.append((name.replace("torch.ops.", ""), sizes, tuple(str(a) for a in getattr(node, "constant_args", ()))))
+    return out

@@ -14,8 +14,11 @@ outputs to the unsplit graph's check.
 
 Across the ranks of a mesh (`check_ranks(pms)`, e.g. from the simulator):
 every group's members issue the same collectives (op, mesh dim, local shape,
-dtype, and which node) in the same order; every parameter has the same
-placements on all its holders and each shard position of it has an owner.
+dtype, and which node) in the same order, in the forward as the graph
+orders them (issue nodes where they stand) and in the backward as the
+runtime issues them (FSDP re-gathers and per-unit reduce-scatters, dp
+buckets: `fxpar.analysis.timeline.backward_order`); every parameter has the
+same placements on all its holders and each shard position of it has an owner.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ from fxpar.analysis.invariants import (
 )
 from fxpar.analysis.local_run import _specs_of
 from fxpar.analysis.p2p_check import check_p2p
+from fxpar.analysis.timeline import backward_order
 from fxpar.core.errors import GraphInvariantError, ScheduleError, node_context
+from fxpar.core.fmt import fmt_bytes
 from fxpar.core.mesh import MeshInfo
 from fxpar.core.spec import TensorSpec, get_info, placements_str
 from fxpar.core.stages import stage_ranks
@@ -214,6 +219,7 @@ def check_ranks(pms: Sequence) -> None:
         for gm in _graph_modules(pm):
             sched.extend(collective_schedule(gm, pm.mesh_info))
         schedules.append(sched)
+    backwards = [backward_order(pm) for pm in pms]
     mesh0 = meshes[0]
     for m, dim in enumerate(mesh0.names):
         members: dict[str, list[int]] = {}
@@ -234,7 +240,26 @@ def check_ranks(pms: Sequence) -> None:
                     f"  rank {r}: {b if b is not None else '(none: its schedule ends here)'}\n"
                     "at run time these ranks would hang or silently combine unrelated tensors; every rank of a "
                     "group must run the same graph (a pass made a rank-dependent edit?)")
+            _check_backward_order(group, dim, ranks, backwards)
     _check_ownership(pms)
+
+
+def _check_backward_order(group: str, dim: str, ranks: list[int], backwards: list[list]) -> None:
+    """The members of one group issue the same backward collectives on `dim` in the same order at run time."""
+    seqs = {r: [(label, nbytes) for dims, label, nbytes in backwards[r] if dim in dims] for r in ranks}
+    base = ranks[0]
+    for r in ranks[1:]:
+        if seqs[r] == seqs[base]:
+            continue
+        i = next((k for k, (a, b) in enumerate(zip(seqs[base], seqs[r])) if a != b), min(len(seqs[base]), len(seqs[r])))
+        show = lambda s: f"{s[i][0]} ({fmt_bytes(s[i][1])})" if i < len(s) else "(none: its backward ends here)"  # noqa: E731
+        raise GraphInvariantError(
+            f"the ranks of group {group!r} (mesh dim {dim!r}, ranks {ranks}) issue different collectives in the "
+            f"backward, as the runtime runs it (fxpar.analysis.timeline.backward_order): first difference at "
+            f"backward collective #{i} on that group:\n  rank {base}: {show(seqs[base])}\n  rank {r}: {show(seqs[r])}\n"
+            "at run time these ranks would hang or reduce unrelated gradients together; FSDP units come from the "
+            "graph's fsdp_bucket tags (apply_fsdp) and dp buckets from bucket_grad_sync: every rank must tag "
+            "alike (a rank-dependent pass or graph edit?)")
 
 
 def _check_ownership(pms: Sequence) -> None:

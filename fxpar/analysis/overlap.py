@@ -2,7 +2,12 @@
 
 An issue node (`fxpar.fsdp_prefetch`, `fxpar.passes.schedule_overlap`) starts
 the gather of an FSDP unit; the unit's `fsdp_all_gather` nodes wait on it.
-For a graph with issue nodes, `check_overlap` proves:
+Any collective issued as its own node and waited by another (torch's
+functional collectives with `wait_tensor`, as AOT autograd and inductor see
+them; async tp's issue and wait nodes) is checked by `check_issue_waits`:
+nothing but a wait reads the issued value before its first wait, and every
+functional collective issued is waited. For a graph with FSDP issue nodes,
+`check_overlap` also proves:
 
     1. every issued shard is a parameter whose gather (its wait) comes after the
        issue, and no shard is issued twice before its wait;
@@ -23,6 +28,8 @@ the order tells them apart).
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -32,7 +39,7 @@ from fxpar.core.spec import get_info
 from fxpar.ops.overlap import ISSUE_OPS
 
 __all__ = ["issue_nodes", "issued_waits", "unit_bytes", "in_flight_peak", "in_flight_estimate", "check_overlap",
-           "overlap_lines"]
+           "overlap_lines", "is_wait", "check_issue_waits"]
 
 _GATHER = torch.ops.fxpar.fsdp_all_gather.default
 
@@ -100,12 +107,63 @@ def in_flight_peak(gm: fx.GraphModule, *, issued: bool = True) -> tuple[int, fx.
     return peak, where
 
 
+_WAIT_NAMES = ("wait_tensor", "wait_issued")
+
+
+def is_wait(node: fx.Node) -> bool:
+    """A node that waits for a collective issued by its first argument (`wait_tensor` and its wrappers)."""
+    if node.op != "call_function":
+        return False
+    name = getattr(node.target, "__name__", "") or str(node.target)
+    return any(name == w or name.startswith(f"{w}.") or str(node.target).endswith(f"{w}.default")
+               for w in _WAIT_NAMES)
+
+
+def _issues_functional(node: fx.Node) -> bool:
+    """A torch functional collective that returns its result without waiting (it needs a `wait_tensor`)."""
+    return node.op == "call_function" and getattr(node.target, "namespace", None) == "_c10d_functional" \
+        and not is_wait(node)
+
+
+def check_issue_waits(gm: fx.GraphModule) -> None:
+    """Every issued collective's value is read only by waits until its first wait, and each is waited.
+
+    Generic over issue / wait pairs: a wait node (`is_wait`) names its issued value as its first argument.
+
+    Raises:
+        GraphInvariantError: naming the node that reads the value before its wait (or the issue never waited).
+    """
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    fix = ("; the wait must come before every other use of an issued collective's value: a pass moved the wait "
+           "late or a use early (move the wait up to just before the first use)")
+    for node in gm.graph.nodes:
+        if not is_wait(node) or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        pending = node.args[0]
+        first = min((u for u in pending.users if is_wait(u)), key=order.__getitem__)
+        if first is not node:
+            continue
+        early = [u for u in pending.users if not is_wait(u) and order[u] < order[first]]
+        if early:
+            raise GraphInvariantError(f"{node_context(early[0])}: reads %{pending.name}, issued by "
+                                      f"{node_context(pending)}, before its wait %{first.name}: it would read a "
+                                      f"buffer the collective is still writing{fix}")
+    for node in gm.graph.nodes:
+        waited = [u for u in node.users if is_wait(u)] + [v for u in node.users if u.target is operator.getitem
+                                                          for v in u.users if is_wait(v)]  # a coalesced list
+        if _issues_functional(node) and not waited:
+            raise GraphInvariantError(f"{node_context(node)}: issues a collective that no wait_tensor waits for: "
+                                      "its result is never complete and its buffer is read while in flight; "
+                                      "add the wait_tensor before its first use")
+
+
 def check_overlap(gm: fx.GraphModule) -> None:
-    """The checks in the module docstring (nothing to check in a graph without issue nodes).
+    """The checks in the module docstring (`check_issue_waits`, then the FSDP issue nodes').
 
     Raises:
         GraphInvariantError: naming the issue or wait node at fault and the fix.
     """
+    check_issue_waits(gm)
     issues = issue_nodes(gm)
     if not issues:
         return

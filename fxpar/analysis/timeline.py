@@ -15,8 +15,12 @@ One training step of this rank's graph, replayed in graph order on two lanes
     dp bucket             a data-parallel gradient bucket (`bucket_grad_sync`) starts when the backward
                           has produced its last gradient (after the backward of its parameters' first
                           use); the step ends when every bucket is done
-    FSDP reduce-scatter   in the backward with overlap scheduled: issued at its gather's dual, waited
-                          one unit late, so it runs on the comm lane only
+    FSDP backward         as fxpar.runtime.fsdp_buckets runs it (`_FsdpBackward`): each unit re-gathered
+                          (reshard_after_forward) before the first backward op that unpacks one of its
+                          parameters, blocking unless prefetched; with overlap scheduled, unit u-1's
+                          re-gather is issued once half of unit u's gradients are in, and unit u's
+                          reduce-scatter, issued at its last gradient, is waited when unit u-1's is
+                          issued (one in flight) or at the end of the backward
 
 with L = `DeviceModel.mesh_bandwidth` and bytes each rank's payload (as
 `explain()` counts it). An `Overlap` is the window from an issue to its wait:
@@ -27,7 +31,9 @@ twice that, and each send of an activation or gradient over a cut on that
 rank's comm lane while its next action computes.
 
 The times are a model, for the picture and the text (`Timeline.text()`),
-not a promise; `profile` puts measured times in their place.
+not a promise; `profile` puts measured times in their place
+(`measure_profile(pm, *inputs, target=..., loss_fn=...)`, fxpar.analysis.profile, times
+each node of a real step on this rank).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from fxpar.analysis.cost import DeviceModel, evaluate, example_sizes, node_cost
 from fxpar.analysis.explain import collectives, moe_collectives
 from fxpar.analysis.fsdp import bucket_groups
 from fxpar.analysis.overlap import issued_waits, unit_bytes
+from fxpar.analysis.profile import measure_profile
 from fxpar.analysis.schedule import schedule_order, simulate_schedule
 from fxpar.core.fmt import fmt_bytes
 from fxpar.core.spec import TensorSpec, get_info
@@ -50,12 +57,13 @@ from fxpar.ops.collectives import COLLECTIVE_OPS
 from fxpar.ops.moe import moe_experts
 from fxpar.ops.overlap import ISSUE_OPS
 
-__all__ = ["Bar", "Overlap", "Timeline", "rank_timeline", "KIND_COLORS"]
+__all__ = ["Bar", "Overlap", "Timeline", "rank_timeline", "backward_order", "measure_profile", "KIND_COLORS"]
 
 _GATHER = torch.ops.fxpar.fsdp_all_gather.default
 
 KIND_COLORS = {"forward": "#3b82f6", "backward": "#ef4444", "collective": "#dc2626", "issued": "#f97316",
-               "bucket": "#10b981", "p2p": "#8b5cf6", "wait": "#d1d5db"}
+               "bucket": "#10b981", "p2p": "#8b5cf6", "wait": "#d1d5db",
+               "regather": "#f59e0b", "reduce_scatter": "#b45309"}
 """A bar's colour by kind in pictures of a timeline (fxpar.viz.timeline_chart)."""
 
 
@@ -66,7 +74,8 @@ class Bar:
     Attributes:
         lane: 'compute' or 'comm' (a pipeline: 'pp<r> compute' / 'pp<r> comm').
         label: what it is ('addmm_3', 'all_reduce(tp) %allreduce_x', 'F1.0').
-        kind: 'forward', 'backward', 'collective', 'issued', 'bucket', 'p2p', 'wait'.
+        kind: 'forward', 'backward', 'collective', 'issued', 'bucket', 'p2p', 'wait', 'regather' (an
+            FSDP re-gather in the backward issued ahead of its use), 'reduce_scatter' (FSDP's, waited late).
         start, end: seconds from the start of the step.
         node: the graph node ('' for pipeline actions and buckets).
         module: its module FQN.
@@ -105,6 +114,7 @@ class Timeline:
     bars: tuple[Bar, ...]
     overlaps: tuple[Overlap, ...]
     measured: bool = False
+    backward_from: int = -1  # bars[backward_from:] are the backward's (-1: no backward)
 
     @property
     def makespan(self) -> float:
@@ -170,14 +180,35 @@ def rank_timeline(pm, *, device: DeviceModel | None = None, profile: Mapping[str
     model = gm.meta["fxpar"].model_class if "fxpar" in gm.meta else type(pm).__name__
     mesh = ", ".join(f"{k}={v}" for k, v in zip(pm.mesh_info.names, pm.mesh_info.sizes))
     title = f"{model} on ({mesh}), one {'training step' if backward else 'forward'}"
-    return _Replay(gm, pm.mesh_info, device, hints, dict(profile or {})).run(backward, title)
+    return _Replay(gm, pm.mesh_info, device, hints, dict(profile or {}),
+                   reshard_after_forward=getattr(pm, "reshard_after_forward", True)).run(backward, title)
+
+
+def backward_order(pm) -> list[tuple[tuple[str, ...], str, int]]:
+    """The backward's collectives in the order this rank issues them at run time: FSDP re-gathers and
+    per-unit reduce-scatters (`_FsdpBackward`), dp gradient buckets, the other duals; each as
+    (mesh dims, label, bytes). The comm lane runs in issue order. [] for a pipeline (its FSDP gathers
+    once per step: `StepGather`).
+
+    Ranks of a group must agree on it: the runtime buckets FSDP parameters by the graph's `fsdp_bucket`
+    tags, which the forward's collective fingerprint does not see (`fxpar.analysis.module_checks.check_ranks`).
+    """
+    if stage_info(pm.graph_module) is not None:
+        return []
+    t = rank_timeline(pm)
+    out = []
+    for b in sorted((b for b in t.bars[t.backward_from:] if b.lane == "comm"), key=lambda b: b.start):
+        dims = b.label.split("(", 1)[1].split(")", 1)[0] if "(" in b.label else ""
+        out.append((tuple(d.strip() for d in dims.split(",")), b.label, b.nbytes))
+    return out
 
 
 class _Replay:
     """The two-clock walk of the module docstring over one graph."""
 
-    def __init__(self, gm, mesh, device, hints, profile):
+    def __init__(self, gm, mesh, device, hints, profile, *, reshard_after_forward: bool = True):
         self.gm, self.device, self.hints, self.profile = gm, device, hints, profile
+        self.reshard_after_forward = reshard_after_forward
         self.payload = {c.node: c for c in collectives(gm, mesh)}
         self.bars: list[Bar] = []
         self.overlaps: list[Overlap] = []
@@ -186,14 +217,19 @@ class _Replay:
         # carries the unit's bytes forward, and its first dual met in the backward the unit's reduce-scatter
         self.unit: dict[str, int] = {}
         self.unit_bytes: dict[int, list[int]] = {}
+        self.units: list[_Unit] = []
         gathers = {n.args[0]: n for n in gm.graph.nodes if n.target is _GATHER}
-        for i, (_, members) in enumerate(bucket_groups([gm])):
+        for i, (args, members) in enumerate(bucket_groups([gm])):
             for _, param in members:
                 c = self.payload[gathers[param].name]
                 self.unit[c.node] = i
                 fwd_bwd = self.unit_bytes.setdefault(i, [0, 0])
                 fwd_bwd[0] += c.forward_bytes
                 fwd_bwd[1] += c.backward_bytes
+            first = gathers[members[0][1]]
+            self.units.append(_Unit(i, getattr(get_info(first), "fsdp_bucket", None) or str(first.args[0].target),
+                                    args[3], tuple(str(p.target) for _, p in members), len(members) > 1,
+                                    get_info(first).module_fqn if get_info(first) is not None else ""))
         self.units_done: set[tuple[str, int]] = set()
         self.forward_time: dict[fx.Node, float] = {}  # the backward reuses the forward's estimate
 
@@ -297,9 +333,10 @@ class _Replay:
                     self._comm(f"{op}({c.mesh_dim}) {what}", nbytes, node=node.name, module=c.module)
             else:
                 self._op(node, "forward")
+        first = len(self.bars) if backward else -1
         if backward:
             self._backward(nodes)
-        return Timeline(title, ("compute", "comm"), tuple(self.bars), tuple(self.overlaps), bool(self.profile))
+        return Timeline(title, ("compute", "comm"), tuple(self.bars), tuple(self.overlaps), bool(self.profile), first)
 
     def _close(self, issue: fx.Node, bar: Bar, wait: fx.Node) -> None:
         """The first wait of an issued unit: the window [issue, wait] and the ops that ran in it."""
@@ -314,8 +351,10 @@ class _Replay:
         self._wait(bar.end, bar.label, wait.name)
 
     def _backward(self, nodes: list[fx.Node]) -> None:
-        """Ops in reverse at twice their time, the duals that communicate, dp buckets as they fill."""
+        """Ops in reverse at twice their time, the duals that communicate, FSDP's re-gathers and
+        reduce-scatters as the runtime issues them (`_FsdpBackward`), dp buckets as they fill."""
         overlap = any(n.target in ISSUE_OPS for n in nodes)
+        fsdp = _FsdpBackward(self, nodes, overlap)
         first_use: dict[str, fx.Node] = {}
         for node in nodes:
             for a in node.all_input_nodes:
@@ -335,18 +374,15 @@ class _Replay:
         for node in reversed(nodes):
             if node.op != "call_function" or node.target in ISSUE_OPS:
                 continue
-            if node.target in COLLECTIVE_OPS:
+            if node.target is _GATHER and node.name in self.unit:
+                fsdp.gradient(node)
+            elif node.target in COLLECTIVE_OPS:
                 c = self.payload.get(node.name)
-                unit = self._unit_first(node, "backward")
-                nbytes = unit if unit is not None else c.backward_bytes if c is not None else 0
-                if c is not None and c.backward_op and nbytes:
-                    what = f"of {get_info(node).fsdp_bucket or node.args[0].target}" if unit is not None \
-                        else f"%{node.name}"
-                    # with overlap scheduled, FSDP's reduce-scatters are waited one unit late: never blocking here
-                    self._comm(f"{c.backward_op}({c.mesh_dim}) {what} (dual)", nbytes, node=node.name,
-                               module=c.module, key=f"{node.name}.backward",
-                               block=not (overlap and node.target is _GATHER))
+                if c is not None and c.backward_op and c.backward_bytes:
+                    self._comm(f"{c.backward_op}({c.mesh_dim}) %{node.name} (dual)", c.backward_bytes,
+                               node=node.name, module=c.module, key=f"{node.name}.backward")
             else:
+                fsdp.needs(node)
                 self._op(node, "backward")
             for a in node.all_input_nodes:  # its gradient is complete after the backward of its first use
                 key = bucket_of.get(str(a.target)) if a.op == "get_attr" else None
@@ -356,14 +392,151 @@ class _Replay:
                 if waiting[key][0] == 0:
                     buckets.append(self._comm(f"grad all_reduce({', '.join(key[1])}) bucket {key[0]}",
                                               waiting[key][1], kind="bucket", block=False))
+        fsdp.finish()
         for bar in buckets:  # the window is the all-reduce in flight; the step waits for it at the end
-            ops = [b for b in self.bars
-                   if b.lane == "compute" and b.kind == "backward" and bar.start <= b.start < bar.end]
-            self.overlaps.append(Overlap(bar.label, "its last gradient", "the end of the backward", bar.start,
-                                         bar.end, tuple(b.node for b in ops),
-                                         tuple(dict.fromkeys(b.module or "<root>" for b in ops))))
+            self._window(bar, "its last gradient", "the end of the backward", bar.start, bar.end)
         if buckets:
             self._wait(self.m, "gradient buckets", "")
+
+    def _window(self, bar: Bar, issue: str, wait: str, start: float, end: float) -> None:
+        """An Overlap of the backward: `bar` in flight from `start` to `end`, the backward ops that start in it."""
+        ops = [b for b in self.bars if b.lane == "compute" and b.kind == "backward" and start <= b.start < end]
+        self.overlaps.append(Overlap(bar.label, issue, wait, start, end, tuple(b.node for b in ops),
+                                     tuple(dict.fromkeys(b.module or "<root>" for b in ops))))
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """An FSDP unit (`fxpar.analysis.fsdp.bucket_groups`): the parameters the runtime gathers as one collective."""
+
+    index: int
+    name: str
+    mesh_dim: str
+    params: tuple[str, ...]
+    bucketed: bool  # two or more parameters: a registered bucket (fxpar.runtime.fsdp_buckets); one: the plain op
+    module: str
+
+
+class _FsdpBackward:
+    """FSDP's backward as `fxpar.runtime.fsdp_buckets` runs it, replayed in reverse graph order.
+
+        re-gather        (reshard_after_forward) a unit is gathered again before the first backward op
+                         that uses one of its gathered parameters (directly or through a view): autograd
+                         unpacks it there. Not through a collective: grad_all_reduce (dp x fsdp) returns
+                         a clone, which autograd saves as it is (fxpar.runtime.fsdp_state.pack_gathered
+                         knows only gathered tensors and their views). Blocking, unless it was prefetched:
+        prefetch         with overlap scheduled, once half of unit u's parameters have their gradient,
+                         the re-gather of the unit before it (u-1, bucketed ones) is issued; its first
+                         use waits on it. The window is the rest of u's backward.
+        reduce-scatter   when a unit's last gradient is in, the reduce-scatter issued before it is waited
+                         (one in flight), then the unit's own is issued (with overlap: not waited, so
+                         it runs under the next unit's backward; without: blocking). The end of the
+                         backward waits for the last one.
+    A unit of one parameter (fsdp_unit='param', or a lone parameter) takes the plain op's path: its
+    re-gather and its reduce-scatter (at its gather's dual) both block.
+    """
+
+    def __init__(self, replay: "_Replay", nodes: list[fx.Node], overlap: bool) -> None:
+        self.r, self.overlap = replay, overlap
+        self.regather = replay.reshard_after_forward
+        units = replay.units
+        self.of_gather = {n: units[replay.unit[n.name]] for n in nodes
+                          if n.target is _GATHER and n.name in replay.unit}
+        # also the other gathers of a parameter gathered once per use (a tied weight)
+        param_unit = {p: u for u in units for p in u.params}
+        for n in nodes:
+            if n.target is _GATHER and n not in self.of_gather and str(n.args[0].target) in param_unit:
+                self.of_gather[n] = param_unit[str(n.args[0].target)]
+        self.uses: dict[fx.Node, set[int]] = {}  # node -> units whose gathered parameters its backward unpacks
+        for g, u in self.of_gather.items():
+            frontier = list(g.users)
+            while frontier:
+                n = frontier.pop()
+                if _is_view(n):
+                    frontier.extend(n.users)
+                elif n.op == "call_function" and n.target not in COLLECTIVE_OPS:
+                    self.uses.setdefault(n, set()).add(u.index)
+        bucketed = [u for u in units if u.bucketed]
+        self.prev = {u.index: p for p, u in zip(bucketed, bucketed[1:])}
+        self.done: set[int] = set()  # re-gathered in this backward
+        self.pending: dict[int, tuple[Bar, float]] = {}  # prefetched re-gathers not yet waited (bar, issued at)
+        self.prefetch_at: dict[int, int] = {}  # unit -> gradients after which it prefetches its prev's re-gather
+        self.grads: dict[int, set[str]] = {}
+        self.in_flight: tuple | None = None  # the reduce-scatter issued and not yet waited: (unit, bar, issued at)
+
+    def _bytes(self, u: _Unit, direction: str) -> int:
+        return self.r.unit_bytes[u.index][direction == "backward"]
+
+    def needs(self, node: fx.Node) -> None:
+        """Before `node`'s backward: re-gather (or wait for) every unit it unpacks that is not gathered yet."""
+        if not self.regather:
+            return
+        for i in sorted(self.uses.get(node, ())):
+            if i in self.done:
+                continue
+            self.done.add(i)
+            u = self.r.units[i]
+            label = f"all_gather({u.mesh_dim}) of {u.name} (re-gather)"
+            bar, start = self.pending.pop(i, (None, 0.0))
+            if bar is None:
+                self.r._comm(label, self._bytes(u, "forward"), module=u.module, key=f"{u.name}.regather")
+            else:
+                self.r._window(bar, f"half of "
+                               f"{self.r.units[self._next(i)].name}'s gradients", f"%{node.name} (backward)",
+                               start, self.r.c)
+                self.r._wait(bar.end, label, node.name)
+            if self.overlap and u.bucketed and u.index in self.prev:
+                self.prefetch_at[u.index] = -(-len(u.params) // 2)
+
+    def _next(self, i: int) -> int:
+        return next(k for k, p in self.prev.items() if p.index == i)
+
+    def gradient(self, gather: fx.Node) -> None:
+        """The dual of an FSDP gather: its parameter's gradient is in."""
+        u = self.of_gather[gather]
+        if not u.bucketed:  # the plain op: a blocking reduce-scatter of this parameter's gradient
+            c = self.r.payload.get(gather.name)
+            if c is not None and c.backward_bytes:
+                self.r._comm(f"reduce_scatter({u.mesh_dim}) of {u.name} (dual)", c.backward_bytes,
+                             node=gather.name, module=u.module, key=f"{gather.name}.backward")
+            return
+        got = self.grads.setdefault(u.index, set())
+        got.add(str(gather.args[0].target))
+        if len(got) == self.prefetch_at.get(u.index):
+            p = self.prev[u.index]
+            if self.regather and p.index not in self.done and p.index not in self.pending:
+                self.pending[p.index] = (self.r._comm(f"all_gather({p.mesh_dim}) of {p.name} (re-gather)",
+                                                      self._bytes(p, "forward"), module=p.module, kind="regather",
+                                                      block=False, key=f"{p.name}.regather"), self.r.c)
+        if len(got) == len(u.params):
+            self._flush(u, gather.name)
+
+    def _flush(self, u: _Unit, node: str) -> None:
+        self._drain(f"{u.name}'s reduce-scatter")
+        label = f"reduce_scatter({u.mesh_dim}) of {u.name} (dual)"
+        bar = self.r._comm(label, self._bytes(u, "backward"), node=node, module=u.module, key=f"{u.name}.backward",
+                           kind="reduce_scatter" if self.overlap else "collective", block=not self.overlap)
+        if self.overlap:
+            self.in_flight = (u, bar, self.r.c)
+
+    def _drain(self, until: str) -> None:
+        if self.in_flight is None:
+            return
+        u, bar, start = self.in_flight
+        self.in_flight = None
+        self.r._window(bar, f"{u.name}'s last gradient", until, start, self.r.c)
+        self.r._wait(bar.end, bar.label, "")
+
+    def finish(self) -> None:
+        """The end of the backward: units missing a gradient flush, and the last reduce-scatter is waited."""
+        for u in self.r.units:
+            if u.bucketed and 0 < len(self.grads.get(u.index, ())) < len(u.params):
+                self._flush(u, "")
+        self._drain("the end of the backward")
+
+
+def _is_view(node: fx.Node) -> bool:
+    return node.op == "call_function" and getattr(node.target, "is_view", False) is True
 
 
 def _pipeline(pm, split, device: DeviceModel) -> Timeline:

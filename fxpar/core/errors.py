@@ -113,6 +113,7 @@ def node_context(node: fx.Node) -> str:
     frame = _user_frame(node)
     if frame:
         parts.append(f"({frame})")
-    fqn = module_fqn_of(node)
+    # a node a pass inserted (a collective, an issue node) has no module stack: the module fxpar tagged it with
+    fqn = module_fqn_of(node) or getattr(node.meta.get("fxpar"), "module_fqn", "") or ""
     parts.append(f"in module '{fqn}'" if fqn else "in the root module")
     return " ".join(parts)

@@ -26,6 +26,16 @@ late. The duals are DESIGN.md's, the same as the custom ops':
 all_reduce's backward is an all_reduce: not Megatron's "g", so the ops run
 under `autograd.Function`s, where those formulas never apply.)
 
+The vocab-parallel lookup (`fxpar::vocab_parallel_embedding`, defined with its
+sharding rule in `fxpar.rules.embedding`) is lowered too, to the plain torch
+ops of its definition (shift, mask, lookup, zero the other ranks' rows), whose
+autograd is the custom op's backward. As a custom op it runs eagerly inside
+the compiled graph on every call (about ten ATen ops and a host sync for its id
+check, twice per GPT forward: token and position tables); lowered, inductor
+fuses it with the sum and the all-reduce's input into one kernel, and its id
+check becomes an in-kernel assert (`assert_async`: out-of-range ids still fail,
+as `aten.embedding` fails on them).
+
 A collective this module does not lower keeps its custom op (exact, opaque):
 uneven shards (`full_size` >= 0), strided shards (`split_factor` > 1), and
 FSDP gathers, whose runtime (`FsdpRuntime`) buckets and re-gathers them.
@@ -45,7 +55,8 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
-from fxpar._torch.c10d import functional, group_rank
+from fxpar._torch.aten import assert_async
+from fxpar._torch.c10d import functional, group_rank, resolve_process_group
 from fxpar._torch.fx import copy_codegen
 
 __all__ = ["traceable_graph_module", "LOWERED_OPS", "lowered_collectives"]
@@ -208,6 +219,23 @@ def tp_all_to_all(x: Tensor, src_dim: int, dst_dim: int, n: int, group_name: str
     return _AllToAll.apply(x, src_dim, dst_dim, n, group_name)
 
 
+def tp_vocab_parallel_embedding(weight: Tensor, indices: Tensor, padding_idx: int, group_name: str, rank: int,
+                                n: int) -> Tensor:
+    """`fxpar::vocab_parallel_embedding` in traceable ops: this rank's rows looked up, zeros for the others' ids.
+
+    The same values as the custom op, and (through torch's autograd of these ops) the same gradient: the
+    lookup's backward scatters the masked gradient into this rank's rows, skipping its padding row."""
+    rows = weight.size(0)
+    start = rank * rows
+    assert_async(((indices >= 0) & (indices < rows * n)).all(),
+                 f"vocab-parallel embedding: index out of range in self (ids must be in [0, {rows * n}))")
+    shifted = indices - start
+    mask = (shifted >= 0) & (shifted < rows)
+    local_pad = padding_idx - start if 0 <= padding_idx - start < rows else -1
+    out = torch.embedding(weight, torch.where(mask, shifted, 0), local_pad)
+    return out * mask.unsqueeze(-1).to(out.dtype)
+
+
 def _even(args: tuple, split_at: int = 5) -> bool:
     """No strided sections (split_factor == 1) and an even shard (full_size < 0)."""
     rest = args[split_at:]
@@ -234,6 +262,26 @@ LOWERED_OPS: dict[object, tuple[Callable, Callable[[tuple], bool], Callable[[tup
 """The fxpar collectives `traceable_graph_module` lowers, and on which arguments."""
 
 
+def _with_rank_and_size(args: tuple) -> tuple:
+    """(weight, ids, padding_idx, group) -> (..., this rank's index in group, the group's size)."""
+    group = resolve_process_group(args[3])
+    return (*args, group.rank(), group.size())
+
+
+_LOWERED_BY_NAME: dict[str, tuple[Callable, Callable[[tuple], bool], Callable[[tuple], tuple]]] = {
+    # ops defined above this layer (looked up by name: they may not be registered when this module loads)
+    "fxpar.vocab_parallel_embedding.default": (tp_vocab_parallel_embedding, lambda a: True, _with_rank_and_size),
+}
+
+
+def _entry(node: fx.Node) -> tuple | None:
+    """How `node` lowers: its LOWERED_OPS / by-name entry, or None (kept as it is)."""
+    if node.op != "call_function":
+        return None
+    entry = LOWERED_OPS.get(node.target)
+    return entry if entry is not None else _LOWERED_BY_NAME.get(str(node.target))
+
+
 def _args(node: fx.Node) -> tuple:
     """The node's arguments, keywords folded in by the op's schema (defaults left out)."""
     schema = node.target._schema
@@ -257,11 +305,17 @@ def lowered_collectives(gm: fx.GraphModule) -> list[fx.Node]:
     return out
 
 
+def _lowers(gm: fx.GraphModule) -> bool:
+    """Whether `traceable_graph_module` changes a node of `gm` or of its subgraphs."""
+    return any(_entry(node) is not None and _entry(node)[1](_args(node))
+               for mod in gm.modules() if isinstance(mod, fx.GraphModule) for node in mod.graph.nodes)
+
+
 def _lower_graph(graph: fx.Graph) -> fx.Graph:
     out = fx.Graph(owning_module=None, tracer_cls=graph._tracer_cls)
     env: dict[fx.Node, fx.Node] = {}
     for node in graph.nodes:
-        entry = LOWERED_OPS.get(node.target) if node.op == "call_function" else None
+        entry = _entry(node)
         args = _args(node) if entry is not None else ()
         if entry is not None and entry[1](args):
             fn, _, convert = entry
@@ -286,7 +340,7 @@ def traceable_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """
     out = fx.GraphModule(gm, _lower_graph(gm.graph), class_name=type(gm).__name__)
     for name, mod in list(out.named_children()):
-        if isinstance(mod, fx.GraphModule) and lowered_collectives(mod):
+        if isinstance(mod, fx.GraphModule) and _lowers(mod):
             setattr(out, name, traceable_graph_module(mod))
     out.meta.update(gm.meta)
     return out
