@@ -8,6 +8,7 @@ communication of the computation itself.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
@@ -26,6 +27,8 @@ from fxpar.core.mesh import MeshInfo
 from fxpar.core.spec import TensorSpec, get_info, get_spec, uncut_steps
 from fxpar.ops.collectives import _all_gather
 from fxpar.ops.traceable import traceable_graph_module
+from fxpar.ops.traceable_fsdp import (fsdp_group_names, prefetch_fsdp_gathers, reshard_fsdp_gathers,
+                                      traceable_fsdp_graph_module)
 from fxpar.ops.transitions import inference_graph_module
 from fxpar.runtime.checkpointing import checkpointed_graph_module
 from fxpar.runtime.agreement import check_same_inputs
@@ -44,6 +47,19 @@ INDUCTOR_OPTIONS = {"reorder_for_compute_comm_overlap": True,
 config): its scheduler issues each collective as early and waits as late as the dependencies allow, and
 runs independent compute between (`fxpar._torch.inductor.overlap_comms`: in a tp backward, each block's
 weight-gradient matmuls run while its input gradient's all-reduce is in flight)."""
+
+
+class _Resharded:
+    """A compiled graph with FSDP units, compiled (on its first call, and on any recompile) with their
+    gathers tagged for AOT autograd's partitioner: re-gathered in the backward (reshard_after_forward)
+    or saved."""
+
+    def __init__(self, compiled: Any, groups: set[str], reshard: bool) -> None:
+        self.compiled, self.groups, self.reshard = compiled, groups, reshard
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with reshard_fsdp_gathers(self.groups, reshard=self.reshard):
+            return self.compiled(*args, **kwargs)
 
 
 class ParallelModule(nn.Module):
@@ -139,13 +155,20 @@ class ParallelModule(nn.Module):
         """torch.compile of one of this rank's graphs, built once per graph (recompiled per input shape).
 
         What is compiled is the graph with its tp collectives lowered to torch's functional collectives
-        (`traceable_graph_module`): inductor sees each issue and its wait, fuses around them and may move
-        the waits."""
+        (`traceable_graph_module`) and its FSDP gathers to one functional all-gather per unit
+        (`traceable_fsdp_graph_module`): inductor sees each issue and its wait, fuses around them and may move
+        them."""
         cache = self.__dict__.setdefault("_compiled_graphs", {})
         entry = cache.get(id(graph))
         if entry is None or entry[0] is not graph:
-            compiled = torch.compile(traceable_graph_module(graph), backend=self.compile_backend, dynamic=False,
-                                     options=self.compile_options or None)
+            lowered = traceable_fsdp_graph_module(traceable_graph_module(graph))
+            groups = fsdp_group_names(lowered)
+            options = dict(self.compile_options) if self.compile_options else None
+            if groups and options is not None:  # each block's backward re-gather issued one block ahead
+                options["post_grad_custom_post_pass"] = functools.partial(prefetch_fsdp_gathers, groups=groups)
+            compiled = torch.compile(lowered, backend=self.compile_backend, dynamic=False, options=options)
+            if groups:  # FSDP units (fxpar.ops.traceable_fsdp): re-gathered in the backward, not saved
+                compiled = _Resharded(compiled, groups, self.reshard_after_forward)
             entry = cache[id(graph)] = (graph, compiled)
         return entry[1]
 
