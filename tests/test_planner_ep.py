@@ -11,7 +11,7 @@ import torch
 import fxpar
 from fxpar.ops.moe import moe_all_to_all_bytes, moe_experts
 from fxpar.planner import PROFILES
-from fxpar.testing import run_ranks
+from fxpar.testing import rank_pool
 from tests.models import TitanMoEStack, mse
 
 # Compute, not per-op overhead or link latency, dominates (as in a large MoE step): ep splits every op of
@@ -68,7 +68,7 @@ def test_autoplan_chooses_ep_where_it_pays_and_the_plan_runs():
     assert {(("ep", 2),), (("tp", 2),), (("fsdp", 2),)} <= meshes  # ep was compared with the other dims
     assert not any(c.fits for c in ap.candidates if c.mesh == {"dp": 2})
     assert ap.best.estimate.breakdown["ep_comm_s"] > 0 and ap.predicted_memory_gib <= tight
-    results = run_ranks(_run, 2, ap.mesh_shape, ap.mesh_dim_names, ap.parallelize_kwargs(), timeout=300)
+    results = rank_pool(2).run(_run, ap.mesh_shape, ap.mesh_dim_names, ap.parallelize_kwargs(), timeout=300)
     for ok, worst, ep_sizes in results:
         assert ok, worst
         assert ep_sizes == [2] * DEPTH  # the experts really were split by index, tokens exchanged
