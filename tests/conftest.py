@@ -12,7 +12,16 @@ import torch
 import torch.distributed as dist
 from hypothesis import HealthCheck, settings
 
+from fxpar.testing import preload
+
 os.environ.setdefault("FXPAR_CHECK", "1")
+
+# Rank processes start with pytest, transformers and the model families most tests build already
+# imported: the forkserver imports them once, instead of every fresh rank of every pool (and every
+# pool restarted after a failed run) spending seconds on it. Skipped where transformers is missing.
+preload("pytest", "transformers", "transformers.models.gpt2.modeling_gpt2",
+        "transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2",
+        "transformers.models.bert.modeling_bert")
 
 settings.register_profile(
     "ci", derandomize=True, deadline=None, print_blob=True,

@@ -51,32 +51,47 @@ class LiveBytes(TorchDispatchMode):
 
 
 def _step(shape, names, mode, *, n_layer=2, n_embd=32, batch=4, seq=16, dtype=torch.float64) -> dict:
+    return _steps(shape, names, (mode,), n_layer=n_layer, n_embd=n_embd, batch=batch, seq=seq, dtype=dtype)[mode]
+
+
+def _steps(shape, names, modes, *, n_layer=2, n_embd=32, batch=4, seq=16, dtype=torch.float64) -> dict:
+    """Each mode in `modes` against one no-checkpointing run (compiled once, shared by the modes)."""
     mesh = torch.distributed.device_mesh.init_device_mesh("cpu", shape, mesh_dim_names=names)
     torch.manual_seed(0)
     model = tiny_gpt2(n_layer=n_layer, n_embd=n_embd, n_positions=max(seq, 64), dtype=dtype)
     ids, target = torch.randint(0, 128, (batch, seq)), torch.randint(0, 128, (batch, seq))
     out = {}
-    for m in (None, mode):
+    for m in (None, *modes):
         pm = fxpar.parallelize(model, mesh, example_inputs=(ids,), activation_checkpointing=m)
         with fxpar.count_comms() as comms, LiveBytes() as mem:
             loss = pm.step(ids, target=target, loss_fn=ce)
         out[m] = {"loss": loss, "grads": pm.full_grads(), "peak": mem.peak, "comms": len(comms),
                   "explain": pm.explain()}
-    base, ac = out[None], out[mode]
-    return {
+    base = out[None]
+    return {mode: {
         "bit_equal": all(torch.equal(base["grads"][k], ac["grads"][k]) for k in base["grads"]),
         "same_keys": base["grads"].keys() == ac["grads"].keys(),
         "loss_equal": torch.equal(base["loss"], ac["loss"]),
         "peak": base["peak"], "peak_ac": ac["peak"], "comms": base["comms"], "comms_ac": ac["comms"],
         "explain": ac["explain"],
-    }
+    } for mode, ac in ((m, out[m]) for m in modes)}
+
+
+_RESULTS: dict = {}  # (shape, names) -> per-rank results of both modes: one rank run per mesh, not per case
+
+
+def _results(shape, names, mode) -> list:
+    key = (shape, names)
+    if key not in _RESULTS:
+        _RESULTS[key] = rank_pool(2).run(_steps, shape, names, ("full", "selective"), timeout=300)
+    return [r[mode] for r in _RESULTS[key]]
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
 @pytest.mark.parametrize("shape,names", [((2,), ("tp",)), ((2,), ("dp",)), ((2,), ("fsdp",)), ((2,), ("pp",))],
                          ids=["tp2", "dp2", "fsdp2", "pp2"])
 def test_gradients_bit_equal_to_no_checkpointing_float64(shape, names, mode):
-    for r in rank_pool(2).run(_step, shape, names, mode, timeout=300):
+    for r in _results(shape, names, mode):
         assert r["same_keys"] and r["loss_equal"]
         assert r["bit_equal"]
         assert r["peak_ac"] < r["peak"], r  # even a tiny model saves something

@@ -68,6 +68,10 @@ def test_custom_pass_unit_test_from_the_guide():
                                                                   *fxpar.default_passes()[2:]])
 
 
+# Slow: a fresh interpreter and two fresh rank sets (about 20 s). The default run keeps the same path,
+# GPT-2 on fsdp2 x pp2 with gpipe, exact over 20 steps: test_pipeline_data_parallel.py::
+# test_gpt2_trains_20_steps_like_one_process[fsdp2xpp2-gpipe].
+@pytest.mark.slow
 def test_pipeline_example_with_fsdp_verifies():
     pytest.importorskip("transformers")
     out = subprocess.run([sys.executable, str(ROOT / "examples/pipeline_gpt2.py"), "--fsdp", "2", "--pp", "2",
@@ -77,6 +81,10 @@ def test_pipeline_example_with_fsdp_verifies():
     assert "VERIFIED" in out.stdout and "fsdp" in out.stdout
 
 
+# Slow: a fresh interpreter and two fresh rank sets (about 20 s). The default run keeps the same path,
+# GPT-2 saved on tp2 and resumed on pp2 with AdamW, equal to one process: test_checkpoint.py::
+# test_resume_on_another_mesh_equals_one_process[pp2].
+@pytest.mark.slow
 def test_resume_example_equals_an_uninterrupted_run():
     done = subprocess.run([sys.executable, str(ROOT / "examples" / "resume.py")], capture_output=True, text=True,
                           timeout=600, cwd=ROOT)

@@ -9,7 +9,7 @@ import torch
 
 import fxpar
 from fxpar.planner import PROFILES, DeviceProfile, estimate_module
-from fxpar.testing import run_ranks
+from fxpar.testing import rank_pool
 from tests.models import BlockStack, tiny_gpt2
 
 IDS = torch.zeros(8, 16, dtype=torch.long)
@@ -107,7 +107,7 @@ def _run_chosen(mesh_shape, names, plan):
 def test_the_chosen_plan_runs_and_verifies(world):
     model = tiny_gpt2(2, 32, dtype=torch.float64)
     ap = fxpar.autoplan(model, world, example_inputs=(torch.zeros(8, 16, dtype=torch.long),), device="h100")
-    results = run_ranks(_run_chosen, world, ap.mesh_shape, ap.mesh_dim_names, ap.plan, timeout=300)
+    results = rank_pool(world).run(_run_chosen, ap.mesh_shape, ap.mesh_dim_names, ap.plan, timeout=300)
     assert all(ok for ok, _ in results), results
 
 

@@ -12,7 +12,7 @@ import fxpar
 from fxpar.analysis.plan_io import ExpertsStyle, ResolvedPlan
 from fxpar.ops.moe import moe_all_to_all_bytes, moe_experts
 from fxpar.planner import PROFILES
-from fxpar.testing import run_ranks
+from fxpar.testing import rank_pool
 from tests.models import TitanMoEStack, mse
 
 # Compute, not per-op overhead or link latency, dominates (as in a large MoE step): ep splits every op of
@@ -73,7 +73,7 @@ def test_autoplan_chooses_ep_where_it_pays_and_the_plan_runs():
     assert isinstance(ap.plan, ResolvedPlan) and ap.plan.mesh == (("ep", 2),)
     assert {k: str(s) for k, s in ap.plan.tp if isinstance(s, ExpertsStyle)} == \
         {f"moes.{i}.experts": f"experts: experts by index over ep ({EXPERTS} / 2)" for i in range(DEPTH)}
-    results = run_ranks(_run, 2, ap.mesh_shape, ap.mesh_dim_names, ap.parallelize_kwargs(), timeout=300)
+    results = rank_pool(2).run(_run, ap.mesh_shape, ap.mesh_dim_names, ap.parallelize_kwargs(), timeout=300)
     for ok, worst, ep_sizes in results:
         assert ok, worst
         assert ep_sizes == [2] * DEPTH  # the experts really were split by index, tokens exchanged

@@ -15,7 +15,7 @@ from fxpar.dryrun import dry_mesh
 from fxpar.planner import PROFILES, estimate_module
 from fxpar.planner.solve import solve_choices, solver_available
 from fxpar.planner.styles import choose_styles, replicated_modules, style_program, style_units
-from fxpar.testing import run_ranks
+from fxpar.testing import rank_pool
 from tests.models import BlockStack, tiny_gpt2
 
 IDS = torch.zeros(8, 16, dtype=torch.long)
@@ -90,7 +90,7 @@ def test_a_style_ilp_plan_runs_and_verifies():
     """A plan that replicates some units (as the ILP writes it) and shards the rest, exact in float64."""
     units = style_units(capture(tiny_gpt2(2, 32, dtype=torch.float64), (IDS,), None), 2)
     replicate = (*units[0].modules, *units[3].modules)  # block 0's attention, block 1's MLP
-    results = run_ranks(_run_plan, 2, replicate, timeout=300)
+    results = rank_pool(2).run(_run_plan, replicate, timeout=300)
     assert all(ok for ok, _, _ in results), results
     styles = results[0][2]
     assert all(styles.get(m) == "replicate" for m in replicate)

@@ -8,12 +8,13 @@
 `strategies` imports hypothesis; import it explicitly (`from fxpar.testing.strategies import cases`).
 """
 
-from fxpar.testing.dist import RankError, RankPool, rank_pool, run_ranks
+from fxpar.testing.dist import RankError, RankPool, preload, rank_pool, run_ranks
 from fxpar.testing.simulate import SimDeviceMesh, SimWorld, check_equivalence, sim_world, simulate_parallelize
 
 __all__ = [
     "RankError",
     "RankPool",
+    "preload",
     "rank_pool",
     "run_ranks",
     "SimWorld",

@@ -35,7 +35,7 @@ import torch.distributed.distributed_c10d as c10d
 
 from fxpar._torch.fx import tree_map
 
-__all__ = ["RankError", "RankPool", "rank_pool", "run_ranks"]
+__all__ = ["RankError", "RankPool", "preload", "rank_pool", "run_ranks"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,33 @@ _CTX = mp.get_context("forkserver")
 # Keep '__main__' (the default) so functions defined in a demo script unpickle in the ranks.
 # "torch.distributed" first: Python < 3.12 starts the server without the driver's sys.path,
 # so this module may not be importable there; the ranks get the full sys.path again.
-_CTX.set_forkserver_preload(["__main__", "torch.distributed", __name__])
+# Then what fxpar's capture imports on its first call (torch.export's tracer, AOTAutograd, the
+# partitioner and its networkx): imported once in the server instead of once in every fresh rank.
+_PRELOAD = ["__main__", "torch.distributed", __name__, "torch.export._trace", "torch._functorch.aot_autograd",
+            "torch._functorch.partitioners", "networkx"]
+_CTX.set_forkserver_preload(list(_PRELOAD))
+
+
+def preload(*modules: str) -> None:
+    """Adds modules that every rank process starts with, already imported.
+
+    The forkserver imports them once and each rank it forks inherits them, where a fresh rank
+    would otherwise import them itself (``transformers`` and a model family: seconds per rank,
+    paid again by every new pool and every pool restarted after a failed run).  A module that is
+    not installed is skipped.  Only imports: the server must not run torch ops (see the module
+    docstring).
+
+    Args:
+        *modules: Module names, e.g. ``"transformers.models.gpt2.modeling_gpt2"``.
+
+    Raises:
+        RuntimeError: The forkserver of this process already runs (a pool was started): call
+            ``preload`` first, e.g. in a ``conftest.py``.
+    """
+    if mp.forkserver._forkserver._forkserver_pid is not None:
+        raise RuntimeError("fxpar.testing.preload() after a rank pool started has no effect; call it first")
+    _PRELOAD.extend(m for m in modules if m not in _PRELOAD)
+    _CTX.set_forkserver_preload(list(_PRELOAD))
 
 
 class RankError(AssertionError):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import time
 
 import pytest
@@ -169,3 +171,17 @@ def test_own_pool_threads_and_close() -> None:
 
 def test_run_ranks_one_shot() -> None:
     assert run_ranks(_rank_info, 3, "y") == [("y", r, 3) for r in range(3)]
+
+
+def _has_modules(names: list[str]) -> list[bool]:
+    return [name in sys.modules for name in names]
+
+
+def test_fresh_ranks_start_with_the_preloaded_modules() -> None:
+    names = ["torch._functorch.partitioners", "networkx"]  # the harness's own preload: fxpar's capture
+    if importlib.util.find_spec("transformers") is not None:
+        names.append("transformers.models.gpt2.modeling_gpt2")  # tests/conftest.py's preload
+    with RankPool(2) as pool:  # fresh ranks that have run nothing yet
+        assert pool.run(_has_modules, names) == [[True] * len(names)] * 2
+    with pytest.raises(RuntimeError, match="call it first"):  # the forkserver already runs
+        harness.preload("json")
