@@ -84,6 +84,12 @@ def test_overlap_is_bit_equal_to_waiting(case):
             continue
         units = 4 if kwargs.get("fsdp_unit") != "param" else 16
         assert r["issues"] == (0, units - 1), r  # every unit but the first is issued one unit early
+        if "compile" in kwargs:
+            # compiled, each unit is one functional gather that inductor schedules (ops/traceable_fsdp.py):
+            # the eager runtime's prefetch never runs; tests/test_fsdp_compile.py checks the compiled order
+            assert not any(k.startswith("prefetched") for k in overlapped), overlapped
+            assert "issued at %prefetch_" in r["explain"], r["explain"]
+            continue
         assert overlapped["prefetched forward"] == 2 * (units - 1), overlapped  # two steps
         assert overlapped["hit"] >= 2 * (units - 1), overlapped  # each taken by its wait
         if units == 4 and "compile" not in kwargs:  # the runtime's per-block backward (not a compiled one)
