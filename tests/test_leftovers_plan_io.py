@@ -95,7 +95,8 @@ def _run_saved(shape: tuple, names: tuple, path: str) -> dict:
                 torch.equal(grads[0][k], grads[1][k]) for k in grads[0])}
 
 
-@pytest.mark.parametrize("shape,names", [((2,), ("tp",)), ((2,), ("ep",))])
+@pytest.mark.parametrize("shape,names", [((2,), ("tp",)),  # ep: the same saved-experts path, in the slow run
+                                         pytest.param((2,), ("ep",), marks=pytest.mark.slow)])
 def test_saved_experts_plan_runs_the_same_step(shape, names):
     with tempfile.TemporaryDirectory() as folder:
         for r in rank_pool(2).run(_run_saved, shape, names, os.path.join(folder, "plan.json")):
@@ -111,7 +112,8 @@ def _gpt2(heads: int) -> torch.nn.Module:
     return transformers.GPT2LMHeadModel(cfg).double().eval()
 
 
-@pytest.mark.parametrize("heads,tp,fsdp", [(3, 2, 1), (12, 8, 1), (3, 2, 2)])
+@pytest.mark.parametrize("heads,tp,fsdp", [(3, 2, 1), pytest.param(12, 8, 1, marks=pytest.mark.slow),  # 8 ranks: slow
+                                            (3, 2, 2)])
 def test_uneven_heads_plan_round_trips(heads, tp, fsdp, tmp_path):
     model, ids = _gpt2(heads), torch.zeros(2, 8, dtype=torch.long)
     mesh = {"fsdp": fsdp, "tp": tp} if fsdp > 1 else {"tp": tp}
