@@ -97,12 +97,6 @@ def test_overlap_is_bit_equal_to_waiting(case):
             assert overlapped["reduce_scatter waited late"] == 6, overlapped
             if kwargs.get("reshard_after_forward", True):
                 assert overlapped["prefetched backward"] == 6, overlapped
-        if units == 16 and "compile" not in kwargs:
-            # per parameter: each of the 16 reduce-scatters but the first of a step waited when the next is
-            # issued; each re-gather issued under the backward of the weight after it: the 7 weights autograd
-            # saved (not the first layer's, whose input needs no gradient), all but the first one reached
-            assert overlapped["reduce_scatter waited late"] == 2 * 15, overlapped
-            assert overlapped["prefetched backward"] == 2 * 6, overlapped
         assert "issued at %prefetch_" in r["explain"] and "overlaps" in r["explain"], r["explain"]
 
 
@@ -223,52 +217,3 @@ def _bucket_of_another():
 def test_bucket_takes_only_its_own_shards():
     for diff in rank_pool(2).run(_bucket_of_another):
         assert diff == 0.0  # keyed by data pointer, the transpose was gathered as the registered shard
-
-
-def _ce(out, target):
-    logits = out if isinstance(out, torch.Tensor) else out.logits
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1))
-
-
-def _gpt2_tail(fsdp_unit):
-    """GPT-2 (tied wte / lm_head, a final norm after the blocks) on fsdp=2, with and without overlap."""
-    from tests.models import tiny_gpt2
-
-    torch.manual_seed(0)
-    model = tiny_gpt2(n_layer=3, vocab_size=100).double()  # wte's shard: a size no other parameter has
-    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (2,), mesh_dim_names=("fsdp",))
-    ids, target = torch.randint(0, 100, (4, 8)), torch.randint(0, 100, (4, 8))
-    out = {}
-    for overlap in (False, True):
-        pm = fxpar.parallelize(model, mesh, example_inputs=(ids,), overlap=overlap, fsdp_unit=fsdp_unit)
-        report = fxpar.verify(model, pm, ids, target=target, loss_fn=_ce)
-        pm.zero_grad(set_to_none=True)
-        overlap_stats(reset=True)
-        with fxpar.count_comms() as comms:
-            loss = pm.step(ids, target=target, loss_fn=_ce)
-        out[overlap] = dict(ok=report.ok, worst=report.worst, loss=loss.item(), stats=overlap_stats(reset=True),
-                            grads=[p.grad.clone() for p in pm.parameters()],
-                            comms=collections.Counter((c.direction, c.op, c.nbytes) for c in comms))
-    worst = max(float((a - b).abs().max()) for a, b in zip(out[False]["grads"], out[True]["grads"]))
-    return dict(worst_grad=worst, ok=out[False]["ok"] and out[True]["ok"], report=out[True]["worst"],
-                same_loss=out[False]["loss"] == out[True]["loss"], same_comms=out[False]["comms"] == out[True]["comms"],
-                comms=out[True]["comms"], stats=out[True]["stats"])
-
-
-@pytest.mark.parametrize("fsdp_unit", ["block", "param"])
-def test_gpt2_tail_kept_for_the_backward(fsdp_unit):
-    """What is gathered after the last block (ln_f, the tied lm_head) is kept for the backward, as FSDP2
-    keeps its root: the backward gathers only blocks; the logits take the embedding's gather of the tied
-    weight. Gradients equal to the unsplit model (float64) and bit-equal with and without overlap."""
-    for r in rank_pool(2).run(_gpt2_tail, fsdp_unit):
-        assert r["ok"] and r["worst_grad"] == 0.0 and r["same_loss"] and r["same_comms"], r
-        assert "stale" not in r["stats"], r["stats"]
-        forward = [k for k, n in r["comms"].items() for _ in range(n) if k[:2] == ("forward", "all_gather")]
-        backward = [k for k, n in r["comms"].items() for _ in range(n) if k[:2] == ("backward", "all_gather")]
-        wte = 100 * 32 * 8 // 2  # the tied weight's shard, float64 bytes
-        assert sum(k[2] == wte for k in forward) == 1, r["comms"]  # once, not once per use
-        assert not any(k[2] == wte for k in backward), r["comms"]
-        if fsdp_unit == "block":
-            assert len(backward) == 3, r["comms"]  # one per block, none for ln_f / lm_head
-        else:
-            assert r["stats"].get("prefetched backward", 0) > 0, r["stats"]

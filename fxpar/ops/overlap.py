@@ -52,7 +52,7 @@ def start_flat_all_gather(pieces: list[Tensor], n: int, group_name: str,
     """Issues the all-gather of `pieces`, flattened and concatenated into one buffer (in `dtype`): [n * numel]
     after `wait`. One functional collective (the in-process simulator meets ranks there, not in c10d's
     in-place API, which would let the input be the output's own slice as FSDP2's all_gather_copy_in does)."""
-    flat = torch.cat([p.reshape(-1) for p in pieces]) if len(pieces) > 1 else pieces[0].reshape(-1)
+    flat = torch.cat([p.reshape(-1) for p in pieces])
     return start_all_gather(flat if dtype is None else flat.to(dtype), n, group_name)
 
 

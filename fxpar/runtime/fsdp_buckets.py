@@ -30,15 +30,6 @@ before the next one is issued (one in flight, as FSDP2) or at the end of the bac
 and its result added into `.grad` in issue order, so sums are bit-equal to
 the waiting path.
 
-Every unit is a bucket: a block, or with fsdp_unit='param' one parameter (gathered in its own shape, no
-copy in or out), so both units get the backward prefetch (a parameter's re-gather is issued as the one
-after it is re-gathered, passing over those autograd did not save: biases) and the late-waited
-reduce-scatters. A weight gathered once per use (tied wte / lm_head) has one bucket for all its uses.
-
-What is gathered after the last block (the final norm, the logits layer: FSDP2's root) is kept from the
-forward to the backward instead of re-gathered at its top (`keep`, `_tail`), and a kept tied weight's
-later uses in the forward take its first use's gather.
-
 Uneven shards (a dim 0 that does not divide by fsdp) take their padded size
 ceil(rows / fsdp) in the flat buffer on every rank, so the buffer has one
 size on every rank (FSDP2's padded shards); gathering strips the padding,
@@ -60,13 +51,11 @@ from torch import Tensor
 from fxpar._torch.c10d import queue_autograd_callback
 from fxpar.analysis.fsdp import bucket_groups
 from fxpar.core.dataflow import attr_of
-from fxpar.core.errors import block_of
-from fxpar.core.spec import get_info
 from fxpar.ops import collectives as C
-from fxpar.ops.overlap import start_all_gather, start_flat_all_gather, start_reduce_scatter, wait  # registers fxpar::fsdp_prefetch
+from fxpar.ops.overlap import start_flat_all_gather, start_reduce_scatter, wait  # registers fxpar::fsdp_prefetch
 from fxpar.ops.transitions import collective_args
 from fxpar.runtime import fsdp_state
-from fxpar.runtime.fsdp_state import count_overlap, fsdp_bucket_of, register_fsdp_bucket
+from fxpar.runtime.fsdp_state import count_overlap, register_fsdp_bucket
 from fxpar.runtime.grad_sync import take_shard_grad
 
 __all__ = ["FsdpBucket", "register_buckets", "drain", "begin_forward"]
@@ -99,8 +88,6 @@ class FsdpBucket:
         self.prev: FsdpBucket | None = None  # the bucket before this one in the forward (backward prefetch)
         self.overlap = False  # the graph was scheduled for overlap: prefetch re-gathers, wait reduce-scatters late
         self._prefetch_prev = False  # re-gathered in this backward: prefetch `prev`'s re-gather (see `regather`)
-        self.keep = False  # not resharded after the forward: autograd keeps the gathered parameters (`_tail`)
-        self.uses = 1  # gathers of the bucket per forward: more than one for a weight gathered once per use (tied)
 
     def shards(self) -> list[Tensor]:
         out = [r() for r in self._shards]
@@ -115,12 +102,9 @@ class FsdpBucket:
         """Issues the bucket's gather (one flat buffer) without waiting for it."""
         _, n, group_name, mesh_dim = self.args
         shards = self.shards()
-        pieces = [C._pad(s.detach(), 0, p[0]) for s, p in zip(shards, self.padded)]
-        if len(pieces) == 1:  # one parameter, gathered in its own shape: the result is the full parameter
-            pending = start_all_gather(pieces[0] if self.dtype is None else pieces[0].to(self.dtype), n, group_name)
-        else:
-            pending = start_flat_all_gather(pieces, n, group_name, self.dtype)
-        C._record("all_gather", mesh_dim, pending.reshape(-1).narrow(0, 0, self.total), direction)
+        pending = start_flat_all_gather([C._pad(s.detach(), 0, p[0]) for s, p in zip(shards, self.padded)], n,
+                                        group_name, self.dtype)
+        C._record("all_gather", mesh_dim, pending.narrow(0, 0, self.total), direction)
         self._pending = (direction, pending, tuple(s._version for s in shards))
 
     def _gather_all(self, direction: str) -> list[Tensor]:
@@ -138,8 +122,6 @@ class FsdpBucket:
             pending, self._pending = self._pending, None
             done = wait(pending[1])
         n = self.args[1]
-        if self.even and len(self.padded) == 1:  # one parameter (`_issue`): the gathered buffer is it
-            return [done]
         gathered = done.view(n, self.total)
         if self.even:  # one copy-out op for the block (FSDP2's split_with_sizes_copy), each its own storage
             full = [gathered.new_empty((n * shape[0], *shape[1:])) for shape in self.padded]
@@ -173,13 +155,8 @@ class FsdpBucket:
             count_overlap("stale")
 
     def _prefetch_regather(self) -> None:
-        """Issues the backward's re-gather of the nearest bucket before this one (this one included) that
-        autograd saved: one whose parameters no backward needs (biases) is passed over."""
-        bucket = self
-        while bucket is not None and bucket._saved == 0 and not bucket.keep:
-            bucket = bucket.prev
-        if bucket is not None and not bucket.keep and not bucket._regathered and bucket._pending is None:
-            bucket._issue("backward")
+        if self._saved > 0 and not self._regathered and self._pending is None:
+            self._issue("backward")
             count_overlap("prefetched backward")
 
     def gather(self, index: int) -> Tensor:
@@ -194,14 +171,7 @@ class FsdpBucket:
             wait(self._pending[1])  # a re-gather prefetched for a backward that did not come
             self._pending = None
         self._full = {i: (t, v) for i, (t, v) in enumerate(zip(self._gather_all("forward"), versions))}
-        full, version = self._full.pop(index)
-        if self.keep and self.uses > 1:
-            # a tied weight the backward needs first (GPT's wte / lm_head): the logits take the embedding's
-            # gather, as FSDP2 keeps its root gathered, instead of gathering it again at the end of the forward
-            # (kept alive until then; the peak is at the logits, where it is alive either way). A tensor of its
-            # own: each use's op output gets its own autograd history
-            self._full[index] = (full.detach(), version)
-        return full
+        return self._full.pop(index)[0]
 
     def saved(self) -> None:
         self._saved += 1
@@ -212,19 +182,14 @@ class FsdpBucket:
             self._saved, self._regathered = 0, {}
 
     def regather(self, index: int) -> Tensor:
-        shard = self._shards[index]()
-        if index not in self._regathered or shard is None or shard._version != self._regather_versions[index]:
-            self._regather_versions = self._versions()
+        versions = tuple(s._version for s in self.shards())
+        if index not in self._regathered or versions != self._regather_versions:
             self._regathered = dict(enumerate(self._gather_all("backward")))
+            self._regather_versions = versions
             # the block the backward reaches next is gathered during this one, from when half of this block's
             # gradients are in (`reduce`): at the top of a block's backward its activations are all still alive,
-            # and a second block gathered there raised the step's peak by a block (FSDP2 prefetches there).
-            # One parameter (fsdp_unit='param') is small: the one before it is issued now, under this one's
-            # backward (its gradient comes only after that backward, when the next one is about to be needed).
+            # and a second block gathered there raised the step's peak by a block (FSDP2 prefetches there)
             self._prefetch_prev = self.overlap and self.prev is not None
-            if self._prefetch_prev and len(self.numels) == 1:
-                self._prefetch_prev = False
-                self.prev._prefetch_regather()
         return self._regathered[index]
 
     def reduce(self, index: int, grad: Tensor) -> Tensor:
@@ -232,8 +197,6 @@ class FsdpBucket:
         if self._grads is None:
             self._grads = {}
             queue_autograd_callback(self._flush_and_drain)
-            if self.keep:  # never re-gathered (`regather` arms this): the block before it is prefetched from here
-                self._prefetch_prev = self.overlap and self.prev is not None
         # Each gradient is kept as it comes and copied into the flat buffer at the flush: a buffer of the whole
         # block allocated at its first gradient held all of it through the block's backward, at the top of the
         # backward, where the activations peak (FSDP2 keeps per-parameter gradients until its copy-in too).
@@ -332,16 +295,10 @@ def register_buckets(graphs: list) -> list[FsdpBucket]:
     """Registers the block groups of a module's graphs: their fsdp_all_gathers go through them from now on."""
     out = []
     overlap = any(n.target is torch.ops.fxpar.fsdp_prefetch.default for gm in graphs for n in gm.graph.nodes)
-    seen: set[int] = set()
     for args, members in bucket_groups(graphs):
+        if len(members) < 2:
+            continue  # a bucket of one is the plain per-parameter path
         shards = [attr_of(gm, node.target) for gm, node in members]
-        if any(id(s) in seen for s in shards):
-            # a weight gathered once per use (tied, apply_fsdp: never in a block's group): its first use's
-            # bucket of one takes every use, each use's gradient reduce-scattered as it comes
-            assert len(shards) == 1, [node.target for _, node in members]
-            fsdp_bucket_of(shards[0])[0].uses += 1
-            continue
-        seen.update(id(s) for s in shards)
         bucket = FsdpBucket(shards, args, _gather_arg(members[0][1], "param_dtype"),
                             [_full_rows(node) for _, node in members])
         for i, s in enumerate(shards):
@@ -349,24 +306,5 @@ def register_buckets(graphs: list) -> list[FsdpBucket]:
         bucket.prev = out[-1] if out else None
         bucket.overlap = overlap
         out.append(bucket)
-    if len(graphs) == 1:
-        for bucket in _tail(graphs[0], out):
-            bucket.keep = True
     return out
 
-
-def _tail(gm, buckets: list[FsdpBucket]) -> list[FsdpBucket]:
-    """The buckets of the parameters gathered after the last block (the final norm, the logits layer): FSDP2's
-    root, which it does not reshard after the forward. The backward needs them first: re-gathered, they
-    would be gathered at the top of the backward with nothing to run under them.
-
-    The last block itself is resharded (as FSDP2 does): kept, it was alive at the logits, the step's peak
-    (+3 MiB on benchmarks/overlap.py's GPT, over FSDP2's peak).
-    """
-    gathers = [n for n in gm.graph.nodes if n.target is torch.ops.fxpar.fsdp_all_gather.default]
-    blocks = [block_of(i.module_fqn) if (i := get_info(n)) is not None else None for n in gathers]
-    last = max((i for i, b in enumerate(blocks) if b is not None), default=None)
-    if last is None:
-        return []  # no blocks: keeping every parameter is reshard_after_forward=False, not a tail
-    shards = {id(attr_of(gm, n.args[0].target)) for n in gathers[last + 1:]}
-    return [b for b in buckets if any(id(s) in shards for s in b.shards())]

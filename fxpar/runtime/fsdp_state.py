@@ -151,49 +151,17 @@ def fsdp_bucket_of(shard: Tensor) -> tuple | None:
 
 # Gathered FSDP parameters alive right now, for the runtime's memory accounting and for re-gathering
 # in the backward instead of keeping them (reshard_after_forward):
-# id(full) -> (weakref(full), shard, (dim, group_size, group_name, mesh_dim, uneven full size or None),
-# (storage pointer, storage bytes)).
+# id(full) -> (weakref(full), shard, (dim, group_size, group_name, mesh_dim, uneven full size or None)).
 _gathered: dict[int, tuple] = {}
 
 
 _peak = [0]
 
 
-# Bytes of the gathered parameters in `_gathered`, kept as they come and go (not summed per gather: a
-# block's backward notes each of its parameters, and summing all alive at each was a loop per parameter).
-_live = [0]
-
-
-# Tensors noted per storage: two tensors on one storage (a kept gather handed to a second use) count once.
-_storage_users: dict[int, int] = {}
-
-
-def _forget(key: int, ref: weakref.ref) -> None:
-    entry = _gathered.get(key)
-    if entry is not None and entry[0] is ref:  # not a newer tensor noted under a freed one's id
-        del _gathered[key]
-        ptr, nbytes = entry[3]
-        _storage_users[ptr] -= 1
-        if not _storage_users[ptr]:
-            del _storage_users[ptr]
-            _live[0] -= nbytes
-
-
 def note_gathered(full: Tensor, shard: Tensor, args: tuple) -> None:
     key = id(full)
-    entry = _gathered.get(key)
-    if entry is not None and entry[0]() is full:
-        return  # noted already (a full parameter handed out twice)
-    if entry is not None:  # a freed tensor's id, its callback not run yet
-        _forget(key, entry[0])
-    storage = full.untyped_storage()
-    ptr, nbytes = storage.data_ptr(), storage.nbytes()
-    _gathered[key] = (weakref.ref(full, lambda ref: _forget(key, ref)), shard, args, (ptr, nbytes))
-    _storage_users[ptr] = _storage_users.get(ptr, 0) + 1
-    if _storage_users[ptr] == 1:
-        _live[0] += nbytes
-    if _live[0] > _peak[0]:
-        _peak[0] = _live[0]
+    _gathered[key] = (weakref.ref(full, lambda _: _gathered.pop(key, None)), shard, args)
+    _peak[0] = max(_peak[0], gathered_param_bytes())
 
 
 class _Regather:
@@ -229,9 +197,6 @@ def pack_gathered(t: Tensor):
     base = t._base if t._base is not None else t
     entry = _gathered.get(id(base))
     if entry is not None and entry[0]() is base:
-        bucket = fsdp_bucket_of(entry[1])
-        if bucket is not None and bucket[0].keep:  # the backward needs it first: kept, not gathered again
-            return t
         view = (t.size(), t.stride(), t.storage_offset()) if base is not t else None
         return _Regather(entry[1], entry[2]), view
     return t
@@ -255,7 +220,12 @@ def peak_gathered_bytes() -> int:
 
 def gathered_param_bytes() -> int:
     """Bytes of FSDP-gathered parameters alive now (in this process)."""
-    return _live[0]
+    total = 0
+    for ref, *_ in list(_gathered.values()):
+        t = ref()
+        if t is not None:
+            total += t.numel() * t.element_size()
+    return total
 
 
 class _FsdpState:
