@@ -20,7 +20,12 @@ __all__ = [
     "out_spec_of",
     "is_higher_order",
     "wrap_set_grad_enabled",
+    "CAPTURE_MODULES",
 ]
+
+CAPTURE_MODULES = ("torch.export._trace", "torch._functorch.aot_autograd", "torch._functorch.partitioners", "networkx")
+"""What fxpar's capture imports on its first call (torch.export's tracer, AOTAutograd, the partitioner and its
+networkx): fxpar.testing preloads them once in the rank forkserver. Waits for: nothing public names them."""
 
 # Waits for: torch.utils.pytree (public) in this torch version; `pytree` is torch.utils._pytree.
 # tree_flatten_spec waits for the same.

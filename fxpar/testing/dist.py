@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-from fxpar._torch.fx import tree_map
+from fxpar._torch.fx import CAPTURE_MODULES, tree_map
 
 __all__ = ["RankError", "RankPool", "preload", "rank_pool", "run_ranks"]
 
@@ -47,8 +47,7 @@ _CTX = mp.get_context("forkserver")
 # so this module may not be importable there; the ranks get the full sys.path again.
 # Then what fxpar's capture imports on its first call (torch.export's tracer, AOTAutograd, the
 # partitioner and its networkx): imported once in the server instead of once in every fresh rank.
-_PRELOAD = ["__main__", "torch.distributed", __name__, "torch.export._trace", "torch._functorch.aot_autograd",
-            "torch._functorch.partitioners", "networkx"]
+_PRELOAD = ["__main__", "torch.distributed", __name__, *CAPTURE_MODULES]
 _CTX.set_forkserver_preload(list(_PRELOAD))
 
 
