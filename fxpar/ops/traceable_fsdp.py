@@ -174,8 +174,9 @@ def fsdp_units_of(graph: fx.Graph) -> list[list[fx.Node]]:
     last = None
     for node in graph.nodes:
         if node.op != "call_function" or node.target is not _GATHER or _fsdp_args(node)["dim"] != 0 \
-                or node.args[0].op != "get_attr":  # a shard copied first (CPU offload): left to the op
-            continue
+                or node.args[0].op != "get_attr" \
+                or _fsdp_args(node)["full_size"] >= 0:  # CPU offload's copied shard; an uneven shard (its
+            continue  # rank's shapes differ, so inductor may order the collectives differently): left to the op
         here = _key(node)
         if here[0] is not None and here == last and all(g.args[0] is not node.args[0] for g in units[-1]):
             units[-1].append(node)
