@@ -27,9 +27,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-import torch.distributed as dist
 
-from fxpar._torch.c10d import functional, register_work, resolve_process_group
+from fxpar._torch.c10d import functional
+from fxpar.ops import waiting
 from fxpar.ops.collectives import COLLECTIVE_OPS, _record
 
 __all__ = ["ASYNC_OPS", "WAIT_OP", "all_reduce_start", "wait_issued"]
@@ -41,10 +41,7 @@ _c10d = functional
 def all_reduce_start(x: Tensor, group_name: str, mesh_dim: str) -> Tensor:
     """Partial -> Replicate, issued: the sum over the group, valid only after `wait_tensor`. Backward: identity."""
     _record("all_reduce", mesh_dim, x, "forward")
-    out = x.clone(memory_format=torch.contiguous_format)
-    # c10d's async_op returns at once; the functional all_reduce (gloo, CPU) runs most of the collective first
-    register_work(out, dist.all_reduce(out, group=resolve_process_group(group_name), async_op=True))
-    return out
+    return waiting.start_all_reduce(x, group_name)
 
 
 @all_reduce_start.register_fake
@@ -55,8 +52,9 @@ def _(x, group_name, mesh_dim):
 all_reduce_start.register_autograd(lambda ctx, grad: (grad, None, None))
 
 def wait_issued(pending: Tensor) -> Tensor:
-    """The wait node of an issued collective: torch's `wait_tensor` (its autograd formula is the identity)."""
-    return _c10d.wait_tensor(pending)
+    """The wait node of an issued collective: polled on gloo (`ops.waiting`), then torch's `wait_tensor`
+    (its autograd formula is the identity)."""
+    return waiting.wait(pending)
 
 
 WAIT_OP = wait_issued

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from fxpar._torch.c10d import functional, resolve_process_group
+from fxpar.ops import waiting
 from fxpar.core.errors import ShardingError
 from fxpar.core.spec import chunk, pad_to as _pad
 
@@ -104,7 +105,7 @@ def _group_rank(group_name: str) -> int:
 
 
 def _all_reduce(x: Tensor, group_name: str) -> Tensor:
-    return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "sum", group_name))
+    return waiting.all_reduce(x, "sum", group_name)
 
 
 def _all_gather(x: Tensor, dim: int, n: int, group_name: str, split_factor: int = 1,
@@ -116,7 +117,7 @@ def _all_gather(x: Tensor, dim: int, n: int, group_name: str, split_factor: int 
         if padded * n != full_size or x.size(dim) != padded:
             out = _all_gather(_pad(x, dim, padded), dim, n, group_name)
             return out.narrow(dim, 0, full_size).clone()  # its own storage: saved / freed as a whole (fsdp_state)
-    out = _c10d.wait_tensor(_c10d.all_gather_into_tensor(x.contiguous(), n, group_name))
+    out = waiting.all_gather(x, n, group_name)
     if dim != 0:
         out = torch.cat(out.chunk(n, dim=0), dim=dim)
     if split_factor > 1:
@@ -181,7 +182,7 @@ def _all_to_all(x: Tensor, src_dim: int, dst_dim: int, n: int, group_name: str) 
     # Split the local tensor along dst_dim, exchange, and concatenate the received pieces along src_dim.
     pieces = torch.cat([c.contiguous() for c in x.chunk(n, dim=dst_dim)], dim=0)
     splits = [pieces.size(0) // n] * n
-    out = _c10d.wait_tensor(_c10d.all_to_all_single(pieces, splits, splits, group_name))
+    out = waiting.all_to_all_single(pieces, splits, splits, group_name)
     return torch.cat(out.chunk(n, dim=0), dim=src_dim)
 
 
@@ -212,7 +213,7 @@ def all_reduce_max(x: Tensor, group_name: str, mesh_dim: str) -> Tensor:
     """Partial(max) -> Replicate: the elementwise max over the group. Not differentiable: it computes
     the shift of a vocab-parallel log-softmax, whose value the result does not depend on."""
     _record("all_reduce", mesh_dim, x, "forward")
-    return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "max", group_name))
+    return waiting.all_reduce(x, "max", group_name)
 
 
 all_reduce_max.register_fake(lambda x, group_name, mesh_dim: torch.empty_like(x))

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fxpar._torch.c10d import functional as _c10d
+from fxpar.ops import waiting
 from fxpar.ops.collectives import record_comm
 
 __all__ = ["moe_experts", "ACTIVATIONS", "moe_all_to_all_bytes", "EpExchange", "ep_exchanges"]
@@ -115,13 +115,13 @@ class _TokenExchange(torch.autograd.Function):
     def forward(ctx, x: Tensor, out_splits: list, in_splits: list, group_name: str, mesh_dim: str) -> Tensor:
         ctx.splits = (out_splits, in_splits, group_name, mesh_dim)
         record_comm("moe_all_to_all", mesh_dim, x, "forward")
-        return _c10d.wait_tensor(_c10d.all_to_all_single(x.contiguous(), out_splits, in_splits, group_name))
+        return waiting.all_to_all_single(x, out_splits, in_splits, group_name)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         out_splits, in_splits, group_name, mesh_dim = ctx.splits
         record_comm("moe_all_to_all", mesh_dim, grad, "backward")
-        back = _c10d.wait_tensor(_c10d.all_to_all_single(grad.contiguous(), in_splits, out_splits, group_name))
+        back = waiting.all_to_all_single(grad, in_splits, out_splits, group_name)
         return back, None, None, None, None
 
 
@@ -146,7 +146,7 @@ def _exchange_ffn(xs: Tensor, counts: Tensor, w_gate: Tensor, w_up: Tensor | Non
     """Expert parallel: rows sorted by global expert go to the rank holding it, are computed, come back."""
     n, local = ep_size, w_gate.shape[0]
     # counts: (E,) rows of this rank per expert; rank r holds experts [r L, (r+1) L)
-    recv = _c10d.wait_tensor(_c10d.all_to_all_single(counts.contiguous(), [local] * n, [local] * n, group_name))
+    recv = waiting.all_to_all_single(counts, [local] * n, [local] * n, group_name)
     record_comm("moe_all_to_all", mesh_dim, counts, "forward")
     send_splits = counts.view(n, local).sum(1).tolist()
     recv = recv.view(n, local)  # [source rank, local expert]

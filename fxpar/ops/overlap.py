@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from fxpar._torch.c10d import functional
+from fxpar.ops import waiting
 from fxpar.ops.collectives import _fsdp_runtime, _record
 
 __all__ = ["ISSUE_OPS", "start_all_gather", "start_flat_all_gather", "start_reduce_scatter", "wait",
@@ -43,8 +44,8 @@ _c10d = functional
 
 
 def start_all_gather(x: Tensor, n: int, group_name: str) -> Tensor:
-    """Issues an all-gather along dim 0; the result is valid only after `wait`."""
-    return _c10d.all_gather_into_tensor(x.contiguous(), n, group_name)
+    """Issues an all-gather along dim 0; the result is valid only after `wait` (polled on gloo: `ops.waiting`)."""
+    return waiting.start_all_gather(x, n, group_name)
 
 
 def start_flat_all_gather(pieces: list[Tensor], n: int, group_name: str,
@@ -63,7 +64,7 @@ def start_reduce_scatter(x: Tensor, n: int, group_name: str) -> Tensor:
 
 def wait(pending: Tensor) -> Tensor:
     """Waits for a collective `start_*` issued; returns its result."""
-    return _c10d.wait_tensor(pending)
+    return waiting.wait(pending)
 
 
 @torch.library.custom_op("fxpar::fsdp_prefetch", mutates_args=())

@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from fxpar._torch.c10d import queue_autograd_callback, resolve_process_group
 from fxpar.ops.collectives import _record
+from fxpar.ops.waiting import poll, polled_group
 from fxpar.runtime.fsdp_state import fsdp_bucket_of
 
 __all__ = ["GradSync", "sync_data_grads", "take_shard_grad"]
@@ -57,6 +58,14 @@ def take_shard_grad(shard: torch.Tensor, grad: torch.Tensor) -> bool:
         return False
     sync._land(bucket, shard, grad)
     return True
+
+
+def wait_work(work: dist.Work, polled: bool) -> None:
+    """Waits for a bucket's all-reduce: polled on a gloo group (`fxpar.ops.waiting`), else c10d's wait."""
+    if polled:
+        poll(work)
+    else:
+        work.wait()
 
 
 class _Bucket:
@@ -142,14 +151,16 @@ class GradSync:
             if p not in bucket.got:
                 start, n = bucket.offsets[p]
                 bucket.flat[start:start + n].zero_()
-        works = []
-        for i, name in enumerate(bucket.dims):
-            if i:  # a sum over several groups: one after the other
-                works[-1].wait()
+        work = None
+        for name in bucket.dims:
+            if work is not None:  # a sum over several groups: one after the other
+                wait_work(*work)
             _record("all_reduce", name, bucket.flat, "backward")
-            group = resolve_process_group(self.mesh.group_name(self.mesh.index(name)))
-            works.append(dist.all_reduce(bucket.flat, group=group, async_op=True))
-        bucket.work = works[-1]
+            group_name = self.mesh.group_name(self.mesh.index(name))
+            polled = polled_group(group_name, bucket.flat)
+            group = polled if polled is not None else resolve_process_group(group_name)
+            work = (dist.all_reduce(bucket.flat, group=group, async_op=True), polled is not None)
+        bucket.work = work
 
     def _finish(self) -> None:
         # FSDP shards' gradients land in the FSDP runtime's end-of-backward callbacks, all queued during the
@@ -167,7 +178,7 @@ class GradSync:
         for bucket in self.buckets:
             if bucket.work is None:
                 continue
-            bucket.work.wait()
+            wait_work(*bucket.work)
             for p in bucket.got:
                 start, n = bucket.offsets[p]
                 reduced = bucket.flat[start:start + n].view_as(p)

@@ -1,0 +1,173 @@
+"""How an eager collective waits on a CPU (gloo) group: it polls, yielding its core, before it sleeps.
+
+c10d's `Work.wait()` on gloo sleeps on a condition variable until gloo's own
+thread marks the collective done. When every rank is waiting, that leaves the
+cores idle, and waking a thread on an idle core can take as long as the
+collective itself: on this project's 2-core machine a 1 MiB all-reduce between
+2 gloo ranks took 1.9-2.5 ms (mean of 40) when the waiting thread slept and
+0.85-1.4 ms when it polled `Work.is_completed()` with `sched_yield` between
+checks; spinning without yielding was worse than both (3.3 ms: gloo's thread
+then runs only when the scheduler preempts the spinner).
+`python -m benchmarks.waiting` measures it.
+
+So fxpar's eager collectives on a gloo group issue through c10d
+(`async_op=True`) and wait here: poll for at most `spin_seconds()`, yielding
+the core each time, then the ordinary blocking wait. The bound keeps
+oversubscribed ranks (more ranks than cores, as in tests) from burning their
+time slices: after it the wait is exactly c10d's. The values are the same bits
+either way; only when the waiting thread notices completion changes.
+
+Polling pays only while every rank has a core of its own: a rank that yields
+hands its core to whatever else is runnable, which on an oversubscribed host
+is another rank or another job, for a whole time slice. So, as MPI libraries
+switch to yielding / blocking progress when oversubscribed, fxpar polls only
+when the ranks on this host (`LOCAL_WORLD_SIZE`, set by torchrun; else the
+world size) are no more than the cores this process may run on.
+
+Not polled, and kept on torch's functional collectives (issue + `wait_tensor`):
+- groups that are not gloo, or tensors not on the CPU: NCCL's waits are stream
+  syncs, not sleeps; in-process test groups (`fxpar.testing.simulate`) meet
+  ranks in the functional ops;
+- reduce-scatter: gloo's `reduce_scatter_tensor` Work never reports completion
+  (`is_completed()` stays False after its wait; measured on torch 2.13).
+
+`FXPAR_WAIT_SPIN_MS` sets the bound in milliseconds (default 10; 0 turns
+polling off and every collective waits as torch's functional ones do).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fxpar._torch.c10d import functional, register_work, resolve_process_group
+
+__all__ = ["SPIN_ENV", "spin_seconds", "polled_group", "poll", "all_reduce", "all_gather", "all_to_all_single",
+           "start_all_gather", "start_all_reduce", "track", "wait"]
+
+_c10d = functional
+
+SPIN_ENV = "FXPAR_WAIT_SPIN_MS"
+_DEFAULT_SPIN_MS = 10.0
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+def spin_seconds() -> float:
+    """How long a wait polls before it sleeps (`FXPAR_WAIT_SPIN_MS`, read on each call so tests can set it)."""
+    raw = os.environ.get(SPIN_ENV)
+    if not raw:
+        return _DEFAULT_SPIN_MS / 1e3
+    try:
+        return max(float(raw), 0.0) / 1e3
+    except ValueError:
+        return _DEFAULT_SPIN_MS / 1e3
+
+
+_gloo_groups: dict[str, bool] = {}
+
+
+def polled_group(group_name: str, t: Tensor) -> dist.ProcessGroup | None:
+    """The group to issue on through c10d and poll, or None for torch's functional collectives."""
+    if t.device.type != "cpu" or spin_seconds() <= 0:
+        return None
+    pg = resolve_process_group(group_name)
+    gloo = _gloo_groups.get(group_name)
+    if gloo is None:
+        try:
+            gloo = dist.get_backend(pg) == "gloo" and _own_cores()
+        except (RuntimeError, ValueError):  # a group c10d's world does not know (an in-process test group)
+            gloo = False
+        _gloo_groups[group_name] = gloo
+    return pg if gloo else None
+
+
+def _own_cores() -> bool:
+    """Whether each rank on this host has a core: local ranks <= the cores this process may use."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or 0) or dist.get_world_size()
+    return local <= len(os.sched_getaffinity(0))
+
+
+def poll(work: dist.Work) -> None:
+    """Waits for `work`: polls its completion, yielding the core, for at most `spin_seconds()`, then blocks.
+    An error or a timeout is c10d's own: `work.wait()` raises it (it names the collective and the group)."""
+    if not work.is_completed():
+        deadline = time.perf_counter() + spin_seconds()
+        while not work.is_completed() and time.perf_counter() < deadline:
+            os.sched_yield()
+    work.wait()
+
+
+# --------------------------------------------------------------------------- collectives waited at once
+
+
+def all_reduce(x: Tensor, op: str, group_name: str) -> Tensor:
+    """The reduction of `x` over the group (a new tensor), waited."""
+    pg = polled_group(group_name, x)
+    if pg is None:
+        return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), op, group_name))
+    out = x.clone(memory_format=torch.contiguous_format)
+    poll(dist.all_reduce(out, op=_REDUCE_OPS[op], group=pg, async_op=True))
+    return out
+
+
+def all_gather(x: Tensor, n: int, group_name: str) -> Tensor:
+    """The ranks' `x` concatenated along dim 0 (rank order), waited."""
+    return wait(start_all_gather(x, n, group_name))
+
+
+def all_to_all_single(x: Tensor, out_splits: list[int], in_splits: list[int], group_name: str) -> Tensor:
+    """`x`'s rows split by `in_splits` sent rank by rank; the received rows (`out_splits`) concatenated."""
+    pg = polled_group(group_name, x)
+    if pg is None:
+        return _c10d.wait_tensor(_c10d.all_to_all_single(x.contiguous(), out_splits, in_splits, group_name))
+    x = x.contiguous()
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    poll(dist.all_to_all_single(out, x, list(out_splits), list(in_splits), group=pg, async_op=True))
+    return out
+
+
+# --------------------------------------------------------------------------- issued now, waited later
+
+_issued: dict[int, dist.Work] = {}
+"""Works issued through c10d and not yet waited, by their output's storage address."""
+
+
+def track(out: Tensor, work: dist.Work) -> Tensor:
+    """Registers an `async_op=True` collective writing `out`: `wait(out)` polls it, and torch's `wait_tensor(out)`
+    (a compiled graph's, an fx node's) waits on it too."""
+    register_work(out, work)
+    _issued[out.untyped_storage().data_ptr()] = work
+    return out
+
+
+def start_all_gather(x: Tensor, n: int, group_name: str) -> Tensor:
+    """Issues an all-gather along dim 0; the result is valid only after `wait`."""
+    x = x.contiguous()
+    pg = polled_group(group_name, x)
+    if pg is None:
+        return _c10d.all_gather_into_tensor(x, n, group_name)
+    out = x.new_empty((n * x.size(0), *x.shape[1:]))
+    return track(out, dist.all_gather_into_tensor(out, x, group=pg, async_op=True))
+
+
+def start_all_reduce(x: Tensor, group_name: str) -> Tensor:
+    """Issues a sum all-reduce of a copy of `x`; the result is valid only after `wait`."""
+    out = x.clone(memory_format=torch.contiguous_format)
+    pg = polled_group(group_name, out)
+    if pg is None:  # c10d's async_op, not the functional op: gloo's functional all_reduce runs before it returns
+        register_work(out, dist.all_reduce(out, group=resolve_process_group(group_name), async_op=True))
+        return out
+    return track(out, dist.all_reduce(out, group=pg, async_op=True))
+
+
+def wait(pending: Tensor) -> Tensor:
+    """Waits for a collective issued by a `start_*` (here or a functional one); returns its result."""
+    if _issued:
+        work = _issued.pop(pending.untyped_storage().data_ptr(), None)
+        if work is not None:
+            poll(work)
+    return _c10d.wait_tensor(pending)
