@@ -35,12 +35,28 @@ class _Work:
 
 def test_poll_is_bounded_then_blocks(monkeypatch):
     monkeypatch.setenv(waiting.SPIN_ENV, "5")
+    monkeypatch.setattr(waiting, "_host_has_a_free_core", lambda: True)
     work = _Work()
     t0 = time.perf_counter()
     waiting.poll(work)
     took = time.perf_counter() - t0
     assert work.waits == 1 and work.checks > 1  # polled, then c10d's wait once
     assert took >= 0.005  # the whole 5 ms budget was polled (no upper wall bound: timing is not asserted)
+
+
+def test_busy_host_blocks_at_once(monkeypatch):
+    monkeypatch.setenv(waiting.SPIN_ENV, "50")
+    monkeypatch.setattr(waiting, "_host_has_a_free_core", lambda: False)
+    work = _Work()
+    waiting.poll(work)
+    assert (work.checks, work.waits) == (1, 1)  # one completion check, then c10d's wait: no polling
+
+
+def test_free_core_reads_the_runnable_count():
+    assert isinstance(waiting._host_has_a_free_core(), bool)
+    if os.path.exists("/proc/loadavg"):
+        running = int(open("/proc/loadavg").read().split()[3].split("/")[0])
+        assert running >= 1 and waiting._loadavg and waiting._loadavg[0] >= 0
 
 
 def test_poll_passes_on_the_collectives_error(monkeypatch):
