@@ -49,26 +49,20 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fxpar._torch.c10d import functional, register_work, resolve_process_group
+from fxpar.core import config
 
 __all__ = ["SPIN_ENV", "spin_seconds", "polled_group", "poll", "all_reduce", "all_gather", "all_to_all_single",
            "start_all_gather", "start_all_reduce", "track", "wait"]
 
 _c10d = functional
 
-SPIN_ENV = "FXPAR_WAIT_SPIN_MS"
-_DEFAULT_SPIN_MS = 10.0
+SPIN_ENV = config.WAIT_SPIN_ENV
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
 
 def spin_seconds() -> float:
     """How long a wait polls before it sleeps (`FXPAR_WAIT_SPIN_MS`, read on each call so tests can set it)."""
-    raw = os.environ.get(SPIN_ENV)
-    if not raw:
-        return _DEFAULT_SPIN_MS / 1e3
-    try:
-        return max(float(raw), 0.0) / 1e3
-    except ValueError:
-        return _DEFAULT_SPIN_MS / 1e3
+    return config.wait_spin_ms() / 1e3
 
 
 _gloo_groups: dict[str, bool] = {}
@@ -91,7 +85,7 @@ def polled_group(group_name: str, t: Tensor) -> dist.ProcessGroup | None:
 
 def _own_cores() -> bool:
     """Whether each rank on this host has a core: local ranks <= the cores this process may use."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE") or 0) or dist.get_world_size()
+    local = config.local_world_size() or dist.get_world_size()
     return local <= len(os.sched_getaffinity(0))
 
 
