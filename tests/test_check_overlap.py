@@ -91,7 +91,7 @@ def test_async_tp_and_functional_issues_share_one_check_and_one_message():
         check_issue_waits(_functional_graph(early_use=True))
     # the same format for both kinds: '<reader>: reads %<issued>, issued by <issue>, <where>: ... in flight there'
     assert str(f.value).split(": reads ")[1].split(", issued by ")[0] == "%all_reduce_default"
-    assert "before its wait %wait_tensor: the collective is still in flight there" in str(f.value)
+    assert "before its wait %wait_tensor_default: the collective is still in flight there" in str(f.value)
 
 
 def test_fsdp_wait_moved_before_its_issue_is_caught():
