@@ -312,8 +312,6 @@ def overlap_lines(gm: fx.GraphModule) -> list[str]:
         shown = ", ".join(modules[:4]) + (f", ... ({len(modules)} modules)" if len(modules) > 4 else "")
         out.append(f"  all_gather(fsdp) of {unit} ({fmt_bytes(unit_bytes(waits))}) issued at %{issue.name}, "
                    f"waited at %{first.name}: overlaps {len(compute)} ops of {shown or 'nothing'}")
-    out.append("  backward (the dual, at run time): each block's re-gather issued during the block after it, "
-               "each reduce-scatter waited one block late")
     peak, _ = in_flight_peak(gm)
     out.append(f"  gathered parameters in flight: peak {fmt_bytes(peak)} (estimate {fmt_bytes(in_flight_estimate(gm))})")
     return out + tp

@@ -45,7 +45,7 @@ import torch
 import torch.fx as fx
 
 from fxpar.analysis.cost import DeviceModel, evaluate, example_sizes, node_cost
-from fxpar.analysis.explain import collectives, moe_collectives
+from fxpar.analysis.collective_info import collectives, moe_collectives
 from fxpar.analysis.fsdp import bucket_groups
 from fxpar.analysis.overlap import issued_waits, unit_bytes
 from fxpar.analysis.profile import measure_profile
