@@ -137,6 +137,10 @@ def test_compiled_module_before_its_first_step_says_so(make_fake_mesh):
 
 
 def _compiled_fsdp_schedule():
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
     from fxpar.analysis.compiled_schedule import compiled_schedules
     from tests.models import BlockStack, mse
 
@@ -146,9 +150,13 @@ def _compiled_fsdp_schedule():
     x = torch.randn(4, 8, 16, dtype=torch.float64)
     pm = fxpar.parallelize(model, mesh, example_inputs=(x,), compile=True)
     before = pm.explain()
-    pm.step(x, target=torch.randn_like(x), loss_fn=mse)
+    _, codes = run_and_get_code(lambda: pm.step(x, target=torch.randn_like(x), loss_fn=mse))
     block_bytes = sum(p.numel() * p.element_size() for p in model.blocks[0].parameters())
-    return dict(before=before, after=pm.explain(), schedules=dict(compiled_schedules(pm)), block_bytes=block_bytes)
+    # the calls of each compiled graph's generated code, in order: what the recorder must have seen last
+    calls = [re.findall(r"(extern_kernels\.\w+|_c10d_functional\.\w+)\.?\w*\(", code[code.index("def call("):])
+             for code in codes]
+    return dict(before=before, after=pm.explain(), schedules=dict(compiled_schedules(pm)), block_bytes=block_bytes,
+                calls=calls)
 
 
 @pytest.mark.slow  # inductor's C++ compile of a forward and a backward on 2 gloo ranks: about 40 s
@@ -177,4 +185,10 @@ def test_compiled_fsdp_explain_shows_inductors_order_forward_and_backward():
         assert f"    all_gather_into_tensor(fsdp) of blocks.1 ({fmt_bytes(shard)}): issued at {under.issue} " \
                f"(kernel {under.issue_at}), waited at {under.wait}" in r["after"]
         assert "FSDP backward per unit" not in r["after"]  # the eager runtime's backward is not what runs
+        # the recorded order is the order the generated code runs: extern kernels, collectives and waits
+        recorded = [[op.rsplit(".", 1)[0] if op.startswith("_c10d") else op for op in s.ops if op]
+                    for s in (fwd, bwd)]
+        assert recorded == r["calls"], (recorded, r["calls"])
+        assert [c.split(".")[1] for c in r["calls"][1] if c.startswith("_c10d")].count("wait_tensor") == 4
+        assert sum(c.startswith("extern_kernels.") for c in r["calls"][1]) >= 6  # the backward's matmuls
     assert [s.order for s in results[0]["schedules"].values()] == [s.order for s in results[1]["schedules"].values()]

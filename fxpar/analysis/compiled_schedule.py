@@ -76,6 +76,7 @@ class CompiledSchedule:
     kernels: int
     collectives: tuple[CompiledCollective, ...]
     order: tuple  # its collectives as `fxpar._torch.inductor.collective_order` lists them: (op, sizes, args)
+    ops: tuple = ()  # every kernel's op in order ('' for a generated kernel): extern calls, collectives, waits
 
 
 def _labels(graph: fx.GraphModule) -> dict[str, str]:
@@ -125,7 +126,8 @@ def build_schedule(nodes: list[ScheduledNode], role: str, labels: Mapping[str, s
             i, end, tuple(f"{k.name} {k.op}".strip() for k in under),
             tuple(dict.fromkeys(m for k in under for m in what(k)))))
     order = tuple((n.op, n.sizes, n.args) for n in kernels if n.kind == "collective")
-    return CompiledSchedule(role, sum(k.kind == "compute" for k in kernels), tuple(out), order)
+    return CompiledSchedule(role, sum(k.kind == "compute" for k in kernels), tuple(out), order,
+                            tuple(k.op for k in kernels))
 
 
 class ScheduleRecorder:
