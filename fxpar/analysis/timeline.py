@@ -180,6 +180,8 @@ def rank_timeline(pm, *, device: DeviceModel | None = None, profile: Mapping[str
     model = gm.meta["fxpar"].model_class if "fxpar" in gm.meta else type(pm).__name__
     mesh = ", ".join(f"{k}={v}" for k, v in zip(pm.mesh_info.names, pm.mesh_info.sizes))
     title = f"{model} on ({mesh}), one {'training step' if backward else 'forward'}"
+    if getattr(pm, "compile_backend", None) is not None:  # inductor's own order: explain()'s compiled schedule
+        title += f"; the eager runtime's schedule (compiled with {pm.compile_backend!r}: see explain())"
     return _Replay(gm, pm.mesh_info, device, hints, dict(profile or {}),
                    reshard_after_forward=getattr(pm, "reshard_after_forward", True)).run(backward, title)
 
