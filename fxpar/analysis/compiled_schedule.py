@@ -33,6 +33,7 @@ import torch.fx as fx
 from fxpar._torch.inductor import ScheduledNode, graph_role, scheduled_nodes
 from fxpar.core.fmt import fmt_bytes
 from fxpar.core.spec import get_info
+from fxpar.ops.traceable_fsdp import fsdp_gather_unit
 
 __all__ = ["CompiledCollective", "CompiledSchedule", "ScheduleRecorder", "add_schedule_recorder",
            "compiled_schedules", "compiled_schedule_lines"]
@@ -86,7 +87,7 @@ def _labels(graph: fx.GraphModule) -> dict[str, str]:
         info = get_info(node)
         if info is None:
             continue
-        unit = getattr(node.target, "__name__", "") == "fsdp_gather_unit"
+        unit = node.target is fsdp_gather_unit
         out[node.name] = (f"fsdp unit {info.fsdp_bucket}" if unit and info.fsdp_bucket else info.module_fqn) or "<root>"
     return out
 
