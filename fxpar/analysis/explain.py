@@ -241,7 +241,9 @@ def _fsdp_backward_lines(pm) -> list[str]:
 
     def part(name: str, bar: Bar | None) -> str:
         if bar is None:
-            return f"no {name} (kept gathered from the forward: reshard_after_forward=False)"
+            return f"no {name} (" + ("kept gathered from the forward: reshard_after_forward=False)"
+                                     if not getattr(pm, "reshard_after_forward", True) and name == "re-gather"
+                                     else "no backward op needs it)")
         o = windows.get(bar.label)
         if o is None:  # blocking: nothing runs while it is in flight
             return f"{name} ({fmt_bytes(bar.nbytes)}) blocking, " + (
