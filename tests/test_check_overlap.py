@@ -66,6 +66,34 @@ def test_an_issued_collective_never_waited_is_caught():
         check_issue_waits(_functional_graph(early_use=False, waited=False))
 
 
+def _async_graph(read_issue: bool) -> fx.GraphModule:
+    """x -> fxpar.all_reduce_start (issued) -> wait_issued -> mul; planted: the mul reads the issue, not the wait."""
+    from fxpar.ops.async_tp import WAIT_OP
+
+    g = fx.Graph()
+    x = g.placeholder("x")
+    issue = g.call_function(torch.ops.fxpar.all_reduce_start.default, (x, "0", "tp"), name="issue")
+    wait = g.call_function(WAIT_OP, (issue,), name="wait")
+    y = g.call_function(torch.ops.aten.mul.Tensor, (issue if read_issue else wait, 2.0), name="mul")
+    g.output((y, wait))
+    return fx.GraphModule(torch.nn.Module(), g)
+
+
+def test_async_tp_and_functional_issues_share_one_check_and_one_message():
+    check_issue_waits(_async_graph(read_issue=False))
+    with pytest.raises(fxpar.GraphInvariantError) as e:
+        check_issue_waits(_async_graph(read_issue=True))  # after the wait in graph order, still the issue's buffer
+    msg = str(e.value)
+    assert "mul.Tensor at %mul" in msg and "reads %issue, issued by fxpar.all_reduce_start.default at %issue" in msg
+    assert "instead of its wait %wait's value" in msg
+    assert "the collective is still in flight there" in msg and "rerun fxpar.passes.async_tp" in msg
+    with pytest.raises(fxpar.GraphInvariantError) as f:
+        check_issue_waits(_functional_graph(early_use=True))
+    # the same format for both kinds: '<reader>: reads %<issued>, issued by <issue>, <where>: ... in flight there'
+    assert str(f.value).split(": reads ")[1].split(", issued by ")[0] == "%all_reduce_default"
+    assert "before its wait %wait_tensor_default: the collective is still in flight there" in str(f.value)
+
+
 def test_fsdp_wait_moved_before_its_issue_is_caught():
     pms = _fsdp_world()
     gm = pms[0].graph_module

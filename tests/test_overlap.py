@@ -88,7 +88,8 @@ def test_overlap_is_bit_equal_to_waiting(case):
             # compiled, each unit is one functional gather that inductor schedules (ops/traceable_fsdp.py):
             # the eager runtime's prefetch never runs; tests/test_fsdp_compile.py checks the compiled order
             assert not any(k.startswith("prefetched") for k in overlapped), overlapped
-            assert "issued at %prefetch_" in r["explain"], r["explain"]
+            # explain() describes the compiled schedule, not the eager prefetch (tests/test_explain.py)
+            assert "Compiled schedule" in r["explain"] and "issued at %prefetch_" not in r["explain"], r["explain"]
             continue
         assert overlapped["prefetched forward"] == 2 * (units - 1), overlapped  # two steps
         assert overlapped["hit"] >= 2 * (units - 1), overlapped  # each taken by its wait

@@ -12,7 +12,9 @@ that block's weight-gradient matmuls run, and only then comes the wait.
 
 from __future__ import annotations
 
-__all__ = ["overlap_comms", "collective_order"]
+from dataclasses import dataclass
+
+__all__ = ["overlap_comms", "collective_order", "ScheduledNode", "scheduled_nodes", "graph_role"]
 
 # Relative costs (arbitrary units): only their order matters to the greedy scheduler.
 _COLLECTIVE, _GEMM, _OTHER = 1.0, 0.3, 0.01
@@ -43,21 +45,100 @@ def overlap_comms(snodes: list) -> list:
         return _comms.reorder_compute_for_overlap(snodes)
 
 
-def collective_order(snodes: list) -> list[tuple[str, tuple, tuple]]:
-    """The collectives of a scheduler-node order (their waits left out), as (op, input sizes, constant args):
-    what a rank issues, in the order inductor's reordering left them (`fxpar.verify.compiled_order`).
+@dataclass(frozen=True)
+class ScheduledNode:
+    """One kernel of inductor's final order, in plain terms (`scheduled_nodes`).
+
+    Attributes:
+        name: the scheduler node ('op12').
+        kind: 'collective' (issued, not waited), 'wait' (a `wait_tensor`), 'compute' or 'nop' (no kernel: views).
+        op: the kernel ('_c10d_functional.all_gather_into_tensor.default', 'extern_kernels.mm'; '' for a
+            generated kernel).
+        sizes: its inputs' sizes (a collective's: what it communicates).
+        nbytes: its first input's bytes (a collective's payload per rank).
+        args: its constant arguments, as text (a collective's group name is one).
+        reads, writes: the buffers it reads and writes (a wait reads its collective's output).
+        origins: the stack traces of the post-grad nodes it computes (what graph code it came from).
+        modules: the module FQNs those nodes come from (their `nn_module_stack`, which dynamo carries over from
+            the traced graph's nodes; in a backward graph, their forward node's), deepest first seen.
+    """
+
+    name: str
+    kind: str
+    op: str
+    sizes: tuple
+    nbytes: int
+    args: tuple
+    reads: frozenset
+    writes: frozenset
+    origins: tuple
+    modules: tuple = ()
+
+
+def _module_of(node) -> str:
+    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack") or {}
+    values = list(stack.values()) if isinstance(stack, dict) else []
+    return str(values[-1][0]) if values and isinstance(values[-1], tuple) else ""
+
+
+def _nbytes(ir) -> int:
+    try:
+        numel = 1
+        for d in ir.get_size():
+            numel *= int(d)
+        return numel * ir.get_dtype().itemsize
+    except (AttributeError, TypeError, ValueError):  # a symbolic or layout-less input
+        return 0
+
+
+def scheduled_nodes(snodes: list) -> list[ScheduledNode]:
+    """inductor's scheduler nodes, in the order given (a reordering pass's input or output), as ScheduledNodes.
 
     Waits for: a public view of inductor's scheduled nodes (torch._inductor.scheduler / comms).
     """
     from torch._inductor import comms as _comms
+    from torch._inductor.utils import contains_wait
+
+    def entry(name: str, subs: list, nop: bool) -> ScheduledNode:
+        node = getattr(subs[0], "node", None) if len(subs) == 1 else None
+        op = str(getattr(node, "python_kernel_name", "") or "").replace("torch.ops.", "")
+        kind = "wait" if any(contains_wait(s) for s in subs) else \
+            "collective" if any(_comms.contains_collective(s) for s in subs) else "nop" if nop else "compute"
+        inputs = [i for i in getattr(node, "inputs", ()) if hasattr(i, "get_size")] if node is not None else []
+        nodes = sorted((o for s in subs for o in (getattr(getattr(s, "node", None), "origins", None) or ())),
+                       key=lambda o: o.name)
+        origins = tuple(sorted({str(o.meta.get("stack_trace") or "") for o in nodes} - {""}))
+        modules = tuple(m for m in dict.fromkeys(_module_of(o) for o in nodes) if m)
+        return ScheduledNode(
+            name, kind, op, tuple(tuple(str(d) for d in i.get_size()) for i in inputs),
+            _nbytes(inputs[0]) if inputs else 0, tuple(str(a) for a in getattr(node, "constant_args", ()) or ()),
+            frozenset(d.name for s in subs for d in s.read_writes.reads),
+            frozenset(b for s in subs for b in s.get_buffer_names()), origins, modules)
 
     out = []
     for snode in snodes:
-        for sub in snode.get_nodes():
-            node = getattr(sub, "node", None)
-            name = str(getattr(node, "python_kernel_name", "") or "")
-            if node is None or not _comms.contains_collective(sub) or name.endswith("wait_tensor.default"):
-                continue
-            sizes = tuple(tuple(str(d) for d in i.get_size()) for i in getattr(node, "inputs", ()) if hasattr(i, "get_size"))
-            out.append((name.replace("torch.ops.", ""), sizes, tuple(str(a) for a in getattr(node, "constant_args", ()))))
+        subs = list(snode.get_nodes())
+        if len(subs) > 1 and any(_comms.contains_collective(s) or contains_wait(s) for s in subs):
+            out.extend(entry(s.get_name(), [s], False) for s in subs)  # a group of collectives: each its own
+        else:
+            out.append(entry(snode.get_name(), subs, type(snode).__name__ == "NopKernelSchedulerNode"))
     return out
+
+
+def graph_role() -> str:
+    """'forward', 'backward' or 'inference': the graph inductor is compiling now (call from inside a pass).
+
+    Waits for: a public handle on the graph being compiled (torch._inductor.virtualized.V.graph).
+    """
+    from torch._inductor.virtualized import V
+
+    graph = V.graph
+    return "backward" if getattr(graph, "is_backward", False) else \
+        "inference" if getattr(graph, "is_inference", False) else "forward"
+
+
+def collective_order(snodes: list) -> list[tuple[str, tuple, tuple]]:
+    """The collectives of a scheduler-node order (their waits left out), as (op, input sizes, constant args):
+    what a rank issues, in the order inductor's reordering left them (`fxpar.verify.compiled_order`).
+    """
+    return [(n.op, n.sizes, n.args) for n in scheduled_nodes(snodes) if n.kind == "collective"]

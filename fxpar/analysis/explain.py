@@ -11,19 +11,21 @@ is 2(n-1)/n of that for all_reduce and (n-1)/n for gathers and scatters.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
-from dataclasses import dataclass
 
 import sympy
 import torch
 import torch.fx as fx
 
 from fxpar._torch.fx import pytree
-from fxpar.analysis.fingerprint import moe_ep_exchanges
+from fxpar.analysis.collective_info import CollectiveInfo, collectives, moe_collectives
+from fxpar.analysis.compiled_schedule import compiled_schedule_lines
 from fxpar.analysis.fsdp import bucket_groups
 from fxpar.analysis.overlap import overlap_lines
 from fxpar.analysis.memory import grad_sync_lines, memory_lines, memory_per_rank, tensor_key
 from fxpar.analysis.schedule import explain_stages, pipeline_order_of
+from fxpar.analysis.timeline import Bar, rank_timeline
 from fxpar.core.dataflow import attr_of
 from fxpar.core.errors import block_of
 from fxpar.analysis.plan_io import full_mesh
@@ -31,76 +33,10 @@ from fxpar.analysis.replicated import replicated_lines
 from fxpar.core.fmt import fmt_bytes, natural_key
 from fxpar.core.spec import SIZE_BINDINGS, TensorSpec, get_info, placements_str
 from fxpar.core.stages import stage_info
-from fxpar.ops.collectives import BACKWARD_OF, COLLECTIVE_OPS
-from fxpar.ops.transitions import collective_args
+from fxpar.ops.collectives import COLLECTIVE_OPS
 from fxpar.ops.moe import moe_experts
 
 __all__ = ["CollectiveInfo", "collectives", "moe_collectives", "param_memory", "explain"]
-
-
-@dataclass(frozen=True)
-class CollectiveInfo:
-    """One collective node of a rewritten graph, as explain() reports it."""
-
-    node: str
-    op: str
-    mesh_dim: str
-    group_size: int
-    module: str
-    forward_bytes: int
-    backward_op: str | None
-    backward_bytes: int
-    note: str = ""  # what a collective inside an op is ('counts', 'dispatch' or 'combine' of a MoE node)
-
-
-def _payload(op: str, spec: TensorSpec, n: int) -> int:
-    """Bytes each rank puts into `op` whose *output* has `spec`."""
-    local = spec.nbytes(local=True)
-    if op in ("all_gather", "sp_all_gather"):
-        return local // n
-    if op == "reduce_scatter":
-        return local * n
-    return local
-
-
-def moe_collectives(node: fx.Node) -> list[CollectiveInfo]:
-    """The ep all-to-alls inside one `moe_experts` node (fxpar.ops.moe), each with its backward dual; [] off ep."""
-    exchanges = moe_ep_exchanges(node)
-    if not exchanges:
-        return []
-    info, n, dim = get_info(node), node.kwargs["ep_size"], node.kwargs.get("ep_mesh_dim", "ep")
-    dual = {e.name: e for e in exchanges if e.direction == "backward"}
-    return [CollectiveInfo(node.name, "all_to_all", dim, n, info.module_fqn if info is not None else "", e.nbytes,
-                           "all_to_all" if e.name in dual else None, dual[e.name].nbytes if e.name in dual else 0,
-                           note=e.name + (" (balanced routing)" if e.name == "combine" else ""))
-            for e in exchanges if e.direction == "forward"]
-
-
-def collectives(gm: fx.GraphModule, mesh, *, moe: bool = False) -> list[CollectiveInfo]:
-    """Every fxpar collective in graph order, with bytes per step at the example sizes.
-
-    With moe=True, also the all-to-alls a `moe_experts` node issues inside itself on ep (`moe_collectives`).
-    """
-    out = []
-    for node in gm.graph.nodes:
-        if moe and node.op == "call_function" and node.target is moe_experts:
-            out.extend(moe_collectives(node))
-            continue
-        if node.op != "call_function" or node.target not in COLLECTIVE_OPS:
-            continue
-        op = COLLECTIVE_OPS[node.target]
-        args = collective_args(node)
-        info = get_info(node)
-        n = mesh.size(args["mesh_dim"])
-        spec = info.spec
-        fwd = 0 if op in ("shard", "grad_all_reduce") else _payload(op, spec, n or 1)
-        # integer values (ids, masks) carry no gradient: their duals never run
-        bwd_op = BACKWARD_OF[op] if spec.dtype.is_floating_point else None
-        # The backward op carries the gradient of this node's output (for shard / reduce_scatter:
-        # the gathered gradient's local input is this node's local output).
-        bwd = spec.nbytes(local=True) if bwd_op else 0
-        out.append(CollectiveInfo(node.name, op, args["mesh_dim"], n, info.module_fqn, fwd, bwd_op, bwd))
-    return out
 
 
 def param_memory(gm: fx.GraphModule) -> tuple[int, int]:
@@ -278,6 +214,52 @@ def _bucket_overlap_lines(gm: fx.GraphModule) -> list[str]:
         if out else []
 
 
+_FSDP_BAR = re.compile(r"^(all_gather|reduce_scatter)\((\w+)\) of (\S+) \((re-gather|dual)\)$")
+
+
+def _fsdp_backward_lines(pm) -> list[str]:
+    """Each FSDP unit's backward, as the runtime runs it (`fxpar.analysis.timeline`'s replay of
+    fxpar.runtime.fsdp_buckets): its re-gather's issue and wait, its reduce-scatter's issue and wait, and the
+    backward ops that run between each issue and its wait."""
+    if not bucket_groups([pm.graph_module]):
+        return []
+    t = rank_timeline(pm)
+    backward = [b for b in t.bars[t.backward_from:] if b.lane == "compute" and b.kind == "backward"]
+    windows = {o.collective: o for o in t.overlaps}
+    units: dict[str, dict[str, Bar]] = {}  # unit -> {'re-gather' / 'dual': its bar}, in backward order
+    for b in sorted((b for b in t.bars[t.backward_from:] if b.lane == "comm"), key=lambda b: b.start):
+        m = _FSDP_BAR.match(b.label)
+        if m:
+            units.setdefault(m.group(3), {}).setdefault(m.group(4), b)
+
+    def after(at: float) -> str:  # the backward op that ran last before `at`
+        done = [b for b in backward if b.end <= at + 1e-15]
+        return f"the backward of %{done[-1].node}" if done else "the start of the backward"
+
+    def before(at: float) -> str:  # the backward op that runs first after `at`
+        return next((f"the backward of %{b.node}" for b in backward if b.start >= at - 1e-15), "the end of the step")
+
+    def part(name: str, bar: Bar | None) -> str:
+        if bar is None:
+            return f"no {name} (" + ("kept gathered from the forward: reshard_after_forward=False)"
+                                     if not getattr(pm, "reshard_after_forward", True) and name == "re-gather"
+                                     else "no backward op needs it)")
+        o = windows.get(bar.label)
+        if o is None:  # blocking: nothing runs while it is in flight
+            return f"{name} ({fmt_bytes(bar.nbytes)}) blocking, " + (
+                f"before {before(bar.end)}" if name == "re-gather" else f"after {after(bar.start)}")
+        wait = f"before {o.wait.replace(' (backward)', '').replace('%', 'the backward of %')}" \
+            if o.wait.startswith("%") else f"when {o.wait} is issued" if "reduce-scatter" in o.wait else f"at {o.wait}"
+        shown = ", ".join(o.modules[:4]) + (f", ... ({len(o.modules)} modules)" if len(o.modules) > 4 else "")
+        under = f"under it {len(o.ops)} backward ops of {shown}" if o.ops else "no compute under it"
+        return f"{name} ({fmt_bytes(bar.nbytes)}) issued after {after(o.start)} ({o.issue}), waited {wait}: {under}"
+
+    out = ["", f"FSDP backward per unit (as fxpar.runtime.fsdp_buckets runs it; {len(units)} units, last first):"]
+    for unit, bars in units.items():
+        out.append(f"  {unit}: {part('re-gather', bars.get('re-gather'))}; {part('reduce-scatter', bars.get('dual'))}")
+    return out
+
+
 def _loss_lines(pm, graphs: list[fx.GraphModule]) -> list[str]:
     """Whether the loss is captured and runs on vocab shards, and whether sequence parallel is on."""
     out = []
@@ -367,8 +349,13 @@ def explain(pm, *inputs, **kwargs) -> str:
     if split is None:
         lines.extend(_bucket_overlap_lines(gm))
     lines.extend(_fsdp_unit_lines(graphs))
-    for g in graphs:
-        lines.extend(overlap_lines(g))
+    if getattr(pm, "compile_backend", None) is not None:  # the eager runtime's prefetch is not what runs
+        lines.extend(compiled_schedule_lines(pm))
+    else:
+        for g in graphs:
+            lines.extend(overlap_lines(g))
+        if split is None:
+            lines.extend(_fsdp_backward_lines(pm))
 
     fallbacks = [(n, get_info(n)) for g in graphs for n in g.graph.nodes
                  if get_info(n) is not None and get_info(n).fallback]

@@ -4,9 +4,10 @@ An issue node (`fxpar.fsdp_prefetch`, `fxpar.passes.schedule_overlap`) starts
 the gather of an FSDP unit; the unit's `fsdp_all_gather` nodes wait on it.
 Any collective issued as its own node and waited by another (torch's
 functional collectives with `wait_tensor`, as AOT autograd and inductor see
-them; async tp's issue and wait nodes) is checked by `check_issue_waits`:
-nothing but a wait reads the issued value before its first wait, and every
-functional collective issued is waited. For a graph with FSDP issue nodes,
+them; async tp's issue and wait nodes) is checked by one check,
+`check_issue_waits`: nothing but a wait reads the issued value before its
+first wait (an async tp issue: ever; its one wait's value is read instead),
+and every issued collective is waited. For a graph with FSDP issue nodes,
 `check_overlap` also proves:
 
     1. every issued shard is a parameter whose gather (its wait) comes after the
@@ -26,7 +27,7 @@ compare the reordered order (two blocks' gathers have the same shapes: only
 the order tells them apart).
 
 Issued tensor-parallel all-reduces (`fxpar.all_reduce_start`, `fxpar.passes.async_tp`)
-are checked by `check_async`: each has exactly one user, its wait
+are checked by `check_issue_waits` too: each has exactly one user, its wait
 (`fxpar.ops.async_tp.wait_issued`), and every wait waits on an issued
 collective; so no op reads a sum still in flight, and the wait precedes every
 use of the value (graph order). The issue node is one of `COLLECTIVE_OPS` (an
@@ -48,7 +49,7 @@ from fxpar.ops.async_tp import ASYNC_OPS, WAIT_OP
 from fxpar.ops.overlap import ISSUE_OPS
 
 __all__ = ["issue_nodes", "issued_waits", "unit_bytes", "in_flight_peak", "in_flight_estimate", "check_overlap",
-           "overlap_lines", "is_wait", "check_issue_waits", "check_async", "async_issues"]
+           "overlap_lines", "is_wait", "check_issue_waits", "async_issues"]
 
 _GATHER = torch.ops.fxpar.fsdp_all_gather.default
 
@@ -134,36 +135,65 @@ def _issues_functional(node: fx.Node) -> bool:
         and not is_wait(node)
 
 
-def check_issue_waits(gm: fx.GraphModule) -> None:
-    """Every issued collective's value is read only by waits until its first wait, and each is waited.
+def _issued(node: fx.Node) -> bool:
+    """A node whose value is valid only after a wait: a torch functional collective, an async tp issue, or
+    anything a wait waits on."""
+    return _issues_functional(node) or (node.op == "call_function" and node.target in ASYNC_OPS) \
+        or any(is_wait(u) for u in node.users)
 
-    Generic over issue / wait pairs: a wait node (`is_wait`) names its issued value as its first argument.
+
+def check_issue_waits(gm: fx.GraphModule) -> None:
+    """No op reads an issued collective's value while it is in flight, and every issued collective is waited.
+
+    One check for every issue / wait pair (a wait node, `is_wait`, names its issued value as its first
+    argument): torch's functional collectives with `wait_tensor` (as AOT autograd and inductor see them)
+    and async tp's issued all-reduces (`fxpar.all_reduce_start`, waited by `wait_issued`):
+
+        functional   nothing but a wait reads the value before its first wait (after it, the buffer is complete)
+        async tp     exactly one wait and no other reader: ops read the wait's value (the issue's is a copy
+                     that is complete only at the wait); every `wait_issued` waits on an async issue
 
     Raises:
-        GraphInvariantError: naming the node that reads the value before its wait (or the issue never waited).
+        GraphInvariantError: one format: '<reader>: reads %<issued>, issued by <issue>, <where>: the collective
+            is still in flight there; <fix>' (or the issue never waited, or the wait on something not issued).
     """
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    fix = ("; the wait must come before every other use of an issued collective's value: a pass moved the wait "
-           "late or a use early (move the wait up to just before the first use)")
     for node in gm.graph.nodes:
-        if not is_wait(node) or not node.args or not isinstance(node.args[0], fx.Node):
+        if node.op == "call_function" and node.target is WAIT_OP:
+            src = node.args[0] if node.args else None
+            if not isinstance(src, fx.Node) or src.target not in ASYNC_OPS:
+                raise GraphInvariantError(f"{node_context(node)}: waits on {src}, which is not an issued "
+                                          f"collective; {_fix(node)}")
+        if not _issued(node):
             continue
-        pending = node.args[0]
-        first = min((u for u in pending.users if is_wait(u)), key=order.__getitem__)
-        if first is not node:
-            continue
-        early = [u for u in pending.users if not is_wait(u) and order[u] < order[first]]
-        if early:
-            raise GraphInvariantError(f"{node_context(early[0])}: reads %{pending.name}, issued by "
-                                      f"{node_context(pending)}, before its wait %{first.name}: it would read a "
-                                      f"buffer the collective is still writing{fix}")
-    for node in gm.graph.nodes:
-        waited = [u for u in node.users if is_wait(u)] + [v for u in node.users if u.target is operator.getitem
-                                                          for v in u.users if is_wait(v)]  # a coalesced list
-        if _issues_functional(node) and not waited:
-            raise GraphInvariantError(f"{node_context(node)}: issues a collective that no wait_tensor waits for: "
-                                      "its result is never complete and its buffer is read while in flight; "
-                                      "add the wait_tensor before its first use")
+        values = [u for u in node.users if u.target is operator.getitem] or [node]  # a coalesced list: each item
+        if not any(is_wait(u) for v in values for u in v.users):
+            wait = "wait_issued" if node.target in ASYNC_OPS else "wait_tensor"
+            raise GraphInvariantError(f"{node_context(node)}: issues a collective that no {wait} waits for: its "
+                                      f"result is never complete and its buffer is read while in flight; {_fix(node)}")
+        strict = node.target in ASYNC_OPS
+        for value in values:
+            waits = [u for u in value.users if is_wait(u)]
+            if not waits:
+                continue
+            first = min(waits, key=order.__getitem__)
+            early = [u for u in value.users if not is_wait(u) and (strict or order[u] < order[first])]
+            if early:
+                where = f"before its wait %{first.name}" if order[early[0]] < order[first] else \
+                    f"instead of its wait %{first.name}'s value"
+                raise GraphInvariantError(f"{node_context(early[0])}: reads %{value.name}, issued by "
+                                          f"{node_context(node)}, {where}: the collective is still in flight there, "
+                                          f"writing that buffer; {_fix(node)}")
+            if strict and len(waits) != 1:
+                raise GraphInvariantError(f"{node_context(node)}: issued collective with {len(waits)} waits "
+                                          f"(expected 1); {_fix(node)}")
+
+
+def _fix(node: fx.Node) -> str:
+    if node.target in ASYNC_OPS or node.target is WAIT_OP:
+        return "read the wait's value instead; rerun fxpar.passes.async_tp on the graph before it, or pass overlap=False"
+    return ("the wait must come before every other use of an issued collective's value: a pass moved the wait "
+            "late or a use early (move the wait up to just before the first use; add the wait_tensor if missing)")
 
 
 def check_overlap(gm: fx.GraphModule) -> None:
@@ -173,7 +203,6 @@ def check_overlap(gm: fx.GraphModule) -> None:
         GraphInvariantError: naming the issue or wait node at fault and the fix.
     """
     check_issue_waits(gm)
-    check_async(gm)
     issues = issue_nodes(gm)
     if not issues:
         return
@@ -211,34 +240,6 @@ def check_overlap(gm: fx.GraphModule) -> None:
 def async_issues(gm: fx.GraphModule) -> list[fx.Node]:
     """The issued tp collectives of `gm` (`fxpar.all_reduce_start`), in graph order."""
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ASYNC_OPS]
-
-
-def check_async(gm: fx.GraphModule) -> None:
-    """Every issued tp collective is read by its one wait only, and every wait waits on an issued collective.
-
-    Raises:
-        GraphInvariantError: naming the node that reads a value in flight (or the wait at fault) and the fix.
-    """
-    fix = "; rerun fxpar.passes.async_tp on the graph before it, or pass overlap=False"
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        if node.target is WAIT_OP:
-            src = node.args[0] if node.args else None
-            if not isinstance(src, fx.Node) or src.target not in ASYNC_OPS:
-                raise GraphInvariantError(f"{node_context(node)}: waits on {src}, which is not an issued collective{fix}")
-            continue
-        if node.target not in ASYNC_OPS:
-            continue
-        waits = [u for u in node.users if u.target is WAIT_OP]
-        early = [u for u in node.users if u.target is not WAIT_OP]
-        if early:
-            where = f"before its wait %{waits[0].name}" if waits else "which is never waited"
-            raise GraphInvariantError(f"{node_context(early[0])}: reads %{node.name}, an all-reduce still in flight "
-                                      f"({where}); read the wait's value instead{fix}")
-        if len(waits) != 1:
-            raise GraphInvariantError(f"{node_context(node)}: issued collective with {len(waits)} waits (expected "
-                                      f"1){fix}")
 
 
 def _compute_between(nodes: list[fx.Node], start: int, end: int) -> tuple[list[fx.Node], str]:
@@ -311,8 +312,6 @@ def overlap_lines(gm: fx.GraphModule) -> list[str]:
         shown = ", ".join(modules[:4]) + (f", ... ({len(modules)} modules)" if len(modules) > 4 else "")
         out.append(f"  all_gather(fsdp) of {unit} ({fmt_bytes(unit_bytes(waits))}) issued at %{issue.name}, "
                    f"waited at %{first.name}: overlaps {len(compute)} ops of {shown or 'nothing'}")
-    out.append("  backward (the dual, at run time): each block's re-gather issued during the block after it, "
-               "each reduce-scatter waited one block late")
     peak, _ = in_flight_peak(gm)
     out.append(f"  gathered parameters in flight: peak {fmt_bytes(peak)} (estimate {fmt_bytes(in_flight_estimate(gm))})")
     return out + tp

@@ -45,7 +45,7 @@ import torch
 import torch.fx as fx
 
 from fxpar.analysis.cost import DeviceModel, evaluate, example_sizes, node_cost
-from fxpar.analysis.explain import collectives, moe_collectives
+from fxpar.analysis.collective_info import collectives, moe_collectives
 from fxpar.analysis.fsdp import bucket_groups
 from fxpar.analysis.overlap import issued_waits, unit_bytes
 from fxpar.analysis.profile import measure_profile
@@ -180,6 +180,8 @@ def rank_timeline(pm, *, device: DeviceModel | None = None, profile: Mapping[str
     model = gm.meta["fxpar"].model_class if "fxpar" in gm.meta else type(pm).__name__
     mesh = ", ".join(f"{k}={v}" for k, v in zip(pm.mesh_info.names, pm.mesh_info.sizes))
     title = f"{model} on ({mesh}), one {'training step' if backward else 'forward'}"
+    if getattr(pm, "compile_backend", None) is not None:  # inductor's own order: explain()'s compiled schedule
+        title += f"; the eager runtime's schedule (compiled with {pm.compile_backend!r}: see explain())"
     return _Replay(gm, pm.mesh_info, device, hints, dict(profile or {}),
                    reshard_after_forward=getattr(pm, "reshard_after_forward", True)).run(backward, title)
 

@@ -18,6 +18,7 @@ from torch.distributed.tensor.placement_types import Shard
 
 from fxpar._torch.fx import pytree
 from fxpar._torch.inductor import overlap_comms
+from fxpar.analysis.compiled_schedule import add_schedule_recorder
 from fxpar.analysis.explain import explain
 from fxpar.analysis.fingerprint import exchange
 from fxpar.analysis.plan_io import resolve_plan
@@ -166,6 +167,8 @@ class ParallelModule(nn.Module):
             options = dict(self.compile_options) if self.compile_options else None
             if groups and options is not None:  # each block's backward re-gather issued one block ahead
                 options["post_grad_custom_post_pass"] = functools.partial(prefetch_fsdp_gathers, groups=groups)
+            if options is not None:  # what inductor schedules, for explain()
+                add_schedule_recorder(options, self, lowered)
             compiled = torch.compile(lowered, backend=self.compile_backend, dynamic=False, options=options)
             if groups:  # FSDP units (fxpar.ops.traceable_fsdp): re-gathered in the backward, not saved
                 compiled = _Resharded(compiled, groups, self.reshard_after_forward)

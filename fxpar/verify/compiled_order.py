@@ -4,13 +4,14 @@ fxpar's graphs reach inductor with their tp collectives as torch's functional
 collectives (`fxpar.ops.traceable`), and inductor's scheduler moves issues and
 waits (`reorder_for_compute_comm_overlap_passes`, `fxpar._torch.inductor.overlap_comms`).
 The graph-level checks (`fxpar.check`, the run-time fingerprint) see the order
-before that. `check_compiled_order(pm, *inputs, ...)` compiles this rank's
-graphs again with a recorder appended to the reordering passes (it changes
-nothing, it reads the final scheduler-node order: `fxpar._torch.inductor.collective_order`),
-runs one step (or forward), and exchanges each group's recorded list among the
-group's ranks (`all_gather_object`): every member must issue the same collectives
-(op, input sizes, arguments) in the same order, per compiled graph (forward,
-then the backward compiled when it first runs).
+before that. Every compile of a ParallelModule records inductor's final kernel
+order (`fxpar.analysis.compiled_schedule.ScheduleRecorder`, appended to the
+reordering passes; it changes nothing, and explain() describes the same record).
+`check_compiled_order(pm, *inputs, ...)` compiles this rank's graphs again,
+runs one step (or forward), and exchanges each group's recorded collectives
+among the group's ranks (`all_gather_object`): every member must issue the same
+collectives (op, input sizes, arguments) in the same order, per compiled graph
+(forward, then the backward compiled when it first runs).
 
 Every rank of the mesh must call it together.
 """
@@ -21,23 +22,10 @@ from typing import Any, Callable, Sequence
 
 import torch.distributed as dist
 
-from fxpar._torch.inductor import collective_order
+from fxpar.analysis.compiled_schedule import compiled_schedules
 from fxpar.core.errors import GraphInvariantError, PlanError
 
-__all__ = ["check_compiled_order", "compare_orders", "OrderRecorder"]
-
-_PASSES = "reorder_for_compute_comm_overlap_passes"
-
-
-class OrderRecorder:
-    """A scheduler pass that changes nothing and keeps each compiled graph's collective order."""
-
-    def __init__(self) -> None:
-        self.orders: list[list[tuple]] = []
-
-    def __call__(self, snodes: list) -> list:
-        self.orders.append(collective_order(snodes))
-        return snodes
+__all__ = ["check_compiled_order", "compare_orders"]
 
 
 def _on_group(orders: list[list[tuple]], group: str) -> list[tuple]:
@@ -75,7 +63,7 @@ def compare_orders(by_rank: Sequence[list[tuple]], *, group: str, dim: str, rank
 
 def check_compiled_order(pm, *inputs: Any, target: Any = None, loss_fn: Callable | None = None,
                          **kwargs: Any) -> list[list[tuple]]:
-    """Compiles `pm`'s graphs with an `OrderRecorder`, runs one step (with `target`) or forward, and checks
+    """Compiles `pm`'s graphs again (each compile records its schedule), runs one step (with `target`) or forward, and checks
     every group's members compiled the same collective order.
 
     Returns:
@@ -89,26 +77,21 @@ def check_compiled_order(pm, *inputs: Any, target: Any = None, loss_fn: Callable
     if getattr(pm, "compile_backend", None) != "inductor" or options is None:
         raise PlanError(f"check_compiled_order({type(pm).__name__}): the module is not compiled with inductor; "
                         "parallelize(..., compile=True)")
-    recorder = OrderRecorder()
-    saved = dict(options)
-    options[_PASSES] = [*options.get(_PASSES, ()), recorder]
-    options["fx_graph_cache"] = False  # a cache hit would skip the scheduler, and the recorder with it
-    pm.__dict__.pop("_compiled_graphs", None)  # compiled again with the recorder
-    try:
-        if target is not None:
-            pm.step(*inputs, target=target, loss_fn=loss_fn, **kwargs)
-        else:
-            pm(*inputs, **kwargs)
-    finally:
-        options.clear()
-        options.update(saved)
+    schedules = compiled_schedules(pm)
+    schedules.clear()
+    pm.__dict__.pop("_compiled_graphs", None)  # compiled again: inductor's scheduler runs, and records
+    if target is not None:
+        pm.step(*inputs, target=target, loss_fn=loss_fn, **kwargs)
+    else:
+        pm(*inputs, **kwargs)
+    orders = [list(schedules[r].order) for r in ("forward", "backward", "inference") if r in schedules]
     mesh = pm.mesh
     for dim, size in zip(pm.mesh_info.names, pm.mesh_info.sizes):
         if size == 1:
             continue
         group = mesh.get_group(dim)
-        mine = _on_group(recorder.orders, group.group_name)
+        mine = _on_group(orders, group.group_name)
         gathered: list = [None] * size
         dist.all_gather_object(gathered, mine, group=group)
         compare_orders(gathered, group=group.group_name, dim=dim, ranks=dist.get_process_group_ranks(group))
-    return recorder.orders
+    return orders
