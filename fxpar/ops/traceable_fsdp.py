@@ -61,11 +61,14 @@ from fxpar._torch.fx import copy_codegen
 from fxpar.core.spec import get_info
 
 __all__ = ["fsdp_gather_unit", "traceable_fsdp_graph_module", "fsdp_units_of", "fsdp_group_names",
-           "reshard_fsdp_gathers", "recompute_fsdp_gathers", "prefetch_fsdp_gathers"]
+           "pad_uneven_shards", "reshard_fsdp_gathers", "recompute_fsdp_gathers",
+           "prefetch_fsdp_gathers"]
 
 _c10d = functional  # importing fxpar._torch.c10d imports torch's functional collectives: wait_tensor is kept by DCE
 _GATHER = torch.ops.fxpar.fsdp_all_gather.default
 _PREFETCH = "fxpar.fsdp_prefetch.default"  # by name: the op is registered by fxpar.ops.overlap
+_PADDED = "fxpar_fsdp_padded"  # gm.meta: (padded attribute, shard's target, padded rows) per uneven shard
+_PADDED_PREFIX = "_fxpar_padded_"
 
 
 # --------------------------------------------------------------------------- the collective pair
@@ -175,8 +178,8 @@ def fsdp_units_of(graph: fx.Graph) -> list[list[fx.Node]]:
     for node in graph.nodes:
         if node.op != "call_function" or node.target is not _GATHER or _fsdp_args(node)["dim"] != 0 \
                 or node.args[0].op != "get_attr" \
-                or _fsdp_args(node)["full_size"] >= 0:  # CPU offload's copied shard; an uneven shard (its
-            continue  # rank's shapes differ, so inductor may order the collectives differently): left to the op
+                or _fsdp_args(node)["full_size"] >= 0 and len(node.args[0].users) != 1:  # CPU offload's copied
+            continue  # shard; an uneven shard read elsewhere too (that read's shape differs per rank): left to the op
         here = _key(node)
         if here[0] is not None and here == last and all(g.args[0] is not node.args[0] for g in units[-1]):
             units[-1].append(node)
@@ -208,41 +211,71 @@ def traceable_fsdp_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     graph = gm.graph
     out = fx.Graph(owning_module=None, tracer_cls=graph._tracer_cls)
     env: dict[fx.Node, fx.Node] = {}
+    uneven = {g.args[0] for g in lowered if _fsdp_args(g)["full_size"] >= 0}  # their gather is their only user
+    padded: list[tuple[fx.Node, int]] = []  # uneven shards: (their read in `out`, padded rows)
     for node in graph.nodes:
         if node.op == "call_function" and str(node.target) == _PREFETCH:
             continue  # inside a compiled graph the scheduler prefetches
         if node in lowered:
             unit = first.get(node)
             if unit is not None:
-                _emit_unit(out, unit, env, gm)
+                _emit_unit(out, unit, env, gm, padded)
             continue
-        if node in env:  # a shard's get_attr, emitted early by the unit that gathers it
-            continue
+        if node in env or node in uneven:  # a shard's get_attr, emitted early by the unit that gathers it,
+            continue  # or an uneven shard's, read padded by its unit
         env[node] = out.node_copy(node, lambda a: env[a])
     copy_codegen(graph, out)  # the capture's pytree in/out handling
     new = fx.GraphModule(gm, out, class_name=type(gm).__name__)
     new.meta.update(gm.meta)
     new.meta["fxpar_fsdp_groups"] = sorted({_fsdp_args(g)["group_name"] for g in lowered})
+    if padded:  # each uneven shard's read becomes a read of its padded copy, set before each call
+        new.meta[_PADDED] = []
+        for read, rows in padded:
+            shard = str(read.target)
+            read.target = _PADDED_PREFIX + shard.replace(".", "_")
+            new.meta[_PADDED].append((read.target, shard, rows))
+        with torch.no_grad():
+            pad_uneven_shards(new)  # of the right shape until the first call sets them again
+        new.recompile()
     return new
 
 
-def _attr(gm: fx.GraphModule, node: fx.Node) -> Tensor:
-    mod, _, name = str(node.target).rpartition(".")
+def pad_uneven_shards(gm: fx.GraphModule) -> None:
+    """Sets the padded copies of the uneven shards that `gm` (from `traceable_fsdp_graph_module`) reads.
+
+    Call it, in eager mode, right before each call of the compiled `gm`: each is its shard with zero
+    rows appended up to ceil(rows / n), a new tensor each time (the same shape and kind on every rank,
+    so every rank compiles the same graph), differentiable (its gradient's padding rows are dropped on
+    the way to the shard's own gradient).
+    """
+    for padded, shard_target, rows in gm.meta.get(_PADDED, ()):
+        shard = _attr(gm, shard_target)
+        setattr(gm, padded, torch.cat([shard, shard.new_zeros(rows - shard.size(0), *shard.shape[1:])]))
+
+
+def _attr(gm: fx.GraphModule, target: str) -> Tensor:
+    mod, _, name = target.rpartition(".")
     return getattr(gm.get_submodule(mod), name)
 
 
-def _emit_unit(out: fx.Graph, unit: list[fx.Node], env: dict, gm: fx.GraphModule) -> None:
+def _emit_unit(out: fx.Graph, unit: list[fx.Node], env: dict, gm: fx.GraphModule, padded: list) -> None:
     a = _fsdp_args(unit[0])
     n = a["group_size"]
     shards = []
     for g in unit:
         s = g.args[0]
-        if s not in env:  # a later parameter's get_attr: no inputs, so it may move up to the unit's gather
+        full = _fsdp_args(g)["full_size"]
+        if s in env:
+            pass
+        elif full >= 0:  # uneven: read as its padded copy (pad_uneven_shards), the same shape on every rank
+            env[s] = out.get_attr(str(s.target))
+            padded.append((env[s], -(-full // n)))
+        else:  # a later parameter's get_attr: no inputs, so it may move up to the unit's gather
             env[s] = out.node_copy(s, lambda x: env[x])
         shards.append(env[s])
     # each parameter's gathered rows: an uneven one's are in the node, an even one's n x this rank's shard
     full_rows = tuple(_fsdp_args(g)["full_size"] if _fsdp_args(g)["full_size"] >= 0
-                      else _attr(gm, g.args[0]).shape[0] * n for g in unit)
+                      else _attr(gm, str(g.args[0].target)).shape[0] * n for g in unit)
     info = get_info(unit[0])
     label = (info.fsdp_bucket if info is not None and info.fsdp_bucket else unit[0].name).replace(".", "_")
     call = out.create_node("call_function", fsdp_gather_unit,
