@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 import fxpar
 from fxpar.ops.traceable import traceable_graph_module
-from fxpar.ops.traceable_fsdp import _GATHER, fsdp_gather_unit, fsdp_units_of, traceable_fsdp_graph_module
+from fxpar.ops.traceable_fsdp import (_GATHER, fsdp_gather_unit, fsdp_units_of, padded_uneven_shards,
+                                      traceable_fsdp_graph_module)
 from fxpar.testing import RankError, rank_pool
 from fxpar.testing.dist import describe_stack, set_collective_timeout
 from tests.models import BlockStack, Chain, mse
@@ -29,16 +30,21 @@ def _lowering(shape, names) -> dict:
     mesh = torch.distributed.device_mesh.init_device_mesh("cpu", shape, mesh_dim_names=names)
     torch.manual_seed(0)
     model = BlockStack(2, 15, 32).double()  # 15 rows (norms, down projections) on fsdp=2: 8 + 7
-    pm = fxpar.parallelize(model, mesh, example_inputs=(torch.randn(4, 8, 15, dtype=torch.float64),))
+    x = torch.randn(4, 8, 15, dtype=torch.float64)
+    pm = fxpar.parallelize(model, mesh, example_inputs=(x,))
     gm = pm.graph_module
     uneven = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is _GATHER and _full_size(n) >= 0]
     lowered = traceable_fsdp_graph_module(traceable_graph_module(gm))
     padded = lowered.meta.get("fxpar_fsdp_padded", [])
     reads = {str(n.target): [u.target for u in n.users] for n in lowered.graph.nodes if n.op == "get_attr"}
-    return {"uneven": len(uneven), "units": len(fsdp_units_of(gm.graph)),
+    with torch.no_grad(), padded_uneven_shards(lowered):
+        shapes = {name: tuple(getattr(lowered, name).shape) for name, _, _ in padded}
+        exact = torch.equal(lowered(x), gm(x))  # eager: the lowered graph with its collectives, as gm's
+    outside = [hasattr(lowered, name) for name, _, _ in padded]  # removed on exit: no stale shard is read
+    return {"uneven": len(uneven), "units": len(fsdp_units_of(gm.graph)), "exact": exact, "outside": outside,
             "left": sum(n.target is _GATHER for n in lowered.graph.nodes),
             "padded": [(name, shard, rows) for name, shard, rows in padded],
-            "padded_shapes": {name: tuple(getattr(lowered, name).shape) for name, _, _ in padded},
+            "padded_shapes": shapes,
             "shard_shapes": {shard: tuple(gm.get_parameter(shard).shape) for _, shard, _ in padded},
             "read_by_unit": all(reads[name] == [fsdp_gather_unit] for name, _, _ in padded)}
 
@@ -50,15 +56,19 @@ def _full_size(node) -> int:
     return -1
 
 
-def test_uneven_units_are_lowered_with_padded_shards():
-    r0, r1 = rank_pool(2).run(_lowering, (2,), ("fsdp",))
-    assert r0["uneven"] > 0 and r0["left"] == 0 and r1["left"] == 0, (r0, r1)  # nothing left opaque
-    assert r0["padded"] == r1["padded"] and len(r0["padded"]) == r0["uneven"]
-    assert all(rows == 8 for _, _, rows in r0["padded"])
-    # the same shape on both ranks (what the compiled graph sees), the shards' own rows differ
-    assert r0["padded_shapes"] == r1["padded_shapes"] and all(s[0] == 8 for s in r0["padded_shapes"].values())
-    assert {s[0] for s in r0["shard_shapes"].values()} == {8} and {s[0] for s in r1["shard_shapes"].values()} == {7}
-    assert r0["read_by_unit"] and r1["read_by_unit"]
+@pytest.mark.parametrize("shape,names", [((2,), ("fsdp",)), ((2, 2), ("fsdp", "tp"))], ids=["fsdp2", "fsdp2xtp2"])
+def test_uneven_units_are_lowered_with_padded_shards(shape, names):
+    results = rank_pool(len(names) * 2).run(_lowering, shape, names)
+    for rank, r in enumerate(results):
+        fsdp_rank = rank // (len(results) // 2)  # the fsdp coordinate: 8 rows on the first, 7 on the second
+        assert r["uneven"] > 0 and r["left"] == 0, r  # every uneven gather lowered: nothing left opaque
+        assert r["padded"] == results[0]["padded"] and len(r["padded"]) == r["uneven"], r
+        assert all(rows == 8 for _, _, rows in r["padded"]), r
+        # the same shape on every rank (what the compiled graph sees); the shards' own rows differ
+        assert r["padded_shapes"] == results[0]["padded_shapes"], r
+        assert all(s[0] == 8 for s in r["padded_shapes"].values()), r
+        assert {s[0] for s in r["shard_shapes"].values()} == {8 - fsdp_rank}, r
+        assert r["read_by_unit"] and r["exact"] and not any(r["outside"]), r
 
 
 @pytest.mark.parametrize("shape,names,backend", [

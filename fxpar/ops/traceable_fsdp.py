@@ -16,7 +16,18 @@ torch's functional collectives, SimpleFSDP-style:
               -> reduce_scatter_tensor -> wait_tensor -> each shard's rows, in the shard's dtype
 
 The same collective per block each way, the same bytes, the same sums as the
-eager buckets (a reduce-scatter over the group, element by element). Dynamo
+eager buckets (a reduce-scatter over the group, element by element).
+
+Uneven shards (a dim 0 the group size does not divide: the last ranks hold fewer
+rows, or none) enter the compiled graph padded, as FSDP2 stores them: the graph
+reads each as a copy with zero rows appended up to ceil(rows / n), made eagerly
+before each call (`padded_uneven_shards`), so every rank's graph has the same
+shapes, the same collectives and the same partitioner decisions. Padding them
+inside the graph instead gave rank 0 (whole rows) and rank 1 (a pad) different
+graphs: AOT's partitioner re-gathered a block in one rank's backward and saved it
+in the other's, and the two ranks waited in different collectives. The gather's
+padding is stripped (`full[:f]`); the reduce-scatter's padding rows go back
+through the eager pad, whose backward keeps the rank's real rows. Dynamo
 traces it, AOT autograd puts the reduce-scatters into the backward graph, and
 inductor sees issue and wait as separate nodes, so its comm reordering
 (`fxpar._torch.inductor.overlap_comms`) can issue a block's gather while the
@@ -41,8 +52,9 @@ flight during block i-1's, as FSDP2's backward prefetch.
 Left as `fsdp_all_gather` custom ops (exact, opaque, their gathered parameters
 saved for the backward): gathers along a dim other than 0 (apply_fsdp gathers
 dim 0 only), gathers of a shard that is not a parameter of the graph itself (a
-device copy under CPU offload) and gathers inside subgraphs (activation-checkpoint
-regions).
+device copy under CPU offload), gathers of an uneven shard the graph also reads
+elsewhere (that read's shape would differ per rank) and gathers inside subgraphs
+(activation-checkpoint regions).
 """
 
 from __future__ import annotations
@@ -61,7 +73,7 @@ from fxpar._torch.fx import copy_codegen
 from fxpar.core.spec import get_info
 
 __all__ = ["fsdp_gather_unit", "traceable_fsdp_graph_module", "fsdp_units_of", "fsdp_group_names",
-           "pad_uneven_shards", "reshard_fsdp_gathers", "recompute_fsdp_gathers",
+           "padded_uneven_shards", "reshard_fsdp_gathers", "recompute_fsdp_gathers",
            "prefetch_fsdp_gathers"]
 
 _c10d = functional  # importing fxpar._torch.c10d imports torch's functional collectives: wait_tensor is kept by DCE
@@ -199,7 +211,8 @@ def traceable_fsdp_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
     Each unit is gathered where its first parameter is first used; its parameters' former
     gather nodes become items of the unit's result. Parameters and buffers are `gm`'s own
-    tensor objects, so optimizer steps reach the copy. The issue nodes of `schedule_overlap`
+    tensor objects, so optimizer steps reach the copy; uneven shards are read as padded
+    copies: call the copy inside `padded_uneven_shards(copy)`. The issue nodes of `schedule_overlap`
     are dropped. The same collectives run in the same order on every rank (the graph is the
     same on every rank), with the same values and gradients as `gm` in eager mode.
     """
@@ -228,29 +241,36 @@ def traceable_fsdp_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     new = fx.GraphModule(gm, out, class_name=type(gm).__name__)
     new.meta.update(gm.meta)
     new.meta["fxpar_fsdp_groups"] = sorted({_fsdp_args(g)["group_name"] for g in lowered})
-    if padded:  # each uneven shard's read becomes a read of its padded copy, set before each call
+    if padded:  # each uneven shard's read becomes a read of its padded copy (padded_uneven_shards)
         new.meta[_PADDED] = []
         for read, rows in padded:
             shard = str(read.target)
             read.target = _PADDED_PREFIX + shard.replace(".", "_")
             new.meta[_PADDED].append((read.target, shard, rows))
-        with torch.no_grad():
-            pad_uneven_shards(new)  # of the right shape until the first call sets them again
         new.recompile()
     return new
 
 
-def pad_uneven_shards(gm: fx.GraphModule) -> None:
-    """Sets the padded copies of the uneven shards that `gm` (from `traceable_fsdp_graph_module`) reads.
+@contextlib.contextmanager
+def padded_uneven_shards(gm: fx.GraphModule) -> Iterator[None]:
+    """Inside: the padded copies of the uneven shards that `gm` (from `traceable_fsdp_graph_module`) reads.
 
-    Call it, in eager mode, right before each call of the compiled `gm`: each is its shard with zero
-    rows appended up to ceil(rows / n), a new tensor each time (the same shape and kind on every rank,
-    so every rank compiles the same graph), differentiable (its gradient's padding rows are dropped on
-    the way to the shard's own gradient).
+    Call (the compiled) `gm` inside it, in eager mode: each copy is its shard with zero rows appended up
+    to ceil(rows / n), made anew on entry (the same shape and kind on every rank, so every rank compiles
+    the same graph; a plain attribute, which dynamo reads as an input: no recompile per call) and
+    differentiable (its gradient's padding rows are dropped on the way to the shard's own gradient).
+    They are removed on exit: a call outside fails on the missing attribute instead of reading shards
+    of an earlier step.
     """
-    for padded, shard_target, rows in gm.meta.get(_PADDED, ()):
+    entries = gm.meta.get(_PADDED, ())
+    for padded, shard_target, rows in entries:
         shard = _attr(gm, shard_target)
         setattr(gm, padded, torch.cat([shard, shard.new_zeros(rows - shard.size(0), *shard.shape[1:])]))
+    try:
+        yield
+    finally:
+        for padded, _, _ in entries:
+            gm.__dict__.pop(padded, None)
 
 
 def _attr(gm: fx.GraphModule, target: str) -> Tensor:

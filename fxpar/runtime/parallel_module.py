@@ -27,7 +27,7 @@ from fxpar.core.mesh import MeshInfo
 from fxpar.core.spec import TensorSpec, get_info, get_spec, uncut_steps
 from fxpar.ops.collectives import _all_gather
 from fxpar.ops.traceable import traceable_graph_module
-from fxpar.ops.traceable_fsdp import (fsdp_group_names, pad_uneven_shards, prefetch_fsdp_gathers,
+from fxpar.ops.traceable_fsdp import (fsdp_group_names, padded_uneven_shards, prefetch_fsdp_gathers,
                                       reshard_fsdp_gathers, traceable_fsdp_graph_module)
 from fxpar.ops.transitions import inference_graph_module
 from fxpar.runtime.checkpointing import checkpointed_graph_module
@@ -58,8 +58,7 @@ class _Resharded:
         self.compiled, self.groups, self.reshard, self.lowered = compiled, groups, reshard, lowered
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        pad_uneven_shards(self.lowered)
-        with reshard_fsdp_gathers(self.groups, reshard=self.reshard):
+        with padded_uneven_shards(self.lowered), reshard_fsdp_gathers(self.groups, reshard=self.reshard):
             return self.compiled(*args, **kwargs)
 
 

@@ -304,8 +304,10 @@ class RankPool:
                 ``DEADLINE_GRACE`` seconds after it and names the ranks still busy, each with
                 where it is (the collective it waits in, when it waits in one).
             collective_timeout: Seconds one collective may wait for the other ranks (the
-                process-group timeout; default: the pool's timeout, or ``timeout`` if shorter).
-                A run that compiles for minutes needs a long ``timeout``, not long waits.
+                process-group timeout; default: ``timeout``). A run that compiles for minutes
+                needs a long ``timeout``; waits as long are safe (ranks compiling at different
+                speeds wait for each other) but slow to fail: the driver's deadline then names
+                the ranks, and the collectives they wait in, first.
             **kwargs: Keyword arguments, pickled to every rank.
 
         Returns:
@@ -318,7 +320,7 @@ class RankPool:
             raise RuntimeError("RankPool is closed")
         timeout = self.timeout if timeout is None else timeout
         if collective_timeout is None:
-            collective_timeout = min(timeout, self.timeout)
+            collective_timeout = timeout
         payload = pickle.dumps((list(sys.path), collective_timeout, pickle.dumps((fn, args, kwargs))))
         if not self._procs:
             self._start()
