@@ -37,7 +37,8 @@ import torch.distributed.distributed_c10d as c10d
 
 from fxpar._torch.fx import CAPTURE_MODULES, tree_map
 
-__all__ = ["RankError", "RankPool", "describe_stack", "preload", "rank_pool", "run_ranks", "set_collective_timeout"]
+__all__ = ["RankError", "RankPool", "describe_stack", "preload", "rank_pool", "run_ranks",
+           "set_collective_timeout"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +146,6 @@ def set_collective_timeout(seconds: float) -> None:
                 c10d._set_pg_timeout(timedelta(seconds=seconds), pg)
             except (ValueError, AssertionError):  # not a member, or a backend without a timeout to set
                 logger.debug("collective timeout not set on %s", pg, exc_info=True)
-
 
 
 def _worker_main(rank: int, world_size: int, backend: str, store_path: str,
@@ -263,10 +263,13 @@ class RankPool:
 
     def _where(self, ranks: Sequence[int]) -> dict[int, str]:
         """Where each of these busy ranks is: its stack dumped (faulthandler, on a signal), summarised."""
+        def size(r: int) -> int:
+            path = self._stack_path(r)
+            return os.path.getsize(path) if os.path.exists(path) else 0
+
         sizes = {}
         for r in ranks:
-            path = self._stack_path(r)
-            sizes[r] = os.path.getsize(path) if os.path.exists(path) else 0
+            sizes[r] = size(r)
             try:
                 os.kill(self._procs[r].pid, _STACK_SIGNAL)
             except (OSError, TypeError):
@@ -276,7 +279,7 @@ class RankPool:
         while sizes and time.monotonic() < end:
             time.sleep(0.1)
             for r in list(sizes):
-                if os.path.getsize(self._stack_path(r)) <= sizes[r]:
+                if size(r) <= sizes[r]:
                     continue
                 time.sleep(0.1)  # the dump is written in a few calls: let it finish
                 with open(self._stack_path(r)) as f:
