@@ -16,7 +16,18 @@ torch's functional collectives, SimpleFSDP-style:
               -> reduce_scatter_tensor -> wait_tensor -> each shard's rows, in the shard's dtype
 
 The same collective per block each way, the same bytes, the same sums as the
-eager buckets (a reduce-scatter over the group, element by element). Dynamo
+eager buckets (a reduce-scatter over the group, element by element).
+
+Uneven shards (a dim 0 the group size does not divide: the last ranks hold fewer
+rows, or none) enter the compiled graph padded, as FSDP2 stores them: the graph
+reads each as a copy with zero rows appended up to ceil(rows / n), made eagerly
+before each call (`padded_uneven_shards`), so every rank's graph has the same
+shapes, the same collectives and the same partitioner decisions. Padding them
+inside the graph instead gave rank 0 (whole rows) and rank 1 (a pad) different
+graphs: AOT's partitioner re-gathered a block in one rank's backward and saved it
+in the other's, and the two ranks waited in different collectives. The gather's
+padding is stripped (`full[:f]`); the reduce-scatter's padding rows go back
+through the eager pad, whose backward keeps the rank's real rows. Dynamo
 traces it, AOT autograd puts the reduce-scatters into the backward graph, and
 inductor sees issue and wait as separate nodes, so its comm reordering
 (`fxpar._torch.inductor.overlap_comms`) can issue a block's gather while the
@@ -41,8 +52,9 @@ flight during block i-1's, as FSDP2's backward prefetch.
 Left as `fsdp_all_gather` custom ops (exact, opaque, their gathered parameters
 saved for the backward): gathers along a dim other than 0 (apply_fsdp gathers
 dim 0 only), gathers of a shard that is not a parameter of the graph itself (a
-device copy under CPU offload) and gathers inside subgraphs (activation-checkpoint
-regions).
+device copy under CPU offload), gathers of an uneven shard the graph also reads
+elsewhere (that read's shape would differ per rank) and gathers inside subgraphs
+(activation-checkpoint regions).
 """
 
 from __future__ import annotations
@@ -61,11 +73,14 @@ from fxpar._torch.fx import copy_codegen
 from fxpar.core.spec import get_info
 
 __all__ = ["fsdp_gather_unit", "traceable_fsdp_graph_module", "fsdp_units_of", "fsdp_group_names",
-           "reshard_fsdp_gathers", "recompute_fsdp_gathers", "prefetch_fsdp_gathers"]
+           "padded_uneven_shards", "reshard_fsdp_gathers", "recompute_fsdp_gathers",
+           "prefetch_fsdp_gathers"]
 
 _c10d = functional  # importing fxpar._torch.c10d imports torch's functional collectives: wait_tensor is kept by DCE
 _GATHER = torch.ops.fxpar.fsdp_all_gather.default
 _PREFETCH = "fxpar.fsdp_prefetch.default"  # by name: the op is registered by fxpar.ops.overlap
+_PADDED = "fxpar_fsdp_padded"  # gm.meta: (padded attribute, shard's target, padded rows) per uneven shard
+_PADDED_PREFIX = "_fxpar_padded_"
 
 
 # --------------------------------------------------------------------------- the collective pair
@@ -175,8 +190,8 @@ def fsdp_units_of(graph: fx.Graph) -> list[list[fx.Node]]:
     for node in graph.nodes:
         if node.op != "call_function" or node.target is not _GATHER or _fsdp_args(node)["dim"] != 0 \
                 or node.args[0].op != "get_attr" \
-                or _fsdp_args(node)["full_size"] >= 0:  # CPU offload's copied shard; an uneven shard (its
-            continue  # rank's shapes differ, so inductor may order the collectives differently): left to the op
+                or _fsdp_args(node)["full_size"] >= 0 and len(node.args[0].users) != 1:  # CPU offload's copied
+            continue  # shard; an uneven shard read elsewhere too (that read's shape differs per rank): left to the op
         here = _key(node)
         if here[0] is not None and here == last and all(g.args[0] is not node.args[0] for g in units[-1]):
             units[-1].append(node)
@@ -196,7 +211,8 @@ def traceable_fsdp_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
     Each unit is gathered where its first parameter is first used; its parameters' former
     gather nodes become items of the unit's result. Parameters and buffers are `gm`'s own
-    tensor objects, so optimizer steps reach the copy. The issue nodes of `schedule_overlap`
+    tensor objects, so optimizer steps reach the copy; uneven shards are read as padded
+    copies: call the copy inside `padded_uneven_shards(copy)`. The issue nodes of `schedule_overlap`
     are dropped. The same collectives run in the same order on every rank (the graph is the
     same on every rank), with the same values and gradients as `gm` in eager mode.
     """
@@ -208,41 +224,78 @@ def traceable_fsdp_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     graph = gm.graph
     out = fx.Graph(owning_module=None, tracer_cls=graph._tracer_cls)
     env: dict[fx.Node, fx.Node] = {}
+    uneven = {g.args[0] for g in lowered if _fsdp_args(g)["full_size"] >= 0}  # their gather is their only user
+    padded: list[tuple[fx.Node, int]] = []  # uneven shards: (their read in `out`, padded rows)
     for node in graph.nodes:
         if node.op == "call_function" and str(node.target) == _PREFETCH:
             continue  # inside a compiled graph the scheduler prefetches
         if node in lowered:
             unit = first.get(node)
             if unit is not None:
-                _emit_unit(out, unit, env, gm)
+                _emit_unit(out, unit, env, gm, padded)
             continue
-        if node in env:  # a shard's get_attr, emitted early by the unit that gathers it
-            continue
+        if node in env or node in uneven:  # a shard's get_attr, emitted early by the unit that gathers it,
+            continue  # or an uneven shard's, read padded by its unit
         env[node] = out.node_copy(node, lambda a: env[a])
     copy_codegen(graph, out)  # the capture's pytree in/out handling
     new = fx.GraphModule(gm, out, class_name=type(gm).__name__)
     new.meta.update(gm.meta)
     new.meta["fxpar_fsdp_groups"] = sorted({_fsdp_args(g)["group_name"] for g in lowered})
+    if padded:  # each uneven shard's read becomes a read of its padded copy (padded_uneven_shards)
+        new.meta[_PADDED] = []
+        for read, rows in padded:
+            shard = str(read.target)
+            read.target = _PADDED_PREFIX + shard.replace(".", "_")
+            new.meta[_PADDED].append((read.target, shard, rows))
+        new.recompile()
     return new
 
 
-def _attr(gm: fx.GraphModule, node: fx.Node) -> Tensor:
-    mod, _, name = str(node.target).rpartition(".")
+@contextlib.contextmanager
+def padded_uneven_shards(gm: fx.GraphModule) -> Iterator[None]:
+    """Inside: the padded copies of the uneven shards that `gm` (from `traceable_fsdp_graph_module`) reads.
+
+    Call (the compiled) `gm` inside it, in eager mode: each copy is its shard with zero rows appended up
+    to ceil(rows / n), made anew on entry (the same shape and kind on every rank, so every rank compiles
+    the same graph; a plain attribute, which dynamo reads as an input: no recompile per call) and
+    differentiable (its gradient's padding rows are dropped on the way to the shard's own gradient).
+    They are removed on exit: a call outside fails on the missing attribute instead of reading shards
+    of an earlier step.
+    """
+    entries = gm.meta.get(_PADDED, ())
+    for padded, shard_target, rows in entries:
+        shard = _attr(gm, shard_target)
+        setattr(gm, padded, torch.cat([shard, shard.new_zeros(rows - shard.size(0), *shard.shape[1:])]))
+    try:
+        yield
+    finally:
+        for padded, _, _ in entries:
+            gm.__dict__.pop(padded, None)
+
+
+def _attr(gm: fx.GraphModule, target: str) -> Tensor:
+    mod, _, name = target.rpartition(".")
     return getattr(gm.get_submodule(mod), name)
 
 
-def _emit_unit(out: fx.Graph, unit: list[fx.Node], env: dict, gm: fx.GraphModule) -> None:
+def _emit_unit(out: fx.Graph, unit: list[fx.Node], env: dict, gm: fx.GraphModule, padded: list) -> None:
     a = _fsdp_args(unit[0])
     n = a["group_size"]
     shards = []
     for g in unit:
         s = g.args[0]
-        if s not in env:  # a later parameter's get_attr: no inputs, so it may move up to the unit's gather
+        full = _fsdp_args(g)["full_size"]
+        if s in env:
+            pass
+        elif full >= 0:  # uneven: read as its padded copy (pad_uneven_shards), the same shape on every rank
+            env[s] = out.get_attr(str(s.target))
+            padded.append((env[s], -(-full // n)))
+        else:  # a later parameter's get_attr: no inputs, so it may move up to the unit's gather
             env[s] = out.node_copy(s, lambda x: env[x])
         shards.append(env[s])
     # each parameter's gathered rows: an uneven one's are in the node, an even one's n x this rank's shard
     full_rows = tuple(_fsdp_args(g)["full_size"] if _fsdp_args(g)["full_size"] >= 0
-                      else _attr(gm, g.args[0]).shape[0] * n for g in unit)
+                      else _attr(gm, str(g.args[0].target)).shape[0] * n for g in unit)
     info = get_info(unit[0])
     label = (info.fsdp_bucket if info is not None and info.fsdp_bucket else unit[0].name).replace(".", "_")
     call = out.create_node("call_function", fsdp_gather_unit,

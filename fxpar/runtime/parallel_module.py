@@ -28,8 +28,8 @@ from fxpar.core.mesh import MeshInfo
 from fxpar.core.spec import TensorSpec, get_info, get_spec, uncut_steps
 from fxpar.ops.collectives import _all_gather
 from fxpar.ops.traceable import traceable_graph_module
-from fxpar.ops.traceable_fsdp import (fsdp_group_names, prefetch_fsdp_gathers, reshard_fsdp_gathers,
-                                      traceable_fsdp_graph_module)
+from fxpar.ops.traceable_fsdp import (fsdp_group_names, padded_uneven_shards, prefetch_fsdp_gathers,
+                                      reshard_fsdp_gathers, traceable_fsdp_graph_module)
 from fxpar.ops.transitions import inference_graph_module
 from fxpar.runtime.checkpointing import checkpointed_graph_module
 from fxpar.runtime.agreement import check_same_inputs
@@ -53,13 +53,13 @@ weight-gradient matmuls run while its input gradient's all-reduce is in flight).
 class _Resharded:
     """A compiled graph with FSDP units, compiled (on its first call, and on any recompile) with their
     gathers tagged for AOT autograd's partitioner: re-gathered in the backward (reshard_after_forward)
-    or saved."""
+    or saved. Uneven shards are padded (eagerly, outside the compiled graph) before each call."""
 
-    def __init__(self, compiled: Any, groups: set[str], reshard: bool) -> None:
-        self.compiled, self.groups, self.reshard = compiled, groups, reshard
+    def __init__(self, compiled: Any, groups: set[str], reshard: bool, lowered: fx.GraphModule) -> None:
+        self.compiled, self.groups, self.reshard, self.lowered = compiled, groups, reshard, lowered
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with reshard_fsdp_gathers(self.groups, reshard=self.reshard):
+        with padded_uneven_shards(self.lowered), reshard_fsdp_gathers(self.groups, reshard=self.reshard):
             return self.compiled(*args, **kwargs)
 
 
@@ -171,7 +171,7 @@ class ParallelModule(nn.Module):
                 add_schedule_recorder(options, self, lowered)
             compiled = torch.compile(lowered, backend=self.compile_backend, dynamic=False, options=options)
             if groups:  # FSDP units (fxpar.ops.traceable_fsdp): re-gathered in the backward, not saved
-                compiled = _Resharded(compiled, groups, self.reshard_after_forward)
+                compiled = _Resharded(compiled, groups, self.reshard_after_forward, lowered)
             entry = cache[id(graph)] = (graph, compiled)
         return entry[1]
 

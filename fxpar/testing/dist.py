@@ -14,11 +14,13 @@ so its children start clean.  As with ``spawn``, a script that starts ranks need
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import logging
 import multiprocessing as mp
 import multiprocessing.forkserver
 import os
 import pickle
+import re
 import signal
 import sys
 import tempfile
@@ -35,12 +37,15 @@ import torch.distributed.distributed_c10d as c10d
 
 from fxpar._torch.fx import CAPTURE_MODULES, tree_map
 
-__all__ = ["RankError", "RankPool", "preload", "rank_pool", "run_ranks"]
+__all__ = ["RankError", "RankPool", "describe_stack", "preload", "rank_pool", "run_ranks",
+           "set_collective_timeout"]
 
 logger = logging.getLogger(__name__)
 
-DEADLINE_GRACE = 30.0  # seconds the driver waits past a run's timeout before giving up
+DEADLINE_GRACE = 5.0  # seconds the driver waits past a run's timeout before giving up
 FAILURE_GRACE = 3.0  # seconds the driver still waits for the other ranks once one failed
+STACK_WAIT = 2.0  # seconds the driver waits for a busy rank's stack dump before killing it
+_STACK_SIGNAL = signal.SIGUSR1  # a rank dumps its Python stacks on it (faulthandler): where it is stuck
 _CTX = mp.get_context("forkserver")
 # Keep '__main__' (the default) so functions defined in a demo script unpickle in the ranks.
 # "torch.distributed" first: Python < 3.12 starts the server without the driver's sys.path,
@@ -93,7 +98,12 @@ def _exc_info(exc: BaseException) -> tuple[str, str, str]:
     name = cls.__qualname__
     if cls.__module__ != "builtins":
         name = f"{cls.__module__}.{name}"
-    return name, str(exc), "".join(traceback.format_exception(exc))
+    text = str(exc)
+    if "timed out" in text.lower() or "timeout" in text.lower():  # gloo does not say which collective
+        frames = [{"file": f.filename, "line": str(f.lineno), "func": f.name}
+                  for f in reversed(traceback.extract_tb(exc.__traceback__))]
+        text += f" [{_describe_frames(frames)}]"
+    return name, text, "".join(traceback.format_exception(exc))
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -123,18 +133,29 @@ def _die_with_driver() -> None:
         logger.debug("rank may outlive a killed driver", exc_info=True)
 
 
-def _set_timeout(seconds: float) -> None:
-    """Collective timeout of the default group and of every group created from now on."""
+def set_collective_timeout(seconds: float) -> None:
+    """In a rank: how long any collective waits for the other ranks, from now on (every group, new ones too).
+
+    The pool sets it at the start of each run (``RankPool.run``'s ``collective_timeout``); a run that
+    compiles first and then wants short waits sets it again itself.
+    """
     c10d.default_pg_timeout = timedelta(seconds=seconds)  # new_group / DeviceMesh default
     if dist.is_initialized():
-        c10d._set_pg_timeout(timedelta(seconds=seconds))
+        for pg in list(c10d._world.pg_map):
+            try:
+                c10d._set_pg_timeout(timedelta(seconds=seconds), pg)
+            except (ValueError, AssertionError):  # not a member, or a backend without a timeout to set
+                logger.debug("collective timeout not set on %s", pg, exc_info=True)
 
 
 def _worker_main(rank: int, world_size: int, backend: str, store_path: str,
-                 timeout: float, threads: int, conn: Connection) -> None:
+                 timeout: float, threads: int, conn: Connection, stack_path: str = "") -> None:
     """Rank process body: join the process group, then serve runs until told to stop."""
     _die_with_driver()
     torch.set_num_threads(threads)
+    if stack_path:  # the driver asks a rank that does not answer where it is (faulthandler works in C waits)
+        stacks = open(stack_path, "w")  # noqa: SIM115 - open for the process's life
+        faulthandler.register(_STACK_SIGNAL, file=stacks, all_threads=True, chain=False)
 
     def reply(msg: tuple) -> None:
         try:
@@ -144,7 +165,7 @@ def _worker_main(rank: int, world_size: int, backend: str, store_path: str,
         conn.send_bytes(data)
 
     try:
-        _set_timeout(timeout)
+        set_collective_timeout(timeout)
         store = dist.FileStore(store_path, world_size)
         dist.init_process_group(backend, rank=rank, world_size=world_size, store=store,
                                 timeout=timedelta(seconds=timeout))
@@ -161,9 +182,9 @@ def _worker_main(rank: int, world_size: int, backend: str, store_path: str,
             break
         _drop_subgroups()
         try:
-            sys_path, run_timeout, payload = pickle.loads(data)
+            sys_path, collective_timeout, payload = pickle.loads(data)
             sys.path[:] = sys_path
-            _set_timeout(run_timeout)
+            set_collective_timeout(collective_timeout)
             fn, args, kwargs = pickle.loads(payload)
             msg = ("ok", _to_cpu(fn(*args, **kwargs)))
         except BaseException as exc:
@@ -229,13 +250,42 @@ class RankPool:
             here, there = _CTX.Pipe()
             proc = _CTX.Process(target=_worker_main, name=f"fxpar-rank{rank}", daemon=True,
                                 args=(rank, self.world_size, self.backend, store, self.timeout,
-                                      self.threads_per_rank, there))
+                                      self.threads_per_rank, there, self._stack_path(rank)))
             proc.start()
             there.close()
             self._procs.append(proc)
             self._conns.append(here)
         self._collect("pool startup", self.timeout + DEADLINE_GRACE, self.timeout)
         logger.debug("started %d ranks in %.2fs", self.world_size, time.perf_counter() - t0)
+
+    def _stack_path(self, rank: int) -> str:
+        return os.path.join(self._tmp.name, f"stacks{self._generation}_{rank}.txt")
+
+    def _where(self, ranks: Sequence[int]) -> dict[int, str]:
+        """Where each of these busy ranks is: its stack dumped (faulthandler, on a signal), summarised."""
+        def size(r: int) -> int:
+            path = self._stack_path(r)
+            return os.path.getsize(path) if os.path.exists(path) else 0
+
+        sizes = {}
+        for r in ranks:
+            sizes[r] = size(r)
+            try:
+                os.kill(self._procs[r].pid, _STACK_SIGNAL)
+            except (OSError, TypeError):
+                sizes.pop(r)
+        dumps: dict[int, str] = {}
+        end = time.monotonic() + STACK_WAIT
+        while sizes and time.monotonic() < end:
+            time.sleep(0.1)
+            for r in list(sizes):
+                if size(r) <= sizes[r]:
+                    continue
+                time.sleep(0.1)  # the dump is written in a few calls: let it finish
+                with open(self._stack_path(r)) as f:
+                    f.seek(sizes.pop(r))
+                    dumps[r] = f.read()
+        return {r: describe_stack(text) for r, text in dumps.items()}
 
     def _kill(self) -> None:
         for proc in self._procs:
@@ -247,14 +297,20 @@ class RankPool:
         self._procs, self._conns = [], []
 
     def run(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None,
-            **kwargs: Any) -> list:
+            collective_timeout: float | None = None, **kwargs: Any) -> list:
         """Runs ``fn(*args, **kwargs)`` on every rank.
 
         Args:
             fn: Picklable (module-level) function; it may use ``torch.distributed`` freely.
             *args: Positional arguments, pickled to every rank.
-            timeout: Collective timeout for this run (default: the pool's); the driver
-                gives up ``DEADLINE_GRACE`` seconds after it.
+            timeout: Seconds the whole run may take (default: the pool's): the driver gives up
+                ``DEADLINE_GRACE`` seconds after it and names the ranks still busy, each with
+                where it is (the collective it waits in, when it waits in one).
+            collective_timeout: Seconds one collective may wait for the other ranks (the
+                process-group timeout; default: ``timeout``). A run that compiles for minutes
+                needs a long ``timeout``; waits as long are safe (ranks compiling at different
+                speeds wait for each other) but slow to fail: the driver's deadline then names
+                the ranks, and the collectives they wait in, first.
             **kwargs: Keyword arguments, pickled to every rank.
 
         Returns:
@@ -266,7 +322,9 @@ class RankPool:
         if self._closed:
             raise RuntimeError("RankPool is closed")
         timeout = self.timeout if timeout is None else timeout
-        payload = pickle.dumps((list(sys.path), timeout, pickle.dumps((fn, args, kwargs))))
+        if collective_timeout is None:
+            collective_timeout = timeout
+        payload = pickle.dumps((list(sys.path), collective_timeout, pickle.dumps((fn, args, kwargs))))
         if not self._procs:
             self._start()
         for conn in self._conns:
@@ -314,14 +372,22 @@ class RankPool:
             raise
         if not failures and not pending:
             return [results[r] for r in range(self.world_size)]
-        self._kill()
         missing = sorted(pending.values())
+        where = self._where(missing) if missing else {}
+        self._kill()
         lines = [f"{what} on {self.world_size} ranks failed:"]
         lines += [f"  rank {r}: {name}: {text}" for r, (name, text, _) in sorted(failures.items())]
         if missing:
             why = (f"within {FAILURE_GRACE:g}s after another rank failed" if failures
                    else f"-- timed out after {budget:g}s (timeout {timeout:g}s + grace)")
             lines.append(f"  ranks {missing} did not answer {why}")
+            lines += [f"  rank {r} was {where[r]}" for r in missing if r in where]
+        waited = any("timed out" in text.lower() for _, text, _ in failures.values()) \
+            or any(w.startswith("waiting in collective") for w in where.values())
+        if results and waited:  # a rank that returned while others waited in a collective never joined it
+            done = sorted(results)
+            lines.append(f"  ranks {done} returned normally: if the others waited in a collective, "
+                         f"ranks {done} skipped it (a rank-dependent branch or step count?)")
         if failures:  # dicts keep arrival order: the first to fail is usually the cause
             rank, (_, _, tb) = next(iter(failures.items()))
             lines.append(f"\nRemote traceback of rank {rank} (the first to fail):\n{tb}")
@@ -354,6 +420,71 @@ class RankPool:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._procs)} live"
         return f"RankPool(world_size={self.world_size}, backend={self.backend!r}, {state})"
+
+
+_FRAME = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+) in (?P<func>\S+)')
+_COLLECTIVE_FUNCS = {"all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
+                     "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "broadcast", "barrier",
+                     "send", "recv", "gather", "scatter", "all_gather_object", "broadcast_object_list",
+                     "wait", "wait_tensor", "batch_isend_irecv", "monitored_barrier"}
+
+
+def _compiled_collective(path: str, line: int) -> str | None:
+    """The functional collective at `line` of an inductor output file (a wait: the collective it waits for)."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    text = lines[line - 1].strip() if 0 < line <= len(lines) else ""
+    m = re.search(r"_c10d_functional\.(\w+)\.default\((.*)\)", text)
+    if m is None:
+        return None
+    op, args = m.groups()
+    if op == "wait_tensor":  # name what it waits for: the issue `bufN = ..._c10d_functional.op(...)`
+        issue = re.compile(rf"^\s*{re.escape(args.strip())} = .*_c10d_functional\.(\w+)\.default\((.*)\)")
+        for prev in reversed(lines[:line - 1]):
+            found = issue.match(prev)
+            if found:
+                return f"wait_tensor of {found.group(1)}({found.group(2)})"
+    return f"{op}({args})"
+
+
+def describe_stack(dump: str) -> str:
+    """One line for a faulthandler dump of a rank: the collective it waits in (if any) and the caller.
+
+    The dump holds every thread; the rank's own is the one that runs ``_worker_main``. Frames are most
+    recent first: the first in a collective (torch.distributed's functions, a functional collective in
+    a compiled graph's code) names it, the first of fxpar or the test outside torch says from where.
+    """
+    blocks = [b for b in dump.split("\n\n") if "_worker_main" in b]
+    if not blocks:
+        return "busy (no stack dump)"
+    return _describe_frames([m.groupdict() for m in map(_FRAME.match, blocks[-1].splitlines()) if m])
+
+
+def _describe_frames(frames: list[dict]) -> str:
+    """`describe_stack` of frames (file, line, func), most recent first."""
+    collective = None
+    for fr in frames:
+        f, func = fr["file"], fr["func"]
+        if "torchinductor" in f or "/_inductor/" in f and func == "call":
+            collective = _compiled_collective(f, int(fr["line"]))
+            if collective:
+                collective += f" in a compiled graph ({f}:{fr['line']})"
+                break
+        if func in _COLLECTIVE_FUNCS and ("torch/distributed" in f or "fxpar" in f):
+            collective = f"{func} ({f}:{fr['line']})"
+            break
+    caller = next((fr for fr in frames if "site-packages/torch" not in fr["file"]
+                   and "/multiprocessing/" not in fr["file"] and not fr["file"].endswith("testing/dist.py")
+                   and "torchinductor" not in fr["file"]), None)
+    here = f"{caller['func']} ({caller['file']}:{caller['line']})" if caller else "?"
+    if collective:
+        return f"waiting in collective {collective}, called from {here}"
+    innermost = frames[0] if frames else None
+    inner = f"{innermost['func']} ({innermost['file']}:{innermost['line']})" if innermost else "?"
+    return f"not in a collective: in {inner}, called from {here}"
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo",
