@@ -163,5 +163,22 @@ def bucket_grad_sync(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             bucket, filled = bucket + 1, 0
         filled += nbytes
         info = get_info(p)
-        set_info(p, dataclasses.replace(info, grad_sync=GradSyncInfo(tuple(sorted(synced[p])), bucket)))
+        set_info(p, dataclasses.replace(info, grad_sync=GradSyncInfo(tuple(sorted(synced[p])), bucket,
+                                                                     _sync_dtype(p))))
     return PassResult(gm, True)
+
+
+def _sync_dtype(param: fx.Node) -> torch.dtype | None:
+    """The dtype an HSDP shard's gradient is summed over dp in: its gather's reduce-scatter's (None: its own).
+
+    FSDP2's HSDP reduces in reduce_dtype on both dims and casts once, at the end, to the shard's dtype. The
+    gather's backward reduce-scatters in reduce_dtype or, without one, in param_dtype (the gradient's
+    dtype); the dp sum goes on in that dtype (no rounding in between, and param_dtype bytes on the wire
+    where that is the narrower one).
+    """
+    gathers = [u for u in param.users if u.op == "call_function" and u.target is _GATHER]
+    if len(gathers) != 1:
+        return None
+    args = collective_args(gathers[0])
+    dtype = args.get("reduce_dtype") or args.get("param_dtype")
+    return dtype if dtype is not None and dtype != param.meta["val"].dtype else None
