@@ -31,8 +31,9 @@ After:   %to_6 = aten.to.dtype(%embedding, torch.float32)      # bfloat16 -> flo
          %to_7 = aten.to.dtype(%mul_3, torch.bfloat16)
          %add_6 = aten.add(%embedding, %linear_3)              # bfloat16, as in eager
 
-A parameter already in `param_dtype` is not touched, so a bfloat16 model runs as
-before. Afterwards the dtypes of every downstream value (`meta["val"]` and the
+A parameter already in `param_dtype` is not cast, so a bfloat16 model runs as
+before; its FSDP gathers still reduce-scatter in a `reduce_dtype` that differs
+(FSDP2 clamps only param_dtype to None there). Afterwards the dtypes of every downstream value (`meta["val"]` and the
 spec's dtype) are re-derived, so explain(), the memory model and pipeline
 buffers see the compute dtype.
 

@@ -30,6 +30,10 @@ own over it (sequence parallel) is the same chain; apply_mixed_precision cast su
 its f, so once the f is gone the casts fold into the gather's param_dtype / reduce_dtype, as on fsdp
 alone (half the gathered bytes for bfloat16, and the gathered tensor is what autograd saves):
 
+Under mixed precision the shard's dp sum runs in the dtype its reduce-scatter ran in (`GradSyncInfo.dtype`:
+reduce_dtype, or param_dtype without one), and lands in the shard's dtype: FSDP2's HSDP reduces in
+reduce_dtype on both dims and casts once, at the end.
+
 Before:  %fsdpgather_w = fxpar.fsdp_all_gather(%w, 0, 2, '2', 'fsdp')
          %gradallreduce_fsdpgather_w = fxpar.grad_all_reduce(%fsdpgather_w, '1', 'dp')
          %linear = aten.linear(%x, %gradallreduce_fsdpgather_w)
