@@ -8,7 +8,7 @@ gradient is partial on each rank). Issued one by one in the backward, those
 all-reduces are many small, blocking calls. This pass removes the
 `grad_all_reduce` nodes that sit directly on parameters and records, on each
 parameter's node, the gradient synchronisation it needs and its bucket (with `Plan(sequence_parallel=True)` also the tp f of parameters read by
-sequence-sharded activations: norm weights, row-parallel biases): buckets
+sequence-sharded activations: norm weights, row-parallel biases; always a tp f on an FSDP gather): buckets
 of about `bucket_bytes` (default 25 MB, `options["bucket_bytes"]`) in reverse
 order of first use, which is the order the backward produces gradients. The
 runtime (`fxpar.runtime.grad_sync`) all-reduces a bucket asynchronously as soon as all
@@ -77,6 +77,14 @@ def _synced_source(f: fx.Node) -> fx.Node | None:
     return base if base.op == "get_attr" else None
 
 
+def _over_gather(f: fx.Node) -> bool:
+    """Whether the f `f` sits (through other fs) on an FSDP gather: its sum moves onto the shard."""
+    base = f.args[0]
+    while base.op == "call_function" and base.target is _F:
+        base = base.args[0]
+    return base.op == "call_function" and base.target is _GATHER
+
+
 def _fold_casts(gather: fx.Node, reduce_dtype: torch.dtype | None) -> None:
     """apply_mixed_precision's casts right after an FSDP gather (its f removed) -> the gather's own dtypes."""
     users = list(gather.users)
@@ -122,13 +130,18 @@ def bucket_grad_sync(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     # weight, a row-parallel bias) has a partial gradient on tp as a dp parameter has on dp: one
     # small f per parameter, bucketed the same way (the sum is the same sum, bit for bit).
     dims = DATA_DIMS + (("tp",) if getattr(ctx.plan, "sequence_parallel", False) else ())
+    # Without it, a tp f on an FSDP gather (a q/k norm's weight read by head-sharded q and k) moves onto the
+    # shard too, as the dp f does on HSDP: summed after the reduce-scatter, on the shard's bytes, and the
+    # casts after it fold into the gather, which then moves param_dtype bytes (float32 under the f). The
+    # same sum in another order (under mixed precision of bf16-exact parts in float32: on fsdp2 x tp2 each
+    # order rounds once, bit-equal, tests/test_mixed_precision.py).
     # Group every data-parallel f by the parameter it leads to (through any collectives) and dim.
     groups: dict[tuple[fx.Node, str], list[tuple[fx.Node, bool]]] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not _F:
             continue
         dim = collective_args(node)["mesh_dim"]
-        if dim not in dims:
+        if dim not in dims and not (dim == "tp" and _over_gather(node)):
             continue
         base = node.args[0]
         while base.op == "call_function" and base.target in COLLECTIVE_OPS:
