@@ -182,7 +182,6 @@ def _qk_norm_step(mesh, fold: bool) -> dict:
             "norm_numel": sum(p.numel() for k, p in model.named_parameters() if k in QK_NORMS)}
 
 
-@pytest.mark.slow  # 27 s on the loaded 2-core box (two captures per rank); the graph test above runs by default
 def test_gather_under_a_tp_f_halves_its_bytes_and_keeps_the_bf16_result():
     for rank, (b, a) in enumerate(rank_pool(4).run(_qk_norm_steps, timeout=180)):
         # the q/k norms' gathers move bf16 (half their bytes): every forward gather is bf16 now
@@ -197,3 +196,23 @@ def test_gather_under_a_tp_f_halves_its_bytes_and_keeps_the_bf16_result():
             assert torch.equal(v, b["grads"][k]), (rank, k, (v - b["grads"][k]).abs().max().item())
             err = ((v.double() - a["ref"][k]).abs().max() / a["ref"][k].abs().max()).item()
             assert err < 5e-2, (rank, k, err)  # bf16 compute against the float64 model
+
+
+def _qk_norm_float64() -> dict:
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (2, 2), mesh_dim_names=("fsdp", "tp"))
+    model = _qk_norm_model().double()
+    g = torch.Generator().manual_seed(1)
+    x, t = (torch.randn(4, 8, 32, generator=g, dtype=torch.float64) for _ in range(2))
+    pm = fxpar.parallelize(model, mesh, example_inputs=(x,))
+    report = fxpar.verify(model, pm, x, target=t, loss_fn=mse, rtol=1e-10, atol=1e-12)
+    synced = {str(n.target): get_info(n).grad_sync.dims for n in pm.graph_module.graph.nodes
+              if n.op == "get_attr" and get_info(n) is not None and get_info(n).grad_sync}
+    return {"ok": report.ok, "report": str(report), "synced": synced}
+
+
+def test_tp_sum_moved_onto_the_shard_is_exact_in_float64():
+    """The q/k norms' tp sum, moved from the full gradient onto the shard after the reduce-scatter: every
+    gradient equal to the unsplit model in float64."""
+    for rank, r in enumerate(rank_pool(4).run(_qk_norm_float64, timeout=180)):
+        assert r["ok"], f"rank {rank}:\n{r['report']}"
+        assert {k: r["synced"].get(k) for k in QK_NORMS} == dict.fromkeys(QK_NORMS, ("tp",)), r["synced"]

@@ -33,9 +33,9 @@ After:   %to_6 = aten.to.dtype(%embedding, torch.float32)      # bfloat16 -> flo
 
 A parameter already in `param_dtype` is not cast, so a bfloat16 model runs as
 before; its FSDP gathers still reduce-scatter in a `reduce_dtype` that differs
-(FSDP2 clamps only param_dtype to None there). Afterwards the dtypes of every downstream value (`meta["val"]` and the
-spec's dtype) are re-derived, so explain(), the memory model and pipeline
-buffers see the compute dtype.
+(FSDP2 clamps only param_dtype to None there). Afterwards the dtypes of every
+downstream value (`meta["val"]` and the spec's dtype) are re-derived, so
+explain(), the memory model and pipeline buffers see the compute dtype.
 
 Before:  %w = get_attr[target=up.weight]                         # float32
          %gradallreduce_w = fxpar.grad_all_reduce(%w, '1', 'tp')
