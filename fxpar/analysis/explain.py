@@ -199,7 +199,7 @@ def _bucket_overlap_lines(gm: fx.GraphModule) -> list[str]:
             continue
         entry = fill.setdefault((sync.bucket, sync.dims), [len(nodes), 0])
         entry[0] = min(entry[0], min(order[u] for u in node.users))
-        entry[1] += info.spec.nbytes(local=True)
+        entry[1] += sync.nbytes(info.spec)
     out = []
     for (bucket, dims), (first, nbytes) in sorted(fill.items()):
         under = [n for n in nodes[:first] if n.op == "call_function" and n.target not in COLLECTIVE_OPS

@@ -381,7 +381,7 @@ def grad_sync_lines(pm) -> list[str]:
                 continue
             seen.add(node.target)
             key = (sync.bucket, sync.dims)
-            buckets[key] = buckets.get(key, 0) + info.spec.nbytes(local=True)
+            buckets[key] = buckets.get(key, 0) + sync.nbytes(info.spec)
     if not buckets:
         return []
     total = sum(buckets.values())

@@ -98,10 +98,18 @@ class GradSyncInfo:
     Attributes:
         dims: the mesh dim names its gradient is all-reduced over.
         bucket: the index of the flat all-reduce it joins (buckets fire in reverse use order).
+        dtype: the dtype the all-reduce runs in, or None for the parameter's own. An HSDP shard under
+            mixed precision is summed over dp in the dtype its reduce-scatter over fsdp ran in
+            (FSDP2's reduce_dtype, on both dims); the sum lands in the parameter's dtype.
     """
 
     dims: tuple[str, ...]
     bucket: int
+    dtype: torch.dtype | None = None
+
+    def nbytes(self, spec: "TensorSpec") -> int:
+        """Bytes one rank sends into the all-reduce for a parameter of local spec `spec`."""
+        return spec.nbytes(local=True) // spec.dtype.itemsize * (self.dtype or spec.dtype).itemsize
 
 
 @dataclass(frozen=True)

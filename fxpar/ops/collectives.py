@@ -62,12 +62,13 @@ _c10d = functional  # torch's functional collectives; importing them marks wait_
 
 @dataclasses.dataclass(frozen=True)
 class CommRecord:
-    """One collective as it ran: op name, mesh dim, bytes each rank sent in."""
+    """One collective as it ran: op name, mesh dim, bytes each rank sent in (and their dtype)."""
 
     op: str
     mesh_dim: str
     nbytes: int
     direction: str  # 'forward' or 'backward'
+    dtype: torch.dtype | None = None  # what went on the wire (mixed precision: param_dtype / reduce_dtype)
 
 
 _counters: list[list[CommRecord]] = []
@@ -86,7 +87,7 @@ def count_comms() -> Iterator[list[CommRecord]]:
 
 def _record(op: str, mesh_dim: str, t: Tensor, direction: str) -> None:
     if _counters:
-        rec = CommRecord(op, mesh_dim, t.numel() * t.element_size(), direction)
+        rec = CommRecord(op, mesh_dim, t.numel() * t.element_size(), direction, t.dtype)
         for records in _counters:
             records.append(rec)
 

@@ -31,10 +31,11 @@ After:   %to_6 = aten.to.dtype(%embedding, torch.float32)      # bfloat16 -> flo
          %to_7 = aten.to.dtype(%mul_3, torch.bfloat16)
          %add_6 = aten.add(%embedding, %linear_3)              # bfloat16, as in eager
 
-A parameter already in `param_dtype` is not touched, so a bfloat16 model runs as
-before. Afterwards the dtypes of every downstream value (`meta["val"]` and the
-spec's dtype) are re-derived, so explain(), the memory model and pipeline
-buffers see the compute dtype.
+A parameter already in `param_dtype` is not cast, so a bfloat16 model runs as
+before; its FSDP gathers still reduce-scatter in a `reduce_dtype` that differs
+(FSDP2 clamps only param_dtype to None there). Afterwards the dtypes of every
+downstream value (`meta["val"]` and the spec's dtype) are re-derived, so
+explain(), the memory model and pipeline buffers see the compute dtype.
 
 Before:  %w = get_attr[target=up.weight]                         # float32
          %gradallreduce_w = fxpar.grad_all_reduce(%w, '1', 'tp')
@@ -106,6 +107,19 @@ def _compute_uses(node: fx.Node):
         frontier.extend(u for u in v.users if u.op == "call_function" and u.target in COLLECTIVE_OPS)
 
 
+def _chain_gathers(node: fx.Node) -> list[fx.Node]:
+    """The FSDP gathers on the chain of collectives that starts at `node`."""
+    out, frontier = [], [node]
+    while frontier:
+        v = frontier.pop()
+        for u in v.users:
+            if u.op == "call_function" and u.target in COLLECTIVE_OPS:
+                frontier.append(u)
+                if u.target is _GATHER:
+                    out.append(u)
+    return out
+
+
 def _cast_params(gm: fx.GraphModule, dtype: torch.dtype, reduce_dtype: torch.dtype | None) -> set[torch.dtype]:
     """Casts every floating parameter to `dtype` at its uses; returns the dtypes they had."""
     was: set[torch.dtype] = set()
@@ -114,8 +128,13 @@ def _cast_params(gm: fx.GraphModule, dtype: torch.dtype, reduce_dtype: torch.dty
             continue
         val = node.meta["val"]
         info = get_info(node)
-        if val.dtype == dtype or not val.requires_grad or info is None or info.role != "param":
-            continue  # already in the compute dtype, or a buffer (FSDP2 leaves buffers as they are)
+        if not val.requires_grad or info is None or info.role != "param":
+            continue  # a buffer (FSDP2 leaves buffers as they are)
+        if val.dtype == dtype:  # already in the compute dtype: nothing to cast, but FSDP still reduces in
+            if reduce_dtype is not None and reduce_dtype != dtype:  # reduce_dtype (FSDP2 clamps only param_dtype)
+                for gather in _chain_gathers(node):
+                    set_fsdp_precision(gather, param_dtype=None, reduce_dtype=reduce_dtype)
+            continue
         uses = list(_compute_uses(node))
         chain = {u.target for v, _ in uses for u in v.users} | {v.target for v, _ in uses}
         if _GATHER not in chain and _REDUCING.isdisjoint(chain):

@@ -8,7 +8,7 @@ gradient is partial on each rank). Issued one by one in the backward, those
 all-reduces are many small, blocking calls. This pass removes the
 `grad_all_reduce` nodes that sit directly on parameters and records, on each
 parameter's node, the gradient synchronisation it needs and its bucket (with `Plan(sequence_parallel=True)` also the tp f of parameters read by
-sequence-sharded activations: norm weights, row-parallel biases): buckets
+sequence-sharded activations: norm weights, row-parallel biases; always a tp f on an FSDP gather): buckets
 of about `bucket_bytes` (default 25 MB, `options["bucket_bytes"]`) in reverse
 order of first use, which is the order the backward produces gradients. The
 runtime (`fxpar.runtime.grad_sync`) all-reduces a bucket asynchronously as soon as all
@@ -29,6 +29,10 @@ summation order). A gather with casts after it (apply_mixed_precision) or a tens
 own over it (sequence parallel) is the same chain; apply_mixed_precision cast such a parameter after
 its f, so once the f is gone the casts fold into the gather's param_dtype / reduce_dtype, as on fsdp
 alone (half the gathered bytes for bfloat16, and the gathered tensor is what autograd saves):
+
+Under mixed precision the shard's dp sum runs in the dtype its reduce-scatter ran in (`GradSyncInfo.dtype`:
+reduce_dtype, or param_dtype without one), and lands in the shard's dtype: FSDP2's HSDP reduces in
+reduce_dtype on both dims and casts once, at the end.
 
 Before:  %fsdpgather_w = fxpar.fsdp_all_gather(%w, 0, 2, '2', 'fsdp')
          %gradallreduce_fsdpgather_w = fxpar.grad_all_reduce(%fsdpgather_w, '1', 'dp')
@@ -71,6 +75,14 @@ def _synced_source(f: fx.Node) -> fx.Node | None:
     if base.op == "call_function" and base.target is _GATHER:
         base = base.args[0]
     return base if base.op == "get_attr" else None
+
+
+def _over_gather(f: fx.Node) -> bool:
+    """Whether the f `f` sits (through other fs) on an FSDP gather: its sum moves onto the shard."""
+    base = f.args[0]
+    while base.op == "call_function" and base.target is _F:
+        base = base.args[0]
+    return base.op == "call_function" and base.target is _GATHER
 
 
 def _fold_casts(gather: fx.Node, reduce_dtype: torch.dtype | None) -> None:
@@ -118,13 +130,18 @@ def bucket_grad_sync(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     # weight, a row-parallel bias) has a partial gradient on tp as a dp parameter has on dp: one
     # small f per parameter, bucketed the same way (the sum is the same sum, bit for bit).
     dims = DATA_DIMS + (("tp",) if getattr(ctx.plan, "sequence_parallel", False) else ())
+    # Without it, a tp f on an FSDP gather (a q/k norm's weight read by head-sharded q and k) moves onto the
+    # shard too, as the dp f does on HSDP: summed after the reduce-scatter, on the shard's bytes, and the
+    # casts after it fold into the gather, which then moves param_dtype bytes (float32 under the f). The
+    # same sum in another order (under mixed precision of bf16-exact parts in float32: on fsdp2 x tp2 each
+    # order rounds once, bit-equal, tests/test_mixed_precision.py).
     # Group every data-parallel f by the parameter it leads to (through any collectives) and dim.
     groups: dict[tuple[fx.Node, str], list[tuple[fx.Node, bool]]] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not _F:
             continue
         dim = collective_args(node)["mesh_dim"]
-        if dim not in dims:
+        if dim not in dims and not (dim == "tp" and _over_gather(node)):
             continue
         base = node.args[0]
         while base.op == "call_function" and base.target in COLLECTIVE_OPS:
@@ -163,5 +180,22 @@ def bucket_grad_sync(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             bucket, filled = bucket + 1, 0
         filled += nbytes
         info = get_info(p)
-        set_info(p, dataclasses.replace(info, grad_sync=GradSyncInfo(tuple(sorted(synced[p])), bucket)))
+        set_info(p, dataclasses.replace(info, grad_sync=GradSyncInfo(tuple(sorted(synced[p])), bucket,
+                                                                     _sync_dtype(p))))
     return PassResult(gm, True)
+
+
+def _sync_dtype(param: fx.Node) -> torch.dtype | None:
+    """The dtype an HSDP shard's gradient is summed over dp in: its gather's reduce-scatter's (None: its own).
+
+    FSDP2's HSDP reduces in reduce_dtype on both dims and casts once, at the end, to the shard's dtype. The
+    gather's backward reduce-scatters in reduce_dtype or, without one, in param_dtype (the gradient's
+    dtype); the dp sum goes on in that dtype (no rounding in between, and param_dtype bytes on the wire
+    where that is the narrower one).
+    """
+    gathers = [u for u in param.users if u.op == "call_function" and u.target is _GATHER]
+    if len(gathers) != 1:
+        return None
+    args = collective_args(gathers[0])
+    dtype = args.get("reduce_dtype") or args.get("param_dtype")
+    return dtype if dtype is not None and dtype != param.meta["val"].dtype else None

@@ -347,7 +347,7 @@ def _profile(g: fx.GraphModule, hints: dict, device: DeviceProfile, mesh: MeshIn
         info = get_info(node)
         if node.op == "get_attr" and info is not None and info.grad_sync is not None:
             prof.sync.setdefault((info.grad_sync.bucket, info.grad_sync.dims), {})[node.target] = \
-                info.spec.nbytes(local=True)
+                info.grad_sync.nbytes(info.spec)
     return prof
 
 

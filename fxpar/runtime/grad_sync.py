@@ -23,6 +23,14 @@ are all in, and `_finish` runs once more at the end of the callbacks, after
 the FSDP runtime's. A shard gathered on its own (`fsdp_unit="param"`, a block
 of one parameter) gets its reduce-scattered gradient from autograd, as any
 parameter.
+
+Mixed precision (HSDP): a bucket sums in its parameters' `GradSyncInfo.dtype`,
+the dtype their reduce-scatter over fsdp ran in (FSDP2's reduce_dtype, or
+param_dtype without one), and each sum lands in its parameter's dtype: FSDP2's
+HSDP reduces in reduce_dtype on both dims and casts once, at the end. A landed
+shard's gradient arrives in that dtype already; one from autograd comes in the
+parameter's dtype and is cast back (exact for float32 master weights: the
+reduce-scatter's result was cast up from it).
 """
 
 from __future__ import annotations
@@ -69,8 +77,10 @@ def wait_work(work: dist.Work, polled: bool) -> None:
 
 
 class _Bucket:
-    def __init__(self, params: list[torch.nn.Parameter], dims: tuple[str, ...]) -> None:
+    def __init__(self, params: list[torch.nn.Parameter], dims: tuple[str, ...],
+                 dtype: torch.dtype | None = None) -> None:
         self.params, self.dims = params, dims
+        self.dtype = dtype  # the all-reduce's dtype (mixed precision: reduce_dtype), None: the parameters'
         self.offsets, total = {}, 0
         for p in params:
             self.offsets[p] = (total, p.numel())
@@ -87,12 +97,13 @@ class _Bucket:
 class GradSync:
     """Hooks the marked parameters of one ParallelModule."""
 
-    def __init__(self, params: list[tuple[torch.nn.Parameter, tuple[str, ...], int]], mesh_info) -> None:
+    def __init__(self, params: list[tuple], mesh_info) -> None:
+        """`params`: (parameter, data dim names, bucket index[, the all-reduce's dtype or None]) each."""
         self.mesh = mesh_info
-        grouped: dict[tuple[int, tuple[str, ...]], list[torch.nn.Parameter]] = defaultdict(list)
-        for p, dims, bucket in params:
-            grouped[(bucket, dims)].append(p)
-        self.buckets = [_Bucket(ps, dims) for (_, dims), ps in sorted(grouped.items(), key=lambda kv: kv[0])]
+        grouped: dict[tuple, list[torch.nn.Parameter]] = defaultdict(list)
+        for p, dims, bucket, *dtype in params:
+            grouped[(bucket, dims, dtype[0] if dtype else None)].append(p)
+        self.buckets = [_Bucket(ps, dims, dtype) for (_, dims, dtype), ps in _in_order(grouped)]
         self._queued = False
         self._deferred = False  # `_finish` re-queued behind the FSDP runtime's callbacks in this backward
         self._handles = [p.register_hook(self._make_hook(b, p)) for b in self.buckets for p in b.params]
@@ -111,10 +122,10 @@ class GradSync:
         """An FSDP shard's reduce-scattered gradient (`take_shard_grad`): into its bucket; `.grad` untouched."""
         self._queue_finish()
         if bucket.work is not None:  # a second reduce-scatter of it after its bucket went: summed at the end
-            bucket.late.append((param, grad.to(param.dtype, copy=True)))
+            bucket.late.append((param, grad.to(bucket.dtype or param.dtype, copy=True)))
             return
-        if bucket.flat is None:
-            bucket.flat = grad.new_empty(bucket.numel, dtype=param.dtype)
+        if bucket.flat is None:  # in the reduce-scatter's dtype (mixed precision): no rounding before the sum
+            bucket.flat = grad.new_empty(bucket.numel, dtype=bucket.dtype or param.dtype)
         start, n = bucket.offsets[param]
         slot = bucket.flat[start:start + n]
         if param in bucket.got:
@@ -131,8 +142,8 @@ class GradSync:
             if fsdp_bucket_of(param) is not None:
                 return None  # the zeros the FSDP runtime gives a bucketed shard: its gradient lands in `_land`
             self._queue_finish()
-            if bucket.flat is None:
-                bucket.flat = grad.new_empty(bucket.numel)  # every slot is written before the all-reduce
+            if bucket.flat is None:  # every slot is written before the all-reduce
+                bucket.flat = grad.new_empty(bucket.numel, dtype=bucket.dtype or grad.dtype)
             start, n = bucket.offsets[param]
             bucket.flat[start:start + n].copy_(grad.reshape(-1))
             bucket.got.add(param)
@@ -181,7 +192,7 @@ class GradSync:
             wait_work(*bucket.work)
             for p in bucket.got:
                 start, n = bucket.offsets[p]
-                reduced = bucket.flat[start:start + n].view_as(p)
+                reduced = bucket.flat[start:start + n].view_as(p).to(p.dtype)  # mixed precision: cast once, here
                 # a landed shard's .grad is its earlier backwards' gradient plus autograd's zeros
                 before = p.grad if p in bucket.landed else bucket.before.get(p)
                 # one bucket's views share its buffer, which lives as long as any of them: it holds
@@ -191,6 +202,7 @@ class GradSync:
                 for name in bucket.dims:
                     _record("all_reduce", name, late, "backward")
                     dist.all_reduce(late, group=resolve_process_group(self.mesh.group_name(self.mesh.index(name))))
+                late = late.to(p.dtype)
                 p.grad = late if p.grad is None else p.grad.add_(late)
             bucket.flat, bucket.got, bucket.before, bucket.work = None, set(), {}, None
             bucket.landed, bucket.late = set(), []
@@ -210,18 +222,25 @@ def sync_data_grads(data_synced: list, mesh_info) -> None:
     """Sums a pipeline step's gradients over the data-parallel dims, one flat all-reduce per bucket and dim.
 
     Args:
-        data_synced: (parameter, data dim names, bucket index) for each data-replicated parameter.
+        data_synced: (parameter, data dim names, bucket index[, the all-reduce's dtype or None: the
+            parameter's]) for each data-replicated parameter.
         mesh_info: the mesh the dim names belong to.
     """
-    buckets: dict[tuple[int, tuple[str, ...]], list[torch.nn.Parameter]] = {}
-    for p, dims, bucket in data_synced:
-        buckets.setdefault((bucket, dims), []).append(p)
-    for (_, dims), params in sorted(buckets.items(), key=lambda kv: kv[0]):
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    buckets: dict[tuple, list[torch.nn.Parameter]] = defaultdict(list)
+    for p, dims, bucket, *dtype in data_synced:
+        buckets[(bucket, dims, dtype[0] if dtype else None)].append(p)
+    for (_, dims, dtype), params in _in_order(buckets):
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype or p.dtype)
+                          for p in params])
         for name in dims:
             _record("all_reduce", name, flat, "backward")
             dist.all_reduce(flat, group=resolve_process_group(mesh_info.group_name(mesh_info.index(name))))
         offset = 0
         for p in params:
-            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+            p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype, copy=True)
             offset += p.numel()
+
+
+def _in_order(buckets: dict[tuple, list]) -> list[tuple]:
+    """(bucket, dims, dtype) groups in one order on every rank (the same graph on every rank: the same keys)."""
+    return sorted(buckets.items(), key=lambda kv: (kv[0][0], kv[0][1], str(kv[0][2])))

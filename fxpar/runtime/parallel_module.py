@@ -206,7 +206,7 @@ class ParallelModule(nn.Module):
             sync = info.grad_sync if info is not None and node.op == "get_attr" else None
             if sync:
                 mod, _, name = str(node.target).rpartition(".")
-                marked.append((getattr(gm.get_submodule(mod), name), sync.dims, sync.bucket))
+                marked.append((getattr(gm.get_submodule(mod), name), sync.dims, sync.bucket, sync.dtype))
         return GradSync(marked, self.mesh_info) if marked else None
 
     def _register_fsdp_buckets(self) -> list:

@@ -156,7 +156,7 @@ class PipelineModule(ParallelModule):
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def _data_synced_params(self) -> list[tuple[nn.Parameter, tuple[str, ...], int]]:
+    def _data_synced_params(self) -> list[tuple]:
         """This rank's parameters whose gradients the data-parallel dims sum (marked by bucket_grad_sync),
         with their dims and bucket, each once."""
         out, seen = [], set()
@@ -169,7 +169,7 @@ class PipelineModule(ParallelModule):
                 t = attr_of(gm, node.target)
                 if isinstance(t, nn.Parameter) and id(t) not in seen:
                     seen.add(id(t))
-                    out.append((t, sync.dims, sync.bucket))
+                    out.append((t, sync.dims, sync.bucket, sync.dtype))
         return out
 
     def _pp_ranks_table(self) -> torch.Tensor:
