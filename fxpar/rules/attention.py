@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+import fxpar.ops.kv_replicas  # noqa: F401  (registers fxpar::replica_grad_sum)
 from fxpar.core.spec import divides, size_key
 from fxpar.rules.registry import OpInfo, P, R, S, Strategy, register
 
@@ -114,3 +115,10 @@ def matmul(op: OpInfo, cur) -> list[Strategy]:
         out.append(Strategy((R, P), P))
     out.append(Strategy((R, R), R))
     return out
+
+
+@register(torch.ops.fxpar.replica_grad_sum.default)
+def replica_grad_sum(op: OpInfo, cur) -> list[Strategy]:
+    """Identity forward (`replicate_kv_heads`' kv weight copies): the output is laid out as its input."""
+    c = cur[0] if cur[0] is not None else R
+    return [Strategy((c,), c)] + ([Strategy((R,), R)] if c != R else [])
