@@ -28,7 +28,7 @@ from torch import Tensor
 
 from fxpar.ops.collectives import _all_reduce, _group_rank, _record
 
-__all__ = ["replica_grad_sum"]
+__all__ = ["replica_grad_sum", "REPLICA_GRAD_SUM"]
 
 
 @torch.library.custom_op("fxpar::replica_grad_sum", mutates_args=())
@@ -55,4 +55,5 @@ def _backward(ctx, grad):
 
 
 replica_grad_sum.register_autograd(_backward, setup_context=_setup)
-torch.fx.node.has_side_effect(torch.ops.fxpar.replica_grad_sum.default)
+REPLICA_GRAD_SUM = torch.ops.fxpar.replica_grad_sum.default
+torch.fx.node.has_side_effect(REPLICA_GRAD_SUM)

@@ -44,12 +44,12 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.distributed.tensor.placement_types import Shard
 
-import fxpar.ops.kv_replicas  # noqa: F401  (registers fxpar::replica_grad_sum)
 from fxpar.capture.export import capture_info
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.replicas import repeat_blocks
 from fxpar.core.spec import get_info, make_spec, set_info, shape_key
-from fxpar.passes._megatron import Pair, find_pairs, proj_bias, proj_input, proj_weight
+from fxpar.ops.kv_replicas import REPLICA_GRAD_SUM
+from fxpar.passes._megatron import Pair, find_pairs, proj_bias, proj_weight
 
 aten = torch.ops.aten
 
@@ -295,7 +295,8 @@ def _store(gm: fx.GraphModule, node: fx.Node, kv: int, copies: int, tp_index: in
     stored = repeat_blocks(t.detach(), kv, copies)
     setattr(sub, name, nn.Parameter(stored, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else stored)
     val = node.meta["val"]
-    node.meta["val"] = val.new_empty((val.shape[0] * copies, *val.shape[1:]))
+    # requires_grad kept: insert_collectives gives a parameter read on a data-parallel shard its f by it
+    node.meta["val"] = val.new_empty((val.shape[0] * copies, *val.shape[1:])).requires_grad_(val.requires_grad)
     info = get_info(node)
     placements = list(info.spec.placements)
     placements[tp_index] = Shard(0)
@@ -314,7 +315,7 @@ def _rewrite(gm: fx.GraphModule, proj: fx.Node, steps: dict[fx.Node, _Step], kv:
         repeats[str(t.target)] = (kv, copies)
         _store(gm, t, kv, copies, tp_index, mesh.sizes, style)
         with gm.graph.inserting_after(t):
-            summed = gm.graph.create_node("call_function", torch.ops.fxpar.replica_grad_sum.default,
+            summed = gm.graph.create_node("call_function", REPLICA_GRAD_SUM,
                                           (t, copies, tp, group, "tp"), name=f"replicagradsum_{t.name}")
         summed.meta["val"] = t.meta["val"]
         for key in ("nn_module_stack", "stack_trace"):

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-import fxpar.ops.kv_replicas  # noqa: F401  (registers fxpar::replica_grad_sum)
 from fxpar.core.spec import divides, size_key
+from fxpar.ops.kv_replicas import REPLICA_GRAD_SUM
 from fxpar.rules.registry import OpInfo, P, R, S, Strategy, register
 
 aten = torch.ops.aten
@@ -117,7 +117,7 @@ def matmul(op: OpInfo, cur) -> list[Strategy]:
     return out
 
 
-@register(torch.ops.fxpar.replica_grad_sum.default)
+@register(REPLICA_GRAD_SUM)
 def replica_grad_sum(op: OpInfo, cur) -> list[Strategy]:
     """Identity forward (`replicate_kv_heads`' kv weight copies): the output is laid out as its input."""
     c = cur[0] if cur[0] is not None else R

@@ -127,7 +127,8 @@ class ParallelModule(nn.Module):
 
     def gather_full(self, entry: LocalTensor) -> torch.Tensor:
         """The full tensor of one parameter or buffer (a collective over the dims that shard it)."""
-        return self._gather(entry.local, entry.spec)
+        full = self._gather(entry.local, entry.spec)
+        return unrepeat_blocks(full, *entry.repeats) if entry.repeats is not None else full
 
     # ------------------------------------------------------------------ running
 
