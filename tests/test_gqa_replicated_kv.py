@@ -283,3 +283,22 @@ def test_full_state_round_trip():
     world.close()
     for rank, r in enumerate(results):
         assert r["shapes"] and r["before"] > 0 and r["after"] == 0.0 and r["mine"] == 0.0, (rank, r)
+
+
+def test_saved_plan_reloads_the_same_layout(tmp_path):
+    # a resolved plan names k / v 'colwise (kv heads replicated: ...)'; parallelizing with it reproduces them
+    torch.manual_seed(0)
+    model = llama(8, 2)
+    ids, target = _data()
+    world = sim_world({"tp": 4})
+    first = world.parallelize(model, example_inputs=(ids,))
+    plan = fxpar.load_plan(fxpar.save_plan(first[0].plan, tmp_path / "plan.json"))
+    again = world.parallelize(model, example_inputs=(ids,), plan=plan)
+    reports = world.run(lambda r: fxpar.verify(model, again[r], ids, target=target, loss_fn=ce, rtol=RTOL, atol=RTOL))
+    world.close()
+    for rank, rep in enumerate(reports):
+        assert rep.ok, f"rank {rank}:\n{rep}"
+    text = again[0].explain()
+    assert "self_attn.v_proj: colwise (kv heads replicated: 2 kv heads over tp=4, each on 2 ranks)" in text, text
+    assert tuple(dict(again[0].graph_module.named_parameters())["model.layers.0.self_attn.k_proj.weight"].shape) \
+        == (8, 64)

@@ -44,11 +44,13 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.distributed.tensor.placement_types import Shard
 
+from fxpar.analysis.plan_io import HeadsStyle
 from fxpar.capture.export import capture_info
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.replicas import repeat_blocks
 from fxpar.core.spec import get_info, make_spec, set_info, shape_key
 from fxpar.ops.kv_replicas import REPLICA_GRAD_SUM
+from fxpar.passes._graph import module_fqns
 from fxpar.passes._megatron import Pair, find_pairs, proj_bias, proj_weight
 
 aten = torch.ops.aten
@@ -226,6 +228,10 @@ def _plan_path(proj: fx.Node, kv: int, tp: int, order: dict[fx.Node, int], nodes
     return steps if any(s.exit for s in steps.values()) else None
 
 
+def _module(proj: fx.Node) -> str:
+    return str(proj_weight(proj).target).rpartition(".")[0]
+
+
 def _attr(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, str]:
     mod, _, name = str(node.target).rpartition(".")
     return gm.get_submodule(mod), name
@@ -334,7 +340,9 @@ def replicate_kv_heads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     pp = ctx.options.get("pp")
     pipelined = (mesh.has("pp") and mesh.size("pp") > 1) or (pp is not None and pp.size > 1)
     others = [n for n, s in zip(mesh.names, mesh.sizes) if s > 1 and n not in ("tp", "dp")]
-    if not ctx.plan.auto_tp or not mesh.has("tp") or mesh.size("tp") == 1 or pipelined or others:
+    named = ctx.plan.resolve_tp(module_fqns(gm)) if ctx.plan.tp else {}
+    saved = {m for m, style in named.items() if isinstance(style, HeadsStyle) and style.kv_replicated}
+    if not (ctx.plan.auto_tp or saved) or not mesh.has("tp") or mesh.size("tp") == 1 or pipelined or others:
         return PassResult(gm, False)
     tp_index, tp = mesh.names.index("tp"), mesh.size("tp")
     aliased = _aliased(gm)
@@ -347,6 +355,8 @@ def replicate_kv_heads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if found is None:
             continue
         _, kv, planned = found
+        if not ctx.plan.auto_tp and not {_module(p) for p, _ in planned} <= saved:
+            continue  # an explicit plan replicates the kv heads it names so (a saved plan)
         for proj, steps in planned:
             for t in (proj_weight(proj), proj_bias(proj)):
                 if t is not None:
