@@ -302,3 +302,18 @@ def test_saved_plan_reloads_the_same_layout(tmp_path):
     assert "self_attn.v_proj: colwise (kv heads replicated: 2 kv heads over tp=4, each on 2 ranks)" in text, text
     assert tuple(dict(again[0].graph_module.named_parameters())["model.layers.0.self_attn.k_proj.weight"].shape) \
         == (8, 64)
+
+
+def test_kv_shards_are_never_gathered_back():
+    # wider layers and more tokens than above: the activation's f then costs more than gathering a kv
+    # weight, but the replica sum stands for the parameter, whose shard the plan never gathers
+    torch.manual_seed(0)
+    model = llama(8, 2, layers=2, head_dim=32)
+    world = sim_world({"tp": 4})
+    pms = world.parallelize(model, example_inputs=(torch.randint(0, VOCAB, (4, 64)),))
+    world.close()
+    text = pms[0].explain()
+    collectives = text.split("Collectives")[1].split("Fallbacks")[0]
+    assert "replicagradsum" not in collectives and "bwd all_gather" not in collectives.split("lm_head")[0], text
+    assert tuple(dict(pms[0].graph_module.named_parameters())["model.layers.1.self_attn.v_proj.weight"].shape) \
+        == (32, 256)

@@ -48,7 +48,7 @@ from fxpar.analysis.plan_io import HeadsStyle
 from fxpar.capture.export import capture_info
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.replicas import repeat_blocks
-from fxpar.core.spec import get_info, make_spec, set_info, shape_key
+from fxpar.core.spec import NodeInfo, get_info, make_spec, set_info, shape_key
 from fxpar.ops.kv_replicas import REPLICA_GRAD_SUM
 from fxpar.passes._graph import module_fqns
 from fxpar.passes._megatron import Pair, find_pairs, proj_bias, proj_weight
@@ -324,6 +324,9 @@ def _rewrite(gm: fx.GraphModule, proj: fx.Node, steps: dict[fx.Node, _Step], kv:
             summed = gm.graph.create_node("call_function", REPLICA_GRAD_SUM,
                                           (t, copies, tp, group, "tp"), name=f"replicagradsum_{t.name}")
         summed.meta["val"] = t.meta["val"]
+        info = get_info(t)  # the parameter, for propagate_sharding: its shard is not to be gathered
+        set_info(summed, NodeInfo(spec=info.spec, module_fqn=info.module_fqn, role="param",
+                                  param_fqn=info.param_fqn, origin="replicate_kv_heads"))
         for key in ("nn_module_stack", "stack_trace"):
             if key in proj.meta:
                 summed.meta[key] = proj.meta[key]
