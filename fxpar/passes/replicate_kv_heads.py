@@ -24,8 +24,9 @@ tp % KV == 0 and H % tp == 0 this pass does the same, with even placements only:
 Exactness: the path from the projection to the attention is rewritten only when every op on it is known to
 treat heads independently (views that keep the heads dim, transposes, rotary's pointwise ops with operands
 broadcast over heads, slices off the heads dim, the kv repeat); anything else (an op mixing heads, a kv
-tensor leaving the attention) leaves the pair as it is today. Applies to automatic plans on meshes of tp
-(and dp) only; pipelines, fsdp and explicit plans keep today's replicated k / v.
+tensor leaving the attention) leaves the pair as it is today. Applies to automatic plans, and to the k / v
+modules a saved plan names 'colwise (kv heads replicated: ...)' (`HeadsStyle`), on meshes of tp (and dp)
+only; pipelines, fsdp, ep and other explicit plans keep today's replicated k / v.
 
 Before:  %k_w = get_attr[k_proj.weight]                          # (KV*D, C): Replicate
          %k = aten.linear(%x, %k_w); %kv = aten.view(%k, [B, T, KV, D]) ... expand [B, KV, H/KV, T, D]
