@@ -186,6 +186,9 @@ class HeadsStyle(TPStyle):
     (torch.chunk's: GPT-2's 12 heads at tp=8 are 2+2+2+2+2+2+0+0), as the automatic plan does; a
     resolved plan names the attention's projections with this style so that it reloads the same.
 
+    Grouped-query attention's k / v projections with fewer kv heads than tp (`passes.replicate_kv_heads`,
+    each kv head held by tp / KV ranks) are saved likewise as 'colwise (kv heads replicated: ...)'.
+
     Attributes:
         split: what the pass recorded, e.g. 'uneven heads: 3 heads of 2+1 over tp=2' (informational: the
             pass cuts by the heads of the mesh the plan is used on).
@@ -193,8 +196,14 @@ class HeadsStyle(TPStyle):
 
     split: str = ""
 
+    @property
+    def kv_replicated(self) -> bool:
+        return str(self.split).startswith("kv heads replicated")
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.kv_replicated and self.kind == "colwise":
+            return
         if self.kind == "replicate" or not str(self.split).startswith("uneven heads"):
             raise PlanError(f"style '{self}': uneven heads apply to 'colwise' (q, k, v) and 'rowwise' (the output "
                             "projection), e.g. 'colwise (uneven heads: 3 heads of 2+1 over tp=2)'")
@@ -231,7 +240,8 @@ class ExpertsStyle(TPStyle):
 # 'colwise', 'colwise (fused x3)', 'replicate (not sharded: why)', 'colwise (uneven: 50 in chunks of 25 over
 # tp=2)', 'rowwise (uneven heads: 3 heads of 2+1 over tp=2)', each maybe with apply_fsdp's '; ...' note.
 _STYLE_RE = re.compile(r"^(?P<kind>[a-z_]+)(?: \(fused x(?P<k>\d+)\))?(?: \(not sharded: (?P<why>.*?)\))?"
-                       r"(?: \((?P<heads>uneven heads: [^)]*)\))?(?: \(uneven: [^)]*\))?(?P<rest>; .*)?$")
+                       r"(?: \((?P<heads>(?:uneven heads|kv heads replicated): [^)]*)\))?(?: \(uneven: [^)]*\))?"
+                       r"(?P<rest>; .*)?$")
 
 
 def parse_style(text: str, *, key: str = "") -> tuple[TPStyle, str | None]:

@@ -63,6 +63,8 @@ class CaptureInfo:
             takes the target as the keyword `fxpar_target` and returns the scalar loss.
         param_shapes: parameters a pass stores in another shape (`unflatten_heads`: (H*D, C) as
             (H, D, C)), FQN -> the model's own shape; full state dicts and gradients use it.
+        param_repeats: parameters stored with blocks of dim 0 repeated (`replicate_kv_heads`: kv heads
+            held by several tp ranks), FQN -> (blocks, copies) for `fxpar.core.replicas.unrepeat_blocks`.
     """
 
     param_aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -73,6 +75,7 @@ class CaptureInfo:
     training: bool = True
     loss: bool = False
     param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    param_repeats: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def capture_info(gm: fx.GraphModule) -> CaptureInfo:

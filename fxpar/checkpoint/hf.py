@@ -36,7 +36,7 @@ from safetensors import safe_open
 
 from fxpar.core.errors import PlanError
 from fxpar.passes.shard_parameters import local_chunk
-from fxpar.runtime.materialize import LocalTensor, local_slices, local_tensors
+from fxpar.runtime.materialize import LocalTensor, local_slices, local_tensors, to_stored
 
 __all__ = ["load_hf", "save_hf", "LoadReport"]
 
@@ -139,7 +139,7 @@ def _load_one(file: str, key: str, entry: LocalTensor, pm: Any) -> None:
             if tuple(full.shape) != entry.stored_as:
                 raise PlanError(f"{key} in {file} has shape {tuple(full.shape)}; the model's {entry.fqns[0]} is "
                                 f"{entry.stored_as}")
-            part = local_chunk(full.reshape(entry.full_shape), entry.spec.placements, pm.mesh_info.sizes,
+            part = local_chunk(to_stored(full, entry), entry.spec.placements, pm.mesh_info.sizes,
                                pm.mesh_info.coordinate, pm.mesh_info.names)
         else:
             sl = f.get_slice(key)

@@ -67,6 +67,7 @@ def default_passes(plan: Plan | None = None) -> list:
         P.shard_inputs,
         P.annotate_parameters,
         P.unflatten_heads,  # a no-op unless attention heads do not divide tp
+        P.replicate_kv_heads,  # a no-op unless grouped-query attention has fewer kv heads than tp
         P.apply_fsdp,
         P.split_linear_bias,
         P.decompose_loss,  # a no-op without a captured cross-entropy on a vocab-sharded head

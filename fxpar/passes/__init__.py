@@ -1,7 +1,8 @@
 """fxpar's pass library, importable as `fxpar.passes`.
 
 One public pass per module, named like the module. The default pipeline, in
-data-flow order: fuse_experts -> shard_inputs -> annotate_parameters -> unflatten_heads -> apply_fsdp ->
+data-flow order: fuse_experts -> shard_inputs -> annotate_parameters -> unflatten_heads ->
+replicate_kv_heads -> apply_fsdp ->
 split_linear_bias -> decompose_loss -> propagate_sharding -> insert_collectives ->
 apply_mixed_precision -> localize_shapes -> bucket_grad_sync -> shard_parameters -> schedule_overlap ->
 async_tp -> offload_parameters -> split_stages -> checkpoint_activations.
@@ -19,6 +20,7 @@ from fxpar.passes.insert_collectives import insert_collectives
 from fxpar.passes.localize_shapes import localize_shapes
 from fxpar.passes.offload_parameters import offload_parameters
 from fxpar.passes.propagate_sharding import propagate_sharding
+from fxpar.passes.replicate_kv_heads import replicate_kv_heads
 from fxpar.passes.shard_inputs import shard_inputs
 from fxpar.passes.schedule_overlap import schedule_overlap
 from fxpar.passes.shard_parameters import shard_parameters
@@ -31,6 +33,7 @@ __all__ = [
     "shard_inputs",
     "annotate_parameters",
     "unflatten_heads",
+    "replicate_kv_heads",
     "apply_fsdp",
     "apply_mixed_precision",
     "bucket_grad_sync",

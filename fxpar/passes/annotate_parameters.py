@@ -384,7 +384,9 @@ def annotate_parameters(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if style is None and module in notes:
             text = f"replicate (not sharded: {notes[module]})"
         if heads is not None:  # unflatten_heads records the cut where it applies
-            text = f"replicate (not sharded: saved as {heads.kind} by uneven heads, not cut by unflatten_heads here)"
+            text = f"replicate (not sharded: saved as {heads.kind} by uneven heads, not cut by unflatten_heads here)" \
+                if not heads.kv_replicated else "replicate (not sharded: saved as colwise by kv heads replicated, " \
+                "not applied by replicate_kv_heads here)"
         set_info(node, NodeInfo(spec=spec, module_fqn=module, role="param", param_fqn=fqn,
                                 origin="annotate_parameters", style=text))
     return PassResult(gm, True)

@@ -312,8 +312,13 @@ def _annotate_call(node: fx.Node, memo: _Memo) -> None:
     note = None
     if fallback:
         note = f"no sharding rule for {node.target}: runs on replicated inputs"
+    # a node an earlier pass marked as standing for its parameter (replicate_kv_heads' replica sum) stays
+    # one: its consumers pay the parameter's price for gathering it
+    prev = get_info(node)
+    param = prev is not None and prev.role == "param"
     set_info(node, NodeInfo(spec=spec, input_placements=inputs, module_fqn=module_fqn_of(node),
-                            fallback=fallback, origin="propagate_sharding", note=note))
+                            fallback=fallback, origin="propagate_sharding", note=note,
+                            role="param" if param else "compute", param_fqn=prev.param_fqn if param else None))
 
 
 def _reduce_lookup(graph: fx.Graph, node: fx.Node, mesh: MeshInfo, sp_dim: int | None) -> None:

@@ -17,6 +17,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxpar.core.spec import divides, size_key
+from fxpar.ops.kv_replicas import REPLICA_GRAD_SUM
 from fxpar.rules.registry import OpInfo, P, R, S, Strategy, register
 
 aten = torch.ops.aten
@@ -114,3 +115,10 @@ def matmul(op: OpInfo, cur) -> list[Strategy]:
         out.append(Strategy((R, P), P))
     out.append(Strategy((R, R), R))
     return out
+
+
+@register(REPLICA_GRAD_SUM)
+def replica_grad_sum(op: OpInfo, cur) -> list[Strategy]:
+    """Identity forward (`replicate_kv_heads`' kv weight copies): the output is laid out as its input."""
+    c = cur[0] if cur[0] is not None else R
+    return [Strategy((c,), c)] + ([Strategy((R,), R)] if c != R else [])

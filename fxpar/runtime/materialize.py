@@ -36,6 +36,7 @@ from torch.distributed.tensor.placement_types import Replicate
 
 from fxpar._torch.dispatch import FakeTensor, FakeTensorMode
 from fxpar.core.mesh import MeshInfo
+from fxpar.core.replicas import repeat_blocks
 from fxpar.core.spec import TensorSpec, get_spec
 from fxpar.passes.shard_parameters import local_chunk
 
@@ -49,6 +50,7 @@ __all__ = [
     "local_tensors",
     "local_slices",
     "write_full",
+    "to_stored",
 ]
 
 _REPLICATE = Replicate()
@@ -150,6 +152,7 @@ class LocalTensor:
     spec: TensorSpec | None
     is_param: bool
     stored_as: tuple[int, ...] | None = None
+    repeats: tuple[int, int] | None = None  # (blocks, copies): kv heads held by several ranks (replicate_kv_heads)
 
     @property
     def model_shape(self) -> tuple[int, ...]:
@@ -189,11 +192,13 @@ def local_tensors(gm: fx.GraphModule) -> dict[str, LocalTensor]:
             groups.setdefault(id(t), []).append(fqn)
             tensors[id(t)] = (t, is_param)
     reshaped = getattr(gm.meta.get("fxpar"), "param_shapes", None) or {}
+    repeated = getattr(gm.meta.get("fxpar"), "param_repeats", None) or {}
     out = {}
     for key, fqns in groups.items():
         t, is_param = tensors[key]
         stored_as = next((tuple(reshaped[f]) for f in fqns if f in reshaped), None)
-        entry = LocalTensor(tuple(fqns), t, specs.get(key), is_param, stored_as)
+        repeats = next((tuple(repeated[f]) for f in fqns if f in repeated), None)
+        entry = LocalTensor(tuple(fqns), t, specs.get(key), is_param, stored_as, repeats)
         for fqn in fqns:
             out[fqn] = entry
     return out
@@ -231,10 +236,17 @@ def local_slices(entry: LocalTensor, mesh: MeshInfo) -> list[list[tuple[int, int
     return out
 
 
+def to_stored(full: torch.Tensor, entry: LocalTensor) -> torch.Tensor:
+    """A full tensor in the model's shape as the graph stores it (kv heads repeated, heads unflattened)."""
+    if entry.repeats is not None:
+        full = repeat_blocks(full, *entry.repeats)
+    return full.reshape(entry.full_shape)
+
+
 def write_full(entry: LocalTensor, full: torch.Tensor, mesh: MeshInfo) -> None:
     """Writes this rank's slice of the full tensor `full` (in the model's shape) into the entry's local tensor."""
     if entry.stored_as is not None and tuple(full.shape) == entry.stored_as:
-        full = full.reshape(entry.full_shape)
+        full = to_stored(full, entry)
     if tuple(full.shape) != entry.full_shape:
         raise ValueError(f"{entry.fqns[0]}: got a tensor of shape {tuple(full.shape)}, the model's is "
                          f"{entry.full_shape}")

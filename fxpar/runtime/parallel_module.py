@@ -25,6 +25,7 @@ from fxpar.analysis.plan_io import resolve_plan
 from fxpar.capture import LOSS_TARGET, CaptureInfo
 from fxpar.core.errors import PlanError
 from fxpar.core.mesh import MeshInfo
+from fxpar.core.replicas import unrepeat_blocks
 from fxpar.core.spec import TensorSpec, get_info, get_spec, uncut_steps
 from fxpar.ops.collectives import _all_gather
 from fxpar.ops.traceable import traceable_graph_module
@@ -127,7 +128,8 @@ class ParallelModule(nn.Module):
 
     def gather_full(self, entry: LocalTensor) -> torch.Tensor:
         """The full tensor of one parameter or buffer (a collective over the dims that shard it)."""
-        return self._gather(entry.local, entry.spec)
+        full = self._gather(entry.local, entry.spec)
+        return unrepeat_blocks(full, *entry.repeats) if entry.repeats is not None else full
 
     # ------------------------------------------------------------------ running
 
@@ -452,6 +454,8 @@ class ParallelModule(nn.Module):
             if t is None:
                 continue
             full = self._gather(t, specs.get(id(p)))
+            if fqn in self.capture_info.param_repeats:  # kv heads held by several ranks (replicate_kv_heads)
+                full = unrepeat_blocks(full, *self.capture_info.param_repeats[fqn])
             if fqn in self.capture_info.param_shapes:  # stored by heads (unflatten_heads): the model's shape
                 full = full.reshape(self.capture_info.param_shapes[fqn])
             for name in aliases.get(fqn, (fqn,)):

@@ -62,6 +62,7 @@ from fxpar._torch.placements import StridedShard as _StridedShard
 from fxpar._torch.placements import local_shape_and_offset as compute_local_shape_and_global_offset
 from fxpar.core.dataflow import attr_of
 from fxpar.core.errors import CheckpointError, block_of
+from fxpar.core.replicas import repeat_blocks, unrepeat_blocks
 from fxpar.core.spec import TensorSpec, chunk, get_spec, shard_order, size_hint
 from fxpar.ops.collectives import _all_gather
 
@@ -89,6 +90,8 @@ class _Layout:
         gather: (module mesh dim, placement) gathered before saving, in gathering order (undo the last cut first).
         stored_as: the graph's shape of a parameter it stores in another shape than the model's
             (`unflatten_heads`: (H, D, C) for the model's (H*D, C)); gathered whole and saved in `shape`.
+        repeats: (blocks, copies) of a stored_as tensor whose dim-0 blocks the graph holds several times
+            (`replicate_kv_heads`: kv heads on several tp ranks); saved once each, repeated again on load.
     """
 
     mesh: DeviceMesh | None
@@ -96,6 +99,7 @@ class _Layout:
     shape: tuple[int, ...]
     gather: tuple[tuple[int, Placement], ...] = ()
     stored_as: tuple[int, ...] | None = None
+    repeats: tuple[int, int] | None = None
 
 
 @dataclass
@@ -153,7 +157,8 @@ def _dcp_mesh(pm) -> tuple[DeviceMesh | None, list[int]]:
     return out
 
 
-def _layout(pm, spec: TensorSpec | None, local: torch.Tensor, model_shape: tuple[int, ...] | None = None) -> _Layout:
+def _layout(pm, spec: TensorSpec | None, local: torch.Tensor, model_shape: tuple[int, ...] | None = None,
+            repeats: tuple[int, int] | None = None) -> _Layout:
     """How `local`, laid out as `spec` on pm's mesh, maps onto a DTensor DCP can reshard (module docstring).
 
     `model_shape`: the model's shape of a tensor the graph stores otherwise (saved gathered, in that shape)."""
@@ -162,7 +167,7 @@ def _layout(pm, spec: TensorSpec | None, local: torch.Tensor, model_shape: tuple
     if model_shape is not None and tuple(model_shape) != shape:
         cut = [m for m in order if spec is not None and not spec.placements[m].is_replicate()]
         return _Layout(mesh, tuple(Replicate() for _ in order) if mesh is not None else (), tuple(model_shape),
-                       tuple((m, spec.placements[m]) for m in reversed(cut)), stored_as=shape)
+                       tuple((m, spec.placements[m]) for m in reversed(cut)), stored_as=shape, repeats=repeats)
     if mesh is None:
         return _Layout(None, (), shape)
     if spec is None or all(p.is_replicate() for p in spec.placements):
@@ -207,6 +212,8 @@ def _to_dcp(pm, value: torch.Tensor, layout: _Layout) -> torch.Tensor:
         value = _all_gather(value, p.dim, pm.mesh_info.sizes[m], pm.mesh_info.group_name(m),
                             getattr(p, "split_factor", 1), full_size=full)
     if layout.stored_as is not None:
+        if layout.repeats is not None:
+            value = unrepeat_blocks(value, *layout.repeats)
         value = value.reshape(layout.shape)
     return _wrap(value, layout)
 
@@ -241,6 +248,8 @@ def _from_dcp(pm, buf: torch.Tensor, layout: _Layout) -> torch.Tensor:
     """This rank's shard of a loaded buffer: the gathered dims cut again, in fxpar's cut order."""
     info = pm.mesh_info
     if layout.stored_as is not None:
+        if layout.repeats is not None:
+            buf = repeat_blocks(buf, *layout.repeats)
         buf = buf.reshape(layout.stored_as)
     for m, p in reversed(layout.gather):
         n, c = info.sizes[m], info.coordinate[m]
@@ -255,6 +264,7 @@ def _tensors(pm) -> list[_Tensor]:
     """This rank's parameters and persistent buffers, each once, with their FQNs and layouts."""
     aliases = {name: names for names in pm.capture_info.param_aliases.values() for name in names}
     reshaped = pm.capture_info.param_shapes
+    repeated = pm.capture_info.param_repeats
     graphs = pm._stage_graphs()
     # A tensor's spec: from a get_attr node that uses it and whose local shape is the tensor's (a tied
     # weight's unused alias node can carry a stale one).
@@ -287,7 +297,8 @@ def _tensors(pm) -> list[_Tensor]:
                 continue
             spec = specs.get(id(t), (0, None))[1]
             stored = next((reshaped[f] for f in (name, *fqns) if f in reshaped), None)
-            entry = _Tensor(fqns, [t], _layout(pm, spec, t, stored), is_param)
+            repeats = next((repeated[f] for f in (name, *fqns) if f in repeated), None)
+            entry = _Tensor(fqns, [t], _layout(pm, spec, t, stored, repeats), is_param)
             by_fqn[fqns[0]] = by_id[id(t)] = entry
     out = sorted(by_fqn.values(), key=lambda e: e.fqns[0])  # one order on every rank of a group
     return out
