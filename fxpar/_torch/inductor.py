@@ -87,8 +87,17 @@ def _nbytes(ir) -> int:
         for d in ir.get_size():
             numel *= int(d)
         return numel * ir.get_dtype().itemsize
-    except (AttributeError, TypeError, ValueError):  # a symbolic or layout-less input
+    except (AttributeError, NotImplementedError, TypeError, ValueError):  # a symbolic or layout-less input
         return 0
+
+
+def _size(ir) -> list | None:
+    """An inductor IR node's size, or None where it has none (a multi-output kernel's MultiOutputLayout raises
+    NotImplementedError: the fused MoE / tied-weight gathers' extern kernels, say)."""
+    try:
+        return list(ir.get_size())
+    except (AttributeError, NotImplementedError, TypeError, ValueError):
+        return None
 
 
 def scheduled_nodes(snodes: list) -> list[ScheduledNode]:
@@ -104,13 +113,13 @@ def scheduled_nodes(snodes: list) -> list[ScheduledNode]:
         op = str(getattr(node, "python_kernel_name", "") or "").replace("torch.ops.", "")
         kind = "wait" if any(contains_wait(s) for s in subs) else \
             "collective" if any(_comms.contains_collective(s) for s in subs) else "nop" if nop else "compute"
-        inputs = [i for i in getattr(node, "inputs", ()) if hasattr(i, "get_size")] if node is not None else []
+        inputs = [i for i in getattr(node, "inputs", ()) if _size(i) is not None] if node is not None else []
         nodes = sorted((o for s in subs for o in (getattr(getattr(s, "node", None), "origins", None) or ())),
                        key=lambda o: o.name)
         origins = tuple(sorted({str(o.meta.get("stack_trace") or "") for o in nodes} - {""}))
         modules = tuple(m for m in dict.fromkeys(_module_of(o) for o in nodes) if m)
         return ScheduledNode(
-            name, kind, op, tuple(tuple(str(d) for d in i.get_size()) for i in inputs),
+            name, kind, op, tuple(tuple(str(d) for d in _size(i)) for i in inputs),
             _nbytes(inputs[0]) if inputs else 0, tuple(str(a) for a in getattr(node, "constant_args", ()) or ()),
             frozenset(d.name for s in subs for d in s.read_writes.reads),
             frozenset(b for s in subs for b in s.get_buffer_names()), origins, modules)
