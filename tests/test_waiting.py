@@ -66,7 +66,7 @@ def test_poll_passes_on_the_collectives_error(monkeypatch):
         waiting.poll(work)
 
 
-@pytest.mark.parametrize("raw, seconds", [(None, 0.010), ("0", 0.0), ("2.5", 0.0025), ("junk", 0.010), ("-3", 0.0)])
+@pytest.mark.parametrize("raw, seconds", [(None, 0.0), ("0", 0.0), ("2.5", 0.0025), ("junk", 0.0), ("-3", 0.0), ("10", 0.010)])
 def test_spin_setting(monkeypatch, raw, seconds):
     if raw is None:
         monkeypatch.delenv(waiting.SPIN_ENV, raising=False)
@@ -115,6 +115,7 @@ def test_polled_collectives_equal_the_functional_ones_bit_for_bit():
 
 
 def _oversubscribed():
+    os.environ[waiting.SPIN_ENV] = "10"
     os.environ["LOCAL_WORLD_SIZE"] = str(len(os.sched_getaffinity(0)) + 1)
     waiting._gloo_groups.clear()
     try:
@@ -126,6 +127,7 @@ def _oversubscribed():
         return waiting.polled_group(name, x) is None, torch.equal(waiting.all_reduce(x, "sum", name), 2 * x)
     finally:
         os.environ.pop("LOCAL_WORLD_SIZE")
+        os.environ.pop(waiting.SPIN_ENV, None)
         waiting._gloo_groups.clear()
 
 
