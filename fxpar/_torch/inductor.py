@@ -81,16 +81,6 @@ def _module_of(node) -> str:
     return str(values[-1][0]) if values and isinstance(values[-1], tuple) else ""
 
 
-def _nbytes(ir) -> int:
-    try:
-        numel = 1
-        for d in ir.get_size():
-            numel *= int(d)
-        return numel * ir.get_dtype().itemsize
-    except (AttributeError, NotImplementedError, TypeError, ValueError):  # a symbolic or layout-less input
-        return 0
-
-
 def _size(ir) -> list | None:
     """An inductor IR node's size, or None where it has none (a multi-output kernel's MultiOutputLayout raises
     NotImplementedError: the fused MoE / tied-weight gathers' extern kernels, say)."""
@@ -98,6 +88,17 @@ def _size(ir) -> list | None:
         return list(ir.get_size())
     except (AttributeError, NotImplementedError, TypeError, ValueError):
         return None
+
+
+def _nbytes(ir) -> int:
+    size = _size(ir)
+    try:
+        numel = 1
+        for d in size or ():
+            numel *= int(d)
+        return numel * ir.get_dtype().itemsize if size is not None else 0
+    except (AttributeError, TypeError, ValueError):  # a symbolic size, or no dtype
+        return 0
 
 
 def scheduled_nodes(snodes: list) -> list[ScheduledNode]:
