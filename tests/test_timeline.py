@@ -275,6 +275,10 @@ def test_compiled_timeline_before_its_first_run_replays_the_eager_graph(compiled
     assert "backward" not in {b.kind for b in t.lane("compute")}
     forward = rank_timeline(compiled_pm, backward=False)
     assert forward.bars == t.bars and "backward not compiled" not in forward.title
+    # measured times are of the eager graph's nodes: with them, the eager graph is what is drawn, and said
+    profiled = rank_timeline(compiled_pm, profile={"addmm": 1.0})
+    assert profiled.bars == rank_timeline(_plan().module, profile={"addmm": 1.0}).bars
+    assert "the compiled kernel order is drawn without profile=" in profiled.title
 
 
 def test_compiled_timeline_chart_names_each_collective(compiled_pm, tmp_path):
