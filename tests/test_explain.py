@@ -142,6 +142,7 @@ def _compiled_fsdp_schedule():
     from torch._inductor.utils import run_and_get_code
 
     from fxpar.analysis.compiled_schedule import compiled_schedules
+    from fxpar.analysis.timeline import rank_timeline
     from tests.models import BlockStack, mse
 
     mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (2,), mesh_dim_names=("fsdp",))
@@ -150,13 +151,14 @@ def _compiled_fsdp_schedule():
     x = torch.randn(4, 8, 16, dtype=torch.float64)
     pm = fxpar.parallelize(model, mesh, example_inputs=(x,), compile=True)
     before = pm.explain()
+    before_title = rank_timeline(pm).title
     _, codes = run_and_get_code(lambda: pm.step(x, target=torch.randn_like(x), loss_fn=mse))
     block_bytes = sum(p.numel() * p.element_size() for p in model.blocks[0].parameters())
     # the calls of each compiled graph's generated code, in order: what the recorder must have seen last
     calls = [re.findall(r"(extern_kernels\.\w+|_c10d_functional\.\w+)\.?\w*\(", code[code.index("def call("):])
              for code in codes]
     return dict(before=before, after=pm.explain(), schedules=dict(compiled_schedules(pm)), block_bytes=block_bytes,
-                calls=calls)
+                calls=calls, before_title=before_title, timeline=rank_timeline(pm))
 
 
 @pytest.mark.slow  # inductor's C++ compile of a forward and a backward on 2 gloo ranks: about 40 s
@@ -191,4 +193,18 @@ def test_compiled_fsdp_explain_shows_inductors_order_forward_and_backward():
         assert recorded == r["calls"], (recorded, r["calls"])
         assert [c.split(".")[1] for c in r["calls"][1] if c.startswith("_c10d")].count("wait_tensor") == 4
         assert sum(c.startswith("extern_kernels.") for c in r["calls"][1]) >= 6  # the backward's matmuls
+        # the timeline draws that order: before the step the eager graph, after it each recorded collective on the
+        # comm lane in order with its bytes, and under it the kernels explain() lists; every kernel costed
+        assert "compiled kernel order is shown once the module has run" in r["before_title"]
+        t, recorded = r["timeline"], [(role, c) for role in ("forward", "backward") for c in (fwd, bwd)[
+            role == "backward"].collectives]
+        assert "inductor's kernel order of the compiled forward and backward graphs" in t.title
+        assert [(b.label, b.nbytes) for b in t.lane("comm")] == [
+            (f"{c.op}({c.mesh_dim}) of {c.what} ({role} graph)", c.nbytes) for role, c in recorded]
+        assert [(o.issue, o.wait, o.ops) for o in t.overlaps] == [
+            (f"{role}.{c.issue}", f"{role}.{c.wait}", tuple(f"{role}.{k.split()[0]}" for k in c.kernels))
+            for role, c in recorded]
+        assert all(o.start <= o.end for o in t.overlaps)
+        assert all(k.cost is not None and k.cost[1] > 0 for s in (fwd, bwd) for k in s.steps if k.kind == "compute")
+        assert len([b for b in t.lane("compute") if b.kind in ("forward", "backward")]) == fwd.kernels + bwd.kernels
     assert [s.order for s in results[0]["schedules"].values()] == [s.order for s in results[1]["schedules"].values()]

@@ -167,3 +167,145 @@ def test_chart_draws_the_backward_collectives(overlapped, tmp_path):
     assert sum(i.startswith("regather:") for i in ids) == 3 and sum(i.startswith("reduce_scatter:") for i in ids) == 4
     # ... and each window shaded: three forward prefetches, three re-gathers, four reduce-scatters
     assert sum(i.startswith("overlap:") for i in ids) == 10
+
+
+# --------------------------------------------------------------------------- compiled modules (inductor's order)
+
+_AG, _RS, _WAIT = ("_c10d_functional.all_gather_into_tensor.default", "_c10d_functional.reduce_scatter_tensor.default",
+                   "_c10d_functional.wait_tensor.default")
+
+
+def _kernel(name, kind, op="", *, writes=(), reads=(), nbytes=0, unit="", modules=(), cost=None):
+    """A ScheduledNode as the recorder sees one (fxpar._torch.inductor.scheduled_nodes)."""
+    from fxpar._torch.inductor import ScheduledNode
+
+    traced = (f'  File "<eval_with_key>.3", line 9, in forward\n    {unit} = fxpar_ops_traceable_fsdp_unit(2)',) \
+        if unit else ()
+    return ScheduledNode(name, kind, op, (), nbytes, ("2", "g0") if kind == "collective" else (), frozenset(reads),
+                         frozenset(writes), traced, modules, cost)
+
+
+def _recorded():
+    """A forward and a backward as inductor might order them, with costs in units of a DeviceModel of 1000:
+    the forward gathers block 1 under block 0 (one kernel uncosted); the backward waits its first reduce-scatter
+    at once, then issues two gathers back to back (the second queued behind the first on the comm lane) and
+    stalls on both."""
+    from fxpar.analysis.compiled_schedule import build_schedule
+
+    forward = [_kernel("op0", "compute", cost=(2000.0, 1000.0), modules=("blocks.0.norm",)),
+               _kernel("op1", "collective", _AG, writes={"buf1"}, nbytes=4000, unit="unit_blocks_1"),
+               _kernel("op2", "nop"),
+               _kernel("op3", "compute", "extern_kernels.addmm", cost=(1000.0, 3000.0), modules=("blocks.0.up",)),
+               _kernel("op4", "compute", modules=("blocks.0",)),  # no cost: its graph's mean, 2
+               _kernel("op5", "wait", _WAIT, reads={"buf1"}),
+               _kernel("op6", "compute", cost=(0.0, 1000.0), modules=("blocks.1.norm",))]
+    backward = [_kernel("op0", "compute", cost=(1000.0, 0.0), modules=("blocks.1.down",)),
+                _kernel("op1", "collective", _RS, writes={"buf1"}, nbytes=2000, unit="unit_blocks_1"),
+                _kernel("op2", "wait", _WAIT, reads={"buf1"}),
+                _kernel("op3", "compute", "extern_kernels.mm", cost=(4000.0, 0.0), modules=("blocks.0.down",)),
+                _kernel("op4", "collective", _AG, writes={"buf4"}, nbytes=8000, unit="unit_blocks_0"),
+                _kernel("op5", "collective", _AG, writes={"buf5"}, nbytes=1000, unit="unit_blocks_1"),
+                _kernel("op6", "compute", cost=(2000.0, 0.0), modules=("blocks.0.up",)),
+                _kernel("op7", "wait", _WAIT, reads={"buf4", "buf5"})]
+    labels = {"unit_blocks_0": "fsdp unit blocks.0", "unit_blocks_1": "fsdp unit blocks.1"}
+    return {role: build_schedule(order, role, labels, {"g0": "fsdp"})
+            for role, order in (("forward", forward), ("backward", backward))}
+
+
+@pytest.fixture
+def compiled_pm(make_fake_mesh):
+    mesh = make_fake_mesh((2,), ("fsdp",))
+    return fxpar.parallelize(BlockStack(), mesh, example_inputs=X, compile=True)
+
+
+def test_compiled_timeline_is_inductors_kernel_order(compiled_pm):
+    from fxpar.analysis.compiled_schedule import compiled_schedule_lines
+    from fxpar.analysis.cost import DeviceModel
+
+    pm = compiled_pm
+    pm.compiled_schedules = schedules = _recorded()  # as its first pm.step would have left them
+    t = rank_timeline(pm, device=DeviceModel(flops=1e3, mem_bandwidth=1e3, mesh_bandwidth=1e3))
+    assert "inductor's kernel order of the compiled forward and backward graphs" in t.title
+    compute = [(b.node, b.kind, b.start, b.end) for b in t.lane("compute")]
+    assert compute == [
+        ("forward.op0", "forward", 0, 2), ("forward.op3", "forward", 2, 5), ("forward.op4", "forward", 5, 7),
+        ("forward.op6", "forward", 7, 8),
+        ("backward.op0", "backward", 8, 9), ("backward.op2", "wait", 9, 11),  # waited at once: a stall
+        ("backward.op3", "backward", 11, 15), ("backward.op6", "backward", 15, 17),
+        ("backward.op7", "wait", 17, 23), ("backward.op7", "wait", 23, 24)]  # both gathers still on the wire
+    assert t.backward_from == 5 and t.makespan == 24  # bars[5:]: the backward graph's
+    # the comm lane holds exactly the recorded collectives, in their order, with their bytes; each starts at
+    # max(compute clock, comm clock) and takes bytes / L
+    recorded = [c for role in ("forward", "backward") for c in schedules[role].collectives]
+    comm = t.lane("comm")
+    assert [(b.label, b.nbytes) for b in comm] == [
+        (f"{c.op}(fsdp) of {c.what} ({role} graph)", c.nbytes)
+        for role in ("forward", "backward") for c in schedules[role].collectives]
+    assert [(b.node, b.kind, b.start, b.end) for b in comm] == [
+        ("forward.op1", "issued", 2, 6), ("backward.op1", "collective", 9, 11),
+        ("backward.op4", "issued", 15, 23), ("backward.op5", "issued", 23, 24)]
+    assert [b.nbytes for b in comm] == [4000, 2000, 8000, 1000] == [c.nbytes for c in recorded]
+    # every wait after its issue, and after it nothing computes before the collective is done
+    for o, bar, c in zip(t.overlaps, comm, recorded):
+        assert c.issue_at < c.wait_at and o.issue == bar.node.split(".")[0] + f".{c.issue}" and o.start <= o.end
+        assert o.wait == bar.node.split(".")[0] + f".{c.wait}"
+        assert all(b.start >= bar.end for b in t.lane("compute") if b.start >= o.end and b.kind != "wait")
+    # each overlap's kernels are the ones explain() lists under its collective
+    assert [(o.collective, o.ops) for o in t.overlaps] == [
+        (b.label, tuple(f"{role}.{k.split()[0]}" for k in c.kernels))
+        for b, (role, c) in zip(comm, [(r, c) for r in ("forward", "backward") for c in schedules[r].collectives])]
+    assert [o.ops for o in t.overlaps] == [("forward.op3", "forward.op4"), (), ("backward.op6",), ("backward.op6",)]
+    assert [(o.start, o.end) for o in t.overlaps] == [(2, 7), (9, 9), (15, 17), (15, 17)]
+    assert t.overlaps[0].modules == ("blocks.0.up", "blocks.0")
+    lines = compiled_schedule_lines(pm)
+    assert "under it 2 compute kernels (1 extern: addmm) of blocks.0.up, blocks.0" in lines[4]
+    text = t.text()
+    assert "all_gather_into_tensor(fsdp) of blocks.1 (forward graph): issued at forward.op1 2.000 s, " \
+           "waited at forward.op5 7.000 s; under it 2 ops of blocks.0.up, blocks.0" in text
+
+
+def test_compiled_timeline_before_its_first_run_replays_the_eager_graph(compiled_pm):
+    eager = rank_timeline(_plan().module)
+    t = rank_timeline(compiled_pm)
+    assert "compiled kernel order is shown once the module has run" in t.title
+    assert t.bars == eager.bars and t.overlaps == eager.overlaps
+    compiled_pm.compiled_schedules = {"forward": _recorded()["forward"]}  # a forward ran, no backward yet
+    t = rank_timeline(compiled_pm)
+    assert "the backward not compiled yet" in t.title and t.backward_from == -1
+    assert "backward" not in {b.kind for b in t.lane("compute")}
+    forward = rank_timeline(compiled_pm, backward=False)
+    assert forward.bars == t.bars and "backward not compiled" not in forward.title
+    # measured times are of the eager graph's nodes: with them, the eager graph is what is drawn, and said
+    profiled = rank_timeline(compiled_pm, profile={"addmm": 1.0})
+    assert profiled.bars == rank_timeline(_plan().module, profile={"addmm": 1.0}).bars
+    assert "the compiled kernel order is drawn without profile=" in profiled.title
+
+
+def test_compiled_timeline_chart_names_each_collective(compiled_pm, tmp_path):
+    import xml.etree.ElementTree as ET
+
+    pytest.importorskip("matplotlib", reason="charts need matplotlib (in the 'test' and 'viz' extras)")
+    from fxpar import viz
+
+    compiled_pm.compiled_schedules = _recorded()
+    root = ET.parse(viz.timeline_chart(compiled_pm, tmp_path / "step.svg")).getroot()
+    ids = {g.get("id") or "" for g in root.iter("{http://www.w3.org/2000/svg}g")}
+    assert {"issued:forward.op1", "collective:backward.op1", "issued:backward.op4", "issued:backward.op5"} <= ids
+    assert {"overlap:forward.op1", "overlap:backward.op4", "forward:forward.op3", "backward:backward.op6"} <= ids
+    assert "issued at backward.op4" in viz.timeline_text(compiled_pm)
+
+
+def test_a_fused_kernel_is_charged_its_flops_and_the_bytes_it_reads_and_writes_outside():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fxpar.analysis.compiled_schedule import _kernel_cost
+
+    gm = make_fx(lambda x, w: torch.relu(torch.mm(x, w) + 1.0))(torch.randn(4, 8, dtype=torch.float64),
+                                                                  torch.randn(8, 16, dtype=torch.float64))
+    mm, add, relu = (next(n for n in gm.graph.nodes if n.target == op)
+                     for op in (torch.ops.aten.mm.default, torch.ops.aten.add.Tensor, torch.ops.aten.relu.default))
+    assert _kernel_cost([mm]) == (2 * 4 * 16 * 8, 8 * (4 * 8 + 8 * 16 + 4 * 16))  # an extern matmul
+    # add and relu fused: one elementwise FLOP each per element; the mm output read once, the relu output
+    # written once, the add's result never leaves the kernel
+    assert _kernel_cost([add, relu]) == (2 * 4 * 16, 8 * (4 * 16 + 4 * 16))
+    assert _kernel_cost([mm, add, relu])[1] == 8 * (4 * 8 + 8 * 16 + 4 * 16)

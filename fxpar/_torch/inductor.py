@@ -13,6 +13,7 @@ that block's weight-gradient matmuls run, and only then comes the wait.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 __all__ = ["overlap_comms", "collective_order", "ScheduledNode", "scheduled_nodes", "graph_role"]
 
@@ -61,6 +62,8 @@ class ScheduledNode:
         origins: the stack traces of the post-grad nodes it computes (what graph code it came from).
         modules: the module FQNs those nodes come from (their `nn_module_stack`, which dynamo carries over from
             the traced graph's nodes; in a backward graph, their forward node's), deepest first seen.
+        cost: (FLOPs, memory bytes) of the kernel, from `scheduled_nodes`'s `cost` of its post-grad nodes;
+            None where no cost was asked for or none could be given.
     """
 
     name: str
@@ -73,6 +76,7 @@ class ScheduledNode:
     writes: frozenset
     origins: tuple
     modules: tuple = ()
+    cost: tuple[float, float] | None = None
 
 
 def _module_of(node) -> str:
@@ -101,8 +105,12 @@ def _nbytes(ir) -> int:
         return 0
 
 
-def scheduled_nodes(snodes: list) -> list[ScheduledNode]:
+def scheduled_nodes(snodes: list, cost: Optional[Callable[[Sequence], Optional[tuple[float, float]]]] = None
+                    ) -> list[ScheduledNode]:
     """inductor's scheduler nodes, in the order given (a reordering pass's input or output), as ScheduledNodes.
+
+    `cost`, if given, is called with each kernel's post-grad fx nodes (the nodes inductor fused into it, each
+    with its FakeTensor in `meta["val"]`) and returns its (FLOPs, memory bytes), or None: the entry's `cost`.
 
     Waits for: a public view of inductor's scheduled nodes (torch._inductor.scheduler / comms).
     """
@@ -123,7 +131,8 @@ def scheduled_nodes(snodes: list) -> list[ScheduledNode]:
             name, kind, op, tuple(tuple(str(d) for d in _size(i)) for i in inputs),
             _nbytes(inputs[0]) if inputs else 0, tuple(str(a) for a in getattr(node, "constant_args", ()) or ()),
             frozenset(d.name for s in subs for d in s.read_writes.reads),
-            frozenset(b for s in subs for b in s.get_buffer_names()), origins, modules)
+            frozenset(b for s in subs for b in s.get_buffer_names()), origins, modules,
+            cost(nodes) if cost is not None and nodes and kind == "compute" else None)
 
     out = []
     for snode in snodes:

@@ -16,6 +16,10 @@ backward at the first backward), each collective with
     trace names the node of the lowered graph, whose `node.meta["fxpar"]` says), its issue and its wait
     in the kernel order, and the compute kernels between them: what runs while it is in flight.
 
+It also keeps the whole kernel order (`CompiledSchedule.steps`): each kernel's kind, op, modules and its
+(FLOPs, memory bytes) by `fxpar.analysis.cost.kernel_cost` of the post-grad nodes inductor fused into it,
+from which `fxpar.analysis.timeline.rank_timeline` draws the compiled step.
+
 `compiled_schedule_lines` is explain()'s section; `collective_order` of a schedule is what
 `fxpar.verify.compiled_order` compares across ranks. Recording needs inductor's scheduler to run, so the
 module's compiles skip inductor's FX graph cache (FSDP graphs bypass it anyway: their post-grad pass is a
@@ -24,6 +28,7 @@ plain callable).
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Mapping
@@ -31,12 +36,15 @@ from typing import Mapping
 import torch.fx as fx
 
 from fxpar._torch.inductor import ScheduledNode, graph_role, scheduled_nodes
+from fxpar.analysis.cost import evaluate, kernel_cost
 from fxpar.core.fmt import fmt_bytes
 from fxpar.core.spec import get_info
 from fxpar.ops.traceable_fsdp import fsdp_gather_unit
 
-__all__ = ["CompiledCollective", "CompiledSchedule", "ScheduleRecorder", "add_schedule_recorder",
+__all__ = ["CompiledCollective", "CompiledKernel", "CompiledSchedule", "ScheduleRecorder", "add_schedule_recorder",
            "compiled_schedules", "compiled_schedule_lines"]
+
+log = logging.getLogger(__name__)
 
 PASSES = "reorder_for_compute_comm_overlap_passes"
 _TRACED = re.compile(r'File "<eval_with_key>[^"]*", line \d+, in forward\n\s*(\w+)\s*=')
@@ -70,6 +78,26 @@ class CompiledCollective:
 
 
 @dataclass(frozen=True)
+class CompiledKernel:
+    """One kernel of a compiled graph's order (no-op view kernels left out).
+
+    Attributes:
+        name: the scheduler node ('op12').
+        kind: 'compute', 'collective' (its issue) or 'wait'.
+        op: the kernel ('extern_kernels.mm'; '' for a generated kernel).
+        modules: the modules it computes (or the FSDP unit it packs / unpacks).
+        cost: its (FLOPs, memory bytes) at the compiled sizes (`fxpar.analysis.cost.kernel_cost`), None where
+            the post-grad nodes it came from are unknown or not costable.
+    """
+
+    name: str
+    kind: str
+    op: str
+    modules: tuple[str, ...] = ()
+    cost: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
 class CompiledSchedule:
     """One compiled graph as inductor ordered it: 'forward', 'backward' or 'inference'."""
 
@@ -78,6 +106,7 @@ class CompiledSchedule:
     collectives: tuple[CompiledCollective, ...]
     order: tuple  # its collectives as `fxpar._torch.inductor.collective_order` lists them: (op, sizes, args)
     ops: tuple = ()  # every kernel's op in order ('' for a generated kernel): extern calls, collectives, waits
+    steps: tuple[CompiledKernel, ...] = ()  # every kernel in order, positions as CompiledCollective's issue_at
 
 
 def _labels(graph: fx.GraphModule) -> dict[str, str]:
@@ -127,8 +156,21 @@ def build_schedule(nodes: list[ScheduledNode], role: str, labels: Mapping[str, s
             i, end, tuple(f"{k.name} {k.op}".strip() for k in under),
             tuple(dict.fromkeys(m for k in under for m in what(k)))))
     order = tuple((n.op, n.sizes, n.args) for n in kernels if n.kind == "collective")
+    steps = tuple(CompiledKernel(k.name, k.kind, k.op, what(k), k.cost) for k in kernels)
     return CompiledSchedule(role, sum(k.kind == "compute" for k in kernels), tuple(out), order,
-                            tuple(k.op for k in kernels))
+                            tuple(k.op for k in kernels), steps)
+
+
+def _kernel_cost(nodes) -> tuple[float, float] | None:
+    """(FLOPs, memory bytes) of the kernel fusing `nodes` (post-grad nodes at static sizes), or None."""
+    try:
+        cost = kernel_cost(nodes)
+        return evaluate(cost.flops, {}), evaluate(cost.mem_bytes, {})
+    except Exception as e:  # noqa: BLE001 -- it runs inside inductor's compile and only observes: a kernel it
+        # cannot cost (a symbolic size, an op whose arguments the cost model does not know) takes the timeline's
+        # documented fallback instead of failing the user's compile
+        log.debug("compiled kernel of %s not costed: %r", [n.name for n in nodes], e)
+        return None
 
 
 class ScheduleRecorder:
@@ -140,7 +182,7 @@ class ScheduleRecorder:
 
     def __call__(self, snodes: list) -> list:
         role = graph_role()
-        self.into[role] = build_schedule(scheduled_nodes(snodes), role, self.labels, self.dims)
+        self.into[role] = build_schedule(scheduled_nodes(snodes, _kernel_cost), role, self.labels, self.dims)
         return snodes
 
 

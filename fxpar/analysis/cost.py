@@ -36,6 +36,14 @@ nbytes = numel * itemsize):
 
     Time(n)  =  Max(FLOPs(n) / F, Mem(n) / B) + Comm(n) / L_mesh            (`DeviceModel.time`)
 
+A fused kernel K (a set of nodes compiled into one, as inductor fuses them) is charged
+
+    FLOPs(K) =  sum_{n in K} FLOPs(n)
+    Mem(K)   =  sum nbytes(v) over the values v read from outside K
+                + sum nbytes(n) over n in K used outside K (or by nothing)   (`kernel_cost`)
+
+its intermediates staying in registers.
+
 the roofline time on a device with peak F FLOP/s and memory bandwidth B, plus
 the in-stage collectives at the mesh link's bandwidth. Training multiplies
 every term by about 3 (backward = 2 x forward); a constant factor does not move
@@ -80,7 +88,8 @@ from fxpar.core.spec import TensorSpec, get_info
 from fxpar.ops.collectives import COLLECTIVE_OPS
 from fxpar.ops.moe import moe_all_to_all_bytes, moe_experts
 
-__all__ = ["DeviceModel", "NodeCost", "node_cost", "size_expr", "value_bytes", "example_sizes", "evaluate", "balance"]
+__all__ = ["DeviceModel", "NodeCost", "node_cost", "kernel_cost", "size_expr", "value_bytes", "example_sizes",
+           "evaluate", "balance"]
 
 aten = torch.ops.aten
 
@@ -250,6 +259,16 @@ def node_cost(node: fx.Node) -> NodeCost:
         flops = sympy.Integer(0)
     else:
         flops = sum((_numel(s) for s, _ in outs), sympy.Integer(0))
+    return NodeCost(flops=flops, mem_bytes=mem)
+
+
+def kernel_cost(nodes: Iterable[fx.Node]) -> NodeCost:
+    """FLOPs and memory bytes of one fused kernel computing `nodes` (the module docstring's FLOPs(K), Mem(K))."""
+    inside = set(nodes)
+    flops = sum((node_cost(n).flops for n in inside), sympy.Integer(0))
+    read = {a for n in inside for a in n.all_input_nodes if a not in inside}
+    written = {n for n in inside if not n.users or any(u not in inside for u in n.users)}
+    mem = sum((value_bytes(v) for v in read | written), sympy.Integer(0))
     return NodeCost(flops=flops, mem_bytes=mem)
 
 

@@ -30,6 +30,10 @@ each forward taking the stage's estimated time per microbatch, each backward
 twice that, and each send of an activation or gradient over a cut on that
 rank's comm lane while its next action computes.
 
+A compiled module (`parallelize(..., compile=True)`, inductor) whose graphs have run is drawn from
+inductor's recorded kernel order instead (`fxpar.analysis.compiled_timeline`); before its first run,
+or with a measured `profile`, its eager graph is replayed as above and the title says so.
+
 The times are a model, for the picture and the text (`Timeline.text()`),
 not a promise; `profile` puts measured times in their place
 (`measure_profile(pm, *inputs, target=..., loss_fn=...)`, fxpar.analysis.profile, times
@@ -46,11 +50,13 @@ import torch.fx as fx
 
 from fxpar.analysis.cost import DeviceModel, evaluate, example_sizes, node_cost
 from fxpar.analysis.collective_info import collectives, moe_collectives
+from fxpar.analysis.compiled_schedule import compiled_schedules
+from fxpar.analysis.compiled_timeline import compiled_roles, compiled_timeline
 from fxpar.analysis.fsdp import bucket_groups
 from fxpar.analysis.overlap import issued_waits, unit_bytes
 from fxpar.analysis.profile import measure_profile
 from fxpar.analysis.schedule import schedule_order, simulate_schedule
-from fxpar.core.fmt import fmt_bytes
+from fxpar.analysis.timeline_bars import KIND_COLORS, Bar, Overlap, Timeline
 from fxpar.core.spec import TensorSpec, get_info
 from fxpar.core.stages import stage_info
 from fxpar.ops.collectives import COLLECTIVE_OPS
@@ -61,108 +67,15 @@ __all__ = ["Bar", "Overlap", "Timeline", "rank_timeline", "backward_order", "mea
 
 _GATHER = torch.ops.fxpar.fsdp_all_gather.default
 
-KIND_COLORS = {"forward": "#3b82f6", "backward": "#ef4444", "collective": "#dc2626", "issued": "#f97316",
-               "bucket": "#10b981", "p2p": "#8b5cf6", "wait": "#d1d5db",
-               "regather": "#f59e0b", "reduce_scatter": "#b45309"}
-"""A bar's colour by kind in pictures of a timeline (fxpar.viz.timeline_chart)."""
-
-
-@dataclass(frozen=True)
-class Bar:
-    """One op or collective on a lane.
-
-    Attributes:
-        lane: 'compute' or 'comm' (a pipeline: 'pp<r> compute' / 'pp<r> comm').
-        label: what it is ('addmm_3', 'all_reduce(tp) %allreduce_x', 'F1.0').
-        kind: 'forward', 'backward', 'collective', 'issued', 'bucket', 'p2p', 'wait', 'regather' (an
-            FSDP re-gather in the backward issued ahead of its use), 'reduce_scatter' (FSDP's, waited late).
-        start, end: seconds from the start of the step.
-        node: the graph node ('' for pipeline actions and buckets).
-        module: its module FQN.
-        nbytes: a collective's payload per rank (0 for compute).
-    """
-
-    lane: str
-    label: str
-    kind: str
-    start: float
-    end: float
-    node: str = ""
-    module: str = ""
-    nbytes: int = 0
-
-
-@dataclass(frozen=True)
-class Overlap:
-    """A collective in flight from its issue to its wait, and the compute ops that run meanwhile."""
-
-    collective: str
-    issue: str
-    wait: str
-    start: float
-    end: float
-    ops: tuple[str, ...]
-    modules: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Timeline:
-    """This rank's step on its lanes (see the module docstring)."""
-
-    title: str
-    lanes: tuple[str, ...]
-    bars: tuple[Bar, ...]
-    overlaps: tuple[Overlap, ...]
-    measured: bool = False
-    backward_from: int = -1  # bars[backward_from:] are the backward's (-1: no backward)
-
-    @property
-    def makespan(self) -> float:
-        return max((b.end for b in self.bars), default=0.0)
-
-    @property
-    def unit(self) -> tuple[float, str]:
-        """(factor, name): the time unit that suits this step (seconds * factor are in it)."""
-        span = self.makespan
-        return (1.0, "s") if span >= 1 else (1e3, "ms") if span >= 1e-3 else (1e6, "us")
-
-    def lane(self, name: str) -> list[Bar]:
-        return [b for b in self.bars if b.lane == name]
-
-    def text(self, *, width: int = 60) -> str:
-        """The timeline as text: one row per lane drawn to scale, the collectives, and the overlaps."""
-        span = self.makespan or 1.0
-        cell = span / width
-        scale, unit = self.unit
-        clock = lambda seconds: f"{seconds * scale:.3f} {unit}"  # noqa: E731
-        source = "measured (profile)" if self.measured else "estimated (fxpar.analysis.cost)"
-        out = [f"Timeline: {self.title}; step {clock(span)}, times {source}"]
-        for lane in self.lanes:
-            row = [" "] * width
-            for b in self.lane(lane):
-                mark = {"forward": "f", "backward": "b", "wait": "."}.get(b.kind, "#")
-                for i in range(int(b.start / cell), max(int(b.start / cell) + 1, int(b.end / cell))):
-                    row[min(i, width - 1)] = mark
-            out.append(f"  {lane:>12} |{''.join(row)}|")
-        out.append("  (f forward op, b backward op, # communication, . waiting)")
-        comm = [b for b in self.bars if b.nbytes or b.kind in ("collective", "issued", "bucket", "p2p")]
-        if comm:
-            out.append("Communication:")
-            out += [f"  {clock(b.start)} - {clock(b.end)}  {b.lane}: {b.label} {fmt_bytes(b.nbytes)}"
-                    + (f" [{b.module}]" if b.module else "") for b in comm]
-        if self.overlaps:
-            out.append("Overlap (a collective issued before its wait, and the compute under it):")
-            for o in self.overlaps:
-                shown = ", ".join(o.modules[:4]) + (f", ... ({len(o.modules)} modules)" if len(o.modules) > 4 else "")
-                out.append(f"  {o.collective}: issued at {o.issue} {clock(o.start)}, "
-                           f"waited at {o.wait} {clock(o.end)}; "
-                           f"under it {len(o.ops)} ops of {shown or 'nothing'}")
-        return "\n".join(out)
-
 
 def rank_timeline(pm, *, device: DeviceModel | None = None, profile: Mapping[str, float] | None = None,
                   backward: bool = True) -> Timeline:
     """This rank's step as a Timeline (a pipeline: every pp rank's, from the schedule).
+
+    A module compiled with inductor (`parallelize(..., compile=True)`) whose graphs have run is drawn from
+    inductor's recorded kernel order (`fxpar.analysis.compiled_timeline`); before its first run, and
+    with a measured `profile` (times of the eager graph's nodes), its eager graph is replayed and the title
+    says so.
 
     Args:
         pm: a ParallelModule (a dry run's `report.module` too).
@@ -176,15 +89,29 @@ def rank_timeline(pm, *, device: DeviceModel | None = None, profile: Mapping[str
     if split is not None:
         return _pipeline(pm, split, device)
     gm = pm.graph_module
-    hints = example_sizes(gm)
     model = gm.meta["fxpar"].model_class if "fxpar" in gm.meta else type(pm).__name__
     mesh = ", ".join(f"{k}={v}" for k, v in zip(pm.mesh_info.names, pm.mesh_info.sizes))
     title = f"{model} on ({mesh}), one {'training step' if backward else 'forward'}"
-    if getattr(pm, "compile_backend", None) is not None:  # inductor's own order: explain()'s compiled schedule
-        title += f"; the eager runtime's schedule (compiled with {pm.compile_backend!r}: see explain())"
-    return _Replay(gm, pm.mesh_info, device, hints, dict(profile or {}),
-                   reshard_after_forward=getattr(pm, "reshard_after_forward", True)).run(backward, title)
+    backend = getattr(pm, "compile_backend", None)
+    if backend == "inductor" and profile is None:
+        schedules = compiled_schedules(pm)
+        roles = compiled_roles(schedules, backward)
+        if roles:
+            return compiled_timeline(schedules, roles, device, title, backward)
+        title += ("; the eager graph replayed: inductor's compiled kernel order is shown once the module has run "
+                  "(its first forward / pm.step compiles and records its graphs)")
+    elif backend is not None:  # no scheduler reorders (aot_eager, ...), or measured times of the eager nodes
+        title += f"; the eager graph replayed (compiled with {backend!r}" + (
+            ": measured times are of the eager graph's nodes, the compiled kernel order is drawn without profile="
+            if backend == "inductor" else ": its collectives run in the graph's order") + ")"
+    return _eager_timeline(pm, device, profile, backward, title)
 
+
+def _eager_timeline(pm, device: DeviceModel, profile: Mapping[str, float] | None, backward: bool,
+                    title: str) -> Timeline:
+    gm = pm.graph_module
+    return _Replay(gm, pm.mesh_info, device, example_sizes(gm), dict(profile or {}),
+                   reshard_after_forward=getattr(pm, "reshard_after_forward", True)).run(backward, title)
 
 def backward_order(pm) -> list[tuple[tuple[str, ...], str, int]]:
     """The backward's collectives in the order this rank issues them at run time: FSDP re-gathers and
@@ -197,7 +124,7 @@ def backward_order(pm) -> list[tuple[tuple[str, ...], str, int]]:
     """
     if stage_info(pm.graph_module) is not None:
         return []
-    t = rank_timeline(pm)
+    t = _eager_timeline(pm, DeviceModel(), None, True, "")  # the eager runtime's order, compiled or not
     out = []
     for b in sorted((b for b in t.bars[t.backward_from:] if b.lane == "comm"), key=lambda b: b.start):
         dims = b.label.split("(", 1)[1].split(")", 1)[0] if "(" in b.label else ""
