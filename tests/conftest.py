@@ -94,6 +94,15 @@ DEFAULT_RUN_SLOW = {
     "test_planner.py::test_the_chosen_plan_runs_and_verifies[4]",  # [2]
     "test_cli.py::test_run_wraps_torchrun",  # test_run_names_the_failing_rank_and_its_root_cause[exception]
     "test_leftovers_plan_io.py::test_uneven_heads_plan_round_trips[3-2-2]",  # [3-2-1]
+    "test_pipeline_data_parallel.py::test_gpt2_trains_in_float32_as_close_as_one_process",  # 11 s; float64 cases
+    "test_planner_ep.py::test_autoplan_chooses_ep_where_it_pays_and_the_plan_runs",  # 5 s; its ep cost tests
+    "test_async_tp.py::test_dp2_x_tp2_local_batches_are_exact",  # 5 s; test_split_is_exact_...
+    "test_memory_prediction.py::test_step_peak_prediction_dp2[activation-bound]",  # [gradient-bound]
+    "test_pipeline_encoder_decoder.py::test_encoder_decoder_pp2_gradients_equal_the_unsplit_model[t5]",  # [bart]
+    "test_verify.py::test_transformers_verify_and_bisect_names_a_planted_bug[llama]",  # [gpt2], [bert]
+    "test_activation_checkpointing.py::test_gradients_bit_equal_to_no_checkpointing_float64[pp2-full]",  # -selective
+    "test_activation_checkpointing.py::test_gradients_bit_equal_to_no_checkpointing_float64[tp2-selective]",  # -full
+    "test_hsdp_memory.py::test_hsdp_frees_gathered_weights_after_forward_and_all_reduces_shards[param-overlap]",
 }
 
 
