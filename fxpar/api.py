@@ -58,8 +58,8 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
         dump_dir: write the graph after every pass into this folder.
         mp_policy: a `torch.distributed.fsdp.MixedPrecisionPolicy`, with FSDP2's meaning: parameters
             (and optimizer state) stay in their dtype, compute runs in `param_dtype` (FSDP gathers in
-            it), gradients are reduced in `reduce_dtype`, outputs cast to `output_dtype` if set
-            (`fxpar.passes.apply_mixed_precision`).
+            it), gradients are reduced over fsdp and dp in `reduce_dtype` (else `param_dtype`),
+            outputs cast to `output_dtype` if set (`fxpar.passes.apply_mixed_precision`).
         activation_checkpointing: None, 'full' (keep each block's input, recompute its forward in
             the backward) or 'selective' (keep matmul and attention outputs, recompute the rest)
             (`fxpar.passes.checkpoint_activations`).

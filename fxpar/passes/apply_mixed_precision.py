@@ -13,8 +13,9 @@ FSDP2's meaning:
   a parameter whose collectives only gather or slice it is cast right after its
   get_attr (those move param_dtype bytes); one behind a `grad_all_reduce`
   gets an `aten._to_copy` node after its chain of collectives, right before
-  its compute users, so its gradient is summed (there, and in the
-  data-parallel bucketed all-reduce of `.grad`) in the parameter's dtype;
+  its compute users; its data-parallel gradient sum (`bucket_grad_sync`) runs
+  in reduce_dtype, or without one in param_dtype, as torch's `replicate`
+  (an f left in the graph sums in the parameter's dtype);
 - floating graph inputs are cast to `param_dtype` (`cast_forward_inputs`);
 - graph outputs are cast to `output_dtype` if set;
 - buffers are left alone (as FSDP2 does);

@@ -32,7 +32,8 @@ alone (half the gathered bytes for bfloat16, and the gathered tensor is what aut
 
 Under mixed precision the shard's dp sum runs in the dtype its reduce-scatter ran in (`GradSyncInfo.dtype`:
 reduce_dtype, or param_dtype without one), and lands in the shard's dtype: FSDP2's HSDP reduces in
-reduce_dtype on both dims and casts once, at the end.
+reduce_dtype on both dims and casts once, at the end. A plain data-parallel parameter's sum runs in
+reduce_dtype, or without one in the dtype apply_mixed_precision cast it to, as torch's `replicate` does.
 
 Before:  %fsdpgather_w = fxpar.fsdp_all_gather(%w, 0, 2, '2', 'fsdp')
          %gradallreduce_fsdpgather_w = fxpar.grad_all_reduce(%fsdpgather_w, '1', 'dp')
@@ -181,21 +182,50 @@ def bucket_grad_sync(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         filled += nbytes
         info = get_info(p)
         set_info(p, dataclasses.replace(info, grad_sync=GradSyncInfo(tuple(sorted(synced[p])), bucket,
-                                                                     _sync_dtype(p))))
+                                                                     _sync_dtype(p, policy))))
     return PassResult(gm, True)
 
 
-def _sync_dtype(param: fx.Node) -> torch.dtype | None:
-    """The dtype an HSDP shard's gradient is summed over dp in: its gather's reduce-scatter's (None: its own).
+def _sync_dtype(param: fx.Node, policy) -> torch.dtype | None:
+    """The dtype a parameter's gradient is summed over its data-parallel dims in (None: its own), as FSDP2's.
 
-    FSDP2's HSDP reduces in reduce_dtype on both dims and casts once, at the end, to the shard's dtype. The
-    gather's backward reduce-scatters in reduce_dtype or, without one, in param_dtype (the gradient's
-    dtype); the dp sum goes on in that dtype (no rounding in between, and param_dtype bytes on the wire
-    where that is the narrower one).
+    An HSDP shard: its gather's reduce-scatter's. FSDP2's HSDP reduces in reduce_dtype on both dims and casts
+    once, at the end, to the shard's dtype. The gather's backward reduce-scatters in reduce_dtype or, without
+    one, in param_dtype (the gradient's dtype); the dp sum goes on in that dtype (no rounding in between,
+    and param_dtype bytes on the wire where that is the narrower one).
+
+    A plain data-parallel parameter (`policy` is the MixedPrecisionPolicy, or None): reduce_dtype, or
+    without one the dtype it is computed in (param_dtype where apply_mixed_precision cast it), as torch's
+    `replicate` (FSDP2 on a replicated mesh) reduces: a float32 parameter computed in bfloat16 sends
+    bfloat16 gradients. Its gradient is the cast's backward (a bfloat16 value widened: narrowing it again
+    is exact) and the sum lands in the parameter's dtype.
     """
     gathers = [u for u in param.users if u.op == "call_function" and u.target is _GATHER]
-    if len(gathers) != 1:
+    if len(gathers) > 1:
         return None
-    args = collective_args(gathers[0])
-    dtype = args.get("reduce_dtype") or args.get("param_dtype")
+    if gathers:
+        args = collective_args(gathers[0])
+        dtype = args.get("reduce_dtype") or args.get("param_dtype")
+    elif policy is None:
+        return None
+    else:
+        casts = _compute_dtypes(param)
+        if casts is None or len(casts) > 1:
+            return None  # some uses cast, some not (or to two dtypes): summed in its own dtype
+        dtype = policy.reduce_dtype or (casts.pop() if casts else None)
     return dtype if dtype is not None and dtype != param.meta["val"].dtype else None
+
+
+def _compute_dtypes(param: fx.Node) -> set[torch.dtype] | None:
+    """The dtypes apply_mixed_precision casts `param` to at its compute uses (through collectives); set()
+    where no use is cast, None where some are and some are not."""
+    dtypes, uncast, frontier = set(), False, [param]
+    while frontier:
+        for u in frontier.pop().users:
+            if u.op == "call_function" and u.target in COLLECTIVE_OPS:
+                frontier.append(u)
+            elif u.target is aten._to_copy.default and getattr(get_info(u), "origin", None) == "apply_mixed_precision":
+                dtypes.add(u.kwargs["dtype"])
+            else:
+                uncast = True
+    return None if dtypes and uncast else dtypes
