@@ -15,9 +15,12 @@ from fxpar.analysis.fingerprint import moe_ep_exchanges
 from fxpar.core.spec import TensorSpec, get_info
 from fxpar.ops.collectives import BACKWARD_OF, COLLECTIVE_OPS
 from fxpar.ops.moe import moe_experts
-from fxpar.ops.transitions import collective_args
+from fxpar.ops.transitions import collective_args, dual_copies
 
 __all__ = ["CollectiveInfo", "collectives", "moe_collectives"]
+
+_FORWARD_SILENT = frozenset({"shard", "grad_all_reduce", "replica_grad_sum"})
+"""Collectives that communicate only in their backward (a local slice or the identity forward)."""
 
 
 @dataclass(frozen=True)
@@ -75,11 +78,12 @@ def collectives(gm: fx.GraphModule, mesh, *, moe: bool = False) -> list[Collecti
         info = get_info(node)
         n = mesh.size(args["mesh_dim"])
         spec = info.spec
-        fwd = 0 if op in ("shard", "grad_all_reduce") else _payload(op, spec, n or 1)
+        fwd = 0 if op in _FORWARD_SILENT else _payload(op, spec, n or 1)
         # integer values (ids, masks) carry no gradient: their duals never run
         bwd_op = BACKWARD_OF[op] if spec.dtype.is_floating_point else None
         # The backward op carries the gradient of this node's output (for shard / reduce_scatter:
-        # the gathered gradient's local input is this node's local output).
-        bwd = spec.nbytes(local=True) if bwd_op else 0
+        # the gathered gradient's local input is this node's local output; for replica_grad_sum: a
+        # buffer of one such gradient per kv head, `dual_copies`).
+        bwd = spec.nbytes(local=True) * dual_copies(node) if bwd_op else 0
         out.append(CollectiveInfo(node.name, op, args["mesh_dim"], n, info.module_fqn, fwd, bwd_op, bwd))
     return out

@@ -29,7 +29,8 @@ nbytes = numel * itemsize):
     Mem(n)   =  sum nbytes(I_i) + nbytes(O)    bytes read and written; 0 for views
                 + T * k * (2 H + 3 I) * itemsize
                                               a MoE node's routed rows and expert hidden values
-    Comm(n)  =  nbytes(O)                     fxpar collectives (payload per rank)
+    Comm(n)  =  nbytes(O) x copies(n)         fxpar collectives (payload per rank; copies: 1, or a kv
+                                              replica sum's slots, `dual_copies`)
              =  2 (ep - 1) / ep * T * k * H * itemsize
                                               a MoE node's token dispatch and combine on ep
                                               (`fxpar.ops.moe.moe_all_to_all_bytes`)
@@ -86,6 +87,7 @@ import torch.fx as fx
 
 from fxpar.core.spec import TensorSpec, get_info
 from fxpar.ops.collectives import COLLECTIVE_OPS
+from fxpar.ops.transitions import dual_copies
 from fxpar.ops.moe import moe_all_to_all_bytes, moe_experts
 
 __all__ = ["DeviceModel", "NodeCost", "node_cost", "kernel_cost", "size_expr", "value_bytes", "example_sizes",
@@ -241,7 +243,7 @@ def node_cost(node: fx.Node) -> NodeCost:
     target = node.target
     out_bytes = sum((_numel(s) * d.itemsize for s, d in outs), sympy.Integer(0))
     if target in COLLECTIVE_OPS:
-        return NodeCost(comm_bytes=out_bytes)
+        return NodeCost(comm_bytes=out_bytes * dual_copies(node))
     if target in VIEW_OPS:
         return NodeCost()
     in_bytes = sum((value_bytes(a) for a in node.all_input_nodes if a.op != "get_attr" or

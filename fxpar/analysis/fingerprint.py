@@ -47,7 +47,7 @@ from fxpar.core.spec import TensorSpec, get_info, size_hint
 from fxpar.ops.collectives import BACKWARD_OF, COLLECTIVE_OPS
 from fxpar.ops.moe import ep_exchanges, moe_experts
 from fxpar.ops.overlap import ISSUE_OPS
-from fxpar.ops.transitions import collective_args
+from fxpar.ops.transitions import collective_args, dual_copies
 
 __all__ = ["CollectiveSig", "collective_schedule", "schedule_fingerprint", "first_difference", "exchange",
            "moe_ep_exchanges"]
@@ -153,8 +153,11 @@ def collective_schedule(gm: fx.GraphModule, mesh: MeshInfo) -> list[CollectiveSi
                                          **common))
         dual = BACKWARD_OF.get(op)
         if dual is not None:
-            # The dual's input is the gradient of this node's output.
-            backward.append(CollectiveSig("backward", dual, shape=_shape(out_spec.local_shape if out_spec else ()),
+            # The dual's input is the gradient of this node's output (replica_grad_sum: a buffer of
+            # `dual_copies` of them).
+            copies = dual_copies(node)
+            shape = _shape(out_spec.local_shape if out_spec else ())
+            backward.append(CollectiveSig("backward", dual, shape=(str(copies), *shape) if copies != 1 else shape,
                                           **common))
     return forward + backward[::-1]
 

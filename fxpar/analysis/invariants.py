@@ -13,7 +13,9 @@ the passes so far provide (`check_graph(gm, mesh, provided)`):
                   that is not linear in it, and an op without a rule runs on
                   Replicate); graph outputs are Replicate; every collective's op
                   and arguments (dim, group size, group, mesh dim) are the
-                  transition between its input's and its output's placements;
+                  transition between its input's and its output's placements
+                  (the identity forwards, grad_all_reduce and replica_grad_sum,
+                  keep their input's placement);
                   every communication is an fxpar collective with its backward
                   dual (no raw c10d ops); every Replicate input of an op whose
                   output is not Replicate on a mesh dim comes through a
@@ -320,6 +322,15 @@ def _check_collective(node: fx.Node, mesh: MeshInfo) -> None:
             raise GraphInvariantError(
                 f"{node_context(node)}: grad_all_reduce must see Replicate on both sides on {mesh_dim!r}, found "
                 f"{_p(a)} -> {_p(b)}")
+        return
+    if op == "replica_grad_sum":  # identity forward on a kv weight's copy (fxpar.ops.kv_replicas)
+        replicas = args["replicas"]
+        if a != b or a.is_partial() or replicas < 1 or mesh.sizes[m] % replicas:
+            raise GraphInvariantError(
+                f"{node_context(node)}: replica_grad_sum of %{x.name} with replicas={replicas} over mesh dim "
+                f"{mesh_dim!r} ({mesh.sizes[m]} ranks), {_p(a)} -> {_p(b)}: it must keep its input's placement and "
+                "sum over groups that divide the mesh dim; it is replicate_kv_heads' node, which writes it so: "
+                "insert it only through fxpar.passes.replicate_kv_heads")
         return
     try:
         want = transition_op(a, b)

@@ -19,6 +19,12 @@ times fewer bytes; it needs process groups for the sub-groups, which fxpar's mes
 
 The input gradient needs nothing new: dL/dx = sum_r (dL/dk_r) W_j(r) over all tp ranks is the k
 branch's share of the usual Megatron "f" all-reduce at the attention's replicated input.
+
+The op is one of `COLLECTIVE_OPS` under the name `replica_grad_sum`, its dual an `all_reduce` of the
+buffer: (group_size // replicas) x the weight shard's bytes over its mesh dim, nothing forward
+(`fxpar.ops.transitions.dual_copies`). explain(), the timeline, the cost model, the collective-order
+fingerprint and the invariant checks see it as the collective it is. (`fxpar.ops` imports this module
+first, so the tables hold it before any reader copies them.)
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fxpar.ops.collectives import _all_reduce, _group_rank, _record
+from fxpar.ops.collectives import BACKWARD_OF, COLLECTIVE_OPS, _all_reduce, _group_rank, _record
 
 __all__ = ["replica_grad_sum", "REPLICA_GRAD_SUM"]
 
@@ -57,3 +63,5 @@ def _backward(ctx, grad):
 replica_grad_sum.register_autograd(_backward, setup_context=_setup)
 REPLICA_GRAD_SUM = torch.ops.fxpar.replica_grad_sum.default
 torch.fx.node.has_side_effect(REPLICA_GRAD_SUM)
+COLLECTIVE_OPS[REPLICA_GRAD_SUM] = "replica_grad_sum"  # identity forward; its dual all-reduces over mesh_dim
+BACKWARD_OF["replica_grad_sum"] = "all_reduce"

@@ -21,6 +21,7 @@ late. The duals are DESIGN.md's, the same as the custom ops':
     shard(d)          this rank's slice                 all_gather_into_tensor + wait
     reduce_scatter(d) reduce_scatter_tensor + wait      all_gather_into_tensor + wait
     all_to_all(a->b)  all_to_all_single + wait          all_to_all_single(b->a) + wait
+    replica_grad_sum  identity                          all_reduce + wait of the slot buffer, own slot
 
 (torch's own autograd formulas on `_c10d_functional` are the adjoints, e.g.
 all_reduce's backward is an all_reduce: not Megatron's "g", so the ops run
@@ -41,10 +42,11 @@ uneven shards (`full_size` >= 0), strided shards (`split_factor` > 1), and
 FSDP gathers, whose runtime (`FsdpRuntime`) buckets and re-gathers them.
 
 The copy is per rank: a `shard` / `all_gather` backward slices this rank's
-chunk, whose index is read from the process group when the copy is made (a
-constant of that rank's compiled graph; the graph module itself stays the
-same on every rank). Comm counting (`count_comms`) does not see lowered
-collectives: they run inside compiled code.
+chunk (a `replica_grad_sum` backward keeps its kv head's slot), whose index
+is read from the process group when the copy is made (a constant of that
+rank's compiled graph; the graph module itself stays the same on every rank).
+Comm counting (`count_comms`) does not see lowered collectives: they run
+inside compiled code.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from torch import Tensor
 from fxpar._torch.aten import assert_async
 from fxpar._torch.c10d import functional, group_rank, resolve_process_group
 from fxpar._torch.fx import copy_codegen
+from fxpar.ops.kv_replicas import REPLICA_GRAD_SUM
 
 __all__ = ["traceable_graph_module", "LOWERED_OPS", "lowered_collectives"]
 
@@ -183,6 +186,23 @@ class _AllToAll(torch.autograd.Function):
         return _all_to_all(grad, dst, src, n, group_name), None, None, None, None
 
 
+class _ReplicaGradSum(torch.autograd.Function):
+    """`fxpar::replica_grad_sum` (`fxpar.ops.kv_replicas`): this rank's gradient in its kv head's slot of a
+    zero buffer of `slots`, all-reduced, its slot kept (the sum over the ranks holding the same kv head)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, slots: int, slot: int, group_name: str) -> Tensor:
+        ctx.args = (slots, slot, group_name)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        slots, slot, group_name = ctx.args
+        zeros = torch.zeros_like(grad)
+        buf = torch.stack([grad if j == slot else zeros for j in range(slots)])
+        return _all_reduce(buf, group_name)[slot], None, None, None
+
+
 # --------------------------------------------------------------------------- graph-level entry points
 # One plain function per fxpar op, called by the lowered graph's nodes (their printed names say what they do).
 
@@ -219,6 +239,11 @@ def tp_all_to_all(x: Tensor, src_dim: int, dst_dim: int, n: int, group_name: str
     return _AllToAll.apply(x, src_dim, dst_dim, n, group_name)
 
 
+def tp_replica_grad_sum(x: Tensor, replicas: int, group_size: int, group_name: str, mesh_dim: str,
+                        slot: int) -> Tensor:
+    return _ReplicaGradSum.apply(x, group_size // replicas, slot, group_name)
+
+
 def tp_vocab_parallel_embedding(weight: Tensor, indices: Tensor, padding_idx: int, group_name: str, rank: int,
                                 n: int) -> Tensor:
     """`fxpar::vocab_parallel_embedding` in traceable ops: this rank's rows looked up, zeros for the others' ids.
@@ -247,6 +272,11 @@ def _with_rank(args: tuple) -> tuple:
     return (*args[:5], group_rank(args[3]))
 
 
+def _with_slot(args: tuple) -> tuple:
+    """(x, replicas, n, group, mesh_dim) -> (..., this rank's kv head slot: its index in group // replicas)."""
+    return (*args, group_rank(args[3]) // args[1])
+
+
 _fxpar = torch.ops.fxpar
 LOWERED_OPS: dict[object, tuple[Callable, Callable[[tuple], bool], Callable[[tuple], tuple]]] = {
     # fxpar op: (lowered function, which calls it lowers, their arguments)
@@ -258,6 +288,7 @@ LOWERED_OPS: dict[object, tuple[Callable, Callable[[tuple], bool], Callable[[tup
     _fxpar.shard.default: (tp_shard, _even, _with_rank),
     _fxpar.reduce_scatter.default: (tp_reduce_scatter, lambda a: True, lambda a: a),
     _fxpar.all_to_all.default: (tp_all_to_all, lambda a: True, lambda a: a),
+    REPLICA_GRAD_SUM: (tp_replica_grad_sum, lambda a: True, _with_slot),
 }
 """The fxpar collectives `traceable_graph_module` lowers, and on which arguments."""
 
@@ -346,5 +377,5 @@ def traceable_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return out
 
 for _fn in (tp_all_reduce, tp_all_reduce_max, tp_grad_all_reduce, tp_all_gather, tp_sp_all_gather, tp_shard,
-            tp_reduce_scatter, tp_all_to_all):
+            tp_reduce_scatter, tp_all_to_all, tp_replica_grad_sum):
     torch.fx.node.has_side_effect(_fn)  # as the custom ops they replace: DCE never drops a collective

@@ -15,6 +15,7 @@ from fxpar._torch.fx import copy_codegen
 from fxpar._torch.placements import StridedShard as _StridedShard
 from fxpar.core.errors import ShardingError
 from fxpar.ops.collectives import BACKWARD_OF
+from fxpar.ops.kv_replicas import REPLICA_GRAD_SUM
 
 __all__ = [
     "transition_op",
@@ -26,6 +27,7 @@ __all__ = [
     "insert_fsdp_all_gather",
     "set_fsdp_precision",
     "collective_args",
+    "dual_copies",
     "inference_graph_module",
 ]
 
@@ -159,23 +161,36 @@ def collective_args(node: fx.Node) -> dict:
     return {a.name: v for a, v in zip(schema.arguments, node.args)}
 
 
+def dual_copies(node: fx.Node) -> int:
+    """How many gradients of its output's local shape the backward dual of collective `node` puts in.
+
+    One for every collective but `replica_grad_sum`, whose dual all-reduces a zero buffer of
+    group_size // replicas slots holding this rank's gradient in its kv head's slot (`fxpar.ops.kv_replicas`).
+    """
+    if node.target is not REPLICA_GRAD_SUM:
+        return 1
+    args = collective_args(node)
+    return args["group_size"] // args["replicas"]
+
+
 # --------------------------------------------------------------------------- inference
 
 
-_GRAD_ONLY = (torch.ops.fxpar.grad_all_reduce.default,)
+_GRAD_ONLY = (torch.ops.fxpar.grad_all_reduce.default, REPLICA_GRAD_SUM)
 """Collectives that are the identity forward: they exist for their backward only."""
 
 
 def inference_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of `gm` to run without autograd: the backward-only markers bypassed.
 
-    `grad_all_reduce` is the identity forward, but a custom op may not return its
-    input, so it copies it; without a backward (under `torch.no_grad()`) that copy
-    is all it does. The copy's graph uses the marker's input directly; every other
-    node, collectives included, is kept, so every rank still issues the same
-    collectives in the same order. Parameters and buffers are the same tensor
-    objects as `gm`'s (updated in place by optimizers and `load_state_dict`, so
-    they stay shared); node and module metadata are shallow copies.
+    `grad_all_reduce` (and a kv weight copy's `replica_grad_sum`) is the identity
+    forward, but a custom op may not return its input, so it copies it; without a
+    backward (under `torch.no_grad()`) that copy is all it does. The copy's graph
+    uses the marker's input directly; every other node, collectives included, is
+    kept, so every rank still issues the same collectives in the same order.
+    Parameters and buffers are the same tensor objects as `gm`'s (updated in
+    place by optimizers and `load_state_dict`, so they stay shared); node and
+    module metadata are shallow copies.
 
     Use it only where no gradient is needed: its outputs carry no Megatron "f",
     so their gradients would be partial on each rank.

@@ -261,9 +261,9 @@ class _Split:
             if n.target in _SYNC_COMMS and self.index[n] < last:
                 return f"%{n.name} ({COLLECTIVE_OPS[n.target]}) is not issued async yet (sequence parallel)"
         for n in self.nodes:  # one independent of the batch would move before the split ones (an FSDP gather);
-            # an identity forward (grad_all_reduce, shard) may: its backward keeps graph order on every rank
-            if n.op == "call_function" and n.target in COLLECTIVE_OPS and n not in self.region \
-                    and n not in self.tainted and COLLECTIVE_OPS[n.target] not in ("grad_all_reduce", "shard"):
+            # an identity forward (grad_all_reduce, shard, replica_grad_sum) may: its backward keeps graph order
+            if n.op == "call_function" and n.target in COLLECTIVE_OPS and n not in self.region and n not in \
+                    self.tainted and COLLECTIVE_OPS[n.target] not in ("grad_all_reduce", "shard", "replica_grad_sum"):
                 return f"collective %{n.name} outside the batch-split region"
         for n in self.region:
             if self._scalar(n) and any(u not in self.region for u in n.users) and \

@@ -52,6 +52,7 @@ import torch.fx as fx
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.spec import GradSyncInfo, get_info, set_info
 from fxpar.ops.collectives import COLLECTIVE_OPS
+from fxpar.ops.kv_replicas import REPLICA_GRAD_SUM
 from fxpar.ops.transitions import collective_args, set_fsdp_precision
 
 DATA_DIMS = ("dp", "fsdp", "ep")
@@ -66,14 +67,19 @@ def _synced_source(f: fx.Node) -> fx.Node | None:
 
     Below `f` only other fs, then the parameter itself or its one FSDP gather: the gather's backward
     (a reduce-scatter over fsdp) is linear and commutes with the sum over `f`'s dim, so the shard's
-    gradient summed after it is the same sum. Any other collective in between (a local slice for a
-    tensor-parallel use of a tied weight) reduces its own contribution already, and the runtime would
-    sum that part a second time.
+    gradient summed after it is the same sum. So is a kv weight copy's replica sum on tp (`replicate_kv_heads`
+    under dp x tp, `fxpar.ops.kv_replicas`): the runtime sums over dp, once and in a bucket with the other
+    weights, the gradient that sum has already added up over the copy's tp group. Any other collective in
+    between (a local slice for a tensor-parallel use of a tied weight) reduces its own contribution already,
+    and the runtime would sum that part a second time.
     """
     base = f.args[0]
     while base.op == "call_function" and base.target is _F:
         base = base.args[0]
     if base.op == "call_function" and base.target is _GATHER:
+        base = base.args[0]
+    if base.op == "call_function" and base.target is REPLICA_GRAD_SUM \
+            and collective_args(base)["mesh_dim"] != collective_args(f)["mesh_dim"]:
         base = base.args[0]
     return base if base.op == "get_attr" else None
 
