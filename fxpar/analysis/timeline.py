@@ -57,7 +57,7 @@ from fxpar.analysis.overlap import issued_waits, unit_bytes
 from fxpar.analysis.profile import measure_profile
 from fxpar.analysis.schedule import schedule_order, simulate_schedule
 from fxpar.analysis.timeline_bars import KIND_COLORS, Bar, Overlap, Timeline
-from fxpar.core.spec import TensorSpec, get_info
+from fxpar.core.spec import FSDP_ROOT_UNIT, TensorSpec, get_info
 from fxpar.core.stages import stage_info
 from fxpar.ops.collectives import COLLECTIVE_OPS
 from fxpar.ops.moe import moe_experts
@@ -156,8 +156,10 @@ class _Replay:
                 fwd_bwd[0] += c.forward_bytes
                 fwd_bwd[1] += c.backward_bytes
             first = gathers[members[0][1]]
-            self.units.append(_Unit(i, getattr(get_info(first), "fsdp_bucket", None) or str(first.args[0].target),
-                                    args[3], tuple(str(p.target) for _, p in members), len(members) > 1,
+            name = getattr(get_info(first), "fsdp_bucket", None) or str(first.args[0].target)
+            # the root unit is a registered bucket even of one parameter (it is what keeps it gathered)
+            self.units.append(_Unit(i, name, args[3], tuple(str(p.target) for _, p in members),
+                                    len(members) > 1 or name == FSDP_ROOT_UNIT,
                                     get_info(first).module_fqn if get_info(first) is not None else ""))
         self.units_done: set[tuple[str, int]] = set()
         self.forward_time: dict[fx.Node, float] = {}  # the backward reuses the forward's estimate
@@ -362,7 +364,9 @@ class _FsdpBackward:
                          it runs under the next unit's backward; without: blocking). The end of the
                          backward waits for the last one.
     A unit of one parameter (fsdp_unit='param', or a lone parameter) takes the plain op's path: its
-    re-gather and its reduce-scatter (at its gather's dual) both block.
+    re-gather and its reduce-scatter (at its gather's dual) both block. The root unit (`FSDP_ROOT_UNIT`,
+    apply_fsdp) is never re-gathered: the runtime keeps it from the forward, as FSDP2's root; its
+    reduce-scatter is a bucket's, when its last gradient is in.
     """
 
     def __init__(self, replay: "_Replay", nodes: list[fx.Node], overlap: bool) -> None:
@@ -385,7 +389,7 @@ class _FsdpBackward:
                     frontier.extend(n.users)
                 elif n.op == "call_function" and n.target not in COLLECTIVE_OPS:
                     self.uses.setdefault(n, set()).add(u.index)
-        bucketed = [u for u in units if u.bucketed]
+        bucketed = [u for u in units if u.bucketed and u.name != FSDP_ROOT_UNIT]  # the root is no one's prev
         self.prev = {u.index: p for p, u in zip(bucketed, bucketed[1:])}
         self.done: set[int] = set()  # re-gathered in this backward
         self.pending: dict[int, tuple[Bar, float]] = {}  # prefetched re-gathers not yet waited (bar, issued at)
@@ -405,6 +409,8 @@ class _FsdpBackward:
                 continue
             self.done.add(i)
             u = self.r.units[i]
+            if u.name == FSDP_ROOT_UNIT:
+                continue  # kept gathered from the forward (fxpar.runtime.fsdp_buckets: `keep`)
             label = f"all_gather({u.mesh_dim}) of {u.name} (re-gather)"
             bar, start = self.pending.pop(i, (None, 0.0))
             if bar is None:
