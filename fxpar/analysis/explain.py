@@ -126,7 +126,7 @@ def _per_block(colls: list[CollectiveInfo]) -> list[str]:
     return lines
 
 
-def _fsdp_unit_lines(graphs: list[fx.GraphModule]) -> list[str]:
+def _fsdp_unit_lines(graphs: list[fx.GraphModule], *, keep_root: bool = True) -> list[str]:
     """How the FSDP gathers communicate: one collective per block (fxpar.runtime.fsdp_buckets), or per parameter."""
     groups = bucket_groups(graphs)
     params, units = sum(len(members) for _, members in groups), len(groups)
@@ -136,7 +136,7 @@ def _fsdp_unit_lines(graphs: list[fx.GraphModule]) -> list[str]:
     line = (f"FSDP: {params} parameter gathers run as {units} collective{'s' if units > 1 else ''} each way "
             f"(one per block, fxpar.runtime.fsdp_buckets; fsdp_unit='param' for one per parameter)"
             if units < params else f"FSDP: {params} parameter gathers, one collective each way per parameter")
-    if root:
+    if root and keep_root:  # CPU offload gathers one device copy at a time: its root is re-gathered
         line += (f"; the root unit ({sum(len(m) for m in root)} parameters outside the blocks, {FSDP_ROOT_UNIT}) "
                  "is gathered once and kept for the backward, as FSDP2's root: not re-gathered")
     return [line]
@@ -364,7 +364,7 @@ def explain(pm, *inputs, **kwargs) -> str:
     lines.extend(grad_sync_lines(pm))
     if split is None:
         lines.extend(_bucket_overlap_lines(gm))
-    lines.extend(_fsdp_unit_lines(graphs))
+    lines.extend(_fsdp_unit_lines(graphs, keep_root=getattr(pm, "offload_policy", None) is None))
     if getattr(pm, "compile_backend", None) is not None:  # the eager runtime's prefetch is not what runs
         lines.extend(compiled_schedule_lines(pm))
     else:

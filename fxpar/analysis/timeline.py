@@ -111,7 +111,8 @@ def _eager_timeline(pm, device: DeviceModel, profile: Mapping[str, float] | None
                     title: str) -> Timeline:
     gm = pm.graph_module
     return _Replay(gm, pm.mesh_info, device, example_sizes(gm), dict(profile or {}),
-                   reshard_after_forward=getattr(pm, "reshard_after_forward", True)).run(backward, title)
+                   reshard_after_forward=getattr(pm, "reshard_after_forward", True),
+                   keep_root=getattr(pm, "offload_policy", None) is None).run(backward, title)
 
 def backward_order(pm) -> list[tuple[tuple[str, ...], str, int]]:
     """The backward's collectives in the order this rank issues them at run time: FSDP re-gathers and
@@ -135,9 +136,11 @@ def backward_order(pm) -> list[tuple[tuple[str, ...], str, int]]:
 class _Replay:
     """The two-clock walk of the module docstring over one graph."""
 
-    def __init__(self, gm, mesh, device, hints, profile, *, reshard_after_forward: bool = True):
+    def __init__(self, gm, mesh, device, hints, profile, *, reshard_after_forward: bool = True,
+                 keep_root: bool = True):
         self.gm, self.device, self.hints, self.profile = gm, device, hints, profile
         self.reshard_after_forward = reshard_after_forward
+        self.keep_root = keep_root  # the root unit is kept from the forward (not under CPU offload: no buckets)
         self.payload = {c.node: c for c in collectives(gm, mesh)}
         self.bars: list[Bar] = []
         self.overlaps: list[Overlap] = []
@@ -409,7 +412,7 @@ class _FsdpBackward:
                 continue
             self.done.add(i)
             u = self.r.units[i]
-            if u.name == FSDP_ROOT_UNIT:
+            if u.name == FSDP_ROOT_UNIT and self.r.keep_root:
                 continue  # kept gathered from the forward (fxpar.runtime.fsdp_buckets: `keep`)
             label = f"all_gather({u.mesh_dim}) of {u.name} (re-gather)"
             bar, start = self.pending.pop(i, (None, 0.0))

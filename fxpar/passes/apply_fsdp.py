@@ -42,8 +42,10 @@ root has post_forward_mesh_info = None: it would be re-gathered at once at the
 start of the backward) and reduce-scatters it once, when its last gradient is
 in. Under pp the old units stay: the root's parameters live on different
 stages (the first holds wte, the last ln_f), and each stage gathers once per
-step anyway (`StepGather`). Nor under CPU offload (its gathers are of device
-copies, one per parameter). A model with no block keeps one unit per module.
+step anyway (`StepGather`). A model with no block keeps one unit per module.
+Under CPU offload the unit forms (a tied weight gathered once, its gradient
+summed before one reduce-scatter, as without offload) but is not kept: the
+runtime gathers device copies one by one and re-gathers them in the backward.
 
          %fsdpgather_wte = fxpar.fsdp_all_gather(%wte, ...)     # <root>, consecutive:
          %fsdpgather_wpe = fxpar.fsdp_all_gather(%wpe, ...)     # one collective
@@ -124,8 +126,7 @@ def apply_fsdp(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     # FSDP2's root group: only beside blocks (a model without any is left per module, as before) and not
     # under pp, whose stages each hold part of the root's parameters (a stage gathers once per step there)
     in_block = any(block_of(info.module_fqn) for _, info, _, _ in sharded_params)
-    rooted = unit == "block" and in_block and ctx.options.get("pp") is None \
-        and ctx.options.get("offload_policy") is None  # offload gathers device copies one by one
+    rooted = unit == "block" and in_block and ctx.options.get("pp") is None
     root = [p for p in sharded_params if rooted and (block_of(p[1].module_fqn) is None or len(uses[p[0]]) > 1)]
     if root:
         # one gather per root parameter, all of them together before the first use of any of them: one
