@@ -26,10 +26,7 @@ hooks per backward would reduce them once per microbatch. FSDP parameters are
 gathered and their gradients reduce-scattered per microbatch by the graph
 (reshard_after_forward=True, the default: least memory), or gathered once per
 step, kept for it, and their summed gradients reduce-scattered once after the
-schedule (reshard_after_forward=False: the analytical FSDP volume). A pipeline
-has no FSDP root unit (apply_fsdp keeps the old units under pp): the root's
-parameters live on different stages (wte on the first, ln_f on the last), and
-a tied weight is gathered once per use, on the stage that uses it.
+schedule (reshard_after_forward=False: the analytical FSDP volume).
 
 Gradient scaling: torch's schedules divide gradients by the number of
 microbatches when `scale_grads=True`, which is right only for mean losses and
