@@ -207,17 +207,18 @@ def _gpt2_fsdp_volume() -> dict:
     volume = collections.Counter()
     for c in comms:
         volume[f"{c.direction} {c.op} {c.mesh_dim}"] += c.nbytes
-    tied = pm.graph_module.get_parameter("lm_head.weight")  # = transformer.wte.weight
     return {"volume": volume, "local": sum(p.numel() * p.element_size() for p in pm.parameters()),
             "total": sum(p.numel() * p.element_size() for p in model.parameters()),
-            "tied": tied.numel() * tied.element_size()}
+            "outside_blocks": sum(p.numel() * p.element_size() for k, p in pm.graph_module.named_parameters()
+                                  if ".h." not in k)}
 
 
 def test_fsdp_gpt2_gathers_every_parameter_once_forward():
     """Each parameter's shard is gathered once in the forward: the position table, used on replicated
     positions, by a plain all_gather (its gradient is whole on every rank), the others by FSDP gathers;
-    the tied wte / lm_head once per use (its gradient reduce-scattered by each use's backward, not held
-    whole from the logits' backward to the embedding's)."""
+    the tied wte / lm_head once for both uses, in the root unit (apply_fsdp, FSDP2's root), which the
+    backward does not re-gather: only the blocks are gathered again."""
     for r in rank_pool(4).run(_gpt2_fsdp_volume):
         assert r["local"] == r["total"] // 4, r
-        assert r["volume"]["forward all_gather fsdp"] == r["local"] + r["tied"], r
+        assert r["volume"]["forward all_gather fsdp"] == r["local"], r
+        assert r["volume"]["backward all_gather fsdp"] == r["local"] - r["outside_blocks"], r

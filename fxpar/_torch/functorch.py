@@ -13,10 +13,11 @@ import contextlib
 from typing import Callable, Iterator
 
 import torch.fx as fx
+import torch.fx.traceback as _fx_traceback
 from torch._functorch import config as _functorch_config
 from torch.utils.checkpoint import CheckpointPolicy
 
-__all__ = ["joint_graph_pass", "tag_recompute"]
+__all__ = ["joint_graph_pass", "tag_recompute", "annotate_traced", "traced_annotation"]
 
 # A region id above any activation-checkpoint region's: the partitioner saves a tagged node whose user is
 # tagged in a later region (cleanup_recompute_tags), which must never split a gather from its unpacking.
@@ -47,3 +48,16 @@ def tag_recompute(node: fx.Node, *, save: bool = False) -> None:
     """
     node.meta["recompute"] = CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.MUST_RECOMPUTE
     node.meta["ac_graph_id"] = _REGION
+
+
+def annotate_traced(key: str) -> contextlib.AbstractContextManager:
+    """Inside, the nodes dynamo and AOT autograd trace carry `key` (read back with `traced_annotation`).
+
+    fxpar's compiled FSDP marks the root unit's gather with it, so the joint-graph pass can tell it apart.
+    Waits for: a stable annotation API (torch.fx.traceback.annotate says it is not backward compatible)."""
+    return _fx_traceback.annotate({key: True})
+
+
+def traced_annotation(node: fx.Node, key: str) -> bool:
+    """Whether a joint-graph node was traced inside `annotate_traced(key)`."""
+    return bool((node.meta.get("custom") or {}).get(key))

@@ -31,7 +31,7 @@ from fxpar.core.errors import block_of
 from fxpar.analysis.plan_io import full_mesh
 from fxpar.analysis.replicated import replicated_lines
 from fxpar.core.fmt import fmt_bytes, natural_key
-from fxpar.core.spec import SIZE_BINDINGS, TensorSpec, get_info, placements_str
+from fxpar.core.spec import FSDP_ROOT_UNIT, SIZE_BINDINGS, TensorSpec, get_info, placements_str
 from fxpar.core.stages import stage_info
 from fxpar.ops.collectives import COLLECTIVE_OPS
 from fxpar.ops.moe import moe_experts
@@ -126,15 +126,28 @@ def _per_block(colls: list[CollectiveInfo]) -> list[str]:
     return lines
 
 
-def _fsdp_unit_lines(graphs: list[fx.GraphModule]) -> list[str]:
+def _fsdp_unit_lines(graphs: list[fx.GraphModule], *, keep_root: bool = True) -> list[str]:
     """How the FSDP gathers communicate: one collective per block (fxpar.runtime.fsdp_buckets), or per parameter."""
     groups = bucket_groups(graphs)
     params, units = sum(len(members) for _, members in groups), len(groups)
     if not params:
         return []
-    return [f"FSDP: {params} parameter gathers run as {units} collective{'s' if units > 1 else ''} each way "
+    root = [members for _, members in groups if _unit_of(members[0][1]) == FSDP_ROOT_UNIT]
+    line = (f"FSDP: {params} parameter gathers run as {units} collective{'s' if units > 1 else ''} each way "
             f"(one per block, fxpar.runtime.fsdp_buckets; fsdp_unit='param' for one per parameter)"
-            if units < params else f"FSDP: {params} parameter gathers, one collective each way per parameter"]
+            if units < params else f"FSDP: {params} parameter gathers, one collective each way per parameter")
+    if root and keep_root:  # CPU offload gathers one device copy at a time: its root is re-gathered
+        line += (f"; the root unit ({sum(len(m) for m in root)} parameters outside the blocks, {FSDP_ROOT_UNIT}) "
+                 "is gathered once and kept for the backward, as FSDP2's root: not re-gathered")
+    return [line]
+
+
+def _unit_of(param: fx.Node) -> str | None:
+    """The FSDP unit (fsdp_bucket) of a parameter's gather."""
+    for user in param.users:
+        if user.target is torch.ops.fxpar.fsdp_all_gather.default:
+            return getattr(get_info(user), "fsdp_bucket", None)
+    return None
 
 
 def _dtype(d) -> str:
@@ -239,8 +252,10 @@ def _fsdp_backward_lines(pm) -> list[str]:
     def before(at: float) -> str:  # the backward op that runs first after `at`
         return next((f"the backward of %{b.node}" for b in backward if b.start >= at - 1e-15), "the end of the step")
 
-    def part(name: str, bar: Bar | None) -> str:
+    def part(name: str, bar: Bar | None, unit: str = "") -> str:
         if bar is None:
+            if name == "re-gather" and unit == FSDP_ROOT_UNIT:
+                return "no re-gather (the root unit: kept gathered from the forward, as FSDP2's root)"
             return f"no {name} (" + ("kept gathered from the forward: reshard_after_forward=False)"
                                      if not getattr(pm, "reshard_after_forward", True) and name == "re-gather"
                                      else "no backward op needs it)")
@@ -256,7 +271,8 @@ def _fsdp_backward_lines(pm) -> list[str]:
 
     out = ["", f"FSDP backward per unit (as fxpar.runtime.fsdp_buckets runs it; {len(units)} units, last first):"]
     for unit, bars in units.items():
-        out.append(f"  {unit}: {part('re-gather', bars.get('re-gather'))}; {part('reduce-scatter', bars.get('dual'))}")
+        out.append(f"  {unit}: {part('re-gather', bars.get('re-gather'), unit)}; "
+                   f"{part('reduce-scatter', bars.get('dual'))}")
     return out
 
 
@@ -348,7 +364,7 @@ def explain(pm, *inputs, **kwargs) -> str:
     lines.extend(grad_sync_lines(pm))
     if split is None:
         lines.extend(_bucket_overlap_lines(gm))
-    lines.extend(_fsdp_unit_lines(graphs))
+    lines.extend(_fsdp_unit_lines(graphs, keep_root=getattr(pm, "offload_policy", None) is None))
     if getattr(pm, "compile_backend", None) is not None:  # the eager runtime's prefetch is not what runs
         lines.extend(compiled_schedule_lines(pm))
     else:

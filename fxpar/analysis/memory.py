@@ -19,7 +19,9 @@ and what a training step holds on top of the state, at the example batch (`fxpar
                     2 x its largest value
     param copies C = mixed precision's param_dtype casts of non-FSDP parameters, saved for the backward
     gathered    F = FSDP's gathered parameters (param_dtype) and their unsharded gradients in flight:
-                    2 x the largest gather bucket with reshard_after_forward, else all buckets + the largest
+                    2 x the largest gather bucket with reshard_after_forward, else all buckets + the largest;
+                    the root unit (apply_fsdp) is held for the whole step either way: with reshard_after_forward
+                    F = root + the largest other bucket + the largest bucket
     workspace   W = 2 x the largest value (a gradient in and a gradient out of one op)
     grad buckets B_g = the flat buffers of the data-parallel gradient all-reduce (bucket_grad_sync):
                     the bytes of the gradients it syncs, all buckets in flight at once (a tied weight
@@ -56,7 +58,7 @@ from fxpar.analysis.plan_io import full_mesh
 from fxpar.core.dataflow import attr_of
 from fxpar.core.fmt import fmt_bytes
 from fxpar.core.mesh import MeshInfo
-from fxpar.core.spec import SIZE_BINDINGS, TensorSpec, get_info
+from fxpar.core.spec import FSDP_ROOT_UNIT, SIZE_BINDINGS, TensorSpec, get_info
 from fxpar.core.stages import stage_info
 from fxpar.ops.collectives import COLLECTIVE_OPS
 
@@ -292,18 +294,22 @@ def _gathered(graphs: list[fx.GraphModule], reshard: bool, offload: bool) -> tup
     groups = bucket_groups(graphs)
     if offload:  # the runtime gathers the device copies one by one (fxpar.passes.offload_parameters)
         groups = [(args, [m]) for args, members in groups for m in members]
+    kept = 0  # the root unit (apply_fsdp): gathered for the whole step, as FSDP2's root
     for _, members in groups:
         full = shard = 0
         for g, param in members:
             gather = next(u for u in param.users if u.target is torch.ops.fxpar.fsdp_all_gather.default)
             full += get_info(gather).spec.nbytes(local=True)
             shard += get_info(param).spec.nbytes(local=True)
-        buckets.append((full, shard))
+            root = get_info(gather).fsdp_bucket == FSDP_ROOT_UNIT
+        if root and not offload:
+            kept += full
+        buckets.append((full, shard, root and not offload))
     if not buckets:
         return 0, 0
-    largest = max(f for f, _ in buckets)
-    held = largest if reshard else sum(f for f, _ in buckets)
-    return held + largest, max(s for _, s in buckets)
+    largest = max(f for f, _, _ in buckets)
+    held = kept + max((f for f, _, k in buckets if not k), default=0) if reshard else sum(f for f, _, _ in buckets)
+    return held + largest, max(s for _, s, _ in buckets)
 
 
 def _saved(pm, stages: tuple[int, ...], graphs: list[fx.GraphModule]) -> tuple[int, int, int, int]:

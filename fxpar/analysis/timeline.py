@@ -57,7 +57,7 @@ from fxpar.analysis.overlap import issued_waits, unit_bytes
 from fxpar.analysis.profile import measure_profile
 from fxpar.analysis.schedule import schedule_order, simulate_schedule
 from fxpar.analysis.timeline_bars import KIND_COLORS, Bar, Overlap, Timeline
-from fxpar.core.spec import TensorSpec, get_info
+from fxpar.core.spec import FSDP_ROOT_UNIT, TensorSpec, get_info
 from fxpar.core.stages import stage_info
 from fxpar.ops.collectives import COLLECTIVE_OPS
 from fxpar.ops.moe import moe_experts
@@ -111,7 +111,8 @@ def _eager_timeline(pm, device: DeviceModel, profile: Mapping[str, float] | None
                     title: str) -> Timeline:
     gm = pm.graph_module
     return _Replay(gm, pm.mesh_info, device, example_sizes(gm), dict(profile or {}),
-                   reshard_after_forward=getattr(pm, "reshard_after_forward", True)).run(backward, title)
+                   reshard_after_forward=getattr(pm, "reshard_after_forward", True),
+                   keep_root=getattr(pm, "offload_policy", None) is None).run(backward, title)
 
 def backward_order(pm) -> list[tuple[tuple[str, ...], str, int]]:
     """The backward's collectives in the order this rank issues them at run time: FSDP re-gathers and
@@ -135,9 +136,11 @@ def backward_order(pm) -> list[tuple[tuple[str, ...], str, int]]:
 class _Replay:
     """The two-clock walk of the module docstring over one graph."""
 
-    def __init__(self, gm, mesh, device, hints, profile, *, reshard_after_forward: bool = True):
+    def __init__(self, gm, mesh, device, hints, profile, *, reshard_after_forward: bool = True,
+                 keep_root: bool = True):
         self.gm, self.device, self.hints, self.profile = gm, device, hints, profile
         self.reshard_after_forward = reshard_after_forward
+        self.keep_root = keep_root  # the root unit is kept from the forward (not under CPU offload: no buckets)
         self.payload = {c.node: c for c in collectives(gm, mesh)}
         self.bars: list[Bar] = []
         self.overlaps: list[Overlap] = []
@@ -156,8 +159,10 @@ class _Replay:
                 fwd_bwd[0] += c.forward_bytes
                 fwd_bwd[1] += c.backward_bytes
             first = gathers[members[0][1]]
-            self.units.append(_Unit(i, getattr(get_info(first), "fsdp_bucket", None) or str(first.args[0].target),
-                                    args[3], tuple(str(p.target) for _, p in members), len(members) > 1,
+            name = getattr(get_info(first), "fsdp_bucket", None) or str(first.args[0].target)
+            # the root unit is a registered bucket even of one parameter (it is what keeps it gathered)
+            self.units.append(_Unit(i, name, args[3], tuple(str(p.target) for _, p in members),
+                                    len(members) > 1 or name == FSDP_ROOT_UNIT,
                                     get_info(first).module_fqn if get_info(first) is not None else ""))
         self.units_done: set[tuple[str, int]] = set()
         self.forward_time: dict[fx.Node, float] = {}  # the backward reuses the forward's estimate
@@ -362,7 +367,9 @@ class _FsdpBackward:
                          it runs under the next unit's backward; without: blocking). The end of the
                          backward waits for the last one.
     A unit of one parameter (fsdp_unit='param', or a lone parameter) takes the plain op's path: its
-    re-gather and its reduce-scatter (at its gather's dual) both block.
+    re-gather and its reduce-scatter (at its gather's dual) both block. The root unit (`FSDP_ROOT_UNIT`,
+    apply_fsdp) is never re-gathered: the runtime keeps it from the forward, as FSDP2's root; its
+    reduce-scatter is a bucket's, when its last gradient is in.
     """
 
     def __init__(self, replay: "_Replay", nodes: list[fx.Node], overlap: bool) -> None:
@@ -385,7 +392,7 @@ class _FsdpBackward:
                     frontier.extend(n.users)
                 elif n.op == "call_function" and n.target not in COLLECTIVE_OPS:
                     self.uses.setdefault(n, set()).add(u.index)
-        bucketed = [u for u in units if u.bucketed]
+        bucketed = [u for u in units if u.bucketed and u.name != FSDP_ROOT_UNIT]  # the root is no one's prev
         self.prev = {u.index: p for p, u in zip(bucketed, bucketed[1:])}
         self.done: set[int] = set()  # re-gathered in this backward
         self.pending: dict[int, tuple[Bar, float]] = {}  # prefetched re-gathers not yet waited (bar, issued at)
@@ -405,6 +412,8 @@ class _FsdpBackward:
                 continue
             self.done.add(i)
             u = self.r.units[i]
+            if u.name == FSDP_ROOT_UNIT and self.r.keep_root:
+                continue  # kept gathered from the forward (fxpar.runtime.fsdp_buckets: `keep`)
             label = f"all_gather({u.mesh_dim}) of {u.name} (re-gather)"
             bar, start = self.pending.pop(i, (None, 0.0))
             if bar is None:

@@ -33,6 +33,7 @@ from fxpar._torch.placements import StridedShard as _StridedShard
 
 __all__ = [
     "META_KEY",
+    "FSDP_ROOT_UNIT",
     "TensorSpec",
     "NodeInfo",
     "GradSyncInfo",
@@ -129,7 +130,9 @@ class NodeInfo:
         note: free text for explain(), e.g. why a fallback happened.
         style: on parameters, the tensor-parallel style of their module as explain() and plan
             files print it ('colwise', 'replicate (not sharded: ...)', '...; fsdp shards dim 0').
-        fsdp_bucket: on FSDP gathers, the communication unit (a block FQN) they gather with.
+        fsdp_bucket: on FSDP gathers, the communication unit (a block FQN) they gather with;
+            `FSDP_ROOT_UNIT` for the parameters outside any block and the weights used in several blocks
+            (apply_fsdp), gathered once at the start of the forward and kept until the backward, as FSDP2's root.
         grad_sync: on parameters whose gradient the runtime all-reduces (bucket_grad_sync).
     """
 
@@ -144,6 +147,12 @@ class NodeInfo:
     style: str | None = None
     fsdp_bucket: str | None = None
     grad_sync: GradSyncInfo | None = None
+
+
+FSDP_ROOT_UNIT = "<root>"
+"""The FSDP unit of the parameters outside any block (apply_fsdp, fsdp_unit='block'): FSDP2's root group,
+gathered once per step and not resharded after the forward (the runtime, the compiled partitioner, explain,
+the timeline and the memory model all read this name)."""
 
 
 def get_info(node: fx.Node) -> NodeInfo | None:

@@ -39,7 +39,9 @@ all-gather of parameters on an FSDP group, with what leads to it and what
 unpacks it, MUST_RECOMPUTE in AOT autograd's joint graph (SimpleFSDP's
 `annotate_fsdp_all_gather`), so the partitioner re-gathers the block in the
 backward instead of saving the full parameters; they are freed after their last
-use in the forward.
+use in the forward. The root unit (`FSDP_ROOT_UNIT`, apply_fsdp) is the
+exception, in either mode: its gather is traced under an annotation and tagged
+MUST_SAVE, kept for the backward as FSDP2 keeps its root.
 
 Backward prefetch: inductor keeps the collectives in graph order, one in flight
 at a time (each waits for the one before), and the partitioner puts block
@@ -68,9 +70,9 @@ import torch.fx as fx
 from torch import Tensor
 
 from fxpar._torch.c10d import functional
-from fxpar._torch.functorch import joint_graph_pass, tag_recompute
+from fxpar._torch.functorch import annotate_traced, joint_graph_pass, tag_recompute, traced_annotation
 from fxpar._torch.fx import copy_codegen
-from fxpar.core.spec import get_info
+from fxpar.core.spec import FSDP_ROOT_UNIT, get_info
 
 __all__ = ["fsdp_gather_unit", "traceable_fsdp_graph_module", "fsdp_units_of", "fsdp_group_names",
            "padded_uneven_shards", "reshard_fsdp_gathers", "recompute_fsdp_gathers",
@@ -81,6 +83,7 @@ _GATHER = torch.ops.fxpar.fsdp_all_gather.default
 _PREFETCH = "fxpar.fsdp_prefetch.default"  # by name: the op is registered by fxpar.ops.overlap
 _PADDED = "fxpar_fsdp_padded"  # gm.meta: (padded attribute, shard's target, padded rows) per uneven shard
 _PADDED_PREFIX = "_fxpar_padded_"
+_KEEP = "fxpar_fsdp_keep"  # the annotation of the root unit's gather in traced graphs
 
 
 # --------------------------------------------------------------------------- the collective pair
@@ -105,14 +108,16 @@ class _GatherUnit(torch.autograd.Function):
     """Shards of one FSDP unit -> their full parameters; backward: one reduce-scatter of their gradients."""
 
     @staticmethod
-    def forward(ctx, n: int, group_name: str, param_dtype, reduce_dtype, full_rows: tuple, *shards: Tensor):
+    def forward(ctx, n: int, group_name: str, param_dtype, reduce_dtype, full_rows: tuple, keep: bool,
+                *shards: Tensor):
         ctx.args = (n, group_name, reduce_dtype, full_rows)
         ctx.shapes = tuple(tuple(s.shape) for s in shards)
         ctx.dtypes = tuple(s.dtype for s in shards)
         layouts = [_layout(s.shape, f, n) for s, f in zip(shards, full_rows)]
         flat = torch.cat([_pad_rows(s if param_dtype is None else s.to(param_dtype), rows).reshape(-1)
                           for s, (rows, _) in zip(shards, layouts)])
-        gathered = _c10d.wait_tensor(_c10d.all_gather_into_tensor(flat, n, group_name))
+        with annotate_traced(_KEEP) if keep else contextlib.nullcontext():  # the root unit: saved, not re-gathered
+            gathered = _c10d.wait_tensor(_c10d.all_gather_into_tensor(flat, n, group_name))
         gathered = gathered.view(n, -1)  # rank-major: [rank, this unit's padded elements]
         out, offset = [], 0
         for s, f, (rows, numel) in zip(shards, full_rows, layouts):
@@ -136,11 +141,11 @@ class _GatherUnit(torch.autograd.Function):
             piece = reduced[offset:offset + numel].view(rows, *shape[1:])
             out.append(piece[:shape[0]].to(dtype))  # this rank's real rows, in the shard's dtype
             offset += numel
-        return (None, None, None, None, None, *out)
+        return (None, None, None, None, None, None, *out)
 
 
 def fsdp_gather_unit(n: int, group_name: str, mesh_dim: str, param_dtype, reduce_dtype, full_rows: tuple,
-                     *shards: Tensor) -> tuple:
+                     *shards: Tensor, keep: bool = False) -> tuple:
     """The full parameters of one FSDP unit (one all-gather); their gradients reduce-scattered as one.
 
     Args:
@@ -148,8 +153,10 @@ def fsdp_gather_unit(n: int, group_name: str, mesh_dim: str, param_dtype, reduce
         param_dtype, reduce_dtype: mixed precision (FSDP2's meaning), or None.
         full_rows: each parameter's gathered dim 0 (an uneven one is padded to ceil(rows / n) per rank).
         shards: this rank's shards (dim 0 cut over the group, torch.chunk's rows).
+        keep: the root unit (`FSDP_ROOT_UNIT`): its gather is saved for the backward, never re-gathered
+            (`recompute_fsdp_gathers`), as FSDP2 keeps its root gathered.
     """
-    return _GatherUnit.apply(n, group_name, param_dtype, reduce_dtype, tuple(full_rows), *shards)
+    return _GatherUnit.apply(n, group_name, param_dtype, reduce_dtype, tuple(full_rows), keep, *shards)
 
 
 torch.fx.node.has_side_effect(fsdp_gather_unit)  # as the custom ops it replaces: DCE never drops a collective
@@ -298,9 +305,11 @@ def _emit_unit(out: fx.Graph, unit: list[fx.Node], env: dict, gm: fx.GraphModule
                       else _attr(gm, str(g.args[0].target)).shape[0] * n for g in unit)
     info = get_info(unit[0])
     label = (info.fsdp_bucket if info is not None and info.fsdp_bucket else unit[0].name).replace(".", "_")
+    label = label.replace("<", "").replace(">", "")  # the root unit: a valid node name
+    keep = info is not None and info.fsdp_bucket == FSDP_ROOT_UNIT
     call = out.create_node("call_function", fsdp_gather_unit,
                            (n, a["group_name"], a["mesh_dim"], a["param_dtype"], a["reduce_dtype"], full_rows,
-                            *shards), {}, name=f"fsdpgather_unit_{label}")
+                            *shards), {"keep": True} if keep else {}, name=f"fsdpgather_unit_{label}")
     call.meta = {k: v for k, v in unit[0].meta.items() if k != "val"}
     for i, g in enumerate(unit):
         item = out.create_node("call_function", operator.getitem, (call, i), {}, name=g.name)
@@ -323,7 +332,9 @@ def recompute_fsdp_gathers(joint: fx.GraphModule, groups: set[str], *, save: boo
     cast and padded) is an FSDP gather; it, its wait, the nodes that lead to it from the primals
     and the nodes that unpack its result (slices, views, the strip of uneven padding, as long as
     they read nothing but parameters) are tagged MUST_RECOMPUTE (MUST_SAVE with save=True:
-    reshard_after_forward=False). Gathers of the backward (inputs from tangents) are left alone.
+    reshard_after_forward=False). The root unit's gather (`fsdp_gather_unit(keep=True)`) is always
+    MUST_SAVE: kept from the forward to the backward, as FSDP2's root and the eager runtime.
+    Gathers of the backward (inputs from tangents) are left alone.
     """
     graph = joint.graph
     # nodes computed from the primal inputs alone
@@ -340,19 +351,20 @@ def recompute_fsdp_gathers(joint: fx.GraphModule, groups: set[str], *, save: boo
         if node not in params_only or not _is_gather(node, groups):
             continue
         tagged += 1
+        keep = save or traced_annotation(node, _KEEP)
         todo = [node]  # upstream: what feeds the gather from the primals
         while todo:
             m = todo.pop()
             if m.op == "placeholder" or m.meta.get("recompute") is not None and m is not node:
                 continue
-            tag_recompute(m, save=save)
+            tag_recompute(m, save=keep)
             todo.extend(m.all_input_nodes)
         todo = list(node.users)  # downstream: the wait and the unpacking, while parameters only
         while todo:
             m = todo.pop()
             if m not in params_only or m.meta.get("recompute") is not None:
                 continue
-            tag_recompute(m, save=save)
+            tag_recompute(m, save=keep)
             todo.extend(m.users)
     return tagged
 

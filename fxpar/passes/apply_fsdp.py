@@ -30,6 +30,29 @@ runtime gathers and reduce-scatters consecutive gathers of one block as one
 collective (`fxpar.runtime.fsdp_buckets`), as FSDP2 does per wrapped block; 'param'
 keeps one collective per parameter (least memory: one parameter gathered at a
 time instead of one block).
+
+The root unit (fsdp_unit='block', a model with blocks, no pp): the parameters
+outside any block (`wte`, `wpe`, `ln_f`) and the weights used in several
+blocks (a tied `lm_head`) are one unit, `FSDP_ROOT_UNIT` ("<root>"), as FSDP2's
+`fully_shard(model)` after `fully_shard` per block: one gather node per
+parameter (a tied weight's one gather serves all its uses), all of them
+consecutive before the first use of any, so they are one collective. The
+runtime keeps that unit gathered from the forward to the backward (FSDP2's
+root has post_forward_mesh_info = None: it would be re-gathered at once at the
+start of the backward) and reduce-scatters it once, when its last gradient is
+in. Under pp the old units stay: the root's parameters live on different
+stages (the first holds wte, the last ln_f), and each stage gathers once per
+step anyway (`StepGather`). A model with no block keeps one unit per module.
+Under CPU offload the unit forms (a tied weight gathered once, its gradient
+summed before one reduce-scatter, as without offload) but is not kept: the
+runtime gathers device copies one by one and re-gathers them in the backward.
+
+         %fsdpgather_wte = fxpar.fsdp_all_gather(%wte, ...)     # <root>, consecutive:
+         %fsdpgather_wpe = fxpar.fsdp_all_gather(%wpe, ...)     # one collective
+         %fsdpgather_ln_f_weight = fxpar.fsdp_all_gather(%ln_f_weight, ...)
+         %embedding = aten.embedding(%fsdpgather_wte, %ids)
+         ... blocks, each gathered before its first use ...
+         %linear = aten.linear(%ln_f, %fsdpgather_wte)          # lm_head: the same gather
 """
 
 from __future__ import annotations
@@ -37,18 +60,18 @@ from __future__ import annotations
 import dataclasses
 
 import torch.fx as fx
-from torch.distributed.tensor.placement_types import Replicate, Shard
+from torch.distributed.tensor.placement_types import Shard
 
 from fxpar.core.errors import PlanError, block_of, module_fqn_of
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
-from fxpar.core.spec import NodeInfo, divides, get_info, make_spec, set_info, update_info
+from fxpar.core.spec import FSDP_ROOT_UNIT, NodeInfo, divides, get_info, make_spec, set_info, update_info
 from fxpar.ops.transitions import insert_fsdp_all_gather
 from fxpar.passes._graph import param_nodes
 
 
 def _unit(module_fqn: str) -> str:
     """The block a module belongs to (`transformer.h.3.attn` -> `transformer.h.3`), else the module."""
-    return block_of(module_fqn) or module_fqn or "<root>"
+    return block_of(module_fqn) or module_fqn or FSDP_ROOT_UNIT
 
 
 @fx_pass(requires=("param_placements",), provides=("fsdp_params",))
@@ -62,7 +85,7 @@ def apply_fsdp(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     unit = ctx.options.get("fsdp_unit", "block")
     if unit not in ("block", "param"):
         raise PlanError(f"fsdp_unit={unit!r}: use 'block' (one gather per block) or 'param' (one per parameter)")
-    order = None
+    sharded_params = []  # (get_attr, info, tp-local spec, even), in graph order
     for node in param_nodes(gm):
         info = get_info(node)
         if info is None or not node.users or not node.meta["val"].requires_grad:
@@ -95,23 +118,56 @@ def apply_fsdp(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                     f"{-(-rows // n)} over fsdp={n}, padded in the collectives"
         set_info(node, dataclasses.replace(info, spec=make_spec(node.meta["val"], tuple(sharded), mesh.sizes),
                                            style=style))
-        order = {n: i for i, n in enumerate(gm.graph.nodes)} if order is None else order
-        uses = _uses_by_block(node)
-        for users in uses.values():
+        sharded_params.append((node, info, spec, even))
+    if not sharded_params:
+        return PassResult(gm, True)
+    order = {x: i for i, x in enumerate(gm.graph.nodes)}
+    uses = {node: _uses_by_block(node) for node, *_ in sharded_params}
+    # FSDP2's root group: only beside blocks (a model without any is left per module, as before) and not
+    # under pp, whose stages each hold part of the root's parameters (a stage gathers once per step there)
+    in_block = any(block_of(info.module_fqn) for _, info, _, _ in sharded_params)
+    rooted = unit == "block" and in_block and ctx.options.get("pp") is None
+    root = [p for p in sharded_params if rooted and (block_of(p[1].module_fqn) is None or len(uses[p[0]]) > 1)]
+    if root:
+        # one gather per root parameter, all of them together before the first use of any of them: one
+        # collective, and a tied weight gathered once for all its uses
+        first = min((u for p in root for u in p[0].users), key=order.__getitem__)
+        for node, *_ in root:
+            if order[node] > order[first]:
+                first.prepend(node)  # a get_attr has no inputs: it may move up
+        for node, info, spec, even in root:
+            with gm.graph.inserting_before(first):
+                gathered = _gather(gm, node, spec, even, n, group)
+            set_info(gathered, NodeInfo(spec=spec, module_fqn=info.module_fqn, role="param",
+                                        param_fqn=info.param_fqn, origin="apply_fsdp", fsdp_bucket=FSDP_ROOT_UNIT))
+            for u in list(node.users):
+                if u is not gathered:
+                    u.replace_input_with(node, gathered)
+    kept = {p[0] for p in root}
+    for node, info, spec, even in sharded_params:
+        if node in kept:
+            continue
+        for users in uses[node].values():
             # Gather right before the first use, so a gathered parameter lives only as long as its layer.
             first = min(users, key=order.__getitem__)
             with gm.graph.inserting_before(first):
-                gathered = insert_fsdp_all_gather(gm.graph, node, dim=0, mesh_dim_name="fsdp", group_size=n,
-                                                  group_name=group, full_size=None if even else spec.local_shape[0])
-            gathered.meta["val"] = node.meta["val"]
+                gathered = _gather(gm, node, spec, even, n, group)
             # role "param": downstream it is the parameter (its tp shard must not be gathered either).
-            # A weight used in several blocks (tied wte / lm_head) is gathered once per block, on its own.
-            bucket = _unit(info.module_fqn) if unit == "block" and len(uses) == 1 else None
+            # A weight used in several blocks (tied wte / lm_head) is gathered once per block, on its own
+            # (fsdp_unit='param', or under pp).
+            bucket = _unit(info.module_fqn) if unit == "block" and len(uses[node]) == 1 else None
             set_info(gathered, NodeInfo(spec=spec, module_fqn=info.module_fqn, role="param",
                                         param_fqn=info.param_fqn, origin="apply_fsdp", fsdp_bucket=bucket))
             for u in users:
                 u.replace_input_with(node, gathered)
     return PassResult(gm, True)
+
+
+def _gather(gm: fx.GraphModule, node: fx.Node, spec, even, n: int, group: str) -> fx.Node:
+    gathered = insert_fsdp_all_gather(gm.graph, node, dim=0, mesh_dim_name="fsdp", group_size=n,
+                                      group_name=group, full_size=None if even else spec.local_shape[0])
+    gathered.meta["val"] = node.meta["val"]
+    return gathered
 
 
 def _uses_by_block(node: fx.Node) -> dict[str, list[fx.Node]]:

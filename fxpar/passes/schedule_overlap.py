@@ -11,7 +11,11 @@ unit before it: block i+1's gather is in flight while block i computes, and
 at most two units are gathered at once (FSDP2's default forward prefetch).
 The backward is the dual and needs no graph: the runtime re-gathers block
 i-1 while block i's backward runs and waits each reduce-scatter one unit
-late (`fxpar.runtime.fsdp_buckets`).
+late (`fxpar.runtime.fsdp_buckets`). The root unit (apply_fsdp's "<root>",
+usually the first unit: it is gathered before the embedding) is prefetched
+like any other when a unit comes before it; the first block's prefetch is
+issued after the root's first gather. The backward never re-gathers the root
+(it is kept), so no block prefetches it.
 
 Before:  %fsdpgather_h_0_w = fxpar.fsdp_all_gather(%h_0_w, 0, 2, '1', 'fsdp')
          ... block h.0 ...

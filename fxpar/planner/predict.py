@@ -68,7 +68,7 @@ from fxpar.analysis.schedule import schedule_order, simulate_schedule
 from fxpar.core.errors import PlanError, block_of
 from fxpar.core.fmt import fmt_bytes
 from fxpar.core.mesh import MeshInfo
-from fxpar.core.spec import TensorSpec, get_info
+from fxpar.core.spec import FSDP_ROOT_UNIT, TensorSpec, get_info
 from fxpar.core.stages import stage_info
 from fxpar.dryrun import plan as dry_run
 from fxpar.ops.moe import moe_all_to_all_bytes, moe_experts
@@ -317,7 +317,7 @@ def _profile(g: fx.GraphModule, hints: dict, device: DeviceProfile, mesh: MeshIn
         acc = buckets.setdefault(key, [coll, 0.0, 0.0])
         acc[1] += coll.forward_bytes
         acc[2] += coll.backward_bytes
-    for (dim, op, _), (coll, fwd_bytes, bwd_bytes) in buckets.items():
+    for (dim, op, unit), (coll, fwd_bytes, bwd_bytes) in buckets.items():
         intra = _intra(mesh, dim, device)
         # mixed precision: gathers and activations move param_dtype; FSDP reduces gradients in float32
         scale = _mp_scale(torch.float32, mp)[1] if mp and _coll_dtype(by_name, coll.node) == torch.float32 else 1.0
@@ -327,7 +327,9 @@ def _profile(g: fx.GraphModule, hints: dict, device: DeviceProfile, mesh: MeshIn
         prof.comm_bytes += _moved(op, coll.group_size, fwd_bytes) + \
             (_moved(coll.backward_op, coll.group_size, bwd_bytes) if coll.backward_op else 0.0)
         if dim in _DATA_DIMS:
-            prof.fsdp += tf + tb + (tf if op == "fsdp_all_gather" and reshard_after_forward else 0.0)
+            # the re-gather of the backward: not for the root unit, kept from the forward (apply_fsdp)
+            regather = op == "fsdp_all_gather" and reshard_after_forward and unit != FSDP_ROOT_UNIT
+            prof.fsdp += tf + tb + (tf if regather else 0.0)
         else:
             prof.tp_fwd += tf
             prof.tp_bwd += tb

@@ -17,7 +17,11 @@ time a ParallelModule registers its buckets here, and the custom op's kernels
               some of whose parameters got no gradient)
     re-gather (reshard_after_forward) the first parameter autograd unpacks
               re-gathers the bucket's saved parameters at once; the rest come
-              from that until the last one saved is unpacked
+              from that until the last one saved is unpacked. The root unit
+              (`FSDP_ROOT_UNIT`: the parameters outside any block, apply_fsdp) is
+              not re-gathered: autograd keeps its gathered parameters, as
+              FSDP2's root (`keep`), and its one reduce-scatter runs when its
+              last gradient is in
 
 Overlap (`schedule_overlap` puts an `fsdp_prefetch` issue node for block
 i+1 after block i's first gather): `prefetch` issues the bucket's gather and
@@ -51,6 +55,7 @@ from torch import Tensor
 from fxpar._torch.c10d import queue_autograd_callback
 from fxpar.analysis.fsdp import bucket_groups
 from fxpar.core.dataflow import attr_of
+from fxpar.core.spec import FSDP_ROOT_UNIT
 from fxpar.ops import collectives as C
 from fxpar.ops.overlap import start_flat_all_gather, start_reduce_scatter, wait  # registers fxpar::fsdp_prefetch
 from fxpar.ops.transitions import collective_args
@@ -88,6 +93,9 @@ class FsdpBucket:
         self.prev: FsdpBucket | None = None  # the bucket before this one in the forward (backward prefetch)
         self.overlap = False  # the graph was scheduled for overlap: prefetch re-gathers, wait reduce-scatters late
         self._prefetch_prev = False  # re-gathered in this backward: prefetch `prev`'s re-gather (see `regather`)
+        # the root unit (apply_fsdp, FSDP_ROOT_UNIT): autograd keeps its gathered parameters for the backward
+        # (fsdp_state.pack_gathered leaves them), so it is never re-gathered, as FSDP2's root
+        self.keep = False
 
     def shards(self) -> list[Tensor]:
         out = [r() for r in self._shards]
@@ -291,19 +299,34 @@ def _full_rows(param: "torch.fx.Node") -> int | None:
     return None if rows is None or rows < 0 else rows
 
 
+def _is_root(param: "torch.fx.Node") -> bool:
+    """The parameter is gathered with the root unit (apply_fsdp): kept from the forward to the backward."""
+    for user in param.users:
+        if user.target is torch.ops.fxpar.fsdp_all_gather.default:
+            info = user.meta.get("fxpar")
+            return info is not None and info.fsdp_bucket == FSDP_ROOT_UNIT
+    return False
+
+
 def register_buckets(graphs: list) -> list[FsdpBucket]:
-    """Registers the block groups of a module's graphs: their fsdp_all_gathers go through them from now on."""
+    """Registers the block groups of a module's graphs: their fsdp_all_gathers go through them from now on.
+
+    The root unit is registered even with one parameter: the bucket is what keeps it gathered."""
     out = []
     overlap = any(n.target is torch.ops.fxpar.fsdp_prefetch.default for gm in graphs for n in gm.graph.nodes)
+    prev = None
     for args, members in bucket_groups(graphs):
-        if len(members) < 2:
+        keep = _is_root(members[0][1])
+        if len(members) < 2 and not keep:
             continue  # a bucket of one is the plain per-parameter path
         shards = [attr_of(gm, node.target) for gm, node in members]
         bucket = FsdpBucket(shards, args, _gather_arg(members[0][1], "param_dtype"),
                             [_full_rows(node) for _, node in members])
         for i, s in enumerate(shards):
             register_fsdp_bucket(s, bucket, i)
-        bucket.prev = out[-1] if out else None
+        bucket.keep = keep
+        bucket.prev = prev  # the backward prefetches the re-gather of the block before; the root is kept
+        prev = prev if keep else bucket
         bucket.overlap = overlap
         out.append(bucket)
     return out

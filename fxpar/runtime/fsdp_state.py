@@ -7,7 +7,8 @@ this module installs the runtime that may take its gathers over
 `StepGather` (a pipeline step with reshard_after_forward=False) each shard is
 gathered once per step; every gathered parameter is tracked (weakly) so that
 autograd can save it as its shard and re-gather it in the backward
-(`pack_gathered` / `unpack_gathered`, reshard_after_forward=True) and so that
+(`pack_gathered` / `unpack_gathered`, reshard_after_forward=True; the root
+unit's are saved as they are, kept as FSDP2 keeps its root) and so that
 tests can read the peak bytes of gathered parameters.
 """
 
@@ -158,9 +159,10 @@ _gathered: dict[int, tuple] = {}
 _peak = [0]
 
 
-def note_gathered(full: Tensor, shard: Tensor, args: tuple) -> None:
+def note_gathered(full: Tensor, shard: Tensor, args: tuple, *, keep: bool = False) -> None:
+    """Tracks a gathered parameter; with keep (the root unit) autograd saves it as it is (`pack_gathered`)."""
     key = id(full)
-    _gathered[key] = (weakref.ref(full, lambda _: _gathered.pop(key, None)), shard, args)
+    _gathered[key] = (weakref.ref(full, lambda _: _gathered.pop(key, None)), shard, args, keep)
     _peak[0] = max(_peak[0], gathered_param_bytes())
 
 
@@ -196,7 +198,7 @@ def pack_gathered(t: Tensor):
     is saved as its shard and re-gathered in the backward."""
     base = t._base if t._base is not None else t
     entry = _gathered.get(id(base))
-    if entry is not None and entry[0]() is base:
+    if entry is not None and entry[0]() is base and not entry[3]:  # the root unit is kept (FSDP2's root)
         view = (t.size(), t.stride(), t.storage_offset()) if base is not t else None
         return _Regather(entry[1], entry[2]), view
     return t
@@ -301,7 +303,7 @@ class _FsdpState:
         if bucket is None:
             return None
         out = bucket[0].gather(bucket[1])  # gathered with the rest of its block (fxpar.runtime.fsdp_buckets)
-        note_gathered(out, shard, args)
+        note_gathered(out, shard, args, keep=bucket[0].keep)
         return out
 
     def gathered(self, full: Tensor, shard: Tensor, args: tuple) -> None:

@@ -9,7 +9,7 @@ from torch.distributed.tensor.placement_types import Replicate, Shard
 
 import fxpar
 from fxpar.core.errors import module_fqn_of
-from fxpar.core.spec import get_info, get_spec
+from fxpar.core.spec import FSDP_ROOT_UNIT, get_info, get_spec
 from models import MLPBlock
 from pass_harness import calls, param, position, run_upto
 
@@ -64,8 +64,10 @@ def test_each_gather_sits_just_before_its_parameters_first_use():
     gm = _run()
     pos = position(gm)
     order = list(gm.graph.nodes)
+    root = [g for g in calls(gm, GATHER) if get_info(g).fsdp_bucket == FSDP_ROOT_UNIT]
     for g in calls(gm, GATHER):
-        first_use = min(g.users, key=pos.__getitem__)
+        # the root unit's gathers sit together, before the first use of any of them (one collective)
+        first_use = min((u for r in (root if g in root else [g]) for u in r.users), key=pos.__getitem__)
         between = order[pos[g] + 1: pos[first_use]]
         assert all(n.target == GATHER for n in between), (g.name, [n.name for n in between])
     # so a block's parameters are gathered only once the previous block has run
@@ -93,11 +95,29 @@ def test_specs_shard_is_one_over_fsdp_of_the_tensor_parallel_shard_and_the_gathe
         assert tuple(g.meta["val"].shape) == tp_local.shape
 
 
-def test_block_unit_buckets_gathers_by_block_and_other_modules_by_fqn():
+def test_block_unit_buckets_gathers_by_block_and_the_rest_as_the_root_unit():
     gm = _run()
     buckets = {str(g.args[0].target): get_info(g).fsdp_bucket for g in calls(gm, GATHER)}
-    assert buckets == {fqn: fqn.rsplit(".", 2)[0] if fqn.startswith("layers.") else fqn.split(".")[0]
+    # the modules outside the blocks are FSDP2's root unit (fully_shard per block, then the model)
+    assert buckets == {fqn: fqn.rsplit(".", 2)[0] if fqn.startswith("layers.") else FSDP_ROOT_UNIT
                        for fqn in SHARDED}
+
+
+class NoBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_without_blocks_each_module_is_its_own_unit():
+    """The root unit forms beside blocks only (FSDP2's fully_shard per block, then the root): a model with
+    none keeps a unit per module instead of holding all its parameters gathered through the step."""
+    gm = run_upto("apply_fsdp", NoBlocks(), (torch.randn(4, 16),), {"fsdp": 2}, None, dynamic=False)
+    assert {str(g.args[0].target): get_info(g).fsdp_bucket for g in calls(gm, GATHER)} == {
+        "fc1.weight": "fc1", "fc1.bias": "fc1", "fc2.weight": "fc2", "fc2.bias": "fc2"}
 
 
 def test_param_unit_gathers_each_parameter_on_its_own():
