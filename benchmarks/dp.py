@@ -74,7 +74,8 @@ def dp_rank(cfg: ModelConfig, opts: dict) -> dict:
     with torch.no_grad():
         ref = cross_entropy(model(ids), target).item()
     out: dict[str, Any] = {"loss_ref": ref, "losses": {}, "status": {}, "comms": {}, "memory": {},
-                           "setup_bytes": {}, "model_bytes": H.tensor_bytes(model.parameters())}
+                           "setup_bytes": {}, "model_bytes": H.tensor_bytes(model.parameters()),
+                           "state_tensors": len(list(model.parameters())) + len(list(model.buffers()))}
 
     sides: dict[str, tuple[Any, Any]] = {}  # name -> (step fn, module)
     for name, dim in opts["fxpar_sides"].items():
@@ -176,6 +177,7 @@ def run(pool: Any, cfg: ModelConfig, opts: dict) -> dict:
         "comms": {k: {**v, "phases": phases(v)} for k, v in r0["comms"].items()},
         "memory": r0["memory"], "setup_bytes": {k: max(r["setup_bytes"].get(k, 0) for r in ranks)
                                                 for k in r0["setup_bytes"]},
+        "state_tensors": r0["state_tensors"],
         "raw": times,
         "compare": {}, "noise": H.pair_stats(times, names[0], names[-1]),
     }

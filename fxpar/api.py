@@ -35,7 +35,7 @@ def parallelize(model: nn.Module, mesh: Any, *, example_inputs: tuple = (), exam
 
     Args:
         model: the model; never modified. As DDP does, every rank starts from the parameters and
-            buffers of the mesh's first rank (broadcast before sharding), so ranks whose models were
+            buffers of the mesh's first rank (those that differ broadcast before sharding), so ranks whose models were
             initialized with different seeds agree.
         mesh: a torch DeviceMesh; dims are recognised by name (dp, fsdp, pp, tp;
             a 1-D mesh without names is tp).

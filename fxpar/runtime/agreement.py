@@ -1,9 +1,12 @@
 """Ranks that must agree: the same starting parameters, and (input_layout='full') the same inputs.
 
-Parameters: as DDP does, the captured model's parameters and buffers are
-broadcast from the mesh's first rank before they are sharded
-(`broadcast_state`), so ranks whose models were initialized with different
-seeds start from rank 0's values.
+Parameters: as DDP does, ranks whose models were initialized with different
+seeds start from the mesh's first rank's values (`broadcast_state`), but
+without DDP's cost of a broadcast of the whole model at set-up: the ranks
+compare a fingerprint of every parameter and buffer first (the two sums below,
+16 B per tensor, one all-reduce per mesh dim) and broadcast only the tensors
+whose fingerprints differ: none when every rank built the same model, so
+building a parallel module moves fingerprints, not weights.
 
 Inputs: with input_layout='full' every rank must pass the same full inputs; a
 loader seeded per rank silently gives another answer. `check_same_inputs`
@@ -37,21 +40,35 @@ def _groups(mesh_info: Any) -> list:
 
 
 def broadcast_state(gm: fx.GraphModule, mesh: Any) -> None:
-    """Every parameter and buffer of `gm` set to the values of the mesh's first rank (in place).
+    """Every parameter and buffer of `gm` set to the values of the mesh's first rank (in place), where they differ.
 
     Along each mesh dim in turn, from coordinate 0: the result is rank (0, ..., 0)'s values on every rank.
-    Tensors on the meta device (a model built without values) are left alone.
+    Per dim, one all-reduce of the tensors' fingerprints (`_differ`) finds those that differ across the dim's
+    ranks; only those are broadcast (their fingerprints recomputed for the next dim). Tensors on the meta
+    device (a model built without values) are left alone.
     """
     tensors = [t for t in {id(t): t for t in [*gm.parameters(), *gm.buffers()]}.values() if t.device.type != "meta"]
     if not tensors or mesh is None or getattr(mesh, "simulated", False):
         return  # a simulated mesh (fxpar.testing.SimDeviceMesh) compiles one rank at a time, outside its world
+    fp = input_fingerprint(tuple(tensors), {})
     for dim in range(mesh.ndim):
         group = mesh.get_group(dim)
         if group.size() == 1:
             continue
-        for t in tensors:
+        for i in _differ(fp, group):
             with torch.no_grad():
-                dist.broadcast(t.data, group_src=0, group=group)
+                dist.broadcast(tensors[i].data, group_src=0, group=group)
+            fp[2 * i:2 * i + 2] = input_fingerprint((tensors[i],), {})
+
+
+def _differ(fp: torch.Tensor, group: Any) -> list[int]:
+    """The tensors (indices into a fingerprint of two scalars each) whose fingerprint differs across `group`;
+    a NaN fingerprint counts as differing (NaN compares unequal to itself)."""
+    both = torch.cat([fp, -fp])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    n = fp.numel()
+    high, low = both[:n], -both[n:]
+    return sorted({k // 2 for k in (high != low).nonzero().flatten().tolist()})
 
 
 def input_fingerprint(args: tuple, kwargs: dict) -> torch.Tensor:
