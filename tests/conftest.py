@@ -103,6 +103,22 @@ DEFAULT_RUN_SLOW = {
     "test_activation_checkpointing.py::test_gradients_bit_equal_to_no_checkpointing_float64[pp2-full]",  # -selective
     "test_activation_checkpointing.py::test_gradients_bit_equal_to_no_checkpointing_float64[tp2-selective]",  # -full
     "test_hsdp_memory.py::test_hsdp_frees_gathered_weights_after_forward_and_all_reduces_shards[param-overlap]",
+    # second round: CI's clean clone measured 661 s for the default run where this machine measured 546 s
+    "test_checkpoint.py::test_state_dict_is_dtensors_keyed_by_original_fqns",  # 9 s; test_resume_on_another_mesh_*
+    "test_planner.py::test_estimate_terms_follow_the_mesh",  # 6 s; test_estimate_memory_is_the_memory_model_...
+    "test_bigmodel.py::test_meta_model_init_load_save[tp2]",  # 6 s; [fsdp2]
+    "test_async_tp.py::test_gate_and_switches",  # 4 s; test_default_gate_splits_the_benchmark_size
+    "test_memory_prediction.py::test_dry_run_shows_checkpointing_and_precision_in_memory",  # 5 s; test_dryrun
+    "test_compile.py::test_compiled_graph_equals_eager_in_float64[dp2xtp2-aot_eager]",  # [tp2-inductor], [fsdp2-...]
+    "test_mixed_precision.py::test_bf16_policy_keeps_fp32_weights_and_computes_in_bf16[fsdp2xpp2]",  # [dp2xtp2]
+    "test_pipeline_data_parallel.py::test_gpt2_trains_20_steps_like_one_process[fsdp2xpp2-1f1b-gather-once]",
+    "test_verify.py::test_transformers_verify_and_bisect_names_a_planted_bug[bert]",  # [gpt2]
+    "test_transformers.py::test_automatic_plan_matches_original[qwen2-2]",  # [llama-2]: the same family
+    "test_transformers.py::test_automatic_plan_matches_original[bert-2]",  # [gpt2-2], [llama-2]
+    "test_convnets.py::test_convnet_equals_one_process[resnet-eval-dp2xtp2]",  # [resnet-train-fsdp2xtp2]
+    "test_hsdp_memory.py::test_hsdp_mixed_precision_reduces_shards_in_float32_like_fsdp4",  # test_mixed_precision_hsdp
+    "test_uneven_heads.py::test_gpt2_twelve_heads_on_tp8",  # 8 ranks; the tp2 uneven-heads cases
+    "test_leftovers_plan_io.py::test_uneven_heads_from_a_saved_plan_are_exact",  # ..._plan_round_trips[3-2-1]
 }
 
 

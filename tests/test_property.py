@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 import fxpar
 from fxpar.testing.strategies import SIM_DIMS, BlockSpec, Case, ModelSpec, capabilities, cases, check_case, model_specs
 
-# 30 in the default run (about 0.9 s a case on 2 cores: the default run stays under 10 minutes); CI's
+# 15 in the default run (about 0.9 s a case on 2 cores: the default run stays under 10 minutes); CI's
 # slow run adds the full 200 of the same strategy (test_random_cases_full_count) besides its 400 bigger cases.
-EXAMPLES = int(os.environ.get("FXPAR_PROPERTY_EXAMPLES", "30"))
+EXAMPLES = int(os.environ.get("FXPAR_PROPERTY_EXAMPLES", "15"))
 
 
 @settings(max_examples=EXAMPLES, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
