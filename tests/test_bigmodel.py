@@ -219,9 +219,10 @@ def test_gpt2_shaped_from_meta_fits_per_rank_memory(tmp_path):
         assert rel <= 1e-4, rel
         assert r["forward"] <= 0.5 * nbytes, (r["forward"] / nbytes, r["step"] / nbytes)
     worst = max(r["step"] for r in results) / nbytes
-    # measured 0.77 (0.87 before): parameters 0.25 + gradients 0.25 + parallelize's own 0.06, and at the
-    # peak (the embedding's backward) its full tensor-parallel local gradient, 0.07, being reduce-scattered
-    # in chunks (gloo's reduce-scatter copies its whole input), the lm_head use's reduce-scattered part,
-    # 0.035; the tied weight is gathered once per use (apply_fsdp), so no full gradient of it is held
-    # from the logits' backward to the embedding's
-    assert worst <= 0.8, worst
+    # measured 0.81 (0.77 with a gather per use of the tied weight, 0.87 before that): parameters 0.25 +
+    # gradients 0.25 + parallelize's own 0.06, and at the peak (the embedding's backward) the tied weight's
+    # full tensor-parallel local gradient, 0.07, being reduce-scattered in chunks (gloo's reduce-scatter
+    # copies its whole input); the tied weight is in the root unit (apply_fsdp), gathered once and kept
+    # from the forward to the backward as FSDP2 keeps its root's parameters, its gradient summed over both
+    # uses before one reduce-scatter: +0.04, for one gather and one reduce-scatter where there were two
+    assert worst <= 0.85, worst
