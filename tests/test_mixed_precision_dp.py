@@ -25,24 +25,9 @@ from fxpar.core.spec import get_info
 from fxpar.testing import rank_pool
 from models import BlockStack, mse
 
-BF16, F32, F64 = torch.bfloat16, torch.float32, torch.float64
-DEPTH, DIM, HIDDEN, BATCH = 2, 32, 128, 16
-NUMEL = DEPTH * (2 * DIM * HIDDEN + HIDDEN + 3 * DIM)  # parameters of the model (norm, up, down)
-# bf16 compute against a float64 model: the worst parameter's gradient relative to its largest entry; the
-# same model and bound as tests/test_mixed_precision_hsdp.py (measured 6.4e-3 to 9.4e-3 there).
-BF16_BOUND = 2e-2
-
-
-def _policy(param_dtype, reduce_dtype):
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-
-
-def _data(dtype, ref=False):
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(BATCH, DIM, generator=g).to(dtype), torch.randn(BATCH, DIM, generator=g).to(dtype)
-    return (x.to(F64), y.to(F64)) if ref else (x, y)
+# the same model, batch, policies and bf16 bound as the HSDP test (measured 6.4e-3 to 9.4e-3 there)
+from test_mixed_precision_hsdp import (BATCH, BF16, BF16_BOUND, DEPTH, DIM, F32, F64, HIDDEN, NUMEL,  # noqa: E402
+                                       _data, _policy, _rel)
 
 
 def _fxpar_step(mesh, model, policy) -> dict:
@@ -85,10 +70,6 @@ def _case(model_dtype, param_dtype, reduce_dtype) -> dict:
     out["ref"] = {k: p.grad for k, p in ref.named_parameters()}
     out["torch"] = _torch_replicate_grads(mesh, copy.deepcopy(model), _policy(param_dtype, reduce_dtype))
     return out
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.to(F64) - b.to(F64)).abs().max() / b.to(F64).abs().max()).item()
 
 
 # (model dtype, param_dtype, reduce_dtype) -> the dtype the dp all-reduce runs in, as torch's replicate's
