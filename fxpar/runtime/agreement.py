@@ -61,13 +61,20 @@ def broadcast_state(gm: fx.GraphModule, mesh: Any) -> None:
             fp[2 * i:2 * i + 2] = input_fingerprint((tensors[i],), {})
 
 
+def _spread(fp: torch.Tensor, groups: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max, min) of each fingerprint scalar across `groups` (one all-reduce of [fp, -fp] under MAX per group,
+    in turn: over the groups of every mesh dim, the whole mesh)."""
+    both = torch.cat([fp, -fp])
+    for g in groups:
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=g)
+    n = fp.numel()
+    return both[:n], -both[n:]
+
+
 def _differ(fp: torch.Tensor, group: Any) -> list[int]:
     """The tensors (indices into a fingerprint of two scalars each) whose fingerprint differs across `group`;
     a NaN fingerprint counts as differing (NaN compares unequal to itself)."""
-    both = torch.cat([fp, -fp])
-    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-    n = fp.numel()
-    high, low = both[:n], -both[n:]
+    high, low = _spread(fp, [group])
     return sorted({k // 2 for k in (high != low).nonzero().flatten().tolist()})
 
 
@@ -97,12 +104,7 @@ def check_same_inputs(args: tuple, kwargs: dict, mesh_info: Any, *, groups: list
     groups = _groups(mesh_info) if groups is None else [g for g in groups if g.size() > 1]
     if not groups:
         return
-    fp = input_fingerprint(args, kwargs)
-    both = torch.cat([fp, -fp])
-    for g in groups:
-        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=g)
-    n = fp.numel()
-    high, low = both[:n], -both[n:]
+    high, low = _spread(input_fingerprint(args, kwargs), groups)
     differ = (high != low).nonzero().flatten().tolist()
     if differ:
         which = differ[0] // 2
