@@ -165,10 +165,18 @@ def test_prefetch_left_by_an_earlier_forward_is_not_taken(fsdp_unit):
         assert r["stats"].get("stale") == 1, r
 
 
-# Bytes a step may hold with overlap beyond without it (`LiveBytes` counts storages: deterministic).
+# Bytes a step may hold with overlap beyond without it (`LiveBytes` counts storages).
 # What it allows is small per-step bookkeeping, not a block: one block of the model below gathered is
 # (2 * 64 * 256 + 256 + 3 * 64) * 8 bytes = 260 KiB (float64).
 PEAK_SLACK = 16 * 1024
+
+# Steps measured per side; the peak taken is their least. gloo's worker thread holds a collective's Work, and
+# with it the Work's input and output, until it runs again after marking the collective done: a wait can
+# return while the worker is preempted, and the buffers then outlive the runtime's last reference. In CI
+# one forward gather (1.5 blocks: output and input) outlived it to the backward's peak in about 1 step in 10
+# per rank (freed on the worker's thread, not the main one, in every such step). The schedule's own peak is
+# the least over a few steps.
+PEAK_STEPS = 4
 
 
 def _step_peaks():
@@ -179,14 +187,18 @@ def _step_peaks():
     for overlap in (False, True):
         pm = fxpar.parallelize(model, mesh, example_inputs=(x,), input_layout="local", overlap=overlap)
         pm.step(x, target=y, loss_fn=mse)  # first step: fingerprints, lazily built state
-        pm.zero_grad(set_to_none=True)
-        overlap_stats(reset=True)
-        with LiveBytes() as mem:
-            pm.step(x, target=y, loss_fn=mse)
-        out[overlap] = dict(peak=mem.peak, stats=overlap_stats(reset=True),
+        peaks = []
+        for _ in range(PEAK_STEPS):
+            pm.zero_grad(set_to_none=True)
+            overlap_stats(reset=True)
+            with LiveBytes() as mem:
+                pm.step(x, target=y, loss_fn=mse)
+            peaks.append(mem.peak)
+        out[overlap] = dict(peak=min(peaks), all_peaks=peaks, stats=overlap_stats(reset=True),
                             grads=[p.grad.clone() for p in pm.parameters()])
     worst = max(float((a - b).abs().max()) for a, b in zip(out[False]["grads"], out[True]["grads"]))
-    return dict(peaks=(out[False]["peak"], out[True]["peak"]), stats=out[True]["stats"], worst=worst)
+    return dict(peaks=(out[False]["peak"], out[True]["peak"]), stats=out[True]["stats"], worst=worst,
+                every_step=(out[False]["all_peaks"], out[True]["all_peaks"]))
 
 
 def test_overlap_keeps_the_step_peak_of_waiting():
