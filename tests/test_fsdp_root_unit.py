@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import Replicate
 
 import fxpar
 from benchmarks.models import GPT, ModelConfig, cross_entropy
+from fxpar.analysis.invariants import check_graph
 from fxpar.analysis.overlap import in_flight_estimate
-from fxpar.core.spec import FSDP_ROOT_UNIT, get_info
+from fxpar.core.spec import FSDP_ROOT_UNIT, get_info, set_info
 from fxpar.testing import rank_pool
 
 F64 = torch.float64
@@ -36,9 +39,8 @@ ROOT_PARAMS = {"ln_f.weight", "ln_f.bias", "lm_head.weight"}  # wte.weight is lm
 class TiedGPT(GPT):
     """The benchmark GPT-2 without learned positions: wte tied to lm_head, blocks `h`, ln_f.
 
-    GPT-2's `wpe(arange(T))` runs replicated on fsdp (its indices are not batch-sharded), so fxpar gathers
-    wpe with a plain all_gather and all-reduces its output's gradient: two collectives FSDP2's root
-    group does not issue (it holds wpe with the rest). Left out here to compare the units themselves."""
+    The full GPT-2 (`GPT`, with `wpe(arange(T))`, a lookup replicated on fsdp) is checked beside it: its
+    position table joins the root unit (`insert_collectives._partial_gradient_cones`)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
@@ -51,9 +53,9 @@ class TiedGPT(GPT):
         return self.lm_head(self.ln_f(x))
 
 
-def _model_and_batch():
+def _model_and_batch(cls=TiedGPT):
     torch.manual_seed(0)
-    model = TiedGPT(CFG).to(F64).eval()
+    model = cls(CFG).to(F64).eval()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, CFG.vocab, (CFG.batch, CFG.seq), generator=g)
     return model, ids, torch.randint(0, CFG.vocab, (CFG.batch, CFG.seq), generator=g)
@@ -76,6 +78,37 @@ def test_root_parameters_are_one_unit_gathered_once_before_their_first_use():
     assert sorted(str(u.target) for u in tied.users) == ["aten.embedding.default", "aten.linear.default"]
     text = pm.explain()
     assert "run as 3 collectives each way" in text and "the root unit (3 parameters outside the blocks" in text
+
+
+def test_position_table_joins_the_root_unit():
+    """GPT-2's `wpe(arange(T))` is a lookup replicated on fsdp (its indices are not batch-sharded) feeding
+    the batch-sharded token embedding: the gradient reaching it is each rank's batch share, which the root
+    unit's reduce-scatter sums. So wpe is gathered and reduce-scattered with the root, with no plain
+    all_gather of the table and no all-reduce of the lookup's gradient (FSDP2's root holds wpe alike)."""
+    model, ids, _ = _model_and_batch(GPT)
+    pm = fxpar.plan(model, {"fsdp": 2}, example_inputs=(ids[:2],)).module
+    nodes = list(pm.graph_module.graph.nodes)
+    root = [n for n in nodes if n.target is GATHER and get_info(n).fsdp_bucket == FSDP_ROOT_UNIT]
+    assert {str(n.args[0].target) for n in root} == ROOT_PARAMS | {"wpe.weight"}
+    others = collections.Counter(str(n.target) for n in nodes if n.target in (
+        torch.ops.fxpar.all_gather.default, torch.ops.fxpar.grad_all_reduce.default))
+    assert not others, others
+    # fxpar.check's dual invariant takes the sum at the unit's reduce-scatter; a replicated reader of the
+    # lookup (here: the graph's output) would get a full gradient added to the partial ones: refused
+    check_graph(pm.graph_module, pm.mesh_info, frozenset({"specs", "collectives"}))
+    wpe = next(n for n in root if str(n.args[0].target) == "wpe.weight")
+    lookup = next(iter(wpe.users))
+    out = next(n for n in nodes if n.op == "output")
+    out.args = ((out.args[0], lookup),)
+    info = get_info(out)
+    set_info(out, dataclasses.replace(info, input_placements=(*info.input_placements, (Replicate(),))))
+    with pytest.raises(fxpar.GraphInvariantError, match=f"consumes %{lookup.name} as Replicate on mesh dim 'fsdp'.*partial sum"):
+        check_graph(pm.graph_module, pm.mesh_info, frozenset({"specs", "collectives"}))
+    # with one gather per parameter (fsdp_unit='param') there is no unit to sum in: the table's plain gather
+    # and the all-reduce of its used rows stay (fewer bytes than a reduce-scatter of the whole table)
+    pm = fxpar.plan(model, {"fsdp": 2}, example_inputs=(ids[:2],), fsdp_unit="param").module
+    targets = collections.Counter(n.target for n in pm.graph_module.graph.nodes)
+    assert targets[torch.ops.fxpar.all_gather.default] == 1 and targets[torch.ops.fxpar.grad_all_reduce.default] == 1
 
 
 @pytest.mark.slow  # the old path: tests/test_fsdp_compile.py and test_hsdp_memory keep fsdp_unit='param' cases
@@ -103,11 +136,11 @@ def _torch_fsdp2_counts(mesh, model, ids, tgt) -> collections.Counter:
     return collections.Counter((c.op, c.direction) for c in mode.records)
 
 
-def _eager_case() -> dict:
+def _eager_case(cls=TiedGPT) -> dict:
     from fxpar.runtime.fsdp_state import peak_gathered_bytes, reset_peak_gathered_bytes
 
     mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (2,), mesh_dim_names=("fsdp",))
-    model, ids, tgt = _model_and_batch()
+    model, ids, tgt = _model_and_batch(cls)
     pm = fxpar.parallelize(copy.deepcopy(model), mesh, example_inputs=(ids,))
     fxpar.check(pm)
     pm.step(ids, target=tgt, loss_fn=cross_entropy)  # warm: the first step also exchanges fingerprints
@@ -128,15 +161,17 @@ def _eager_case() -> dict:
             "grad_err": max((grads[k] - p.grad).abs().max().item() / p.grad.abs().max().item()
                             for k, p in ref.named_parameters()),
             "peak": peak_gathered_bytes(), "estimate": in_flight_estimate(pm.graph_module),
-            "root_bytes": sum(p.numel() * 8 for k, p in ref.named_parameters() if k in ROOT_PARAMS | {"wte.weight"})}
+            "root_bytes": sum(p.numel() * 8 for k, p in ref.named_parameters()
+                              if k in ROOT_PARAMS | {"wte.weight", "wpe.weight"})}
 
 
 # pm.step's global loss: an all-reduce of the loss value FSDP2's side does not make (it returns the local one)
 LOSS_REDUCE = ("all_reduce", "forward")
 
 
-def test_eager_step_issues_torch_fsdp2s_collectives_and_equals_the_unsplit_model():
-    for r in rank_pool(2).run(_eager_case, timeout=300):
+@pytest.mark.parametrize("cls", [TiedGPT, GPT], ids=["tied", "positions"])
+def test_eager_step_issues_torch_fsdp2s_collectives_and_equals_the_unsplit_model(cls):
+    for r in rank_pool(2).run(_eager_case, cls, timeout=300):
         mine = r["mine"]
         assert mine.pop(LOSS_REDUCE) == 1, r
         # root + 2 blocks gathered, 2 blocks re-gathered (the root is kept), root + 2 blocks reduce-scattered

@@ -387,18 +387,55 @@ def runtime_synced(node: fx.Node) -> tuple[str, ...]:
     return sync.dims if sync is not None else ()
 
 
-def _reduced_on(node: fx.Node, dim: str) -> bool:
+def _reduced_on(node: fx.Node, dim: str, mesh: MeshInfo | None = None, grads: set[fx.Node] | None = None) -> bool:
     """Whether `node`'s value reached this use through a reducing dual on mesh dim `dim`.
 
     Collectives on other mesh dims are walked through (their backward commutes
     with a sum over `dim`); one on `dim` that does not reduce ends the walk. A
-    parameter whose gradient the runtime syncs on `dim` counts as reduced.
+    parameter whose gradient the runtime syncs on `dim` counts as reduced. With
+    `mesh` and `grads`, so does a value computed replicated on `dim` from reduced
+    values only, whose gradient is partial wherever it goes (`_partial_only`): the
+    sum is taken at its inputs' duals (`insert_collectives._partial_gradient_cones`).
     """
     while _is_collective(node) or _is_cast(node) or _is_view_of_gather(node):
         if _is_collective(node) and collective_args(node)["mesh_dim"] == dim:
             return COLLECTIVE_OPS[node.target] in _REDUCING_DUALS
         node = node.args[0]
-    return dim in runtime_synced(node)
+    if dim in runtime_synced(node):
+        return True
+    if mesh is None or grads is None or node.op != "call_function" or dim not in mesh.names:
+        return False
+    info = get_info(node)
+    m = mesh.names.index(dim)
+    if info is None or not _specs_of(info) or not _outputs_replicate(info, m) or not _partial_only(node, m, dim):
+        return False
+    inputs = [a for a in tensor_args(node) if a in grads]
+    return bool(inputs) and all(_reduced_on(a, dim, mesh, grads) for a in inputs)
+
+
+def _partial_only(node: fx.Node, m: int, dim: str) -> bool:
+    """Whether every gradient into `node` (replicated on mesh dim m) is partial on m: each use makes an
+    output sharded on m from it taken Replicate, or is itself such a value (through casts, views and
+    collectives on other dims)."""
+    for u in node.users:
+        if u.op == "call_function" and "val" in u.meta and u.meta["val"] is None:
+            continue  # no value, no gradient (`_assert_tensor_metadata`)
+        if _is_cast(u) or _is_view_of_gather(u) or (_is_collective(u) and collective_args(u)["mesh_dim"] != dim):
+            if not _partial_only(u, m, dim):
+                return False
+            continue
+        info = get_info(u)
+        if u.op != "call_function" or _is_collective(u) or info is None or info.input_placements is None \
+                or not _specs_of(info):
+            return False
+        if _outputs_replicate(info, m):
+            if not _partial_only(u, m, dim):
+                return False
+            continue
+        if any(need is None or need[m] is None or not need[m].is_replicate()
+               for a, need in zip(tensor_args(u), info.input_placements) if a is node):
+            return False
+    return True
 
 
 def _source(node: fx.Node) -> fx.Node:
@@ -443,7 +480,7 @@ def _check_grad_duals(gm: fx.GraphModule, mesh: MeshInfo, boundary: frozenset[st
             for m, p in enumerate(need):
                 if p is None or not p.is_replicate() or _outputs_replicate(info, m):
                     continue
-                if _reduced_on(a, mesh.names[m]):
+                if _reduced_on(a, mesh.names[m], mesh, grads):
                     continue
                 if boundary is not None and _source(a).op == "placeholder" and _source(a).name in boundary:
                     continue
@@ -485,7 +522,8 @@ def _check_grad_duals(gm: fx.GraphModule, mesh: MeshInfo, boundary: frozenset[st
                 continue  # sent to the next stage, whose use decides
             if boundary is not None and _only_feeds_output(u):
                 continue
-            if u.op == "output" or (u_info is not None and _specs_of(u_info) and _outputs_replicate(u_info, m)):
+            if u.op == "output" or (u_info is not None and _specs_of(u_info) and _outputs_replicate(u_info, m)
+                                    and not _partial_only(u, m, dim)):
                 raise GraphInvariantError(
                     f"{node_context(node)}: {op} on mesh dim {dim!r} feeds %{u.name}, whose output is Replicate on "
                     f"{dim!r}: that use already gives every rank the full gradient, and {op}'s backward sums it "

@@ -11,6 +11,14 @@ output is not Replicate on that mesh dim, inserts `grad_all_reduce`
 each rank. A redistributed value is shared by all consumers needing the same
 placements, so e.g. q, k and v projections share one grad_all_reduce.
 
+An FSDP parameter read by an op replicated on fsdp normally gets a plain
+all_gather (its gradient there is full, not partial). Where that op's value is
+computed from gathers of FSDP units only and read only by batch-sharded work,
+the whole cone takes partial gradients instead: the fsdp grad_all_reduce at
+its readers is left out and the unit's reduce-scatter sums
+(`_partial_gradient_cones`; `fxpar.check`'s dual invariant follows the same
+rule).
+
 Before:  %linear_1 = aten.linear(%gelu, %down_weight)              # P
          %add = aten.add.Tensor(%linear_1, %down_bias)             # needs R
 After:   %allreduce_linear_1 = fxpar.all_reduce(%linear_1, '1', 'tp')
@@ -30,6 +38,7 @@ from fxpar.core.errors import ShardingError, module_fqn_of, node_context
 from fxpar.core.mesh import MeshInfo
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
 from fxpar.core.spec import NodeInfo, get_info, make_spec, set_info, shard_order
+from fxpar.ops.collectives import COLLECTIVE_OPS
 from fxpar.ops.transitions import collective_args, insert_grad_all_reduce, insert_sp_all_gather, insert_transition, transition_op
 from fxpar.passes._graph import differentiable
 from fxpar.rules import replace_tensor_args, tensor_args
@@ -202,12 +211,73 @@ class _Inserter:
         return self.cache[key]
 
 
+def _feeds_batch_sharded(user: fx.Node, x: fx.Node, fsdp: int) -> bool:
+    """Whether `user` takes `x` Replicate on fsdp and makes an output sharded on fsdp (batch-sharded work):
+    the gradient it hands back to `x` is then partial on fsdp (this rank's batch's share)."""
+    info = get_info(user)
+    if user.op != "call_function" or info is None or info.input_placements is None:
+        return False
+    if all(p.is_replicate() for p in _out_placements(info, fsdp)):
+        return False
+    return all(need[fsdp].is_replicate() for a, need in zip(tensor_args(user), info.input_placements) if a is x)
+
+
+def _partial_gradient_cones(gm: fx.GraphModule, fsdp: int, needs_grad: set[fx.Node]) -> set[fx.Node]:
+    """Values replicated on fsdp that may take a partial gradient: computed from the gathers of FSDP units
+    (and from values needing no gradient), and read only by each other and by batch-sharded work.
+
+    GPT-2's position lookup `wpe(arange(T))` runs replicated on fsdp, so its table would take a plain
+    all_gather (`full_gradient_gather`) and the lookup's output a grad_all_reduce where the token embedding
+    (batch-sharded) adds it: two collectives beside the root unit's. Every gradient into such a cone is the
+    sum over ranks of what reaches it (each rank's batch share), and backward ops are linear in their
+    gradient, so the sum may be taken at the cone's leaves instead: the unit's reduce-scatter, which sums
+    already. The table then stays in its unit (gathered and reduce-scattered with it) and neither collective
+    is inserted. A leaf must be a gather of a unit of several parameters (`fsdp_bucket`), where the sum is
+    no extra collective; a per-parameter gather keeps the plain gather and the all-reduce of the used rows.
+    """
+    def from_cone(node: fx.Node) -> bool:  # replicated on fsdp, from unit gathers and cone values only
+        info = get_info(node)
+        if node.op != "call_function" or node not in needs_grad or node.target in COLLECTIVE_OPS \
+                or info is None or info.input_placements is None \
+                or any(not p.is_replicate() for p in _out_placements(info, fsdp)):
+            return False
+        for a, need in zip(tensor_args(node), info.input_placements):
+            if a not in needs_grad:
+                continue
+            leaf = a.target is _FSDP_GATHER and get_info(a) is not None and get_info(a).fsdp_bucket is not None
+            if not need[fsdp].is_replicate() or not (leaf or a in cone):
+                return False
+        return True
+
+    def read_partially(node: fx.Node) -> bool:  # every reader hands back a partial gradient
+        return all(u in cone or _feeds_batch_sharded(u, node, fsdp) or _no_value(u) for u in node.users)
+
+    cone: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if from_cone(node):
+            cone.add(node)
+    changed = True
+    while changed:  # a replicated reader would mix a full gradient in; then its inputs are out as well
+        changed = False
+        for node in gm.graph.nodes:
+            if node in cone and not (read_partially(node) and from_cone(node)):
+                cone.discard(node)
+                changed = True
+    return cone
+
+
+def _no_value(node: fx.Node) -> bool:
+    """A node that computes nothing a gradient flows through (`_assert_tensor_metadata`)."""
+    return node.op == "call_function" and "val" in node.meta and node.meta["val"] is None
+
+
 @fx_pass(requires=("specs",), provides=("collectives",))
 def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     mesh = ctx.mesh
     ins = _Inserter(gm.graph, mesh)
     needs_grad = differentiable(gm)
     fsdp = mesh.names.index("fsdp") if "fsdp" in mesh.names else None
+    partial = _partial_gradient_cones(gm, fsdp, needs_grad) if fsdp is not None else set()
     modified = False
     for node in list(gm.graph.nodes):
         info = get_info(node)
@@ -220,13 +290,13 @@ def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         new_args = []
         changed = False
         for a, need in zip(args, info.input_placements):
-            if a.target is _FSDP_GATHER:
+            if a.target is _FSDP_GATHER and node not in partial:
                 a = ins.full_gradient_gather(a, node, info)
             b = ins.redistribute(a, tuple(need), node)
             if sharded_out and a in needs_grad:
                 for m in sharded_out:
-                    if m == fsdp and a.target is _FSDP_GATHER:
-                        continue  # its backward reduce-scatters the partial gradient already
+                    if m == fsdp and (a.target is _FSDP_GATHER or a in partial):
+                        continue  # its backward (or its cone's gathers') reduce-scatters the partial gradient
                     if need[m].is_replicate():
                         b = ins.grad_all_reduce(b, m, node)
             new_args.append(b)
