@@ -211,7 +211,10 @@ def notes(res: dict) -> list[str]:
             extra = fs["phases"]["forward_gather"] - ana["forward_gather"]
             out.append(f"FSDP: fxpar issues {fs['count']} collectives per step (one gather and one reduce-scatter per block and "
                        "for the root unit, which is kept from the forward to the backward, as FSDP2's root; the position table, "
-                       "read by a slice, is gathered and its gradient all-reduced apart) where FSDP2 "
+                       "read by a lookup replicated on fsdp, is gathered and the gradient of the T rows it reads all-reduced "
+                       "apart, as T is under half the table's rows here and a reduce-scatter of the whole table with the root's "
+                       "would move more bytes; at T >= half the rows it joins the root, tests/test_fsdp_root_unit.py) "
+                       "where FSDP2 "
                        f"issues {f2['count']} (one per wrapped module), re-gathers {fs['phases']['backward_gather']:,} B "
                        f"in the backward (FSDP2 {f2['phases']['backward_gather']:,} B: it keeps the root's parameters)"
                        + (f", and gathers {extra:,} B more than one shard of every parameter in the forward "

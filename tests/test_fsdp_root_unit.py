@@ -83,8 +83,9 @@ def test_root_parameters_are_one_unit_gathered_once_before_their_first_use():
 def test_position_table_joins_the_root_unit():
     """GPT-2's `wpe(arange(T))` is a lookup replicated on fsdp (its indices are not batch-sharded) feeding
     the batch-sharded token embedding: the gradient reaching it is each rank's batch share, which the root
-    unit's reduce-scatter sums. So wpe is gathered and reduce-scattered with the root, with no plain
-    all_gather of the table and no all-reduce of the lookup's gradient (FSDP2's root holds wpe alike)."""
+    unit's reduce-scatter sums. So at T >= half the table's rows (here 8 of 16) wpe is gathered and
+    reduce-scattered with the root, with no plain all_gather of the table and no all-reduce of the lookup's
+    gradient (FSDP2's root holds wpe alike)."""
     model, ids, _ = _model_and_batch(GPT)
     pm = fxpar.plan(model, {"fsdp": 2}, example_inputs=(ids[:2],)).module
     nodes = list(pm.graph_module.graph.nodes)
@@ -104,11 +105,14 @@ def test_position_table_joins_the_root_unit():
     set_info(out, dataclasses.replace(info, input_placements=(*info.input_placements, (Replicate(),))))
     with pytest.raises(fxpar.GraphInvariantError, match=f"consumes %{lookup.name} as Replicate on mesh dim 'fsdp'.*partial sum"):
         check_graph(pm.graph_module, pm.mesh_info, frozenset({"specs", "collectives"}))
-    # with one gather per parameter (fsdp_unit='param') there is no unit to sum in: the table's plain gather
-    # and the all-reduce of its used rows stay (fewer bytes than a reduce-scatter of the whole table)
-    pm = fxpar.plan(model, {"fsdp": 2}, example_inputs=(ids[:2],), fsdp_unit="param").module
-    targets = collections.Counter(n.target for n in pm.graph_module.graph.nodes)
-    assert targets[torch.ops.fxpar.all_gather.default] == 1 and targets[torch.ops.fxpar.grad_all_reduce.default] == 1
+    # with one gather per parameter (fsdp_unit='param') there is no unit to sum in; and a sequence shorter than
+    # half the table (4 of 16 rows) would reduce-scatter more bytes than the all-reduce of the rows it uses:
+    # both keep the table's plain gather and that all-reduce
+    for kwargs, x in (({"fsdp_unit": "param"}, ids[:2]), ({}, ids[:2, :4])):
+        pm = fxpar.plan(model, {"fsdp": 2}, example_inputs=(x,), **kwargs).module
+        targets = collections.Counter(n.target for n in pm.graph_module.graph.nodes)
+        assert targets[torch.ops.fxpar.all_gather.default] == 1, kwargs
+        assert targets[torch.ops.fxpar.grad_all_reduce.default] == 1, kwargs
 
 
 @pytest.mark.slow  # the old path: tests/test_fsdp_compile.py and test_hsdp_memory keep fsdp_unit='param' cases

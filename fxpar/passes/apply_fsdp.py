@@ -48,11 +48,13 @@ summed before one reduce-scatter, as without offload) but is not kept: the
 runtime gathers device copies one by one and re-gathers them in the backward.
 A parameter read by an op that runs replicated on fsdp (GPT-2's position
 lookup `wpe(arange(T))`, whose indices are not batch-sharded) stays in its
-unit when that op's value only feeds batch-sharded work: its gradient is then
-each rank's batch share, summed by the unit's reduce-scatter
-(`insert_collectives._partial_gradient_cones`), so FSDP2's root holds wpe and
-so does fxpar's, without a plain gather of the table or an all-reduce of the
-lookup's gradient.
+unit when that op's value only feeds batch-sharded work and the unit's
+reduce-scatter of it moves no more bytes than the all-reduce it saves (T at
+least half the table's rows): its gradient is then each rank's batch share,
+summed by the unit's reduce-scatter
+(`insert_collectives._partial_gradient_cones`). FSDP2's root holds wpe always;
+fxpar's does at full context, without a plain gather of the table or an
+all-reduce of the lookup's gradient (2 collectives per step fewer).
 
          %fsdpgather_wte = fxpar.fsdp_all_gather(%wte, ...)     # <root>, consecutive:
          %fsdpgather_wpe = fxpar.fsdp_all_gather(%wpe, ...)     # one collective
