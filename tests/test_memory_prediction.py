@@ -4,7 +4,7 @@ Predicted (`fxpar.analysis.memory.memory_per_rank`) against measured on gloo ran
 
 - parameters, gradients and AdamW's state: exact (bytes of the local tensors after a step);
 - the training step's peak (`RankMemory.step_peak`: saved activations, checkpoint recompute,
-  param_dtype copies, FSDP's gathered parameters in flight, workspace, gradients) against the peak
+  parameter copies, FSDP's gathered parameters in flight, workspace, gradients) against the peak
   bytes of tensor storages alive at once during `pm.step` (`fxpar.testing.memory.LiveBytes`,
   deterministic, per rank): the prediction is an upper bound, at most 1.35 x the measured peak
   (measured 1.12 to 1.26 x on these configurations; it counts every gradient next to every saved

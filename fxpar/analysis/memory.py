@@ -358,7 +358,7 @@ def memory_lines(memory: list[RankMemory]) -> list[str]:
                      + f", gradients {fmt_bytes(m.gradients)}, optimizer {fmt_bytes(m.optimizer)}"
                      + (f", buffers {fmt_bytes(m.buffers)}" if m.buffers else "") + f"; state {fmt_bytes(m.total)}")
         step = [f"activations {fmt_bytes(m.activations)}"]
-        for what, n in (("recompute", m.recompute), ("param_dtype copies", m.param_copies),
+        for what, n in (("recompute", m.recompute), ("parameter copies (param_dtype casts, kv replica sums)", m.param_copies),
                         ("FSDP gathered", m.gathered), ("gradient all-reduce buckets", m.grad_buckets),
                         ("partial gradients of multi-use parameters", m.partial_grads),
                         ("workspace", m.workspace)):
