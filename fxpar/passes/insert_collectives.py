@@ -233,8 +233,8 @@ def _partial_gradient_cones(gm: fx.GraphModule, fsdp: int, needs_grad: set[fx.No
     sum over ranks of what reaches it (each rank's batch share), and backward ops are linear in their
     gradient, so the sum may be taken at the cone's leaves instead: the unit's reduce-scatter, which sums
     already. The table then stays in its unit (gathered and reduce-scattered with it) and neither collective
-    is inserted. A leaf must be a gather of a unit of several parameters (`fsdp_bucket`), where the sum is
-    no extra collective; a per-parameter gather keeps the plain gather and the all-reduce of the used rows.
+    is inserted. A leaf must be the gather of an FSDP unit (`fsdp_bucket`: the root, a block, a module),
+    which reduce-scatters anyway; fsdp_unit='param' keeps the plain gather and the all-reduce of the used rows.
     """
     def from_cone(node: fx.Node) -> bool:  # replicated on fsdp, from unit gathers and cone values only
         info = get_info(node)
@@ -285,9 +285,12 @@ def _where_it_moves_fewer_bytes(gm: fx.GraphModule, cone: set[fx.Node]) -> set[f
     keep: set[fx.Node] = set()
     for part in parts.values():
         leaves = {a for node in part for a in tensor_args(node) if a.target is _FSDP_GATHER}
-        reduced = evaluate(sum(value_bytes(a) for a in leaves), hints)
-        saved = 2 * evaluate(sum(value_bytes(node) for node in part if any(u not in part for u in node.users
-                                                                             if not _no_value(u))), hints)
+        read = [node for node in part if any(u not in part for u in node.users if not _no_value(u))]
+        try:
+            reduced = evaluate(sum(value_bytes(a) for a in leaves), hints)
+            saved = 2 * evaluate(sum(value_bytes(node) for node in read), hints)
+        except (TypeError, ValueError):  # a size with no example value (data-dependent): keep the all-reduce
+            continue
         if reduced <= saved:
             keep |= part
     return keep
