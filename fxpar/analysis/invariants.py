@@ -47,7 +47,7 @@ from torch.distributed.tensor.placement_types import Placement, Shard
 from fxpar._torch.dispatch import has_autograd_kernel
 from fxpar._torch.placements import StridedShard as _StridedShard
 from fxpar.analysis.local_run import _hint_shape, _specs_of, local_fake_run
-from fxpar.core.dataflow import differentiable
+from fxpar.core.dataflow import computes_no_value, differentiable
 from fxpar.core.errors import FxparError, GraphInvariantError, node_context
 from fxpar.core.mesh import MeshInfo
 from fxpar.analysis.overlap import check_overlap
@@ -418,8 +418,8 @@ def _partial_only(node: fx.Node, m: int, dim: str) -> bool:
     output sharded on m from it taken Replicate, or is itself such a value (through casts, views and
     collectives on other dims)."""
     for u in node.users:
-        if u.op == "call_function" and "val" in u.meta and u.meta["val"] is None:
-            continue  # no value, no gradient (`_assert_tensor_metadata`)
+        if computes_no_value(u):
+            continue
         if _is_cast(u) or _is_view_of_gather(u) or (_is_collective(u) and collective_args(u)["mesh_dim"] != dim):
             if not _partial_only(u, m, dim):
                 return False

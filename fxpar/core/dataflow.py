@@ -11,13 +11,18 @@ import torch.fx as fx
 
 from fxpar._torch.fx import is_higher_order
 
-__all__ = ["differentiable", "attr_of"]
+__all__ = ["differentiable", "attr_of", "computes_no_value"]
 
 
 def attr_of(gm: torch.nn.Module, target: str) -> Any:
     """The object a get_attr target names on `gm` (a parameter, a buffer, a subgraph)."""
     mod, _, name = str(target).rpartition(".")
     return getattr(gm.get_submodule(mod) if mod else gm, name)
+
+
+def computes_no_value(node: fx.Node) -> bool:
+    """A call whose result is None (`aten._assert_tensor_metadata`): no value, so no gradient flows through it."""
+    return node.op == "call_function" and "val" in node.meta and node.meta["val"] is None
 
 
 def differentiable(gm: fx.GraphModule) -> set[fx.Node]:

@@ -35,6 +35,7 @@ import torch.fx as fx
 from torch.distributed.tensor.placement_types import Placement, Replicate, Shard
 
 from fxpar.analysis.cost import evaluate, example_sizes, value_bytes
+from fxpar.core.dataflow import computes_no_value
 from fxpar.core.errors import ShardingError, module_fqn_of, node_context
 from fxpar.core.mesh import MeshInfo
 from fxpar.core.pass_api import PassContext, PassResult, fx_pass
@@ -251,7 +252,7 @@ def _partial_gradient_cones(gm: fx.GraphModule, fsdp: int, needs_grad: set[fx.No
         return True
 
     def read_partially(node: fx.Node) -> bool:  # every reader hands back a partial gradient
-        return all(u in cone or _feeds_batch_sharded(u, node, fsdp) or _no_value(u) for u in node.users)
+        return all(u in cone or _feeds_batch_sharded(u, node, fsdp) or computes_no_value(u) for u in node.users)
 
     cone: set[fx.Node] = set()
     for node in gm.graph.nodes:
@@ -285,7 +286,7 @@ def _where_it_moves_fewer_bytes(gm: fx.GraphModule, cone: set[fx.Node]) -> set[f
     keep: set[fx.Node] = set()
     for part in parts.values():
         leaves = {a for node in part for a in tensor_args(node) if a.target is _FSDP_GATHER}
-        read = [node for node in part if any(u not in part for u in node.users if not _no_value(u))]
+        read = [node for node in part if any(u not in part for u in node.users if not computes_no_value(u))]
         try:
             reduced = evaluate(sum(value_bytes(a) for a in leaves), hints)
             saved = 2 * evaluate(sum(value_bytes(node) for node in read), hints)
@@ -294,11 +295,6 @@ def _where_it_moves_fewer_bytes(gm: fx.GraphModule, cone: set[fx.Node]) -> set[f
         if reduced <= saved:
             keep |= part
     return keep
-
-
-def _no_value(node: fx.Node) -> bool:
-    """A node that computes nothing a gradient flows through (`_assert_tensor_metadata`)."""
-    return node.op == "call_function" and "val" in node.meta and node.meta["val"] is None
 
 
 @fx_pass(requires=("specs",), provides=("collectives",))
