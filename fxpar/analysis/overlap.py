@@ -26,13 +26,14 @@ they stand, so the static cross-rank check and the run-time fingerprint
 compare the reordered order (two blocks' gathers have the same shapes: only
 the order tells them apart).
 
-Issued tensor-parallel all-reduces (`fxpar.all_reduce_start`, `fxpar.passes.async_tp`)
+Issued tensor-parallel collectives (`fxpar.passes.async_tp`: `fxpar.all_reduce_start`,
+and under sequence parallel `fxpar.sp_all_gather_start` and `fxpar.reduce_scatter_start`)
 are checked by `check_issue_waits` too: each has exactly one user, its wait
 (`fxpar.ops.async_tp.wait_issued`), and every wait waits on an issued
-collective; so no op reads a sum still in flight, and the wait precedes every
-use of the value (graph order). The issue node is one of `COLLECTIVE_OPS` (an
-all_reduce): the fingerprint lists it where it is issued, so the cross-rank
-check compares the interleaved order.
+collective; so no op reads a value still in flight, and the wait precedes every
+use of the value (graph order). The issue node is one of `COLLECTIVE_OPS` (as
+the collective it replaces): the fingerprint lists it where it is issued, so
+the cross-rank check compares the interleaved order.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from fxpar.core.fmt import fmt_bytes
 from fxpar.core.spec import get_info, size_hint
 from fxpar.ops.async_tp import ASYNC_OPS, WAIT_OP
 from fxpar.ops.overlap import ISSUE_OPS
+from fxpar.ops.transitions import collective_args
 
 __all__ = ["issue_nodes", "issued_waits", "unit_bytes", "in_flight_peak", "in_flight_estimate", "check_overlap",
            "overlap_lines", "is_wait", "check_issue_waits", "async_issues"]
@@ -147,7 +149,7 @@ def check_issue_waits(gm: fx.GraphModule) -> None:
 
     One check for every issue / wait pair (a wait node, `is_wait`, names its issued value as its first
     argument): torch's functional collectives with `wait_tensor` (as AOT autograd and inductor see them)
-    and async tp's issued all-reduces (`fxpar.all_reduce_start`, waited by `wait_issued`):
+    and async tp's issued collectives (`fxpar.ops.async_tp.ASYNC_OPS`, waited by `wait_issued`):
 
         functional   nothing but a wait reads the value before its first wait (after it, the buffer is complete)
         async tp     exactly one wait and no other reader: ops read the wait's value (the issue's is a copy
@@ -238,7 +240,7 @@ def check_overlap(gm: fx.GraphModule) -> None:
 
 
 def async_issues(gm: fx.GraphModule) -> list[fx.Node]:
-    """The issued tp collectives of `gm` (`fxpar.all_reduce_start`), in graph order."""
+    """The issued tp collectives of `gm` (`fxpar.ops.async_tp.ASYNC_OPS`), in graph order."""
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ASYNC_OPS]
 
 
@@ -263,7 +265,7 @@ def _async_lines(gm: fx.GraphModule) -> list[str]:
     for issue in async_issues(gm):
         wait = next(iter(issue.users))
         compute, shown = _compute_between(nodes, order[issue], order[wait])
-        a = dict(zip(("x", "group_name", "mesh_dim"), issue.args))
+        a = collective_args(issue)
         src = issue.args[0].meta.get("val") if isinstance(issue.args[0], fx.Node) else None
         nbytes = _local_bytes(issue.args[0]) if isinstance(issue.args[0], fx.Node) else 0
         out.append(f"  {ASYNC_OPS[issue.target]}({a.get('mesh_dim')}) of %{issue.args[0].name} ({fmt_bytes(nbytes)}) "
@@ -289,7 +291,7 @@ def overlap_lines(gm: fx.GraphModule) -> list[str]:
     tp = _async_lines(gm)
     if tp:
         tp = ["", "Tensor-parallel overlap (fxpar.passes.async_tp: the batch in chunks, each chunk's all-reduce "
-                  "issued async; overlap=False to turn off):", *tp]
+                  "(sequence parallel: gather, reduce-scatter) issued async; overlap=False to turn off):", *tp]
     if not issues:
         return tp
     order = {n: i for i, n in enumerate(gm.graph.nodes)}

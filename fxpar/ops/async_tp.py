@@ -30,9 +30,10 @@ from torch import Tensor
 
 from fxpar._torch.c10d import functional
 from fxpar.ops import waiting
-from fxpar.ops.collectives import COLLECTIVE_OPS, _record
+from fxpar.ops.collectives import COLLECTIVE_OPS, _all_gather, _record, _reduce_scatter, _save_shard_args
 
-__all__ = ["ASYNC_OPS", "WAIT_OP", "all_reduce_start", "wait_issued"]
+__all__ = ["ASYNC_OPS", "ISSUED_FORM", "WAIT_OP", "all_reduce_start", "reduce_scatter_start", "sp_all_gather_start",
+           "wait_issued"]
 
 _c10d = functional
 
@@ -51,6 +52,75 @@ def _(x, group_name, mesh_dim):
 
 all_reduce_start.register_autograd(lambda ctx, grad: (grad, None, None))
 
+@torch.library.custom_op("fxpar::sp_all_gather_start", mutates_args=())
+def sp_all_gather_start(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str) -> Tensor:
+    """Shard(dim) -> Replicate, issued (sequence parallel's all-gather before a column-parallel matmul): valid
+    only after `wait_tensor`. Backward: reduce-scatter along `dim`, as `fxpar::sp_all_gather`'s.
+
+    The shards are gathered with `dim` moved first (c10d gathers along dim 0), into a buffer returned as the
+    view with `dim` back in place: the gathered value without a copy after the wait (its consumer reads it
+    strided)."""
+    _record("all_gather", mesh_dim, x, "forward")
+    if dim == 0:
+        return waiting.start_all_gather(x, group_size, group_name)
+    out = _gathered_buffer(x, dim, group_size)
+    waiting.start_all_gather(x.movedim(dim, 0), group_size, group_name, out=out.movedim(dim, 0))
+    return out
+
+
+def _gathered_buffer(x: Tensor, dim: int, n: int) -> Tensor:
+    """An empty tensor of x's shape with dim `dim` n times as long, laid out with `dim` outermost (so that
+    `.movedim(dim, 0)` of it is contiguous: c10d gathers into that view)."""
+    moved = list(x.movedim(dim, 0).shape)
+    moved[0] *= n
+    stride = [1] * len(moved)
+    for i in range(len(moved) - 2, -1, -1):
+        stride[i] = stride[i + 1] * moved[i + 1]
+    shape, strides = moved[1:], stride[1:]
+    shape.insert(dim, moved[0])
+    strides.insert(dim, stride[0])
+    return torch.empty_strided(shape, strides, dtype=x.dtype, device=x.device)
+
+
+@sp_all_gather_start.register_fake
+def _(x, dim, group_size, group_name, mesh_dim):
+    if dim == 0:
+        return x.new_empty((group_size * x.size(0), *x.shape[1:]))
+    return _gathered_buffer(x, dim, group_size)
+
+
+def _sp_all_gather_start_bwd(ctx, grad):
+    _record("reduce_scatter", ctx.mesh_dim, grad, "backward")
+    return _reduce_scatter(grad, ctx.dim, ctx.group_size, ctx.group_name), None, None, None, None
+
+
+sp_all_gather_start.register_autograd(_sp_all_gather_start_bwd, setup_context=_save_shard_args)
+
+
+@torch.library.custom_op("fxpar::reduce_scatter_start", mutates_args=())
+def reduce_scatter_start(x: Tensor, dim: int, group_size: int, group_name: str, mesh_dim: str) -> Tensor:
+    """Partial -> Shard(dim), issued (sequence parallel's reduce-scatter after a row-parallel matmul): valid
+    only after `wait_tensor`. Backward: all-gather along `dim`, as `fxpar::reduce_scatter`'s."""
+    _record("reduce_scatter", mesh_dim, x, "forward")
+    stacked = x if dim == 0 else torch.cat(x.chunk(group_size, dim=dim), dim=0)  # rank r's block r-th
+    return waiting.start_reduce_scatter(stacked, group_size, group_name)
+
+
+@reduce_scatter_start.register_fake
+def _(x, dim, group_size, group_name, mesh_dim):
+    shape = list(x.shape)
+    shape[dim] = shape[dim] // group_size
+    return x.new_empty(shape)
+
+
+def _reduce_scatter_start_bwd(ctx, grad):
+    _record("all_gather", ctx.mesh_dim, grad, "backward")
+    return _all_gather(grad, ctx.dim, ctx.group_size, ctx.group_name), None, None, None, None
+
+
+reduce_scatter_start.register_autograd(_reduce_scatter_start_bwd, setup_context=_save_shard_args)
+
+
 def wait_issued(pending: Tensor) -> Tensor:
     """The wait node of an issued collective: polled on gloo (`ops.waiting`), then torch's `wait_tensor`
     (its autograd formula is the identity)."""
@@ -59,8 +129,20 @@ def wait_issued(pending: Tensor) -> Tensor:
 
 WAIT_OP = wait_issued
 
-ASYNC_OPS = {torch.ops.fxpar.all_reduce_start.default: "all_reduce"}
-"""Issue ops whose value is valid only after their `WAIT_OP` node, by the collective they run."""
+ASYNC_OPS = {
+    torch.ops.fxpar.all_reduce_start.default: "all_reduce",
+    torch.ops.fxpar.sp_all_gather_start.default: "sp_all_gather",
+    torch.ops.fxpar.reduce_scatter_start.default: "reduce_scatter",
+}
+"""Issue ops whose value is valid only after their `WAIT_OP` node, by the collective they run (the name of the
+fxpar collective they replace, with its arguments: `COLLECTIVE_OPS`' readers see that collective)."""
+
+ISSUED_FORM = {
+    torch.ops.fxpar.all_reduce.default: torch.ops.fxpar.all_reduce_start.default,
+    torch.ops.fxpar.sp_all_gather.default: torch.ops.fxpar.sp_all_gather_start.default,
+    torch.ops.fxpar.reduce_scatter.default: torch.ops.fxpar.reduce_scatter_start.default,
+}
+"""An fxpar collective -> its issue op (same arguments, same gradient dual)."""
 
 COLLECTIVE_OPS.update(ASYNC_OPS)  # an issued all-reduce is an all-reduce to explain(), costs and fingerprints
 for _op in (*ASYNC_OPS, wait_issued):

@@ -60,7 +60,7 @@ from fxpar._torch.c10d import functional, register_work, resolve_process_group
 from fxpar.core import config
 
 __all__ = ["SPIN_ENV", "spin_seconds", "polled_group", "poll", "all_reduce", "all_gather", "all_to_all_single",
-           "start_all_gather", "start_all_reduce", "track", "wait"]
+           "start_all_gather", "start_all_reduce", "start_reduce_scatter", "track", "wait"]
 
 _c10d = functional
 
@@ -169,13 +169,19 @@ def track(out: Tensor, work: dist.Work) -> Tensor:
     return out
 
 
-def start_all_gather(x: Tensor, n: int, group_name: str) -> Tensor:
-    """Issues an all-gather along dim 0; the result is valid only after `wait`."""
+def start_all_gather(x: Tensor, n: int, group_name: str, out: Tensor | None = None) -> Tensor:
+    """Issues an all-gather along dim 0; the result is valid only after `wait`. `out`: a contiguous buffer of
+    the gathered shape to gather into (a view of a tensor the caller returns), through c10d."""
     x = x.contiguous()
     pg = polled_group(group_name, x)
-    if pg is None:
+    if pg is None and out is None:
         return _c10d.all_gather_into_tensor(x, n, group_name)
-    out = x.new_empty((n * x.size(0), *x.shape[1:]))
+    if out is None:
+        out = x.new_empty((n * x.size(0), *x.shape[1:]))
+    if pg is None:
+        register_work(out, dist.all_gather_into_tensor(out, x, group=resolve_process_group(group_name),
+                                                       async_op=True))
+        return out
     return track(out, dist.all_gather_into_tensor(out, x, group=pg, async_op=True))
 
 
@@ -187,6 +193,17 @@ def start_all_reduce(x: Tensor, group_name: str) -> Tensor:
         register_work(out, dist.all_reduce(out, group=resolve_process_group(group_name), async_op=True))
         return out
     return track(out, dist.all_reduce(out, group=pg, async_op=True))
+
+
+def start_reduce_scatter(x: Tensor, n: int, group_name: str) -> Tensor:
+    """Issues a sum reduce-scatter along dim 0 of `x` (n blocks of rows, block r to rank r); the result is valid
+    only after `wait`. Never polled (gloo's reduce-scatter Work does not report completion, module docstring):
+    c10d's `async_op=True`, whose Work torch's `wait_tensor` waits on. gloo sums through a temporary of x's
+    size: callers issue activations, not the large gradients `collectives._reduce_scatter` cuts in pieces."""
+    x = x.contiguous()
+    out = x.new_empty((x.size(0) // n, *x.shape[1:]))
+    register_work(out, dist.reduce_scatter_tensor(out, x, group=resolve_process_group(group_name), async_op=True))
+    return out
 
 
 def wait(pending: Tensor) -> Tensor:

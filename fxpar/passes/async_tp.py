@@ -74,7 +74,7 @@ from fxpar._torch.fx import copy_codegen
 from fxpar.analysis.cost import evaluate, example_sizes, node_cost, size_expr
 from fxpar.core.pass_api import PassContext, PassResult
 from fxpar.core.spec import TensorSpec, get_info, set_info
-from fxpar.ops.async_tp import ASYNC_OPS, WAIT_OP, all_reduce_start
+from fxpar.ops.async_tp import ASYNC_OPS, ISSUED_FORM, WAIT_OP
 from fxpar.ops.collectives import COLLECTIVE_OPS
 from fxpar.ops.overlap import ISSUE_OPS
 
@@ -84,8 +84,9 @@ log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 fxp = torch.ops.fxpar
-_START = all_reduce_start._opoverload
 _ALL_REDUCE = fxp.all_reduce.default
+_SP_COMMS = {fxp.sp_all_gather.default, fxp.reduce_scatter.default}
+"""Sequence parallel's collectives: issued async when they act along another dim than the batch."""
 
 _POINTWISE = {
     aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.mul.Tensor, aten.mul.Scalar,
@@ -108,7 +109,8 @@ _DIM_ARG = {  # ops that act along one dim given as an argument (position): fine
 }
 _DIMS_ARG = {aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default, aten.var.correction}
 _SYNC_COMMS = {fxp.all_gather.default, fxp.sp_all_gather.default, fxp.reduce_scatter.default, fxp.all_to_all.default}
-"""Collectives that communicate in the forward and have no issued form yet."""
+"""Collectives that communicate in the forward and stay one call on the whole batch (joined first), but for
+sequence parallel's along the sequence (`_SP_COMMS`)."""
 _HEAVY = {aten.linear.default, aten.matmul.default, aten.scaled_dot_product_attention.default}
 """The ops whose FLOPs the gate counts as work to overlap."""
 _SYM_OPS = {aten.sym_size.int, operator.mul, operator.add, operator.sub, operator.floordiv, operator.mod,
@@ -153,13 +155,24 @@ class AsyncTP:
         return PassResult(gm, True)
 
     def _gate(self, gm: fx.GraphModule, split: "_Split") -> str | None:
-        """None if every split all-reduce pays (cost model at the example sizes), else why not."""
+        """None if every issued collective pays (cost model at the example sizes), else why not.
+
+        Every collective's chunk has min_chunk_bytes; every stage after the first has min_chunk_flops per
+        chunk, but sequence parallel's norm stage (from a reduce-scatter to the next gather): chunk c's
+        reduce-scatter runs under the heavy stage before it of chunk c + 1, and the last chunk's gather under
+        the heavy stage after it of chunk 0 (the module docstring's order)."""
         hints = example_sizes(gm)
         stages = split.stage_costs(hints)
-        for ar, nbytes in split.all_reduce_bytes(hints):
+        cuts = split._async()
+        for node, nbytes in split.collective_bytes(hints):
             if nbytes / self.chunks < self.min_chunk_bytes:
-                return f"%{ar.name}'s chunk of {nbytes / self.chunks:.0f} B is under min_chunk_bytes"
+                return f"%{node.name}'s chunk of {nbytes / self.chunks:.0f} B is under min_chunk_bytes"
         for i, flops in enumerate(stages[1:], 1):
+            between = (cuts[i - 1].target, cuts[i].target) if i < len(cuts) else None
+            if between == (fxp.reduce_scatter.default, fxp.sp_all_gather.default) \
+                    and stages[i - 1] >= self.min_chunk_flops * self.chunks \
+                    and stages[i + 1] >= self.min_chunk_flops * self.chunks:
+                continue
             if flops / self.chunks < self.min_chunk_flops:
                 return f"stage {i} has {flops / self.chunks:.3g} FLOPs per chunk, under min_chunk_flops"
         return None
@@ -183,8 +196,8 @@ def _off_reason(gm: fx.GraphModule, ctx: PassContext) -> str | None:
     if any(n.op == "call_function" and (n.target in ISSUE_OPS or n.target in ASYNC_OPS
                                         or n.target is fxp.fsdp_all_gather.default) for n in gm.graph.nodes):
         return "FSDP gathers or issued collectives already in the graph"
-    if not any(n.target is _ALL_REDUCE for n in gm.graph.nodes):
-        return "no all-reduce"
+    if not any(n.target in ISSUED_FORM for n in gm.graph.nodes):
+        return "no all-reduce, nor sequence parallel's gather and reduce-scatter"
     return None
 
 
@@ -254,12 +267,12 @@ class _Split:
                 continue  # the capture's input guard: reads the whole inputs, returns nothing
             else:
                 self.tainted.add(n)
-        if not any(n.target is _ALL_REDUCE for n in self.region):
-            return "no all-reduce in the batch-split region"
-        last = max(self.index[n] for n in self.nodes if n.target is _ALL_REDUCE)
-        for n in self.nodes:  # the region would end there, the all-reduces after it unsplit
-            if n.target in _SYNC_COMMS and self.index[n] < last:
-                return f"%{n.name} ({COLLECTIVE_OPS[n.target]}) is not issued async yet (sequence parallel)"
+        if not self._async():
+            return "no all-reduce (or sequence parallel gather / reduce-scatter) in the batch-split region"
+        last = max(self.index[n] for n in self._async())
+        for n in self.nodes:  # the region would end there, the collectives after it unsplit
+            if n.target in _SYNC_COMMS and n not in self.region and self.index[n] < last:
+                return f"%{n.name} ({COLLECTIVE_OPS[n.target]}) on the whole batch before the last issued collective"
         for n in self.nodes:  # one independent of the batch would move before the split ones (an FSDP gather);
             # an identity forward (grad_all_reduce, shard, replica_grad_sum) may: its backward keeps graph order
             if n.op == "call_function" and n.target in COLLECTIVE_OPS and n not in self.region and n not in \
@@ -307,6 +320,8 @@ class _Split:
             return False  # the batch size as a value (x / B): a chunk would use its own
         if t in _POINTWISE:
             return all(self._broadcasts(x, ndim) for x in _flat(a, n.kwargs))
+        if t in _SP_COMMS:  # along the sequence (or features): each batch row gathered / scattered on its own
+            return len(a) == 5 and not n.kwargs and self._split_tensor(a[0]) and _norm(a[1], ndim) != 0
         if t in _SYNC_COMMS:  # joined first: one collective on the whole batch (a logits gather at the end)
             return False
         x0 = a[0] if a else None
@@ -371,14 +386,15 @@ class _Split:
     # ------------------------------------------------------------------ cost gate
 
     def _async(self) -> list[fx.Node]:
-        return sorted((n for n in self.region if n.target is _ALL_REDUCE), key=self.index.__getitem__)
+        """The collectives issued async, in graph order (the stage cuts)."""
+        return sorted((n for n in self.region if n.target in ISSUED_FORM), key=self.index.__getitem__)
 
-    def all_reduce_bytes(self, hints: dict) -> list[tuple[fx.Node, float]]:
+    def collective_bytes(self, hints: dict) -> list[tuple[fx.Node, float]]:
         return [(n, evaluate(node_cost(n).comm_bytes, hints)) for n in self._async()]
 
     def stage_costs(self, hints: dict) -> list[float]:
-        """Matmul and attention FLOPs of the split region per stage (between two consecutive all-reduces):
-        the work that can hide a chunk's all-reduce (a norm or a bias add alone is too short to)."""
+        """Matmul and attention FLOPs of the split region per stage (between two consecutive issued
+        collectives): the work that can hide a chunk's collective (a norm or a bias add alone is too short to)."""
         cuts = [self.index[n] for n in self._async()]
         out = [0.0] * (len(cuts) + 1)
         for n in self.region:
@@ -414,7 +430,7 @@ class _Split:
         for c in range(self.k):
             for n in sorted((n for n in self.region if n not in self.roots), key=self.index.__getitem__):
                 stage = sum(p < self.index[n] for p in cuts)
-                if n.target is _ALL_REDUCE:  # issued in its stage, waited at the start of the next one
+                if n.target in ISSUED_FORM:  # issued in its stage, waited at the start of the next one
                     entries += [((stage, c, self.index[n]), "issue", c, n), ((stage + 1, c, self.index[n]), "wait", c, n)]
                 else:
                     entries.append(((stage, c, self.index[n]), "copy", c, n))
@@ -423,7 +439,7 @@ class _Split:
             ce = chunk_env[c]
             look = lambda x, ce=ce: ce[x] if x in ce else env[x]  # noqa: E731
             if what == "issue":
-                issued[c, n] = _new(g, _START, fx.node.map_arg(n.args, look), f"allreduce_start_{_base(n)}_c{c}",
+                issued[c, n] = _new(g, ISSUED_FORM[n.target], fx.node.map_arg(n.args, look), f"{_issue_name(n)}_c{c}",
                                     fake_mode, like=n, kwargs=fx.node.map_arg(n.kwargs, look))
             elif what == "wait":
                 ce[n] = _new(g, WAIT_OP, (issued[c, n],), f"{n.name}_c{c}", fake_mode, like=n)
@@ -475,8 +491,10 @@ def _flat(args: Any, kwargs: Any) -> list:
     return out
 
 
-def _base(n: fx.Node) -> str:
-    return n.name[len("allreduce_"):] if n.name.startswith("allreduce_") else n.name
+def _issue_name(n: fx.Node) -> str:
+    """%allreduce_X -> allreduce_start_X (and so for spgather_X, reducescatter_X); start_<name> otherwise."""
+    head, sep, tail = n.name.partition("_")
+    return f"{head}_start_{tail}" if sep and head in ("allreduce", "spgather", "reducescatter") else f"start_{n.name}"
 
 
 def _vals(args: Any) -> Any:
@@ -534,6 +552,6 @@ def _set_chunk_info(new: fx.Node, old: fx.Node, origin: str | None) -> None:
                                               local_shape=(rows, *spec.local_shape[1:]))
     if origin is not None:
         changes["origin"] = origin
-        if new.target is _START or new.target is WAIT_OP:
+        if new.target in ASYNC_OPS or new.target is WAIT_OP:
             changes["role"] = "collective"
     set_info(new, dataclasses.replace(info, **changes))
