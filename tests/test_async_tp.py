@@ -1,7 +1,8 @@
-"""async_tp (fxpar.passes.async_tp): the batch split into chunks whose tp all-reduces are issued async.
+"""async_tp (fxpar.passes.async_tp): the batch split into chunks whose tp all-reduces (and, under
+sequence parallel, gathers and reduce-scatters) are issued async.
 
 Numerics against the unsplit graph (overlap=False) and the unsplit model in float64, loss and every
-gradient; the issued all-reduces in the same order on every rank, with the unsplit graph's bytes;
+gradient; the issued collectives in the same order on every rank, with the unsplit graph's bytes;
 fxpar.check catching a value read before its wait; the gate and the switches that turn the pass off.
 """
 
@@ -23,6 +24,9 @@ from fxpar.testing import rank_pool
 
 START = torch.ops.fxpar.all_reduce_start.default
 ALL_REDUCE = torch.ops.fxpar.all_reduce.default
+AG_START, RS_START = torch.ops.fxpar.sp_all_gather_start.default, torch.ops.fxpar.reduce_scatter_start.default
+SP_AG, RS = torch.ops.fxpar.sp_all_gather.default, torch.ops.fxpar.reduce_scatter.default
+SP = {"auto_tp": True, "sequence_parallel": True}
 TINY = ModelConfig("gpt2", layers=2, dim=64, heads=4, hidden=256, vocab=256, batch=4, seq=16)
 FORCED = P.AsyncTP(min_chunk_bytes=0, min_chunk_flops=0)  # the tiny model is under the default gate
 
@@ -60,7 +64,9 @@ def _split_vs_unsplit(plan_kwargs):
     plain = fxpar.parallelize(model, mesh, example_inputs=(ids,), plan=plan, overlap=False)
     fxpar.check(split)
     out = {"starts": _count(split, START), "waits": _count(split, WAIT_OP), "left": _count(split, ALL_REDUCE),
-           "unsplit": _count(plain, ALL_REDUCE)}
+           "unsplit": _count(plain, ALL_REDUCE),
+           "sp_starts": (_count(split, AG_START), _count(split, RS_START)),
+           "sp_left": (_count(split, SP_AG), _count(split, RS)), "sp_unsplit": (_count(plain, SP_AG), _count(plain, RS))}
     with torch.no_grad():
         ref = model(ids)
         out["fwd"] = _rel(split(ids), ref)
@@ -88,10 +94,11 @@ def _split_vs_unsplit(plan_kwargs):
     dist.all_gather_object(everyone, keys)
     out["same_order"] = all(k == keys for k in everyone)
     out["fwd_all_reduces"] = sum(s.direction == "forward" and s.op == "all_reduce" for s in sched)
-    out["explain"] = [ln for ln in split.explain().splitlines() if "issued at %allreduce_start" in ln]
+    out["explain"] = [ln for ln in split.explain().splitlines() if "_start_" in ln and "issued at %" in ln]
     gm = split.graph_module
     gm.graph.eliminate_dead_code()  # issued collectives are side-effecting: dead-code elimination keeps them
-    out["after_dce"] = (_count(split, START), _count(split, WAIT_OP))
+    out["after_dce"] = (_count(split, START) + _count(split, AG_START) + _count(split, RS_START),
+                        _count(split, WAIT_OP))
     return out
 
 
@@ -112,19 +119,69 @@ def test_split_is_exact_and_communicates_the_same_bytes():
                                                for ln in r["explain"][1:]), r["explain"]
 
 
-def test_sequence_parallel_is_left_unsplit_and_exact():
-    for r in rank_pool(2).run(_split_vs_unsplit, {"sequence_parallel": True}):
-        assert r["starts"] == 0 and r["left"] == r["unsplit"], r  # reduce-scatters have no issued form yet
-        assert r["fwd"] < 1e-10 and r["loss"] < 1e-10 and r["grads"] < 1e-10, r
+def test_sequence_parallel_gathers_and_scatters_are_issued_and_exact():
+    for r in rank_pool(2).run(_split_vs_unsplit, SP):
+        # unsplit: a reduce-scatter after the embedding and each row-parallel matmul (5), a gather before each
+        # block's attention and MLP and the final norm's lm_head (5); each issued once per chunk, none left
+        # waiting inside an op (the logits' all_gather at the end stays one call on the whole batch)
+        assert r["unsplit"] == 0 and r["starts"] == 0 and r["sp_unsplit"] == (5, 5), r
+        assert r["sp_starts"] == (10, 10) and r["waits"] == 20 and r["sp_left"] == (0, 0), r
+        assert r["fwd"] < 1e-10 and r["fwd_vs_unsplit"] < 1e-10, r
+        assert r["fwd_batch1"] < 1e-10 and r["fwd_batch3"] < 1e-10, r
+        assert r["loss"] < 1e-10 and r["loss_vs_unsplit"] < 1e-12, r
+        assert r["n_grads"] > 0 and r["grads"] < 1e-10, r
+        split_bytes, plain_bytes = r["bytes"]
+        assert split_bytes == plain_bytes, r["bytes"]  # the same bytes, in chunks, forward and backward
+        split_calls, plain_calls = r["calls"]
+        assert split_calls["forward", "reduce_scatter"] == 2 * plain_calls["forward", "reduce_scatter"] == 10, r
+        assert split_calls["forward", "all_gather"] == 2 * plain_calls["forward", "all_gather"] - 1 == 11, r
+        assert split_calls["backward", "reduce_scatter"] == 2 * plain_calls["backward", "reduce_scatter"], r
+        assert r["same_order"] and r["after_dce"] == (20, 20), r
+        assert len(r["explain"]) == 20 and all("overlaps" in ln and "overlaps 0 ops" not in ln
+                                               for ln in r["explain"]), r["explain"]
+        assert sum("sp_all_gather(tp)" in ln for ln in r["explain"]) == 10, r["explain"]
 
 
-def _planted_bug():
+def _issued_vs_waiting(spin_ms):
+    """Each issued collective against the one that waits inside itself, along dims 0, 1 and 2: values and
+    gradients, with and without polled waits (`fxpar.ops.waiting`)."""
+    import os
+
+    from fxpar.ops.async_tp import wait_issued
+
+    os.environ["FXPAR_WAIT_SPIN_MS"] = str(spin_ms)  # read on each wait
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    group = mesh.get_group(0).group_name
+    torch.manual_seed(dist.get_rank())
+    fx = torch.ops.fxpar
+    worst = 0.0
+    for dim in (0, 1, 2):
+        for sync, issued, shape in ((fx.sp_all_gather, fx.sp_all_gather_start, (3, 4, 5)),
+                                    (fx.reduce_scatter, fx.reduce_scatter_start, (4, 6, 8))):
+            x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+            a = sync(x, dim, 2, group, "tp")
+            b = wait_issued(issued(x, dim, 2, group, "tp"))
+            w = torch.randn_like(a)
+            ga, = torch.autograd.grad((a * w).sum(), x)
+            gb, = torch.autograd.grad((b * w).sum(), x)
+            assert a.shape == b.shape, (a.shape, b.shape)
+            worst = max(worst, float((a - b).abs().max()), float((ga - gb).abs().max()))
+    return worst
+
+
+@pytest.mark.parametrize("spin_ms", [0, 5])
+def test_issued_sp_collectives_equal_the_waiting_ones(spin_ms):
+    assert rank_pool(2).run(_issued_vs_waiting, spin_ms) == [0.0, 0.0]
+
+
+def _planted_bug(plan=None, issue="all_reduce_start"):
     mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
     model = build(TINY).double()
     ids, _ = batch(TINY)
-    pm = fxpar.parallelize(model, mesh, example_inputs=(ids,), passes=_passes())
+    pm = fxpar.parallelize(model, mesh, example_inputs=(ids,), plan=plan, passes=_passes())
     graph = pm.graph_module.graph
-    wait = next(n for n in graph.nodes if n.target is WAIT_OP)
+    issue = getattr(torch.ops.fxpar, issue).default
+    wait = next(n for n in graph.nodes if n.target is WAIT_OP and n.args[0].target is issue)
     user = next(iter(wait.users))
     user.replace_input_with(wait, wait.args[0])  # reads the sum still in flight: the wait moved after a use
     try:
@@ -134,8 +191,11 @@ def _planted_bug():
     return None, user.name
 
 
-def test_check_catches_a_value_read_before_its_wait():
-    for msg, user in rank_pool(2).run(_planted_bug):
+@pytest.mark.parametrize("plan,issue", [(None, "all_reduce_start"), (SP, "sp_all_gather_start"),
+                                        (SP, "reduce_scatter_start")],
+                         ids=["all_reduce", "sp_all_gather", "reduce_scatter"])
+def test_check_catches_a_value_read_before_its_wait(plan, issue):
+    for msg, user in rank_pool(2).run(_planted_bug, fxpar.Plan(**plan) if plan else None, issue):
         assert msg is not None and f"%{user}" in msg and "in flight" in msg, msg
 
 

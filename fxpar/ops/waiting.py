@@ -179,10 +179,10 @@ def start_all_gather(x: Tensor, n: int, group_name: str, out: Tensor | None = No
     if out is None:
         out = x.new_empty((n * x.size(0), *x.shape[1:]))
     if pg is None:
-        register_work(out, dist.all_gather_into_tensor(out, x, group=resolve_process_group(group_name),
+        register_work(out, dist.all_gather_single(out, x, group=resolve_process_group(group_name),
                                                        async_op=True))
         return out
-    return track(out, dist.all_gather_into_tensor(out, x, group=pg, async_op=True))
+    return track(out, dist.all_gather_single(out, x, group=pg, async_op=True))
 
 
 def start_all_reduce(x: Tensor, group_name: str) -> Tensor:
@@ -202,7 +202,7 @@ def start_reduce_scatter(x: Tensor, n: int, group_name: str) -> Tensor:
     size: callers issue activations, not the large gradients `collectives._reduce_scatter` cuts in pieces."""
     x = x.contiguous()
     out = x.new_empty((x.size(0) // n, *x.shape[1:]))
-    register_work(out, dist.reduce_scatter_tensor(out, x, group=resolve_process_group(group_name), async_op=True))
+    register_work(out, dist.reduce_scatter_single(out, x, group=resolve_process_group(group_name), async_op=True))
     return out
 
 

@@ -155,27 +155,33 @@ class AsyncTP:
         return PassResult(gm, True)
 
     def _gate(self, gm: fx.GraphModule, split: "_Split") -> str | None:
-        """None if every issued collective pays (cost model at the example sizes), else why not.
+        """Keeps waiting (one call per chunk, `_Split.waiting`) each collective that does not pay at the example
+        sizes (cost model); None if some are left to issue, else why not.
 
-        Every collective's chunk has min_chunk_bytes; every stage after the first has min_chunk_flops per
-        chunk, but sequence parallel's norm stage (from a reduce-scatter to the next gather): chunk c's
-        reduce-scatter runs under the heavy stage before it of chunk c + 1, and the last chunk's gather under
-        the heavy stage after it of chunk 0 (the module docstring's order)."""
+        A collective pays when its chunk has min_chunk_bytes and a stage next to it has min_chunk_flops per
+        chunk to hide it: in the module docstring's order, chunk c's collective runs under the stage before it
+        of chunk c + 1, and the last chunk's under the stage after it of chunk 0. Without sequence parallel
+        every stage is a matmul's; with it, the norm stage between a reduce-scatter and the next gather is
+        not, and each of those two collectives is hidden on one side only (the embedding's reduce-scatter, with
+        a lookup before it and a norm after it, on neither: it keeps waiting). A collective kept waiting joins
+        its stages, so the check repeats until every collective left pays."""
         hints = example_sizes(gm)
-        stages = split.stage_costs(hints)
-        cuts = split._async()
-        for node, nbytes in split.collective_bytes(hints):
-            if nbytes / self.chunks < self.min_chunk_bytes:
-                return f"%{node.name}'s chunk of {nbytes / self.chunks:.0f} B is under min_chunk_bytes"
-        for i, flops in enumerate(stages[1:], 1):
-            between = (cuts[i - 1].target, cuts[i].target) if i < len(cuts) else None
-            if between == (fxp.reduce_scatter.default, fxp.sp_all_gather.default) \
-                    and stages[i - 1] >= self.min_chunk_flops * self.chunks \
-                    and stages[i + 1] >= self.min_chunk_flops * self.chunks:
-                continue
-            if flops / self.chunks < self.min_chunk_flops:
-                return f"stage {i} has {flops / self.chunks:.3g} FLOPs per chunk, under min_chunk_flops"
-        return None
+        why = None
+        while split._async():
+            stages = split.stage_costs(hints)
+            slow = {}
+            for j, (node, nbytes) in enumerate(split.collective_bytes(hints)):
+                if nbytes / self.chunks < self.min_chunk_bytes:
+                    slow[node] = f"%{node.name}'s chunk of {nbytes / self.chunks:.0f} B is under min_chunk_bytes"
+                elif max(stages[j], stages[j + 1]) / self.chunks < self.min_chunk_flops:
+                    slow[node] = (f"%{node.name} has {max(stages[j], stages[j + 1]) / self.chunks:.3g} FLOPs per "
+                                  "chunk next to it, under min_chunk_flops")
+            if not slow:
+                return None
+            for node, why in slow.items():
+                log.debug("async_tp: %s: it keeps waiting", why)
+            split.waiting.update(slow)
+        return why
 
 
 async_tp = AsyncTP(chunks=1)
@@ -223,6 +229,7 @@ class _Split:
         self.roots: list[fx.Node] = []
         self.region: set[fx.Node] = set()   # copied per chunk
         self.tainted: set[fx.Node] = set()  # after the region: consume joined values
+        self.waiting: set[fx.Node] = set()  # collectives in the region that stay one waiting call per chunk
         self.batch: sympy.Expr | None = None
         self.why: str | None = None
 
@@ -387,7 +394,8 @@ class _Split:
 
     def _async(self) -> list[fx.Node]:
         """The collectives issued async, in graph order (the stage cuts)."""
-        return sorted((n for n in self.region if n.target in ISSUED_FORM), key=self.index.__getitem__)
+        return sorted((n for n in self.region if n.target in ISSUED_FORM and n not in self.waiting),
+                      key=self.index.__getitem__)
 
     def collective_bytes(self, hints: dict) -> list[tuple[fx.Node, float]]:
         return [(n, evaluate(node_cost(n).comm_bytes, hints)) for n in self._async()]
@@ -430,7 +438,7 @@ class _Split:
         for c in range(self.k):
             for n in sorted((n for n in self.region if n not in self.roots), key=self.index.__getitem__):
                 stage = sum(p < self.index[n] for p in cuts)
-                if n.target in ISSUED_FORM:  # issued in its stage, waited at the start of the next one
+                if n.target in ISSUED_FORM and n not in self.waiting:  # issued, waited at the next stage's start
                     entries += [((stage, c, self.index[n]), "issue", c, n), ((stage + 1, c, self.index[n]), "wait", c, n)]
                 else:
                     entries.append(((stage, c, self.index[n]), "copy", c, n))
