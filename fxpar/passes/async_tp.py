@@ -41,21 +41,38 @@ After (k = 2):
     %allreduce_linear_5_nobias_c0 = _c10d_functional.wait_tensor(%allreduce_start_linear_5_nobias_c0)
     %add_2_c0 = aten.add(%add_1_c0, %allreduce_linear_5_nobias_c0 ...)
 
+Sequence parallel (`Plan(sequence_parallel=True)`): its gather before a
+column-parallel matmul and its reduce-scatter after a row-parallel one act
+along the sequence, each batch row on its own, so they are split and issued
+the same way (`fxpar.sp_all_gather_start`, `fxpar.reduce_scatter_start`,
+fxpar.ops.async_tp), cutting the forward into stages as the all-reduces do:
+
+    attn(c0) RS(c0)^ attn(c1) RS(c1)^ RS(c0)v norm(c0) AG(c0)^ RS(c1)v norm(c1) AG(c1)^ AG(c0)v mlp(c0) ...
+
+Between a reduce-scatter and the next gather only a norm runs: chunk 0's
+reduce-scatter and the last chunk's gather run under a matmul stage, the
+others under a norm. The embedding's reduce-scatter (a lookup before it, a
+norm after it) does not pay and keeps waiting (below).
+
 Invariants kept: every value equals the unsplit graph's (each row is computed by
 the same ops on the same row), gradients too (the duals are per chunk: an issued
-all-reduce's backward is the identity, as `fxpar.all_reduce`'s); every rank has
-the same graph, so the same collectives in the same order; the bytes communicated
-are the same, in k times as many collectives for those inside the split region.
+all-reduce's backward is the identity, as `fxpar.all_reduce`'s; an issued
+gather's is the reduce-scatter and an issued reduce-scatter's the gather, as the
+waiting ops'); every rank has the same graph, so the same collectives in the
+same order; the bytes communicated are the same, in k times as many collectives
+for those inside the split region.
 
 Off in the default pipeline (`async_tp` has chunks=1: not measured faster yet, see
-there); `AsyncTP()` turns it on. Gated by the cost model (`fxpar.analysis.cost`):
-only when every all-reduce's chunk has at least `min_chunk_bytes` and the stage
-after it at least `min_chunk_flops` per chunk to hide it. Off with `overlap=False`, under
+there); `AsyncTP()` turns it on. Gated per collective by the cost model
+(`fxpar.analysis.cost`, `AsyncTP._gate`): a collective is issued when its chunk
+has at least `min_chunk_bytes` and a stage next to it at least
+`min_chunk_flops` per chunk to hide it; one that does not pay stays a waiting
+call per chunk. Off with `overlap=False`, under
 `compile=True` (inductor schedules its own collectives), with pipelines,
-FSDP, activation checkpointing or offloading, with sequence parallel (its
-all-gathers and reduce-scatters have no issued form yet), and in graphs with
+FSDP, activation checkpointing or offloading, and in graphs with
 a collective that does not depend on the batch (it would move before the split
-region).
+region) or one on the whole batch before the last one issued (a gather of
+logits ends the region; before it, it would leave the rest unsplit).
 """
 
 from __future__ import annotations
@@ -186,8 +203,10 @@ class AsyncTP:
 
 async_tp = AsyncTP(chunks=1)
 """The default pipeline's instance: off. Measured on 2 gloo ranks (benchmarks/overlap.py's GPT, interleaved,
-a loaded 2-core machine) the split forward was within noise of the unsplit one and the training step about 10%
-slower (k times the backward all-reduces, 2x the autograd nodes). Turn it on with
+a 2-core machine: each rank's core also runs gloo's copies, so nothing is idle to hide a transfer behind) the
+split was no faster than the unsplit graph in two runs of 16 and 20 interleaved steps (medians, slowest rank):
+training step 1.12 and 1.17x, forward 1.07 and 1.01x; with sequence parallel 1.16 and 1.17x, forward 1.12 and
+0.98x (k times the collectives and the autograd nodes, matmuls of half the rows). Turn it on with
 `passes=[AsyncTP() if p is async_tp else p for p in fxpar.default_passes()]`."""
 
 
