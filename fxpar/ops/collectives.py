@@ -166,16 +166,17 @@ def _reduce_scatter(x: Tensor, dim: int, n: int, group_name: str, local_size: in
     rows = x.size(0) // n
     pieces = -(-x.numel() * x.element_size() // RS_CHUNK_BYTES) if x.device.type == "cpu" else 1
     if pieces <= 1 or rows < 2:
-        return _c10d.wait_tensor(_c10d.reduce_scatter_tensor(x, "sum", n, group_name))
-    # gloo (the CPU backend) reduce-scatters through a full-size temporary: a large gradient (a tied
-    # embedding's, gathered over fsdp) goes in row chunks, each rank's rows j0:j1 at once, so the
-    # temporary is one chunk. Every element is summed over the same ranks as in one call.
+        return waiting.reduce_scatter(x, n, group_name)
+    # gloo (the CPU backend) reduce-scatters through a full-size temporary (fxpar's all-to-all receives
+    # into one, waiting.start_reduce_scatter): a large gradient (a tied embedding's, gathered over fsdp)
+    # goes in row chunks, each rank's rows j0:j1 at once, so the temporary is one chunk. Every element is
+    # summed over the same ranks as in one call.
     step = -(-rows // pieces)
     grouped = x.view(n, rows, *x.shape[1:])
     out = x.new_empty(rows, *x.shape[1:])
     for j in range(0, rows, step):
         piece = grouped[:, j:j + step].reshape(-1, *x.shape[1:])
-        out[j:j + step].copy_(_c10d.wait_tensor(_c10d.reduce_scatter_tensor(piece, "sum", n, group_name)))
+        out[j:j + step].copy_(waiting.reduce_scatter(piece, n, group_name))
     return out
 
 

@@ -58,8 +58,9 @@ def start_flat_all_gather(pieces: list[Tensor], n: int, group_name: str,
 
 
 def start_reduce_scatter(x: Tensor, n: int, group_name: str) -> Tensor:
-    """Issues a sum reduce-scatter along dim 0; the result is valid only after `wait`."""
-    return _c10d.reduce_scatter_tensor(x.contiguous(), "sum", n, group_name)
+    """Issues a sum reduce-scatter along dim 0; the result is valid only after `wait` (on gloo an all-to-all
+    and a sum at the wait: `ops.waiting.start_reduce_scatter`)."""
+    return waiting.start_reduce_scatter(x, n, group_name)
 
 
 def wait(pending: Tensor) -> Tensor:
