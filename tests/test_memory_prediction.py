@@ -39,6 +39,12 @@ def ce(out, target):
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), target.reshape(-1))
 
 
+PEAK_STEPS = 2
+"""Steps measured per config; the least peak is compared. gloo's worker thread can hold a finished
+collective's input and output past the step's last reference to them when it is preempted (measured in
+2 to 5 of every 30-40 steps per rank, tests/test_overlap.py's PEAK_STEPS): a step's peak then counts
+buffers the graph had freed."""
+
 ACTIVATION_BOUND = dict(n_layer=4, n_embd=64, vocab_size=256, n_positions=128, batch=(8, 64))
 # weights and their gradients outweigh the activations (the regime of benchmarks/dp.py's GPT-2 on dp=4)
 GRADIENT_BOUND = dict(n_layer=2, n_embd=256, vocab_size=2048, n_positions=64, batch=(2, 16))
@@ -56,15 +62,18 @@ def _measure(shape, names, configs, sizes=ACTIVATION_BOUND) -> list[dict]:
         pm = fxpar.parallelize(model, mesh, example_inputs=(ids,), activation_checkpointing=ac,
                                mp_policy=BF16 if mp else None)
         pm.step(ids, target=target, loss_fn=ce)  # first step: fingerprints, lazily built state
-        for p in pm.parameters():
-            p.grad = None
-        with LiveBytes() as mem:
-            pm.step(ids, target=target, loss_fn=ce)
+        peaks = []
+        for _ in range(PEAK_STEPS):
+            for p in pm.parameters():
+                p.grad = None
+            with LiveBytes() as mem:
+                pm.step(ids, target=target, loss_fn=ce)
+            peaks.append(mem.peak)
         opt = torch.optim.AdamW(pm.parameters())
         opt.step()
         (pred,) = memory_per_rank(pm)
         out.append({
-            "config": (ac, mp), "peak": mem.peak, "pred": pred,
+            "config": (ac, mp), "peak": min(peaks), "pred": pred,
             "params": tensor_bytes(pm.parameters()),
             "grads": tensor_bytes(p.grad for p in pm.parameters() if p.grad is not None),
             "optimizer": tensor_bytes(v for s in opt.state.values() for k, v in s.items() if k != "step"),
