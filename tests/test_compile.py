@@ -82,11 +82,12 @@ def _compiler_graphs(plan):
     eager_out.sum().backward()
     exact = torch.equal(out.detach(), eager_out.detach()) and torch.allclose(x.grad, ref.grad, rtol=1e-12, atol=0)
 
-    def count(gm, op):
-        return sum(1 for n in gm.graph.nodes if n.target == op)
+    def count(gm, ops):
+        return sum(1 for n in gm.graph.nodes if n.target in ops)
 
-    ops = (_funcol.all_reduce.default, _funcol.all_gather_into_tensor.default,
-           _funcol.reduce_scatter_tensor.default, _funcol.wait_tensor.default)
+    # on gloo a reduce-scatter is an all-to-all and a sum of the blocks (fxpar.ops.waiting.start_reduce_scatter)
+    ops = ((_funcol.all_reduce.default,), (_funcol.all_gather_into_tensor.default,),
+           (_funcol.reduce_scatter_tensor.default, _funcol.all_to_all_single.default), (_funcol.wait_tensor.default,))
     names = [str(t) for t in fxpar_ops]
     return names, left, kept, exact, [[count(gm, op) for op in ops] for gm in graphs]
 

@@ -23,6 +23,9 @@ late. The duals are DESIGN.md's, the same as the custom ops':
     all_to_all(a->b)  all_to_all_single + wait          all_to_all_single(b->a) + wait
     replica_grad_sum  identity                          all_reduce + wait of the slot buffer, own slot
 
+(On a gloo group each reduce_scatter_tensor + wait is all_to_all_single + wait and a sum of the blocks
+received: gloo's reduce-scatter all-reduces the whole buffer, `fxpar.ops.waiting.start_reduce_scatter`.)
+
 (torch's own autograd formulas on `_c10d_functional` are the adjoints, e.g.
 all_reduce's backward is an all_reduce: not Megatron's "g", so the ops run
 under `autograd.Function`s, where those formulas never apply.)
@@ -61,6 +64,7 @@ from fxpar._torch.aten import assert_async
 from fxpar._torch.c10d import functional, group_rank, resolve_process_group
 from fxpar._torch.fx import copy_codegen
 from fxpar.ops.kv_replicas import REPLICA_GRAD_SUM
+from fxpar.ops.waiting import gloo_group
 
 __all__ = ["traceable_graph_module", "LOWERED_OPS", "lowered_collectives"]
 
@@ -81,10 +85,21 @@ def _all_gather(x: Tensor, dim: int, n: int, group_name: str) -> Tensor:
     return out
 
 
+_GLOO_GROUPS: dict[str, bool] = {}
+"""Group name -> whether it is a c10d gloo group, filled when a graph is lowered (`_lower_graph`), before
+dynamo traces the functions here: they read it as a constant instead of asking c10d while traced."""
+
+
 def _reduce_scatter(x: Tensor, dim: int, n: int, group_name: str) -> Tensor:
     if dim != 0:
         x = torch.cat(x.chunk(n, dim=dim), dim=0)
-    return _c10d.wait_tensor(_c10d.reduce_scatter_tensor(x.contiguous(), "sum", n, group_name))
+    x = x.contiguous()
+    if x.device.type != "cpu" or not _GLOO_GROUPS.get(group_name, False):
+        return _c10d.wait_tensor(_c10d.reduce_scatter_tensor(x, "sum", n, group_name))
+    # gloo: an all-to-all and the sum of the blocks received, as the eager kernels (ops.waiting.start_reduce_scatter)
+    rows = x.size(0) // n
+    blocks = _c10d.wait_tensor(_c10d.all_to_all_single(x, [rows] * n, [rows] * n, group_name))
+    return blocks.view(n, rows, *x.shape[1:]).sum(0)
 
 
 def _chunk(x: Tensor, dim: int, n: int, rank: int) -> Tensor:
@@ -350,6 +365,10 @@ def _lower_graph(graph: fx.Graph) -> fx.Graph:
         args = _args(node) if entry is not None else ()
         if entry is not None and entry[1](args):
             fn, _, convert = entry
+            names = [a.name for a in node.target._schema.arguments]
+            group = args[names.index("group_name")] if "group_name" in names[:len(args)] else None
+            if isinstance(group, str) and group not in _GLOO_GROUPS:
+                _GLOO_GROUPS[group] = gloo_group(group, torch.empty(0)) is not None
             # named as the inserting pass named it (allreduce_attn_out, ...)
             new = out.create_node("call_function", fn, fx.node.map_arg(convert(args), lambda a: env[a]), {},
                                   name=node.name)
