@@ -218,7 +218,10 @@ def notes(res: dict) -> list[str]:
                        f"issues {f2['count']} (one per wrapped module), re-gathers {fs['phases']['backward_gather']:,} B "
                        f"in the backward (FSDP2 {f2['phases']['backward_gather']:,} B: it keeps the root's parameters)"
                        + (f", and gathers {extra:,} B more than one shard of every parameter in the forward "
-                          "(a parameter gathered twice)" if extra > 0 else "") + ".")
+                          "(a parameter gathered twice)" if extra > 0 else "") + ". On gloo fxpar's reduce-scatters "
+                       "run as an all-to-all and a sum of the blocks received (the same bytes); gloo's own, which "
+                       "FSDP2 calls, all-reduces the whole buffer and keeps a block (`python -m benchmarks.waiting`: "
+                       "0.31-0.57x its mean time from 64 KiB to 4 MiB on 2 ranks).")
     ct = res.get("compile")
     if ct and ct["rows"]:
         hi, lo = ct["ratio_pair"]
