@@ -30,7 +30,8 @@ from torch import Tensor
 
 from fxpar._torch.c10d import functional
 from fxpar.ops import waiting
-from fxpar.ops.collectives import COLLECTIVE_OPS, _all_gather, _record, _reduce_scatter, _save_shard_args
+from fxpar.ops.collectives import (COLLECTIVE_OPS, _record, _reduce_scatter_bwd, _reduce_scatter_fake, _save_shard_args,
+                                    _sp_all_gather_bwd)
 
 __all__ = ["ASYNC_OPS", "ISSUED_FORM", "WAIT_OP", "all_reduce_start", "reduce_scatter_start", "sp_all_gather_start",
            "wait_issued"]
@@ -57,9 +58,9 @@ def sp_all_gather_start(x: Tensor, dim: int, group_size: int, group_name: str, m
     """Shard(dim) -> Replicate, issued (sequence parallel's all-gather before a column-parallel matmul): valid
     only after `wait_tensor`. Backward: reduce-scatter along `dim`, as `fxpar::sp_all_gather`'s.
 
-    The shards are gathered with `dim` moved first (c10d gathers along dim 0), into a buffer returned as the
-    view with `dim` back in place: the gathered value without a copy after the wait (its consumer reads it
-    strided)."""
+    The shards are gathered along dim 0 of the `.movedim(dim, 0)` view of the returned tensor, which is laid
+    out with `dim` outermost (`_gathered_buffer`): the gathered value without a copy after the wait (its
+    consumer reads it strided)."""
     _record("all_gather", mesh_dim, x, "forward")
     if dim == 0:
         return waiting.start_all_gather(x, group_size, group_name)
@@ -89,12 +90,7 @@ def _(x, dim, group_size, group_name, mesh_dim):
     return _gathered_buffer(x, dim, group_size)
 
 
-def _sp_all_gather_start_bwd(ctx, grad):
-    _record("reduce_scatter", ctx.mesh_dim, grad, "backward")
-    return _reduce_scatter(grad, ctx.dim, ctx.group_size, ctx.group_name), None, None, None, None
-
-
-sp_all_gather_start.register_autograd(_sp_all_gather_start_bwd, setup_context=_save_shard_args)
+sp_all_gather_start.register_autograd(_sp_all_gather_bwd, setup_context=_save_shard_args)  # sp_all_gather's dual
 
 
 @torch.library.custom_op("fxpar::reduce_scatter_start", mutates_args=())
@@ -106,24 +102,13 @@ def reduce_scatter_start(x: Tensor, dim: int, group_size: int, group_name: str, 
     return waiting.start_reduce_scatter(stacked, group_size, group_name)
 
 
-@reduce_scatter_start.register_fake
-def _(x, dim, group_size, group_name, mesh_dim):
-    shape = list(x.shape)
-    shape[dim] = shape[dim] // group_size
-    return x.new_empty(shape)
-
-
-def _reduce_scatter_start_bwd(ctx, grad):
-    _record("all_gather", ctx.mesh_dim, grad, "backward")
-    return _all_gather(grad, ctx.dim, ctx.group_size, ctx.group_name), None, None, None, None
-
-
-reduce_scatter_start.register_autograd(_reduce_scatter_start_bwd, setup_context=_save_shard_args)
+reduce_scatter_start.register_fake(_reduce_scatter_fake)
+reduce_scatter_start.register_autograd(_reduce_scatter_bwd, setup_context=_save_shard_args)  # reduce_scatter's dual
 
 
 def wait_issued(pending: Tensor) -> Tensor:
-    """The wait node of an issued collective: polled on gloo (`ops.waiting`), then torch's `wait_tensor`
-    (its autograd formula is the identity)."""
+    """The wait node of an issued collective (`ops.waiting.wait`: polled on gloo, then torch's `wait_tensor`,
+    or a gloo reduce-scatter's blocks summed into it); its autograd formula is the identity."""
     return waiting.wait(pending)
 
 

@@ -337,7 +337,7 @@ def reduce_scatter(x: Tensor, dim: int, group_size: int, group_name: str, mesh_d
 
 
 @reduce_scatter.register_fake
-def _(x, dim, group_size, group_name, mesh_dim):
+def _reduce_scatter_fake(x, dim, group_size, group_name, mesh_dim):
     shape = list(x.shape)
     shape[dim] = shape[dim] // group_size
     return x.new_empty(shape)
