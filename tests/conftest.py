@@ -90,7 +90,7 @@ DEFAULT_RUN_SLOW = {
     "test_loss_parallel.py::test_hand_written_log_softmax_losses_run_on_vocab_shards[gathered_log_probs]",
     "test_hsdp_memory.py::test_hsdp_frees_gathered_weights_after_forward_and_all_reduces_shards[param-waiting]",
     "test_hsdp_memory.py::test_hsdp_frees_gathered_weights_after_forward_and_all_reduces_shards[block-waiting]",
-    "test_checkpoint.py::test_resume_on_another_mesh_equals_one_process[tp2xdp2]",  # [dp2xtp2]
+    "test_checkpoint.py::test_resume_on_another_mesh_equals_one_process[tp2xdp2]",  # [fsdp2xtp2]
     "test_planner.py::test_the_chosen_plan_runs_and_verifies[4]",  # [2]
     "test_cli.py::test_run_wraps_torchrun",  # test_run_names_the_failing_rank_and_its_root_cause[exception]
     "test_leftovers_plan_io.py::test_uneven_heads_plan_round_trips[3-2-2]",  # [3-2-1]
@@ -125,6 +125,13 @@ DEFAULT_RUN_SLOW = {
     "test_offload.py::test_offload_gradients_and_step_equal_no_offload_float64[tp2]",  # 6 s; [fsdp2]
     # fourth round: sequence-parallel async tp added 4 cases
     "test_async_tp.py::test_check_catches_a_value_read_before_its_wait[reduce_scatter]",  # [sp_all_gather]
+    # and the clean-clone default run measured 599 s (this machine's working tree 537 s)
+    "test_checkpoint.py::test_resume_on_another_mesh_equals_one_process[dp2xtp2]",  # 3 s; [fsdp2xtp2]
+    "test_training.py::test_global_grad_norm_and_clipping[pp2xtp2]",  # 3 s; [dp2xtp2], test_pipeline_*
+    "test_comm_volume.py::test_bytes_per_step_equal_the_megatron_formula[hf-llama-4]",  # [llama-4], [hf-llama-2]
+    "test_comm_volume.py::test_bytes_per_step_equal_the_megatron_formula[hf-gpt2-4]",  # [gpt2-4], [hf-gpt2-2]
+    "test_property_oracle.py::test_simulated_compile_is_parallelize_on_each_rank[mesh1]",  # [mesh0], [mesh2]
+    "test_plan_io.py::test_saved_plan_compiles_to_the_identical_graph[mesh1]",  # [mesh0]
 }
 
 
