@@ -147,9 +147,20 @@ def _issued_vs_waiting(spin_ms):
     gradients, with and without polled waits (`fxpar.ops.waiting`)."""
     import os
 
+    before = os.environ.get("FXPAR_WAIT_SPIN_MS")
+    os.environ["FXPAR_WAIT_SPIN_MS"] = str(spin_ms)  # read on each wait; the pool's ranks serve later tests too
+    try:
+        return _issued_vs_waiting_here()
+    finally:
+        if before is None:
+            os.environ.pop("FXPAR_WAIT_SPIN_MS")
+        else:
+            os.environ["FXPAR_WAIT_SPIN_MS"] = before
+
+
+def _issued_vs_waiting_here():
     from fxpar.ops.async_tp import wait_issued
 
-    os.environ["FXPAR_WAIT_SPIN_MS"] = str(spin_ms)  # read on each wait
     mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
     group = mesh.get_group(0).group_name
     torch.manual_seed(dist.get_rank())

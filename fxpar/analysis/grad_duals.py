@@ -27,7 +27,7 @@ from fxpar.ops.collectives import COLLECTIVE_OPS
 from fxpar.ops.transitions import collective_args
 from fxpar.rules import tensor_args
 
-__all__ = ["check_grad_duals", "runtime_synced"]
+__all__ = ["check_grad_duals", "placed_ops", "runtime_synced"]
 
 _aten = torch.ops.aten
 
@@ -38,6 +38,17 @@ def _outputs_replicate(info, m: int) -> bool:
 
 def _is_collective(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in COLLECTIVE_OPS
+
+
+def placed_ops(gm: fx.GraphModule):
+    """(node, info) of each op that computes under its sharding rule: not a collective, with the placements
+    it needs on its inputs and a spec of its outputs."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or _is_collective(node) or node.target is operator.getitem:
+            continue
+        info = get_info(node)
+        if info is not None and info.input_placements is not None and _specs_of(info):
+            yield node, info
 
 
 _VIEWS = (_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default)
@@ -170,12 +181,7 @@ def check_grad_duals(gm: fx.GraphModule, mesh: MeshInfo, boundary: frozenset[str
     unsplit graph was checked before split_stages cut it).
     """
     grads = differentiable(gm)
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or _is_collective(node) or node.target is operator.getitem:
-            continue
-        info = get_info(node)
-        if info is None or info.input_placements is None or not _specs_of(info):
-            continue
+    for node, info in placed_ops(gm):
         for a, need in zip(tensor_args(node), info.input_placements):
             if need is None or a not in grads:
                 continue

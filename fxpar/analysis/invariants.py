@@ -38,7 +38,6 @@ Whole modules, pipelines and all ranks of a mesh: `fxpar.analysis.module_checks`
 from __future__ import annotations
 
 import logging
-import operator
 from typing import Any, Sequence
 
 import torch
@@ -47,8 +46,8 @@ from torch.distributed.tensor.placement_types import Placement, Shard
 
 from fxpar._torch.dispatch import has_autograd_kernel
 from fxpar._torch.placements import StridedShard as _StridedShard
-from fxpar.analysis.grad_duals import _is_collective, _outputs_replicate, check_grad_duals, runtime_synced
-from fxpar.analysis.local_run import _hint_shape, _specs_of, local_fake_run
+from fxpar.analysis.grad_duals import _is_collective, _outputs_replicate, check_grad_duals, placed_ops, runtime_synced
+from fxpar.analysis.local_run import _hint_shape, local_fake_run
 from fxpar.core.errors import FxparError, GraphInvariantError, node_context
 from fxpar.core.mesh import MeshInfo
 from fxpar.analysis.overlap import check_overlap
@@ -169,12 +168,7 @@ def _check_edges(gm: fx.GraphModule, mesh: MeshInfo) -> None:
 
 def _check_rules(gm: fx.GraphModule, mesh: MeshInfo) -> None:
     """Every op computes with a strategy its sharding rule lists for exactly those inputs."""
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or _is_collective(node) or node.target is operator.getitem:
-            continue
-        info = get_info(node)
-        if info is None or info.input_placements is None or not _specs_of(info):
-            continue
+    for node, info in placed_ops(gm):
         args = tensor_args(node)
         if len(args) != len(info.input_placements):
             continue  # _check_edges reports it

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from fxpar._torch.c10d import functional
 from fxpar.ops import waiting
-from fxpar.ops.collectives import (COLLECTIVE_OPS, _record, _reduce_scatter_bwd, _reduce_scatter_fake, _save_shard_args,
+from fxpar.ops.collectives import (COLLECTIVE_OPS, _record, check_divides, _reduce_scatter_bwd, _reduce_scatter_fake, _save_shard_args,
                                     _sp_all_gather_bwd)
 
 __all__ = ["ASYNC_OPS", "ISSUED_FORM", "WAIT_OP", "all_reduce_start", "reduce_scatter_start", "sp_all_gather_start",
@@ -74,13 +74,8 @@ def _gathered_buffer(x: Tensor, dim: int, n: int) -> Tensor:
     `.movedim(dim, 0)` of it is contiguous: c10d gathers into that view)."""
     moved = list(x.movedim(dim, 0).shape)
     moved[0] *= n
-    stride = [1] * len(moved)
-    for i in range(len(moved) - 2, -1, -1):
-        stride[i] = stride[i + 1] * moved[i + 1]
-    shape, strides = moved[1:], stride[1:]
-    shape.insert(dim, moved[0])
-    strides.insert(dim, stride[0])
-    return torch.empty_strided(shape, strides, dtype=x.dtype, device=x.device)
+    layout = torch.empty(moved, device="meta").movedim(0, dim)  # its strides; meta: nothing allocated
+    return torch.empty_strided(layout.shape, layout.stride(), dtype=x.dtype, device=x.device)
 
 
 @sp_all_gather_start.register_fake
@@ -98,6 +93,7 @@ def reduce_scatter_start(x: Tensor, dim: int, group_size: int, group_name: str, 
     """Partial -> Shard(dim), issued (sequence parallel's reduce-scatter after a row-parallel matmul): valid
     only after `wait_tensor`. Backward: all-gather along `dim`, as `fxpar::reduce_scatter`'s."""
     _record("reduce_scatter", mesh_dim, x, "forward")
+    check_divides(x, dim, group_size, "reduce_scatter")
     stacked = x if dim == 0 else torch.cat(x.chunk(group_size, dim=dim), dim=0)  # rank r's block r-th
     return waiting.start_reduce_scatter(stacked, group_size, group_name)
 

@@ -145,6 +145,12 @@ def _local_chunk(x: Tensor, dim: int, n: int, group_name: str, what: str, split_
     return x.chunk(n, dim=dim)[r].clone(memory_format=torch.contiguous_format)  # never alias the input
 
 
+def check_divides(x: Tensor, dim: int, n: int, op: str) -> None:
+    """Raises ShardingError unless dim `dim` of `x` divides by the group size `n` (checked at run time)."""
+    if x.size(dim) % n:
+        raise ShardingError(f"{op}: dim {dim} of size {x.size(dim)} does not divide by the mesh dim size {n} at run time")
+
+
 RS_CHUNK_BYTES = 4 * 1024 * 1024
 """Reduce-scatters of CPU tensors larger than this go in chunks of about this size (`_reduce_scatter`)."""
 
@@ -156,10 +162,7 @@ def _reduce_scatter(x: Tensor, dim: int, n: int, group_name: str, local_size: in
         padded = -(-x.size(dim) // n)
         out = _reduce_scatter(_pad(x, dim, padded * n), dim, n, group_name)
         return out.narrow(dim, 0, local_size)
-    if x.size(dim) % n:
-        raise ShardingError(
-            f"reduce_scatter: dim {dim} of size {x.size(dim)} does not divide by the mesh dim size {n} at run time"
-        )
+    check_divides(x, dim, n, "reduce_scatter")
     if dim != 0:
         x = torch.cat(x.chunk(n, dim=dim), dim=0)
     x = x.contiguous()

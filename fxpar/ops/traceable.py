@@ -64,7 +64,7 @@ from fxpar._torch.aten import assert_async
 from fxpar._torch.c10d import functional, group_rank, resolve_process_group
 from fxpar._torch.fx import copy_codegen
 from fxpar.ops.kv_replicas import REPLICA_GRAD_SUM
-from fxpar.ops.waiting import gloo_group
+from fxpar.ops.waiting import gloo_group, known_gloo
 
 __all__ = ["traceable_graph_module", "LOWERED_OPS", "lowered_collectives"]
 
@@ -85,16 +85,11 @@ def _all_gather(x: Tensor, dim: int, n: int, group_name: str) -> Tensor:
     return out
 
 
-_GLOO_GROUPS: dict[str, bool] = {}
-"""Group name -> whether it is a c10d gloo group, filled when a graph is lowered (`_lower_graph`), before
-dynamo traces the functions here: they read it as a constant instead of asking c10d while traced."""
-
-
 def _reduce_scatter(x: Tensor, dim: int, n: int, group_name: str) -> Tensor:
     if dim != 0:
         x = torch.cat(x.chunk(n, dim=dim), dim=0)
     x = x.contiguous()
-    if x.device.type != "cpu" or not _GLOO_GROUPS.get(group_name, False):
+    if x.device.type != "cpu" or not known_gloo(group_name):  # asked before tracing (`_lower_graph`)
         return _c10d.wait_tensor(_c10d.reduce_scatter_tensor(x, "sum", n, group_name))
     # gloo: an all-to-all and the sum of the blocks received, as the eager kernels (ops.waiting.start_reduce_scatter)
     rows = x.size(0) // n
@@ -367,8 +362,8 @@ def _lower_graph(graph: fx.Graph) -> fx.Graph:
             fn, _, convert = entry
             names = [a.name for a in node.target._schema.arguments]
             group = args[names.index("group_name")] if "group_name" in names[:len(args)] else None
-            if isinstance(group, str) and group not in _GLOO_GROUPS:
-                _GLOO_GROUPS[group] = gloo_group(group, torch.empty(0)) is not None
+            if isinstance(group, str):  # the backend, asked of c10d now: dynamo traces the collectives later
+                gloo_group(group, torch.empty(0))
             # named as the inserting pass named it (allreduce_attn_out, ...)
             new = out.create_node("call_function", fn, fx.node.map_arg(convert(args), lambda a: env[a]), {},
                                   name=node.name)

@@ -62,8 +62,8 @@ from fxpar._torch.c10d import functional, register_work, resolve_process_group
 from fxpar.core import config
 
 __all__ = ["SPIN_ENV", "spin_seconds", "polled_group", "poll", "all_reduce", "all_gather", "all_to_all_single",
-           "start_all_gather", "start_all_reduce", "start_reduce_scatter", "reduce_scatter", "gloo_group", "track",
-           "wait"]
+           "start_all_gather", "start_all_reduce", "start_reduce_scatter", "reduce_scatter", "gloo_group",
+           "known_gloo", "track", "wait"]
 
 _c10d = functional
 
@@ -77,21 +77,40 @@ def spin_seconds() -> float:
 
 
 _gloo_groups: dict[str, bool] = {}
+"""Group name -> polled: a c10d gloo group whose ranks each have a core (`polled_group`)."""
+_is_gloo: dict[str, bool] = {}
+"""Group name -> whether it is a c10d gloo group (`gloo_group`)."""
+
+
+def gloo_group(group_name: str, t: Tensor) -> dist.ProcessGroup | None:
+    """The group, if it is a c10d gloo group and `t` is on the CPU; else None (NCCL, an in-process test group)."""
+    if t.device.type != "cpu":
+        return None
+    gloo = _is_gloo.get(group_name)
+    if gloo is None:
+        try:
+            gloo = dist.get_backend(resolve_process_group(group_name)) == "gloo"
+        except (RuntimeError, ValueError):  # a group c10d's world does not know (an in-process test group)
+            gloo = False
+        _is_gloo[group_name] = gloo
+    return resolve_process_group(group_name) if gloo else None
+
+
+def known_gloo(group_name: str) -> bool:
+    """Whether `gloo_group` has found the group to be gloo (a dict read: traced code calls it as a constant)."""
+    return _is_gloo.get(group_name, False)
 
 
 def polled_group(group_name: str, t: Tensor) -> dist.ProcessGroup | None:
     """The group to issue on through c10d and poll, or None for torch's functional collectives."""
-    if t.device.type != "cpu" or spin_seconds() <= 0:
+    if spin_seconds() <= 0:
         return None
-    pg = resolve_process_group(group_name)
-    gloo = _gloo_groups.get(group_name)
-    if gloo is None:
-        try:
-            gloo = dist.get_backend(pg) == "gloo" and _own_cores()
-        except (RuntimeError, ValueError):  # a group c10d's world does not know (an in-process test group)
-            gloo = False
-        _gloo_groups[group_name] = gloo
-    return pg if gloo else None
+    pg = gloo_group(group_name, t)
+    if pg is None:
+        return None
+    if group_name not in _gloo_groups:
+        _gloo_groups[group_name] = _own_cores()
+    return pg if _gloo_groups[group_name] else None
 
 
 def _own_cores() -> bool:
@@ -196,22 +215,6 @@ def start_all_reduce(x: Tensor, group_name: str) -> Tensor:
         register_work(out, dist.all_reduce(out, group=resolve_process_group(group_name), async_op=True))
         return out
     return track(out, dist.all_reduce(out, group=pg, async_op=True))
-
-
-_gloo_cpu: dict[str, dist.ProcessGroup | None] = {}
-
-
-def gloo_group(group_name: str, t: Tensor) -> dist.ProcessGroup | None:
-    """The group, if it is a c10d gloo group and `t` is on the CPU; else None (NCCL, an in-process test group)."""
-    if t.device.type != "cpu":
-        return None
-    if group_name not in _gloo_cpu:
-        pg = resolve_process_group(group_name)
-        try:
-            _gloo_cpu[group_name] = pg if dist.get_backend(pg) == "gloo" else None
-        except (RuntimeError, ValueError):  # a group c10d's world does not know (an in-process test group)
-            _gloo_cpu[group_name] = None
-    return _gloo_cpu[group_name]
 
 
 _summing: dict[int, tuple[dist.Work, Tensor, int]] = {}

@@ -101,7 +101,6 @@ log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 fxp = torch.ops.fxpar
-_ALL_REDUCE = fxp.all_reduce.default
 _SP_COMMS = {fxp.sp_all_gather.default, fxp.reduce_scatter.default}
 """Sequence parallel's collectives: issued async when they act along another dim than the batch."""
 
