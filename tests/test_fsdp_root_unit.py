@@ -178,8 +178,18 @@ def _eager_case(cls=TiedGPT) -> dict:
     for p in pm.parameters():
         p.grad = None
     reset_peak_gathered_bytes()
+    hooked = []  # gradients autograd hands a shard: none, a bucket's shards get theirs from its reduce-scatter
+    handles = [p.register_hook(lambda g: hooked.append(g) if g is not None else None) for p in pm.parameters()]
     with fxpar.count_comms() as comms:
         loss = pm.step(ids, target=tgt, loss_fn=cross_entropy)
+    for h in handles:
+        h.remove()
+    first = [p.grad.clone() for p in pm.parameters()]
+    storages = {p.grad.untyped_storage().data_ptr() for p in pm.parameters()}
+    pm.step(ids, target=tgt, loss_fn=cross_entropy)  # accumulated into the views, as into any .grad
+    doubled = all(torch.equal(p.grad, 2 * g) for p, g in zip(pm.parameters(), first))
+    for p, g in zip(pm.parameters(), first):
+        p.grad = g
     ref = copy.deepcopy(model)
     ref_loss = cross_entropy(ref(ids), tgt)
     ref_loss.backward()
@@ -192,6 +202,8 @@ def _eager_case(cls=TiedGPT) -> dict:
             "grad_err": max((grads[k] - p.grad).abs().max().item() / p.grad.abs().max().item()
                             for k, p in ref.named_parameters()),
             "peak": peak_gathered_bytes(), "estimate": in_flight_estimate(pm.graph_module),
+            "hooked": len(hooked), "grad_storages": len(storages), "buckets": len(pm._fsdp_buckets),
+            "doubled": doubled,
             "root_bytes": sum(p.numel() * 8 for k, p in ref.named_parameters()
                               if k in ROOT_PARAMS | {"wte.weight", "wpe.weight"})}
 
@@ -210,6 +222,9 @@ def test_eager_step_issues_torch_fsdp2s_collectives_and_equals_the_unsplit_model
                                        ("reduce_scatter", "backward"): 3}, r
         assert r["loss_err"] <= 1e-13 and r["out_err"] <= 1e-13 and r["grad_err"] <= 1e-12, r
         assert r["root_bytes"] <= r["peak"] <= r["estimate"], r
+        # no zeros from autograd: each shard's .grad is a view of its unit's reduce-scatter output (FSDP2's
+        # sharded gradients), and a second backward adds into it exactly
+        assert r["hooked"] == 0 and r["grad_storages"] == r["buckets"] == 3 and r["doubled"], r
 
 
 def _compiled_case() -> dict:

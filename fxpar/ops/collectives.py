@@ -436,6 +436,8 @@ def _fsdp_all_gather_bwd(ctx, grad):
         grad = grad.to(ctx.reduce_dtype)
     runtime = _fsdp_runtime[0] if _fsdp_runtime else None
     out = runtime.backward(ctx.fsdp, ctx, grad) if runtime is not None and ctx.fsdp is not None else None
+    if out is LANDS_IN_GRAD:  # the runtime adds the reduce-scattered shard into `.grad`: autograd adds nothing
+        return None, None, None, None, None, None, None, None
     if out is None:
         local = ctx.shard_shape[ctx.dim] if ctx.uneven else None  # this rank's real rows of an uneven shard
         _record("reduce_scatter", ctx.mesh_dim,
@@ -466,8 +468,14 @@ class FsdpRuntime(Protocol):
     def saved(self, shard: Tensor) -> Any:
         """A token for the backward (None: the op reduce-scatters the gradient itself)."""
 
-    def backward(self, token: Any, ctx: Any, grad: Tensor) -> Tensor | None:
-        """The shard's gradient, or None to let the op reduce-scatter `grad`."""
+    def backward(self, token: Any, ctx: Any, grad: Tensor) -> Any:
+        """The shard's gradient; `LANDS_IN_GRAD` when the runtime took `grad` and adds the shard's part into
+        `.grad` itself (autograd then adds nothing: no zeros to fill and accumulate); or None to let the op
+        reduce-scatter `grad`."""
+
+
+# `FsdpRuntime.backward`'s answer for a gradient it took: the shard gets no gradient from autograd.
+LANDS_IN_GRAD = "fxpar: lands in .grad"
 
 
 _fsdp_runtime: list[FsdpRuntime] = []

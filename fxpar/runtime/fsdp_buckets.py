@@ -10,10 +10,12 @@ time a ParallelModule registers its buckets here, and the custom op's kernels
               buffer [n, local numel]; each parameter's node takes its full
               tensor out of it (contiguous, its own storage, so it is freed
               after its layer like a per-parameter gather)
-    backward  each node's gradient is kept by the bucket and the node returns
-              zeros for its shard; the last gradient of the bucket copies them
+    backward  each node's gradient is kept by the bucket and the node gives its
+              shard none (`LANDS_IN_GRAD`: no zeros for autograd to fill and add);
+              the last gradient of the bucket copies them
               into one flat buffer and reduce-scatters it once and adds each shard's part into
-              `.grad` (a callback at the end of the backward flushes buckets
+              `.grad`, or makes it `.grad`: a view of the reduce-scatter's output, as
+              FSDP2's sharded gradients (a callback at the end of the backward flushes buckets
               some of whose parameters got no gradient)
     re-gather (reshard_after_forward) the first parameter autograd unpacks
               re-gathers the bucket's saved parameters at once; the rest come
@@ -200,8 +202,9 @@ class FsdpBucket:
             self._prefetch_prev = self.overlap and self.prev is not None
         return self._regathered[index]
 
-    def reduce(self, index: int, grad: Tensor) -> Tensor:
-        """Takes parameter `index`'s full gradient; returns the zeros autograd adds to its shard."""
+    def reduce(self, index: int, grad: Tensor) -> str:
+        """Takes parameter `index`'s full gradient; its shard's part lands in `.grad` when the bucket's
+        reduce-scatter is waited (`_accumulate`), so autograd gets none (`C.LANDS_IN_GRAD`)."""
         if self._grads is None:
             self._grads = {}
             queue_autograd_callback(self._flush_and_drain)
@@ -215,7 +218,7 @@ class FsdpBucket:
             self.prev._prefetch_regather()
         if len(self._grads) == len(self.numels):
             self.flush()
-        return grad.new_zeros(self.shapes[index])
+        return C.LANDS_IN_GRAD
 
     def flush(self) -> None:
         """Issues the reduce-scatter of the gradients gathered so far (zeros for the others), after waiting
@@ -251,7 +254,10 @@ class FsdpBucket:
             part = local[o:o + k].view(self.padded[i])[:self.shapes[i][0]]
             if take_shard_grad(shard, part):  # HSDP: runtime.grad_sync sums it over dp, then adds it into .grad
                 continue
-            shard.grad = part.to(shard.dtype, copy=True) if shard.grad is None else shard.grad.add_(part)
+            if shard.grad is not None:
+                shard.grad.add_(part)
+            else:  # a view of the reduce-scatter's output, as FSDP2's sharded gradients: no copy
+                shard.grad = part if part.dtype == shard.dtype else part.to(shard.dtype)
 
 
 # Reduce-scatters issued and not yet waited, oldest first: (bucket, pending, got, input buffer kept alive).

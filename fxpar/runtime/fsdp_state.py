@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fxpar._torch.dispatch import is_fake
-from fxpar.ops.collectives import _all_gather, _record, _reduce_scatter, set_fsdp_runtime
+from fxpar.ops.collectives import LANDS_IN_GRAD, _all_gather, _record, _reduce_scatter, set_fsdp_runtime
 from fxpar.ops.overlap import prefetch_shards, wait
 
 __all__ = [
@@ -74,7 +74,7 @@ class StepGather:
     its gradient M times. Inside `with StepGather() as sg:` the first gather
     of a shard communicates and later ones reuse the full parameter (kept for
     the step: FSDP2's reshard_after_forward=False); backwards add the full
-    gradient into one buffer and give the shard zeros; `sg.reduce_scatter(params)`
+    gradient into one buffer and give the shard none; `sg.reduce_scatter(params)`
     then reduce-scatters each buffer once and adds it into `.grad`.
     """
 
@@ -105,7 +105,7 @@ class StepGather:
             note_gathered(full, shard, args)
         return full.detach()  # a new tensor on the same storage: autograd gives each use its own history
 
-    def accumulate(self, shard_key: int, ctx, grad: Tensor) -> Tensor:
+    def accumulate(self, shard_key: int, ctx, grad: Tensor) -> str:
         shape = list(ctx.shard_shape)  # this rank's rows (fewer than grad.shape / n for an uneven shard)
         key = (shard_key, tuple(shape), grad.dtype)
         acc = self._grads.get(key)
@@ -113,7 +113,7 @@ class StepGather:
             self._grads[key] = grad.detach().clone()
         else:
             acc.add_(grad)
-        return grad.new_zeros(shape)
+        return LANDS_IN_GRAD  # `reduce_scatter` adds it into .grad
 
     def reduce_scatter(self, params: list[Tensor]) -> None:
         """Reduce-scatters each gathered parameter's summed gradient once, in `params` order (the same on

@@ -14,8 +14,8 @@ gradient accumulation over several backwards stays exact, as with the
 per-parameter `grad_all_reduce` the pass replaced.
 
 HSDP (dp x fsdp): a marked FSDP shard whose block is gathered and
-reduce-scattered as one bucket (`fxpar.runtime.fsdp_buckets`) gets zeros from
-autograd; its real gradient is the block's reduce-scatter, which the FSDP
+reduce-scattered as one bucket (`fxpar.runtime.fsdp_buckets`) gets no gradient
+from autograd; its real gradient is the block's reduce-scatter, which the FSDP
 runtime hands here (`take_shard_grad`) when it lands instead of adding it into
 `.grad`. That lands during the backward (or in the FSDP runtime's own end-of-
 backward callback), so the bucket is all-reduced over dp as soon as its shards
@@ -140,7 +140,7 @@ class GradSync:
     def _make_hook(self, bucket: _Bucket, param: torch.nn.Parameter):
         def hook(grad: torch.Tensor) -> torch.Tensor:
             if fsdp_bucket_of(param) is not None:
-                return None  # the zeros the FSDP runtime gives a bucketed shard: its gradient lands in `_land`
+                return None  # a bucketed shard's gradient lands in `_land`, not through autograd
             self._queue_finish()
             if bucket.flat is None:  # every slot is written before the all-reduce
                 bucket.flat = grad.new_empty(bucket.numel, dtype=bucket.dtype or grad.dtype)
@@ -193,7 +193,7 @@ class GradSync:
             for p in bucket.got:
                 start, n = bucket.offsets[p]
                 reduced = bucket.flat[start:start + n].view_as(p).to(p.dtype)  # mixed precision: cast once, here
-                # a landed shard's .grad is its earlier backwards' gradient plus autograd's zeros
+                # a landed shard's .grad is its earlier backwards' gradient (autograd gave it none)
                 before = p.grad if p in bucket.landed else bucket.before.get(p)
                 # one bucket's views share its buffer, which lives as long as any of them: it holds
                 # exactly the bucket's gradients
