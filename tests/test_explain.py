@@ -176,10 +176,11 @@ def test_compiled_fsdp_explain_shows_inductors_order_forward_and_backward():
         under = fwd.collectives[1]
         assert any("addmm" in k for k in under.kernels) and any(m.startswith("blocks.0.") for m in under.modules)
         # the backward: block 0 re-gathered before block 1's reduce-scatter is issued (prefetch_fsdp_gathers), and
-        # each reduce-scatter (full flat gradients in, shards out) waited after its issue
+        # each reduce-scatter (full flat gradients in, shards out; on gloo an all-to-all and a sum of the blocks
+        # received, fxpar.ops.traceable.reduce_scatter_flat) waited after its issue
         assert [(c.op, c.what) for c in bwd.collectives] == [
             ("all_gather_into_tensor", "blocks.1"), ("all_gather_into_tensor", "blocks.0"),
-            ("reduce_scatter_tensor", "blocks.1"), ("reduce_scatter_tensor", "blocks.0")]
+            ("all_to_all_single", "blocks.1"), ("all_to_all_single", "blocks.0")]
         assert [c.nbytes for c in bwd.collectives] == [shard, shard, full, full]
         assert all(c.wait and c.issue_at < c.wait_at for c in (*fwd.collectives, *bwd.collectives))
         rs1 = bwd.collectives[2]

@@ -113,7 +113,9 @@ def _compiler_graphs(reshard: bool):
     def count(gm, op):
         return sum(1 for n in gm.graph.nodes if n.target == op)
 
-    ops = (_funcol.all_gather_into_tensor.default, _funcol.reduce_scatter_tensor.default, _funcol.wait_tensor.default)
+    # on gloo a unit's reduce-scatter is an all-to-all and the sum of the blocks received (reduce_scatter_flat):
+    # gloo's own reduce-scatter all-reduces the whole buffer
+    ops = (_funcol.all_gather_into_tensor.default, _funcol.all_to_all_single.default, _funcol.wait_tensor.default)
     # what the forward saves for the backward (its outputs after the loss) that comes from a gather
     fw = graphs[0]
     gathered = set()
@@ -127,6 +129,7 @@ def _compiler_graphs(reshard: bool):
     return {"units": len(units), "calls": calls, "left": left, "kept": kept, "exact": exact, "moved": moved,
             "comm_order": comm_order,
             "counts": [[count(gm, op) for op in ops] for gm in graphs],
+            "gloo_reduce_scatters": sum(count(gm, _funcol.reduce_scatter_tensor.default) for gm in graphs),
             "saved_from_gathers": sum(a in gathered for a in saved)}
 
 
@@ -141,6 +144,7 @@ def test_fsdp_units_reach_the_compiler_as_one_gather_and_one_reduce_scatter_each
         (fw_ag, fw_rs, fw_wait), (bw_ag, bw_rs, bw_wait) = r["counts"]
         assert (fw_ag, fw_rs, fw_wait) == (2, 0, 2), r
         assert bw_rs == 2 and bw_ag == (2 if reshard else 0) and bw_wait == bw_ag + bw_rs, r
+        assert r["gloo_reduce_scatters"] == 0, r
         if reshard:  # shards and activations only: nothing computed from a gathered parameter is kept
             assert r["saved_from_gathers"] == 0, r
             # block 0's re-gather comes before block 1's reduce-scatter (inductor's own post-grad graph puts it
@@ -151,28 +155,36 @@ def test_fsdp_units_reach_the_compiler_as_one_gather_and_one_reduce_scatter_each
             assert r["moved"] == [0, 0] and r["comm_order"][1] == ["RS", "RS"], r
 
 
-def _backward_like_graph():
+def _reduce_scatter(g, x, form):
+    if form == "reduce_scatter_tensor":
+        return g.call_function(_funcol.reduce_scatter_tensor.default, (x, "sum", 2, "fsdp_group"))
+    return g.call_function(_funcol.all_to_all_single.default, (x, [4, 4], [4, 4], "fsdp_group"))  # gloo's form
+
+
+def _backward_like_graph(form="reduce_scatter_tensor"):
     """A backward as inductor's post-grad graph orders it: each block's re-gather right before its use,
-    after the reduce-scatter of the block after it."""
+    after the reduce-scatter of the block after it (`form`: torch's, or on gloo an all-to-all)."""
     g = torch.fx.Graph()
     shard1, shard0, grad = g.placeholder("primals_1"), g.placeholder("primals_2"), g.placeholder("tangents_1")
     gather1 = g.call_function(_funcol.all_gather_into_tensor.default, (shard1, 2, "fsdp_group"))
     w1 = g.call_function(_funcol.wait_tensor.default, (gather1,))
     d1 = g.call_function(torch.ops.aten.mm.default, (grad, w1))
-    rs1 = g.call_function(_funcol.reduce_scatter_tensor.default, (d1, "sum", 2, "fsdp_group"))
+    rs1 = _reduce_scatter(g, d1, form)
     g.call_function(_funcol.wait_tensor.default, (rs1,))
     flat0 = g.call_function(torch.ops.aten.cat.default, ([shard0],))  # the unit's flat buffer
     gather0 = g.call_function(_funcol.all_gather_into_tensor.default, (flat0, 2, "fsdp_group"))
     w0 = g.call_function(_funcol.wait_tensor.default, (gather0,))
     d0 = g.call_function(torch.ops.aten.mm.default, (d1, w0))
-    rs0 = g.call_function(_funcol.reduce_scatter_tensor.default, (d0, "sum", 2, "fsdp_group"))
+    rs0 = _reduce_scatter(g, d0, form)
     g.output(g.call_function(_funcol.wait_tensor.default, (rs0,)))
     return g, rs1, w0
 
 
-def test_prefetch_moves_each_regather_ahead_of_the_reduce_scatter_before_it():
-    g, rs1, w0 = _backward_like_graph()
-    names = {_funcol.all_gather_into_tensor.default: "AG", _funcol.reduce_scatter_tensor.default: "RS"}
+@pytest.mark.parametrize("form", ["reduce_scatter_tensor", "all_to_all_single"])
+def test_prefetch_moves_each_regather_ahead_of_the_reduce_scatter_before_it(form):
+    g, rs1, w0 = _backward_like_graph(form)
+    names = {_funcol.all_gather_into_tensor.default: "AG", _funcol.reduce_scatter_tensor.default: "RS",
+             _funcol.all_to_all_single.default: "RS"}
 
     def order():
         return [names[n.target] for n in g.nodes if n.target in names]

@@ -262,7 +262,9 @@ def _compiled_case() -> dict:
     r, b = dist.get_rank(), CFG.batch // 2
     with reshard_fsdp_gathers(fsdp_group_names(lowered), reshard=True):
         cross_entropy(compiled(ids), tgt[r * b:(r + 1) * b]).backward()
-    ops = {funcol.all_gather_into_tensor.default: "all_gather", funcol.reduce_scatter_tensor.default: "reduce_scatter"}
+    # on gloo a unit's reduce-scatter is an all-to-all and a sum (fxpar.ops.traceable.reduce_scatter_flat)
+    ops = {funcol.all_gather_into_tensor.default: "all_gather", funcol.reduce_scatter_tensor.default: "reduce_scatter",
+           funcol.all_to_all_single.default: "reduce_scatter"}
     out["counts"] = collections.Counter((ops[n.target], direction) for gm, direction in zip(graphs, ("forward", "backward"))
                                         for n in gm.graph.nodes if n.target in ops)
     return out

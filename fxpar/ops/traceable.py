@@ -66,7 +66,7 @@ from fxpar._torch.fx import copy_codegen
 from fxpar.ops.kv_replicas import REPLICA_GRAD_SUM
 from fxpar.ops.waiting import gloo_group, known_gloo
 
-__all__ = ["traceable_graph_module", "LOWERED_OPS", "lowered_collectives"]
+__all__ = ["traceable_graph_module", "LOWERED_OPS", "lowered_collectives", "reduce_scatter_flat"]
 
 _c10d = functional  # importing fxpar._torch.c10d imports torch's functional collectives: wait_tensor is kept by DCE
 
@@ -85,16 +85,25 @@ def _all_gather(x: Tensor, dim: int, n: int, group_name: str) -> Tensor:
     return out
 
 
-def _reduce_scatter(x: Tensor, dim: int, n: int, group_name: str) -> Tensor:
-    if dim != 0:
-        x = torch.cat(x.chunk(n, dim=dim), dim=0)
+def reduce_scatter_flat(x: Tensor, n: int, group_name: str) -> Tensor:
+    """The sum over the group of `x`'s block of dim 0 for this rank (n blocks), as traceable collectives.
+
+    On a gloo group (its backend asked of c10d before tracing: `_lower_graph`, `traceable_fsdp_graph_module`)
+    an all-to-all and the sum of the n blocks received, in rank order, as the eager kernels
+    (`fxpar.ops.waiting.start_reduce_scatter`): gloo's own reduce-scatter all-reduces the whole buffer.
+    Elsewhere torch's functional reduce-scatter."""
     x = x.contiguous()
-    if x.device.type != "cpu" or not known_gloo(group_name):  # asked before tracing (`_lower_graph`)
+    if x.device.type != "cpu" or not known_gloo(group_name):
         return _c10d.wait_tensor(_c10d.reduce_scatter_tensor(x, "sum", n, group_name))
-    # gloo: an all-to-all and the sum of the blocks received, as the eager kernels (ops.waiting.start_reduce_scatter)
     rows = x.size(0) // n
     blocks = _c10d.wait_tensor(_c10d.all_to_all_single(x, [rows] * n, [rows] * n, group_name))
     return blocks.view(n, rows, *x.shape[1:]).sum(0)
+
+
+def _reduce_scatter(x: Tensor, dim: int, n: int, group_name: str) -> Tensor:
+    if dim != 0:
+        x = torch.cat(x.chunk(n, dim=dim), dim=0)
+    return reduce_scatter_flat(x, n, group_name)
 
 
 def _chunk(x: Tensor, dim: int, n: int, rank: int) -> Tensor:

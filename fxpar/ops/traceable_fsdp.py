@@ -14,6 +14,8 @@ torch's functional collectives, SimpleFSDP-style:
               -> all_gather_into_tensor -> wait_tensor -> each full parameter
     backward  full gradients -> cast to reduce_dtype -> pad -> one flat buffer
               -> reduce_scatter_tensor -> wait_tensor -> each shard's rows, in the shard's dtype
+              (on a gloo group all_to_all_single -> wait_tensor -> the sum of the n blocks
+              received, as the eager buckets: `fxpar.ops.traceable.reduce_scatter_flat`)
 
 The same collective per block each way, the same bytes, the same sums as the
 eager buckets (a reduce-scatter over the group, element by element).
@@ -73,6 +75,8 @@ from fxpar._torch.c10d import functional
 from fxpar._torch.functorch import annotate_traced, joint_graph_pass, tag_recompute, traced_annotation
 from fxpar._torch.fx import copy_codegen
 from fxpar.core.spec import FSDP_ROOT_UNIT, get_info
+from fxpar.ops.traceable import reduce_scatter_flat
+from fxpar.ops.waiting import gloo_group
 
 __all__ = ["fsdp_gather_unit", "traceable_fsdp_graph_module", "fsdp_units_of", "fsdp_group_names",
            "padded_uneven_shards", "reshard_fsdp_gathers", "recompute_fsdp_gathers",
@@ -135,7 +139,7 @@ class _GatherUnit(torch.autograd.Function):
             g = g if reduce_dtype is None else g.to(reduce_dtype)
             pieces.append(_pad_rows(g, n * rows).reshape(n, numel))
         flat = torch.cat(pieces, dim=1).reshape(-1)  # rank-major, as the gather's buffer
-        reduced = _c10d.wait_tensor(_c10d.reduce_scatter_tensor(flat, "sum", n, group_name))
+        reduced = reduce_scatter_flat(flat, n, group_name)
         out, offset = [], 0
         for shape, dtype, (rows, numel) in zip(ctx.shapes, ctx.dtypes, layouts):
             piece = reduced[offset:offset + numel].view(rows, *shape[1:])
@@ -248,6 +252,8 @@ def traceable_fsdp_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     new = fx.GraphModule(gm, out, class_name=type(gm).__name__)
     new.meta.update(gm.meta)
     new.meta["fxpar_fsdp_groups"] = sorted({_fsdp_args(g)["group_name"] for g in lowered})
+    for group in new.meta["fxpar_fsdp_groups"]:  # the backend, asked of c10d now: dynamo traces the units later
+        gloo_group(group, torch.empty(0))
     if padded:  # each uneven shard's read becomes a read of its padded copy (padded_uneven_shards)
         new.meta[_PADDED] = []
         for read, rows in padded:
@@ -377,7 +383,9 @@ def reshard_fsdp_gathers(groups: set[str], *, reshard: bool = True) -> Iterator[
 
 
 def _is_reduce_scatter(node: fx.Node, groups: set[str]) -> bool:
-    return (node.op == "call_function" and node.target is _c10d.reduce_scatter_tensor.default
+    # on gloo a unit's reduce-scatter is an all-to-all (`reduce_scatter_flat`); both take the group 4th
+    return (node.op == "call_function" and node.target in (_c10d.reduce_scatter_tensor.default,
+                                                           _c10d.all_to_all_single.default)
             and node.args[3] in groups)
 
 
