@@ -230,3 +230,31 @@ def _bucket_of_another():
 def test_bucket_takes_only_its_own_shards():
     for diff in rank_pool(2).run(_bucket_of_another):
         assert diff == 0.0  # keyed by data pointer, the transpose was gathered as the registered shard
+
+
+def test_gathered_bytes_are_counted_as_noted_and_freed():
+    """The runtime's count of gathered parameters alive (kept as they are noted and freed, not summed at every
+    note): a tensor noted twice counts once, a freed one leaves the count, the peak stays until reset."""
+    import gc
+
+    from fxpar.runtime.fsdp_state import (gathered_param_bytes, note_gathered, peak_gathered_bytes,
+                                          reset_peak_gathered_bytes)
+
+    gc.collect()
+    base = gathered_param_bytes()
+    reset_peak_gathered_bytes()
+    shard, args = torch.zeros(2), (0, 2, "g", "fsdp", None)
+    a, b = torch.zeros(4, dtype=torch.float64), torch.zeros(8, dtype=torch.float16)
+    note_gathered(a, shard, args)
+    note_gathered(b, shard, args)
+    note_gathered(a, shard, args, keep=True)  # the same tensor again
+    assert gathered_param_bytes() - base == 32 + 16
+    del a
+    assert gathered_param_bytes() - base == 16
+    c = torch.zeros(2, dtype=torch.float32)
+    note_gathered(c, shard, args)
+    assert gathered_param_bytes() - base == 24 and peak_gathered_bytes() - base == 48
+    del b, c
+    assert gathered_param_bytes() == base
+    reset_peak_gathered_bytes()
+    assert peak_gathered_bytes() == base

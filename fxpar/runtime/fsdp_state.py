@@ -155,15 +155,32 @@ def fsdp_bucket_of(shard: Tensor) -> tuple | None:
 # id(full) -> (weakref(full), shard, (dim, group_size, group_name, mesh_dim, uneven full size or None)).
 _gathered: dict[int, tuple] = {}
 
-
+# Their bytes, kept as they are noted and freed (a sum over `_gathered` at every note was quadratic in the
+# parameters per step), and the most since `reset_peak_gathered_bytes`. A lock: the in-process simulator notes
+# from one thread per rank.
+_live = [0]
 _peak = [0]
+_lock = threading.Lock()
 
 
 def note_gathered(full: Tensor, shard: Tensor, args: tuple, *, keep: bool = False) -> None:
     """Tracks a gathered parameter; with keep (the root unit) autograd saves it as it is (`pack_gathered`)."""
     key = id(full)
-    _gathered[key] = (weakref.ref(full, lambda _: _gathered.pop(key, None)), shard, args, keep)
-    _peak[0] = max(_peak[0], gathered_param_bytes())
+    old = _gathered.get(key)
+    if old is not None and old[0]() is full:  # noted again: its weakref (whose callback un-counts it) stays
+        _gathered[key] = (old[0], shard, args, keep)
+        return
+    nbytes = full.numel() * full.element_size()
+
+    def freed(_, key=key, nbytes=nbytes) -> None:
+        _gathered.pop(key, None)
+        with _lock:
+            _live[0] -= nbytes
+
+    _gathered[key] = (weakref.ref(full, freed), shard, args, keep)
+    with _lock:
+        _live[0] += nbytes
+        _peak[0] = max(_peak[0], _live[0])
 
 
 class _Regather:
@@ -222,12 +239,7 @@ def peak_gathered_bytes() -> int:
 
 def gathered_param_bytes() -> int:
     """Bytes of FSDP-gathered parameters alive now (in this process)."""
-    total = 0
-    for ref, *_ in list(_gathered.values()):
-        t = ref()
-        if t is not None:
-            total += t.numel() * t.element_size()
-    return total
+    return _live[0]
 
 
 class _FsdpState:
