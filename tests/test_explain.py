@@ -57,9 +57,12 @@ def test_fsdp_backward_per_unit_names_each_issue_wait_and_the_compute_between():
             assert module[up] == f"blocks.{k + 1}.up" and module[f"linear_{2 * k + 1}"] == f"blocks.{k}.down"
         norm = f"layer_norm_{k}" if k else "layer_norm"
         assert rs.startswith(f"(32.88 KiB) issued after the backward of %{norm} (blocks.{k}'s last gradient), ")
-        if k:  # in flight during block k-1's whole backward, waited when block k-1's own is issued
-            assert f"waited when blocks.{k - 1}'s reduce-scatter is issued: under it 5 backward ops of " \
-                   f"blocks.{k - 1}, blocks.{k - 1}.down, blocks.{k - 1}.up, blocks.{k - 1}.norm" in rs, rs
+        if k > 1:  # in flight during half of block k-1's backward, waited when block k-2's re-gather is issued
+            assert f"waited when blocks.{k - 2}'s re-gather is issued: under it 4 backward ops of " \
+                   f"blocks.{k - 1}, blocks.{k - 1}.down, blocks.{k - 1}.up" in rs, rs
+        elif k:  # block 0 prefetches nothing: in flight during its whole backward, waited when its own is issued
+            assert "waited when blocks.0's reduce-scatter is issued: under it 5 backward ops of " \
+                   "blocks.0, blocks.0.down, blocks.0.up, blocks.0.norm" in rs, rs
         else:
             assert rs.endswith("waited at the end of the backward: no compute under it"), rs
 

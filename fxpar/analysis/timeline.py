@@ -19,8 +19,9 @@ One training step of this rank's graph, replayed in graph order on two lanes
                           (reshard_after_forward) before the first backward op that unpacks one of its
                           parameters, blocking unless prefetched; with overlap scheduled, unit u-1's
                           re-gather is issued once half of unit u's gradients are in, and unit u's
-                          reduce-scatter, issued at its last gradient, is waited when unit u-1's is
-                          issued (one in flight) or at the end of the backward
+                          reduce-scatter, issued at its last gradient, is waited when unit u-2's
+                          re-gather is issued (half-way through unit u-1's backward), else when unit
+                          u-1's is issued (one in flight) or at the end of the backward
 
 with L = `DeviceModel.mesh_bandwidth` and bytes each rank's payload (as
 `explain()` counts it). An `Overlap` is the window from an issue to its wait:
@@ -442,6 +443,8 @@ class _FsdpBackward:
         got.add(str(gather.args[0].target))
         if len(got) == self.prefetch_at.get(u.index):
             p = self.prev[u.index]
+            if self.regather:  # the runtime waits the reduce-scatter in flight before it issues the re-gather
+                self._drain(f"{p.name}'s re-gather")
             if self.regather and p.index not in self.done and p.index not in self.pending:
                 self.pending[p.index] = (self.r._comm(f"all_gather({p.mesh_dim}) of {p.name} (re-gather)",
                                                       self._bytes(p, "forward"), module=p.module, kind="regather",

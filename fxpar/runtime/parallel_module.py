@@ -336,6 +336,7 @@ class ParallelModule(nn.Module):
         output = self._run_graph(inputs, kwargs)
         local_target = target if self.input_layout == "local" else self._local_batch(target)
         local = loss_fn(output, local_target)
+        del output  # what the loss saved stays; the outputs themselves (logits) are not held through the backward
         shards = 1
         for m in data:
             shards *= self.mesh_info.sizes[m]
