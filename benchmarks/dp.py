@@ -64,7 +64,6 @@ def dp_rank(cfg: ModelConfig, opts: dict) -> dict:
     """Rank body of section 3 (every rank runs it)."""
     import fxpar
     from fxpar.analysis.memory import memory_per_rank
-    from fxpar.testing.memory import LiveBytes
     from torch.distributed.device_mesh import init_device_mesh
 
     n, rank = dist.get_world_size(), dist.get_rank()
@@ -126,7 +125,7 @@ def dp_rank(cfg: ModelConfig, opts: dict) -> dict:
         # The step's peak from the tensors: gathered parameters, activations, gradients (all created by it),
         # and for fxpar the memory model's prediction of it (explain()'s "training step").
         m.zero_grad(set_to_none=True)
-        with LiveBytes() as live:
+        with H.StepLiveBytes(H.fsdp_bucket_tensors(m) if name in opts["fxpar_sides"] else None) as live:
             step()
         out["memory"][name]["step_peak"] = live.peak
         if name in opts["fxpar_sides"]:

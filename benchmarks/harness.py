@@ -28,11 +28,13 @@ import math
 import statistics
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
+import torch.utils._pytree as pytree
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -345,3 +347,61 @@ def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
 def optimizer_bytes(opt: torch.optim.Optimizer) -> int:
     """Bytes of an optimizer's state tensors (Adam: exp_avg and exp_avg_sq; the step counters)."""
     return tensor_bytes(v for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor))
+
+
+class StepLiveBytes(TorchDispatchMode):
+    """Peak bytes of tensor storage alive during a step above its start, sampled after every op.
+
+    Tracked: every tensor an op returns inside the block, and tensors alive at the start whose storage is
+    empty (FSDP2's unsharded parameters, whose storage it resizes to full and back to 0 without an op).
+    Storages are counted once however many views share them. A mode does not see inside the custom ops
+    that handle it, so `inside()` names tensors they hold (fxpar's FSDP buckets: gathers in flight,
+    gathered blocks, reduce-scatter buffers).
+    """
+
+    def __init__(self, inside=None) -> None:
+        super().__init__()
+        self.inside = inside or (lambda: [])
+
+    def __enter__(self):
+        import gc
+
+        self.refs = [weakref.ref(o) for o in gc.get_objects()
+                     if isinstance(o, torch.Tensor) and o.untyped_storage().nbytes() == 0]
+        self.peak = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.refs.append(weakref.ref(t))
+        seen, alive = {}, []
+        for t in self.inside():
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        for r in self.refs:
+            t = r()
+            if t is not None:
+                alive.append(r)
+                st = t.untyped_storage()
+                seen[st.data_ptr()] = st.nbytes()
+        self.refs = alive
+        self.peak = max(self.peak, sum(seen.values()))
+        return out
+
+
+def fsdp_bucket_tensors(pm):
+    """What fxpar's FSDP runtime holds inside its ops (see `StepLiveBytes`)."""
+    from fxpar.runtime import fsdp_buckets
+
+    def inside():
+        out = []
+        for b in pm._fsdp_buckets:
+            out += [b._pending[1]] if b._pending else []
+            out += [t for t, _ in b._full.values()] + list(b._regathered.values())
+            out += list(b._grads.values()) if b._grads else []
+        for _, pending, _, grads in fsdp_buckets._in_flight():
+            out += [pending, grads]
+        return out
+    return inside

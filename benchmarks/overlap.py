@@ -32,13 +32,10 @@ from __future__ import annotations
 import copy
 import os
 import time
-import weakref
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.utils._pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import harness as H
 from benchmarks.dp import _torch_fsdp2
@@ -105,64 +102,6 @@ def peak_rss_bytes(step) -> int:
     return best
 
 
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of tensor storage alive during a step above its start, sampled after every op.
-
-    Tracked: every tensor an op returns inside the block, and tensors alive at the start whose storage is
-    empty (FSDP2's unsharded parameters, whose storage it resizes to full and back to 0 without an op).
-    Storages are counted once however many views share them. A mode does not see inside the custom ops
-    that handle it, so `inside()` names tensors they hold (fxpar's FSDP buckets: gathers in flight,
-    gathered blocks, reduce-scatter buffers).
-    """
-
-    def __init__(self, inside=None) -> None:
-        super().__init__()
-        self.inside = inside or (lambda: [])
-
-    def __enter__(self):
-        import gc
-
-        self.refs = [weakref.ref(o) for o in gc.get_objects()
-                     if isinstance(o, torch.Tensor) and o.untyped_storage().nbytes() == 0]
-        self.peak = 0
-        return super().__enter__()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.refs.append(weakref.ref(t))
-        seen, alive = {}, []
-        for t in self.inside():
-            st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
-        for r in self.refs:
-            t = r()
-            if t is not None:
-                alive.append(r)
-                st = t.untyped_storage()
-                seen[st.data_ptr()] = st.nbytes()
-        self.refs = alive
-        self.peak = max(self.peak, sum(seen.values()))
-        return out
-
-
-def _bucket_tensors(pm):
-    """What fxpar's FSDP runtime holds inside its ops (see `LiveBytes`)."""
-    from fxpar.runtime import fsdp_buckets
-
-    def inside():
-        out = []
-        for b in pm._fsdp_buckets:
-            out += [b._pending[1]] if b._pending else []
-            out += [t for t, _ in b._full.values()] + list(b._regathered.values())
-            out += list(b._grads.values()) if b._grads else []
-        for _, pending, _, grads in fsdp_buckets._in_flight():
-            out += [pending, grads]
-        return out
-    return inside
-
-
 def overlap_rank(cfg: ModelConfig, opts: dict) -> dict:
     """Rank body (every rank runs it): the parts in opts['overlap_parts'] (default both)."""
     n, rank = dist.get_world_size(), dist.get_rank()
@@ -216,7 +155,7 @@ def _fsdp_sides(out: dict, model, local_ids, local_target, opts: dict) -> None:
         if "compiled" in name:  # a dispatch mode does not see inside compiled kernels: RSS only
             out["memory"][name] = {"peak_rss": rss, "peak_live": None}
             continue
-        with LiveBytes(_bucket_tensors(m) if eager else None) as live:
+        with H.StepLiveBytes(H.fsdp_bucket_tensors(m) if eager else None) as live:
             step()
         out["memory"][name] = {"peak_rss": rss, "peak_live": live.peak}
         if eager:
@@ -345,7 +284,7 @@ def lines(sec: dict) -> list[str]:
             + f" (unsplit {sec['loss_ref']:.6f})"]
     mem = sec["memory"][0]
     out += ["", "Memory on rank 0 over one training step: peak bytes of tensors created in the step (activations, "
-                "gathered parameters, buffers in flight, gradients; sampled after every op, `LiveBytes`), the "
+                "gathered parameters, buffers in flight, gradients; sampled after every op, `harness.StepLiveBytes`), the "
                 "peak resident set above the start (VmHWM; allocator-dependent, a rough check), and for fxpar "
                 "the gathered parameters handed to the graph:", "",
             "| side | peak tensor bytes | peak RSS growth | gathered parameters peak |", "|---|---|---|---|"]

@@ -434,8 +434,10 @@ def _memory_lines(res: dict) -> list[str]:
               _b(mem["predicted_step_peak"]) if "predicted_step_peak" in mem else "-"]
              for side, mem in (dp or {}).get("memory", {}).items() if "step_peak" in mem]
     if peaks:
-        out += ["Peak of one training step per rank (rank 0), from the tensors (`fxpar.testing.memory.LiveBytes`: "
-                "storages alive at once; `step` = what the step creates: gathered parameters, activations, "
+        out += ["Peak of one training step per rank (rank 0), from the tensors (`benchmarks.harness.StepLiveBytes`: "
+                "storages alive at once, sampled after every op, counting FSDP2's unsharded parameters, whose "
+                "storage it resizes without an op, and the buffers fxpar's FSDP runtime holds inside its ops; "
+                "`step` = what the step creates: gathered parameters, activations, buffers in flight, "
                 "gradients), next to fxpar's prediction (explain()'s training step, an upper bound):", ""]
         out += _table(["mesh", "side", "params", "step", "params + step", "predicted step"], peaks)
         out += ["The prediction is the graph's (the loss, which `pm.step(loss_fn=...)` computes outside the graph, "
