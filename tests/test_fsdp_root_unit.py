@@ -180,11 +180,16 @@ def _eager_case(cls=TiedGPT) -> dict:
     reset_peak_gathered_bytes()
     hooked = []  # gradients autograd hands a shard: none, a bucket's shards get theirs from its reduce-scatter
     handles = [p.register_hook(lambda g: hooked.append(g) if g is not None else None) for p in pm.parameters()]
+    posted = []  # post-accumulate-grad hooks (optimizer-in-backward): run once the reduce-scattered .grad is in
+    handles += [p.register_post_accumulate_grad_hook(lambda q: posted.append((q, q.grad.clone())))
+                for p in pm.parameters()]
     with fxpar.count_comms() as comms:
         loss = pm.step(ids, target=tgt, loss_fn=cross_entropy)
     for h in handles:
         h.remove()
     first = [p.grad.clone() for p in pm.parameters()]
+    posted_once = sorted(id(q) for q, _ in posted) == sorted(id(p) for p in pm.parameters()) and all(
+        torch.equal(g, q.grad) for q, g in posted)
     storages = {p.grad.untyped_storage().data_ptr() for p in pm.parameters()}
     pm.step(ids, target=tgt, loss_fn=cross_entropy)  # accumulated into the views, as into any .grad
     doubled = all(torch.equal(p.grad, 2 * g) for p, g in zip(pm.parameters(), first))
@@ -203,7 +208,7 @@ def _eager_case(cls=TiedGPT) -> dict:
                             for k, p in ref.named_parameters()),
             "peak": peak_gathered_bytes(), "estimate": in_flight_estimate(pm.graph_module),
             "hooked": len(hooked), "grad_storages": len(storages), "buckets": len(pm._fsdp_buckets),
-            "doubled": doubled,
+            "doubled": doubled, "posted_once": posted_once,
             "root_bytes": sum(p.numel() * 8 for k, p in ref.named_parameters()
                               if k in ROOT_PARAMS | {"wte.weight", "wpe.weight"})}
 
@@ -225,6 +230,8 @@ def test_eager_step_issues_torch_fsdp2s_collectives_and_equals_the_unsplit_model
         # no zeros from autograd: each shard's .grad is a view of its unit's reduce-scatter output (FSDP2's
         # sharded gradients), and a second backward adds into it exactly
         assert r["hooked"] == 0 and r["grad_storages"] == r["buckets"] == 3 and r["doubled"], r
+        # post-accumulate-grad hooks run once per shard, with its final gradient (FSDP2 runs them the same way)
+        assert r["posted_once"], r
 
 
 def _compiled_case() -> dict:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -13,6 +14,10 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 
 __all__ = [
     "functional",
+    "hold_post_accumulate_grad_hooks",
+    "post_accumulate_grad_hooks_held",
+    "restore_post_accumulate_grad_hooks",
+    "run_post_accumulate_grad_hooks",
     "resolve_process_group",
     "group_rank",
     "register_process_group",
@@ -64,6 +69,54 @@ def register_work(tensor: torch.Tensor, work: dist.Work) -> None:
     `all_reduce(async_op=True)` does, and this hands its Work to the functional wait.
     Waits for: a public way to wrap a Work as a functional collective's pending tensor."""
     _register_work(tensor, work)
+
+
+def hold_post_accumulate_grad_hooks(param: torch.Tensor, held: dict) -> None:
+    """Moves `param`'s post-accumulate-grad hooks (`Tensor.register_post_accumulate_grad_hook`) into `held`, so
+    that autograd's AccumulateGrad, which runs them even for a gradient it did not get, finds none;
+    `restore_post_accumulate_grad_hooks` puts them back, and `run_post_accumulate_grad_hooks` runs them once
+    `.grad` holds the real gradient (a handle removed while they are held comes back with them).
+
+    Waits for: a public way to run them (torch keeps them in `Tensor._post_accumulate_grad_hooks`, the dict its
+    C++ hook reads; emptied and refilled in place, so handles still remove them)."""
+    hooks = getattr(param, "_post_accumulate_grad_hooks", None)
+    if hooks:
+        held.update(hooks)
+        hooks.clear()
+
+
+def restore_post_accumulate_grad_hooks(param: torch.Tensor, held: dict | None) -> None:
+    """Puts back the hooks `hold_post_accumulate_grad_hooks` moved into `held`."""
+    hooks = getattr(param, "_post_accumulate_grad_hooks", None)
+    if held and hooks is not None:
+        hooks.update(held)
+    if held:
+        held.clear()
+
+
+def run_post_accumulate_grad_hooks(param: torch.Tensor) -> None:
+    """Runs `param`'s post-accumulate-grad hooks: its `.grad` holds a gradient autograd did not accumulate (a
+    reduce-scatter's; FSDP2 runs them after its own the same way)."""
+    for hook in list((getattr(param, "_post_accumulate_grad_hooks", None) or {}).values()):
+        hook(param)
+
+
+@contextlib.contextmanager
+def post_accumulate_grad_hooks_held(params: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Inside the block, autograd runs none of `params`' post-accumulate-grad hooks; on leaving it they are put
+    back (also on an exception) and, when it completes, run for each parameter with a `.grad`: once per
+    step with the gradient the step leaves, not once per microbatch backward with a partial sum."""
+    held = [(p, {}) for p in params]
+    for p, hooks in held:
+        hold_post_accumulate_grad_hooks(p, hooks)
+    try:
+        yield
+    finally:
+        for p, hooks in held:
+            restore_post_accumulate_grad_hooks(p, hooks)
+    for p, _ in held:
+        if p.grad is not None:
+            run_post_accumulate_grad_hooks(p)
 
 
 def queue_autograd_callback(fn: Callable[[], None]) -> None:

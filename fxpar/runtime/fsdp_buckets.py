@@ -58,7 +58,8 @@ import weakref
 import torch
 from torch import Tensor
 
-from fxpar._torch.c10d import queue_autograd_callback
+from fxpar._torch.c10d import (hold_post_accumulate_grad_hooks, queue_autograd_callback,
+                               restore_post_accumulate_grad_hooks, run_post_accumulate_grad_hooks)
 from fxpar.analysis.fsdp import bucket_groups
 from fxpar.core.dataflow import attr_of
 from fxpar.core.spec import FSDP_ROOT_UNIT
@@ -95,6 +96,7 @@ class FsdpBucket:
         self._regather_versions: tuple = ()
         self._saved = 0  # parameters autograd saved as shards and has not unpacked yet
         self._grads: dict[int, Tensor] | None = None  # this backward's full gradients so far, by index
+        self._held_hooks: dict[int, dict] = {}  # post-accumulate-grad hooks held until the shard's gradient lands
         self._pending: tuple | None = None  # an issued gather: (direction, pending tensor, shard versions)
         self.prev: FsdpBucket | None = None  # the bucket before this one in the forward (backward prefetch)
         self.overlap = False  # the graph was scheduled for overlap: prefetch re-gathers, wait reduce-scatters late
@@ -217,6 +219,9 @@ class FsdpBucket:
         # backward, where the activations peak (FSDP2 keeps per-parameter gradients until its copy-in too).
         prev = self._grads.get(index)
         self._grads[index] = grad.detach() if prev is None else prev + grad
+        # autograd's AccumulateGrad for the shard, next, runs its post-accumulate-grad hooks with no gradient
+        # in: they wait until the reduce-scattered one is (`_accumulate`)
+        hold_post_accumulate_grad_hooks(self._shards[index](), self._held_hooks.setdefault(index, {}))
         if self._prefetch_prev and 2 * len(self._grads) >= len(self.numels):
             self._prefetch_prev = False
             _drain_late()  # the reduce-scatter in flight, before the re-gather's buffer is allocated (module docstring)
@@ -254,13 +259,15 @@ class FsdpBucket:
         for i, (shard, o, k) in enumerate(zip(self.shards(), self.offsets, self.numels)):
             if i not in got:
                 continue
+            restore_post_accumulate_grad_hooks(shard, self._held_hooks.pop(i, None))
             part = local[o:o + k].view(self.padded[i])[:self.shapes[i][0]]
             if take_shard_grad(shard, part):  # HSDP: runtime.grad_sync sums it over dp, then adds it into .grad
-                continue
+                continue  # (and runs its hooks)
             if shard.grad is not None:
                 shard.grad.add_(part)
             else:  # a view of the reduce-scatter's output, as FSDP2's sharded gradients: no copy
                 shard.grad = part if part.dtype == shard.dtype else part.to(shard.dtype)
+            run_post_accumulate_grad_hooks(shard)  # autograd gave it none: its hooks run here, as FSDP2's
 
 
 # Reduce-scatters issued and not yet waited, oldest first: (bucket, pending, got, input buffer kept alive).

@@ -127,7 +127,7 @@ class StepGather:
             _record("reduce_scatter", mesh_dim, acc, "backward")
             shard = _reduce_scatter(acc, dim, n, group_name, local_size=None if full_size is None else p.size(dim))
             shard = shard.to(p.dtype)  # reduced in the gradient's dtype (mixed precision: reduce_dtype)
-            p.grad = shard if p.grad is None else p.grad.add_(shard)
+            p.grad = shard if p.grad is None else p.grad.add_(shard)  # (the pipeline runs its hooks after the step)
         self._full.clear()
 
 

@@ -41,7 +41,7 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from fxpar._torch.c10d import queue_autograd_callback, resolve_process_group
+from fxpar._torch.c10d import queue_autograd_callback, resolve_process_group, run_post_accumulate_grad_hooks
 from fxpar.ops.collectives import _record
 from fxpar.ops.waiting import poll, polled_group
 from fxpar.runtime.fsdp_state import fsdp_bucket_of
@@ -204,6 +204,9 @@ class GradSync:
                     dist.all_reduce(late, group=resolve_process_group(self.mesh.group_name(self.mesh.index(name))))
                 late = late.to(p.dtype)
                 p.grad = late if p.grad is None else p.grad.add_(late)
+            for p in bucket.params:  # autograd gave a landed shard no gradient: its hooks run here, as FSDP2's
+                if p in bucket.landed:
+                    run_post_accumulate_grad_hooks(p)
             bucket.flat, bucket.got, bucket.before, bucket.work = None, set(), {}, None
             bucket.landed, bucket.late = set(), []
         self._queued = False

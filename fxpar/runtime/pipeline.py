@@ -62,6 +62,7 @@ from torch.distributed.pipelining import ScheduleGPipe
 from torch.distributed.tensor.placement_types import Shard
 
 from fxpar._torch import pipelining as torch_pp
+from fxpar._torch.c10d import post_accumulate_grad_hooks_held
 from fxpar._torch.pipelining import ContiguousGradStage
 from fxpar._torch.fx import flat_input_function, out_spec_of, pytree
 from fxpar.analysis.explain import explain
@@ -144,7 +145,7 @@ class PipelineModule(ParallelModule):
 
     def _hook_grad_sync(self):
         # A pipeline runs one backward per microbatch: per-backward hooks would all-reduce every
-        # gradient once per microbatch. `_sync_data_grads` reduces the step's sum once instead.
+        # gradient once per microbatch. `step` reduces the step's sum once instead (`sync_data_grads`).
         return None
 
     # ------------------------------------------------------------------ set-up
@@ -383,10 +384,6 @@ class PipelineModule(ParallelModule):
                 p.grad = None
         return out
 
-    def _sync_data_grads(self) -> None:
-        """Sums this step's gradients over the data-parallel dims, one flat all-reduce per bucket and dim."""
-        sync_data_grads(self._data_synced, self.mesh_info)
-
     def step(self, *inputs: Any, target: Any, loss_fn: Callable, loss_reduction: str = "mean",
              **kwargs: Any) -> torch.Tensor:
         """One pipelined training step: microbatches through torch's schedule, the loss on the last stage.
@@ -432,22 +429,24 @@ class PipelineModule(ParallelModule):
         inputs_before = [x.grad.detach().clone() if x.grad is not None else None for x in flat]
         losses: list[torch.Tensor] = []
         first = flat if self._is_first() else ()
-        with self._fsdp_context() as step_gather:
-            sched.step(*first, target=target if self._is_last() else None, losses=losses,
-                       return_outputs=False)
-        try:
-            self._failure.agree(mesh_groups(self._pp_group, self.mesh_info))
-        except ScheduleError:
-            for p, prev in stashed:  # the failed step leaves no gradient behind
-                p.grad = prev
-            raise
-        if step_gather is not None:
-            step_gather.reduce_scatter(self._fsdp_sharded)
-        self._sum_tied_grads()
-        self._sync_data_grads()
-        for p, prev in stashed:
-            if prev is not None:
-                p.grad = prev if p.grad is None else prev.add_(p.grad)
+        # post-accumulate-grad hooks (optimizer-in-backward) run once, with the step's gradient
+        with post_accumulate_grad_hooks_held([p for p, _ in stashed]):
+            with self._fsdp_context() as step_gather:
+                sched.step(*first, target=target if self._is_last() else None, losses=losses,
+                           return_outputs=False)
+            try:
+                self._failure.agree(mesh_groups(self._pp_group, self.mesh_info))
+            except ScheduleError:
+                for p, prev in stashed:  # the failed step leaves no gradient behind
+                    p.grad = prev
+                raise
+            if step_gather is not None:
+                step_gather.reduce_scatter(self._fsdp_sharded)
+            self._sum_tied_grads()
+            sync_data_grads(self._data_synced, self.mesh_info)  # one flat all-reduce per bucket and dp dim
+            for p, prev in stashed:
+                if prev is not None:
+                    p.grad = prev if p.grad is None else prev.add_(p.grad)
         self._share_input_grads(flat, inputs_before)
         total = None
         if self._is_last():
