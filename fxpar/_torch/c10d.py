@@ -97,25 +97,30 @@ def restore_post_accumulate_grad_hooks(param: torch.Tensor, held: dict | None) -
 def run_post_accumulate_grad_hooks(param: torch.Tensor) -> None:
     """Runs `param`'s post-accumulate-grad hooks: its `.grad` holds a gradient autograd did not accumulate (a
     reduce-scatter's; FSDP2 runs them after its own the same way)."""
-    for hook in list((getattr(param, "_post_accumulate_grad_hooks", None) or {}).values()):
-        hook(param)
+    hooks = list((getattr(param, "_post_accumulate_grad_hooks", None) or {}).values())
+    if hooks:
+        with torch.no_grad():  # as autograd runs them (an optimizer step in a hook updates the leaf in place)
+            for hook in hooks:
+                hook(param)
 
 
 @contextlib.contextmanager
-def post_accumulate_grad_hooks_held(params: Iterable[torch.Tensor]) -> Iterator[None]:
+def post_accumulate_grad_hooks_held(params: Iterable[torch.Tensor]) -> Iterator[set[int]]:
     """Inside the block, autograd runs none of `params`' post-accumulate-grad hooks; on leaving it they are put
-    back (also on an exception) and, when it completes, run for each parameter with a `.grad`: once per
-    step with the gradient the step leaves, not once per microbatch backward with a partial sum."""
+    back (also on an exception) and, when it completes, run for each parameter whose id the block added to the
+    set it yields (those that got a gradient): once per step with the gradient the step leaves, not once per
+    microbatch backward with a partial sum."""
     held = [(p, {}) for p in params]
     for p, hooks in held:
         hold_post_accumulate_grad_hooks(p, hooks)
+    got: set[int] = set()
     try:
-        yield
+        yield got
     finally:
         for p, hooks in held:
             restore_post_accumulate_grad_hooks(p, hooks)
     for p, _ in held:
-        if p.grad is not None:
+        if id(p) in got:
             run_post_accumulate_grad_hooks(p)
 
 

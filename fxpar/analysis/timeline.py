@@ -361,12 +361,13 @@ class _FsdpBackward:
                          a clone, which autograd saves as it is (fxpar.runtime.fsdp_state.pack_gathered
                          knows only gathered tensors and their views). Blocking, unless it was prefetched:
         prefetch         with overlap scheduled, once half of unit u's parameters have their gradient,
-                         the re-gather of the unit before it (u-1, bucketed ones) is issued; its first
-                         use waits on it. The window is the rest of u's backward.
-        reduce-scatter   when a unit's last gradient is in, the reduce-scatter issued before it is waited
-                         (one in flight), then the unit's own is issued (with overlap: not waited, so
-                         it runs under the next unit's backward; without: blocking). The end of the
-                         backward waits for the last one.
+                         the reduce-scatter in flight (unit u+1's) is waited, then the re-gather of the
+                         unit before it (u-1, bucketed ones) is issued; its first use waits on it. The
+                         window is the rest of u's backward.
+        reduce-scatter   when a unit's last gradient is in, the reduce-scatter issued before it, if still
+                         in flight, is waited (one in flight), then the unit's own is issued (with
+                         overlap: not waited, so it runs under the next unit's backward until that
+                         unit's prefetch; without: blocking). The end of the backward waits for the last.
     A unit of one parameter (fsdp_unit='param', or a lone parameter) takes the plain op's path: its
     re-gather and its reduce-scatter (at its gather's dual) both block. The root unit (`FSDP_ROOT_UNIT`,
     apply_fsdp) is never re-gathered: the runtime keeps it from the forward, as FSDP2's root; its

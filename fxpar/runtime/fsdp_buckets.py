@@ -165,6 +165,12 @@ class FsdpBucket:
         if self._full:
             self._full = {}
             count_overlap("stale")
+        if self._grads is not None:  # a backward that raised: its partial gradients are not this step's
+            self._grads = None
+            count_overlap("stale")
+        for i, held in self._held_hooks.items():
+            restore_post_accumulate_grad_hooks(self._shards[i](), held)
+        self._held_hooks = {}
         if self._pending is not None:
             wait(self._pending[1])
             self._pending = None
@@ -251,23 +257,26 @@ class FsdpBucket:
             drain()
 
     def _flush_and_drain(self) -> None:
-        """End of the backward: flush a bucket some of whose parameters got no gradient, wait for all."""
+        """End of the backward: flush a bucket some of whose parameters got no gradient, wait for all, then
+        run the post-accumulate-grad hooks of the shards whose gradients landed."""
         self.flush()
         drain()
+        release_hooks()
 
     def _accumulate(self, local: Tensor, got: set[int]) -> None:
         for i, (shard, o, k) in enumerate(zip(self.shards(), self.offsets, self.numels)):
             if i not in got:
                 continue
-            restore_post_accumulate_grad_hooks(shard, self._held_hooks.pop(i, None))
+            held = self._held_hooks.pop(i, None)
             part = local[o:o + k].view(self.padded[i])[:self.shapes[i][0]]
             if take_shard_grad(shard, part):  # HSDP: runtime.grad_sync sums it over dp, then adds it into .grad
-                continue  # (and runs its hooks)
+                _landed_hooks().append((shard, held, False))  # (and runs its hooks)
+                continue
             if shard.grad is not None:
                 shard.grad.add_(part)
             else:  # a view of the reduce-scatter's output, as FSDP2's sharded gradients: no copy
                 shard.grad = part if part.dtype == shard.dtype else part.to(shard.dtype)
-            run_post_accumulate_grad_hooks(shard)  # autograd gave it none: its hooks run here, as FSDP2's
+            _landed_hooks().append((shard, held, True))
 
 
 # Reduce-scatters issued and not yet waited, oldest first: (bucket, pending, got, input buffer kept alive).
@@ -281,6 +290,29 @@ def _in_flight() -> list[tuple]:
     if queue is None:
         queue = _local.in_flight = []
     return queue
+
+
+def _landed_hooks() -> list:
+    """Shards whose gradients landed in this backward, with the post-accumulate-grad hooks held from their
+    AccumulateGrad (`reduce`) and whether to run them here (HSDP: `runtime.grad_sync` runs them after the sum over
+    dp). They are put back and run in the end-of-backward callback (`release_hooks`), not as the gradient lands:
+    a reduce-scatter drained inside a shard's own backward lands before that shard's AccumulateGrad, which
+    would find them back and run them again."""
+    hooks = getattr(_local, "landed_hooks", None)
+    if hooks is None:
+        hooks = _local.landed_hooks = []
+    return hooks
+
+
+def release_hooks(run: bool = True) -> None:
+    """Puts back the held post-accumulate-grad hooks of the shards whose gradients landed and runs them (once
+    each, with the gradient in `.grad`, as FSDP2 runs them after its reduce-scatter)."""
+    hooks = _landed_hooks()
+    while hooks:
+        shard, held, own = hooks.pop(0)
+        restore_post_accumulate_grad_hooks(shard, held)
+        if run and own:
+            run_post_accumulate_grad_hooks(shard)
 
 
 def _finish_oldest() -> None:
@@ -304,6 +336,7 @@ def drain() -> None:
 def begin_forward(buckets: list[FsdpBucket]) -> None:
     """A module's forward starts: nothing a forward before it issued or gathered and left is taken by it."""
     fsdp_state.begin_forward()
+    release_hooks(run=False)  # left by a backward that raised before its end
     for bucket in buckets:
         bucket.begin_forward()
 

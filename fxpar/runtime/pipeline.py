@@ -430,7 +430,7 @@ class PipelineModule(ParallelModule):
         losses: list[torch.Tensor] = []
         first = flat if self._is_first() else ()
         # post-accumulate-grad hooks (optimizer-in-backward) run once, with the step's gradient
-        with post_accumulate_grad_hooks_held([p for p, _ in stashed]):
+        with post_accumulate_grad_hooks_held([p for p, _ in stashed]) as got:
             with self._fsdp_context() as step_gather:
                 sched.step(*first, target=target if self._is_last() else None, losses=losses,
                            return_outputs=False)
@@ -444,6 +444,7 @@ class PipelineModule(ParallelModule):
                 step_gather.reduce_scatter(self._fsdp_sharded)
             self._sum_tied_grads()
             sync_data_grads(self._data_synced, self.mesh_info)  # one flat all-reduce per bucket and dp dim
+            got.update(id(p) for p, _ in stashed if p.grad is not None)  # this step's gradients (hooks run)
             for p, prev in stashed:
                 if prev is not None:
                     p.grad = prev if p.grad is None else prev.add_(p.grad)
