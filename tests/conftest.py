@@ -132,6 +132,16 @@ DEFAULT_RUN_SLOW = {
     "test_comm_volume.py::test_bytes_per_step_equal_the_megatron_formula[hf-gpt2-4]",  # [gpt2-4], [hf-gpt2-2]
     "test_property_oracle.py::test_simulated_compile_is_parallelize_on_each_rank[mesh1]",  # [mesh0], [mesh2]
     "test_plan_io.py::test_saved_plan_compiles_to_the_identical_graph[mesh1]",  # [mesh0]
+    # fifth round: the clean-clone default run measured 623 s on a box that ran last session's in 490 s
+    "test_loss_parallel.py::test_captured_loss_on_dp_alone_is_the_exact_global_mean_without_gathering_logits",
+    "test_pipeline_numerics.py::test_float32_schedules_match_unsplit_model[gpt2]",  # float64 schedule cases
+    "test_pipeline_numerics.py::test_pp2_tp2_transformers[gpt2]",  # test_pp2_tp2_mlp_stack_sum_loss
+    "test_mixed_precision.py::test_fsdp_gathers_bf16_and_reduce_scatters_fp32",  # bf16 [dp2xtp2], *_hsdp
+    "test_mixed_precision_rotary.py::test_every_op_runs_in_the_dtype_fsdp2_eager_runs_it[fsdp2-qwen2]",  # -llama
+    "test_compile.py::test_compiled_graph_equals_eager_in_float64[fsdp2-aot_eager]",  # test_fsdp_compile
+    "test_pipeline_encoder_decoder.py::test_encoder_decoder_pp2_gradients_equal_the_unsplit_model[bart]",
+    "test_checkpoint.py::test_resume_on_another_mesh_equals_one_process[fsdp2]",  # [fsdp2xtp2], [pp2]
+    "test_post_accumulate_hooks.py::test_post_accumulate_grad_hooks_run_once_with_the_reduced_gradient[fsdp-pp]",
 }
 
 
