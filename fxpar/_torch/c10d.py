@@ -87,10 +87,10 @@ def hold_post_accumulate_grad_hooks(param: torch.Tensor, held: dict) -> None:
 
 def restore_post_accumulate_grad_hooks(param: torch.Tensor, held: dict | None) -> None:
     """Puts back the hooks `hold_post_accumulate_grad_hooks` moved into `held`."""
-    hooks = getattr(param, "_post_accumulate_grad_hooks", None)
-    if held and hooks is not None:
-        hooks.update(held)
     if held:
+        hooks = getattr(param, "_post_accumulate_grad_hooks", None)
+        if hooks is not None:
+            hooks.update(held)
         held.clear()
 
 

@@ -263,8 +263,9 @@ def _fsdp_backward_lines(pm) -> list[str]:
         if o is None:  # blocking: nothing runs while it is in flight
             return f"{name} ({fmt_bytes(bar.nbytes)}) blocking, " + (
                 f"before {before(bar.end)}" if name == "re-gather" else f"after {after(bar.start)}")
+        issued = o.wait.endswith(("reduce-scatter", "re-gather"))  # waited as the runtime issues that one
         wait = f"before {o.wait.replace(' (backward)', '').replace('%', 'the backward of %')}" \
-            if o.wait.startswith("%") else f"when {o.wait} is issued" if o.wait.endswith(("reduce-scatter", "re-gather")) else f"at {o.wait}"
+            if o.wait.startswith("%") else f"when {o.wait} is issued" if issued else f"at {o.wait}"
         shown = ", ".join(o.modules[:4]) + (f", ... ({len(o.modules)} modules)" if len(o.modules) > 4 else "")
         under = f"under it {len(o.ops)} backward ops of {shown}" if o.ops else "no compute under it"
         return f"{name} ({fmt_bytes(bar.nbytes)}) issued after {after(o.start)} ({o.issue}), waited {wait}: {under}"

@@ -30,8 +30,8 @@ from torch import Tensor
 
 from fxpar._torch.c10d import functional
 from fxpar.ops import waiting
-from fxpar.ops.collectives import (COLLECTIVE_OPS, _record, check_divides, _reduce_scatter_bwd, _reduce_scatter_fake, _save_shard_args,
-                                    _sp_all_gather_bwd)
+from fxpar.ops.collectives import (COLLECTIVE_OPS, _record, _reduce_scatter_bwd, _reduce_scatter_fake, _save_shard_args,
+                                    _sp_all_gather_bwd, check_divides)
 
 __all__ = ["ASYNC_OPS", "ISSUED_FORM", "WAIT_OP", "all_reduce_start", "reduce_scatter_start", "sp_all_gather_start",
            "wait_issued"]

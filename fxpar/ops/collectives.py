@@ -148,7 +148,8 @@ def _local_chunk(x: Tensor, dim: int, n: int, group_name: str, what: str, split_
 def check_divides(x: Tensor, dim: int, n: int, op: str) -> None:
     """Raises ShardingError unless dim `dim` of `x` divides by the group size `n` (checked at run time)."""
     if x.size(dim) % n:
-        raise ShardingError(f"{op}: dim {dim} of size {x.size(dim)} does not divide by the mesh dim size {n} at run time")
+        raise ShardingError(f"{op}: dim {dim} of size {x.size(dim)} does not divide by the mesh dim size {n} "
+                            "at run time")
 
 
 RS_CHUNK_BYTES = 4 * 1024 * 1024

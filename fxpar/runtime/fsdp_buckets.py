@@ -307,9 +307,8 @@ def _landed_hooks() -> list:
 def release_hooks(run: bool = True) -> None:
     """Puts back the held post-accumulate-grad hooks of the shards whose gradients landed and runs them (once
     each, with the gradient in `.grad`, as FSDP2 runs them after its reduce-scatter)."""
-    hooks = _landed_hooks()
-    while hooks:
-        shard, held, own = hooks.pop(0)
+    hooks, _local.landed_hooks = _landed_hooks(), []
+    for shard, held, own in hooks:
         restore_post_accumulate_grad_hooks(shard, held)
         if run and own:
             run_post_accumulate_grad_hooks(shard)
