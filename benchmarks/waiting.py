@@ -1,21 +1,23 @@
-"""How long a gloo all-reduce takes when the waiting thread sleeps (c10d's wait) or polls (`fxpar.ops.waiting`).
+"""One gloo collective at a time: torch's against fxpar's (`fxpar.ops.exchange`, `fxpar.ops.waiting`).
 
 Two gloo ranks, one thread each; every iteration starts at a barrier and times one
-all-reduce of a float32 buffer, the two ways interleaved iteration by iteration:
+collective of a float32 buffer, the sides interleaved iteration by iteration (order rotated):
 
-    blocking   torch's functional all_reduce + wait_tensor (FXPAR_WAIT_SPIN_MS=0)
-    polled     c10d all_reduce(async_op=True), then Work.is_completed() polled with
-               sched_yield for at most 10 ms, then Work.wait()
+    all-reduce      gloo      torch's functional all_reduce + wait_tensor
+                    fxpar     `waiting.all_reduce`: on 2 ranks one exchange (each rank sends
+                              its buffer to the other) and the sum
+    all-gather      gloo      torch's functional all_gather_into_tensor + wait_tensor (gloo
+                              gathers into a buffer of its own and copies each block out)
+                    fxpar     `waiting.all_gather`: this rank's block sent to every other rank,
+                              theirs received in place
+    reduce-scatter  gloo      torch's functional reduce_scatter_tensor + wait_tensor (gloo
+                              all-reduces the whole buffer and keeps this rank's block)
+                    fxpar     `waiting.reduce_scatter`: block r sent to rank r, the blocks for
+                              this rank received and summed in rank order
 
-Then one reduce-scatter (sum) of each size, the two ways interleaved the same way:
-
-    gloo       torch's functional reduce_scatter_tensor + wait_tensor (gloo all-reduces
-               the whole buffer and keeps this rank's block)
-    fxpar      `fxpar.ops.waiting.reduce_scatter`: an all-to-all (block r of every rank
-               to rank r) and the sum of the n blocks received
-
-Run: `python -m benchmarks.waiting [--iters 60]`. Prints median and mean milliseconds and the CPU
-milliseconds of the rank (polling spends its wait on the CPU, yielding).
+The size is the buffer each rank puts in (the all-gather's output is twice it).
+Run: `python -m benchmarks.waiting [--iters 60]`. Prints median and mean milliseconds, and the CPU
+milliseconds of the rank (its gloo threads included).
 """
 
 from __future__ import annotations
@@ -31,41 +33,45 @@ import torch.distributed as dist
 SIZES_KIB = (64, 256, 1024, 4096)
 
 
+def _sides(name: str, n: int) -> dict:
+    from fxpar.ops import waiting
+
+    c10d = waiting._c10d
+    return {
+        "all-reduce": {"gloo": lambda x: c10d.wait_tensor(c10d.all_reduce(x, "sum", name)),
+                       "fxpar": lambda x: waiting.all_reduce(x, "sum", name)},
+        "all-gather": {"gloo": lambda x: c10d.wait_tensor(c10d.all_gather_into_tensor(x, n, name)),
+                       "fxpar": lambda x: waiting.all_gather(x, n, name)},
+        "reduce-scatter": {"gloo": lambda x: c10d.wait_tensor(c10d.reduce_scatter_tensor(x, "sum", n, name)),
+                           "fxpar": lambda x: waiting.reduce_scatter(x, n, name)},
+    }
+
+
 def _rank(iters: int) -> dict:
     from fxpar.ops import waiting
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
     name = mesh.get_group("tp").group_name
-    out = {}
-    for kib in SIZES_KIB:
-        x = torch.randn(kib * 256)
-        times: dict[str, list[tuple[float, float]]] = {"blocking": [], "polled": []}
-        for i in range(iters + 3):
-            for side in (("blocking", "polled") if i % 2 else ("polled", "blocking")):
-                os.environ[waiting.SPIN_ENV] = "0" if side == "blocking" else "10"
-                dist.barrier()
-                t0, c0 = time.perf_counter(), time.process_time()
-                waiting.all_reduce(x, "sum", name)
-                if i >= 3:
-                    times[side].append((time.perf_counter() - t0, time.process_time() - c0))
-        os.environ.pop(waiting.SPIN_ENV, None)
-        out[kib] = _summary(times)
     n = dist.get_world_size()
-    for kib in SIZES_KIB:
-        x = torch.randn(kib * 256)
-        times = {"gloo": [], "fxpar": []}
-        for i in range(iters + 3):
-            for side in (("gloo", "fxpar") if i % 2 else ("fxpar", "gloo")):
-                dist.barrier()
-                t0, c0 = time.perf_counter(), time.process_time()
-                if side == "gloo":
-                    waiting._c10d.wait_tensor(waiting._c10d.reduce_scatter_tensor(x, "sum", n, name))
-                else:
-                    waiting.reduce_scatter(x, n, name)
-                if i >= 3:
-                    times[side].append((time.perf_counter() - t0, time.process_time() - c0))
-        out[f"rs {kib}"] = _summary(times)
+    out: dict = {}
+    os.environ.pop(waiting.SPIN_ENV, None)
+    for kind, sides in _sides(name, n).items():
+        for kib in SIZES_KIB:
+            x = torch.randn(kib * 256)
+            results = {side: fn(x) for side, fn in sides.items()}
+            first = next(iter(results.values()))
+            same = all(torch.equal(first, r) for r in results.values())
+            names = list(sides)
+            times: dict[str, list[tuple[float, float]]] = {side: [] for side in names}
+            for i in range(iters + 3):
+                for side in names[i % len(names):] + names[:i % len(names)]:
+                    dist.barrier()
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    sides[side](x)
+                    if i >= 3:
+                        times[side].append((time.perf_counter() - t0, time.process_time() - c0))
+            out[(kind, kib)] = {"same": same, **_summary(times)}
     return out
 
 
@@ -83,25 +89,20 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     load = os.getloadavg()
     with RankPool(2) as pool:
-        res = pool.run(_rank, args.iters, timeout=600)[0]
-    print(f"gloo all-reduce, 2 ranks, {args.iters} iterations each way; load {load[0]:.1f} before")
-    print("| size | blocking median / mean (ms) | polled median / mean (ms) | mean ratio | CPU blocking / polled (ms) |")
-    print("|---|---|---|---|---|")
-    for kib, r in res.items():
-        if "blocking" not in r:
-            continue
-        b, p = r["blocking"], r["polled"]
-        print(f"| {kib} KiB | {b['median_ms']:.3f} / {b['mean_ms']:.3f} | {p['median_ms']:.3f} / {p['mean_ms']:.3f} | "
-              f"{p['mean_ms'] / b['mean_ms']:.2f} | {b['cpu_ms']:.3f} / {p['cpu_ms']:.3f} |")
-
-    print(f"\ngloo reduce-scatter, 2 ranks, {args.iters} iterations each way")
-    print("| size | gloo median / mean (ms) | fxpar (all-to-all + sum) median / mean (ms) | mean ratio |")
-    print("|---|---|---|---|")
-    for key, r in res.items():
-        if "gloo" in r:
-            g, f = r["gloo"], r["fxpar"]
-            print(f"| {key[3:]} KiB | {g['median_ms']:.3f} / {g['mean_ms']:.3f} | {f['median_ms']:.3f} / "
-                  f"{f['mean_ms']:.3f} | {f['mean_ms'] / g['mean_ms']:.2f} |")
+        res = pool.run(_rank, args.iters, timeout=900)[0]
+    print(f"gloo collectives, 2 ranks, {args.iters} iterations each side; load {load[0]:.1f} before")
+    for kind in ("all-reduce", "all-gather", "reduce-scatter"):
+        rows = {kib: r for (k, kib), r in res.items() if k == kind}
+        sides = [s for s in next(iter(rows.values())) if s != "same"]
+        print(f"\n{kind}")
+        print("| size | " + " | ".join(f"{s} median / mean (ms)" for s in sides)
+              + " | fxpar / gloo (mean) | CPU " + " / ".join(sides) + " (ms) | equal |")
+        print("|---|" + "---|" * (len(sides) + 3))
+        for kib, r in rows.items():
+            cells = " | ".join(f"{r[s]['median_ms']:.3f} / {r[s]['mean_ms']:.3f}" for s in sides)
+            cpu = " / ".join(f"{r[s]['cpu_ms']:.3f}" for s in sides)
+            ratio = r["fxpar"]["mean_ms"] / r["gloo"]["mean_ms"]
+            print(f"| {kib} KiB | {cells} | {ratio:.2f} | {cpu} | {'yes' if r['same'] else 'NO'} |")
 
 
 if __name__ == "__main__":

@@ -51,10 +51,18 @@ def start_all_gather(x: Tensor, n: int, group_name: str) -> Tensor:
 def start_flat_all_gather(pieces: list[Tensor], n: int, group_name: str,
                           dtype: torch.dtype | None = None) -> Tensor:
     """Issues the all-gather of `pieces`, flattened and concatenated into one buffer (in `dtype`): [n * numel]
-    after `wait`. One functional collective (the in-process simulator meets ranks there, not in c10d's
-    in-place API, which would let the input be the output's own slice as FSDP2's all_gather_copy_in does)."""
-    flat = torch.cat([p.reshape(-1) for p in pieces])
-    return start_all_gather(flat if dtype is None else flat.to(dtype), n, group_name)
+    after `wait`. On a gloo group the pieces are concatenated straight into this rank's block of the output,
+    which the exchange sends as it is (as FSDP2's all_gather_copy_in); elsewhere one functional collective
+    (the in-process simulator meets ranks there)."""
+    rank = waiting.gather_rank_in_place(group_name, pieces[0])
+    if rank is None:
+        flat = torch.cat([p.reshape(-1) for p in pieces])
+        return start_all_gather(flat if dtype is None else flat.to(dtype), n, group_name)
+    # gloo's exchange gathers around this rank's own block: concatenate (and cast) the pieces straight into it
+    total = sum(p.numel() for p in pieces)
+    out = pieces[0].new_empty(n * total, dtype=dtype or pieces[0].dtype)
+    own = torch.cat([p.reshape(-1) for p in pieces], out=out[rank * total:(rank + 1) * total])
+    return waiting.start_all_gather(own, n, group_name, out=out)
 
 
 def start_reduce_scatter(x: Tensor, n: int, group_name: str) -> Tensor:

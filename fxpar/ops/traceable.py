@@ -64,7 +64,8 @@ from fxpar._torch.aten import assert_async
 from fxpar._torch.c10d import functional, group_rank, resolve_process_group
 from fxpar._torch.fx import copy_codegen
 from fxpar.ops.kv_replicas import REPLICA_GRAD_SUM
-from fxpar.ops.waiting import gloo_group, known_gloo
+from fxpar.ops.exchange import swap_splits
+from fxpar.ops.waiting import gloo_group, known_gloo, known_pair_rank
 
 __all__ = ["traceable_graph_module", "LOWERED_OPS", "lowered_collectives", "reduce_scatter_flat"]
 
@@ -74,11 +75,29 @@ _c10d = functional  # importing fxpar._torch.c10d imports torch's functional col
 # --------------------------------------------------------------------------- the collectives, issue + wait
 
 
+def _swap(x: Tensor, group_name: str) -> tuple[Tensor, Tensor] | None:
+    """On a gloo group of 2 (asked of c10d before tracing), (this rank's x, the other's) in rank order, swapped
+    by one all-to-all as the eager kernels (`fxpar.ops.exchange`); else None."""
+    rank = known_pair_rank(group_name) if x.device.type == "cpu" else None
+    if rank is None:
+        return None
+    x = x.contiguous()
+    splits = swap_splits(rank, x.numel())
+    other = _c10d.wait_tensor(_c10d.all_to_all_single(x.view(-1), splits, splits, group_name)).view(x.shape)
+    return (x, other) if rank == 0 else (other, x)
+
+
 def _all_reduce(x: Tensor, group_name: str, op: str = "sum") -> Tensor:
+    pair = _swap(x, group_name) if op == "sum" else None
+    if pair is not None:  # the same sum on both ranks: a + b and b + a are the same float
+        return pair[0] + pair[1]
     return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), op, group_name))
 
 
 def _all_gather(x: Tensor, dim: int, n: int, group_name: str) -> Tensor:
+    pair = _swap(x, group_name)
+    if pair is not None:
+        return torch.cat(pair, dim=dim)
     out = _c10d.wait_tensor(_c10d.all_gather_into_tensor(x.contiguous(), n, group_name))
     if dim != 0:  # gathered rank-major along dim 0
         out = torch.cat(out.chunk(n, dim=0), dim=dim)

@@ -38,6 +38,9 @@ Not polled, and kept on torch's functional collectives (issue + `wait_tensor`):
   runs it on gloo as an all-to-all and a local sum (`start_reduce_scatter`),
   waited blocking.
 
+On a gloo group of 2, the all-gather and the sum all-reduce are one all-to-all
+that swaps the ranks' buffers (`ops.exchange`), polled or not as above.
+
 `FXPAR_WAIT_SPIN_MS` sets the bound in milliseconds. It is OFF by default (0:
 every collective waits as torch's functional ones do): in the overlap benchmark
 (`python -m benchmarks --sections overlap`, GPT of 4 blocks on 2 gloo ranks,
@@ -60,10 +63,11 @@ from torch import Tensor
 
 from fxpar._torch.c10d import functional, register_work, resolve_process_group
 from fxpar.core import config
+from fxpar.ops import exchange
 
 __all__ = ["SPIN_ENV", "spin_seconds", "polled_group", "poll", "all_reduce", "all_gather", "all_to_all_single",
            "start_all_gather", "start_all_reduce", "start_reduce_scatter", "reduce_scatter", "gloo_group",
-           "known_gloo", "track", "wait"]
+           "known_gloo", "known_pair_rank", "track", "wait", "gather_rank_in_place"]
 
 _c10d = functional
 
@@ -80,6 +84,8 @@ _gloo_groups: dict[str, bool] = {}
 """Group name -> polled: a c10d gloo group whose ranks each have a core (`polled_group`)."""
 _is_gloo: dict[str, bool] = {}
 """Group name -> whether it is a c10d gloo group (`gloo_group`)."""
+_pair_rank: dict[str, int] = {}
+"""Group name -> this rank's index in it, for the c10d gloo groups of 2 `gloo_group` has met."""
 
 
 def gloo_group(group_name: str, t: Tensor) -> dist.ProcessGroup | None:
@@ -93,7 +99,15 @@ def gloo_group(group_name: str, t: Tensor) -> dist.ProcessGroup | None:
         except (RuntimeError, ValueError):  # a group c10d's world does not know (an in-process test group)
             gloo = False
         _is_gloo[group_name] = gloo
+        if gloo and resolve_process_group(group_name).size() == 2:
+            _pair_rank[group_name] = resolve_process_group(group_name).rank()
     return resolve_process_group(group_name) if gloo else None
+
+
+def known_pair_rank(group_name: str) -> int | None:
+    """This rank's index in the group if `gloo_group` has found it to be gloo with 2 ranks, else None (a dict
+    read: traced code calls it as a constant)."""
+    return _pair_rank.get(group_name)
 
 
 def known_gloo(group_name: str) -> bool:
@@ -153,6 +167,12 @@ def poll(work: dist.Work) -> None:
 
 def all_reduce(x: Tensor, op: str, group_name: str) -> Tensor:
     """The reduction of `x` over the group (a new tensor), waited."""
+    pg = gloo_group(group_name, x)
+    if pg is not None and op == "sum" and pg.size() == 2:  # one swap, no ring (`ops.exchange`)
+        x = x.contiguous()
+        work, parts = exchange.all_reduce_pair(x, pg)
+        poll(work) if polled_group(group_name, x) is not None else work.wait()
+        return exchange.sum_blocks(parts, torch.empty_like(x))
     pg = polled_group(group_name, x)
     if pg is None:
         return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), op, group_name))
@@ -196,6 +216,14 @@ def start_all_gather(x: Tensor, n: int, group_name: str, out: Tensor | None = No
     the gathered shape to gather into (a view of a tensor the caller returns), through c10d."""
     x = x.contiguous()
     pg = polled_group(group_name, x)
+    if gather_rank_in_place(group_name, x) is not None:  # gloo, 2 ranks: one swap, no copy-out (`ops.exchange`)
+        if out is None:
+            out = x.new_empty((n * x.size(0), *x.shape[1:]))
+        work = exchange.all_gather_pair(out, x, resolve_process_group(group_name))
+        if pg is not None:
+            return track(out, work)
+        register_work(out, work)
+        return out
     if pg is None and out is None:
         return _c10d.all_gather_into_tensor(x, n, group_name)
     if out is None:
@@ -205,6 +233,13 @@ def start_all_gather(x: Tensor, n: int, group_name: str, out: Tensor | None = No
                                                        async_op=True))
         return out
     return track(out, dist.all_gather_single(out, x, group=pg, async_op=True))
+
+
+def gather_rank_in_place(group_name: str, t: Tensor) -> int | None:
+    """This rank's block index where `start_all_gather(.., out=)` gathers around a block the caller fills in
+    place (a gloo group of 2: `ops.exchange`); None where the gather copies its input anyway."""
+    pg = gloo_group(group_name, t)
+    return None if pg is None or pg.size() != 2 else pg.rank()
 
 
 def start_all_reduce(x: Tensor, group_name: str) -> Tensor:
@@ -217,9 +252,9 @@ def start_all_reduce(x: Tensor, group_name: str) -> Tensor:
     return track(out, dist.all_reduce(out, group=pg, async_op=True))
 
 
-_summing: dict[int, tuple[dist.Work, Tensor, int]] = {}
+_summing: dict[int, tuple[dist.Work, list[Tensor]]] = {}
 """Reduce-scatters issued as an all-to-all (`start_reduce_scatter`) and not yet waited, by their result's
-storage address: the all-to-all's Work, the blocks it receives and the group size."""
+storage address: the all-to-all's Work and the blocks it receives, in rank order."""
 
 
 def start_reduce_scatter(x: Tensor, n: int, group_name: str) -> Tensor:
@@ -227,10 +262,9 @@ def start_reduce_scatter(x: Tensor, n: int, group_name: str) -> Tensor:
     only after `wait`.
 
     On gloo it runs as an all-to-all (block r of every rank to rank r) and `wait` sums the n blocks received,
-    in rank order: gloo's own reduce-scatter all-reduces the whole tensor and keeps a block, and its Work never
-    reports completion (module docstring). `python -m benchmarks.waiting` on 2 ranks here: median 1.14 ms
-    against 0.63 ms for 1 MiB, 3.99 ms against 1.89 ms for 4 MiB (means 0.31-0.57x from 64 KiB to 4 MiB).
-    Elsewhere torch's functional reduce-scatter."""
+    in rank order (`exchange.sum_blocks`): gloo's own reduce-scatter all-reduces the whole tensor and keeps a
+    block, and its Work never reports completion (module docstring); `python -m benchmarks.waiting` compares
+    them. Elsewhere torch's functional reduce-scatter."""
     x = x.contiguous()
     pg = gloo_group(group_name, x)
     if pg is None:
@@ -240,7 +274,7 @@ def start_reduce_scatter(x: Tensor, n: int, group_name: str) -> Tensor:
         return out
     blocks = torch.empty_like(x)
     _summing[out.untyped_storage().data_ptr()] = (dist.all_to_all_single(blocks, x, group=pg, async_op=True),
-                                                  blocks, n)
+                                                  list(blocks.view(n, -1).unbind(0)))
     return out
 
 
@@ -254,10 +288,10 @@ def wait(pending: Tensor) -> Tensor:
     if _summing:
         entry = _summing.pop(pending.untyped_storage().data_ptr(), None)
         if entry is not None:
-            work, blocks, n = entry
+            work, parts = entry
             work.wait()
             with torch.no_grad():  # fills the issued buffer, as the collective itself does (its autograd: the issue's)
-                torch.sum(blocks.view(n, *pending.shape), dim=0, out=pending.detach())
+                exchange.sum_blocks(parts, pending.detach())
             return pending
     if _issued:
         work = _issued.pop(pending.untyped_storage().data_ptr(), None)
