@@ -221,7 +221,8 @@ def notes(res: dict) -> list[str]:
                           "(a parameter gathered twice)" if extra > 0 else "") + ". On gloo fxpar's reduce-scatters "
                        "run as an all-to-all and a sum of the blocks received (the same bytes); gloo's own, which "
                        "FSDP2 calls, all-reduces the whole buffer and keeps a block (`python -m benchmarks.waiting`: "
-                       "0.31-0.57x its mean time from 64 KiB to 4 MiB on 2 ranks).")
+                       "0.28-0.40x its mean time from 64 KiB to 4 MiB on 2 ranks, where fxpar sends only the other "
+                       "rank's block).")
     ct = res.get("compile")
     if ct and ct["rows"]:
         hi, lo = ct["ratio_pair"]

@@ -1,4 +1,6 @@
-"""gloo collectives on 2 ranks as one all-to-all swap (fxpar.ops.exchange): the same bits as gloo's own."""
+"""gloo collectives on 2 ranks as one all-to-all swap (fxpar.ops.exchange): the same bits as gloo's own.
+
+The reduce-scatter on more ranks is an all-to-all of every block and a sum in rank order (close to gloo's)."""
 
 from __future__ import annotations
 
@@ -36,6 +38,14 @@ def _swaps(spin: str):
             x_before = x.clone()
             out[f"issued {dtype}"] = waiting.wait(pending) is buf and torch.equal(buf, theirs_gather)
             out[f"input kept {dtype}"] = torch.equal(x, x_before)
+            rows = torch.randn(2 * n, 3, generator=gen).to(dtype)
+            theirs_rs = c10d.wait_tensor(c10d.reduce_scatter_tensor(rows, "sum", n, name))
+            mine_rs = waiting.reduce_scatter(rows, n, name)  # summed in rank order: the same bits on 2 ranks
+            # beyond 2 ranks the order of the adds may differ from gloo's: each of the n - 1 adds rounds once
+            # (float64: 2^-52, bf16: 2^-8 of a partial sum, at most n * max|x|)
+            bound = (n - 1) * n * rows.abs().max().double() * (2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -52)
+            out[f"reduce-scatter {dtype}"] = (torch.equal(mine_rs, theirs_rs) if n == 2 else
+                                              bool(((mine_rs.double() - theirs_rs.double()).abs() <= bound).all()))
         # FSDP's flat gather: the pieces cast and concatenated straight into this rank's block
         pieces = [torch.randn(3, 4, generator=gen), torch.randn(7, generator=gen)]
         flat = torch.cat([p.reshape(-1) for p in pieces]).to(torch.bfloat16)

@@ -8,13 +8,14 @@ one swap: an all-to-all whose split sizes send this rank's whole buffer to the
 other rank and nothing to itself (`swap_splits`), received straight into its
 place: the peer's block of the gathered output, or a buffer added to this
 rank's own. The same bytes on the wire, no copy, one round, and gloo's own
-all-to-all, which reports completion and times out as its collectives do.
+all-to-all, which reports completion and times out as its collectives do. The
+reduce-scatter (`waiting.start_reduce_scatter`) swaps only the other rank's
+block, where an all-to-all of the whole buffer also copies this rank's own.
 
-Measured on this project's 2-core machine (`python -m benchmarks.waiting`, 2
-gloo ranks, sides interleaved): see that module's tables in README.md. A swap
-through gloo's point-to-point send / recv instead moved the bytes as fast at
-the median but waited 3-4 ms at the 90th percentile (100 calls each, 64 KiB to
-3 MiB), where the all-to-all's 90th percentile was within 1.4x its median.
+`python -m benchmarks.waiting` measures each against gloo's (README.md has one
+run's figures). A swap through gloo's point-to-point send / recv instead was as
+fast at the median, but its 90th percentile was 2.8-3.5 ms from 64 KiB to 1 MiB
+against 0.35-1.4 ms for the all-to-all (100 calls each, 2 ranks).
 
 The sum adds this rank's buffer and the other's in rank order, so both ranks
 hold the same bits (a + b and b + a are the same float). Beyond 2 ranks gloo's
@@ -28,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["swap_splits", "all_gather_pair", "all_reduce_pair", "sum_blocks"]
+__all__ = ["swap_splits", "all_gather_pair", "all_reduce_pair", "reduce_scatter_pair", "sum_blocks"]
 
 
 def swap_splits(rank: int, numel: int) -> list[int]:
@@ -57,6 +58,19 @@ def all_reduce_pair(x: Tensor, pg: dist.ProcessGroup) -> tuple[dist.Work, list[T
     splits = swap_splits(rank, x.numel())
     work = dist.all_to_all_single(received.view(-1), x.view(-1), splits, splits, group=pg, async_op=True)
     return work, ([x, received] if rank == 0 else [received, x])
+
+
+def reduce_scatter_pair(x: Tensor, pg: dist.ProcessGroup) -> tuple[dist.Work, list[Tensor]]:
+    """Issues the swap of a sum reduce-scatter of `x` (contiguous, 2 blocks along dim 0, block r for rank r) on a
+    group of 2: this rank sends only the other's block and receives only its own from the other (an all-to-all
+    of the whole buffer would also copy its own block to itself). Returns the Work and this rank's two blocks
+    in rank order, for `sum_blocks` once it is waited; `x` must not change before then."""
+    rank = pg.rank()
+    blocks = x.view(2, -1)
+    received = torch.empty_like(blocks[0])
+    splits = swap_splits(rank, received.numel())
+    work = dist.all_to_all_single(received, blocks[1 - rank], splits, splits, group=pg, async_op=True)
+    return work, ([blocks[0], received] if rank == 0 else [received, blocks[1]])
 
 
 def sum_blocks(parts: list[Tensor], out: Tensor) -> Tensor:

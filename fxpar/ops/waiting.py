@@ -8,7 +8,8 @@ collective itself: on this project's 2-core machine a 1 MiB all-reduce between
 0.85-1.4 ms when it polled `Work.is_completed()` with `sched_yield` between
 checks; spinning without yielding was worse than both (3.3 ms: gloo's thread
 then runs only when the scheduler preempts the spinner).
-`python -m benchmarks.waiting` measures it.
+`python -m benchmarks.waiting` measured it (it now compares fxpar's gloo swaps,
+`ops.exchange`, with gloo's own collectives).
 
 With polling on (`FXPAR_WAIT_SPIN_MS` > 0), fxpar's eager collectives on a
 gloo group issue through c10d (`async_op=True`) and wait here: poll for at most
@@ -47,7 +48,7 @@ every collective waits as torch's functional ones do): in the overlap benchmark
 20 interleaved pairs each, idle machine) the polled side against the same
 module blocking was 1.029 (tp forward), 0.934 (tp train) and 0.981 (fsdp step)
 in wall time, every band inside the A-vs-A noise, for 1.03-1.19x the CPU. The
-single-collective gain (`benchmarks.waiting`: 0.85-0.93x the mean time from
+single-collective gain (0.85-0.93x the mean time of gloo's ring all-reduce from
 256 KiB to 4 MiB) does not show through a step's compute on this machine; set
 10 to try it where ranks own their cores.
 """
@@ -271,6 +272,9 @@ def start_reduce_scatter(x: Tensor, n: int, group_name: str) -> Tensor:
         return _c10d.reduce_scatter_tensor(x, "sum", n, group_name)
     out = x.new_empty((x.size(0) // n, *x.shape[1:]))
     if x.numel() == 0:  # every rank has this shape: none sends anything
+        return out
+    if pg.size() == 2:  # one swap of the other rank's block (`ops.exchange`)
+        _summing[out.untyped_storage().data_ptr()] = exchange.reduce_scatter_pair(x, pg)
         return out
     blocks = torch.empty_like(x)
     _summing[out.untyped_storage().data_ptr()] = (dist.all_to_all_single(blocks, x, group=pg, async_op=True),
