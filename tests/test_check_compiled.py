@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fxpar
+from fxpar._torch.inductor import SWAP_OP
 from fxpar.verify.compiled_order import compare_orders
 
 from tests.models import MLPStack, mse
@@ -60,8 +61,11 @@ def test_compiled_tp_order_is_the_same_on_both_ranks():
     for r in results:
         forward, backward = r["orders"][0], r["orders"][-1]
         assert len(r["orders"]) == 2  # the forward graph and the backward graph, each recorded once
-        assert [e[0] for e in forward].count(AR) == 2  # one all-reduce per Megatron block (rowwise down)
+        # on gloo with 2 ranks each all-reduce is an all-to-all swapping the ranks' buffers (fxpar.ops.exchange),
+        # named the same on both ranks: ('swap', rows)
+        assert [e[0] for e in forward].count(SWAP_OP) == 2  # one all-reduce per Megatron block (rowwise down)
+        assert all(e[2][:2] == ("swap", "8") for e in forward if e[0] == SWAP_OP), forward
         # the f dual of block 1's colwise input (block 0's input, x, needs no gradient)
-        assert [e[0] for e in backward] == [AR] and backward[0][1] == (("8", "16"),)
+        assert [e[0] for e in backward] == [SWAP_OP] and backward[0][1] == (("8", "16"),)
         assert not any("Recorder" in type(p).__name__ for p in r["passes"])  # options restored
     assert results[0]["orders"] == results[1]["orders"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-__all__ = ["overlap_comms", "collective_order", "ScheduledNode", "scheduled_nodes", "graph_role"]
+__all__ = ["overlap_comms", "collective_order", "ScheduledNode", "scheduled_nodes", "graph_role", "SWAP_OP"]
 
 # Relative costs (arbitrary units): only their order matters to the greedy scheduler.
 _COLLECTIVE, _GEMM, _OTHER = 1.0, 0.3, 0.01
@@ -127,9 +127,10 @@ def scheduled_nodes(snodes: list, cost: Optional[Callable[[Sequence], Optional[t
                        key=lambda o: o.name)
         origins = tuple(sorted({str(o.meta.get("stack_trace") or "") for o in nodes} - {""}))
         modules = tuple(m for m in dict.fromkeys(_module_of(o) for o in nodes) if m)
+        op, args = _swap_named(op, tuple(str(a) for a in getattr(node, "constant_args", ()) or ()))
         return ScheduledNode(
             name, kind, op, tuple(tuple(str(d) for d in _size(i)) for i in inputs),
-            _nbytes(inputs[0]) if inputs else 0, tuple(str(a) for a in getattr(node, "constant_args", ()) or ()),
+            _nbytes(inputs[0]) if inputs else 0, args,
             frozenset(d.name for s in subs for d in s.read_writes.reads),
             frozenset(b for s in subs for b in s.get_buffer_names()), origins, modules,
             cost(nodes) if cost is not None and nodes and kind == "compute" else None)
@@ -142,6 +143,20 @@ def scheduled_nodes(snodes: list, cost: Optional[Callable[[Sequence], Optional[t
         else:
             out.append(entry(snode.get_name(), subs, type(snode).__name__ == "NopKernelSchedulerNode"))
     return out
+
+
+_A2A = "_c10d_functional.all_to_all_single.default"
+SWAP_OP = "_c10d_functional.all_to_all_single(swap).default"
+"""The name a schedule gives an all-to-all that swaps 2 ranks' buffers (`fxpar.ops.exchange`: a gloo group of 2's
+all-reduce or all-gather): its split sizes, [0, N] on rank 0 and [N, 0] on rank 1, become ('swap', N)."""
+
+
+def _swap_named(op: str, args: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """(op, constant args) of a kernel, an all-to-all swapping 2 ranks' buffers named the same on both ranks."""
+    if op == _A2A and len(args) >= 4 and args[0] == args[2] and args[1] == args[3] and \
+            "0" in (args[0], args[1]) and args[0] != args[1]:
+        return SWAP_OP, ("swap", args[0] if args[0] != "0" else args[1], *args[4:])
+    return op, args
 
 
 def graph_role() -> str:

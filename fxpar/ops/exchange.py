@@ -39,15 +39,15 @@ def swap_splits(rank: int, numel: int) -> list[int]:
 
 def all_gather_pair(out: Tensor, x: Tensor, pg: dist.ProcessGroup) -> dist.Work:
     """Issues the gather of both ranks' `x` into `out` (contiguous, twice `x`'s elements, rank order) on a group
-    of 2: this rank's block is copied in unless `x` already is it; the other's arrives in place. `x` must not
-    change before the Work is waited."""
+    of 2: this rank's block is copied in unless `x` already is it; the other's arrives in place."""
     rank = pg.rank()
     blocks = out.view(2, -1)
     src = x.reshape(-1)
     if src.data_ptr() != blocks[rank].data_ptr():
         blocks[rank].copy_(src)
-    splits = swap_splits(rank, src.numel())
-    return dist.all_to_all_single(blocks[1 - rank], src, splits, splits, group=pg, async_op=True)
+    splits = swap_splits(rank, blocks.shape[1])
+    # sends its own block of `out` (in out's dtype), not `x`, which the caller may change before the wait
+    return dist.all_to_all_single(blocks[1 - rank], blocks[rank], splits, splits, group=pg, async_op=True)
 
 
 def all_reduce_pair(x: Tensor, pg: dist.ProcessGroup) -> tuple[dist.Work, list[Tensor]]:
@@ -73,13 +73,12 @@ def reduce_scatter_pair(x: Tensor, pg: dist.ProcessGroup) -> tuple[dist.Work, li
     return work, ([blocks[0], received] if rank == 0 else [received, blocks[1]])
 
 
-def sum_blocks(parts: list[Tensor], out: Tensor) -> Tensor:
-    """`out` = the sum of `parts` (each of out's elements, any shape), added in rank order."""
+def sum_blocks(parts: list[Tensor] | Tensor, out: Tensor) -> Tensor:
+    """`out` = the sum of `parts`: 2 tensors of out's elements (any shape) added in rank order, or one tensor
+    of n blocks along dim 0 summed over it (torch.sum: bf16 accumulated in float32)."""
     flat = out.view(-1)
-    parts = [p.reshape(-1) for p in parts]
-    if len(parts) == 1:
-        return flat.copy_(parts[0]).view_as(out)
-    torch.add(parts[0], parts[1], out=flat)
-    for part in parts[2:]:
-        flat.add_(part)
+    if isinstance(parts, Tensor):
+        torch.sum(parts.view(parts.shape[0], -1), dim=0, out=flat)
+        return out
+    torch.add(parts[0].reshape(-1), parts[1].reshape(-1), out=flat)
     return out

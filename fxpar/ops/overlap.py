@@ -28,6 +28,8 @@ waited late).
 
 from __future__ import annotations
 
+import functools
+
 from typing import Optional
 
 import torch
@@ -60,7 +62,8 @@ def start_flat_all_gather(pieces: list[Tensor], n: int, group_name: str,
         return start_all_gather(flat if dtype is None else flat.to(dtype), n, group_name)
     # gloo's exchange gathers around this rank's own block: concatenate (and cast) the pieces straight into it
     total = sum(p.numel() for p in pieces)
-    out = pieces[0].new_empty(n * total, dtype=dtype or pieces[0].dtype)
+    out = pieces[0].new_empty(n * total, dtype=dtype or functools.reduce(torch.promote_types,
+                                                                         (p.dtype for p in pieces)))
     own = torch.cat([p.reshape(-1) for p in pieces], out=out[rank * total:(rank + 1) * total])
     return waiting.start_all_gather(own, n, group_name, out=out)
 

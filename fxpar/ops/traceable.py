@@ -24,7 +24,9 @@ late. The duals are DESIGN.md's, the same as the custom ops':
     replica_grad_sum  identity                          all_reduce + wait of the slot buffer, own slot
 
 (On a gloo group each reduce_scatter_tensor + wait is all_to_all_single + wait and a sum of the blocks
-received: gloo's reduce-scatter all-reduces the whole buffer, `fxpar.ops.waiting.start_reduce_scatter`.)
+received: gloo's reduce-scatter all-reduces the whole buffer, `fxpar.ops.waiting.start_reduce_scatter`.
+On a gloo group of 2 the sum all_reduce and all_gather_into_tensor are an all_to_all_single that swaps the
+ranks' buffers (`fxpar.ops.exchange`), + wait, and an add or a cat in rank order.)
 
 (torch's own autograd formulas on `_c10d_functional` are the adjoints, e.g.
 all_reduce's backward is an all_reduce: not Megatron's "g", so the ops run
@@ -81,21 +83,21 @@ def _swap(x: Tensor, group_name: str) -> tuple[Tensor, Tensor] | None:
     rank = known_pair_rank(group_name) if x.device.type == "cpu" else None
     if rank is None:
         return None
-    x = x.contiguous()
-    splits = swap_splits(rank, x.numel())
-    other = _c10d.wait_tensor(_c10d.all_to_all_single(x.view(-1), splits, splits, group_name)).view(x.shape)
+    x = x.contiguous().view(-1) if x.dim() == 0 else x.contiguous()
+    splits = swap_splits(rank, x.size(0))  # in rows of dim 0
+    other = _c10d.wait_tensor(_c10d.all_to_all_single(x, splits, splits, group_name))
     return (x, other) if rank == 0 else (other, x)
 
 
 def _all_reduce(x: Tensor, group_name: str, op: str = "sum") -> Tensor:
     pair = _swap(x, group_name) if op == "sum" else None
     if pair is not None:  # the same sum on both ranks: a + b and b + a are the same float
-        return pair[0] + pair[1]
+        return (pair[0] + pair[1]).view(x.shape)
     return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), op, group_name))
 
 
 def _all_gather(x: Tensor, dim: int, n: int, group_name: str) -> Tensor:
-    pair = _swap(x, group_name)
+    pair = _swap(x, group_name) if x.dim() > 0 else None
     if pair is not None:
         return torch.cat(pair, dim=dim)
     out = _c10d.wait_tensor(_c10d.all_gather_into_tensor(x.contiguous(), n, group_name))

@@ -383,10 +383,14 @@ def reshard_fsdp_gathers(groups: set[str], *, reshard: bool = True) -> Iterator[
 
 
 def _is_reduce_scatter(node: fx.Node, groups: set[str]) -> bool:
-    # on gloo a unit's reduce-scatter is an all-to-all (`reduce_scatter_flat`); both take the group 4th
-    return (node.op == "call_function" and node.target in (_c10d.reduce_scatter_tensor.default,
-                                                           _c10d.all_to_all_single.default)
-            and node.args[3] in groups)
+    # on gloo a unit's reduce-scatter is an all-to-all of equal blocks (`reduce_scatter_flat`; a swap on a
+    # group of 2, `traceable._swap`, has a 0 split); both take the group 4th
+    if node.op != "call_function" or node.target not in (_c10d.reduce_scatter_tensor.default,
+                                                         _c10d.all_to_all_single.default):
+        return False
+    if node.args[3] not in groups:
+        return False
+    return node.target is _c10d.reduce_scatter_tensor.default or len(set(node.args[1])) == 1
 
 
 def _is_collective(node: fx.Node) -> bool:

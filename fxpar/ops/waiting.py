@@ -253,9 +253,10 @@ def start_all_reduce(x: Tensor, group_name: str) -> Tensor:
     return track(out, dist.all_reduce(out, group=pg, async_op=True))
 
 
-_summing: dict[int, tuple[dist.Work, list[Tensor]]] = {}
+_summing: dict[int, tuple[dist.Work, list[Tensor] | Tensor]] = {}
 """Reduce-scatters issued as an all-to-all (`start_reduce_scatter`) and not yet waited, by their result's
-storage address: the all-to-all's Work and the blocks it receives, in rank order."""
+storage address: the all-to-all's Work and what `exchange.sum_blocks` adds: this rank's two blocks in rank
+order (a group of 2) or the [n, block] blocks received."""
 
 
 def start_reduce_scatter(x: Tensor, n: int, group_name: str) -> Tensor:
@@ -278,7 +279,7 @@ def start_reduce_scatter(x: Tensor, n: int, group_name: str) -> Tensor:
         return out
     blocks = torch.empty_like(x)
     _summing[out.untyped_storage().data_ptr()] = (dist.all_to_all_single(blocks, x, group=pg, async_op=True),
-                                                  list(blocks.view(n, -1).unbind(0)))
+                                                  blocks.view(n, -1))
     return out
 
 
